@@ -1,0 +1,51 @@
+"""The one narrow seam through which the engine touches block data on disk.
+
+`DataFile` is the only object in the engine that reads, writes, syncs or
+punches the data file.  Tests replace it with `tests/powercut.py`'s
+`PowerCutFile`, which remembers what was written since the last sync and can
+drop or tear it to simulate a power cut.  LMDB does its own I/O, but every
+LMDB commit of vdisk is synchronous (durable when it returns), so a power cut
+never loses a committed transaction; only block data needs simulating.
+
+Concurrency contract: not thread-safe; the engine calls it from one thread.
+Every method may block on disk I/O (pread/pwrite on the page cache are fast;
+`sync` waits for the device).
+"""
+from __future__ import annotations
+
+import os
+
+from . import native
+
+
+class DataFile:
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def pread(self, length: int, offset: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:  # beyond the end of a sparse file: zeros
+            data += bytes(length - len(data))
+        return data
+
+    def pwrite(self, data, offset: int) -> None:
+        mv = memoryview(data)
+        while mv:
+            n = os.pwrite(self.fd, mv, offset)
+            mv = mv[n:]
+            offset += n
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def punch(self, offset: int, length: int) -> None:
+        native.punch_hole(self.fd, offset, length)
+
+    def allocated_bytes(self) -> int:
+        return os.fstat(self.fd).st_blocks * 512
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,1144 @@
+"""The storage pool: volumes, copy-on-write snapshots and the block map.
+
+A pool is one data directory holding an LMDB environment (the block map and
+every record) and one data file of 64 KiB slots.  It knows nothing of FUSE or
+of the cloud; see docs/architecture.md and docs/format.md.
+
+Model (ZFS-like birth generations, flat map):
+
+* A *lineage* is a chain of generations of one volume's contents.  Writes are
+  born at the lineage's current generation G; a snapshot records the point
+  s = G and bumps G.  A map entry (lineage, block, birth) -> (slot, death,
+  crc) is visible at generation g when birth <= g < death; live entries have
+  death = INF.  Overwriting a block that some snapshot point still sees sets
+  the old entry's death instead of freeing it (and indexes it in DB_DEAD);
+  otherwise the old slot is freed.  Snapshot creation is O(1).
+* A lineage may have a parent point (lineage, gen): blocks it never wrote are
+  read from there.  Clones and rollbacks create such child lineages, so no
+  slot is ever owned by two entries and no refcounts are needed.  A parent
+  point is *pinned* while a child needs it; a pinned snapshot that the user
+  deletes is kept hidden until the last child goes.
+* Deleting a snapshot point frees the entries only it saw, found through
+  DB_DEAD (by death) and DB_BORN (by birth): work in proportion to what
+  changed, not to the volume's size.
+
+Durability: writes land in fresh slots (never over a slot the committed map
+references) and in an in-memory overlay.  `commit()` fdatasyncs the data file,
+then writes the overlay to LMDB in one synchronous transaction.  Slots freed by
+a transaction go to DB_FREE in that same transaction and are only allocated
+again after it committed, so a crash can never leave the map pointing at
+reused data.
+
+Concurrency contract: a Pool is used from one thread.  Every method may block
+on disk I/O; `commit()` and everything that calls it block on fdatasync and an
+LMDB fsync.
+"""
+from __future__ import annotations
+
+import bisect
+import copy
+import errno
+import logging
+import os
+
+import lmdb
+
+from . import native
+from .blockio import DataFile
+from .errors import (
+    Busy,
+    ChecksumError,
+    EngineError,
+    FormatError,
+    NoSpace,
+    NotFound,
+    OutOfRange,
+    PoolFailed,
+)
+from .format import (
+    BLOCK_SIZE,
+    DATA_FILE,
+    DB_BORN,
+    DB_DEAD,
+    DB_FREE,
+    DB_LINEAGE,
+    DB_MAP,
+    DB_META,
+    DB_RECORD,
+    DB_SNAP,
+    DB_VOLUME,
+    FORMAT_VERSION,
+    INF,
+    LMDB_DIR,
+    ZERO_SLOT,
+    birth_val,
+    birth_val_decode,
+    born_key,
+    dead_key,
+    jdec,
+    jenc,
+    lid_prefix,
+    map_key,
+    map_key_decode,
+    map_val,
+    map_val_decode,
+    slot_offset,
+    tri_decode,
+    u64,
+    u64_decode,
+)
+
+log = logging.getLogger(__name__)
+
+ZERO_BLOCK = bytes(BLOCK_SIZE)
+INITIAL_MAP_SIZE = 256 << 20
+# Commit on our own once this many blocks are dirty (bounds memory and the
+# amount of unflushed data, like a disk's write cache).
+DIRTY_LIMIT = 8192
+
+
+class Dirty:
+    """One block written since the last commit.
+
+    slot == ZERO_SLOT: the block is now all zeros.  fresh: the slot was
+    allocated since the last commit (no durable map references it), so it may
+    be overwritten in place.  crc_ok: crc matches the slot's contents.
+    """
+
+    __slots__ = ("slot", "crc", "crc_ok", "fresh")
+
+    def __init__(self, slot: int, crc: int, crc_ok: bool, fresh: bool):
+        self.slot = slot
+        self.crc = crc
+        self.crc_ok = crc_ok
+        self.fresh = fresh
+
+
+class Lineage:
+    """A lineage record (see module docstring).  Stored as JSON in DB_LINEAGE."""
+
+    __slots__ = ("lid", "gen", "parent", "head_dead", "points", "pins", "zombies")
+
+    def __init__(self, lid, gen=1, parent=None, head_dead=False, points=(), pins=None, zombies=()):
+        self.lid = lid
+        self.gen = gen
+        self.parent = tuple(parent) if parent else None
+        self.head_dead = head_dead
+        self.points = list(points)  # sorted snapshot generations that exist
+        self.pins = dict(pins or {})  # gen -> number of child lineages
+        self.zombies = list(zombies)  # points the user deleted, kept for pins
+
+    def to_json(self):
+        return {
+            "gen": self.gen,
+            "parent": list(self.parent) if self.parent else None,
+            "head_dead": self.head_dead,
+            "points": self.points,
+            "pins": {str(k): v for k, v in self.pins.items()},
+            "zombies": self.zombies,
+        }
+
+    @classmethod
+    def from_json(cls, lid, d):
+        return cls(
+            lid,
+            d["gen"],
+            d["parent"],
+            d["head_dead"],
+            d["points"],
+            {int(k): v for k, v in d["pins"].items()},
+            d["zombies"],
+        )
+
+    def last_point(self) -> int:
+        return self.points[-1] if self.points else 0
+
+
+class _Tx:
+    """Staging area of one structural change, applied in one LMDB txn.
+
+    Lineage objects are copied on first touch so that an aborted transaction
+    leaves the pool's cache untouched.
+    """
+
+    def __init__(self, pool: "Pool", txn):
+        self.pool = pool
+        self.txn = txn
+        self.lins: dict[int, Lineage] = {}
+        self.dropped_lins: set[int] = set()
+        self.frees: list[int] = []
+        self.vols: dict[int, dict | None] = {}
+        self.snaps: dict[int, dict | None] = {}
+        self.counters: dict[str, int] = {}
+
+    def lin(self, lid: int) -> Lineage:
+        if lid not in self.lins:
+            self.lins[lid] = copy.deepcopy(self.pool._lineage(lid))
+        return self.lins[lid]
+
+    def new_id(self, kind: str) -> int:
+        if kind not in self.counters:
+            self.counters[kind] = self.pool._counters.get(kind, 1)
+        n = self.counters[kind]
+        self.counters[kind] = n + 1
+        return n
+
+    def vol(self, vid: int) -> dict:
+        if vid not in self.vols:
+            v = self.pool._volume(vid)
+            self.vols[vid] = None if v is None else dict(v)
+        v = self.vols[vid]
+        if v is None:
+            raise NotFound("volume %d does not exist" % vid)
+        return v
+
+    def snap(self, sid: int) -> dict:
+        if sid not in self.snaps:
+            s = self.pool._snapshot(sid)
+            self.snaps[sid] = None if s is None else dict(s)
+        s = self.snaps[sid]
+        if s is None:
+            raise NotFound("snapshot %d does not exist" % sid)
+        return s
+
+
+class Pool:
+    """A vdisk storage pool in one directory.  See the module docstring."""
+
+    def __init__(self, path: str, datafile_factory=DataFile, map_size: int | None = None):
+        self.path = path
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        self._failed: str | None = None
+        lmdb_path = os.path.join(path, LMDB_DIR)
+        existing = os.path.exists(os.path.join(lmdb_path, "data.mdb"))
+        if map_size is None:
+            map_size = INITIAL_MAP_SIZE
+            if existing:
+                map_size = max(map_size, os.path.getsize(os.path.join(lmdb_path, "data.mdb")))
+        self.env = lmdb.open(
+            lmdb_path,
+            map_size=map_size,
+            max_dbs=16,
+            subdir=True,
+            sync=True,
+            metasync=True,
+            mode=0o600,
+            readahead=False,
+            lock=True,
+        )
+        self._db = {
+            name: self.env.open_db(name)
+            for name in (DB_META, DB_MAP, DB_DEAD, DB_BORN, DB_FREE, DB_LINEAGE, DB_VOLUME, DB_SNAP, DB_RECORD)
+        }
+        self._check_format(existing)
+        self.file = datafile_factory(os.path.join(path, DATA_FILE))
+        self._load()
+
+    # ------------------------------------------------------------ open/close
+
+    def _check_format(self, existing: bool) -> None:
+        with self.env.begin(write=True, db=self._db[DB_META]) as txn:
+            v = txn.get(b"format_version")
+            if v is None:
+                if existing and txn.get(b"hwm") is not None:
+                    raise FormatError("%s: LMDB has no format_version; not a vdisk pool" % self.path)
+                txn.put(b"format_version", u64(FORMAT_VERSION))
+                txn.put(b"block_size", u64(BLOCK_SIZE))
+                txn.put(b"hwm", u64(1))
+                txn.put(b"counters", jenc({}))
+                return
+            ver = u64_decode(v)
+            if ver != FORMAT_VERSION:
+                raise FormatError(
+                    "%s: on-disk format version %d, this vdisk reads version %d; "
+                    "use a vdisk release that matches the pool" % (self.path, ver, FORMAT_VERSION)
+                )
+            bs = u64_decode(txn.get(b"block_size"))
+            if bs != BLOCK_SIZE:
+                raise FormatError("%s: block size %d, this vdisk uses %d" % (self.path, bs, BLOCK_SIZE))
+
+    def _load(self) -> None:
+        with self.env.begin() as txn:
+            self._hwm = u64_decode(txn.get(b"hwm", db=self._db[DB_META]))
+            self._counters = jdec(txn.get(b"counters", db=self._db[DB_META]))
+            self._lins = {
+                u64_decode(k): Lineage.from_json(u64_decode(k), jdec(v))
+                for k, v in txn.cursor(db=self._db[DB_LINEAGE])
+            }
+            self._vols = {u64_decode(k): jdec(v) for k, v in txn.cursor(db=self._db[DB_VOLUME])}
+            self._snaps = {u64_decode(k): jdec(v) for k, v in txn.cursor(db=self._db[DB_SNAP])}
+        self._dirty: dict[int, dict[int, Dirty]] = {}
+        self._ndirty = 0
+        self._epoch_alloc: set[int] = set()  # slots allocated since the last commit
+        self._free_cache: list[int] = []  # free slots ready to allocate (descending)
+        self._free_scan: bytes | None = b""  # where to continue scanning DB_FREE
+        self._records: dict[str, dict | None] = {}  # staged record puts
+
+    def close(self) -> None:
+        """Commit everything and close.  May block on fsync."""
+        if self.env is None:
+            return
+        try:
+            if self._failed is None:
+                self.commit()
+        finally:
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """Close without committing: what a crash does (used by tests)."""
+        if self.env is not None:
+            self.file.close()
+            self.env.close()
+            self.env = None
+
+    # ------------------------------------------------------------ accessors
+
+    def _lineage(self, lid: int) -> Lineage:
+        return self._lins[lid]
+
+    def _volume(self, vid: int):
+        return self._vols.get(vid)
+
+    def _snapshot(self, sid: int):
+        return self._snaps.get(sid)
+
+    def volume_size(self, vid: int) -> int:
+        v = self._vols.get(vid)
+        if v is None:
+            raise NotFound("volume %d does not exist" % vid)
+        return v["size"]
+
+    def volumes(self) -> dict[int, dict]:
+        return {k: dict(v) for k, v in self._vols.items()}
+
+    def snapshot_info(self, sid: int) -> dict:
+        s = self._snaps.get(sid)
+        if s is None or s.get("deleted"):
+            raise NotFound("snapshot %d does not exist" % sid)
+        return dict(s)
+
+    # ------------------------------------------------------------ allocator
+
+    def _alloc(self) -> int:
+        """A slot nobody references, durable map included."""
+        if not self._free_cache and self._free_scan is not None:
+            self._refill_free_cache()
+        if self._free_cache:
+            slot = self._free_cache.pop()
+        else:
+            slot = self._hwm
+            self._hwm += 1
+        self._epoch_alloc.add(slot)
+        return slot
+
+    def _refill_free_cache(self) -> None:
+        got = []
+        with self.env.begin(db=self._db[DB_FREE]) as txn:
+            cur = txn.cursor()
+            if cur.set_range(self._free_scan):
+                for k in cur.iternext(values=False):
+                    s = u64_decode(k)
+                    self._free_scan = u64(s + 1)
+                    if s not in self._epoch_alloc:
+                        got.append(s)
+                    if len(got) >= 4096:
+                        break
+                else:
+                    self._free_scan = None
+            else:
+                self._free_scan = None
+        got.reverse()
+        self._free_cache = got
+
+    def _release_fresh(self, slot: int) -> None:
+        """Give back a slot allocated since the last commit (never durable)."""
+        self._epoch_alloc.discard(slot)
+        self._free_cache.append(slot)
+        self._free_cache.sort(reverse=True)
+
+    # ------------------------------------------------------------ lookups
+
+    def _lookup(self, cur, lid: int, gen: int, block: int) -> tuple[int, int]:
+        """(slot, crc) of block as seen at (lid, gen) in the committed map."""
+        while True:
+            key = map_key(lid, block, gen)
+            if cur.set_range(key):
+                k = cur.key()
+                if k[:16] == key[:16]:
+                    slot, death, crc = map_val_decode(cur.value())
+                    if death > gen:
+                        return slot, crc
+                    return ZERO_SLOT, 0
+            lin = self._lins[lid]
+            if lin.parent is None:
+                return ZERO_SLOT, 0
+            lid, gen = lin.parent
+
+    def _read_slot(self, slot: int, crc: int, where: str) -> bytes:
+        data = self.file.pread(BLOCK_SIZE, slot_offset(slot))
+        if native.crc32c(data) != crc:
+            raise ChecksumError("checksum mismatch in slot %d (%s)" % (slot, where))
+        return data
+
+    def _committed_block(self, lid: int, gen: int, block: int) -> bytes | None:
+        with self.env.begin(db=self._db[DB_MAP]) as txn:
+            slot, crc = self._lookup(txn.cursor(), lid, gen, block)
+        if slot == ZERO_SLOT:
+            return None
+        return self._read_slot(slot, crc, "lineage %d block %d" % (lid, block))
+
+    # ------------------------------------------------------------ I/O
+
+    def _check_range(self, size: int, offset: int, length: int, what: str) -> None:
+        if offset < 0 or length < 0 or offset + length > size:
+            raise OutOfRange(
+                "%s of %d bytes at offset %d is beyond the end of the volume (%d bytes)"
+                % (what, length, offset, size)
+            )
+
+    def read(self, vid: int, offset: int, length: int) -> bytes:
+        """Read from a volume's head.  Reads beyond the end are short (EOF)."""
+        vol = self._vols.get(vid)
+        if vol is None:
+            raise NotFound("volume %d does not exist" % vid)
+        length = max(0, min(length, vol["size"] - offset))
+        lid = vol["lid"]
+        return self._read(lid, self._lins[lid].gen, offset, length, self._dirty.get(lid))
+
+    def read_snapshot(self, sid: int, offset: int, length: int) -> bytes:
+        s = self.snapshot_info(sid)
+        length = max(0, min(length, s["size"] - offset))
+        return self._read(s["lid"], s["gen"], offset, length, None)
+
+    def _read(self, lid: int, gen: int, offset: int, length: int, dirty) -> bytes:
+        out = bytearray(length)
+        pos = 0
+        txn = None
+        try:
+            while pos < length:
+                block, intra = divmod(offset + pos, BLOCK_SIZE)
+                n = min(BLOCK_SIZE - intra, length - pos)
+                d = dirty.get(block) if dirty else None
+                if d is not None:
+                    if d.slot != ZERO_SLOT:
+                        out[pos : pos + n] = self.file.pread(n, slot_offset(d.slot) + intra)
+                else:
+                    if txn is None:
+                        txn = self.env.begin(db=self._db[DB_MAP])
+                        cur = txn.cursor()
+                    slot, crc = self._lookup(cur, lid, gen, block)
+                    if slot != ZERO_SLOT:
+                        data = self._read_slot(slot, crc, "lineage %d block %d" % (lid, block))
+                        out[pos : pos + n] = data[intra : intra + n]
+                pos += n
+        finally:
+            if txn is not None:
+                txn.abort()
+        return bytes(out)
+
+    def write(self, vid: int, offset: int, data) -> None:
+        """Write to a volume's head.  Durable only after `commit()`.
+
+        Raises OutOfRange beyond the end, NoSpace when the pool is full.
+        """
+        if self._failed:
+            raise PoolFailed(self._failed)
+        vol = self._vols.get(vid)
+        if vol is None:
+            raise NotFound("volume %d does not exist" % vid)
+        mv = memoryview(data)
+        self._check_range(vol["size"], offset, len(mv), "write")
+        lid = vol["lid"]
+        dirty = self._dirty.setdefault(lid, {})
+        pos = 0
+        while pos < len(mv):
+            block, intra = divmod(offset + pos, BLOCK_SIZE)
+            n = min(BLOCK_SIZE - intra, len(mv) - pos)
+            self._write_block(lid, dirty, block, intra, mv[pos : pos + n])
+            pos += n
+        if self._ndirty >= DIRTY_LIMIT:
+            self.commit()
+
+    def discard(self, vid: int, offset: int, length: int) -> None:
+        """Make a range read as zeros and free what it held (punch-hole)."""
+        vol = self._vols.get(vid)
+        if vol is None:
+            raise NotFound("volume %d does not exist" % vid)
+        self._check_range(vol["size"], offset, length, "discard")
+        lid = vol["lid"]
+        dirty = self._dirty.setdefault(lid, {})
+        end = offset + length
+        pos = offset
+        while pos < end:
+            block, intra = divmod(pos, BLOCK_SIZE)
+            n = min(BLOCK_SIZE - intra, end - pos)
+            if n == BLOCK_SIZE:
+                self._set_zero(dirty, block)
+            else:
+                self._write_block(lid, dirty, block, intra, memoryview(ZERO_BLOCK)[:n])
+            pos += n
+
+    def _set_zero(self, dirty: dict, block: int) -> None:
+        d = dirty.get(block)
+        if d is None:
+            self._ndirty += 1
+            dirty[block] = Dirty(ZERO_SLOT, 0, True, False)
+            return
+        if d.fresh:
+            self._release_fresh(d.slot)
+        d.slot, d.crc, d.crc_ok, d.fresh = ZERO_SLOT, 0, True, False
+
+    def _write_block(self, lid: int, dirty: dict, block: int, intra: int, chunk: memoryview) -> None:
+        d = dirty.get(block)
+        full = len(chunk) == BLOCK_SIZE
+        if d is not None and d.fresh:
+            # Allocated since the last commit: nothing durable points here.
+            if full:
+                crc, zero = native.crc32c_is_zero(chunk)
+                if zero:
+                    self._set_zero(dirty, block)
+                    return
+                self.file.pwrite(chunk, slot_offset(d.slot))
+                d.crc, d.crc_ok = crc, True
+            else:
+                self.file.pwrite(chunk, slot_offset(d.slot) + intra)
+                d.crc_ok = False
+            return
+        if full:
+            buf = chunk
+        else:
+            if d is not None:  # dirty zero block
+                base = None
+            else:
+                base = self._committed_block(lid, self._lins[lid].gen, block)
+            buf = bytearray(base if base is not None else ZERO_BLOCK)
+            buf[intra : intra + len(chunk)] = chunk
+        crc, zero = native.crc32c_is_zero(buf)
+        if zero:
+            self._set_zero(dirty, block)
+            return
+        if d is None and full and self._lins[lid].points:
+            # Rewriting a block with what it already holds must not make the
+            # snapshot that shares it diverge (its billed size would grow).
+            old = self._committed_block(lid, self._lins[lid].gen, block)
+            if old is not None and native.diff_sectors(old, buf)[0] == 0:
+                return
+        slot = self._alloc()
+        try:
+            self.file.pwrite(buf, slot_offset(slot))
+        except OSError as exc:
+            self._release_fresh(slot)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpace("the pool's filesystem is full (%s)" % self.path) from exc
+            raise
+        if d is None:
+            self._ndirty += 1
+            dirty[block] = Dirty(slot, crc, True, True)
+        else:
+            d.slot, d.crc, d.crc_ok, d.fresh = slot, crc, True, True
+
+    # ------------------------------------------------------------ commit
+
+    def dirty_blocks(self) -> int:
+        return self._ndirty
+
+    def put_record(self, key: str, value: dict | None) -> None:
+        """Stage a catalogue record (None deletes); durable at the next commit."""
+        self._records[key] = value
+
+    def get_record(self, key: str):
+        if key in self._records:
+            return self._records[key]
+        with self.env.begin(db=self._db[DB_RECORD]) as txn:
+            v = txn.get(key.encode())
+        return None if v is None else jdec(v)
+
+    def records(self, prefix: str) -> dict[str, dict]:
+        out = {}
+        p = prefix.encode()
+        with self.env.begin(db=self._db[DB_RECORD]) as txn:
+            cur = txn.cursor()
+            if cur.set_range(p):
+                for k, v in cur:
+                    if not k.startswith(p):
+                        break
+                    out[k.decode()] = jdec(v)
+        for k, v in self._records.items():
+            if k.startswith(prefix):
+                if v is None:
+                    out.pop(k, None)
+                else:
+                    out[k] = v
+        return out
+
+    def commit(self, change=None):
+        """Make every write so far durable, plus `change(tx)` if given.
+
+        change is called inside the LMDB write transaction with a `_Tx`; it may
+        raise EngineError to abort (nothing is changed then).  May be called
+        again after a MapFull retry, so it must act only through tx.
+        Returns change's result.  Blocks on fdatasync and LMDB's fsync.
+        """
+        if self._failed:
+            raise PoolFailed(self._failed)
+        if change is None and not self._ndirty and not self._records and not self._epoch_alloc:
+            return None
+        self._finish_checksums()
+        try:
+            self.file.sync()
+        except OSError as exc:
+            self._failed = (
+                "syncing %s failed (%s); the pool refuses I/O until the daemon is "
+                "restarted, which recovers the last durable state" % (self.file.path, exc)
+            )
+            raise PoolFailed(self._failed) from exc
+        self._grow_map_if_needed()
+        for attempt in range(8):
+            try:
+                with self.env.begin(write=True) as txn:
+                    tx = _Tx(self, txn)
+                    self._apply_dirty(tx)
+                    result = change(tx) if change is not None else None
+                    self._finish_tx(tx)
+                break
+            except lmdb.MapFullError:
+                self._grow_map(force=True)
+            except lmdb.Error as exc:
+                if "No space" in str(exc) or "ENOSPC" in str(exc):
+                    raise NoSpace("the pool's filesystem is full: %s" % exc) from exc
+                raise
+        else:  # pragma: no cover
+            raise NoSpace("LMDB map cannot grow enough")
+        self._after_commit(tx)
+        return result
+
+    def _finish_checksums(self) -> None:
+        for dirty in self._dirty.values():
+            for block, d in dirty.items():
+                if d.slot != ZERO_SLOT and not d.crc_ok:
+                    data = self.file.pread(BLOCK_SIZE, slot_offset(d.slot))
+                    crc, zero = native.crc32c_is_zero(data)
+                    if zero:
+                        self._release_fresh(d.slot)
+                        d.slot, d.crc, d.fresh = ZERO_SLOT, 0, False
+                    d.crc, d.crc_ok = crc, True
+
+    def _apply_dirty(self, tx: _Tx) -> None:
+        txn = tx.txn
+        mdb = self._db[DB_MAP]
+        cur = txn.cursor(db=mdb)
+        for lid, dirty in self._dirty.items():
+            if not dirty:
+                continue
+            lin = self._lins[lid]
+            gen = lin.gen
+            last = lin.last_point()
+            has_parent = lin.parent is not None
+            for block in sorted(dirty):
+                d = dirty[block]
+                # the current entry of this block in this lineage, if any
+                old = None
+                probe = map_key(lid, block, gen)
+                if cur.set_range(probe):
+                    k = cur.key()
+                    if k[:16] == probe[:16]:
+                        oslot, odeath, ocrc = map_val_decode(cur.value())
+                        if odeath == INF:
+                            old = (map_key_decode(k)[2], oslot, ocrc)
+                if old is not None:
+                    obirth, oslot, ocrc = old
+                    if d.slot == ZERO_SLOT and oslot == ZERO_SLOT:
+                        continue  # tombstone stays a tombstone
+                    okey = map_key(lid, block, obirth)
+                    if obirth > last:
+                        # no snapshot point sees it: free it now (deferred)
+                        txn.delete(okey, db=mdb)
+                        txn.delete(born_key(lid, obirth, block), db=self._db[DB_BORN])
+                        if oslot != ZERO_SLOT:
+                            tx.frees.append(oslot)
+                    else:
+                        txn.put(okey, map_val(oslot, gen, ocrc), db=mdb)
+                        txn.delete(born_key(lid, obirth, block), db=self._db[DB_BORN])
+                        txn.put(dead_key(lid, gen, block), birth_val(obirth), db=self._db[DB_DEAD])
+                if d.slot == ZERO_SLOT and not has_parent:
+                    continue  # absence reads as zeros in a root lineage
+                if d.slot == ZERO_SLOT and old is None and not self._parent_has(cur, lin, block):
+                    continue
+                txn.put(map_key(lid, block, gen), map_val(d.slot, INF, d.crc), db=mdb)
+                txn.put(born_key(lid, gen, block), b"", db=self._db[DB_BORN])
+
+    def _parent_has(self, cur, lin: Lineage, block: int) -> bool:
+        plid, pgen = lin.parent
+        return self._lookup(cur, plid, pgen, block)[0] != ZERO_SLOT
+
+    def _finish_tx(self, tx: _Tx) -> None:
+        txn = tx.txn
+        meta, free = self._db[DB_META], self._db[DB_FREE]
+        committed_hwm = u64_decode(txn.get(b"hwm", db=meta))
+        for slot in self._epoch_alloc:
+            if slot < committed_hwm:
+                txn.delete(u64(slot), db=free)
+        hwm = max(self._hwm, committed_hwm)
+        for slot in self._free_cache:
+            if slot >= committed_hwm:  # taken from beyond the old hwm, given back
+                txn.put(u64(slot), b"", db=free)
+        for slot in tx.frees:
+            txn.put(u64(slot), b"", db=free)
+        txn.put(b"hwm", u64(hwm), db=meta)
+        if tx.counters:
+            c = dict(self._counters)
+            c.update(tx.counters)
+            txn.put(b"counters", jenc(c), db=meta)
+        for lid, lin in tx.lins.items():
+            if lid in tx.dropped_lins:
+                txn.delete(u64(lid), db=self._db[DB_LINEAGE])
+            else:
+                txn.put(u64(lid), jenc(lin.to_json()), db=self._db[DB_LINEAGE])
+        for vid, v in tx.vols.items():
+            if v is None:
+                txn.delete(u64(vid), db=self._db[DB_VOLUME])
+            else:
+                txn.put(u64(vid), jenc(v), db=self._db[DB_VOLUME])
+        for sid, s in tx.snaps.items():
+            if s is None:
+                txn.delete(u64(sid), db=self._db[DB_SNAP])
+            else:
+                txn.put(u64(sid), jenc(s), db=self._db[DB_SNAP])
+        for k, v in self._records.items():
+            if v is None:
+                txn.delete(k.encode(), db=self._db[DB_RECORD])
+            else:
+                txn.put(k.encode(), jenc(v), db=self._db[DB_RECORD])
+
+    def _after_commit(self, tx: _Tx) -> None:
+        """The transaction is durable: publish it and let its frees be reused."""
+        for lid, lin in tx.lins.items():
+            if lid in tx.dropped_lins:
+                self._lins.pop(lid, None)
+                self._dirty.pop(lid, None)
+            else:
+                self._lins[lid] = lin
+        for vid, v in tx.vols.items():
+            if v is None:
+                self._vols.pop(vid, None)
+            else:
+                self._vols[vid] = v
+        for sid, s in tx.snaps.items():
+            if s is None:
+                self._snaps.pop(sid, None)
+            else:
+                self._snaps[sid] = s
+        self._counters.update(tx.counters)
+        self._dirty = {}
+        self._ndirty = 0
+        self._records = {}
+        self._epoch_alloc = set()
+        self._free_cache = []
+        self._free_scan = b""
+        for start, count in _runs(sorted(tx.frees)):
+            try:
+                self.file.punch(slot_offset(start), count * BLOCK_SIZE)
+            except OSError as exc:  # space is reused anyway; only du suffers
+                log.warning("punching freed slots %d+%d failed: %s", start, count, exc)
+
+    def _grow_map_if_needed(self) -> None:
+        info, stat = self.env.info(), self.env.stat()
+        used = (info["last_pgno"] + 1) * stat["psize"]
+        if used > info["map_size"] * 0.6:
+            self._grow_map()
+
+    def _grow_map(self, force: bool = False) -> None:
+        new = self.env.info()["map_size"] * 2
+        log.info("growing the LMDB map of %s to %d MiB", self.path, new >> 20)
+        self.env.set_mapsize(new)
+
+    # ------------------------------------------------------------ volumes
+
+    def create_volume(self, size: int, parent_snapshot: int | None = None) -> int:
+        """A new volume of size bytes, empty or a clone of a snapshot."""
+        _check_size(size)
+
+        def change(tx: _Tx):
+            parent = None
+            if parent_snapshot is not None:
+                s = tx.snap(parent_snapshot)
+                if s.get("deleted"):
+                    raise NotFound("snapshot %d does not exist" % parent_snapshot)
+                parent = (s["lid"], s["gen"])
+            lid = self._new_lineage(tx, parent)
+            vid = tx.new_id("volume")
+            tx.vols[vid] = {"lid": lid, "size": size}
+            return vid
+
+        return self.commit(change)
+
+    def _new_lineage(self, tx: _Tx, parent) -> int:
+        lid = tx.new_id("lineage")
+        tx.lins[lid] = Lineage(lid, 1, parent)
+        if parent is not None:
+            plin = tx.lin(parent[0])
+            plin.pins[parent[1]] = plin.pins.get(parent[1], 0) + 1
+        return lid
+
+    def resize_volume(self, vid: int, size: int) -> None:
+        _check_size(size)
+
+        def change(tx: _Tx):
+            v = tx.vol(vid)
+            if size < v["size"]:
+                raise EngineError("volumes only grow: %d < %d bytes" % (size, v["size"]))
+            v["size"] = size
+
+        self.commit(change)
+
+    def delete_volume(self, vid: int) -> None:
+        """Delete a volume; its snapshots stay.  Frees what nothing else uses."""
+
+        def change(tx: _Tx):
+            v = tx.vol(vid)
+            self._kill_head(tx, v["lid"])
+            tx.vols[vid] = None
+
+        self.commit(change)
+
+    def _kill_head(self, tx: _Tx, lid: int) -> None:
+        lin = tx.lin(lid)
+        lin.head_dead = True
+        txn = tx.txn
+        for birth, block in self._scan_tri(txn, DB_BORN, lid, lin.last_point() + 1, INF):
+            self._free_entry(tx, lid, block, birth, live=True)
+        self._maybe_drop_lineage(tx, lid)
+
+    def _scan_tri(self, txn, dbname: bytes, lid: int, lo: int, hi: int):
+        """(a, b) of keys (lid, a, b) in dbname with lo <= a < hi, as a list."""
+        out = []
+        cur = txn.cursor(db=self._db[dbname])
+        start = born_key(lid, lo, 0)
+        if cur.set_range(start):
+            for k in cur.iternext(values=False):
+                klid, a, b = tri_decode(k)
+                if klid != lid or a >= hi:
+                    break
+                out.append((a, b))
+        return out
+
+    def _free_entry(self, tx: _Tx, lid: int, block: int, birth: int, live: bool) -> None:
+        txn = tx.txn
+        key = map_key(lid, block, birth)
+        val = txn.get(key, db=self._db[DB_MAP])
+        slot, death, _crc = map_val_decode(val)
+        txn.delete(key, db=self._db[DB_MAP])
+        if live:
+            txn.delete(born_key(lid, birth, block), db=self._db[DB_BORN])
+        else:
+            txn.delete(dead_key(lid, death, block), db=self._db[DB_DEAD])
+        if slot != ZERO_SLOT:
+            tx.frees.append(slot)
+
+    def _maybe_drop_lineage(self, tx: _Tx, lid: int) -> None:
+        lin = tx.lin(lid)
+        if not lin.head_dead or lin.points or lin.pins:
+            return
+        tx.dropped_lins.add(lid)
+        # Nothing can see its entries any more; there should be none left.
+        for birth, block in self._scan_tri(tx.txn, DB_BORN, lid, 0, INF):
+            self._free_entry(tx, lid, block, birth, live=True)
+        if lin.parent is not None:
+            self._release_pin(tx, *lin.parent)
+
+    def _release_pin(self, tx: _Tx, lid: int, gen: int) -> None:
+        lin = tx.lin(lid)
+        lin.pins[gen] -= 1
+        if lin.pins[gen] == 0:
+            del lin.pins[gen]
+            if gen in lin.zombies:
+                lin.zombies.remove(gen)
+                self._delete_point(tx, lid, gen)
+                for sid, s in self._snaps.items():
+                    if s["lid"] == lid and s["gen"] == gen:
+                        tx.snaps[sid] = None
+        self._maybe_drop_lineage(tx, lid)
+
+    # ------------------------------------------------------------ snapshots
+
+    def snapshot(self, vids: list[int], change=None) -> list[int]:
+        """Snapshot several volumes at one point in time, durably.
+
+        Every write completed before the call is in the snapshots.  change(tx,
+        sids), if given, runs in the same transaction (catalogue records).
+        """
+
+        def _change(tx: _Tx):
+            sids = []
+            for vid in vids:
+                v = tx.vol(vid)
+                lin = tx.lin(v["lid"])
+                s = lin.gen
+                lin.points.append(s)
+                lin.gen += 1
+                sid = tx.new_id("snapshot")
+                tx.snaps[sid] = {"lid": v["lid"], "gen": s, "size": v["size"], "volume": vid, "deleted": False}
+                sids.append(sid)
+            if change is not None:
+                change(tx, sids)
+            return sids
+
+        return self.commit(_change)
+
+    def delete_snapshot(self, sid: int) -> None:
+        """Delete a snapshot; frees exactly what nothing else uses."""
+
+        def change(tx: _Tx):
+            s = tx.snap(sid)
+            if s.get("deleted"):
+                raise NotFound("snapshot %d does not exist" % sid)
+            lin = tx.lin(s["lid"])
+            if lin.pins.get(s["gen"]):
+                lin.zombies.append(s["gen"])  # a clone still reads it
+                s["deleted"] = True
+            else:
+                self._delete_point(tx, s["lid"], s["gen"])
+                tx.snaps[sid] = None
+                self._maybe_drop_lineage(tx, s["lid"])
+
+        self.commit(change)
+
+    def _point_neighbours(self, lin: Lineage, s: int) -> tuple[int, int | None]:
+        i = bisect.bisect_left(lin.points, s)
+        p = lin.points[i - 1] if i > 0 else 0
+        n = lin.points[i + 1] if i + 1 < len(lin.points) else None
+        return p, n
+
+    def _exclusive(self, txn, lin: Lineage, s: int):
+        """Entries that only point s sees: [(block, birth, live)]."""
+        p, n = self._point_neighbours(lin, s)
+        hi = n + 1 if n is not None else INF
+        out = []
+        for death, block in self._scan_tri(txn, DB_DEAD, lin.lid, s + 1, hi):
+            birth = birth_val_decode(txn.get(dead_key(lin.lid, death, block), db=self._db[DB_DEAD]))
+            if p < birth <= s:
+                out.append((block, birth, False))
+        if n is None and lin.head_dead:
+            for birth, block in self._scan_tri(txn, DB_BORN, lin.lid, p + 1, s + 1):
+                out.append((block, birth, True))
+        return out
+
+    def _delete_point(self, tx: _Tx, lid: int, s: int) -> None:
+        lin = tx.lin(lid)
+        for block, birth, live in self._exclusive(tx.txn, lin, s):
+            self._free_entry(tx, lid, block, birth, live)
+        lin.points.remove(s)
+
+    def rollback(self, vid: int, sid: int) -> None:
+        """Make a volume's contents those of a snapshot (of any volume)."""
+
+        def change(tx: _Tx):
+            v = tx.vol(vid)
+            s = tx.snap(sid)
+            if s.get("deleted"):
+                raise NotFound("snapshot %d does not exist" % sid)
+            old = v["lid"]
+            v["lid"] = self._new_lineage(tx, (s["lid"], s["gen"]))
+            self._kill_head(tx, old)
+
+        self.commit(change)
+
+    # ------------------------------------------------------------ queries
+
+    def snapshot_usage(self, sid: int) -> dict:
+        """Bytes only this snapshot holds (freed by deleting it), and what it
+        holds that the previous snapshot of its lineage does not (billed)."""
+        s = self.snapshot_info(sid)
+        lin = self._lins[s["lid"]]
+        with self.env.begin() as txn:
+            excl = 0
+            for block, birth, _live in self._exclusive(txn, lin, s["gen"]):
+                val = txn.get(map_key(lin.lid, block, birth), db=self._db[DB_MAP])
+                excl += map_val_decode(val)[0] != ZERO_SLOT
+            p, _n = self._point_neighbours(lin, s["gen"])
+            born = self._born_between(txn, lin.lid, p, s["gen"])
+        return {"exclusive_bytes": excl * BLOCK_SIZE, "incremental_bytes": born * BLOCK_SIZE}
+
+    def _born_between(self, txn, lid: int, p: int, s: int) -> int:
+        """Number of non-zero entries visible at s that were born after p."""
+        n = 0
+        for birth, block in self._scan_tri(txn, DB_BORN, lid, p + 1, s + 1):
+            slot, _, _ = map_val_decode(txn.get(map_key(lid, block, birth), db=self._db[DB_MAP]))
+            n += slot != ZERO_SLOT
+        for death, block in self._scan_tri(txn, DB_DEAD, lid, s + 1, INF):
+            birth = birth_val_decode(txn.get(dead_key(lid, death, block), db=self._db[DB_DEAD]))
+            if p < birth <= s:
+                slot, _, _ = map_val_decode(txn.get(map_key(lid, block, birth), db=self._db[DB_MAP]))
+                n += slot != ZERO_SLOT
+        return n
+
+    def changed_blocks(self, sid_from: int | None, sid_to: int | None, vid: int | None = None) -> list[int]:
+        """Blocks that differ between two snapshots of one lineage (or between
+        a snapshot and the volume's head when sid_to is None), from the map
+        alone.  sid_from None means "since nothing" (every written block).
+
+        Work is proportional to what changed since sid_from when both are in
+        the same lineage; otherwise the visible maps are compared.
+        """
+        self.commit()
+        if sid_to is None:
+            v = self._vols[vid]
+            lid_b, gen_b = v["lid"], self._lins[v["lid"]].gen
+        else:
+            sb = self.snapshot_info(sid_to)
+            lid_b, gen_b = sb["lid"], sb["gen"]
+        if sid_from is None:
+            lid_a, gen_a = lid_b, 0
+        else:
+            sa = self.snapshot_info(sid_from)
+            lid_a, gen_a = sa["lid"], sa["gen"]
+        with self.env.begin() as txn:
+            if lid_a == lid_b and gen_a <= gen_b and (gen_a > 0 or self._lins[lid_b].parent is None):
+                out = set()
+                for birth, block in self._scan_tri(txn, DB_BORN, lid_b, gen_a + 1, gen_b + 1):
+                    out.add(block)
+                for death, block in self._scan_tri(txn, DB_DEAD, lid_b, gen_a + 1, INF):
+                    birth = birth_val_decode(txn.get(dead_key(lid_b, death, block), db=self._db[DB_DEAD]))
+                    if birth <= gen_b and (birth > gen_a or death <= gen_b):
+                        out.add(block)
+                # a block written and zeroed again is no change
+                cur = txn.cursor(db=self._db[DB_MAP])
+                return sorted(
+                    b for b in out if self._lookup(cur, lid_a, gen_a, b) != self._lookup(cur, lid_b, gen_b, b)
+                )
+            a = self._visible_map(txn, lid_a, gen_a) if sid_from is not None else {}
+            b = self._visible_map(txn, lid_b, gen_b)
+            return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+    def _visible_map(self, txn, lid: int, gen: int) -> dict[int, int]:
+        """block -> slot of every non-zero block visible at (lid, gen)."""
+        chain = []
+        while True:
+            chain.append((lid, gen))
+            lin = self._lins[lid]
+            if lin.parent is None:
+                break
+            lid, gen = lin.parent
+        out: dict[int, int] = {}
+        seen: set[int] = set()
+        for clid, cgen in chain:
+            cur = txn.cursor(db=self._db[DB_MAP])
+            if not cur.set_range(lid_prefix(clid)):
+                continue
+            for k, v in cur:
+                klid, block, birth = map_key_decode(k)
+                if klid != clid:
+                    break
+                if block in seen or birth > cgen:
+                    continue
+                seen.add(block)
+                slot, death, _ = map_val_decode(v)
+                if death > cgen and slot != ZERO_SLOT:
+                    out[block] = slot
+        return out
+
+    def stats(self) -> dict:
+        self.commit()
+        with self.env.begin() as txn:
+            nfree = txn.stat(self._db[DB_FREE])["entries"]
+            nmap = txn.stat(self._db[DB_MAP])["entries"]
+        used = self._hwm - 1 - nfree
+        return {
+            "block_size": BLOCK_SIZE,
+            "slots_total": self._hwm - 1,
+            "slots_free": nfree,
+            "slots_used": used,
+            "used_bytes": used * BLOCK_SIZE,
+            "map_entries": nmap,
+            "data_file_allocated_bytes": self.file.allocated_bytes(),
+            "volumes": len(self._vols),
+            "snapshots": sum(1 for s in self._snaps.values() if not s.get("deleted")),
+        }
+
+    # ------------------------------------------------------------ scrub
+
+    def scrub(self, verify_data: bool = True, progress=None) -> list[str]:
+        """Check the map's integrity and every block's checksum.
+
+        Returns a list of problems (empty when the pool is sound): slots owned
+        twice or leaked, index entries out of step with the map, entries that
+        no snapshot point or head can see, checksum mismatches.
+        """
+        self.commit()
+        problems: list[str] = []
+        owner: dict[int, tuple] = {}
+        with self.env.begin() as txn:
+            free = {u64_decode(k) for k in txn.cursor(db=self._db[DB_FREE]).iternext(values=False)}
+            born = set(txn.cursor(db=self._db[DB_BORN]).iternext(values=False))
+            dead = dict(txn.cursor(db=self._db[DB_DEAD]))
+            total = txn.stat(self._db[DB_MAP])["entries"]
+            for i, (k, v) in enumerate(txn.cursor(db=self._db[DB_MAP])):
+                if progress and i % 4096 == 0:
+                    progress(i, total)
+                lid, block, birth = map_key_decode(k)
+                slot, death, crc = map_val_decode(v)
+                where = "lineage %d block %d birth %d" % (lid, block, birth)
+                lin = self._lins.get(lid)
+                if lin is None:
+                    problems.append("%s: entry of a lineage that does not exist" % where)
+                    continue
+                if death == INF:
+                    if born_key(lid, birth, block) not in born:
+                        problems.append("%s: live entry missing from the birth index" % where)
+                    born.discard(born_key(lid, birth, block))
+                    if lin.head_dead and birth > lin.last_point():
+                        problems.append("%s: leaked (head deleted, no snapshot sees it)" % where)
+                else:
+                    dk = dead_key(lid, death, block)
+                    if dk not in dead or birth_val_decode(dead[dk]) != birth:
+                        problems.append("%s: dead entry missing from the death index" % where)
+                    dead.pop(dk, None)
+                    if not any(birth <= g < death for g in lin.points):
+                        problems.append("%s: leaked (no snapshot point sees it)" % where)
+                if slot == ZERO_SLOT:
+                    continue
+                if slot in owner:
+                    problems.append("slot %d owned twice: %s and %s" % (slot, owner[slot], where))
+                owner[slot] = where
+                if slot in free:
+                    problems.append("slot %d is both free and used by %s" % (slot, where))
+                if slot >= self._hwm:
+                    problems.append("slot %d beyond the high-water mark %d" % (slot, self._hwm))
+                if verify_data:
+                    data = self.file.pread(BLOCK_SIZE, slot_offset(slot))
+                    if native.crc32c(data) != crc:
+                        problems.append("slot %d (%s): checksum mismatch" % (slot, where))
+            for k in born:
+                problems.append("birth index entry %r has no map entry" % (tri_decode(k),))
+            for k in dead:
+                problems.append("death index entry %r has no map entry" % (tri_decode(k),))
+            leaked = set(range(1, self._hwm)) - set(owner) - free
+            if leaked:
+                problems.append("%d slots leaked (neither used nor free), e.g. %s" % (len(leaked), sorted(leaked)[:5]))
+        for vid, v in self._vols.items():
+            if v["lid"] not in self._lins or self._lins[v["lid"]].head_dead:
+                problems.append("volume %d points at a missing or deleted lineage %d" % (vid, v["lid"]))
+        return problems
+
+
+def _check_size(size: int) -> None:
+    if size <= 0 or size % 4096:
+        raise EngineError("a volume's size must be a positive multiple of 4096 bytes, not %d" % size)
+
+
+def _runs(slots: list[int]):
+    """Group sorted slot numbers into (start, count) runs."""
+    start = prev = None
+    for s in slots:
+        if start is None:
+            start = prev = s
+        elif s == prev + 1:
+            prev = s
+        else:
+            yield start, prev - start + 1
+            start = prev = s
+    if start is not None:
+        yield start, prev - start + 1
+
+
+__all__ = ["Pool", "BLOCK_SIZE", "Busy"]
