@@ -542,6 +542,10 @@ class Pool:
     def dirty_blocks(self) -> int:
         return self._ndirty
 
+    def drop_staged_records(self) -> None:
+        """Forget records staged by a request that failed."""
+        self._records = {}
+
     def put_record(self, key: str, value: dict | None) -> None:
         """Stage a catalogue record (None deletes); durable at the next commit."""
         self._records[key] = value
@@ -754,21 +758,35 @@ class Pool:
 
     # ------------------------------------------------------------ volumes
 
-    def create_volume(self, size: int, parent_snapshot: int | None = None) -> int:
+    def create_volume(self, size: int, parent_snapshot: int | None = None, on_created=None) -> int:
         """A new volume of size bytes, empty or a clone of a snapshot."""
-        _check_size(size)
+        return self.create_volumes([(size, parent_snapshot)], on_created)[0]
+
+    def create_volumes(self, specs: list[tuple[int, int | None]], on_created=None) -> list[int]:
+        """Several new volumes in one durable transaction.
+
+        specs: (size in bytes, parent snapshot id or None).  on_created(vids)
+        runs inside the transaction (to stage catalogue records with them).
+        """
+        for size, _ in specs:
+            _check_size(size)
 
         def change(tx: _Tx):
-            parent = None
-            if parent_snapshot is not None:
-                s = tx.snap(parent_snapshot)
-                if s.get("deleted"):
-                    raise NotFound("snapshot %d does not exist" % parent_snapshot)
-                parent = (s["lid"], s["gen"])
-            lid = self._new_lineage(tx, parent)
-            vid = tx.new_id("volume")
-            tx.vols[vid] = {"lid": lid, "size": size}
-            return vid
+            vids = []
+            for size, parent_snapshot in specs:
+                parent = None
+                if parent_snapshot is not None:
+                    s = tx.snap(parent_snapshot)
+                    if s.get("deleted"):
+                        raise NotFound("snapshot %d does not exist" % parent_snapshot)
+                    parent = (s["lid"], s["gen"])
+                lid = self._new_lineage(tx, parent)
+                vid = tx.new_id("volume")
+                tx.vols[vid] = {"lid": lid, "size": size}
+                vids.append(vid)
+            if on_created is not None:
+                on_created(vids)
+            return vids
 
         return self.commit(change)
 

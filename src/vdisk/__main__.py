@@ -1,0 +1,3 @@
+from vdisk.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,574 @@
+"""vdisk: emulated cloud disks with crash-consistent snapshots.
+
+A thin front-end: every command becomes one cloud action (CreateDisk,
+StartInstance, ...) sent to the daemon, or run in-process when no daemon
+runs and the action does not need one.
+
+Exit codes: 0 done; 1 refused by a rule (the message names it, nothing was
+changed); 2 bad usage; 3 the daemon is not running or not reachable;
+4 internal or storage error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+from ..config import Paths
+from ..daemon import client
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_DAEMON, EXIT_INTERNAL = 0, 1, 2, 3, 4
+
+
+class CLIError(Exception):
+    def __init__(self, message: str, code: int = EXIT_REFUSED, error_code: str = ""):
+        super().__init__(message)
+        self.code = code
+        self.error_code = error_code
+
+
+# ---------------------------------------------------------------- output
+
+
+def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
+    if not rows:
+        return ""
+    head = [h for h, _ in cols]
+    data = [[_fmt(r.get(k)) for _, k in cols] for r in rows]
+    widths = [max(len(h), *(len(d[i]) for d in data)) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(d, widths)).rstrip() for d in data]
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, list):
+        return ",".join(map(str, v)) or "-"
+    return str(v)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
+        n /= 1024
+    return str(n)
+
+
+def _show(rec: dict) -> str:
+    w = max(len(k) for k in rec) if rec else 0
+    return "\n".join("%s  %s" % (k.ljust(w), _fmt(v)) for k, v in rec.items())
+
+
+# ---------------------------------------------------------------- plumbing
+
+
+class App:
+    def __init__(self, args):
+        self.args = args
+        self.paths = Paths.resolve(args.data_dir, args.mountpoint)
+        self.json = args.json
+
+    def call(self, action: str, **params) -> dict:
+        req = {"Action": action}
+        req.update({k: v for k, v in params.items() if v is not None})
+        try:
+            res = client.request(self.paths, req)
+        except client.DaemonUnavailable as exc:
+            raise CLIError(str(exc), EXIT_DAEMON) from None
+        if "Code" in res:
+            status = res.get("HttpStatus", 400)
+            code = EXIT_DAEMON if res["Code"] == "DaemonNotRunning" else EXIT_INTERNAL if status >= 500 else EXIT_REFUSED
+            raise CLIError("%s (%s)" % (res["Message"], res["Code"]), code, res["Code"])
+        return res
+
+    def out(self, res, human: str | None = None) -> None:
+        if self.json:
+            print(json.dumps(res, indent=2, sort_keys=True))
+        elif human:
+            print(human)
+
+    def disk(self, disk_id: str) -> dict:
+        res = self.call("DescribeDisks", DiskIds=[disk_id])
+        disks = res["Disks"]["Disk"]
+        if not disks:
+            raise CLIError("disk %s does not exist (InvalidDiskId.NotFound)" % disk_id)
+        return disks[0]
+
+
+DISK_COLS = [("DISK", "DiskId"), ("NAME", "DiskName"), ("SIZE", "Size"), ("CATEGORY", "Category"), ("PL", "PerformanceLevel"),
+             ("TYPE", "Type"), ("STATUS", "Status"), ("INSTANCE", "InstanceId"), ("DEVICE", "Device")]
+INST_COLS = [("INSTANCE", "InstanceId"), ("NAME", "InstanceName"), ("STATUS", "Status"), ("DISKS", "Disks"), ("CREATED", "CreationTime")]
+SNAP_COLS = [("SNAPSHOT", "SnapshotId"), ("NAME", "SnapshotName"), ("DISK", "SourceDiskId"), ("DISK SIZE", "SourceDiskSize"),
+             ("STATUS", "Status"), ("SIZE", "SnapshotSizeH"), ("CREATED", "CreationTime")]
+
+
+# ---------------------------------------------------------------- daemon
+
+
+def cmd_daemon_run(app: App) -> int:
+    from ..daemon.server import run
+
+    logging.basicConfig(
+        level=logging.DEBUG if app.args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return run(app.paths)
+
+
+def cmd_daemon_start(app: App) -> int:
+    if client.daemon_running(app.paths):
+        res = client.call(app.paths, {"Action": "Ping"})
+        app.out(res, "vdisk daemon already running (pid %d), disks under %s" % (res["Pid"], res["MountPoint"]))
+        return EXIT_OK
+    os.makedirs(app.paths.data_dir, mode=0o700, exist_ok=True)
+    cmd = [sys.executable, "-m", "vdisk", "--data-dir", app.paths.data_dir, "--mountpoint", app.paths.mountpoint, "daemon", "run"]
+    with open(app.paths.log, "ab") as logf:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
+    deadline = time.monotonic() + app.args.timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = open(app.paths.log, errors="replace").read()[-2000:]
+            raise CLIError("the vdisk daemon exited at once (status %d); its log %s ends:\n%s" % (proc.returncode, app.paths.log, tail), EXIT_DAEMON)
+        if client.daemon_running(app.paths):
+            res = client.call(app.paths, {"Action": "Ping"})
+            app.out(res, "vdisk daemon started (pid %d), disks under %s" % (res["Pid"], res["MountPoint"]))
+            return EXIT_OK
+        time.sleep(0.1)
+    raise CLIError("the vdisk daemon (pid %d) did not answer within %ds; see %s" % (proc.pid, app.args.timeout, app.paths.log), EXIT_DAEMON)
+
+
+def cmd_daemon_stop(app: App) -> int:
+    try:
+        ping = client.call(app.paths, {"Action": "Ping"}, timeout=5)
+    except (client.DaemonUnavailable, OSError):
+        app.out({"Running": False}, "vdisk daemon is not running")
+        return EXIT_OK
+    res = client.call(app.paths, {"Action": "Shutdown", "Force": app.args.force})
+    if "Code" in res:
+        raise CLIError("%s (%s)" % (res["Message"], res["Code"]))
+    deadline = time.monotonic() + app.args.timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(ping["Pid"], 0)
+        except ProcessLookupError:
+            app.out({"Stopped": True, "Pid": ping["Pid"]}, "vdisk daemon stopped (pid %d)" % ping["Pid"])
+            return EXIT_OK
+        time.sleep(0.05)
+    raise CLIError("the vdisk daemon (pid %d) did not exit within %ds" % (ping["Pid"], app.args.timeout), EXIT_DAEMON)
+
+
+def cmd_daemon_status(app: App) -> int:
+    try:
+        res = client.call(app.paths, {"Action": "Ping"}, timeout=5)
+    except (client.DaemonUnavailable, OSError):
+        app.out({"Running": False, "DataDir": app.paths.data_dir}, "vdisk daemon is not running (data directory %s)" % app.paths.data_dir)
+        return EXIT_DAEMON
+    res["Running"] = True
+    app.out(res, "vdisk daemon running (pid %d)\ndata directory  %s\nmount point     %s" % (res["Pid"], res["DataDir"], res["MountPoint"]))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- instances
+
+
+def _parse_data_disk(spec: str) -> dict:
+    """SIZE[:CATEGORY[:PL]] -> DataDisk entry."""
+    parts = spec.split(":")
+    try:
+        d = {"Size": int(parts[0])}
+    except ValueError:
+        raise CLIError("--data-disk %r: expected SIZE[:CATEGORY[:PL]] with SIZE in GiB" % spec, EXIT_USAGE) from None
+    if len(parts) > 1 and parts[1]:
+        d["Category"] = parts[1]
+    if len(parts) > 2 and parts[2]:
+        d["PerformanceLevel"] = parts[2]
+    return d
+
+
+def cmd_instance_create(app: App) -> int:
+    a = app.args
+    params = {
+        "InstanceName": a.name,
+        "Description": a.description,
+        "SystemDisk.Size": a.system_size,
+        "SystemDisk.Category": a.system_category,
+        "SystemDisk.PerformanceLevel": a.system_pl,
+    }
+    for i, spec in enumerate(a.data_disk or [], 1):
+        for k, v in _parse_data_disk(spec).items():
+            params["DataDisk.%d.%s" % (i, k)] = v
+    res = app.call("CreateInstance", **params)
+    app.out(res, res["InstanceId"])
+    return EXIT_OK
+
+
+def cmd_instance_list(app: App) -> int:
+    res = app.call("DescribeInstances", Status=app.args.status)
+    rows = res["Instances"]["Instance"]
+    app.out(res, _table(rows, INST_COLS) or "no instances")
+    return EXIT_OK
+
+
+def cmd_instance_show(app: App) -> int:
+    res = app.call("DescribeInstances", InstanceIds=[app.args.instance])
+    rows = res["Instances"]["Instance"]
+    if not rows:
+        raise CLIError("instance %s does not exist (InvalidInstanceId.NotFound)" % app.args.instance)
+    app.out(rows[0], _show(rows[0]))
+    return EXIT_OK
+
+
+def _simple(action: str, key: str, done: str):
+    def cmd(app: App) -> int:
+        res = app.call(action, **{key: getattr(app.args, key.lower().replace("id", ""))})
+        app.out(res, done % getattr(app.args, key.lower().replace("id", "")))
+        return EXIT_OK
+
+    return cmd
+
+
+def cmd_instance_start(app: App) -> int:
+    app.call("StartInstance", InstanceId=app.args.instance)
+    res = app.call("DescribeInstances", InstanceIds=[app.args.instance])["Instances"]["Instance"][0]
+    app.out(res, "%s Running; its disks are under %s" % (app.args.instance, res.get("DiskDirectory", "?")))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- disks
+
+
+def cmd_disk_create(app: App) -> int:
+    a = app.args
+    res = app.call(
+        "CreateDisk", Size=a.size, Category=a.category, PerformanceLevel=a.performance_level, DiskName=a.name,
+        Description=a.description, SnapshotId=a.snapshot,
+    )
+    app.out(res, res["DiskId"])
+    return EXIT_OK
+
+
+def cmd_disk_list(app: App) -> int:
+    res = app.call("DescribeDisks", InstanceId=app.args.instance, Status=app.args.status)
+    app.out(res, _table(res["Disks"]["Disk"], DISK_COLS) or "no disks")
+    return EXIT_OK
+
+
+def cmd_disk_show(app: App) -> int:
+    d = app.disk(app.args.disk)
+    app.out(d, _show(d))
+    return EXIT_OK
+
+
+def cmd_disk_path(app: App) -> int:
+    d = app.disk(app.args.disk)
+    if not d.get("FilePath"):
+        raise CLIError("disk %s has no file now: it is served only while it is attached to a Running instance "
+                       "and the daemon runs (status %s, instance %s)" % (d["DiskId"], d["Status"], d["InstanceId"] or "-"))
+    app.out({"DiskId": d["DiskId"], "FilePath": d["FilePath"]}, d["FilePath"])
+    return EXIT_OK
+
+
+def cmd_disk_attach(app: App) -> int:
+    res = app.call("AttachDisk", DiskId=app.args.disk, InstanceId=app.args.instance)
+    app.out(res, "%s attached to %s" % (app.args.disk, app.args.instance))
+    return EXIT_OK
+
+
+def cmd_disk_detach(app: App) -> int:
+    inst = app.args.instance or app.disk(app.args.disk).get("InstanceId")
+    if not inst:
+        raise CLIError("disk %s is not attached to any instance" % app.args.disk)
+    res = app.call("DetachDisk", DiskId=app.args.disk, InstanceId=inst)
+    app.out(res, "%s detached from %s" % (app.args.disk, inst))
+    return EXIT_OK
+
+
+def cmd_disk_resize(app: App) -> int:
+    res = app.call("ResizeDisk", DiskId=app.args.disk, NewSize=app.args.size)
+    app.out(res, "%s is now %d GiB" % (app.args.disk, app.args.size))
+    return EXIT_OK
+
+
+def cmd_disk_delete(app: App) -> int:
+    res = app.call("DeleteDisk", DiskId=app.args.disk)
+    app.out(res, "%s deleted" % app.args.disk)
+    return EXIT_OK
+
+
+def cmd_disk_reset(app: App) -> int:
+    res = app.call("ResetDisk", DiskId=app.args.disk, SnapshotId=app.args.snapshot)
+    app.out(res, "%s reset to %s" % (app.args.disk, app.args.snapshot))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- snapshots
+
+
+def cmd_snapshot_create(app: App) -> int:
+    a = app.args
+    res = app.call("CreateSnapshot", DiskId=a.disk, SnapshotName=a.name, Description=a.description,
+                   InstantAccess=a.instant_access or None, InstantAccessRetentionDays=a.instant_access_days,
+                   RetentionDays=a.retention_days)
+    app.out(res, res["SnapshotId"])
+    return EXIT_OK
+
+
+def cmd_snapshot_list(app: App) -> int:
+    res = app.call("DescribeSnapshots", DiskId=app.args.disk, InstanceId=app.args.instance, Status=app.args.status)
+    rows = res["Snapshots"]["Snapshot"]
+    for r in rows:
+        r["SnapshotSizeH"] = _human(r["SnapshotSize"])
+    app.out(res, _table(rows, SNAP_COLS) or "no snapshots")
+    return EXIT_OK
+
+
+def cmd_snapshot_show(app: App) -> int:
+    res = app.call("DescribeSnapshots", SnapshotIds=[app.args.snapshot])
+    rows = res["Snapshots"]["Snapshot"]
+    if not rows:
+        raise CLIError("snapshot %s does not exist (InvalidSnapshotId.NotFound)" % app.args.snapshot)
+    app.out(rows[0], _show(rows[0]))
+    return EXIT_OK
+
+
+def cmd_snapshot_delete(app: App) -> int:
+    res = app.call("DeleteSnapshot", SnapshotId=app.args.snapshot, Force=app.args.force or None)
+    app.out(res, "%s deleted" % app.args.snapshot)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- loop devices
+
+
+def cmd_loop_attach(app: App) -> int:
+    from ..host import loop
+
+    d = app.disk(app.args.disk)
+    if not d.get("FilePath"):
+        raise CLIError("disk %s has no file to attach: attach it to an instance and start the instance "
+                       "(status %s, instance %s)" % (d["DiskId"], d["Status"], d["InstanceId"] or "-"))
+    try:
+        dev = loop.attach(d["FilePath"], read_only=app.args.read_only)
+    except loop.LoopError as exc:
+        raise CLIError(str(exc), EXIT_INTERNAL) from None
+    app.out({"DiskId": d["DiskId"], "Device": dev, "FilePath": d["FilePath"], "DirectIO": True}, dev)
+    return EXIT_OK
+
+
+def cmd_loop_detach(app: App) -> int:
+    from ..host import loop
+
+    target = app.args.target
+    if target.startswith("/dev/"):
+        devs = [target]
+    else:
+        d = app.disk(target)
+        devs = loop.loop_devices_for(d["FilePath"]) if d.get("FilePath") else []
+        if not devs:
+            raise CLIError("no loop device is attached to disk %s" % target)
+    for dev in devs:
+        try:
+            loop.detach(dev)
+        except loop.LoopError as exc:
+            raise CLIError(str(exc), EXIT_INTERNAL) from None
+    app.out({"Detached": devs}, "\n".join(devs))
+    return EXIT_OK
+
+
+def cmd_loop_list(app: App) -> int:
+    from ..host import loop
+
+    mp = app.paths.mountpoint + "/"
+    rows = []
+    for l in loop.list_loops():
+        if l["back-file"].startswith(mp):
+            rel = l["back-file"][len(mp):].split("/")
+            l["instance"], l["disk"] = (rel + ["", ""])[:2]
+            rows.append(l)
+    app.out({"loopdevices": rows}, _table(rows, [("NAME", "name"), ("DISK", "disk"), ("INSTANCE", "instance"), ("DIO", "dio"), ("BACK-FILE", "back-file")]) or "no loop devices on vdisk disks")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- pool / api
+
+
+def cmd_pool_status(app: App) -> int:
+    res = app.call("DescribePool")
+    p = res["Pool"]
+    human = "\n".join([
+        "pool          %s" % p["Path"],
+        "block size    %s" % _human(p["BlockSize"]),
+        "used          %s (%d blocks)" % (_human(p["UsedBytes"]), p["SlotsUsed"]),
+        "free blocks   %d (reused before the data file grows)" % p["SlotsFree"],
+        "on disk       %s" % _human(p["DataFileAllocatedBytes"]),
+        "volumes       %d" % p["Volumes"],
+        "snapshots     %d" % p["Snapshots"],
+    ])
+    app.out(res, human)
+    return EXIT_OK
+
+
+def cmd_pool_scrub(app: App) -> int:
+    if not app.json:
+        print("scrubbing %s (every block's checksum and the map's integrity)..." % app.paths.pool, file=sys.stderr)
+    res = app.call("ScrubPool", MapOnly=app.args.map_only or None)
+    app.out(res, "clean" if res["Clean"] else "\n".join(["PROBLEMS:"] + res["Problems"]))
+    return EXIT_OK if res["Clean"] else EXIT_INTERNAL
+
+
+def cmd_api(app: App) -> int:
+    params = {}
+    for kv in app.args.params:
+        if "=" not in kv:
+            raise CLIError("parameter %r: expected Name=Value" % kv, EXIT_USAGE)
+        k, v = kv.split("=", 1)
+        try:
+            params[k] = json.loads(v)
+        except ValueError:
+            params[k] = v
+    res = app.call(app.args.action, **params)
+    print(json.dumps(res, indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the answer as JSON (for scripts)")
+
+    p = argparse.ArgumentParser(
+        prog="vdisk",
+        description="Emulated Alibaba Cloud ECS disks (ESSDs) with crash-consistent snapshots, served as files over FUSE.",
+        epilog="Data directory: --data-dir, $VDISK_HOME, or /var/lib/vdisk (root). Mount point: --mountpoint, "
+        "$VDISK_MOUNT, or DATA_DIR/disks. Exit codes: 0 ok, 1 refused by a rule, 2 usage, 3 daemon not running, "
+        "4 internal error.",
+    )
+    p.add_argument("--data-dir", metavar="DIR", help="the pool's data directory")
+    p.add_argument("--mountpoint", metavar="DIR", help="where the daemon shows disk files")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON (for scripts)")
+    sub = p.add_subparsers(dest="group", metavar="COMMAND", required=True)
+
+    def group(name, help_):
+        g = sub.add_parser(name, help=help_, description=help_)
+        return g.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    def verb(gsub, name, func, help_, **kw):
+        v = gsub.add_parser(name, help=help_, description=help_, parents=[common], **kw)
+        v.set_defaults(func=func)
+        return v
+
+    d = group("daemon", "run, start, stop the vdisk daemon (one per data directory)")
+    v = verb(d, "run", cmd_daemon_run, "run the daemon in the foreground")
+    v.add_argument("--debug", action="store_true", help="log every request")
+    v = verb(d, "start", cmd_daemon_start, "start the daemon in the background and wait until it answers")
+    v.add_argument("--timeout", type=int, default=30, help="seconds to wait (default 30)")
+    v = verb(d, "stop", cmd_daemon_stop, "stop the daemon cleanly (refused while disk files are held open)")
+    v.add_argument("--force", action="store_true", help="stop even if disk files are open (their I/O will fail)")
+    v.add_argument("--timeout", type=int, default=60, help="seconds to wait (default 60)")
+    verb(d, "status", cmd_daemon_status, "say whether the daemon runs (exit 3 if not)")
+
+    g = group("instance", "create, start, stop, list and delete instances")
+    v = verb(g, "create", cmd_instance_create, "create a Stopped instance with a system disk and data disks")
+    v.add_argument("--name", help="instance name (2-128 chars, starts with a letter)")
+    v.add_argument("--description")
+    v.add_argument("--system-size", type=int, default=None, metavar="GIB", help="system disk size in GiB (default 40)")
+    v.add_argument("--system-category", default=None, help="system disk category (default cloud_essd)")
+    v.add_argument("--system-pl", default=None, metavar="PL", help="system disk performance level (default PL1)")
+    v.add_argument("--data-disk", action="append", metavar="SIZE[:CATEGORY[:PL]]", help="add a data disk (repeatable)")
+    v = verb(g, "list", cmd_instance_list, "list instances")
+    v.add_argument("--status", choices=("Running", "Stopped"))
+    for name, func, help_ in (
+        ("show", cmd_instance_show, "show one instance"),
+        ("start", cmd_instance_start, "start an instance: its disks appear as files"),
+        ("stop", _simple("StopInstance", "InstanceId", "%s Stopped"), "stop an instance (refused while its disk files are open)"),
+        ("delete", _simple("DeleteInstance", "InstanceId", "%s deleted"), "delete a Stopped instance and the disks set to go with it"),
+    ):
+        verb(g, name, func, help_).add_argument("instance", metavar="INSTANCE_ID")
+
+    g = group("disk", "create, attach, detach, resize, reset and delete disks")
+    v = verb(g, "create", cmd_disk_create, "create an Available disk, empty or from a snapshot")
+    v.add_argument("--size", type=int, metavar="GIB", help="size in GiB (default: the snapshot's source disk size)")
+    v.add_argument("--category", help="cloud_essd (default), cloud_ssd, cloud_efficiency, cloud")
+    v.add_argument("--performance-level", metavar="PL", help="PL0-PL3 for cloud_essd (default PL1)")
+    v.add_argument("--name")
+    v.add_argument("--description")
+    v.add_argument("--snapshot", metavar="SNAPSHOT_ID", help="create the disk from this snapshot")
+    v = verb(g, "list", cmd_disk_list, "list disks")
+    v.add_argument("--instance", metavar="INSTANCE_ID")
+    v.add_argument("--status", choices=("In_use", "Available"))
+    verb(g, "show", cmd_disk_show, "show one disk").add_argument("disk", metavar="DISK_ID")
+    verb(g, "path", cmd_disk_path, "print the file that serves a disk").add_argument("disk", metavar="DISK_ID")
+    v = verb(g, "attach", cmd_disk_attach, "attach an Available disk to an instance")
+    v.add_argument("disk", metavar="DISK_ID")
+    v.add_argument("--instance", required=True, metavar="INSTANCE_ID")
+    v = verb(g, "detach", cmd_disk_detach, "detach a disk from its instance")
+    v.add_argument("disk", metavar="DISK_ID")
+    v.add_argument("--instance", metavar="INSTANCE_ID")
+    v = verb(g, "resize", cmd_disk_resize, "grow a disk")
+    v.add_argument("disk", metavar="DISK_ID")
+    v.add_argument("--size", type=int, required=True, metavar="GIB", help="new size in GiB")
+    v = verb(g, "reset", cmd_disk_reset, "roll a disk back to one of its snapshots (instance Stopped)")
+    v.add_argument("disk", metavar="DISK_ID")
+    v.add_argument("--snapshot", required=True, metavar="SNAPSHOT_ID")
+    verb(g, "delete", cmd_disk_delete, "delete an Available disk").add_argument("disk", metavar="DISK_ID")
+
+    g = group("snapshot", "create, list and delete disk snapshots")
+    v = verb(g, "create", cmd_snapshot_create, "snapshot a disk (durable when this returns)")
+    v.add_argument("disk", metavar="DISK_ID")
+    v.add_argument("--name")
+    v.add_argument("--description")
+    v.add_argument("--instant-access", action="store_true")
+    v.add_argument("--instant-access-days", type=int, metavar="DAYS")
+    v.add_argument("--retention-days", type=int, metavar="DAYS")
+    v = verb(g, "list", cmd_snapshot_list, "list snapshots")
+    v.add_argument("--disk", metavar="DISK_ID")
+    v.add_argument("--instance", metavar="INSTANCE_ID")
+    v.add_argument("--status", choices=("progressing", "accomplished", "failed"))
+    verb(g, "show", cmd_snapshot_show, "show one snapshot").add_argument("snapshot", metavar="SNAPSHOT_ID")
+    v = verb(g, "delete", cmd_snapshot_delete, "delete a snapshot; frees what nothing else uses")
+    v.add_argument("snapshot", metavar="SNAPSHOT_ID")
+    v.add_argument("--force", action="store_true", help="delete even if disks were created from it")
+
+    g = group("loop", "attach disk files as loop devices (losetup --direct-io=on)")
+    v = verb(g, "attach", cmd_loop_attach, "attach a disk's file as a loop device with direct I/O; prints the device")
+    v.add_argument("disk", metavar="DISK_ID")
+    v.add_argument("--read-only", action="store_true")
+    verb(g, "detach", cmd_loop_detach, "detach a loop device (by device or disk id)").add_argument("target", metavar="DEVICE|DISK_ID")
+    verb(g, "list", cmd_loop_list, "list loop devices on vdisk disks")
+
+    g = group("pool", "the storage pool")
+    verb(g, "status", cmd_pool_status, "space used, free, on disk")
+    v = verb(g, "scrub", cmd_pool_scrub, "verify every block's checksum and the map (exit 4 on problems)")
+    v.add_argument("--map-only", action="store_true", help="check the map only, not the data")
+
+    v = sub.add_parser("api", help="send one cloud action with Name=Value parameters (JSON values allowed)", parents=[common])
+    v.add_argument("action", metavar="ACTION")
+    v.add_argument("params", nargs="*", metavar="Name=Value")
+    v.set_defaults(func=cmd_api)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    app = App(args)
+    try:
+        return args.func(app)
+    except CLIError as exc:
+        if app.json:
+            print(json.dumps({"Code": exc.error_code or "Error", "Message": str(exc)}), file=sys.stderr)
+        print("vdisk: %s" % exc, file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130

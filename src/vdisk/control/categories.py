@@ -1,0 +1,66 @@
+"""Disk categories, their size limits and the performance the cloud quotes.
+
+The PL1 formulas are confirmed in the vendor's documentation; PL0/PL2/PL3 are
+as commonly quoted (see shared/reference/cloud-snapshot-facts.md).
+"""
+from __future__ import annotations
+
+from .errors import CloudError
+
+CATEGORIES = ("cloud_essd", "cloud_ssd", "cloud_efficiency", "cloud")
+LEVELS = ("PL0", "PL1", "PL2", "PL3")
+
+# (min GiB, max GiB)
+SIZE_LIMITS = {
+    ("cloud_essd", "PL0"): (1, 32768),
+    ("cloud_essd", "PL1"): (20, 32768),
+    ("cloud_essd", "PL2"): (461, 32768),
+    ("cloud_essd", "PL3"): (1261, 32768),
+    ("cloud_ssd", None): (20, 32768),
+    ("cloud_efficiency", None): (20, 32768),
+    ("cloud", None): (5, 2000),
+}
+
+# IOPS = min(base + per_gib * size, cap); throughput MB/s = min(tbase + tper * size, tcap)
+PERF = {
+    "PL0": (1800, 12, 10000, 100, 0.25, 180),
+    "PL1": (1800, 50, 50000, 120, 0.5, 350),
+    "PL2": (1800, 50, 100000, 120, 0.5, 750),
+    "PL3": (1800, 50, 1000000, 120, 0.5, 4000),
+}
+
+
+def check_disk_spec(category: str, level: str | None, size_gib: int) -> str | None:
+    """Validate a category/level/size triple; returns the effective level."""
+    if category not in CATEGORIES:
+        raise CloudError(
+            "InvalidDiskCategory.ValueNotSupported",
+            "Disk category %r is not supported; use one of %s." % (category, ", ".join(CATEGORIES)),
+        )
+    if category == "cloud_essd":
+        level = level or "PL1"
+        if level not in LEVELS:
+            raise CloudError(
+                "InvalidPerformanceLevel.ValueNotSupported",
+                "Performance level %r is not supported for cloud_essd; use one of %s." % (level, ", ".join(LEVELS)),
+            )
+    elif level is not None:
+        raise CloudError(
+            "InvalidPerformanceLevel.ValueNotSupported",
+            "PerformanceLevel applies only to cloud_essd disks, not to %s." % category,
+        )
+    lo, hi = SIZE_LIMITS[(category, level)]
+    if not lo <= size_gib <= hi:
+        raise CloudError(
+            "InvalidDiskSize.ValueNotSupported",
+            "A %s%s disk must be %d to %d GiB, not %d GiB."
+            % (category, " " + level if level else "", lo, hi, size_gib),
+        )
+    return level
+
+
+def performance(category: str, level: str | None, size_gib: int) -> dict:
+    if category != "cloud_essd":
+        return {}
+    b, per, cap, tb, tper, tcap = PERF[level]
+    return {"IOPS": int(min(b + per * size_gib, cap)), "Throughput": int(min(tb + tper * size_gib, tcap))}

@@ -1,0 +1,656 @@
+"""The cloud's actions (CreateDisk, StartInstance, CreateSnapshot, ...).
+
+Requests and answers use the cloud's action, parameter and field names, so the
+same handlers can later serve the cloud's HTTP API.  Every handler validates
+all of its input first and changes nothing when it refuses; every change is
+durable (one synchronous LMDB transaction) when the handler returns.
+
+Concurrency contract: a Controller is used from one thread (the daemon's trio
+thread, or the CLI's process when no daemon runs).  Handlers may block on
+fsync through the pool.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import uuid
+
+from ..engine.errors import Busy, EngineError, NoSpace
+from ..engine.pool import Pool
+from . import categories
+from .errors import CloudError, invalid, not_found
+from .validate import Params, check_description, check_id, check_name, new_id
+
+log = logging.getLogger(__name__)
+
+GIB = 1 << 30
+MAX_DATA_DISKS = 16
+MAX_MANUAL_SNAPSHOTS_PER_DISK = 256
+REGION = "vdisk-local"
+ZONE = "vdisk-local-a"
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Host:
+    """What the control plane needs from whatever serves disks as files.
+
+    The daemon's FUSE layer implements it; offline (no daemon) there is none.
+    expose/withdraw raise vdisk.engine.errors.Busy naming what holds a file.
+    """
+
+    def expose(self, instance_id: str, disks: dict[str, int]) -> None: ...
+    def add_disk(self, instance_id: str, disk_id: str, volume: int) -> None: ...
+    def remove_disk(self, instance_id: str, disk_id: str) -> None: ...
+    def withdraw(self, instance_id: str) -> None: ...
+    def path(self, instance_id: str, disk_id: str) -> str: ...
+    def resized(self, instance_id: str, disk_id: str) -> None: ...
+
+
+class Controller:
+    def __init__(self, pool: Pool, host: Host | None = None, settings: dict | None = None):
+        self.pool = pool
+        self.host = host
+        self.settings = dict(settings or {})
+        self.actions = {
+            name[len("do_") :]: getattr(self, name) for name in dir(self) if name.startswith("do_")
+        }
+
+    # ------------------------------------------------------------ dispatch
+
+    def handle(self, req) -> dict:
+        """Run one request; always answers a dict (an error has Code/Message)."""
+        request_id = str(uuid.uuid4()).upper()
+        try:
+            if not isinstance(req, dict):
+                raise invalid("request", "a request must be a JSON object")
+            action = req.get("Action")
+            if action not in self.actions:
+                raise CloudError(
+                    "InvalidAction.NotFound",
+                    "Action %r is not known; known actions: %s." % (action, ", ".join(sorted(self.actions))),
+                    404,
+                )
+            result = self.actions[action](Params(req))
+            result = dict(result or {})
+            result["RequestId"] = request_id
+            return result
+        except CloudError as exc:
+            self.pool.drop_staged_records()
+            d = exc.to_dict()
+        except NoSpace as exc:
+            self.pool.drop_staged_records()
+            d = CloudError("InsufficientStorage", "The pool is out of space: %s" % exc, 507).to_dict()
+        except EngineError as exc:
+            self.pool.drop_staged_records()
+            d = CloudError("InternalError", "The storage engine refused: %s" % exc, 500).to_dict()
+        except Exception as exc:  # noqa: BLE001 - the daemon must keep serving
+            log.exception("internal error in %r", req)
+            self.pool.drop_staged_records()
+            d = CloudError("InternalError", "Internal error: %s: %s" % (type(exc).__name__, exc), 500).to_dict()
+        d["RequestId"] = request_id
+        return d
+
+    # ------------------------------------------------------------ records
+
+    def _get(self, kind: str, ident: str) -> dict:
+        rec = self.pool.get_record("%s/%s" % (kind, ident))
+        if rec is None:
+            raise not_found(kind, ident)
+        return rec
+
+    def _all(self, kind: str) -> list[dict]:
+        return list(self.pool.records(kind + "/").values())
+
+    def _put(self, kind: str, rec: dict) -> None:
+        key = {"instance": "InstanceId", "disk": "DiskId", "snapshot": "SnapshotId"}[kind]
+        self.pool.put_record("%s/%s" % (kind, rec[key]), rec)
+
+    def _delete(self, kind: str, ident: str) -> None:
+        self.pool.put_record("%s/%s" % (kind, ident), None)
+
+    def _instance(self, p: Params, name: str = "InstanceId") -> dict:
+        return self._get("instance", check_id("i", p.str(name, required=True), name))
+
+    def _disk(self, p: Params, name: str = "DiskId") -> dict:
+        return self._get("disk", check_id("d", p.str(name, required=True), name))
+
+    def _snapshot(self, p: Params, name: str = "SnapshotId") -> dict:
+        return self._get("snapshot", check_id("s", p.str(name, required=True), name))
+
+    def _instance_disks(self, instance_id: str) -> list[dict]:
+        disks = [d for d in self._all("disk") if d.get("InstanceId") == instance_id and d["Status"] == "In_use"]
+        return sorted(disks, key=lambda d: d["Device"])
+
+    def _public(self, rec: dict) -> dict:
+        out = {k: v for k, v in rec.items() if not k.startswith("_")}
+        if "DiskId" in rec and "SnapshotId" not in rec:
+            out.update(categories.performance(rec["Category"], rec.get("PerformanceLevel"), rec["Size"]))
+            inst = rec.get("InstanceId")
+            if inst and self.host is not None and rec["Status"] == "In_use":
+                irec = self.pool.get_record("instance/" + inst)
+                if irec and irec["Status"] == "Running":
+                    out["FilePath"] = self.host.path(inst, rec["DiskId"])
+        return out
+
+    def _require_host(self, what: str) -> Host:
+        if self.host is None:
+            raise CloudError(
+                "DaemonNotRunning",
+                "%s needs the vdisk daemon (it serves the disk files); start it with 'vdisk daemon start'." % what,
+                503,
+            )
+        return self.host
+
+    def _busy(self, exc: Busy, what: str) -> CloudError:
+        return CloudError(
+            "IncorrectDiskStatus.InUse",
+            "%s: %s. Unmount the filesystem and detach the loop device ('vdisk loop detach DEVICE'), "
+            "then try again." % (what, exc),
+            403,
+        )
+
+    # ------------------------------------------------------------ disks
+
+    def _new_disk(self, p: Params, prefix: str, dtype: str, size_default=None, snapshot=None) -> dict:
+        """Validate a disk spec given as <prefix>Size, <prefix>Category ...; no side effects."""
+        category = p.str(prefix + "Category", default="cloud_essd")
+        level = p.str(prefix + "PerformanceLevel")
+        size = p.int(prefix + "Size", required=size_default is None and snapshot is None, default=size_default)
+        if snapshot is not None:
+            src_size = snapshot["SourceDiskSize"]
+            if size is None:
+                size = src_size
+            if size < src_size:
+                raise CloudError(
+                    "InvalidDiskSize.TooSmall",
+                    "A disk created from snapshot %s must be at least its source disk's size (%d GiB), not %d GiB."
+                    % (snapshot["SnapshotId"], src_size, size),
+                )
+        level = categories.check_disk_spec(category, level, size)
+        name = p.str(prefix + "DiskName")
+        if name is not None:
+            check_name(name, "DiskName")
+        desc = p.str(prefix + "Description")
+        if desc is not None:
+            check_description(desc)
+        return {
+            "DiskId": new_id("d"),
+            "DiskName": name or "",
+            "Description": desc or "",
+            "Size": size,
+            "Category": category,
+            "PerformanceLevel": level,
+            "Type": dtype,
+            "Status": "Available",
+            "InstanceId": "",
+            "Device": "",
+            "SourceSnapshotId": snapshot["SnapshotId"] if snapshot else "",
+            "CreationTime": now(),
+            "AttachedTime": "",
+            "DetachedTime": "",
+            "DeleteWithInstance": p.bool(prefix + "DeleteWithInstance", default=dtype == "system"),
+            "Portable": dtype == "data",
+            "RegionId": REGION,
+            "ZoneId": ZONE,
+        }
+
+    def _create_disks(self, disks: list[tuple[dict, dict | None]], extra: dict | None = None) -> None:
+        """Create the volumes of new disk records and store the records, all in
+        one durable transaction (with the instance record extra, if given)."""
+
+        def stage(vids):
+            for (disk, _snap), vid in zip(disks, vids):
+                disk["_volume"] = vid
+                self._put("disk", disk)
+            if extra is not None:
+                self._put("instance", extra)
+
+        specs = [(d["Size"] * GIB, s["_snap"] if s else None) for d, s in disks]
+        self.pool.create_volumes(specs, on_created=stage)
+
+    def do_CreateDisk(self, p: Params) -> dict:
+        snap = self._snapshot(p) if p.str("SnapshotId") else None
+        if snap is not None and snap["Status"] != "accomplished":
+            raise CloudError("IncorrectSnapshotStatus", "Snapshot %s is still %s." % (snap["SnapshotId"], snap["Status"]))
+        disk = self._new_disk(p, "", "data", snapshot=snap)
+        self._create_disks([(disk, snap)])
+        return {"DiskId": disk["DiskId"]}
+
+    def do_DescribeDisks(self, p: Params) -> dict:
+        ids = p.list("DiskIds")
+        inst = p.str("InstanceId")
+        status = p.str("Status")
+        dtype = p.str("DiskType", choices=("all", "system", "data"))
+        disks = []
+        for d in sorted(self._all("disk"), key=lambda d: (d["CreationTime"], d["DiskId"])):
+            if ids and d["DiskId"] not in ids:
+                continue
+            if inst and d.get("InstanceId") != inst:
+                continue
+            if status and d["Status"] != status:
+                continue
+            if dtype and dtype != "all" and d["Type"] != dtype:
+                continue
+            disks.append(self._public(d))
+        return _page(p, disks, "Disks", "Disk")
+
+    def _next_device(self, instance_id: str, dtype: str) -> str:
+        used = {d["Device"] for d in self._instance_disks(instance_id)}
+        if dtype == "system":
+            return "/dev/xvda"
+        for c in "bcdefghijklmnopq":
+            dev = "/dev/xvd" + c
+            if dev not in used:
+                return dev
+        raise CloudError(
+            "InstanceDiskNumber.LimitExceed",
+            "Instance %s already has %d data disks, the most an instance can have." % (instance_id, MAX_DATA_DISKS),
+        )
+
+    def do_AttachDisk(self, p: Params) -> dict:
+        inst = self._instance(p)
+        disk = self._disk(p)
+        if disk["Status"] != "Available":
+            raise CloudError(
+                "IncorrectDiskStatus",
+                "Disk %s is %s; only an Available (detached) disk can be attached." % (disk["DiskId"], disk["Status"]),
+                403,
+            )
+        if inst["Status"] not in ("Running", "Stopped"):
+            raise _instance_status(inst, "attach a disk", "Running or Stopped")
+        if disk["Type"] == "system":
+            if any(d["Type"] == "system" for d in self._instance_disks(inst["InstanceId"])):
+                raise CloudError(
+                    "InvalidOperation.SystemDiskExists",
+                    "Instance %s already has a system disk; detach it first." % inst["InstanceId"],
+                    403,
+                )
+            if inst["Status"] != "Stopped":
+                raise _instance_status(inst, "attach a system disk", "Stopped")
+        disk.update(
+            Status="In_use",
+            InstanceId=inst["InstanceId"],
+            Device=self._next_device(inst["InstanceId"], disk["Type"]),
+            AttachedTime=now(),
+        )
+        if p.bool("DeleteWithInstance", default=disk["DeleteWithInstance"]) != disk["DeleteWithInstance"]:
+            disk["DeleteWithInstance"] = p.bool("DeleteWithInstance")
+        if inst["Status"] == "Running":
+            self._require_host("Attaching a disk to a running instance").add_disk(
+                inst["InstanceId"], disk["DiskId"], disk["_volume"]
+            )
+        self._put("disk", disk)
+        self.pool.commit()
+        return {}
+
+    def do_DetachDisk(self, p: Params) -> dict:
+        inst = self._instance(p)
+        disk = self._disk(p)
+        if disk["Status"] != "In_use" or disk["InstanceId"] != inst["InstanceId"]:
+            raise CloudError(
+                "IncorrectDiskStatus",
+                "Disk %s is not attached to instance %s." % (disk["DiskId"], inst["InstanceId"]),
+                403,
+            )
+        if disk["Type"] == "system" and inst["Status"] != "Stopped":
+            raise _instance_status(inst, "detach its system disk", "Stopped")
+        if inst["Status"] == "Running":
+            try:
+                self._require_host("Detaching a disk from a running instance").remove_disk(inst["InstanceId"], disk["DiskId"])
+            except Busy as exc:
+                raise self._busy(exc, "Disk %s cannot be detached" % disk["DiskId"]) from None
+        disk.update(Status="Available", InstanceId="", Device="", DetachedTime=now())
+        self._put("disk", disk)
+        self.pool.commit()
+        return {}
+
+    def do_ResizeDisk(self, p: Params) -> dict:
+        disk = self._disk(p)
+        new = p.int("NewSize", required=True)
+        if new <= disk["Size"]:
+            raise CloudError(
+                "InvalidDiskSize.TooSmall",
+                "NewSize (%d GiB) must be larger than the disk's current size (%d GiB): disks only grow."
+                % (new, disk["Size"]),
+            )
+        categories.check_disk_spec(disk["Category"], disk.get("PerformanceLevel"), new)
+        self.pool.resize_volume(disk["_volume"], new * GIB)
+        disk["Size"] = new
+        self._put("disk", disk)
+        self.pool.commit()
+        inst = self.pool.get_record("instance/" + disk["InstanceId"]) if disk["InstanceId"] else None
+        if inst and inst["Status"] == "Running" and self.host is not None:
+            self.host.resized(inst["InstanceId"], disk["DiskId"])
+        return {}
+
+    def do_ModifyDiskAttribute(self, p: Params) -> dict:
+        disk = self._disk(p)
+        name, desc = p.str("DiskName"), p.str("Description")
+        if name is not None:
+            disk["DiskName"] = check_name(name, "DiskName")
+        if desc is not None:
+            disk["Description"] = check_description(desc)
+        if p.req.get("DeleteWithInstance") is not None:
+            disk["DeleteWithInstance"] = p.bool("DeleteWithInstance")
+        self._put("disk", disk)
+        self.pool.commit()
+        return {}
+
+    def do_DeleteDisk(self, p: Params) -> dict:
+        disk = self._disk(p)
+        if disk["Status"] != "Available":
+            raise CloudError(
+                "IncorrectDiskStatus",
+                "Disk %s is %s (instance %s); detach it before deleting it." % (disk["DiskId"], disk["Status"], disk["InstanceId"]),
+                403,
+            )
+        self._delete("disk", disk["DiskId"])
+        self.pool.delete_volume(disk["_volume"])
+        return {}
+
+    # ------------------------------------------------------------ instances
+
+    def do_CreateInstance(self, p: Params) -> dict:
+        name = p.str("InstanceName")
+        if name is not None:
+            check_name(name, "InstanceName")
+        desc = p.str("Description")
+        if desc is not None:
+            check_description(desc)
+        system = self._new_disk(p, "SystemDisk.", "system", size_default=40)
+        data_specs = p.struct_list("DataDisk", ("Size", "Category", "PerformanceLevel", "DiskName", "Description", "SnapshotId", "DeleteWithInstance"))
+        if len(data_specs) > MAX_DATA_DISKS:
+            raise CloudError("InstanceDiskNumber.LimitExceed", "An instance can have at most %d data disks." % MAX_DATA_DISKS)
+        data = []
+        for i, spec in enumerate(data_specs, 1):
+            sp = Params({k: v for k, v in spec.items()})
+            snap = self._snapshot(sp) if spec.get("SnapshotId") else None
+            d = self._new_disk(sp, "", "data", snapshot=snap)
+            d["DeleteWithInstance"] = sp.bool("DeleteWithInstance", default=True)
+            data.append((d, snap))
+        inst = {
+            "InstanceId": new_id("i"),
+            "InstanceName": name or "",
+            "Description": desc or "",
+            "Status": "Stopped",
+            "CreationTime": now(),
+            "StartTime": "",
+            "RegionId": REGION,
+            "ZoneId": ZONE,
+        }
+        system.update(Status="In_use", InstanceId=inst["InstanceId"], Device="/dev/xvda", AttachedTime=now())
+        for n, (d, _snap) in enumerate(data):
+            d.update(Status="In_use", InstanceId=inst["InstanceId"], Device="/dev/xvd" + "bcdefghijklmnopq"[n], AttachedTime=now())
+        self._create_disks([(system, None)] + data, extra=inst)
+        return {"InstanceId": inst["InstanceId"], "SystemDiskId": system["DiskId"], "DataDiskIds": [d["DiskId"] for d, _ in data]}
+
+    def do_DescribeInstances(self, p: Params) -> dict:
+        ids = p.list("InstanceIds")
+        status = p.str("Status")
+        out = []
+        for inst in sorted(self._all("instance"), key=lambda r: (r["CreationTime"], r["InstanceId"])):
+            if ids and inst["InstanceId"] not in ids:
+                continue
+            if status and inst["Status"] != status:
+                continue
+            rec = self._public(inst)
+            rec["Disks"] = [d["DiskId"] for d in self._instance_disks(inst["InstanceId"])]
+            if inst["Status"] == "Running" and self.host is not None:
+                rec["DiskDirectory"] = self.host.path(inst["InstanceId"], "")
+            out.append(rec)
+        return _page(p, out, "Instances", "Instance")
+
+    def do_StartInstance(self, p: Params) -> dict:
+        inst = self._instance(p)
+        if inst["Status"] != "Stopped":
+            raise _instance_status(inst, "start it", "Stopped")
+        host = self._require_host("Starting an instance")
+        disks = self._instance_disks(inst["InstanceId"])
+        if not any(d["Type"] == "system" for d in disks):
+            raise CloudError("InvalidOperation.NoSystemDisk", "Instance %s has no system disk; attach one first." % inst["InstanceId"], 403)
+        host.expose(inst["InstanceId"], {d["DiskId"]: d["_volume"] for d in disks})
+        inst.update(Status="Running", StartTime=now())
+        self._put("instance", inst)
+        try:
+            self.pool.commit()
+        except Exception:
+            host.withdraw(inst["InstanceId"])
+            raise
+        return {}
+
+    def do_StopInstance(self, p: Params) -> dict:
+        inst = self._instance(p)
+        if inst["Status"] != "Running":
+            raise _instance_status(inst, "stop it", "Running")
+        host = self._require_host("Stopping an instance")
+        try:
+            host.withdraw(inst["InstanceId"])
+        except Busy as exc:
+            raise self._busy(exc, "Instance %s cannot stop" % inst["InstanceId"]) from None
+        inst["Status"] = "Stopped"
+        self._put("instance", inst)
+        self.pool.commit()
+        return {}
+
+    def do_ModifyInstanceAttribute(self, p: Params) -> dict:
+        inst = self._instance(p)
+        if p.str("InstanceName") is not None:
+            inst["InstanceName"] = check_name(p.str("InstanceName"), "InstanceName")
+        if p.str("Description") is not None:
+            inst["Description"] = check_description(p.str("Description"))
+        self._put("instance", inst)
+        self.pool.commit()
+        return {}
+
+    def do_DeleteInstance(self, p: Params) -> dict:
+        inst = self._instance(p)
+        if inst["Status"] != "Stopped":
+            raise _instance_status(inst, "delete it", "Stopped")
+        doomed = []
+        for d in self._instance_disks(inst["InstanceId"]):
+            if d["DeleteWithInstance"]:
+                doomed.append(d)
+                self._delete("disk", d["DiskId"])
+            else:
+                d.update(Status="Available", InstanceId="", Device="", DetachedTime=now())
+                self._put("disk", d)
+        self._delete("instance", inst["InstanceId"])
+        self.pool.commit()
+        for d in doomed:
+            self.pool.delete_volume(d["_volume"])
+        return {}
+
+    # ------------------------------------------------------------ snapshots
+
+    def _check_can_snapshot(self, disk: dict) -> None:
+        if disk["Status"] not in ("In_use", "Available"):
+            raise CloudError("IncorrectDiskStatus", "Disk %s is %s and cannot be snapshotted now." % (disk["DiskId"], disk["Status"]), 403)
+        if disk["InstanceId"]:
+            inst = self._get("instance", disk["InstanceId"])
+            if inst["Status"] not in ("Running", "Stopped"):
+                raise _instance_status(inst, "snapshot its disks", "Running or Stopped")
+        snaps = [s for s in self._all("snapshot") if s["SourceDiskId"] == disk["DiskId"]]
+        if any(s["Status"] == "progressing" for s in snaps):
+            raise CloudError(
+                "IncorrectDiskStatus.CreatingSnapshot",
+                "Disk %s already has a snapshot in progress; wait for it to finish." % disk["DiskId"],
+                403,
+            )
+        manual = [s for s in snaps if s["SnapshotType"] == "user"]
+        limit = int(self.settings.get("max_snapshots_per_disk", MAX_MANUAL_SNAPSHOTS_PER_DISK))
+        if len(manual) >= limit:
+            raise CloudError(
+                "QuotaExceed.Snapshot",
+                "Disk %s already has %d manual snapshots, the most a disk can have; delete some first." % (disk["DiskId"], limit),
+                403,
+            )
+
+    def do_CreateSnapshot(self, p: Params) -> dict:
+        disk = self._disk(p)
+        name = p.str("SnapshotName")
+        if name is not None:
+            check_name(name, "SnapshotName")
+        desc = p.str("Description")
+        if desc is not None:
+            check_description(desc)
+        instant = p.bool("InstantAccess")
+        days = p.int("InstantAccessRetentionDays", lo=1, hi=65535)
+        retention = p.int("RetentionDays", lo=1, hi=65536)
+        self._check_can_snapshot(disk)
+        snap = {
+            "SnapshotId": new_id("s"),
+            "SnapshotName": name or "",
+            "Description": desc or "",
+            "SourceDiskId": disk["DiskId"],
+            "SourceDiskSize": disk["Size"],
+            "SourceDiskType": disk["Type"],
+            "SourceDiskCategory": disk["Category"],
+            "SourceInstanceId": disk["InstanceId"],
+            "SnapshotType": "user",
+            "Status": "accomplished",
+            "Progress": "100%",
+            "Available": True,
+            "InstantAccess": instant,
+            "InstantAccessRetentionDays": days if instant else None,
+            "RetentionDays": retention,
+            "CreationTime": now(),
+            "Category": "flash" if instant else "standard",
+        }
+
+        def change(tx, sids):
+            snap["_snap"] = sids[0]
+            self._put("snapshot", snap)
+
+        self.pool.snapshot([disk["_volume"]], change)
+        return {"SnapshotId": snap["SnapshotId"]}
+
+    def _snapshot_public(self, s: dict) -> dict:
+        out = self._public(s)
+        try:
+            u = self.pool.snapshot_usage(s["_snap"])
+        except EngineError:
+            u = {"exclusive_bytes": 0, "incremental_bytes": 0}
+        out["SourceDiskSize"] = s["SourceDiskSize"]
+        out["SnapshotSize"] = u["incremental_bytes"]  # billed: what the previous one lacks
+        out["ExclusiveSize"] = u["exclusive_bytes"]  # freed if deleted
+        return out
+
+    def do_DescribeSnapshots(self, p: Params) -> dict:
+        ids = p.list("SnapshotIds")
+        disk = p.str("DiskId")
+        inst = p.str("InstanceId")
+        name = p.str("SnapshotName")
+        status = p.str("Status", choices=("progressing", "accomplished", "failed", "all"))
+        out = []
+        for s in sorted(self._all("snapshot"), key=lambda s: (s["CreationTime"], s["_snap"])):
+            if ids and s["SnapshotId"] not in ids:
+                continue
+            if disk and s["SourceDiskId"] != disk:
+                continue
+            if inst and s.get("SourceInstanceId") != inst:
+                continue
+            if name and s["SnapshotName"] != name:
+                continue
+            if status and status != "all" and s["Status"] != status:
+                continue
+            out.append(s)
+        res = _page(p, out, "Snapshots", "Snapshot")
+        res["Snapshots"]["Snapshot"] = [self._snapshot_public(s) for s in res["Snapshots"]["Snapshot"]]
+        return res
+
+    def do_ModifySnapshotAttribute(self, p: Params) -> dict:
+        snap = self._snapshot(p)
+        if p.str("SnapshotName") is not None:
+            snap["SnapshotName"] = check_name(p.str("SnapshotName"), "SnapshotName")
+        if p.str("Description") is not None:
+            snap["Description"] = check_description(p.str("Description"))
+        self._put("snapshot", snap)
+        self.pool.commit()
+        return {}
+
+    def do_DeleteSnapshot(self, p: Params) -> dict:
+        snap = self._snapshot(p)
+        force = p.bool("Force")
+        users = [d["DiskId"] for d in self._all("disk") if d.get("SourceSnapshotId") == snap["SnapshotId"]]
+        if users and not force:
+            raise CloudError(
+                "SnapshotCreatedDisk",
+                "Snapshot %s was used to create disk(s) %s; pass Force=true to delete it anyway "
+                "(the disks keep their data)." % (snap["SnapshotId"], ", ".join(users)),
+                403,
+            )
+        self._delete("snapshot", snap["SnapshotId"])
+        self.pool.delete_snapshot(snap["_snap"])
+        return {}
+
+    def do_ResetDisk(self, p: Params) -> dict:
+        disk = self._disk(p)
+        snap = self._snapshot(p)
+        self._check_reset(disk, snap)
+        self.pool.rollback(disk["_volume"], snap["_snap"])
+        return {}
+
+    def _check_reset(self, disk: dict, snap: dict) -> None:
+        if snap["SourceDiskId"] != disk["DiskId"]:
+            raise CloudError(
+                "InvalidSnapshotId.NotMatchDisk",
+                "Snapshot %s was taken from disk %s, not %s; a disk can only be reset to its own snapshots."
+                % (snap["SnapshotId"], snap["SourceDiskId"], disk["DiskId"]),
+                403,
+            )
+        if snap["Status"] != "accomplished":
+            raise CloudError("IncorrectSnapshotStatus", "Snapshot %s is still %s." % (snap["SnapshotId"], snap["Status"]), 403)
+        if disk["InstanceId"]:
+            inst = self._get("instance", disk["InstanceId"])
+            if inst["Status"] != "Stopped":
+                raise _instance_status(inst, "reset its disks", "Stopped")
+
+    # ------------------------------------------------------------ pool
+
+    def do_DescribePool(self, p: Params) -> dict:
+        st = self.pool.stats()
+        return {"Pool": {"Path": self.pool.path, **{_camel(k): v for k, v in st.items()}}}
+
+    def do_ScrubPool(self, p: Params) -> dict:
+        problems = self.pool.scrub(verify_data=not p.bool("MapOnly"))
+        return {"Problems": problems, "Clean": not problems}
+
+
+def _instance_status(inst: dict, what: str, need: str) -> CloudError:
+    return CloudError(
+        "IncorrectInstanceStatus",
+        "Instance %s is %s; to %s it must be %s." % (inst["InstanceId"], inst["Status"], what, need),
+        403,
+    )
+
+
+def _camel(k: str) -> str:
+    return "".join(w.capitalize() for w in k.split("_"))
+
+
+def _page(p: Params, items: list, outer: str, inner: str) -> dict:
+    """The cloud's paging: MaxResults + NextToken, or PageNumber + PageSize."""
+    if p.req.get("PageNumber") is not None or p.req.get("PageSize") is not None:
+        size = p.int("PageSize", default=10, lo=1, hi=100)
+        number = p.int("PageNumber", default=1, lo=1)
+        start = (number - 1) * size
+        return {
+            outer: {inner: items[start : start + size]},
+            "TotalCount": len(items),
+            "PageNumber": number,
+            "PageSize": size,
+        }
+    maxr = p.int("MaxResults", default=100, lo=1, hi=100)
+    token = p.str("NextToken", default="")
+    try:
+        start = int(token) if token else 0
+    except ValueError:
+        raise CloudError("InvalidParameter.NextToken", "NextToken %r is not one this service issued." % token) from None
+    page = items[start : start + maxr]
+    res = {outer: {inner: page}, "TotalCount": len(items)}
+    if start + maxr < len(items):
+        res["NextToken"] = str(start + maxr)
+    return res

@@ -1,0 +1,1 @@
+"""The vdisk daemon (one per data directory) and its control-socket client."""

@@ -1,0 +1,193 @@
+"""The vdisk daemon: one process per data directory.
+
+It holds the data directory's lock, opens the pool, mounts the FUSE
+filesystem that shows the disks of running instances, and answers the
+control socket (JSON lines, mode 0600).  Everything runs in one trio thread:
+FUSE requests and control actions never interleave inside one another.
+
+Startup re-exposes the instances the catalogue says are Running (a daemon
+restart is like a host restart the instance did not notice).  SIGTERM/SIGINT
+or the Shutdown action stop it cleanly: it refuses while a disk file is held
+open (unless forced), unmounts, commits and closes the pool.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+
+import pyfuse3
+import trio
+
+from ..config import Paths
+from ..control.controller import Controller
+from ..engine.pool import Pool
+from ..fuse.fs import DiskFS
+from . import lock
+
+log = logging.getLogger(__name__)
+MAX_REQUEST = 1 << 20
+
+
+def _clear_stale_mount(mountpoint: str) -> None:
+    """A daemon killed with SIGKILL leaves its mount behind ("Transport
+    endpoint is not connected"); detach it so we can mount again."""
+    with open("/proc/self/mounts") as f:
+        mounted = any(line.split()[1] == mountpoint for line in f if len(line.split()) > 1)
+    if mounted:
+        log.warning("detaching the stale mount at %s", mountpoint)
+        r = subprocess.run(["umount", "-l", mountpoint], capture_output=True, text=True)
+        if r.returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
+
+
+class Daemon:
+    def __init__(self, paths: Paths):
+        self.paths = paths
+        self.cancel: trio.CancelScope | None = None
+        self._stopping = False
+
+    def run(self) -> int:
+        try:
+            lock_fd = lock.acquire(self.paths.lock)
+        except lock.Locked as exc:
+            log.error("cannot start: %s (another vdisk daemon?)", exc)
+            return 3
+        try:
+            pool = Pool(self.paths.pool)
+            try:
+                return self._serve(pool)
+            finally:
+                pool.close()
+        finally:
+            try:
+                os.unlink(self.paths.socket)
+            except OSError:
+                pass
+            lock.release(lock_fd)
+
+    def _serve(self, pool: Pool) -> int:
+        mp = self.paths.mountpoint
+        _clear_stale_mount(mp)
+        os.makedirs(mp, mode=0o700, exist_ok=True)
+        self.fs = DiskFS(pool, mp)
+        self.ctl = Controller(pool, host=self.fs)
+        options = set(pyfuse3.default_options)
+        options |= {"fsname=vdisk", "subtype=vdisk"}
+        pyfuse3.init(self.fs, mp, options)
+        self.fs.mounted = True
+        try:
+            self._restore_running()
+            trio.run(self._main)
+        finally:
+            self.fs.mounted = False
+            pyfuse3.close(unmount=True)
+        log.info("vdisk daemon stopped")
+        return 0
+
+    def _restore_running(self) -> None:
+        for inst in self.ctl._all("instance"):
+            if inst["Status"] == "Running":
+                disks = self.ctl._instance_disks(inst["InstanceId"])
+                self.fs.expose(inst["InstanceId"], {d["DiskId"]: d["_volume"] for d in disks})
+                log.info("instance %s is Running: its %d disk(s) are back", inst["InstanceId"], len(disks))
+
+    async def _main(self) -> None:
+        with trio.CancelScope() as self.cancel:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pyfuse3.main)
+                nursery.start_soon(self._signals)
+                await nursery.start(self._serve_control)
+                log.info("vdisk daemon %d serving %s at %s", os.getpid(), self.paths.data_dir, self.paths.mountpoint)
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for sig in signals:
+                held = self.fs.open_files()
+                if held:
+                    log.error("ignoring signal %d: disk files are held open: %s", sig, ", ".join(held))
+                    continue
+                log.info("signal %d: shutting down", sig)
+                self.cancel.cancel()
+
+    async def _serve_control(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        path = self.paths.socket
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            await sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(16)
+        listener = trio.SocketListener(sock)
+        task_status.started()
+        await trio.serve_listeners(self._client, [listener])
+
+    def _peer_allowed(self, stream) -> bool:
+        try:
+            creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            _pid, uid, _gid = struct.unpack("3i", creds)
+        except OSError:
+            return False
+        return uid in (0, os.getuid())
+
+    async def _client(self, stream) -> None:
+        async with stream:
+            if not self._peer_allowed(stream):
+                await stream.send_all(b'{"Code":"Forbidden","Message":"not the daemon\'s user"}\n')
+                return
+            buf = b""
+            while True:
+                try:
+                    data = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    return
+                if not data:
+                    return
+                buf += data
+                if len(buf) > MAX_REQUEST:
+                    await stream.send_all(b'{"Code":"InvalidParameter","Message":"request too large"}\n')
+                    return
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    answer = self._answer(line)
+                    try:
+                        await stream.send_all(json.dumps(answer).encode() + b"\n")
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return
+                    finally:
+                        if self._stopping:
+                            self.cancel.cancel()
+
+    def _answer(self, line: bytes) -> dict:
+        try:
+            req = json.loads(line)
+        except ValueError as exc:
+            return {"Code": "InvalidParameter", "Message": "the request is not valid JSON: %s" % exc, "HttpStatus": 400}
+        if isinstance(req, dict) and req.get("Action") == "Ping":
+            return {"Pong": True, "Pid": os.getpid(), "DataDir": self.paths.data_dir, "MountPoint": self.paths.mountpoint}
+        if isinstance(req, dict) and req.get("Action") == "Shutdown":
+            held = self.fs.open_files()
+            if held and req.get("Force") is not True:
+                return {
+                    "Code": "DaemonBusy",
+                    "Message": "disk files are held open (%s); unmount and detach their loop devices first, "
+                    "or force it (their I/O will fail)" % ", ".join(held),
+                    "HttpStatus": 409,
+                }
+            self._stopping = True  # cancelled once the answer is sent
+            return {"ShuttingDown": True}
+        return self.ctl.handle(req)
+
+
+def run(paths: Paths) -> int:
+    return Daemon(paths).run()

@@ -1,0 +1,276 @@
+"""DiskFS: a pyfuse3 filesystem with one directory per group of volumes
+(the control plane uses one per running instance) and one regular file per
+volume in it.
+
+    <mountpoint>/<group>/<name>      mode 0600, size = volume size
+
+Files are opened with FOPEN_DIRECT_IO (no page cache between a loop device
+and the daemon: what the daemon has acknowledged is what the filesystem
+above wrote, in that order).  fsync/fdatasync commit the pool (durable).
+Reads past the end return EOF, writes past it fail with ENOSPC; the file
+cannot be truncated.
+
+Concurrency contract: every handler runs in the trio thread and calls the
+pool synchronously, so each FUSE request is atomic with respect to every
+other request and to control-plane actions (which run in the same thread).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+
+import pyfuse3
+
+from ..engine.errors import Busy, EngineError
+from ..engine.pool import BLOCK_SIZE, Pool
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    __slots__ = ("inode", "name", "parent", "volume", "children", "opens")
+
+    def __init__(self, inode: int, name: str, parent: int, volume: int | None):
+        self.inode = inode
+        self.name = name
+        self.parent = parent
+        self.volume = volume  # None for a directory
+        self.children: dict[str, int] = {}
+        self.opens = 0
+
+
+class DiskFS(pyfuse3.Operations):
+    def __init__(self, pool: Pool, mountpoint: str):
+        super().__init__()
+        self.pool = pool
+        self.mountpoint = mountpoint
+        self.nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: Node(pyfuse3.ROOT_INODE, "", pyfuse3.ROOT_INODE, None)}
+        self.handles: dict[int, int] = {}  # fh -> inode
+        self._next_inode = pyfuse3.ROOT_INODE + 1
+        self._next_fh = 1
+        self._uid, self._gid = os.getuid(), os.getgid()
+        self._t = time.time_ns()
+        self.mounted = False
+
+    # ------------------------------------------------------------ exposure API
+
+    def _root(self) -> Node:
+        return self.nodes[pyfuse3.ROOT_INODE]
+
+    def _new_node(self, name: str, parent: Node, volume: int | None) -> Node:
+        node = Node(self._next_inode, name, parent.inode, volume)
+        self._next_inode += 1
+        self.nodes[node.inode] = node
+        parent.children[name] = node.inode
+        return node
+
+    def expose(self, group: str, files: dict[str, int]) -> None:
+        """Show files (name -> volume id) in directory group."""
+        root = self._root()
+        if group in root.children:
+            raise Busy("%s is already shown" % group)
+        d = self._new_node(group, root, None)
+        for name, vid in sorted(files.items()):
+            self._new_node(name, d, vid)
+        self._invalidate(root.inode, group)
+
+    def add_disk(self, group: str, name: str, volume: int) -> None:
+        d = self.nodes[self._root().children[group]]
+        self._new_node(name, d, volume)
+        self._invalidate(d.inode, name)
+
+    def remove_disk(self, group: str, name: str) -> None:
+        d = self.nodes[self._root().children[group]]
+        node = self.nodes[d.children[name]]
+        self._check_idle([node])
+        self._drop(node)
+
+    def withdraw(self, group: str) -> None:
+        """Remove directory group and its files; Busy if any is open."""
+        root = self._root()
+        if group not in root.children:
+            return
+        d = self.nodes[root.children[group]]
+        files = [self.nodes[i] for i in d.children.values()]
+        self._check_idle(files)
+        for f in files:
+            self._drop(f)
+        self._drop(d)
+
+    def path(self, group: str, name: str) -> str:
+        return os.path.join(self.mountpoint, group, name) if name else os.path.join(self.mountpoint, group)
+
+    def resized(self, group: str, name: str) -> None:
+        d = self.nodes[self._root().children[group]]
+        inode = d.children[name]
+        if self.mounted:
+            try:
+                pyfuse3.invalidate_inode(inode, attr_only=True)
+            except OSError:
+                pass
+
+    def open_files(self) -> list[str]:
+        return [self.path(self.nodes[n.parent].name, n.name) for n in self.nodes.values() if n.opens]
+
+    def _check_idle(self, files: list[Node]) -> None:
+        held = [f for f in files if f.opens]
+        if held:
+            from ..host.loop import loop_devices_for  # what holds it, for the message
+
+            parts = []
+            for f in held:
+                p = self.path(self.nodes[f.parent].name, f.name)
+                devs = loop_devices_for(p)
+                parts.append(
+                    "%s is held open %d time(s)%s" % (f.name, f.opens, " by " + ", ".join(devs) if devs else "")
+                )
+            raise Busy("; ".join(parts))
+
+    def _drop(self, node: Node) -> None:
+        parent = self.nodes[node.parent]
+        parent.children.pop(node.name, None)
+        del self.nodes[node.inode]
+        self._invalidate(parent.inode, node.name)
+
+    def _invalidate(self, parent_inode: int, name: str) -> None:
+        if not self.mounted:
+            return
+        try:
+            pyfuse3.invalidate_entry_async(parent_inode, name.encode(), ignore_enoent=True)
+        except Exception:  # noqa: BLE001 - only a cache hint
+            pass
+
+    # ------------------------------------------------------------ attributes
+
+    def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.inode
+        if node.volume is None:
+            a.st_mode = stat.S_IFDIR | 0o700
+            a.st_nlink = 2 + sum(1 for c in node.children.values() if self.nodes[c].volume is None)
+            a.st_size = 0
+        else:
+            a.st_mode = stat.S_IFREG | 0o600
+            a.st_nlink = 1
+            a.st_size = self.pool.volume_size(node.volume)
+        a.st_blksize = BLOCK_SIZE
+        a.st_blocks = 0
+        a.st_uid, a.st_gid = self._uid, self._gid
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._t
+        a.entry_timeout = 1
+        a.attr_timeout = 1
+        a.generation = 0
+        return a
+
+    def _node(self, inode: int) -> Node:
+        node = self.nodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    async def getattr(self, inode, ctx=None):
+        return self._attr(self._node(inode))
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        parent = self._node(parent_inode)
+        name = os.fsdecode(name)
+        if name == ".":
+            return self._attr(parent)
+        if name == "..":
+            return self._attr(self._node(parent.parent))
+        inode = parent.children.get(name)
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(self.nodes[inode])
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        node = self._node(inode)
+        if fields.update_size:
+            if node.volume is None or attr.st_size != self.pool.volume_size(node.volume):
+                # a disk's size changes only through the cloud's ResizeDisk
+                raise pyfuse3.FUSEError(errno.EPERM)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return self._attr(node)
+
+    async def statfs(self, ctx):
+        s = os.statvfs(self.pool.path)
+        r = pyfuse3.StatvfsData()
+        r.f_bsize = r.f_frsize = s.f_frsize
+        r.f_blocks, r.f_bfree, r.f_bavail = s.f_blocks, s.f_bfree, s.f_bavail
+        r.f_files = r.f_ffree = r.f_favail = 0
+        r.f_namemax = 255
+        return r
+
+    # ------------------------------------------------------------ directories
+
+    async def opendir(self, inode, ctx):
+        if self._node(inode).volume is not None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        node = self._node(fh)
+        entries = sorted(node.children.items(), key=lambda kv: kv[1])
+        for name, inode in entries:
+            if inode <= start_id:
+                continue
+            if not pyfuse3.readdir_reply(token, name.encode(), self._attr(self.nodes[inode]), inode):
+                break
+
+    async def releasedir(self, fh):
+        pass
+
+    # ------------------------------------------------------------ files
+
+    async def open(self, inode, flags, ctx):
+        node = self._node(inode)
+        if node.volume is None:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = inode
+        node.opens += 1
+        fi = pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+        return fi
+
+    def _vol(self, fh) -> int:
+        inode = self.handles.get(fh)
+        node = self.nodes.get(inode) if inode is not None else None
+        if node is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return node.volume
+
+    async def read(self, fh, off, size):
+        try:
+            return self.pool.read(self._vol(fh), off, size)
+        except EngineError as exc:
+            log.error("read of %d bytes at %d failed: %s", size, off, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+
+    async def write(self, fh, off, buf):
+        try:
+            self.pool.write(self._vol(fh), off, buf)
+        except EngineError as exc:
+            log.error("write of %d bytes at %d failed: %s", len(buf), off, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        return len(buf)
+
+    async def fsync(self, fh, datasync):
+        try:
+            self.pool.commit()
+        except EngineError as exc:
+            log.error("flush failed: %s", exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+
+    async def flush(self, fh):
+        pass
+
+    async def release(self, fh):
+        inode = self.handles.pop(fh, None)
+        node = self.nodes.get(inode) if inode is not None else None
+        if node is not None:
+            node.opens -= 1

@@ -1,0 +1,1 @@
+"""Host-side helpers: loop devices and mounts (commands of the host OS)."""

@@ -1,0 +1,71 @@
+"""Loop devices over disk files, the way a user attaches them.
+
+`attach` runs `losetup --find --show --direct-io=on FILE`: direct I/O keeps the
+loop driver from putting the page cache between the filesystem and the vdisk
+daemon, which would reorder writes and make snapshots inconsistent (see
+docs/consistency.md).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+
+
+class LoopError(Exception):
+    pass
+
+
+def _run(args: list[str]) -> str:
+    try:
+        r = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise LoopError("%s is not installed (Debian package util-linux/mount)" % args[0]) from None
+    if r.returncode != 0:
+        raise LoopError("%s failed: %s" % (" ".join(args), (r.stderr or r.stdout).strip()))
+    return r.stdout.strip()
+
+
+def attach(path: str, read_only: bool = False) -> str:
+    args = ["losetup", "--find", "--show", "--direct-io=on"]
+    if read_only:
+        args.append("--read-only")
+    dev = _run(args + [path])
+    dio = _sysfs(dev, "loop/dio")
+    if dio != "1":
+        detach(dev)
+        raise LoopError(
+            "the loop driver did not turn direct I/O on for %s (loop/dio=%s); "
+            "without it snapshots are not crash-consistent" % (path, dio)
+        )
+    return dev
+
+
+def detach(dev: str) -> None:
+    _run(["losetup", "--detach", dev])
+
+
+def _sysfs(dev: str, what: str) -> str | None:
+    try:
+        with open("/sys/block/%s/%s" % (os.path.basename(dev), what)) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def list_loops() -> list[dict]:
+    out = []
+    for d in sorted(glob.glob("/sys/block/loop*")):
+        backing = _sysfs(d, "loop/backing_file")
+        if backing:
+            dev = "/dev/" + os.path.basename(d)
+            out.append({"name": dev, "back-file": backing, "dio": _sysfs(d, "loop/dio") == "1"})
+    return out
+
+
+def loop_devices_for(path: str) -> list[str]:
+    """Loop devices backed by path.  path must already be absolute and free
+    of symlinks: this never touches it (the daemon calls this about files in
+    its own FUSE mount, and a stat there from the daemon's thread would wait
+    for itself)."""
+    return [l["name"] for l in list_loops() if l["back-file"] in (path, path + " (deleted)")]
