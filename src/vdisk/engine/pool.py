@@ -260,6 +260,7 @@ class Pool:
     def _load(self) -> None:
         with self.env.begin() as txn:
             self._hwm = u64_decode(txn.get(b"hwm", db=self._db[DB_META]))
+            self._committed_hwm = self._hwm
             self._counters = jdec(txn.get(b"counters", db=self._db[DB_META]))
             self._lins = {
                 u64_decode(k): Lineage.from_json(u64_decode(k), jdec(v))
@@ -353,8 +354,11 @@ class Pool:
     def _release_fresh(self, slot: int) -> None:
         """Give back a slot allocated since the last commit (never durable)."""
         self._epoch_alloc.discard(slot)
-        self._free_cache.append(slot)
-        self._free_cache.sort(reverse=True)
+        if slot == self._hwm - 1 and slot >= self._committed_hwm:
+            self._hwm -= 1
+        else:
+            self._free_cache.append(slot)
+            self._free_cache.sort(reverse=True)
 
     # ------------------------------------------------------------ lookups
 
@@ -585,7 +589,13 @@ class Pool:
         """
         if self._failed:
             raise PoolFailed(self._failed)
-        if change is None and not self._ndirty and not self._records and not self._epoch_alloc:
+        if (
+            change is None
+            and not self._ndirty
+            and not self._records
+            and not self._epoch_alloc
+            and self._hwm == self._committed_hwm
+        ):
             return None
         self._finish_checksums()
         try:
@@ -733,6 +743,7 @@ class Pool:
             else:
                 self._snaps[sid] = s
         self._counters.update(tx.counters)
+        self._committed_hwm = self._hwm
         self._dirty = {}
         self._ndirty = 0
         self._records = {}

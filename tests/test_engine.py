@@ -1,0 +1,271 @@
+"""Engine tests that need no root: durability across simulated power cuts,
+checksums, space accounting, map growth, format checks, the C helpers."""
+import errno
+import os
+import random
+
+import lmdb
+import pytest
+
+from powercut import PowerCutFile
+from vdisk.engine import native
+from vdisk.engine.blockio import DataFile
+from vdisk.engine.errors import ChecksumError, FormatError, NoSpace, OutOfRange
+from vdisk.engine.format import DB_META, LMDB_DIR, u64
+from vdisk.engine.pool import BLOCK_SIZE, Pool
+
+MIB = 1 << 20
+
+
+def rnd(n, seed):
+    return random.Random(seed).randbytes(n)
+
+
+def reopen(pool, mode="drop", seed=0):
+    """Simulate a power cut: lose (or tear) what was not synced, reopen."""
+    path = pool.path
+    f = pool.file
+    pool.env.close()
+    pool.env = None
+    f.power_cut(mode, random.Random(seed))
+    f.close()
+    return Pool(path, datafile_factory=PowerCutFile)
+
+
+@pytest.fixture
+def pool(tmp_path):
+    p = Pool(str(tmp_path / "pool"), datafile_factory=PowerCutFile)
+    yield p
+    if p.env is not None:
+        p._abandon()
+
+
+# ---------------------------------------------------------------- C helpers
+
+
+def test_crc32c_known_vectors():
+    assert native.crc32c(b"123456789") == 0xE3069283
+    assert native.crc32c(b"") == 0
+    data = rnd(BLOCK_SIZE, 1)
+    assert native.crc32c(data[100:], native.crc32c(data[:100])) == native.crc32c(data)
+
+
+def test_zero_detection_and_diff():
+    z = bytearray(BLOCK_SIZE)
+    assert native.is_zero(z) and native.crc32c_is_zero(z) == (0, True)
+    z[BLOCK_SIZE - 1] = 1
+    assert not native.is_zero(z)
+    crc, zero = native.crc32c_is_zero(z)
+    assert not zero and crc == native.crc32c(z)
+    a = rnd(BLOCK_SIZE, 2)
+    b = bytearray(a)
+    b[512 * 3] ^= 1
+    b[512 * 100 + 7] ^= 1
+    n, bitmap = native.diff_sectors(a, b)
+    assert n == 2
+    bits = [i for i in range(BLOCK_SIZE // 512) if bitmap[i // 8] >> (i % 8) & 1]
+    assert bits == [3, 100]
+
+
+# ---------------------------------------------------------------- durability
+
+
+def test_flushed_data_survives_power_cut_unflushed_is_lost(pool):
+    v = pool.create_volume(16 * BLOCK_SIZE)
+    a = rnd(3 * BLOCK_SIZE + 4096, 1)
+    pool.write(v, 4096, a)
+    pool.commit()  # a is durable
+    pool.write(v, 4096, rnd(BLOCK_SIZE, 2))  # not flushed
+    pool.write(v, 10 * BLOCK_SIZE, rnd(100, 3))
+    pool = reopen(pool, "drop")
+    assert pool.read(v, 4096, len(a)) == a
+    assert pool.read(v, 10 * BLOCK_SIZE, 100) == bytes(100)
+    assert pool.scrub() == []
+    pool._abandon()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_torn_unflushed_writes_never_damage_flushed_blocks(pool, seed):
+    v = pool.create_volume(8 * BLOCK_SIZE)
+    base = rnd(8 * BLOCK_SIZE, seed)
+    pool.write(v, 0, base)
+    pool.commit()
+    r = random.Random(seed)
+    for _ in range(30):  # overwrite pieces; some blocks are rewritten in place
+        off = r.randrange(0, 8 * BLOCK_SIZE // 512) * 512
+        n = min(r.choice([512, 4096, BLOCK_SIZE]), 8 * BLOCK_SIZE - off)
+        pool.write(v, off, rnd(n, r.random()))
+    pool = reopen(pool, "tear", seed)
+    assert pool.read(v, 0, 8 * BLOCK_SIZE) == base  # every checksum verified too
+    assert pool.scrub() == []
+    pool._abandon()
+
+
+def test_freed_slots_not_reused_before_commit(pool):
+    v = pool.create_volume(4 * BLOCK_SIZE)
+    a = rnd(BLOCK_SIZE, 1)
+    pool.write(v, 0, a)
+    pool.commit()
+    slot_a = pool.stats()["slots_total"]
+    # overwrite: the old slot is freed by the next commit, not before
+    pool.write(v, 0, rnd(BLOCK_SIZE, 2))
+    pool.write(v, BLOCK_SIZE, rnd(BLOCK_SIZE, 3))
+    assert slot_a not in pool._epoch_alloc
+    pool = reopen(pool, "keep")  # the unflushed writes reached the disk, the map did not
+    assert pool.read(v, 0, BLOCK_SIZE) == a
+    pool._abandon()
+
+
+def test_checksum_mismatch_is_detected(tmp_path):
+    p = Pool(str(tmp_path / "p"))
+    v = p.create_volume(4 * BLOCK_SIZE)
+    p.write(v, 0, rnd(BLOCK_SIZE, 1))
+    p.commit()
+    fd = os.open(p.file.path, os.O_RDWR)
+    os.pwrite(fd, b"X", 1000)
+    os.close(fd)
+    with pytest.raises(ChecksumError):
+        p.read(v, 0, 4096)
+    problems = p.scrub()
+    assert any("checksum" in x for x in problems)
+    p.close()
+
+
+def test_out_of_range_io_is_an_error(pool):
+    v = pool.create_volume(2 * BLOCK_SIZE)
+    with pytest.raises(OutOfRange):
+        pool.write(v, 2 * BLOCK_SIZE - 10, b"x" * 20)
+    assert pool.read(v, 2 * BLOCK_SIZE - 10, 20) == bytes(10)  # short read at EOF
+    assert pool.read(v, 2 * BLOCK_SIZE, 20) == b""
+    assert pool.stats()["slots_used"] == 0
+
+
+# ---------------------------------------------------------------- space
+
+
+def test_thin_provisioning_zero_blocks_and_discard(pool):
+    v = pool.create_volume(1 << 30)
+    pool.write(v, 0, bytes(4 * BLOCK_SIZE))  # zeros cost nothing
+    pool.commit()
+    assert pool.stats()["slots_used"] == 0
+    pool.write(v, 0, rnd(4 * BLOCK_SIZE, 1))
+    pool.commit()
+    assert pool.stats()["slots_used"] == 4
+    pool.discard(v, BLOCK_SIZE, 2 * BLOCK_SIZE)
+    pool.commit()
+    assert pool.stats()["slots_used"] == 2
+    assert pool.read(v, BLOCK_SIZE, 2 * BLOCK_SIZE) == bytes(2 * BLOCK_SIZE)
+    pool.discard(v, 100, 200)  # partial: reads zero, block kept
+    assert pool.read(v, 100, 200) == bytes(200)
+
+
+def test_snapshot_delete_frees_exactly_its_blocks(pool):
+    v = pool.create_volume(64 * BLOCK_SIZE)
+    pool.write(v, 0, rnd(10 * BLOCK_SIZE, 1))
+    (s1,) = pool.snapshot([v])
+    pool.write(v, 0, rnd(3 * BLOCK_SIZE, 2))  # 3 blocks diverge from s1
+    (s2,) = pool.snapshot([v])
+    pool.write(v, 0, rnd(1 * BLOCK_SIZE, 3))  # 1 block diverges from s2
+    pool.commit()
+    assert pool.stats()["slots_used"] == 10 + 3 + 1
+    assert pool.snapshot_usage(s1)["exclusive_bytes"] == 3 * BLOCK_SIZE
+    assert pool.snapshot_usage(s2)["exclusive_bytes"] == 1 * BLOCK_SIZE
+    assert pool.snapshot_usage(s1)["incremental_bytes"] == 10 * BLOCK_SIZE
+    assert pool.snapshot_usage(s2)["incremental_bytes"] == 3 * BLOCK_SIZE
+    pool.delete_snapshot(s1)
+    assert pool.stats()["slots_used"] == 11
+    pool.delete_snapshot(s2)
+    assert pool.stats()["slots_used"] == 10
+    assert pool.scrub() == []
+
+
+def test_snapshot_creation_does_not_touch_the_map(pool):
+    v = pool.create_volume(1 << 40)  # 1 TiB, sparse
+    for i in range(50):
+        pool.write(v, i * 997 * BLOCK_SIZE, rnd(4096, i))
+    pool.commit()
+    with pool.env.begin() as txn:
+        before = {name: txn.stat(pool._db[name])["entries"] for name in pool._db}
+    pool.snapshot([v])
+    with pool.env.begin() as txn:
+        after = {name: txn.stat(pool._db[name])["entries"] for name in pool._db}
+    # one snapshot record, nothing else in proportion to the volume
+    assert {k: after[k] - before[k] for k in after if after[k] != before[k]} == {b"snap": 1}
+
+
+def test_changed_blocks_from_the_map(pool):
+    v = pool.create_volume(100 * BLOCK_SIZE)
+    pool.write(v, 0, rnd(5 * BLOCK_SIZE, 1))
+    (s1,) = pool.snapshot([v])
+    pool.write(v, 2 * BLOCK_SIZE + 100, b"x")  # block 2
+    pool.write(v, 50 * BLOCK_SIZE, b"y")  # block 50
+    pool.discard(v, 4 * BLOCK_SIZE, BLOCK_SIZE)  # block 4
+    pool.write(v, 70 * BLOCK_SIZE, b"z")  # written and zeroed again: no change
+    pool.write(v, 70 * BLOCK_SIZE, b"\0")
+    (s2,) = pool.snapshot([v])
+    assert pool.changed_blocks(s1, s2) == [2, 4, 50]
+    assert pool.changed_blocks(None, s1) == [0, 1, 2, 3, 4]
+    pool.write(v, 99 * BLOCK_SIZE, b"q")
+    assert pool.changed_blocks(s2, None, vid=v) == [99]
+
+
+def test_clone_outlives_deleted_snapshot_then_frees(pool):
+    v = pool.create_volume(8 * BLOCK_SIZE)
+    data = rnd(8 * BLOCK_SIZE, 5)
+    pool.write(v, 0, data)
+    (s,) = pool.snapshot([v])
+    c = pool.create_volume(8 * BLOCK_SIZE, parent_snapshot=s)
+    pool.write(v, 0, rnd(8 * BLOCK_SIZE, 6))
+    pool.delete_snapshot(s)  # the clone still reads it
+    assert pool.read(c, 0, 8 * BLOCK_SIZE) == data
+    assert pool.stats()["slots_used"] == 16
+    pool.delete_volume(c)
+    assert pool.stats()["slots_used"] == 8
+    assert pool.scrub() == []
+
+
+def test_lmdb_map_grows(tmp_path):
+    p = Pool(str(tmp_path / "p"), map_size=1 << 20)
+    v = p.create_volume(1 << 34)
+    for i in range(12000):
+        p.write(v, i * BLOCK_SIZE, b"\1" * 512)
+    p.commit()
+    assert p.env.info()["map_size"] > 1 << 20
+    assert p.read(v, 11999 * BLOCK_SIZE, 1) == b"\1"
+    p.close()
+
+
+class FullDisk(DataFile):
+    """A data file whose filesystem is full after `budget` bytes."""
+
+    budget = 3 * BLOCK_SIZE
+
+    def pwrite(self, data, offset):
+        if offset + len(data) > self.budget:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super().pwrite(data, offset)
+
+
+def test_full_pool_gives_enospc_and_keeps_data(tmp_path):
+    p = Pool(str(tmp_path / "p"), datafile_factory=FullDisk)
+    v = p.create_volume(16 * BLOCK_SIZE)
+    first = rnd(3 * BLOCK_SIZE, 1)
+    p.write(v, 0, first)
+    p.commit()
+    with pytest.raises(NoSpace):
+        p.write(v, 5 * BLOCK_SIZE, rnd(BLOCK_SIZE, 2))
+    p.commit()
+    assert p.read(v, 0, 3 * BLOCK_SIZE) == first
+    assert p.scrub() == []
+    p.close()
+
+
+def test_format_version_is_checked(tmp_path):
+    path = str(tmp_path / "p")
+    Pool(path).close()
+    env = lmdb.open(os.path.join(path, LMDB_DIR), max_dbs=16)
+    with env.begin(write=True, db=env.open_db(DB_META)) as txn:
+        txn.put(b"format_version", u64(99))
+    env.close()
+    with pytest.raises(FormatError, match="version 99"):
+        Pool(path)
