@@ -1,0 +1,207 @@
+"""Integration tests with the real thing: the daemon, its FUSE mount, loop
+devices with direct I/O, mkfs/mount, fio.  Root only; they skip otherwise."""
+import json
+import os
+import random
+import socket
+import stat
+
+import pytest
+
+from vdiskenv import need_root_fuse_loop, sh, sha256_file
+
+pytestmark = pytest.mark.root
+
+
+def write_files(root, n=8, size=256 * 1024, seed=0):
+    """Write n random files, fsync them, return {name: sha256}."""
+    r = random.Random(seed)
+    sums = {}
+    for i in range(n):
+        p = os.path.join(root, "f%03d" % i)
+        with open(p, "wb") as f:
+            f.write(r.randbytes(size + r.randrange(0, 65536)))
+            f.flush()
+            os.fsync(f.fileno())
+        sums[os.path.basename(p)] = sha256_file(p)
+    return sums
+
+
+def check_files(root, sums):
+    got = {name: sha256_file(os.path.join(root, name)) for name in sums}
+    assert got == sums
+
+
+MKFS = {
+    "ext4": (["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"], ["e2fsck", "-fn"]),
+    "xfs": (["mkfs.xfs", "-q", "-f"], ["xfs_repair", "-n"]),
+}
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "xfs"])
+def test_filesystem_survives_clean_restart_and_sigkill(venv, fstype):
+    mkfs, fsck = MKFS[fstype]
+    need_root_fuse_loop(mkfs[0], fsck[0])
+    iid, (disk,) = venv.instance(ndata=1)
+    venv.run("instance", "start", iid)
+    dev = venv.attach(disk)
+    assert open("/sys/block/%s/loop/dio" % os.path.basename(dev)).read().strip() == "1"
+    sh(*mkfs, dev)
+    mnt = venv.mount(dev, os.path.join(venv.dir, "fs"))
+    sums = write_files(mnt, seed=1)
+    venv.umount(mnt)
+    venv.run("loop", "detach", dev)
+
+    # clean stop and start: the instance is still Running and its disks are back
+    venv.stop()
+    venv.start()
+    dev = venv.attach(disk)
+    sh(*fsck, dev)
+    mnt = venv.mount(dev, mnt)
+    check_files(mnt, sums)
+    more = write_files(mnt, n=4, seed=2)  # fsynced: must survive SIGKILL
+    os.sync()
+
+    # SIGKILL with the filesystem mounted: flushed data must survive
+    venv.kill9()
+    sh("umount", mnt, check=False)  # I/O to the dead daemon fails; that is expected
+    venv.fs_mounts.remove(mnt)
+    sh("losetup", "-d", dev, check=False)
+    venv.start()
+    dev = venv.attach(disk)
+    mnt = venv.mount(dev, mnt)  # replays the journal/log if needed
+    check_files(mnt, {**sums, **more})
+    venv.umount(mnt)
+    sh(*fsck, dev)  # clean after replay
+    assert venv.j("pool", "scrub")["Clean"]
+
+
+def test_fio_verify_on_loop_device(venv):
+    need_root_fuse_loop("fio")
+    iid, (disk,) = venv.instance(ndata=1)
+    venv.run("instance", "start", iid)
+    dev = venv.attach(disk)
+    r = sh(
+        "fio", "--name=verify", "--filename=" + dev, "--ioengine=libaio", "--direct=1", "--rw=randwrite",
+        "--bs=4k", "--iodepth=16", "--size=64M", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+        "--randrepeat=0", "--output-format=json",
+    )
+    out = json.loads(r.stdout[r.stdout.index("{"):])
+    job = out["jobs"][0]
+    assert job["error"] == 0
+    assert job["write"]["io_bytes"] >= 64 << 20
+    assert job["read"]["io_bytes"] >= 64 << 20  # the verify pass read everything back
+
+
+def test_snapshot_reset_clone_and_delete_through_cli(venv):
+    need_root_fuse_loop("mkfs.ext4")
+    iid, (disk,) = venv.instance(ndata=1)
+    venv.run("instance", "start", iid)
+    dev = venv.attach(disk)
+    sh(*MKFS["ext4"][0], dev)
+    mnt = venv.mount(dev, os.path.join(venv.dir, "fs"))
+    before = write_files(mnt, n=4, seed=10)
+    venv.umount(mnt)
+    snap = venv.run("snapshot", "create", disk, "--name", "before").stdout.strip()
+    mnt = venv.mount(dev, mnt)
+    after = write_files(mnt, n=4, seed=11)  # same names, new content
+    assert after != before
+    venv.umount(mnt)
+    used_with_both = venv.j("pool", "status")["Pool"]["UsedBytes"]
+
+    # reset needs a Stopped instance: refused while Running, catalogue unchanged
+    r = venv.run("disk", "reset", disk, "--snapshot", snap, check=False)
+    assert r.returncode == 1 and "IncorrectInstanceStatus" in r.stderr
+    # stopping is refused while the loop device holds the disk
+    r = venv.run("instance", "stop", iid, check=False)
+    assert r.returncode == 1 and dev in r.stderr
+    venv.run("loop", "detach", dev)
+    venv.run("instance", "stop", iid)
+    assert not os.path.exists(os.path.join(venv.mnt, iid))
+    venv.run("disk", "reset", disk, "--snapshot", snap)
+    venv.run("instance", "start", iid)
+    dev = venv.attach(disk)
+    mnt = venv.mount(dev, mnt)
+    check_files(mnt, before)
+    venv.umount(mnt)
+
+    # a new disk from the snapshot, attached to the running instance
+    clone = venv.run("disk", "create", "--snapshot", snap, "--performance-level", "PL0").stdout.strip()
+    venv.run("disk", "attach", clone, "--instance", iid)
+    cdev = venv.attach(clone)
+    cmnt = venv.mount(cdev, os.path.join(venv.dir, "clone"), "ro", "noload")
+    check_files(cmnt, before)
+    venv.umount(cmnt)
+    venv.run("loop", "detach", cdev)
+
+    # the snapshot made a disk: deleting it needs --force
+    r = venv.run("snapshot", "delete", snap, check=False)
+    assert r.returncode == 1 and "SnapshotCreatedDisk" in r.stderr
+    venv.run("disk", "detach", clone)
+    venv.run("disk", "delete", clone)
+    venv.run("snapshot", "delete", snap)
+    used_after = venv.j("pool", "status")["Pool"]["UsedBytes"]
+    assert used_after < used_with_both  # what only the snapshot used came back
+    assert venv.j("snapshot", "list")["Snapshots"]["Snapshot"] == []
+    assert venv.j("pool", "scrub")["Clean"]
+
+
+def test_disk_file_semantics(venv):
+    iid, (disk,) = venv.instance(ndata=1)
+    venv.run("instance", "start", iid)
+    path = venv.run("disk", "path", disk).stdout.strip()
+    st = os.stat(path)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_size == 1 << 30
+    with open("/proc/self/mounts") as f:
+        opts = [l.split()[3] for l in f if l.split()[1] == venv.mnt][0]
+    assert "allow_other" not in opts
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"hello", (1 << 30) - 5)
+        assert os.pread(fd, 10, (1 << 30) - 5) == b"hello"  # short read at the end
+        assert os.pread(fd, 10, 1 << 30) == b""
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, b"x" * 10, (1 << 30) - 5)  # past the end: no silent grow
+        assert e.value.errno == 28  # ENOSPC
+        with pytest.raises(OSError):
+            os.ftruncate(fd, 4096)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert os.stat(path).st_size == 1 << 30
+    # another user cannot read it
+    r = sh("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", path, check=False)
+    assert r.returncode != 0
+
+
+def test_control_socket_rejects_bad_requests_and_keeps_serving(venv):
+    sock_path = os.path.join(venv.data, "control.sock")
+    assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600
+    for bad in (b"not json\n", b"[1,2]\n", b'{"Action": "DeleteDisk", "DiskId": "../../etc"}\n', b'{"Action": 5}\n'):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(sock_path)
+        s.sendall(bad)
+        answer = json.loads(s.makefile().readline())
+        s.close()
+        assert "Code" in answer and answer["Code"] != "InternalError", answer
+    assert venv.j("daemon", "status")["Running"]
+
+
+def test_refusals_change_nothing(venv):
+    iid, (disk,) = venv.instance(ndata=1)
+    before = venv.j("disk", "list")
+    cases = [
+        (["disk", "delete", disk], "IncorrectDiskStatus"),  # In_use
+        (["disk", "resize", disk, "--size", "1"], "InvalidDiskSize.TooSmall"),  # grow only
+        (["disk", "create", "--size", "5"], "InvalidDiskSize.ValueNotSupported"),  # PL1 starts at 20 GiB
+        (["disk", "create", "--size", "20", "--category", "nope"], "InvalidDiskCategory.ValueNotSupported"),
+        (["instance", "stop", iid], "IncorrectInstanceStatus"),  # not Running
+        (["disk", "show", "d-doesnotexist"], "InvalidDiskId.NotFound"),
+        (["disk", "delete", "../../etc/passwd"], "InvalidDiskId.Malformed"),
+        (["instance", "create", "--name", "1bad"], "InvalidInstanceName.Malformed"),
+    ]
+    for args, code in cases:
+        r = venv.run(*args, check=False)
+        assert r.returncode == 1, (args, r.stderr)
+        assert code in r.stderr, (args, r.stderr)
+    assert venv.j("disk", "list")["Disks"] == before["Disks"]
