@@ -22,6 +22,9 @@ class BuildExtClear(build_ext):
 
 
 setup(
-    cffi_modules=["src/vdisk/engine/_build_native.py:ffibuilder"],
+    cffi_modules=[
+        "src/vdisk/engine/_build_native.py:ffibuilder",
+        "src/vdisk/fuse/_build_fallocate.py:ffibuilder",
+    ],
     cmdclass={"build_ext": BuildExtClear},
 )

@@ -205,3 +205,27 @@ def test_refusals_change_nothing(venv):
         assert r.returncode == 1, (args, r.stderr)
         assert code in r.stderr, (args, r.stderr)
     assert venv.j("disk", "list")["Disks"] == before["Disks"]
+
+
+def test_discard_frees_space(venv):
+    need_root_fuse_loop("fallocate", "blkdiscard")
+    iid, (disk,) = venv.instance(ndata=1)
+    venv.run("instance", "start", iid)
+    path = venv.run("disk", "path", disk).stdout.strip()
+    with open(path, "r+b", buffering=0) as f:
+        f.write(os.urandom(8 << 20))
+        os.fsync(f.fileno())
+    used = venv.j("pool", "status")["Pool"]["UsedBytes"]
+    assert used >= 8 << 20
+    # punch-hole on the file, as the loop driver does for a discard
+    sh("fallocate", "--punch-hole", "--keep-size", "--offset", 0, "--length", 4 << 20, path)
+    with open(path, "rb") as f:
+        assert f.read(4 << 20) == bytes(4 << 20)
+        assert f.read(4096) != bytes(4096)
+    assert venv.j("pool", "status")["Pool"]["UsedBytes"] == used - (4 << 20)
+    # and through a loop device: blkdiscard
+    dev = venv.attach(disk)
+    sh("blkdiscard", dev)
+    venv.run("loop", "detach", dev)
+    assert venv.j("pool", "status")["Pool"]["UsedBytes"] == 0
+    assert venv.j("pool", "scrub")["Clean"]

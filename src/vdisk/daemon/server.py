@@ -20,14 +20,16 @@ import socket
 import struct
 import subprocess
 
-import pyfuse3
 import trio
 
 from ..config import Paths
 from ..control.controller import Controller
 from ..engine.pool import Pool
+from ..fuse import discard
 from ..fuse.fs import DiskFS
 from . import lock
+
+import pyfuse3  # noqa: E402 - after vdisk.fuse, which must load the discard shim first
 
 log = logging.getLogger(__name__)
 MAX_REQUEST = 1 << 20
@@ -80,6 +82,8 @@ class Daemon:
         options |= {"fsname=vdisk", "subtype=vdisk"}
         pyfuse3.init(self.fs, mp, options)
         self.fs.mounted = True
+        if not discard.installed():
+            log.warning("discard (fallocate punch-hole) is not served: freed space stays allocated")
         try:
             self._restore_running()
             trio.run(self._main)

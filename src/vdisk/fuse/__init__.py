@@ -3,3 +3,6 @@
 It knows the storage engine's volume API and nothing of the cloud's rules:
 the control plane tells it which named files to show (see DiskFS.expose).
 """
+from . import discard
+
+discard.install()  # before anything imports pyfuse3

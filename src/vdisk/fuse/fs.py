@@ -26,6 +26,7 @@ import pyfuse3
 
 from ..engine.errors import Busy, EngineError
 from ..engine.pool import BLOCK_SIZE, Pool
+from . import discard
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class DiskFS(pyfuse3.Operations):
         self._uid, self._gid = os.getuid(), os.getgid()
         self._t = time.time_ns()
         self.mounted = False
+        discard.set_handler(self.fallocate)
 
     # ------------------------------------------------------------ exposure API
 
@@ -265,6 +267,33 @@ class DiskFS(pyfuse3.Operations):
         except EngineError as exc:
             log.error("flush failed: %s", exc)
             raise pyfuse3.FUSEError(exc.errno) from None
+
+    def fallocate(self, fh, mode, offset, length) -> int:
+        """FUSE fallocate (called synchronously from the C shim): punch-hole
+        and zero-range discard; plain allocation succeeds within the disk
+        (thin provisioning promises nothing more).  Returns 0 or -errno."""
+        inode = self.handles.get(fh)
+        node = self.nodes.get(inode) if inode is not None else None
+        if node is None:
+            return -errno.EBADF
+        size = self.pool.volume_size(node.volume)
+        if offset < 0 or length <= 0:
+            return -errno.EINVAL
+        keep = mode & discard.FALLOC_FL_KEEP_SIZE
+        try:
+            if mode & (discard.FALLOC_FL_PUNCH_HOLE | discard.FALLOC_FL_ZERO_RANGE):
+                if offset + length > size and not keep:
+                    return -errno.ENOSPC
+                end = min(offset + length, size)
+                if end > offset:
+                    self.pool.discard(node.volume, offset, end - offset)
+                return 0
+            if mode & ~discard.FALLOC_FL_KEEP_SIZE:
+                return -errno.EOPNOTSUPP
+            return 0 if keep or offset + length <= size else -errno.ENOSPC
+        except EngineError as exc:
+            log.error("discard of %d bytes at %d failed: %s", length, offset, exc)
+            return -exc.errno
 
     async def flush(self, fh):
         pass

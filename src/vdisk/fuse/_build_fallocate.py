@@ -1,0 +1,40 @@
+"""cffi build script for vdisk.fuse._fallocate (csrc/fuse_fallocate.c).
+
+Links against libfuse3 (found with pkg-config, as pyfuse3 itself is built).
+"""
+import shlex
+import subprocess
+
+from cffi import FFI
+
+
+def _pkg(flag: str) -> list[str]:
+    try:
+        out = subprocess.run(["pkg-config", flag, "fuse3"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        raise SystemExit(
+            "vdisk: pkg-config cannot find fuse3; install libfuse3-dev and pkg-config "
+            "(Debian: apt-get install libfuse3-dev pkg-config)"
+        ) from None
+    return shlex.split(out)
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(
+    """
+    extern "Python+C" int vd_py_fallocate(uint64_t fh, int mode, int64_t offset, int64_t length);
+    int vd_fallocate_installed(void);
+    """
+)
+cflags = _pkg("--cflags")
+ffibuilder.set_source(
+    "vdisk.fuse._fallocate",
+    '#include "fuse_fallocate.h"',
+    sources=["csrc/fuse_fallocate.c"],
+    include_dirs=["csrc"] + [f[2:] for f in cflags if f.startswith("-I")],
+    extra_compile_args=["-O2"] + [f for f in cflags if not f.startswith("-I")],
+    extra_link_args=_pkg("--libs") + ["-ldl"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)
