@@ -85,6 +85,7 @@ def test_fio_verify_on_loop_device(venv):
         "fio", "--name=verify", "--filename=" + dev, "--ioengine=libaio", "--direct=1", "--rw=randwrite",
         "--bs=4k", "--iodepth=16", "--size=64M", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
         "--randrepeat=0", "--output-format=json",
+        cwd=venv.dir,  # fio leaves its verify state file in the working directory
     )
     out = json.loads(r.stdout[r.stdout.index("{"):])
     job = out["jobs"][0]
