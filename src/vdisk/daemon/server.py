@@ -47,6 +47,32 @@ def _clear_stale_mount(mountpoint: str) -> None:
             subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
 
 
+def _tune_connection(mountpoint: str) -> None:
+    """Let the kernel keep more requests in flight to us.
+
+    A loop device with direct I/O sends asynchronous requests, which FUSE
+    limits to max_background (12 by default): raise it so a queue depth of 32
+    reaches the daemon.  pyfuse3 cannot set it at init, so use the FUSE
+    control filesystem (root only; skipped with a note otherwise).
+    """
+    try:
+        # mountinfo, not stat(): the daemon must never stat its own mount
+        with open("/proc/self/mountinfo") as f:
+            devs = [l.split()[2] for l in f if l.split()[4] == mountpoint]
+        if not devs:
+            raise OSError("%s is not in /proc/self/mountinfo" % mountpoint)
+        conn = "/sys/fs/fuse/connections/%s" % devs[-1].split(":")[1]
+        if not os.path.exists(conn) and os.geteuid() == 0:
+            # systemd mounts the FUSE control filesystem; containers may not
+            subprocess.run(["mount", "-t", "fusectl", "fusectl", "/sys/fs/fuse/connections"], capture_output=True)
+        with open(conn + "/max_background", "w") as f:
+            f.write("128")
+        with open(conn + "/congestion_threshold", "w") as f:
+            f.write("96")
+    except OSError as exc:
+        log.info("FUSE max_background left at its default (%s)", exc)
+
+
 class Daemon:
     def __init__(self, paths: Paths):
         self.paths = paths
@@ -82,6 +108,7 @@ class Daemon:
         options |= {"fsname=vdisk", "subtype=vdisk"}
         pyfuse3.init(self.fs, mp, options)
         self.fs.mounted = True
+        _tune_connection(mp)
         if not discard.installed():
             log.warning("discard (fallocate punch-hole) is not served: freed space stays allocated")
         try:

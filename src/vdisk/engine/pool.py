@@ -94,7 +94,7 @@ ZERO_BLOCK = bytes(BLOCK_SIZE)
 INITIAL_MAP_SIZE = 256 << 20
 # Commit on our own once this many blocks are dirty (bounds memory and the
 # amount of unflushed data, like a disk's write cache).
-DIRTY_LIMIT = 8192
+DIRTY_LIMIT = 2048
 
 
 class Dirty:
@@ -328,6 +328,10 @@ class Pool:
             slot = self._free_cache.pop()
         else:
             slot = self._hwm
+            try:
+                self.file.reserve(slot_offset(slot + 1))
+            except OSError as exc:
+                raise NoSpace("the pool's filesystem is full (%s): %s" % (self.path, exc)) from exc
             self._hwm += 1
         self._epoch_alloc.add(slot)
         return slot
@@ -623,7 +627,7 @@ class Pool:
                 raise
         else:  # pragma: no cover
             raise NoSpace("LMDB map cannot grow enough")
-        self._after_commit(tx)
+        self._after_commit(tx, punch=change is not None)
         return result
 
     def _finish_checksums(self) -> None:
@@ -724,7 +728,7 @@ class Pool:
             else:
                 txn.put(k.encode(), jenc(v), db=self._db[DB_RECORD])
 
-    def _after_commit(self, tx: _Tx) -> None:
+    def _after_commit(self, tx: _Tx, punch: bool) -> None:
         """The transaction is durable: publish it and let its frees be reused."""
         for lid, lin in tx.lins.items():
             if lid in tx.dropped_lins:
@@ -750,6 +754,10 @@ class Pool:
         self._epoch_alloc = set()
         self._free_cache = []
         self._free_scan = b""
+        if not punch:
+            # Slots freed by overwrites are reused by the next writes; giving
+            # them back to the filesystem would only make it allocate again.
+            return
         for start, count in _runs(sorted(tx.frees)):
             try:
                 self.file.punch(slot_offset(start), count * BLOCK_SIZE)
