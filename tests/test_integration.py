@@ -230,3 +230,42 @@ def test_discard_frees_space(venv):
     venv.run("loop", "detach", dev)
     assert venv.j("pool", "status")["Pool"]["UsedBytes"] == 0
     assert venv.j("pool", "scrub")["Clean"]
+
+
+def test_full_pool_filesystem_gives_enospc_and_keeps_data(tmp_path):
+    """The pool on a small tmpfs: writing past its capacity fails with ENOSPC,
+    what was flushed before stays readable, and the daemon keeps serving."""
+    from vdiskenv import VDiskEnv
+
+    need_root_fuse_loop()
+    small = tmp_path / "small"
+    small.mkdir()
+    sh("mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", small)
+    env = VDiskEnv(parent=str(small))
+    try:
+        env.start()
+        iid, (disk,) = env.instance(ndata=1)
+        env.run("instance", "start", iid)
+        path = env.run("disk", "path", disk).stdout.strip()
+        first = os.urandom(4 << 20)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.pwrite(fd, first, 0)
+            os.fsync(fd)
+            err = None
+            for i in range(1, 64):  # 64 x 1 MiB into 48 MiB: must fail
+                try:
+                    os.pwrite(fd, os.urandom(1 << 20), (4 << 20) + i * (1 << 20))
+                    os.fsync(fd)
+                except OSError as exc:
+                    err = exc
+                    break
+            assert err is not None and err.errno == 28, err  # ENOSPC
+            assert os.pread(fd, len(first), 0) == first
+        finally:
+            os.close(fd)
+        assert env.j("daemon", "status")["Running"]
+        assert env.j("pool", "scrub", "--map-only")["Clean"]
+    finally:
+        env.close()
+        sh("umount", "-l", small, check=False)
