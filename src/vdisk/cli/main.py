@@ -197,6 +197,7 @@ def _parse_data_disk(spec: str) -> dict:
 def cmd_instance_create(app: App) -> int:
     a = app.args
     params = {
+        "ImageId": a.image,
         "InstanceName": a.name,
         "Description": a.description,
         "SystemDisk.Size": a.system_size,
@@ -346,6 +347,131 @@ def cmd_snapshot_delete(app: App) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- snapshot groups
+
+GROUP_COLS = [("GROUP", "SnapshotGroupId"), ("NAME", "Name"), ("INSTANCE", "InstanceId"), ("STATUS", "Status"),
+              ("PROGRESS", "ProgressStatus"), ("SNAPSHOTS", "Members"), ("CREATED", "CreationTime")]
+
+
+def cmd_group_create(app: App) -> int:
+    a = app.args
+    res = app.call(
+        "CreateSnapshotGroup", InstanceId=a.instance, DiskId=a.disk or None, ExcludeDiskId=a.exclude_disk or None,
+        Name=a.name, Description=a.description, InstantAccess=a.instant_access or None,
+        InstantAccessRetentionDays=a.instant_access_days, ClientToken=a.client_token,
+    )
+    app.out(res, res["SnapshotGroupId"])
+    return EXIT_OK
+
+
+def _group_rows(groups: list[dict]) -> list[dict]:
+    for g in groups:
+        g["Members"] = [s["SnapshotId"] for s in g["Snapshots"]["Snapshot"]]
+    return groups
+
+
+def cmd_group_list(app: App) -> int:
+    res = app.call("DescribeSnapshotGroups", InstanceId=app.args.instance, Name=app.args.name,
+                   Status=app.args.status or None, MaxResults=100)
+    rows = _group_rows(res["SnapshotGroups"]["SnapshotGroup"])
+    app.out(res, _table(rows, GROUP_COLS) or "no snapshot groups")
+    return EXIT_OK
+
+
+def _one_group(app: App) -> dict:
+    res = app.call("DescribeSnapshotGroups", SnapshotGroupId=[app.args.group])
+    groups = res["SnapshotGroups"]["SnapshotGroup"]
+    if not groups:
+        raise CLIError("snapshot group %s does not exist (InvalidSnapshotGroupId.NotFound)" % app.args.group)
+    return groups[0]
+
+
+def cmd_group_show(app: App) -> int:
+    g = _one_group(app)
+    members = g["Snapshots"]["Snapshot"]
+    for m in members:
+        m["SnapshotSizeH"] = _human(m["SnapshotSize"])
+    head = {k: v for k, v in g.items() if k != "Snapshots"}
+    app.out(g, _show(head) + "\n\n" + (_table(members, SNAP_COLS) or "no member snapshots"))
+    return EXIT_OK
+
+
+def cmd_group_modify(app: App) -> int:
+    res = app.call("ModifySnapshotGroup", SnapshotGroupId=app.args.group, Name=app.args.name, Description=app.args.description)
+    app.out(res, "%s modified" % app.args.group)
+    return EXIT_OK
+
+
+def cmd_group_delete(app: App) -> int:
+    res = app.call("DeleteSnapshotGroup", SnapshotGroupId=app.args.group)
+    rows = res["OperationProgressSet"]["OperationProgress"]
+    app.out(res, _table(rows, [("SNAPSHOT", "SnapshotId"), ("RESULT", "OperationStatus"), ("CODE", "ErrorCode"), ("MESSAGE", "ErrorMsg")]))
+    return EXIT_OK if all(r["OperationStatus"] == "Success" for r in rows) else EXIT_REFUSED
+
+
+def cmd_group_reset(app: App) -> int:
+    g = _one_group(app)
+    params = {}
+    for i, m in enumerate(g["Snapshots"]["Snapshot"], 1):
+        params["Disk.%d.DiskId" % i] = m["SourceDiskId"]
+        params["Disk.%d.SnapshotId" % i] = m["SnapshotId"]
+    try:
+        res = app.call("ResetDisks", DryRun=app.args.dry_run or None, **params)
+    except CLIError as exc:
+        if app.args.dry_run and exc.error_code == "DryRunOperation":
+            app.out({"DryRun": True, "Passed": True}, "dry run: the reset would succeed")
+            return EXIT_OK
+        raise
+    rows = res["OperationProgressSet"]["OperationProgress"]
+    app.out(res, _table(rows, [("DISK", "DiskId"), ("SNAPSHOT", "SnapshotId"), ("RESULT", "OperationStatus")]))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- images, usage
+
+
+def cmd_image_create(app: App) -> int:
+    params = {"SnapshotId": app.args.snapshot, "ImageName": app.args.name, "Description": app.args.description}
+    for i, sid in enumerate(app.args.data_snapshot or [], 1):
+        params["DiskDeviceMapping.%d.SnapshotId" % i] = sid
+        params["DiskDeviceMapping.%d.DiskType" % i] = "data"
+    res = app.call("CreateImage", **params)
+    app.out(res, res["ImageId"])
+    return EXIT_OK
+
+
+def cmd_image_list(app: App) -> int:
+    res = app.call("DescribeImages")
+    rows = res["Images"]["Image"]
+    for r in rows:
+        r["Snapshots"] = [m["SnapshotId"] for m in r["DiskDeviceMappings"]["DiskDeviceMapping"]]
+    app.out(res, _table(rows, [("IMAGE", "ImageId"), ("NAME", "ImageName"), ("STATUS", "Status"), ("SIZE", "Size"),
+                               ("SNAPSHOTS", "Snapshots"), ("CREATED", "CreationTime")]) or "no images")
+    return EXIT_OK
+
+
+def cmd_image_delete(app: App) -> int:
+    res = app.call("DeleteImage", ImageId=app.args.image)
+    app.out(res, "%s deleted" % app.args.image)
+    return EXIT_OK
+
+
+def cmd_usage(app: App) -> int:
+    res = app.call("DescribeSnapshotUsage")
+    rows = res["Snapshots"]["Snapshot"]
+    for r in rows:
+        for k in ("BilledSize", "ExclusiveSize", "SharedSize", "ReferencedSize"):
+            r[k + "H"] = _human(r[k])
+    t = res["Totals"]
+    human = (_table(rows, [("SNAPSHOT", "SnapshotId"), ("GROUP", "SnapshotGroupId"), ("DISK", "SourceDiskId"),
+                           ("BILLED", "BilledSizeH"), ("EXCLUSIVE", "ExclusiveSizeH"), ("SHARED", "SharedSizeH"),
+                           ("REFERENCED", "ReferencedSizeH"), ("INSTANT DAYS", "InstantAccessRetentionDays")]) or "no snapshots")
+    human += "\n\n%d snapshots, billed %s, exclusive %s; pool uses %s (%s on disk)" % (
+        t["SnapshotCount"], _human(t["BilledSize"]), _human(t["ExclusiveSize"]), _human(t["PoolUsedBytes"]), _human(t["PoolOnDiskBytes"]))
+    app.out(res, human)
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- loop devices
 
 
@@ -482,7 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = verb(g, "create", cmd_instance_create, "create a Stopped instance with a system disk and data disks")
     v.add_argument("--name", help="instance name (2-128 chars, starts with a letter)")
     v.add_argument("--description")
-    v.add_argument("--system-size", type=int, default=None, metavar="GIB", help="system disk size in GiB (default 40)")
+    v.add_argument("--image", metavar="IMAGE_ID", help="make the disks from this custom image's snapshots")
+    v.add_argument("--system-size", type=int, default=None, metavar="GIB", help="system disk size in GiB (default 40, or the image's)")
     v.add_argument("--system-category", default=None, help="system disk category (default cloud_essd)")
     v.add_argument("--system-pl", default=None, metavar="PL", help="system disk performance level (default PL1)")
     v.add_argument("--data-disk", action="append", metavar="SIZE[:CATEGORY[:PL]]", help="add a data disk (repeatable)")
@@ -539,6 +666,43 @@ def build_parser() -> argparse.ArgumentParser:
     v = verb(g, "delete", cmd_snapshot_delete, "delete a snapshot; frees what nothing else uses")
     v.add_argument("snapshot", metavar="SNAPSHOT_ID")
     v.add_argument("--force", action="store_true", help="delete even if disks were created from it")
+
+    g = group("snapshot-group", "instance snapshots: several disks of one instance at one point in time")
+    v = verb(g, "create", cmd_group_create, "snapshot disks of an instance together (all of its disks by default)")
+    v.add_argument("instance", metavar="INSTANCE_ID")
+    v.add_argument("--disk", action="append", metavar="DISK_ID", help="include only these disks (repeatable)")
+    v.add_argument("--exclude-disk", action="append", metavar="DISK_ID", help="include all disks but these (repeatable)")
+    v.add_argument("--name")
+    v.add_argument("--description")
+    v.add_argument("--instant-access", action="store_true", help="recorded and reported; every local snapshot is usable at once")
+    v.add_argument("--instant-access-days", type=int, metavar="DAYS", help="instant access retention, 1-65535 days")
+    v.add_argument("--client-token", metavar="TOKEN", help="idempotency token: a retry returns the first group")
+    v = verb(g, "list", cmd_group_list, "list snapshot groups")
+    v.add_argument("--instance", metavar="INSTANCE_ID")
+    v.add_argument("--name")
+    v.add_argument("--status", action="append", choices=("progressing", "accomplished", "failed"))
+    verb(g, "show", cmd_group_show, "show a snapshot group and its snapshots").add_argument("group", metavar="GROUP_ID")
+    v = verb(g, "modify", cmd_group_modify, "change a group's name or description")
+    v.add_argument("group", metavar="GROUP_ID")
+    v.add_argument("--name")
+    v.add_argument("--description")
+    v = verb(g, "delete", cmd_group_delete, "delete a group's snapshots (those an image uses are kept; exit 1 then)")
+    v.add_argument("group", metavar="GROUP_ID")
+    v = verb(g, "reset", cmd_group_reset, "roll every disk of the group back at once (ResetDisks; instance Stopped)")
+    v.add_argument("group", metavar="GROUP_ID")
+    v.add_argument("--dry-run", action="store_true", help="only check that the reset would succeed")
+
+    g = group("image", "custom images made of snapshots")
+    v = verb(g, "create", cmd_image_create, "create an image from a system-disk snapshot and data-disk snapshots")
+    v.add_argument("--snapshot", required=True, metavar="SNAPSHOT_ID", help="the system disk's snapshot")
+    v.add_argument("--data-snapshot", action="append", metavar="SNAPSHOT_ID", help="a data disk's snapshot (repeatable)")
+    v.add_argument("--name")
+    v.add_argument("--description")
+    verb(g, "list", cmd_image_list, "list images")
+    verb(g, "delete", cmd_image_delete, "delete an image (its snapshots can then be deleted)").add_argument("image", metavar="IMAGE_ID")
+
+    v = sub.add_parser("usage", help="snapshot space: billed, exclusive, shared, referenced", parents=[common])
+    v.set_defaults(func=cmd_usage)
 
     g = group("loop", "attach disk files as loop devices (losetup --direct-io=on)")
     v = verb(g, "attach", cmd_loop_attach, "attach a disk's file as a loop device with direct I/O; prints the device")

@@ -59,6 +59,13 @@ def check_disk_spec(category: str, level: str | None, size_gib: int) -> str | No
     return level
 
 
+def min_size(category: str, level: str | None) -> int:
+    """The smallest size (GiB) of a category/level; 1 if unknown (checked later)."""
+    if category == "cloud_essd":
+        level = level or "PL1"
+    return SIZE_LIMITS.get((category, level if category == "cloud_essd" else None), (1, 0))[0]
+
+
 def performance(category: str, level: str | None, size_gib: int) -> dict:
     if category != "cloud_essd":
         return {}

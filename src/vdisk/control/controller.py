@@ -19,6 +19,8 @@ from ..engine.errors import Busy, EngineError, NoSpace
 from ..engine.pool import Pool
 from . import categories
 from .errors import CloudError, invalid, not_found
+from .images import ImageActions
+from .snapshot_groups import SnapshotGroupActions
 from .validate import Params, check_description, check_id, check_name, new_id
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ class Host:
     def resized(self, instance_id: str, disk_id: str) -> None: ...
 
 
-class Controller:
+class Controller(SnapshotGroupActions, ImageActions):
     def __init__(self, pool: Pool, host: Host | None = None, settings: dict | None = None):
         self.pool = pool
         self.host = host
@@ -94,6 +96,14 @@ class Controller:
         return d
 
     # ------------------------------------------------------------ records
+
+    @staticmethod
+    def _now() -> str:
+        return now()
+
+    @staticmethod
+    def _page(p: Params, items: list, outer: str, inner: str, default_max: int = 100) -> dict:
+        return _page(p, items, outer, inner, default_max)
 
     def _get(self, kind: str, ident: str) -> dict:
         rec = self.pool.get_record("%s/%s" % (kind, ident))
@@ -161,8 +171,8 @@ class Controller:
         size = p.int(prefix + "Size", required=size_default is None and snapshot is None, default=size_default)
         if snapshot is not None:
             src_size = snapshot["SourceDiskSize"]
-            if size is None:
-                size = src_size
+            if size is None:  # as the cloud does: the snapshot's size, at least the category's minimum
+                size = max(src_size, categories.min_size(category, level))
             if size < src_size:
                 raise CloudError(
                     "InvalidDiskSize.TooSmall",
@@ -235,7 +245,7 @@ class Controller:
             if dtype and dtype != "all" and d["Type"] != dtype:
                 continue
             disks.append(self._public(d))
-        return _page(p, disks, "Disks", "Disk")
+        return self._page(p, disks, "Disks", "Disk")
 
     def _next_device(self, instance_id: str, dtype: str) -> str:
         used = {d["Device"] for d in self._instance_disks(instance_id)}
@@ -360,8 +370,18 @@ class Controller:
         desc = p.str("Description")
         if desc is not None:
             check_description(desc)
-        system = self._new_disk(p, "SystemDisk.", "system", size_default=40)
+        image = self._image(p) if p.str("ImageId") else None
         data_specs = p.struct_list("DataDisk", ("Size", "Category", "PerformanceLevel", "DiskName", "Description", "SnapshotId", "DeleteWithInstance"))
+        sysnap = None
+        if image is not None:
+            maps = image["DiskDeviceMappings"]["DiskDeviceMapping"]
+            sysnap = self._get("snapshot", maps[0]["SnapshotId"])
+            image_data = [{"SnapshotId": m["SnapshotId"], "Size": m["Size"]} for m in maps[1:]]
+            # the image's data disks come first, then any the request adds
+            data_specs = image_data + data_specs
+        system = self._new_disk(p, "SystemDisk.", "system", size_default=None if sysnap else 40, snapshot=sysnap)
+        if image is not None:
+            system["ImageId"] = image["ImageId"]
         if len(data_specs) > MAX_DATA_DISKS:
             raise CloudError("InstanceDiskNumber.LimitExceed", "An instance can have at most %d data disks." % MAX_DATA_DISKS)
         data = []
@@ -384,7 +404,9 @@ class Controller:
         system.update(Status="In_use", InstanceId=inst["InstanceId"], Device="/dev/xvda", AttachedTime=now())
         for n, (d, _snap) in enumerate(data):
             d.update(Status="In_use", InstanceId=inst["InstanceId"], Device="/dev/xvd" + "bcdefghijklmnopq"[n], AttachedTime=now())
-        self._create_disks([(system, None)] + data, extra=inst)
+        if image is not None:
+            inst["ImageId"] = image["ImageId"]
+        self._create_disks([(system, sysnap)] + data, extra=inst)
         return {"InstanceId": inst["InstanceId"], "SystemDiskId": system["DiskId"], "DataDiskIds": [d["DiskId"] for d, _ in data]}
 
     def do_DescribeInstances(self, p: Params) -> dict:
@@ -401,7 +423,7 @@ class Controller:
             if inst["Status"] == "Running" and self.host is not None:
                 rec["DiskDirectory"] = self.host.path(inst["InstanceId"], "")
             out.append(rec)
-        return _page(p, out, "Instances", "Instance")
+        return self._page(p, out, "Instances", "Instance")
 
     def do_StartInstance(self, p: Params) -> dict:
         inst = self._instance(p)
@@ -557,7 +579,7 @@ class Controller:
             if status and status != "all" and s["Status"] != status:
                 continue
             out.append(s)
-        res = _page(p, out, "Snapshots", "Snapshot")
+        res = self._page(p, out, "Snapshots", "Snapshot")
         res["Snapshots"]["Snapshot"] = [self._snapshot_public(s) for s in res["Snapshots"]["Snapshot"]]
         return res
 
@@ -574,6 +596,13 @@ class Controller:
     def do_DeleteSnapshot(self, p: Params) -> dict:
         snap = self._snapshot(p)
         force = p.bool("Force")
+        images = self._images_using(snap["SnapshotId"])
+        if images:
+            raise CloudError(
+                "SnapshotCreatedImage",
+                "Snapshot %s was used to create image(s) %s; delete the image(s) first." % (snap["SnapshotId"], ", ".join(images)),
+                403,
+            )
         users = [d["DiskId"] for d in self._all("disk") if d.get("SourceSnapshotId") == snap["SnapshotId"]]
         if users and not force:
             raise CloudError(
@@ -583,6 +612,11 @@ class Controller:
                 403,
             )
         self._delete("snapshot", snap["SnapshotId"])
+        gid = snap.get("SnapshotGroupId")
+        group = self.pool.get_record("snapshotgroup/" + gid) if gid else None
+        if group is not None:
+            group["Members"] = [m for m in group["Members"] if m != snap["SnapshotId"]]
+            self.pool.put_record("snapshotgroup/" + gid, group if group["Members"] else None)
         self.pool.delete_snapshot(snap["_snap"])
         return {}
 
@@ -631,7 +665,7 @@ def _camel(k: str) -> str:
     return "".join(w.capitalize() for w in k.split("_"))
 
 
-def _page(p: Params, items: list, outer: str, inner: str) -> dict:
+def _page(p: Params, items: list, outer: str, inner: str, default_max: int = 100) -> dict:
     """The cloud's paging: MaxResults + NextToken, or PageNumber + PageSize."""
     if p.req.get("PageNumber") is not None or p.req.get("PageSize") is not None:
         size = p.int("PageSize", default=10, lo=1, hi=100)
@@ -643,7 +677,7 @@ def _page(p: Params, items: list, outer: str, inner: str) -> dict:
             "PageNumber": number,
             "PageSize": size,
         }
-    maxr = p.int("MaxResults", default=100, lo=1, hi=100)
+    maxr = p.int("MaxResults", default=default_max, lo=1, hi=100)
     token = p.str("NextToken", default="")
     try:
         start = int(token) if token else 0

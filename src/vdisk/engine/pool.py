@@ -924,19 +924,24 @@ class Pool:
 
     def delete_snapshot(self, sid: int) -> None:
         """Delete a snapshot; frees exactly what nothing else uses."""
+        self.delete_snapshots([sid])
+
+    def delete_snapshots(self, sids: list[int]) -> None:
+        """Delete several snapshots in one durable transaction."""
 
         def change(tx: _Tx):
-            s = tx.snap(sid)
-            if s.get("deleted"):
-                raise NotFound("snapshot %d does not exist" % sid)
-            lin = tx.lin(s["lid"])
-            if lin.pins.get(s["gen"]):
-                lin.zombies.append(s["gen"])  # a clone still reads it
-                s["deleted"] = True
-            else:
-                self._delete_point(tx, s["lid"], s["gen"])
-                tx.snaps[sid] = None
-                self._maybe_drop_lineage(tx, s["lid"])
+            for sid in sids:
+                s = tx.snap(sid)
+                if s.get("deleted"):
+                    raise NotFound("snapshot %d does not exist" % sid)
+                lin = tx.lin(s["lid"])
+                if lin.pins.get(s["gen"]):
+                    lin.zombies.append(s["gen"])  # a clone still reads it
+                    s["deleted"] = True
+                else:
+                    self._delete_point(tx, s["lid"], s["gen"])
+                    tx.snaps[sid] = None
+                    self._maybe_drop_lineage(tx, s["lid"])
 
         self.commit(change)
 
@@ -968,21 +973,31 @@ class Pool:
 
     def rollback(self, vid: int, sid: int) -> None:
         """Make a volume's contents those of a snapshot (of any volume)."""
+        self.rollback_many([(vid, sid)])
 
-        def change(tx: _Tx):
-            v = tx.vol(vid)
-            s = tx.snap(sid)
-            if s.get("deleted"):
-                raise NotFound("snapshot %d does not exist" % sid)
-            old = v["lid"]
-            v["lid"] = self._new_lineage(tx, (s["lid"], s["gen"]))
-            self._kill_head(tx, old)
+    def rollback_many(self, pairs: list[tuple[int, int]], change=None) -> None:
+        """Roll several volumes back in one durable transaction: all or none.
 
-        self.commit(change)
+        change(tx), if given, runs in the same transaction (catalogue records).
+        """
+
+        def _change(tx: _Tx):
+            for vid, sid in pairs:
+                v = tx.vol(vid)
+                s = tx.snap(sid)
+                if s.get("deleted"):
+                    raise NotFound("snapshot %d does not exist" % sid)
+                old = v["lid"]
+                v["lid"] = self._new_lineage(tx, (s["lid"], s["gen"]))
+                self._kill_head(tx, old)
+            if change is not None:
+                change(tx)
+
+        self.commit(_change)
 
     # ------------------------------------------------------------ queries
 
-    def snapshot_usage(self, sid: int) -> dict:
+    def snapshot_usage(self, sid: int, referenced: bool = False) -> dict:
         """Bytes only this snapshot holds (freed by deleting it), and what it
         holds that the previous snapshot of its lineage does not (billed)."""
         s = self.snapshot_info(sid)
@@ -994,7 +1009,10 @@ class Pool:
                 excl += map_val_decode(val)[0] != ZERO_SLOT
             p, _n = self._point_neighbours(lin, s["gen"])
             born = self._born_between(txn, lin.lid, p, s["gen"])
-        return {"exclusive_bytes": excl * BLOCK_SIZE, "incremental_bytes": born * BLOCK_SIZE}
+            out = {"exclusive_bytes": excl * BLOCK_SIZE, "incremental_bytes": born * BLOCK_SIZE}
+            if referenced:  # a scan of everything the snapshot sees (reports only)
+                out["referenced_bytes"] = len(self._visible_map(txn, lin.lid, s["gen"])) * BLOCK_SIZE
+        return out
 
     def _born_between(self, txn, lid: int, p: int, s: int) -> int:
         """Number of non-zero entries visible at s that were born after p."""

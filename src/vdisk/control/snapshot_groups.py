@@ -1,0 +1,279 @@
+"""Instance snapshots (the cloud's snapshot groups) and multi-disk reset.
+
+A snapshot group covers chosen disks of one instance at one point in time:
+the engine snapshots all their volumes in one durable transaction, run in
+the daemon's single thread between two FUSE requests, so every write that
+completed before the request is in every member and none that had not been
+started is (see docs/consistency.md).  The records and rules follow
+CreateSnapshotGroup / DescribeSnapshotGroups / ModifySnapshotGroup /
+DeleteSnapshotGroup / ResetDisks of Alibaba ECS.
+
+A mixin of Controller: uses its record helpers (_get, _put, _all, ...).
+"""
+from __future__ import annotations
+
+import re
+
+from ..engine.errors import EngineError
+from .errors import CloudError, invalid
+from .validate import Params, check_description, check_id, check_name, new_id
+
+GIB = 1 << 30
+MAX_GROUP_DISKS = 10  # the seed document's limit; the live API allows 16
+MAX_GROUP_BYTES = 32 * 1024 * GIB
+_TOKEN = re.compile(r"^[\x21-\x7e]{1,64}$")
+
+
+class SnapshotGroupActions:
+    def _group(self, p: Params, name: str = "SnapshotGroupId") -> dict:
+        gid = p.str(name, required=True)
+        if not re.match(r"^ssg-[a-z0-9]{20}$", gid):
+            raise CloudError("InvalidSnapshotGroupId.Malformed", "%s %r is not a valid snapshot group id." % (name, gid))
+        rec = self.pool.get_record("snapshotgroup/" + gid)
+        if rec is None:
+            raise CloudError("InvalidSnapshotGroupId.NotFound", "The specified snapshot group %s does not exist." % gid, 404)
+        return rec
+
+    def _group_disks(self, p: Params, inst: dict) -> list[dict]:
+        """The disks a CreateSnapshotGroup request covers, validated."""
+        include = p.list("DiskId")
+        exclude = p.list("ExcludeDiskId")
+        if include and exclude:
+            raise CloudError(
+                "InvalidParameter.Conflict",
+                "DiskId and ExcludeDiskId cannot be used together: list the disks to include or those to exclude.",
+            )
+        attached = {d["DiskId"]: d for d in self._instance_disks(inst["InstanceId"])}
+        for i, did in enumerate(include + exclude, 1):
+            check_id("d", did, "DiskId.%d" % i)
+        for did in include:
+            if did not in attached:
+                self._get("disk", did)  # NotFound if it does not exist at all
+                raise CloudError(
+                    "InvalidDiskId.NotInUseByInstance",
+                    "Disk %s is not attached to (In_use by) instance %s; a snapshot group covers only "
+                    "that instance's disks." % (did, inst["InstanceId"]),
+                    403,
+                )
+        if len(set(include)) != len(include):
+            raise invalid("DiskId", "a disk is listed twice")
+        chosen = [attached[d] for d in include] if include else [d for k, d in attached.items() if k not in exclude]
+        if not chosen:
+            raise CloudError("InvalidParameter.NoDisk", "The snapshot group would cover no disk of instance %s." % inst["InstanceId"])
+        limit = int(self.settings.get("max_group_disks", MAX_GROUP_DISKS))
+        if len(chosen) > limit:
+            raise CloudError(
+                "QuotaExceed.SnapshotGroupDisks",
+                "A snapshot group covers at most %d disks; %d were chosen. Exclude some with ExcludeDiskId."
+                % (limit, len(chosen)),
+                403,
+            )
+        total = sum(d["Size"] for d in chosen) * GIB
+        if total > MAX_GROUP_BYTES:
+            raise CloudError(
+                "QuotaExceed.SnapshotGroupSize",
+                "A snapshot group covers at most 32 TiB of disks; the chosen disks add up to %d GiB." % (total // GIB),
+                403,
+            )
+        for d in chosen:
+            if d["Category"] != "cloud_essd":
+                raise CloudError(
+                    "InvalidDiskCategory.NotSupported",
+                    "Disk %s is %s; snapshot groups cover only ESSDs (cloud_essd)." % (d["DiskId"], d["Category"]),
+                    403,
+                )
+            self._check_can_snapshot(d)
+        return chosen
+
+    def do_CreateSnapshotGroup(self, p: Params) -> dict:
+        inst = self._instance(p)
+        token = p.str("ClientToken")
+        if token is not None:
+            if not _TOKEN.match(token):
+                raise invalid("ClientToken", "at most 64 printable ASCII characters")
+            prior = self.pool.get_record("clienttoken/CreateSnapshotGroup/" + token)
+            if prior is not None:
+                if prior["InstanceId"] != inst["InstanceId"]:
+                    raise CloudError(
+                        "IdempotentParameterMismatch",
+                        "ClientToken %r was already used for a request with other parameters." % token,
+                        409,
+                    )
+                return {"SnapshotGroupId": prior["SnapshotGroupId"]}
+        if inst["Status"] not in ("Running", "Stopped"):
+            raise CloudError(
+                "IncorrectInstanceStatus",
+                "Instance %s is %s; a snapshot group needs it Running or Stopped." % (inst["InstanceId"], inst["Status"]),
+                403,
+            )
+        name = p.str("Name")
+        if name is not None:
+            check_name(name, "Name")
+        desc = p.str("Description")
+        if desc is not None:
+            check_description(desc)
+        instant = p.bool("InstantAccess")
+        days = p.int("InstantAccessRetentionDays", lo=1, hi=65535)
+        disks = self._group_disks(p, inst)
+        now_ = self._now()
+        group = {
+            "SnapshotGroupId": new_id("ssg"),
+            "Name": name or "",
+            "Description": desc or "",
+            "InstanceId": inst["InstanceId"],
+            "Status": "accomplished",
+            "ProgressStatus": "100%",
+            "CreationTime": now_,
+            "InstantAccess": instant,
+            "InstantAccessRetentionDays": days if instant else None,
+            "Members": [],
+        }
+        snaps = []
+        for d in disks:
+            snaps.append({
+                "SnapshotId": new_id("s"),
+                "SnapshotName": "",
+                "Description": "",
+                "SourceDiskId": d["DiskId"],
+                "SourceDiskSize": d["Size"],
+                "SourceDiskType": d["Type"],
+                "SourceDiskCategory": d["Category"],
+                "SourceInstanceId": inst["InstanceId"],
+                "SnapshotType": "user",
+                "SnapshotGroupId": group["SnapshotGroupId"],
+                "Status": "accomplished",
+                "Progress": "100%",
+                "Available": True,
+                "InstantAccess": instant,
+                "InstantAccessRetentionDays": days if instant else None,
+                "RetentionDays": None,
+                "CreationTime": now_,
+                "Category": "flash" if instant else "standard",
+            })
+        group["Members"] = [s["SnapshotId"] for s in snaps]
+
+        def change(tx, sids):
+            for s, sid in zip(snaps, sids):
+                s["_snap"] = sid
+                self._put("snapshot", s)
+            self.pool.put_record("snapshotgroup/" + group["SnapshotGroupId"], group)
+            if token is not None:
+                self.pool.put_record(
+                    "clienttoken/CreateSnapshotGroup/" + token,
+                    {"SnapshotGroupId": group["SnapshotGroupId"], "InstanceId": inst["InstanceId"]},
+                )
+
+        try:
+            self.pool.snapshot([d["_volume"] for d in disks], change)
+        except EngineError as exc:
+            # Nothing of the group was written (one transaction); record why.
+            self.pool.drop_staged_records()
+            group.update(Status="failed", ProgressStatus="0%", Members=[], FailReason=str(exc))
+            self.pool.put_record("snapshotgroup/" + group["SnapshotGroupId"], group)
+            try:
+                self.pool.commit()
+            except EngineError:
+                self.pool.drop_staged_records()
+            raise CloudError(
+                "SnapshotGroup.Failed",
+                "Snapshot group %s failed and holds no snapshot: %s" % (group["SnapshotGroupId"], exc),
+                500,
+            ) from None
+        return {"SnapshotGroupId": group["SnapshotGroupId"]}
+
+    def _group_public(self, g: dict) -> dict:
+        out = {k: v for k, v in g.items() if k != "Members" and not k.startswith("_")}
+        members = []
+        for sid in g["Members"]:
+            s = self.pool.get_record("snapshot/" + sid)
+            if s is not None:
+                members.append(self._snapshot_public(s))
+        out["Snapshots"] = {"Snapshot": members}
+        return out
+
+    def do_DescribeSnapshotGroups(self, p: Params) -> dict:
+        inst = p.str("InstanceId")
+        name = p.str("Name")
+        ids = p.list("SnapshotGroupId")
+        statuses = p.list("Status")
+        for st in statuses:
+            if st not in ("progressing", "accomplished", "failed"):
+                raise CloudError("InvalidStatus.ValueNotSupported", "Status %r is not one of progressing, accomplished, failed." % st)
+        out = []
+        for g in sorted(self._all("snapshotgroup"), key=lambda g: (g["CreationTime"], g["SnapshotGroupId"])):
+            if inst and g["InstanceId"] != inst:
+                continue
+            if name and g["Name"] != name:
+                continue
+            if ids and g["SnapshotGroupId"] not in ids:
+                continue
+            if statuses and g["Status"] not in statuses:
+                continue
+            out.append(g)
+        res = self._page(p, out, "SnapshotGroups", "SnapshotGroup", default_max=10)
+        res["SnapshotGroups"]["SnapshotGroup"] = [self._group_public(g) for g in res["SnapshotGroups"]["SnapshotGroup"]]
+        return res
+
+    def do_ModifySnapshotGroup(self, p: Params) -> dict:
+        g = self._group(p)
+        name, desc = p.str("Name"), p.str("Description")
+        if name is not None:
+            check_name(name, "Name")
+        if desc is not None:
+            check_description(desc)
+        if name is not None:
+            g["Name"] = name
+        if desc is not None:
+            g["Description"] = desc
+        self.pool.put_record("snapshotgroup/" + g["SnapshotGroupId"], g)
+        self.pool.commit()
+        return {}
+
+    def do_DeleteSnapshotGroup(self, p: Params) -> dict:
+        g = self._group(p)
+        results, keep, doomed = [], [], []
+        for sid in g["Members"]:
+            s = self.pool.get_record("snapshot/" + sid)
+            if s is None:
+                continue
+            images = self._images_using(sid)
+            if images:
+                keep.append(sid)
+                results.append({
+                    "SnapshotId": sid, "OperationStatus": "Failed", "ErrorCode": "SnapshotCreatedImage",
+                    "ErrorMsg": "Snapshot %s was used to create image(s) %s; delete them first." % (sid, ", ".join(images)),
+                })
+                continue
+            doomed.append(s)
+            results.append({"SnapshotId": sid, "OperationStatus": "Success", "ErrorCode": "", "ErrorMsg": ""})
+        for s in doomed:
+            self._delete("snapshot", s["SnapshotId"])
+        if keep:
+            g["Members"] = keep
+            self.pool.put_record("snapshotgroup/" + g["SnapshotGroupId"], g)
+        else:
+            self.pool.put_record("snapshotgroup/" + g["SnapshotGroupId"], None)
+        self.pool.delete_snapshots([s["_snap"] for s in doomed])
+        return {"OperationProgressSet": {"OperationProgress": results}}
+
+    def do_ResetDisks(self, p: Params) -> dict:
+        pairs = p.struct_list("Disk", ("DiskId", "SnapshotId"))
+        if not pairs:
+            raise CloudError("MissingParameter", "ResetDisks needs Disk.N.DiskId and Disk.N.SnapshotId.")
+        work = []
+        seen = set()
+        for i, pair in enumerate(pairs, 1):
+            did = check_id("d", pair.get("DiskId"), "Disk.%d.DiskId" % i)
+            sid = check_id("s", pair.get("SnapshotId"), "Disk.%d.SnapshotId" % i)
+            if did in seen:
+                raise invalid("Disk.%d.DiskId" % i, "disk %s is listed twice" % did)
+            seen.add(did)
+            disk, snap = self._get("disk", did), self._get("snapshot", sid)
+            self._check_reset(disk, snap)
+            work.append((disk, snap))
+        if p.bool("DryRun"):
+            raise CloudError("DryRunOperation", "Request validation has been passed with DryRun flag set.", 400)
+        self.pool.rollback_many([(d["_volume"], s["_snap"]) for d, s in work])
+        return {"OperationProgressSet": {"OperationProgress": [
+            {"DiskId": d["DiskId"], "SnapshotId": s["SnapshotId"], "OperationStatus": "Success"} for d, s in work
+        ]}}
