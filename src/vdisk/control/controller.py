@@ -18,6 +18,7 @@ import uuid
 from ..engine.errors import Busy, EngineError, NoSpace
 from ..engine.pool import Pool
 from . import categories
+from .direct import DirectActions
 from .errors import CloudError, invalid, not_found
 from .images import ImageActions
 from .snapshot_groups import SnapshotGroupActions
@@ -51,7 +52,7 @@ class Host:
     def resized(self, instance_id: str, disk_id: str) -> None: ...
 
 
-class Controller(SnapshotGroupActions, ImageActions):
+class Controller(SnapshotGroupActions, ImageActions, DirectActions):
     def __init__(self, pool: Pool, host: Host | None = None, settings: dict | None = None):
         self.pool = pool
         self.host = host
