@@ -11,4 +11,5 @@ uint32_t vd_crc32c_is_zero(const unsigned char *buf, size_t len, int *is_zero);
 long vd_diff_sectors(const unsigned char *a, const unsigned char *b, size_t len,
                      size_t sector, unsigned char *bitmap);
 int vd_punch_hole(int fd, long long offset, long long len);
+int vd_start_writeback(int fd);
 #endif

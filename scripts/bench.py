@@ -50,6 +50,91 @@ def fio(dev: str, args: list[str], size: str, runtime: int | None, cwd: str, ext
     }
 
 
+def barrier_bench(runtime: int, interval: float, cwd: str) -> dict:
+    """Ten disks under fio 4 KiB random writes; an instance snapshot of all
+    ten every `interval` seconds.  Reports how long each snapshot took and
+    the writers' latency (p50/p99/max), against the same load without
+    snapshots (the baseline, measured in the same run)."""
+    from vdisk.config import Paths
+    from vdisk.daemon import client
+
+    env = VDiskEnv(prefix="vdisk-barrier-")
+    try:
+        env.start()
+        iid, disks = env.instance(ndata=9)  # + the system disk = 10 disks
+        disks = [d["DiskId"] for d in env.j("disk", "list", "--instance", iid)["Disks"]["Disk"]]
+        env.run("instance", "start", iid)
+        devs = [env.attach(d) for d in disks]
+        paths = Paths.resolve(env.data, env.mnt)
+
+        def load(snapshots: bool) -> dict:
+            cmd = ["fio", "--ioengine=libaio", "--direct=1", "--rw=randwrite", "--bs=4k", "--iodepth=4",
+                   "--size=256M", "--time_based", "--runtime=%d" % runtime, "--group_reporting",
+                   "--output-format=json", "--percentile_list=50:99:99.9", "--randrepeat=0"]
+            for i, dev in enumerate(devs):
+                cmd += ["--name=d%d" % i, "--filename=" + dev]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+            times = []
+            time.sleep(1.5)
+            while snapshots and proc.poll() is None:
+                t0 = time.monotonic()
+                r = client.call(paths, {"Action": "CreateSnapshotGroup", "InstanceId": iid})
+                if "Code" in r:
+                    raise SystemExit("snapshot group failed: %s" % r)
+                times.append((time.monotonic() - t0) * 1000)
+                time.sleep(interval)
+            out, err = proc.communicate()
+            job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+            pct = job["clat_ns"]["percentile"]
+            res = {"iops": job["iops"], "lat_p50_ms": pct["50.000000"] / 1e6, "lat_p99_ms": pct["99.000000"] / 1e6,
+                   "lat_max_ms": job["clat_ns"]["max"] / 1e6}
+            if snapshots:
+                times.sort()
+                res.update(snapshots=len(times), create_p50_ms=statistics.median(times), create_max_ms=times[-1])
+            return res
+
+        print("barrier: 10 disks under fio, no snapshots (baseline) ...", file=sys.stderr)
+        base = load(False)
+        print("barrier: 10 disks under fio, an instance snapshot every %.1fs ..." % interval, file=sys.stderr)
+        with_snaps = load(True)
+        for dev in devs:
+            env.run("loop", "detach", dev)
+        return {"baseline": base, "with_snapshots": with_snaps}
+    finally:
+        env.close()
+
+
+def snapshot_time_by_size(cwd: str) -> dict:
+    """CreateSnapshot time for a 1 GiB and a 1 TiB (sparse) disk: the same."""
+    from vdisk.config import Paths
+    from vdisk.daemon import client
+
+    env = VDiskEnv(prefix="vdisk-snaptime-")
+    try:
+        env.start()
+        paths = Paths.resolve(env.data, env.mnt)
+        out = {}
+        for gib in (1, 1024):
+            iid, (disk,) = env.instance(ndata=1, size=gib, pl="PL0" if gib < 20 else "PL1")
+            env.run("instance", "start", iid)
+            path = env.run("disk", "path", disk).stdout.strip()
+            with open(path, "r+b", buffering=0) as f:  # a little data spread over the disk
+                for i in range(64):
+                    f.seek(i * (gib * GIB // 64))
+                    f.write(os.urandom(65536))
+            times = []
+            for _ in range(7):
+                t0 = time.monotonic()
+                r = client.call(paths, {"Action": "CreateSnapshot", "DiskId": disk})
+                assert "Code" not in r, r
+                times.append((time.monotonic() - t0) * 1000)
+            out["%d GiB" % gib] = {"median_ms": statistics.median(times), "max_ms": max(times)}
+            env.run("instance", "stop", iid)
+        return out
+    finally:
+        env.close()
+
+
 def proc_wchar(pid: int) -> int:
     with open("/proc/%d/io" % pid) as f:
         return int(dict(l.split(": ") for l in f.read().splitlines())["wchar"])
@@ -62,6 +147,8 @@ def main() -> int:
     ap.add_argument("--size-gib", type=int, default=1, help="region fio works on (default 1 GiB)")
     ap.add_argument("--out", default="bench-results", help="directory for bench.json")
     ap.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
+    ap.add_argument("--no-barrier", action="store_true", help="skip the instance-snapshot measurements")
+    ap.add_argument("--barrier-runtime", type=int, default=20, help="seconds of load per barrier run (default 20)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("scripts/bench needs root (loop devices)")
@@ -124,6 +211,10 @@ def main() -> int:
             sh("losetup", "-d", plain_dev, check=False)
         env.close()
 
+    if not a.no_barrier:
+        results["barrier"] = barrier_bench(a.barrier_runtime, 1.0, tempfile.gettempdir())
+        results["snapshot_time_by_size"] = snapshot_time_by_size(tempfile.gettempdir())
+
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "bench.json"), "w") as f:
         json.dump(results, f, indent=2)
@@ -142,6 +233,15 @@ def main() -> int:
     for label, w in wa.items():
         print("  %-15s %5.1fx  (%d MiB written by the daemon for %d MiB, %.0f IOPS, %d MiB new space)"
               % (label, w["write_amplification"], w["daemon_bytes_written"] >> 20, w["fio_bytes"] >> 20, w["iops"], w["new_space_bytes"] >> 20))
+    if "barrier" in results:
+        b, base = results["barrier"]["with_snapshots"], results["barrier"]["baseline"]
+        print("\ninstance snapshot of 10 disks under fio (4 KiB randwrite, qd4 each), one a second:")
+        print("  %d snapshots: create p50 %.1f ms, max %.1f ms" % (b["snapshots"], b["create_p50_ms"], b["create_max_ms"]))
+        print("  writers' latency     p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  (%.0f IOPS)" % (b["lat_p50_ms"], b["lat_p99_ms"], b["lat_max_ms"], b["iops"]))
+        print("  baseline, no snaps   p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  (%.0f IOPS)" % (base["lat_p50_ms"], base["lat_p99_ms"], base["lat_max_ms"], base["iops"]))
+        print("snapshot creation time by disk size (sparse, 64 blocks written):")
+        for k, v in results["snapshot_time_by_size"].items():
+            print("  %-8s median %.1f ms, max %.1f ms" % (k, v["median_ms"], v["max_ms"]))
     print("\nwritten to %s" % os.path.join(a.out, "bench.json"))
     return 0
 

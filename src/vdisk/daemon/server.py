@@ -132,8 +132,15 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(pyfuse3.main)
                 nursery.start_soon(self._signals)
+                nursery.start_soon(self._writeback)
                 await nursery.start(self._serve_control)
                 log.info("vdisk daemon %d serving %s at %s", os.getpid(), self.paths.data_dir, self.paths.mountpoint)
+
+    async def _writeback(self) -> None:
+        """Every 50 ms, start writeback of what was written (never waits)."""
+        while True:
+            await trio.sleep(0.05)
+            self.fs.pool.start_writeback()
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -21,6 +21,7 @@ ffibuilder.cdef(
     long vd_diff_sectors(const unsigned char *a, const unsigned char *b, size_t len,
                          size_t sector, unsigned char *bitmap);
     int vd_punch_hole(int fd, long long offset, long long len);
+    int vd_start_writeback(int fd);
     """
 )
 ffibuilder.set_source(

@@ -66,6 +66,9 @@ class DataFile:
     def sync(self) -> None:
         os.fdatasync(self.fd)
 
+    def start_writeback(self) -> None:
+        native.start_writeback(self.fd)
+
     def punch(self, offset: int, length: int) -> None:
         native.punch_hole(self.fd, offset, length)
 

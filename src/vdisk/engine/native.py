@@ -62,5 +62,10 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(-rc, os.strerror(-rc))
 
 
+def start_writeback(fd: int) -> None:
+    """sync_file_range(WRITE): begin writeback of dirty pages, do not wait."""
+    lib.vd_start_writeback(fd)
+
+
 def have_hw_crc() -> bool:
     return bool(lib.vd_have_hw_crc())

@@ -94,7 +94,7 @@ ZERO_BLOCK = bytes(BLOCK_SIZE)
 INITIAL_MAP_SIZE = 256 << 20
 # Commit on our own once this many blocks are dirty (bounds memory and the
 # amount of unflushed data, like a disk's write cache).
-DIRTY_LIMIT = 2048
+DIRTY_LIMIT = 1024
 
 
 class Dirty:
@@ -546,6 +546,12 @@ class Pool:
             d.slot, d.crc, d.crc_ok, d.fresh = slot, crc, True, True
 
     # ------------------------------------------------------------ commit
+
+    def start_writeback(self) -> None:
+        """Let the kernel start writing dirty data now (does not wait), so that
+        the next commit's fdatasync, and the pause it causes, is short."""
+        if self._ndirty and self.env is not None:
+            self.file.start_writeback()
 
     def dirty_blocks(self) -> int:
         return self._ndirty
