@@ -221,3 +221,25 @@ def test_usage_report_and_changed_blocks(cloud):
     assert u[s2]["InstantAccessRetentionDays"] == 3
     changed = cloud("ListChangedBlocks", FirstSnapshotId=s1, SecondSnapshotId=s2)
     assert [b["BlockIndex"] for b in changed["ChangedBlocks"]] == [1]
+
+
+def test_failed_group_is_recorded_and_leaves_no_snapshot(cloud, monkeypatch):
+    from vdisk.engine.errors import NoSpace
+
+    iid, disks = cloud.instance(ndata=2)
+    stats = cloud.pool.stats()
+
+    def no_space(vids, change=None):  # the engine's transaction fails as a whole
+        raise NoSpace("the pool's filesystem is full")
+
+    monkeypatch.setattr(cloud.pool, "snapshot", no_space)
+    res = cloud.ctl.handle({"Action": "CreateSnapshotGroup", "InstanceId": iid, "Name": "doomed"})
+    assert res["Code"] == "SnapshotGroup.Failed" and "full" in res["Message"]
+    monkeypatch.undo()
+    failed = cloud("DescribeSnapshotGroups", Status=["failed"])["SnapshotGroups"]["SnapshotGroup"]
+    assert len(failed) == 1 and failed[0]["Name"] == "doomed" and "full" in failed[0]["FailReason"]
+    assert failed[0]["Snapshots"]["Snapshot"] == []
+    assert cloud("DescribeSnapshots")["Snapshots"]["Snapshot"] == []
+    assert cloud.pool.stats() == stats
+    # and the disks can be snapshotted afterwards
+    cloud("CreateSnapshotGroup", InstanceId=iid)
