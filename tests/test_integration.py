@@ -269,3 +269,68 @@ def test_full_pool_filesystem_gives_enospc_and_keeps_data(tmp_path):
     finally:
         env.close()
         sh("umount", "-l", small, check=False)
+
+
+def test_snapshot_groups_images_and_usage_through_cli(venv):
+    need_root_fuse_loop("mkfs.ext4")
+    iid, (d1, d2) = venv.instance(ndata=2)
+    venv.run("instance", "start", iid)
+    devs = {d: venv.attach(d) for d in (d1, d2)}
+    sums = {}
+    for d, dev in devs.items():
+        sh(*MKFS["ext4"][0], dev)
+        mnt = venv.mount(dev, os.path.join(venv.dir, d))
+        sums[d] = write_files(mnt, n=2, seed=hash(d) & 0xFFFF)
+        venv.umount(mnt)
+    gid = venv.run("snapshot-group", "create", iid, "--name", "before", "--client-token", "tok-1").stdout.strip()
+    assert venv.run("snapshot-group", "create", iid, "--name", "before", "--client-token", "tok-1").stdout.strip() == gid
+    for d, dev in devs.items():  # change both disks after the group
+        mnt = venv.mount(dev, os.path.join(venv.dir, d))
+        write_files(mnt, n=2, seed=99)
+        venv.umount(mnt)
+    g = venv.j("snapshot-group", "show", gid)
+    assert g["Status"] == "accomplished" and len(g["Snapshots"]["Snapshot"]) == 3
+    groups = venv.j("snapshot-group", "list", "--instance", iid)["SnapshotGroups"]["SnapshotGroup"]
+    assert [x["SnapshotGroupId"] for x in groups] == [gid]
+    venv.run("snapshot-group", "modify", gid, "--name", "renamed")
+    assert venv.j("snapshot-group", "list", "--name", "renamed")["SnapshotGroups"]["SnapshotGroup"][0]["SnapshotGroupId"] == gid
+
+    # reset every disk of the group at once: refused while Running, then done
+    r = venv.run("snapshot-group", "reset", gid, check=False)
+    assert r.returncode == 1 and "IncorrectInstanceStatus" in r.stderr
+    for dev in devs.values():
+        venv.run("loop", "detach", dev)
+    venv.run("instance", "stop", iid)
+    venv.run("snapshot-group", "reset", gid, "--dry-run")
+    venv.run("snapshot-group", "reset", gid)
+    venv.run("instance", "start", iid)
+    for d in (d1, d2):
+        dev = venv.attach(d)
+        mnt = venv.mount(dev, os.path.join(venv.dir, d))
+        check_files(mnt, sums[d])
+        venv.umount(mnt)
+        venv.run("loop", "detach", dev)
+
+    # an image from the group's system and data snapshots; an instance from it
+    members = {m["SourceDiskId"]: m["SnapshotId"] for m in g["Snapshots"]["Snapshot"]}
+    system_snap = [m["SnapshotId"] for m in g["Snapshots"]["Snapshot"] if m["SourceDiskType"] == "system"][0]
+    img = venv.run("image", "create", "--snapshot", system_snap, "--data-snapshot", members[d1], "--name", "golden").stdout.strip()
+    new = venv.run("instance", "create", "--image", img, "--system-pl", "PL0").stdout.strip()
+    nd = [d for d in venv.j("disk", "list", "--instance", new)["Disks"]["Disk"] if d["Type"] == "data"]
+    assert len(nd) == 1 and nd[0]["SourceSnapshotId"] == members[d1]
+    venv.run("instance", "start", new)
+    dev = venv.attach(nd[0]["DiskId"])
+    mnt = venv.mount(dev, os.path.join(venv.dir, "fromimage"), "ro", "noload")
+    check_files(mnt, sums[d1])
+    venv.umount(mnt)
+    venv.run("loop", "detach", dev)
+
+    usage = venv.j("usage")
+    assert usage["Totals"]["SnapshotCount"] == 3
+    assert sum(r["BilledSize"] for r in usage["Snapshots"]["Snapshot"]) == usage["Totals"]["BilledSize"] > 0
+    # the image protects two members; deleting the group keeps them (exit 1)
+    r = venv.run("--json", "snapshot-group", "delete", gid, check=False)
+    assert r.returncode == 1
+    res = json.loads(r.stdout)["OperationProgressSet"]["OperationProgress"]
+    assert sorted(x["ErrorCode"] for x in res) == ["", "SnapshotCreatedImage", "SnapshotCreatedImage"]
+    assert venv.j("pool", "scrub")["Clean"]

@@ -243,3 +243,22 @@ def test_failed_group_is_recorded_and_leaves_no_snapshot(cloud, monkeypatch):
     assert cloud.pool.stats() == stats
     # and the disks can be snapshotted afterwards
     cloud("CreateSnapshotGroup", InstanceId=iid)
+
+
+def test_describe_filters_and_paging(cloud):
+    iid, _ = cloud.instance(ndata=1)
+    other, _ = cloud.instance(ndata=1)
+    made = [cloud("CreateSnapshotGroup", InstanceId=iid, Name="g%02d" % i)["SnapshotGroupId"] for i in range(12)]
+    cloud("CreateSnapshotGroup", InstanceId=other, Name="g00")
+    first = cloud("DescribeSnapshotGroups", InstanceId=iid)  # the cloud's default page: 10
+    assert len(first["SnapshotGroups"]["SnapshotGroup"]) == 10 and first["TotalCount"] == 12
+    rest = cloud("DescribeSnapshotGroups", InstanceId=iid, NextToken=first["NextToken"])
+    got = [g["SnapshotGroupId"] for g in first["SnapshotGroups"]["SnapshotGroup"] + rest["SnapshotGroups"]["SnapshotGroup"]]
+    assert got == made and "NextToken" not in rest
+    named = cloud("DescribeSnapshotGroups", Name="g00")["SnapshotGroups"]["SnapshotGroup"]
+    assert {g["InstanceId"] for g in named} == {iid, other}
+    both = cloud("DescribeSnapshotGroups", Name="g00", InstanceId=other)["SnapshotGroups"]["SnapshotGroup"]
+    assert [g["InstanceId"] for g in both] == [other]  # filters combine with AND
+    assert cloud("DescribeSnapshotGroups", SnapshotGroupId=made[3:5], MaxResults=1)["TotalCount"] == 2
+    cloud.refused("InvalidMaxResults.ValueNotSupported", "DescribeSnapshotGroups", MaxResults=101)
+    cloud.refused("InvalidParameter.NextToken", "DescribeSnapshotGroups", NextToken="bogus")

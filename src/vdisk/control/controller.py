@@ -377,7 +377,12 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
         if image is not None:
             maps = image["DiskDeviceMappings"]["DiskDeviceMapping"]
             sysnap = self._get("snapshot", maps[0]["SnapshotId"])
-            image_data = [{"SnapshotId": m["SnapshotId"], "Size": m["Size"]} for m in maps[1:]]
+            image_data = []
+            for m in maps[1:]:
+                spec = {"SnapshotId": m["SnapshotId"]}
+                if m["Size"] > self._get("snapshot", m["SnapshotId"])["SourceDiskSize"]:
+                    spec["Size"] = m["Size"]  # else: the snapshot's size, at least the category's minimum
+                image_data.append(spec)
             # the image's data disks come first, then any the request adds
             data_specs = image_data + data_specs
         system = self._new_disk(p, "SystemDisk.", "system", size_default=None if sysnap else 40, snapshot=sysnap)
