@@ -13,6 +13,7 @@ A mixin of Controller: uses its record helpers (_get, _put, _all, ...).
 from __future__ import annotations
 
 import re
+import time
 
 from ..engine.errors import EngineError
 from .errors import CloudError, invalid
@@ -127,6 +128,7 @@ class SnapshotGroupActions:
             "InstantAccess": instant,
             "InstantAccessRetentionDays": days if instant else None,
             "Members": [],
+            "_ns": time.time_ns(),  # creation order within one second
         }
         snaps = []
         for d in disks:
@@ -200,7 +202,7 @@ class SnapshotGroupActions:
             if st not in ("progressing", "accomplished", "failed"):
                 raise CloudError("InvalidStatus.ValueNotSupported", "Status %r is not one of progressing, accomplished, failed." % st)
         out = []
-        for g in sorted(self._all("snapshotgroup"), key=lambda g: (g["CreationTime"], g["SnapshotGroupId"])):
+        for g in sorted(self._all("snapshotgroup"), key=lambda g: (g.get("_ns", 0), g["SnapshotGroupId"])):
             if inst and g["InstanceId"] != inst:
                 continue
             if name and g["Name"] != name:
