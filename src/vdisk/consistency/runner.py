@@ -58,8 +58,9 @@ class HookScenario(Scenario):
 
 
 class Runner:
-    def __init__(self, env: VDiskEnv, warmup: float = 1.5, progress=print):
+    def __init__(self, env: VDiskEnv, warmup: float = 1.5, progress=print, staggered_order: str = "random"):
         self.env = env
+        self.staggered_order = staggered_order
         self.paths = Paths.resolve(env.data, env.mnt)
         self.warmup = warmup
         self.progress = progress
@@ -88,7 +89,10 @@ class Runner:
                 by_disk = {m["SourceDiskId"]: m["SnapshotId"] for m in g["Snapshots"]["Snapshot"]}
                 snaps = [by_disk[d] for d in disks]
             else:
-                order = sorted(range(len(disks)), key=lambda _: rng.random())
+                if self.staggered_order == "reverse":  # the data disk before its journal/log
+                    order = list(reversed(range(len(disks))))
+                else:
+                    order = sorted(range(len(disks)), key=lambda _: rng.random())
                 result["order"] = order
                 snaps = [None] * len(disks)
                 for n, i in enumerate(order):
@@ -194,6 +198,8 @@ def main(argv=None) -> int:
     ap.add_argument("--trials", type=int, default=3, help="trials with the barrier per scenario (default 3)")
     ap.add_argument("--staggered", type=int, default=None, help="staggered control trials per scenario (default: as --trials)")
     ap.add_argument("--gap-ms", default="500-1000", help="gap between staggered snapshots, ms, a range (default 500-1000)")
+    ap.add_argument("--staggered-order", choices=("random", "reverse"), default="random",
+                    help="order of the staggered snapshots: random (default) or last disk first")
     ap.add_argument("--seed", type=int, default=int(time.time()))
     ap.add_argument("--out", default="consistency-results", help="directory for report.json and report.md")
     ap.add_argument("--hook-load", metavar="CMD", help="your workload command (scenario hook)")
@@ -212,7 +218,7 @@ def main(argv=None) -> int:
     results, skipped = [], {}
     try:
         env.start()
-        runner = Runner(env, progress=lambda s: print(s, file=sys.stderr, flush=True))
+        runner = Runner(env, progress=lambda s: print(s, file=sys.stderr, flush=True), staggered_order=a.staggered_order)
         for name in names:
             if name == "hook":
                 if not (a.hook_load and a.hook_check):
