@@ -38,7 +38,7 @@ def test_scenario_short_run(runner, name):
     assert t["errors"] == 0, detail
     assert t["atomic_trials"] == 2 and t["atomic_inconsistent"] == 0, detail
     assert t["staggered_inconsistent"] == 1, "the staggered control was not caught: %s" % detail
-    assert all(r["files_durable_before"] > 20 for r in results), "the workload hardly ran: %s" % detail
+    assert all(r["durable_before"] > 20 for r in results), "the workload hardly ran: %s" % detail
 
 
 def test_lvm_skips_with_its_reason_without_device_mapper():
