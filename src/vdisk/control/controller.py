@@ -528,7 +528,18 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
         days = p.int("InstantAccessRetentionDays", lo=1, hi=65535)
         retention = p.int("RetentionDays", lo=1, hi=65536)
         self._check_can_snapshot(disk)
-        snap = {
+        snap = self._snapshot_record(disk, name, desc, instant, days, retention)
+
+        def change(tx, sids):
+            snap["_snap"] = sids[0]
+            self._put("snapshot", snap)
+
+        self.pool.snapshot([disk["_volume"]], change)
+        return {"SnapshotId": snap["SnapshotId"]}
+
+    def _snapshot_record(self, disk: dict, name, desc, instant: bool, days, retention=None, group_id=None) -> dict:
+        """A new snapshot record of disk (the engine snapshot id is added later)."""
+        rec = {
             "SnapshotId": new_id("s"),
             "SnapshotName": name or "",
             "Description": desc or "",
@@ -547,13 +558,9 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
             "CreationTime": now(),
             "Category": "flash" if instant else "standard",
         }
-
-        def change(tx, sids):
-            snap["_snap"] = sids[0]
-            self._put("snapshot", snap)
-
-        self.pool.snapshot([disk["_volume"]], change)
-        return {"SnapshotId": snap["SnapshotId"]}
+        if group_id:
+            rec["SnapshotGroupId"] = group_id
+        return rec
 
     def _snapshot_public(self, s: dict) -> dict:
         out = self._public(s)

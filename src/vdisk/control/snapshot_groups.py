@@ -116,7 +116,6 @@ class SnapshotGroupActions:
         instant = p.bool("InstantAccess")
         days = p.int("InstantAccessRetentionDays", lo=1, hi=65535)
         disks = self._group_disks(p, inst)
-        now_ = self._now()
         group = {
             "SnapshotGroupId": new_id("ssg"),
             "Name": name or "",
@@ -124,34 +123,13 @@ class SnapshotGroupActions:
             "InstanceId": inst["InstanceId"],
             "Status": "accomplished",
             "ProgressStatus": "100%",
-            "CreationTime": now_,
+            "CreationTime": self._now(),
             "InstantAccess": instant,
             "InstantAccessRetentionDays": days if instant else None,
             "Members": [],
             "_ns": time.time_ns(),  # creation order within one second
         }
-        snaps = []
-        for d in disks:
-            snaps.append({
-                "SnapshotId": new_id("s"),
-                "SnapshotName": "",
-                "Description": "",
-                "SourceDiskId": d["DiskId"],
-                "SourceDiskSize": d["Size"],
-                "SourceDiskType": d["Type"],
-                "SourceDiskCategory": d["Category"],
-                "SourceInstanceId": inst["InstanceId"],
-                "SnapshotType": "user",
-                "SnapshotGroupId": group["SnapshotGroupId"],
-                "Status": "accomplished",
-                "Progress": "100%",
-                "Available": True,
-                "InstantAccess": instant,
-                "InstantAccessRetentionDays": days if instant else None,
-                "RetentionDays": None,
-                "CreationTime": now_,
-                "Category": "flash" if instant else "standard",
-            })
+        snaps = [self._snapshot_record(d, None, None, instant, days, group_id=group["SnapshotGroupId"]) for d in disks]
         group["Members"] = [s["SnapshotId"] for s in snaps]
 
         def change(tx, sids):
