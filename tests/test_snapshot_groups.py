@@ -192,7 +192,7 @@ def test_delete_group_keeps_what_an_image_uses_and_frees_the_rest(cloud):
     assert cloud.pool.stats()["used_bytes"] == used - 4 * BLOCK_SIZE
     assert [m["SnapshotId"] for m in cloud.group(gid)["Snapshots"]["Snapshot"]] == [members["system"]]
     # an instance from the image gets the system disk's data
-    new, ndisks = cloud("CreateInstance", ImageId=img, **{"SystemDisk.PerformanceLevel": "PL0"})["InstanceId"], None
+    new = cloud("CreateInstance", ImageId=img, **{"SystemDisk.PerformanceLevel": "PL0"})["InstanceId"]
     sysd = cloud("DescribeDisks", InstanceId=new)["Disks"]["Disk"][0]
     assert sysd["Type"] == "system" and sysd["SourceSnapshotId"] == members["system"]
     assert cloud.pool.read(cloud.volume(sysd["DiskId"]), 0, 1) == b"\x01"

@@ -23,7 +23,7 @@ from ..config import Paths
 from ..daemon import client
 from ..harness import VDiskEnv
 from ..host import loop
-from .scenarios import SCENARIOS, Scenario, run
+from .scenarios import SCENARIOS, Scenario
 
 
 class HookScenario(Scenario):

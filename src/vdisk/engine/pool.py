@@ -46,7 +46,6 @@ import lmdb
 from . import native
 from .blockio import DataFile
 from .errors import (
-    Busy,
     ChecksumError,
     EngineError,
     FormatError,
@@ -1202,4 +1201,4 @@ def _runs(slots: list[int]):
         yield start, prev - start + 1
 
 
-__all__ = ["Pool", "BLOCK_SIZE", "Busy"]
+__all__ = ["Pool", "BLOCK_SIZE"]
