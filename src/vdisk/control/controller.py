@@ -22,7 +22,7 @@ from .direct import DirectActions
 from .errors import CloudError, invalid, not_found
 from .images import ImageActions
 from .snapshot_groups import SnapshotGroupActions
-from .validate import Params, check_description, check_id, check_name, new_id
+from .validate import Params, check_id, new_id
 
 log = logging.getLogger(__name__)
 
@@ -181,12 +181,8 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
                     % (snapshot["SnapshotId"], src_size, size),
                 )
         level = categories.check_disk_spec(category, level, size)
-        name = p.str(prefix + "DiskName")
-        if name is not None:
-            check_name(name, "DiskName")
-        desc = p.str(prefix + "Description")
-        if desc is not None:
-            check_description(desc)
+        name = p.name(prefix + "DiskName", "DiskName")
+        desc = p.description(prefix + "Description")
         return {
             "DiskId": new_id("d"),
             "DiskName": name or "",
@@ -339,11 +335,11 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
 
     def do_ModifyDiskAttribute(self, p: Params) -> dict:
         disk = self._disk(p)
-        name, desc = p.str("DiskName"), p.str("Description")
+        name, desc = p.name("DiskName"), p.description()
         if name is not None:
-            disk["DiskName"] = check_name(name, "DiskName")
+            disk["DiskName"] = name
         if desc is not None:
-            disk["Description"] = check_description(desc)
+            disk["Description"] = desc
         if p.req.get("DeleteWithInstance") is not None:
             disk["DeleteWithInstance"] = p.bool("DeleteWithInstance")
         self._put("disk", disk)
@@ -365,12 +361,8 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
     # ------------------------------------------------------------ instances
 
     def do_CreateInstance(self, p: Params) -> dict:
-        name = p.str("InstanceName")
-        if name is not None:
-            check_name(name, "InstanceName")
-        desc = p.str("Description")
-        if desc is not None:
-            check_description(desc)
+        name = p.name("InstanceName")
+        desc = p.description()
         image = self._image(p) if p.str("ImageId") else None
         data_specs = p.struct_list("DataDisk", ("Size", "Category", "PerformanceLevel", "DiskName", "Description", "SnapshotId", "DeleteWithInstance"))
         sysnap = None
@@ -466,9 +458,9 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
     def do_ModifyInstanceAttribute(self, p: Params) -> dict:
         inst = self._instance(p)
         if p.str("InstanceName") is not None:
-            inst["InstanceName"] = check_name(p.str("InstanceName"), "InstanceName")
+            inst["InstanceName"] = p.name("InstanceName")
         if p.str("Description") is not None:
-            inst["Description"] = check_description(p.str("Description"))
+            inst["Description"] = p.description()
         self._put("instance", inst)
         self.pool.commit()
         return {}
@@ -518,12 +510,8 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
 
     def do_CreateSnapshot(self, p: Params) -> dict:
         disk = self._disk(p)
-        name = p.str("SnapshotName")
-        if name is not None:
-            check_name(name, "SnapshotName")
-        desc = p.str("Description")
-        if desc is not None:
-            check_description(desc)
+        name = p.name("SnapshotName")
+        desc = p.description()
         instant = p.bool("InstantAccess")
         days = p.int("InstantAccessRetentionDays", lo=1, hi=65535)
         retention = p.int("RetentionDays", lo=1, hi=65536)
@@ -599,9 +587,9 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
     def do_ModifySnapshotAttribute(self, p: Params) -> dict:
         snap = self._snapshot(p)
         if p.str("SnapshotName") is not None:
-            snap["SnapshotName"] = check_name(p.str("SnapshotName"), "SnapshotName")
+            snap["SnapshotName"] = p.name("SnapshotName")
         if p.str("Description") is not None:
-            snap["Description"] = check_description(p.str("Description"))
+            snap["Description"] = p.description()
         self._put("snapshot", snap)
         self.pool.commit()
         return {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from .errors import CloudError, invalid
-from .validate import Params, check_description, check_id, check_name, new_id
+from .validate import Params, check_id, new_id
 
 
 class ImageActions:
@@ -33,12 +33,8 @@ class ImageActions:
         return rec
 
     def do_CreateImage(self, p: Params) -> dict:
-        name = p.str("ImageName")
-        if name is not None:
-            check_name(name, "ImageName")
-        desc = p.str("Description")
-        if desc is not None:
-            check_description(desc)
+        name = p.name("ImageName")
+        desc = p.description()
         mappings = p.struct_list("DiskDeviceMapping", ("SnapshotId", "Size", "DiskType", "Device"))
         if p.str("SnapshotId"):
             if any(m.get("DiskType", "data") == "system" for m in mappings):

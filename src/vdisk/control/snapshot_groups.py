@@ -17,7 +17,7 @@ import time
 
 from ..engine.errors import EngineError
 from .errors import CloudError, invalid
-from .validate import Params, check_description, check_id, check_name, new_id
+from .validate import Params, check_id, new_id
 
 GIB = 1 << 30
 MAX_GROUP_DISKS = 10  # the seed document's limit; the live API allows 16
@@ -107,12 +107,8 @@ class SnapshotGroupActions:
                 "Instance %s is %s; a snapshot group needs it Running or Stopped." % (inst["InstanceId"], inst["Status"]),
                 403,
             )
-        name = p.str("Name")
-        if name is not None:
-            check_name(name, "Name")
-        desc = p.str("Description")
-        if desc is not None:
-            check_description(desc)
+        name = p.name("Name")
+        desc = p.description()
         instant = p.bool("InstantAccess")
         days = p.int("InstantAccessRetentionDays", lo=1, hi=65535)
         disks = self._group_disks(p, inst)
@@ -196,11 +192,7 @@ class SnapshotGroupActions:
 
     def do_ModifySnapshotGroup(self, p: Params) -> dict:
         g = self._group(p)
-        name, desc = p.str("Name"), p.str("Description")
-        if name is not None:
-            check_name(name, "Name")
-        if desc is not None:
-            check_description(desc)
+        name, desc = p.name("Name"), p.description()
         if name is not None:
             g["Name"] = name
         if desc is not None:

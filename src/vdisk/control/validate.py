@@ -80,6 +80,16 @@ class Params:
             )
         return v
 
+    def name(self, param: str, rule: str | None = None):
+        """An optional resource name, checked against the cloud's naming rule."""
+        v = self.str(param)
+        return None if v is None else check_name(v, rule or param)
+
+    def description(self, param: str = "Description"):
+        """An optional description, checked against the cloud's rule."""
+        v = self.str(param)
+        return None if v is None else check_description(v)
+
     def int(self, name: str, required: bool = False, default=None, lo=None, hi=None):
         v = self._get(name, required)
         if v is None:
