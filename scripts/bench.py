@@ -1,8 +1,11 @@
-"""fio through loop devices (direct I/O): vdisk against a plain sparse file.
+"""fio through loop devices (direct I/O): vdisk against qemu-storage-daemon
+(qcow2 exported through FUSE) and a plain sparse file, plus vdisk's snapshot
+costs.
 
-Run through scripts/bench (which sets up first).  Every target is measured in
-the same run, each pattern repeated (median reported), so only the ratios
-mean something on a shared, noisy machine.  Writes bench-results/bench.json.
+Run through scripts/bench (which sets up and installs qemu first).  Every
+target is measured in the same run and every pattern repeated (median
+reported), so only the ratios mean something on a shared, noisy machine.
+Writes bench-results/bench.json; prints a table (or the JSON with --json).
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -19,20 +23,27 @@ import time
 from vdisk.harness import VDiskEnv, sh
 
 GIB = 1 << 30
+COW_IO = "64M"  # how much the after-snapshot pattern writes (not time based)
 
 PATTERNS = [
-    # name, fio args, what to report
-    ("seqwrite 1M qd8", ["--rw=write", "--bs=1M", "--iodepth=8"], "bw"),
-    ("seqread 1M qd8", ["--rw=read", "--bs=1M", "--iodepth=8"], "bw"),
-    ("randwrite 4k qd32", ["--rw=randwrite", "--bs=4k", "--iodepth=32"], "iops"),
-    ("randread 4k qd32", ["--rw=randread", "--bs=4k", "--iodepth=32"], "iops"),
-    ("randwrite 4k qd1 fsync", ["--rw=randwrite", "--bs=4k", "--iodepth=1", "--fsync=1"], "iops"),
+    # name, fio args, what to report, needs a fresh snapshot before each run
+    ("randwrite 4k qd32", ["--rw=randwrite", "--bs=4k", "--iodepth=32"], "iops", False),
+    ("randread 4k qd32", ["--rw=randread", "--bs=4k", "--iodepth=32"], "iops", False),
+    ("seqwrite 1M qd8", ["--rw=write", "--bs=1M", "--iodepth=8"], "bw", False),
+    ("seqread 1M qd8", ["--rw=read", "--bs=1M", "--iodepth=8"], "bw", False),
+    ("randwrite 4k qd1 fsync", ["--rw=randwrite", "--bs=4k", "--iodepth=1", "--fsync=1"], "iops", False),
+    ("randwrite 4k qd32 after snapshot", ["--rw=randwrite", "--bs=4k", "--iodepth=32", "--io_size=" + COW_IO],
+     "iops", True),
 ]
 
 
-def fio(dev: str, args: list[str], size: str, runtime: int | None, cwd: str, extra=()) -> dict:
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def fio(dev: str, args: list[str], size: str, runtime: int | None, cwd: str) -> dict:
     cmd = ["fio", "--name=bench", "--filename=" + dev, "--ioengine=libaio", "--direct=1", "--size=" + size,
-           "--group_reporting", "--output-format=json", "--randrepeat=0", *args, *extra]
+           "--group_reporting", "--output-format=json", "--randrepeat=0", *args]
     if runtime:
         cmd += ["--time_based", "--runtime=%d" % runtime, "--ramp_time=1"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
@@ -50,6 +61,183 @@ def fio(dev: str, args: list[str], size: str, runtime: int | None, cwd: str, ext
     }
 
 
+# --------------------------------------------------------------- targets
+
+class VdiskTarget:
+    name = "vdisk"
+
+    def __init__(self, env: VDiskEnv, size_gib: int):
+        self.env = env
+        _iid, (self.disk,) = env.instance(ndata=1, size=size_gib + 1)
+        env.run("instance", "start", _iid)
+        self.dev = env.attach(self.disk)
+
+    def snapshot(self) -> None:
+        self.env.run("snapshot", "create", self.disk)
+
+    def close(self) -> None:
+        pass  # the env detaches its loop devices and stops the daemon
+
+
+class QsdTarget:
+    """qemu-storage-daemon exporting a qcow2 image as a file through FUSE,
+    attached as a loop device.  Snapshots are qcow2 internal snapshots taken
+    over QMP (blockdev-snapshot-internal-sync)."""
+
+    name = "qsd"
+
+    def __init__(self, workdir: str, size_gib: int):
+        self.dir = workdir
+        self.image = os.path.join(workdir, "qsd.qcow2")
+        self.export = os.path.join(workdir, "qsd-export.img")
+        self.qmp_path = os.path.join(workdir, "qsd-qmp.sock")
+        self.nsnap = 0
+        self.dev = None
+        sh("qemu-img", "create", "-q", "-f", "qcow2", self.image, "%dG" % (size_gib + 1))
+        open(self.export, "w").close()
+        self.proc = subprocess.Popen(
+            ["qemu-storage-daemon",
+             "--blockdev", "driver=file,node-name=file0,filename=%s" % self.image,
+             "--blockdev", "driver=qcow2,node-name=qcow0,file=file0",
+             "--export", "type=fuse,id=exp0,node-name=qcow0,mountpoint=%s,writable=on" % self.export,
+             "--chardev", "socket,path=%s,server=on,wait=off,id=qmp0" % self.qmp_path,
+             "--monitor", "chardev=qmp0"],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, "qsd.log"), "w"))
+        try:
+            self._connect(size_gib)
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self, size_gib: int) -> None:
+        deadline = time.monotonic() + 20
+        while os.path.getsize(self.export) != (size_gib + 1) * GIB:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("qemu-storage-daemon did not export %s (see %s/qsd.log)" % (self.export, workdir))
+            time.sleep(0.05)
+        self.qmp = socket.socket(socket.AF_UNIX)
+        self.qmp.connect(self.qmp_path)
+        self.qf = self.qmp.makefile("rw")
+        self.qf.readline()  # greeting
+        self._qmp("qmp_capabilities")
+        self.dev = sh("losetup", "--find", "--show", "--direct-io=on", self.export).stdout.strip()
+
+    def _qmp(self, cmd: str, **args) -> dict:
+        self.qf.write(json.dumps({"execute": cmd, "arguments": args}) + "\n")
+        self.qf.flush()
+        while True:
+            r = json.loads(self.qf.readline())
+            if "event" not in r:
+                break
+        if "error" in r:
+            raise SystemExit("qemu-storage-daemon: %s: %s" % (cmd, r["error"]))
+        return r
+
+    def snapshot(self) -> None:
+        self.nsnap += 1
+        self._qmp("blockdev-snapshot-internal-sync", device="qcow0", name="s%d" % self.nsnap)
+
+    def close(self) -> None:
+        if self.dev:
+            sh("losetup", "-d", self.dev, check=False)
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        subprocess.run(["umount", "-l", self.export], capture_output=True)
+
+
+class PlainTarget:
+    name = "plain"
+    snapshot = None  # a plain file has no snapshots
+
+    def __init__(self, workdir: str, size_gib: int):
+        path = os.path.join(workdir, "plain.img")
+        with open(path, "wb") as f:
+            f.truncate((size_gib + 1) * GIB)
+        self.dev = sh("losetup", "--find", "--show", "--direct-io=on", path).stdout.strip()
+
+    def close(self) -> None:
+        sh("losetup", "-d", self.dev, check=False)
+
+
+def fio_patterns(a, size: str, cwd: str, env: VDiskEnv) -> dict:
+    """The fio table: every pattern on every target, a.repeat times."""
+    out: dict = {}
+    targets = []
+    try:
+        targets.append(VdiskTarget(env, a.size_gib))
+        targets.append(QsdTarget(env.dir, a.size_gib))
+        targets.append(PlainTarget(env.dir, a.size_gib))
+        for t in targets:  # fill the region so reads read data and snapshots share it
+            log("filling %s on %s ..." % (size, t.name))
+            fio(t.dev, ["--rw=write", "--bs=1M", "--iodepth=8"], size, None, cwd)
+        for pname, args, _, snap in PATTERNS:
+            for t in targets:
+                if snap and t.snapshot is None:
+                    continue
+                runs = []
+                for i in range(a.repeat):
+                    log("%-34s %-6s run %d/%d" % (pname, t.name, i + 1, a.repeat))
+                    if snap:
+                        t.snapshot()
+                    runs.append(fio(t.dev, args, size, None if snap else a.runtime, cwd))
+                out.setdefault(t.name, {})[pname] = {
+                    "iops": statistics.median(r["iops"] for r in runs),
+                    "bw_mib": statistics.median(r["bw_mib"] for r in runs),
+                    "p99_us": statistics.median(r["p99_us"] for r in runs),
+                    "runs": runs,
+                }
+        out["_write_amplification_4k"] = write_amplification(env, targets[0], size, cwd)
+    finally:
+        for t in reversed(targets):
+            t.close()
+    return out
+
+
+def proc_wchar(pid: int) -> int:
+    with open("/proc/%d/io" % pid) as f:
+        return int(dict(l.split(": ") for l in f.read().splitlines())["wchar"])
+
+
+def proc_status(pid: int, field: str) -> int:
+    """A /proc/PID/status field in bytes (VmRSS, VmHWM)."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def write_amplification(env: VDiskEnv, t: VdiskTarget, size: str, cwd: str) -> dict:
+    """What the daemon writes per byte of 4 KiB random writes, right after a
+    snapshot of the filled region and again with no snapshot in between."""
+    pid = env.daemon_pid()
+    wa = {}
+    for label, snap in (("after snapshot", True), ("no snapshot", False)):
+        if snap:
+            t.snapshot()
+        used0 = env.j("pool", "status")["Pool"]["UsedBytes"]
+        w0 = proc_wchar(pid)
+        t0 = time.monotonic()
+        r = fio(t.dev, ["--rw=randwrite", "--bs=4k", "--iodepth=32", "--io_size=64M", "--end_fsync=1"], size, None, cwd)
+        dt = time.monotonic() - t0
+        w1 = proc_wchar(pid)
+        used1 = env.j("pool", "status")["Pool"]["UsedBytes"]
+        wa[label] = {
+            "fio_bytes": r["bytes"],
+            "daemon_bytes_written": w1 - w0,
+            "write_amplification": (w1 - w0) / r["bytes"],
+            "new_space_bytes": used1 - used0,
+            "iops": r["bytes"] / 4096 / dt,
+        }
+    return wa
+
+
+# --------------------------------------------------------------- snapshot costs
+
 def barrier_bench(runtime: int, interval: float, cwd: str) -> dict:
     """Ten disks under fio 4 KiB random writes; an instance snapshot of all
     ten every `interval` seconds.  Reports how long each snapshot took and
@@ -61,7 +249,7 @@ def barrier_bench(runtime: int, interval: float, cwd: str) -> dict:
     env = VDiskEnv(prefix="vdisk-barrier-")
     try:
         env.start()
-        iid, disks = env.instance(ndata=9)  # + the system disk = 10 disks
+        iid, _ = env.instance(ndata=9)  # + the system disk = 10 disks
         disks = [d["DiskId"] for d in env.j("disk", "list", "--instance", iid)["Disks"]["Disk"]]
         env.run("instance", "start", iid)
         devs = [env.attach(d) for d in disks]
@@ -93,12 +281,10 @@ def barrier_bench(runtime: int, interval: float, cwd: str) -> dict:
                 res.update(snapshots=len(times), create_p50_ms=statistics.median(times), create_max_ms=times[-1])
             return res
 
-        print("barrier: 10 disks under fio, no snapshots (baseline) ...", file=sys.stderr)
+        log("barrier: 10 disks under fio, no snapshots (baseline) ...")
         base = load(False)
-        print("barrier: 10 disks under fio, an instance snapshot every %.1fs ..." % interval, file=sys.stderr)
+        log("barrier: 10 disks under fio, an instance snapshot every %.1fs ..." % interval)
         with_snaps = load(True)
-        for dev in devs:
-            env.run("loop", "detach", dev)
         return {"baseline": base, "with_snapshots": with_snaps}
     finally:
         env.close()
@@ -115,6 +301,7 @@ def snapshot_time_by_size(cwd: str) -> dict:
         paths = Paths.resolve(env.data, env.mnt)
         out = {}
         for gib in (1, 1024):
+            log("snapshot creation time, %d GiB disk ..." % gib)
             iid, (disk,) = env.instance(ndata=1, size=gib, pl="PL0" if gib < 20 else "PL1")
             env.run("instance", "start", iid)
             path = env.run("disk", "path", disk).stdout.strip()
@@ -135,114 +322,176 @@ def snapshot_time_by_size(cwd: str) -> dict:
         env.close()
 
 
-def proc_wchar(pid: int) -> int:
-    with open("/proc/%d/io" % pid) as f:
-        return int(dict(l.split(": ") for l in f.read().splitlines())["wchar"])
+def deletion_time(cwd: str) -> dict:
+    """DeleteSnapshot time against how much changed between it and the next
+    snapshot (the blocks only it still sees, which the delete frees)."""
+    from vdisk.config import Paths
+    from vdisk.daemon import client
+
+    env = VDiskEnv(prefix="vdisk-deltime-")
+    try:
+        env.start()
+        paths = Paths.resolve(env.data, env.mnt)
+        iid, (disk,) = env.instance(ndata=1, size=2)
+        env.run("instance", "start", iid)
+        dev = env.attach(disk)
+        fio(dev, ["--rw=write", "--bs=1M", "--iodepth=8"], "1G", None, cwd)
+        out = {}
+        for mib in (0, 16, 128, 1024):
+            log("snapshot deletion time, %d MiB changed ..." % mib)
+            old = client.call(paths, {"Action": "CreateSnapshot", "DiskId": disk})["SnapshotId"]
+            if mib:
+                fio(dev, ["--rw=randwrite", "--bs=64k", "--iodepth=8", "--io_size=%dM" % mib,
+                          "--end_fsync=1"], "1G", None, cwd)
+            new = client.call(paths, {"Action": "CreateSnapshot", "DiskId": disk})["SnapshotId"]
+            used0 = env.j("pool", "status")["Pool"]["UsedBytes"]
+            t0 = time.monotonic()
+            r = client.call(paths, {"Action": "DeleteSnapshot", "SnapshotId": old})
+            dt = (time.monotonic() - t0) * 1000
+            assert "Code" not in r, r
+            used1 = env.j("pool", "status")["Pool"]["UsedBytes"]
+            out["%d MiB" % mib] = {"delete_ms": dt, "freed_mib": (used0 - used1) / (1 << 20)}
+            client.call(paths, {"Action": "DeleteSnapshot", "SnapshotId": new})
+        return out
+    finally:
+        env.close()
+
+
+def memory_10x1tib(cwd: str, total_gib: int) -> dict:
+    """The daemon's resident memory with 10 disks of 1 TiB, total_gib written
+    across them (random 1 MiB writes spread over each whole disk)."""
+    env = VDiskEnv(prefix="vdisk-mem-")
+    try:
+        env.start()
+        pid = env.daemon_pid()
+        rss_idle = proc_status(pid, "VmRSS")
+        iid, _ = env.instance(ndata=9, size=1024, pl="PL1")
+        disks = [d["DiskId"] for d in env.j("disk", "list", "--instance", iid)["Disks"]["Disk"]]
+        env.run("instance", "start", iid)
+        devs = [env.attach(d) for d in disks]
+        per = total_gib * 1024 // len(devs)
+        log("memory: writing %d GiB over 10 disks of 1 TiB ..." % total_gib)
+        cmd = ["fio", "--ioengine=libaio", "--direct=1", "--rw=randwrite", "--bs=1M", "--iodepth=4",
+               "--size=1T", "--io_size=%dM" % per, "--group_reporting", "--output-format=json",
+               "--randrepeat=0", "--end_fsync=1"]
+        for i, dev in enumerate(devs):
+            cmd += ["--name=d%d" % i, "--filename=" + dev]
+        t0 = time.monotonic()
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+        if r.returncode != 0:
+            raise SystemExit("fio failed: %s" % r.stderr)
+        dt = time.monotonic() - t0
+        written = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]["write"]["io_bytes"]
+        return {
+            "disks": len(devs), "disk_gib": 1024, "written_gib": written / GIB, "seconds": dt,
+            "rss_idle_mib": rss_idle / (1 << 20),
+            "rss_mib": proc_status(pid, "VmRSS") / (1 << 20),
+            "rss_peak_mib": proc_status(pid, "VmHWM") / (1 << 20),
+            "pool_used_gib": env.j("pool", "status")["Pool"]["UsedBytes"] / GIB,
+        }
+    finally:
+        env.close()
+
+
+# --------------------------------------------------------------- report
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    with open("/proc/meminfo") as f:
+        mem = int(f.readline().split()[1]) * 1024
+    qsd = subprocess.run(["qemu-storage-daemon", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    return {"cpus": os.cpu_count(), "cpu": cpu, "mem_gib": round(mem / GIB, 1), "kernel": platform.release(),
+            "python": platform.python_version(), "qemu_storage_daemon": qsd}
+
+
+def print_report(results: dict, a) -> None:
+    t = results["targets"]
+    m = results["machine"]
+    print("\nmachine: %d x %s, %.0f GiB, Linux %s, Python %s, %s"
+          % (m["cpus"], m["cpu"], m["mem_gib"], m["kernel"], m["python"], m["qemu_storage_daemon"]))
+    print("fio through loop devices (--direct-io=on), libaio, direct=1; median of %d runs of %ds "
+          "(after-snapshot runs: %s each, a new snapshot first); region %s"
+          % (a.repeat, a.runtime, COW_IO, results["region"]))
+    print("%-34s %11s %11s %11s %10s %11s %10s" % ("pattern", "vdisk", "qsd", "plain", "vdisk/qsd", "vdisk/plain", "vdisk p99"))
+    for pname, _, what, _ in PATTERNS:
+        key, unit = ("iops", "IOPS") if what == "iops" else ("bw_mib", "MiB/s")
+        v, q, p = (t.get(n, {}).get(pname) for n in ("vdisk", "qsd", "plain"))
+        cell = lambda r: "%6.0f %-4s" % (r[key], unit) if r else "%11s" % "-"  # noqa: E731
+        ratio = lambda r: "%10.2f" % (v[key] / r[key]) if r else "%10s" % "-"  # noqa: E731
+        print("%-34s %s %s %s %s %s %7.0f us" % (pname, cell(v), cell(q), cell(p), ratio(q), ratio(p), v["p99_us"]))
+    print("\nvdisk write amplification, 4 KiB random writes (64 MiB, then fsync):")
+    for label, w in results["write_amplification_4k"].items():
+        print("  %-15s %5.1fx  (%d MiB written by the daemon for %d MiB, %.0f IOPS, %d MiB new space)"
+              % (label, w["write_amplification"], w["daemon_bytes_written"] >> 20, w["fio_bytes"] >> 20, w["iops"],
+                 w["new_space_bytes"] >> 20))
+    if "barrier" in results:
+        b, base = results["barrier"]["with_snapshots"], results["barrier"]["baseline"]
+        print("\ninstance snapshot of 10 disks under fio (4 KiB randwrite, qd4 each), one a second:")
+        print("  %d snapshots: create p50 %.1f ms, max %.1f ms" % (b["snapshots"], b["create_p50_ms"], b["create_max_ms"]))
+        print("  writers' latency     p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  (%.0f IOPS)   target: max < 20 ms"
+              % (b["lat_p50_ms"], b["lat_p99_ms"], b["lat_max_ms"], b["iops"]))
+        print("  baseline, no snaps   p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  (%.0f IOPS)"
+              % (base["lat_p50_ms"], base["lat_p99_ms"], base["lat_max_ms"], base["iops"]))
+    if "snapshot_time_by_size" in results:
+        print("snapshot creation time by disk size (sparse, 64 blocks written, median of 7):")
+        for k, v in results["snapshot_time_by_size"].items():
+            print("  %-8s median %.1f ms, max %.1f ms" % (k, v["median_ms"], v["max_ms"]))
+    if "deletion_time" in results:
+        print("snapshot deletion time by what changed since it (1 GiB written, then a snapshot after the change):")
+        for k, v in results["deletion_time"].items():
+            print("  %-9s changed: delete %7.1f ms, %6.0f MiB freed" % (k, v["delete_ms"], v["freed_mib"]))
+    if "memory" in results:
+        mm = results["memory"]
+        print("daemon memory, %d disks of %d GiB, %.1f GiB written in %.0f s: RSS %.0f MiB (peak %.0f, idle %.0f)"
+              "   target: < 300 MiB"
+              % (mm["disks"], mm["disk_gib"], mm["written_gib"], mm["seconds"], mm["rss_mib"], mm["rss_peak_mib"],
+                 mm["rss_idle_mib"]))
+    print("\nwritten to %s" % os.path.join(a.out, "bench.json"))
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runtime", type=int, default=10, help="seconds per measurement (default 10)")
     ap.add_argument("--repeat", type=int, default=3, help="repetitions per measurement (default 3)")
     ap.add_argument("--size-gib", type=int, default=1, help="region fio works on (default 1 GiB)")
     ap.add_argument("--out", default="bench-results", help="directory for bench.json")
     ap.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
-    ap.add_argument("--no-barrier", action="store_true", help="skip the instance-snapshot measurements")
+    ap.add_argument("--no-snapshot-costs", action="store_true",
+                    help="only the fio table: skip the barrier, creation, deletion and memory measurements")
     ap.add_argument("--barrier-runtime", type=int, default=20, help="seconds of load per barrier run (default 20)")
+    ap.add_argument("--memory-gib", type=int, default=10, help="GiB written for the memory figure (default 10)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("scripts/bench needs root (loop devices)")
     size = "%dG" % a.size_gib
-    results: dict = {
-        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
-        "runtime_s": a.runtime, "repeat": a.repeat, "region": size, "targets": {},
-    }
+    results: dict = {"machine": machine(), "runtime_s": a.runtime, "repeat": a.repeat, "region": size}
+    cwd = tempfile.gettempdir()
     env = VDiskEnv(prefix="vdisk-bench-")
-    plain_dev = None
     try:
         env.start()
-        iid, (disk,) = env.instance(ndata=1, size=max(a.size_gib, 1) + 1)
-        env.run("instance", "start", iid)
-        vdev = env.attach(disk)
-        plain = os.path.join(env.dir, "plain.img")
-        with open(plain, "wb") as f:
-            f.truncate((a.size_gib + 1) * GIB)
-        plain_dev = sh("losetup", "--find", "--show", "--direct-io=on", plain).stdout.strip()
-        targets = {"vdisk": vdev, "plain": plain_dev}
-        for name, dev in targets.items():  # fill the region so reads read data
-            print("filling %s on %s ..." % (size, name), file=sys.stderr)
-            fio(dev, ["--rw=write", "--bs=1M", "--iodepth=8"], size, None, env.dir)
-        for pname, args, _ in PATTERNS:
-            for name, dev in targets.items():
-                runs = []
-                for i in range(a.repeat):
-                    print("%-24s %-6s run %d/%d" % (pname, name, i + 1, a.repeat), file=sys.stderr)
-                    runs.append(fio(dev, args, size, a.runtime, env.dir))
-                results["targets"].setdefault(name, {})[pname] = {
-                    "iops": statistics.median(r["iops"] for r in runs),
-                    "bw_mib": statistics.median(r["bw_mib"] for r in runs),
-                    "p99_us": statistics.median(r["p99_us"] for r in runs),
-                    "runs": runs,
-                }
-        # write amplification of 4 KiB random writes: right after a snapshot
-        # of the filled region, and again with no snapshot in between
-        pid = env.daemon_pid()
-        wa = {}
-        for label, snap in (("after snapshot", True), ("no snapshot", False)):
-            if snap:
-                env.run("snapshot", "create", disk)
-            used0 = env.j("pool", "status")["Pool"]["UsedBytes"]
-            w0 = proc_wchar(pid)
-            t0 = time.monotonic()
-            r = fio(vdev, ["--rw=randwrite", "--bs=4k", "--iodepth=32", "--io_size=64M", "--end_fsync=1"], size, None, env.dir)
-            dt = time.monotonic() - t0
-            w1 = proc_wchar(pid)
-            used1 = env.j("pool", "status")["Pool"]["UsedBytes"]
-            wa[label] = {
-                "fio_bytes": r["bytes"],
-                "daemon_bytes_written": w1 - w0,
-                "write_amplification": (w1 - w0) / r["bytes"],
-                "new_space_bytes": used1 - used0,
-                "iops": r["bytes"] / 4096 / dt,
-            }
-        results["write_amplification_4k"] = wa
+        t = fio_patterns(a, size, cwd, env)
+        results["write_amplification_4k"] = t.pop("_write_amplification_4k")
+        results["targets"] = t
     finally:
-        if plain_dev:
-            sh("losetup", "-d", plain_dev, check=False)
         env.close()
-
-    if not a.no_barrier:
-        results["barrier"] = barrier_bench(a.barrier_runtime, 1.0, tempfile.gettempdir())
-        results["snapshot_time_by_size"] = snapshot_time_by_size(tempfile.gettempdir())
+    if not a.no_snapshot_costs:
+        results["barrier"] = barrier_bench(a.barrier_runtime, 1.0, cwd)
+        results["snapshot_time_by_size"] = snapshot_time_by_size(cwd)
+        results["deletion_time"] = deletion_time(cwd)
+        results["memory"] = memory_10x1tib(cwd, a.memory_gib)
 
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "bench.json"), "w") as f:
         json.dump(results, f, indent=2)
     if a.json:
         print(json.dumps(results, indent=2))
-        return 0
-    t = results["targets"]
-    print("\nfio through loop devices (--direct-io=on), libaio, direct=1; median of %d x %ds; region %s"
-          % (a.repeat, a.runtime, size))
-    print("%-24s %14s %14s %12s %12s" % ("pattern", "vdisk", "plain", "vdisk/plain", "vdisk p99"))
-    for pname, _, what in PATTERNS:
-        v, p = t["vdisk"][pname], t["plain"][pname]
-        key, unit = ("iops", "IOPS") if what == "iops" else ("bw_mib", "MiB/s")
-        print("%-24s %9.0f %-4s %9.0f %-4s %12.2f %9.0f us" % (pname, v[key], unit, p[key], unit, v[key] / p[key], v["p99_us"]))
-    print("\nvdisk write amplification, 4 KiB random writes (64 MiB over %s, then fsync):" % size)
-    for label, w in wa.items():
-        print("  %-15s %5.1fx  (%d MiB written by the daemon for %d MiB, %.0f IOPS, %d MiB new space)"
-              % (label, w["write_amplification"], w["daemon_bytes_written"] >> 20, w["fio_bytes"] >> 20, w["iops"], w["new_space_bytes"] >> 20))
-    if "barrier" in results:
-        b, base = results["barrier"]["with_snapshots"], results["barrier"]["baseline"]
-        print("\ninstance snapshot of 10 disks under fio (4 KiB randwrite, qd4 each), one a second:")
-        print("  %d snapshots: create p50 %.1f ms, max %.1f ms" % (b["snapshots"], b["create_p50_ms"], b["create_max_ms"]))
-        print("  writers' latency     p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  (%.0f IOPS)" % (b["lat_p50_ms"], b["lat_p99_ms"], b["lat_max_ms"], b["iops"]))
-        print("  baseline, no snaps   p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  (%.0f IOPS)" % (base["lat_p50_ms"], base["lat_p99_ms"], base["lat_max_ms"], base["iops"]))
-        print("snapshot creation time by disk size (sparse, 64 blocks written):")
-        for k, v in results["snapshot_time_by_size"].items():
-            print("  %-8s median %.1f ms, max %.1f ms" % (k, v["median_ms"], v["max_ms"]))
-    print("\nwritten to %s" % os.path.join(a.out, "bench.json"))
+    else:
+        print_report(results, a)
     return 0
 
 
