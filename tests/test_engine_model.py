@@ -1,7 +1,9 @@
 """Property-based test of the engine against a simple in-memory model.
 
-Random sequences of writes, discards, commits, snapshots, rollbacks, clones,
-deletions and simulated power cuts; every read is checked against the model,
+Random sequences of writes, discards, commits (whole, or begun, run and
+finished as separate steps with writes in between, as the daemon does in a
+worker thread), snapshots, rollbacks, clones, deletions and simulated power
+cuts; every read is checked against the model,
 and the pool's scrub (no slot owned twice, none leaked, indexes in step, every
 checksum right) must come back clean after every step that changes structure.
 """
@@ -41,6 +43,8 @@ class PoolModel(RuleBasedStateMachine):
         self.model: dict[int, bytearray] = {}
         self.durable: dict[int, bytes] = {}
         self.snapdata: dict[int, bytes] = {}
+        self.job = None  # a commit begun and not finished
+        self.job_model: dict[int, bytes] = {}
 
     def teardown(self):
         self.pool._abandon()
@@ -58,7 +62,7 @@ class PoolModel(RuleBasedStateMachine):
     def first_volume(self):
         return self.create()
 
-    @precondition(lambda self: len(self.model) < 3)
+    @precondition(lambda self: len(self.model) < 3 and self.job is None)
     @rule(target=vols)
     def create(self):
         vid = self.pool.create_volume(SIZE)
@@ -91,11 +95,33 @@ class PoolModel(RuleBasedStateMachine):
         self.pool.discard(vid, off, n)
         self.model[vid][off : off + n] = bytes(n)
 
+    @precondition(lambda self: self.job is None)
     @rule()
     def commit(self):
         self.pool.commit()
         self._durable_now()
 
+    @precondition(lambda self: self.job is None)
+    @rule()
+    def begin_commit(self):
+        self.job = self.pool.begin_commit()
+        self.job_model = {v: bytes(d) for v, d in self.model.items()}
+
+    @precondition(lambda self: self.job is not None and not self.job.done)
+    @rule()
+    def run_commit_job(self):
+        self.job.run()  # the worker thread's part, between other steps
+
+    @precondition(lambda self: self.job is not None)
+    @rule()
+    def finish_commit(self):
+        if not self.job.done:
+            self.job.run()
+        self.pool.finish_commit(self.job)
+        self.durable = self.job_model
+        self.job = None
+
+    @precondition(lambda self: self.job is None)
     @rule(target=snaps, vid=vols)
     def snapshot(self, vid):
         if vid not in self.model:
@@ -105,6 +131,7 @@ class PoolModel(RuleBasedStateMachine):
         self._durable_now()
         return sid
 
+    @precondition(lambda self: self.job is None)
     @rule(vid=vols, sid=snaps)
     def rollback(self, vid, sid):
         if vid not in self.model or sid not in self.snapdata:
@@ -114,7 +141,7 @@ class PoolModel(RuleBasedStateMachine):
         self._durable_now()
         self._check_scrub()
 
-    @precondition(lambda self: len(self.model) < 4)
+    @precondition(lambda self: len(self.model) < 4 and self.job is None)
     @rule(target=vols, sid=snaps)
     def clone(self, sid):
         if sid not in self.snapdata:
@@ -124,6 +151,7 @@ class PoolModel(RuleBasedStateMachine):
         self._durable_now()
         return vid
 
+    @precondition(lambda self: self.job is None)
     @rule(sid=consumes(snaps))
     def delete_snapshot(self, sid):
         if sid not in self.snapdata:
@@ -133,6 +161,7 @@ class PoolModel(RuleBasedStateMachine):
         self._durable_now()
         self._check_scrub()
 
+    @precondition(lambda self: self.job is None)
     @rule(vid=consumes(vols))
     def delete_volume(self, vid):
         if vid not in self.model:
@@ -144,6 +173,9 @@ class PoolModel(RuleBasedStateMachine):
 
     @rule(mode=st.sampled_from(["drop", "tear", "keep"]), seed=st.integers(0, 1000))
     def power_cut(self, mode, seed):
+        if self.job is not None and self.job.done:  # its transaction is durable
+            self.durable = self.job_model
+        self.job = None
         f = self.pool.file
         self.pool.env.close()
         self.pool.env = None

@@ -38,5 +38,11 @@ class Busy(EngineError):
     errno = errno.EBUSY
 
 
+class CommitInFlight(EngineError):
+    """A structural change was asked for while a commit runs in another thread."""
+
+    errno = errno.EBUSY
+
+
 class FormatError(EngineError):
     """The data directory's on-disk format is unknown or damaged."""

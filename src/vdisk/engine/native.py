@@ -25,16 +25,15 @@ def is_zero(buf) -> bool:
     return bool(lib.vd_is_zero(ffi.from_buffer(buf), len(buf)))
 
 
-_zflag = ffi.new("int *")
 
 
 def crc32c_is_zero(buf) -> tuple[int, bool]:
     """(crc32c, all_zero) in one pass; crc is 0 for an all-zero buffer.
-
-    Not thread-safe (shares one out-parameter): call from the engine's thread.
-    """
-    crc = lib.vd_crc32c_is_zero(ffi.from_buffer(buf), len(buf), _zflag)
-    return crc, bool(_zflag[0])
+    Thread-safe: the out-parameter is the caller's own (a commit job
+    checksums in a worker thread while the engine's thread writes)."""
+    zflag = ffi.new("int *")
+    crc = lib.vd_crc32c_is_zero(ffi.from_buffer(buf), len(buf), zflag)
+    return crc, bool(zflag[0])
 
 
 def diff_sectors(old, new, sector: int = SECTOR) -> tuple[int, bytes]:

@@ -29,9 +29,20 @@ a transaction go to DB_FREE in that same transaction and are only allocated
 again after it committed, so a crash can never leave the map pointing at
 reused data.
 
-Concurrency contract: a Pool is used from one thread.  Every method may block
-on disk I/O; `commit()` and everything that calls it block on fdatasync and an
-LMDB fsync.
+A commit comes in three steps so that its slow part can run in another
+thread while writes go on: `begin_commit()` freezes the overlay into an
+_Epoch (new writes start a new overlay, which reads through to the frozen
+one), `CommitJob.run()` does the fdatasync and the LMDB transaction, and
+`finish_commit()` publishes the result.  `commit()` is the three in a row.
+
+Concurrency contract: a Pool is used from one thread, except
+`CommitJob.run()`, which may run in one other thread at a time: it touches
+only its frozen epoch, the data file's fdatasync and its own LMDB write
+transaction, never the live overlay or the allocator.  While a job is in
+flight, structural changes (`commit(change)` and everything that calls it)
+raise CommitInFlight: finish the job first.  Every method may block on disk
+I/O; `commit()` and everything that calls it block on fdatasync and an LMDB
+fsync.
 """
 from __future__ import annotations
 
@@ -47,6 +58,7 @@ from . import native
 from .blockio import DataFile
 from .errors import (
     ChecksumError,
+    CommitInFlight,
     EngineError,
     FormatError,
     NoSpace,
@@ -111,6 +123,53 @@ class Dirty:
         self.crc = crc
         self.crc_ok = crc_ok
         self.fresh = fresh
+
+
+class _Epoch:
+    """The overlay frozen by begin_commit(): what one commit makes durable.
+
+    dirty: lid -> block -> Dirty.  alloc: slots allocated in the epoch (to be
+    taken out of DB_FREE).  hwm: the high-water mark at the freeze.
+    free_back: free slots not allocated (those beyond the durable hwm go to
+    DB_FREE).  records: staged catalogue records.  zeroed: slots whose block
+    turned out all zeros when the checksums were finished; they are freed by
+    the commit.
+    """
+
+    __slots__ = ("dirty", "alloc", "hwm", "free_back", "records", "zeroed")
+
+    def __init__(self, dirty, alloc, hwm, free_back, records):
+        self.dirty = dirty
+        self.alloc = alloc
+        self.hwm = hwm
+        self.free_back = free_back
+        self.records = records
+        self.zeroed: list[int] = []
+
+
+class CommitJob:
+    """One commit between begin_commit() and finish_commit().
+
+    run() may be called from another thread (see the module docstring) and
+    never raises: the outcome is kept for finish_commit().
+    """
+
+    def __init__(self, pool: "Pool", epoch: _Epoch, change):
+        self.pool = pool
+        self.epoch = epoch
+        self.change = change
+        self.tx: "_Tx | None" = None
+        self.result = None
+        self.error: BaseException | None = None
+        self.map_full = False
+        self.done = False
+
+    def run(self) -> None:
+        try:
+            self.pool._run_job(self)
+        except BaseException as exc:  # noqa: BLE001 - handed to finish_commit
+            self.error = exc
+        self.done = True
 
 
 class Lineage:
@@ -269,6 +328,10 @@ class Pool:
             self._snaps = {u64_decode(k): jdec(v) for k, v in txn.cursor(db=self._db[DB_SNAP])}
         self._dirty: dict[int, dict[int, Dirty]] = {}
         self._ndirty = 0
+        self._inflight: _Epoch | None = None  # frozen by begin_commit, not yet finished
+        # write() commits by itself at DIRTY_LIMIT; a daemon that runs commits
+        # in a worker thread turns this off and watches dirty_blocks() itself
+        self.auto_commit = True
         self._epoch_alloc: set[int] = set()  # slots allocated since the last commit
         self._free_cache: list[int] = []  # free slots ready to allocate (descending)
         self._free_scan: bytes | None = b""  # where to continue scanning DB_FREE
@@ -343,7 +406,7 @@ class Pool:
                 for k in cur.iternext(values=False):
                     s = u64_decode(k)
                     self._free_scan = u64(s + 1)
-                    if s not in self._epoch_alloc:
+                    if s not in self._epoch_alloc and not (self._inflight and s in self._inflight.alloc):
                         got.append(s)
                     if len(got) >= 4096:
                         break
@@ -357,7 +420,8 @@ class Pool:
     def _release_fresh(self, slot: int) -> None:
         """Give back a slot allocated since the last commit (never durable)."""
         self._epoch_alloc.discard(slot)
-        if slot == self._hwm - 1 and slot >= self._committed_hwm:
+        floor = max(self._committed_hwm, self._inflight.hwm if self._inflight else 0)
+        if slot == self._hwm - 1 and slot >= floor:
             self._hwm -= 1
         else:
             self._free_cache.append(slot)
@@ -387,6 +451,18 @@ class Pool:
             raise ChecksumError("checksum mismatch in slot %d (%s)" % (slot, where))
         return data
 
+    def _inflight_dirty(self, lid: int):
+        return self._inflight.dirty.get(lid) if self._inflight is not None else None
+
+    def _head_block(self, lid: int, block: int) -> bytes | None:
+        """A block of a lineage's head as durable or about to be: the frozen
+        overlay of an in-flight commit first, then the committed map."""
+        frozen = self._inflight_dirty(lid)
+        d = frozen.get(block) if frozen else None
+        if d is not None:
+            return None if d.slot == ZERO_SLOT else self.file.pread(BLOCK_SIZE, slot_offset(d.slot))
+        return self._committed_block(lid, self._lins[lid].gen, block)
+
     def _committed_block(self, lid: int, gen: int, block: int) -> bytes | None:
         with self.env.begin(db=self._db[DB_MAP]) as txn:
             slot, crc = self._lookup(txn.cursor(), lid, gen, block)
@@ -410,14 +486,15 @@ class Pool:
             raise NotFound("volume %d does not exist" % vid)
         length = max(0, min(length, vol["size"] - offset))
         lid = vol["lid"]
-        return self._read(lid, self._lins[lid].gen, offset, length, self._dirty.get(lid))
+        return self._read(lid, self._lins[lid].gen, offset, length, self._dirty.get(lid), self._inflight_dirty(lid))
 
     def read_snapshot(self, sid: int, offset: int, length: int) -> bytes:
         s = self.snapshot_info(sid)
         length = max(0, min(length, s["size"] - offset))
-        return self._read(s["lid"], s["gen"], offset, length, None)
+        return self._read(s["lid"], s["gen"], offset, length, None, None)
 
-    def _read(self, lid: int, gen: int, offset: int, length: int, dirty) -> bytes:
+    def _read(self, lid: int, gen: int, offset: int, length: int, dirty, frozen) -> bytes:
+        """dirty, frozen: the live overlay and an in-flight commit's (or None)."""
         out = bytearray(length)
         pos = 0
         txn = None
@@ -426,6 +503,8 @@ class Pool:
                 block, intra = divmod(offset + pos, BLOCK_SIZE)
                 n = min(BLOCK_SIZE - intra, length - pos)
                 d = dirty.get(block) if dirty else None
+                if d is None and frozen:
+                    d = frozen.get(block)
                 if d is not None:
                     if d.slot != ZERO_SLOT:
                         out[pos : pos + n] = self.file.pread(n, slot_offset(d.slot) + intra)
@@ -463,7 +542,7 @@ class Pool:
             n = min(BLOCK_SIZE - intra, len(mv) - pos)
             self._write_block(lid, dirty, block, intra, mv[pos : pos + n])
             pos += n
-        if self._ndirty >= DIRTY_LIMIT:
+        if self._ndirty >= DIRTY_LIMIT and self.auto_commit and self._inflight is None:
             self.commit()
 
     def discard(self, vid: int, offset: int, length: int) -> None:
@@ -517,7 +596,7 @@ class Pool:
             if d is not None:  # dirty zero block
                 base = None
             else:
-                base = self._committed_block(lid, self._lins[lid].gen, block)
+                base = self._head_block(lid, block)
             buf = bytearray(base if base is not None else ZERO_BLOCK)
             buf[intra : intra + len(chunk)] = chunk
         crc, zero = native.crc32c_is_zero(buf)
@@ -527,7 +606,7 @@ class Pool:
         if d is None and full and self._lins[lid].points:
             # Rewriting a block with what it already holds must not make the
             # snapshot that shares it diverge (its billed size would grow).
-            old = self._committed_block(lid, self._lins[lid].gen, block)
+            old = self._head_block(lid, block)
             if old is not None and native.diff_sectors(old, buf)[0] == 0:
                 return
         slot = self._alloc()
@@ -566,6 +645,8 @@ class Pool:
     def get_record(self, key: str):
         if key in self._records:
             return self._records[key]
+        if self._inflight is not None and key in self._inflight.records:
+            return self._inflight.records[key]
         with self.env.begin(db=self._db[DB_RECORD]) as txn:
             v = txn.get(key.encode())
         return None if v is None else jdec(v)
@@ -580,13 +661,25 @@ class Pool:
                     if not k.startswith(p):
                         break
                     out[k.decode()] = jdec(v)
-        for k, v in self._records.items():
+        staged = dict(self._inflight.records) if self._inflight is not None else {}
+        staged.update(self._records)
+        for k, v in staged.items():
             if k.startswith(prefix):
                 if v is None:
                     out.pop(k, None)
                 else:
                     out[k] = v
         return out
+
+    def pending(self) -> bool:
+        """True if a commit would have anything to make durable."""
+        return bool(
+            self._ndirty or self._records or self._epoch_alloc or self._hwm != self._committed_hwm
+        )
+
+    def inflight(self) -> bool:
+        """True between begin_commit() and finish_commit()."""
+        return self._inflight is not None
 
     def commit(self, change=None):
         """Make every write so far durable, plus `change(tx)` if given.
@@ -595,18 +688,46 @@ class Pool:
         raise EngineError to abort (nothing is changed then).  May be called
         again after a MapFull retry, so it must act only through tx.
         Returns change's result.  Blocks on fdatasync and LMDB's fsync.
+        Raises CommitInFlight while a job from begin_commit() is unfinished.
         """
         if self._failed:
             raise PoolFailed(self._failed)
-        if (
-            change is None
-            and not self._ndirty
-            and not self._records
-            and not self._epoch_alloc
-            and self._hwm == self._committed_hwm
-        ):
+        if self._inflight is not None:
+            raise CommitInFlight(
+                "a commit is running in the background; wait for it to finish, then try again"
+            )
+        if change is None and not self.pending():
             return None
-        self._finish_checksums()
+        job = self.begin_commit(change)
+        job.run()
+        return self.finish_commit(job)
+
+    def begin_commit(self, change=None) -> CommitJob:
+        """Freeze the overlay into a job whose run() makes it durable.
+
+        Writes after this go to a new overlay, which reads through to the
+        frozen one; they are made durable by the next commit.  Only one job
+        may be in flight.  Must be called with no LMDB transaction open in
+        this process (it may grow the map).
+        """
+        if self._failed:
+            raise PoolFailed(self._failed)
+        if self._inflight is not None:
+            raise CommitInFlight("a commit is already in flight")
+        ep = _Epoch(self._dirty, self._epoch_alloc, self._hwm, list(self._free_cache), self._records)
+        self._dirty, self._ndirty, self._epoch_alloc, self._records = {}, 0, set(), {}
+        self._inflight = ep
+        try:
+            self._grow_map_if_needed()
+        except BaseException:
+            self._unfreeze(ep)
+            raise
+        return CommitJob(self, ep, change)
+
+    def _run_job(self, job: CommitJob) -> None:
+        """The blocking part of a commit: see CommitJob.run()."""
+        ep = job.epoch
+        self._finish_checksums(ep)
         try:
             self.file.sync()
         except OSError as exc:
@@ -615,42 +736,81 @@ class Pool:
                 "restarted, which recovers the last durable state" % (self.file.path, exc)
             )
             raise PoolFailed(self._failed) from exc
-        self._grow_map_if_needed()
-        for attempt in range(8):
-            try:
-                with self.env.begin(write=True) as txn:
-                    tx = _Tx(self, txn)
-                    self._apply_dirty(tx)
-                    result = change(tx) if change is not None else None
-                    self._finish_tx(tx)
-                break
-            except lmdb.MapFullError:
-                self._grow_map(force=True)
-            except lmdb.Error as exc:
-                if "No space" in str(exc) or "ENOSPC" in str(exc):
-                    raise NoSpace("the pool's filesystem is full: %s" % exc) from exc
-                raise
-        else:  # pragma: no cover
-            raise NoSpace("LMDB map cannot grow enough")
-        self._after_commit(tx, punch=change is not None)
-        return result
+        try:
+            with self.env.begin(write=True) as txn:
+                tx = _Tx(self, txn)
+                self._apply_dirty(tx, ep)
+                result = job.change(tx) if job.change is not None else None
+                self._finish_tx(tx, ep)
+        except lmdb.MapFullError:
+            job.map_full = True
+            return
+        except lmdb.Error as exc:
+            if "No space" in str(exc) or "ENOSPC" in str(exc):
+                raise NoSpace("the pool's filesystem is full: %s" % exc) from exc
+            raise
+        job.tx, job.result = tx, result
 
-    def _finish_checksums(self) -> None:
-        for dirty in self._dirty.values():
-            for block, d in dirty.items():
+    def finish_commit(self, job: CommitJob):
+        """Publish a job that ran (in this thread again); returns change's
+        result or raises its error.  A failed job's writes go back into the
+        overlay (newer writes win), so a later commit retries them."""
+        assert job.done and self._inflight is job.epoch
+        for _ in range(8):
+            if not job.map_full:
+                break
+            self._grow_map(force=True)  # no transaction is open: safe here
+            job.map_full, job.done = False, False
+            job.run()
+        else:  # pragma: no cover
+            job.error = job.error or NoSpace("LMDB map cannot grow enough")
+        if job.error is not None:
+            self._unfreeze(job.epoch)
+            raise job.error
+        self._inflight = None
+        self._after_commit(job.tx, job.epoch, punch=job.change is not None)
+        return job.result
+
+    def _unfreeze(self, ep: _Epoch) -> None:
+        """Put a frozen epoch that was not committed back under the overlay."""
+        self._inflight = None
+        for slot in ep.zeroed:  # never durable: give them back
+            ep.alloc.discard(slot)
+            self._free_cache.append(slot)
+        ep.zeroed = []
+        for lid, frozen in ep.dirty.items():
+            live = self._dirty.setdefault(lid, {})
+            for block, d in frozen.items():
+                if block not in live:
+                    live[block] = d
+                    self._ndirty += 1
+                elif d.slot != ZERO_SLOT and d.fresh:
+                    ep.alloc.discard(d.slot)  # overwritten since: never durable
+                    self._free_cache.append(d.slot)
+        self._epoch_alloc |= ep.alloc
+        self._free_cache.sort(reverse=True)
+        merged = dict(ep.records)
+        merged.update(self._records)
+        self._records = merged
+
+    def _finish_checksums(self, ep: _Epoch) -> None:
+        """Checksum the blocks written in place since their allocation.  Runs
+        in the job's thread: the frozen slots are no longer written."""
+        for dirty in ep.dirty.values():
+            for d in dirty.values():
                 if d.slot != ZERO_SLOT and not d.crc_ok:
                     data = self.file.pread(BLOCK_SIZE, slot_offset(d.slot))
                     crc, zero = native.crc32c_is_zero(data)
-                    if zero:
-                        self._release_fresh(d.slot)
+                    if zero:  # ep.alloc keeps it: the other thread's allocator must not see it free yet
+                        ep.zeroed.append(d.slot)
                         d.slot, d.crc, d.fresh = ZERO_SLOT, 0, False
                     d.crc, d.crc_ok = crc, True
 
-    def _apply_dirty(self, tx: _Tx) -> None:
+    def _apply_dirty(self, tx: _Tx, ep: _Epoch) -> None:
         txn = tx.txn
         mdb = self._db[DB_MAP]
         cur = txn.cursor(db=mdb)
-        for lid, dirty in self._dirty.items():
+        for lid, dirty in ep.dirty.items():
             if not dirty:
                 continue
             lin = self._lins[lid]
@@ -694,17 +854,19 @@ class Pool:
         plid, pgen = lin.parent
         return self._lookup(cur, plid, pgen, block)[0] != ZERO_SLOT
 
-    def _finish_tx(self, tx: _Tx) -> None:
+    def _finish_tx(self, tx: _Tx, ep: _Epoch) -> None:
         txn = tx.txn
         meta, free = self._db[DB_META], self._db[DB_FREE]
         committed_hwm = u64_decode(txn.get(b"hwm", db=meta))
-        for slot in self._epoch_alloc:
+        for slot in ep.alloc:
             if slot < committed_hwm:
                 txn.delete(u64(slot), db=free)
-        hwm = max(self._hwm, committed_hwm)
-        for slot in self._free_cache:
+        hwm = max(ep.hwm, committed_hwm)
+        for slot in ep.free_back:
             if slot >= committed_hwm:  # taken from beyond the old hwm, given back
                 txn.put(u64(slot), b"", db=free)
+        for slot in ep.zeroed:  # allocated, then found to hold only zeros: free
+            txn.put(u64(slot), b"", db=free)
         for slot in tx.frees:
             txn.put(u64(slot), b"", db=free)
         txn.put(b"hwm", u64(hwm), db=meta)
@@ -727,13 +889,13 @@ class Pool:
                 txn.delete(u64(sid), db=self._db[DB_SNAP])
             else:
                 txn.put(u64(sid), jenc(s), db=self._db[DB_SNAP])
-        for k, v in self._records.items():
+        for k, v in ep.records.items():
             if v is None:
                 txn.delete(k.encode(), db=self._db[DB_RECORD])
             else:
                 txn.put(k.encode(), jenc(v), db=self._db[DB_RECORD])
 
-    def _after_commit(self, tx: _Tx, punch: bool) -> None:
+    def _after_commit(self, tx: _Tx, ep: _Epoch, punch: bool) -> None:
         """The transaction is durable: publish it and let its frees be reused."""
         for lid, lin in tx.lins.items():
             if lid in tx.dropped_lins:
@@ -752,12 +914,10 @@ class Pool:
             else:
                 self._snaps[sid] = s
         self._counters.update(tx.counters)
-        self._committed_hwm = self._hwm
-        self._dirty = {}
-        self._ndirty = 0
-        self._records = {}
-        self._epoch_alloc = set()
-        self._free_cache = []
+        self._committed_hwm = max(self._committed_hwm, ep.hwm)
+        # The free cache keeps what it holds (all of it is free, durable or
+        # beyond the hwm); once it runs dry, DB_FREE is scanned again from the
+        # start, where this commit's frees (ep.zeroed among them) now are.
         self._free_scan = b""
         if not punch:
             # Slots freed by overwrites are reused by the next writes; giving
