@@ -19,15 +19,18 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 
 import trio
 
 from ..config import Paths
 from ..control.controller import Controller
+from ..engine.errors import EngineError
 from ..engine.pool import Pool
 from ..fuse import discard
 from ..fuse.fs import DiskFS
 from . import lock
+from .committer import Committer
 
 import pyfuse3  # noqa: E402 - after vdisk.fuse, which must load the discard shim first
 
@@ -103,6 +106,9 @@ class Daemon:
         _clear_stale_mount(mp)
         os.makedirs(mp, mode=0o700, exist_ok=True)
         self.fs = DiskFS(pool, mp)
+        self.committer = self.fs.committer = Committer(pool)
+        # the commit thread holds the GIL in stretches; hand it back quickly
+        sys.setswitchinterval(0.001)
         self.ctl = Controller(pool, host=self.fs)
         options = set(pyfuse3.default_options)
         options |= {"fsname=vdisk", "subtype=vdisk"}
@@ -133,6 +139,7 @@ class Daemon:
                 nursery.start_soon(pyfuse3.main)
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self._writeback)
+                await nursery.start(self.committer.run)
                 await nursery.start(self._serve_control)
                 log.info("vdisk daemon %d serving %s at %s", os.getpid(), self.paths.data_dir, self.paths.mountpoint)
 
@@ -197,7 +204,7 @@ class Daemon:
                     return
                 while b"\n" in buf:
                     line, buf = buf.split(b"\n", 1)
-                    answer = self._answer(line)
+                    answer = await self._answer(line)
                     try:
                         await stream.send_all(json.dumps(answer).encode() + b"\n")
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -206,7 +213,7 @@ class Daemon:
                         if self._stopping:
                             self.cancel.cancel()
 
-    def _answer(self, line: bytes) -> dict:
+    async def _answer(self, line: bytes) -> dict:
         try:
             req = json.loads(line)
         except ValueError as exc:
@@ -224,6 +231,20 @@ class Daemon:
                 }
             self._stopping = True  # cancelled once the answer is sent
             return {"ShuttingDown": True}
+        action = str(req.get("Action", "")) if isinstance(req, dict) else ""
+        if not action.startswith(("Describe", "List", "Get")):
+            # Flush in the background first, so that the action's own
+            # (synchronous) commit - the instance barrier of a snapshot group -
+            # has only the writes of the last moments to sync.
+            try:
+                for _ in range(3):  # writes go on meanwhile: repeat while many arrived
+                    await self.committer.flush()
+                    if self.fs.pool.dirty_blocks() < 64:
+                        break
+            except EngineError as exc:
+                log.error("flush before %s failed: %s", action, exc)  # the action's commit reports it
+        await self.committer.idle()
+        # no await from here: the action runs between two FUSE requests
         return self.ctl.handle(req)
 
 

@@ -1,0 +1,98 @@
+"""Commits off the trio thread.
+
+The pool's commit has a slow part (fdatasync of the data file, then a
+synchronous LMDB transaction) that used to stall every disk while it ran.
+The Committer freezes the overlay in the trio thread (`Pool.begin_commit`,
+an instant between two FUSE requests), runs the slow part in a worker thread
+and publishes the result back in the trio thread; FUSE requests go on in the
+meantime into a new overlay.
+
+Concurrency contract: every method is called from the trio thread.  At most
+one commit is in flight.  `flush()` blocks the calling task (only) until
+every write acknowledged before the call is durable; `idle()` until no
+commit is in flight, after which the caller may run synchronous structural
+changes (snapshots, rollbacks) before its next await.
+"""
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from ..engine.errors import EngineError
+from ..engine.pool import DIRTY_LIMIT, Pool
+
+log = logging.getLogger(__name__)
+
+# A write waits (back-pressure) when this many blocks are dirty while a
+# commit is still running: memory and unflushed data stay bounded.
+HARD_LIMIT = 4 * DIRTY_LIMIT
+
+
+class Committer:
+    def __init__(self, pool: Pool):
+        self.pool = pool
+        pool.auto_commit = False
+        self._seq = 0  # commits begun
+        self._ok = 0  # the last one that succeeded
+        self._idle = trio.Event()
+        self._idle.set()
+        self._wake = trio.Event()
+
+    async def _commit(self) -> None:
+        """Begin a commit, run it in a worker thread, finish it.  Raises
+        what the commit raised (its writes stay pending then)."""
+        job = self.pool.begin_commit()
+        self._seq += 1
+        seq = self._seq
+        self._idle = trio.Event()
+        try:
+            # not cancellable: the job must finish before the pool is touched
+            await trio.to_thread.run_sync(job.run, thread_name="vdisk-commit")
+        finally:
+            try:
+                self.pool.finish_commit(job)
+                self._ok = seq
+            finally:
+                self._idle.set()
+
+    async def idle(self) -> None:
+        """Return once no commit is in flight."""
+        while self.pool.inflight():
+            await self._idle.wait()
+
+    async def flush(self) -> None:
+        """Make every write acknowledged so far durable (fsync)."""
+        target = self._seq + 1 if self.pool.pending() else self._seq
+        while self._ok < target:
+            if self.pool.inflight():
+                await self._idle.wait()
+            elif not self.pool.pending() and self._ok >= self._seq:
+                return
+            else:
+                await self._commit()
+
+    async def after_write(self) -> None:
+        """Called after each write: start a background commit at the dirty
+        limit; wait while far beyond it."""
+        n = self.pool.dirty_blocks()
+        if n >= DIRTY_LIMIT:
+            self._wake.set()
+            while self.pool.dirty_blocks() >= HARD_LIMIT and self.pool.inflight():
+                await self._idle.wait()
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The background task: commits whenever the dirty limit is hit."""
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self.pool.dirty_blocks() >= DIRTY_LIMIT:
+                if self.pool.inflight():
+                    await self._idle.wait()
+                    continue
+                try:
+                    await self._commit()
+                except EngineError as exc:  # the next flush reports it to its caller
+                    log.error("background commit failed: %s", exc)
+                    break
