@@ -10,7 +10,7 @@ import pytest
 from powercut import PowerCutFile
 from vdisk.engine import native
 from vdisk.engine.blockio import DataFile
-from vdisk.engine.errors import ChecksumError, FormatError, NoSpace, OutOfRange
+from vdisk.engine.errors import ChecksumError, FormatError, NoSpace, NotFound, OutOfRange
 from vdisk.engine.format import DB_META, LMDB_DIR, u64
 from vdisk.engine.pool import BLOCK_SIZE, Pool
 
@@ -352,3 +352,34 @@ def test_structural_change_refused_while_a_commit_is_in_flight(pool):
     job.run()
     pool.finish_commit(job)
     assert pool.snapshot([vid])
+
+
+def test_records_staged_by_a_change_are_in_its_transaction(pool):
+    """Catalogue records a snapshot's change stages must be durable with the
+    snapshot itself (one transaction), not in some later commit."""
+    vid = pool.create_volume(4 * BLOCK_SIZE)
+    pool.put_record("before/1", {"n": 1})  # staged outside: also in this commit
+
+    def change(tx, sids):
+        pool.put_record("snap/%d" % sids[0], {"sid": sids[0]})
+        assert pool.get_record("snap/%d" % sids[0]) == {"sid": sids[0]}
+
+    (sid,) = pool.snapshot([vid], change)
+    pool = reopen(pool, "drop")  # a power cut right after: no later commit
+    assert pool.get_record("snap/%d" % sid) == {"sid": sid}
+    assert pool.get_record("before/1") == {"n": 1}
+    pool._abandon()
+
+
+def test_records_of_a_failed_change_are_dropped(pool):
+    vid = pool.create_volume(4 * BLOCK_SIZE)
+
+    def change(tx, sids):
+        pool.put_record("snap/x", {"bad": True})
+        raise NotFound("refused on purpose")
+
+    with pytest.raises(NotFound):
+        pool.snapshot([vid], change)
+    assert pool.get_record("snap/x") is None
+    pool.commit()
+    assert pool.get_record("snap/x") is None

@@ -228,6 +228,7 @@ class _Tx:
         self.vols: dict[int, dict | None] = {}
         self.snaps: dict[int, dict | None] = {}
         self.counters: dict[str, int] = {}
+        self.records: dict[str, dict | None] = {}  # staged by the change: same transaction
 
     def lin(self, lid: int) -> Lineage:
         if lid not in self.lins:
@@ -329,6 +330,7 @@ class Pool:
         self._dirty: dict[int, dict[int, Dirty]] = {}
         self._ndirty = 0
         self._inflight: _Epoch | None = None  # frozen by begin_commit, not yet finished
+        self._change_tx: _Tx | None = None  # the transaction whose change is running
         # write() commits by itself at DIRTY_LIMIT; a daemon that runs commits
         # in a worker thread turns this off and watches dirty_blocks() itself
         self.auto_commit = True
@@ -639,10 +641,17 @@ class Pool:
         self._records = {}
 
     def put_record(self, key: str, value: dict | None) -> None:
-        """Stage a catalogue record (None deletes); durable at the next commit."""
-        self._records[key] = value
+        """Stage a catalogue record (None deletes); durable at the next commit.
+        Called from inside a commit's change, it goes into that commit's
+        transaction (atomic with the change)."""
+        if self._change_tx is not None:
+            self._change_tx.records[key] = value
+        else:
+            self._records[key] = value
 
     def get_record(self, key: str):
+        if self._change_tx is not None and key in self._change_tx.records:
+            return self._change_tx.records[key]
         if key in self._records:
             return self._records[key]
         if self._inflight is not None and key in self._inflight.records:
@@ -663,6 +672,8 @@ class Pool:
                     out[k.decode()] = jdec(v)
         staged = dict(self._inflight.records) if self._inflight is not None else {}
         staged.update(self._records)
+        if self._change_tx is not None:
+            staged.update(self._change_tx.records)
         for k, v in staged.items():
             if k.startswith(prefix):
                 if v is None:
@@ -740,7 +751,13 @@ class Pool:
             with self.env.begin(write=True) as txn:
                 tx = _Tx(self, txn)
                 self._apply_dirty(tx, ep)
-                result = job.change(tx) if job.change is not None else None
+                result = None
+                if job.change is not None:
+                    self._change_tx = tx
+                    try:
+                        result = job.change(tx)
+                    finally:
+                        self._change_tx = None
                 self._finish_tx(tx, ep)
         except lmdb.MapFullError:
             job.map_full = True
@@ -889,7 +906,7 @@ class Pool:
                 txn.delete(u64(sid), db=self._db[DB_SNAP])
             else:
                 txn.put(u64(sid), jenc(s), db=self._db[DB_SNAP])
-        for k, v in ep.records.items():
+        for k, v in list(ep.records.items()) + list(tx.records.items()):
             if v is None:
                 txn.delete(k.encode(), db=self._db[DB_RECORD])
             else:
