@@ -169,8 +169,10 @@ def fio_patterns(a, size: str, cwd: str, env: VDiskEnv) -> dict:
     targets = []
     try:
         targets.append(VdiskTarget(env, a.size_gib))
-        targets.append(QsdTarget(env.dir, a.size_gib))
-        targets.append(PlainTarget(env.dir, a.size_gib))
+        if "qsd" in a.targets:
+            targets.append(QsdTarget(env.dir, a.size_gib))
+        if "plain" in a.targets:
+            targets.append(PlainTarget(env.dir, a.size_gib))
         for t in targets:  # fill the region so reads read data and snapshots share it
             log("filling %s on %s ..." % (size, t.name))
             fio(t.dev, ["--rw=write", "--bs=1M", "--iodepth=8"], size, None, cwd)
@@ -422,7 +424,7 @@ def print_report(results: dict, a) -> None:
         key, unit = ("iops", "IOPS") if what == "iops" else ("bw_mib", "MiB/s")
         v, q, p = (t.get(n, {}).get(pname) for n in ("vdisk", "qsd", "plain"))
         cell = lambda r: "%6.0f %-4s" % (r[key], unit) if r else "%11s" % "-"  # noqa: E731
-        ratio = lambda r: "%10.2f" % (v[key] / r[key]) if r else "%10s" % "-"  # noqa: E731
+        ratio = lambda r: "%10.2f" % (v[key] / r[key]) if r and r[key] else "%10s" % "-"  # noqa: E731
         print("%-34s %s %s %s %s %s %7.0f us" % (pname, cell(v), cell(q), cell(p), ratio(q), ratio(p), v["p99_us"]))
     print("\nvdisk write amplification, 4 KiB random writes (64 MiB, then fsync):")
     for label, w in results["write_amplification_4k"].items():
@@ -463,9 +465,15 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
     ap.add_argument("--no-snapshot-costs", action="store_true",
                     help="only the fio table: skip the barrier, creation, deletion and memory measurements")
+    ap.add_argument("--targets", default="vdisk,qsd,plain",
+                    help="comma-separated; vdisk is always measured (default vdisk,qsd,plain)")
     ap.add_argument("--barrier-runtime", type=int, default=20, help="seconds of load per barrier run (default 20)")
     ap.add_argument("--memory-gib", type=int, default=10, help="GiB written for the memory figure (default 10)")
     a = ap.parse_args()
+    a.targets = set(a.targets.split(","))
+    unknown = a.targets - {"vdisk", "qsd", "plain"}
+    if unknown:
+        ap.error("unknown target(s) %s: choose among vdisk, qsd, plain" % ", ".join(sorted(unknown)))
     if os.geteuid() != 0:
         raise SystemExit("scripts/bench needs root (loop devices)")
     size = "%dG" % a.size_gib

@@ -106,6 +106,9 @@ INITIAL_MAP_SIZE = 256 << 20
 # Commit on our own once this many blocks are dirty (bounds memory and the
 # amount of unflushed data, like a disk's write cache).
 DIRTY_LIMIT = 1024
+# How many slots the verified-once set remembers (about 64 MiB of memory at
+# most); it starts over when full.
+VERIFIED_MAX = 1 << 20
 
 
 class Dirty:
@@ -331,6 +334,10 @@ class Pool:
         self._ndirty = 0
         self._inflight: _Epoch | None = None  # frozen by begin_commit, not yet finished
         self._change_tx: _Tx | None = None  # the transaction whose change is running
+        # Committed slots whose checksum was verified since the pool was
+        # opened: a partial read of one reads only what it needs.  A slot
+        # leaves the set when it is allocated again.
+        self._verified: set[int] = set()
         # write() commits by itself at DIRTY_LIMIT; a daemon that runs commits
         # in a worker thread turns this off and watches dirty_blocks() itself
         self.auto_commit = True
@@ -398,6 +405,7 @@ class Pool:
                 raise NoSpace("the pool's filesystem is full (%s): %s" % (self.path, exc)) from exc
             self._hwm += 1
         self._epoch_alloc.add(slot)
+        self._verified.discard(slot)
         return slot
 
     def _refill_free_cache(self) -> None:
@@ -448,9 +456,15 @@ class Pool:
             lid, gen = lin.parent
 
     def _read_slot(self, slot: int, crc: int, where: str) -> bytes:
+        """A committed slot's whole block, its checksum verified (once per
+        slot since the pool was opened: the page cache serves it after that)."""
         data = self.file.pread(BLOCK_SIZE, slot_offset(slot))
-        if native.crc32c(data) != crc:
-            raise ChecksumError("checksum mismatch in slot %d (%s)" % (slot, where))
+        if slot not in self._verified:
+            if native.crc32c(data) != crc:
+                raise ChecksumError("checksum mismatch in slot %d (%s)" % (slot, where))
+            if len(self._verified) >= VERIFIED_MAX:
+                self._verified.clear()
+            self._verified.add(slot)
         return data
 
     def _inflight_dirty(self, lid: int):
@@ -516,8 +530,11 @@ class Pool:
                         cur = txn.cursor()
                     slot, crc = self._lookup(cur, lid, gen, block)
                     if slot != ZERO_SLOT:
-                        data = self._read_slot(slot, crc, "lineage %d block %d" % (lid, block))
-                        out[pos : pos + n] = data[intra : intra + n]
+                        if n < BLOCK_SIZE and slot in self._verified:
+                            out[pos : pos + n] = self.file.pread(n, slot_offset(slot) + intra)
+                        else:
+                            data = self._read_slot(slot, crc, "lineage %d block %d" % (lid, block))
+                            out[pos : pos + n] = data[intra : intra + n]
                 pos += n
         finally:
             if txn is not None:
@@ -577,17 +594,19 @@ class Pool:
         d.slot, d.crc, d.crc_ok, d.fresh = ZERO_SLOT, 0, True, False
 
     def _write_block(self, lid: int, dirty: dict, block: int, intra: int, chunk: memoryview) -> None:
+        """Write into one block.  Checksums of what is written here are
+        computed at commit (_finish_checksums, in the commit's thread when
+        the daemon runs commits in a worker), not per write."""
         d = dirty.get(block)
         full = len(chunk) == BLOCK_SIZE
         if d is not None and d.fresh:
             # Allocated since the last commit: nothing durable points here.
             if full:
-                crc, zero = native.crc32c_is_zero(chunk)
-                if zero:
+                if native.is_zero(chunk):
                     self._set_zero(dirty, block)
                     return
                 self.file.pwrite(chunk, slot_offset(d.slot))
-                d.crc, d.crc_ok = crc, True
+                d.crc_ok = False
             else:
                 self.file.pwrite(chunk, slot_offset(d.slot) + intra)
                 d.crc_ok = False
@@ -601,8 +620,7 @@ class Pool:
                 base = self._head_block(lid, block)
             buf = bytearray(base if base is not None else ZERO_BLOCK)
             buf[intra : intra + len(chunk)] = chunk
-        crc, zero = native.crc32c_is_zero(buf)
-        if zero:
+        if native.is_zero(buf):
             self._set_zero(dirty, block)
             return
         if d is None and full and self._lins[lid].points:
@@ -621,9 +639,9 @@ class Pool:
             raise
         if d is None:
             self._ndirty += 1
-            dirty[block] = Dirty(slot, crc, True, True)
+            dirty[block] = Dirty(slot, 0, False, True)
         else:
-            d.slot, d.crc, d.crc_ok, d.fresh = slot, crc, True, True
+            d.slot, d.crc, d.crc_ok, d.fresh = slot, 0, False, True
 
     # ------------------------------------------------------------ commit
 
