@@ -38,11 +38,13 @@ class Committer:
         self._idle = trio.Event()
         self._idle.set()
         self._wake = trio.Event()
+        self._priority = 0  # structural commits waiting: background ones hold off
 
-    async def _commit(self) -> None:
-        """Begin a commit, run it in a worker thread, finish it.  Raises
-        what the commit raised (its writes stay pending then)."""
-        job = self.pool.begin_commit()
+    async def _commit(self, change=None):
+        """Begin a commit, run it in a worker thread, finish it; returns the
+        change's result.  Raises what the commit raised (its writes stay
+        pending then).  The caller makes sure none is in flight."""
+        job = self.pool.begin_commit(change)
         self._seq += 1
         seq = self._seq
         self._idle = trio.Event()
@@ -51,10 +53,23 @@ class Committer:
             await trio.to_thread.run_sync(job.run, thread_name="vdisk-commit")
         finally:
             try:
-                self.pool.finish_commit(job)
+                result = self.pool.finish_commit(job)
                 self._ok = seq
             finally:
                 self._idle.set()
+        return result
+
+    async def commit_change(self, change):
+        """A structural commit (a snapshot, say) run like the others: the
+        overlay is frozen now, between two FUSE requests - the instant the
+        snapshot is taken - and the fdatasync and the transaction run in the
+        worker thread while I/O goes on.  Returns the change's result."""
+        self._priority += 1
+        try:
+            await self.idle()
+            return await self._commit(change)
+        finally:
+            self._priority -= 1
 
     async def idle(self) -> None:
         """Return once no commit is in flight."""
@@ -88,8 +103,9 @@ class Committer:
             await self._wake.wait()
             self._wake = trio.Event()
             while self.pool.dirty_blocks() >= DIRTY_LIMIT:
-                if self.pool.inflight():
+                if self.pool.inflight() or self._priority:
                     await self._idle.wait()
+                    await trio.sleep(0)  # let a waiting structural commit go first
                     continue
                 try:
                     await self._commit()

@@ -36,6 +36,10 @@ import pyfuse3  # noqa: E402 - after vdisk.fuse, which must load the discard shi
 
 log = logging.getLogger(__name__)
 MAX_REQUEST = 1 << 20
+# Actions run in a control thread: their commit (the snapshot itself) runs
+# through the Committer, so FUSE I/O goes on while it is made durable.  They
+# only read the catalogue and the pool besides; see docs/architecture.md.
+THREADED_ACTIONS = {"CreateSnapshot", "CreateSnapshotGroup"}
 
 
 def _clear_stale_mount(mountpoint: str) -> None:
@@ -81,6 +85,7 @@ class Daemon:
         self.paths = paths
         self.cancel: trio.CancelScope | None = None
         self._stopping = False
+        self._control = trio.Lock()  # one control action at a time
 
     def run(self) -> int:
         try:
@@ -134,6 +139,12 @@ class Daemon:
                 log.info("instance %s is Running: its %d disk(s) are back", inst["InstanceId"], len(disks))
 
     async def _main(self) -> None:
+        committer = self.committer
+
+        def commit_from_thread(change):
+            return trio.from_thread.run(committer.commit_change, change)
+
+        self.fs.pool.commit_via = commit_from_thread
         with trio.CancelScope() as self.cancel:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(pyfuse3.main)
@@ -144,10 +155,12 @@ class Daemon:
                 log.info("vdisk daemon %d serving %s at %s", os.getpid(), self.paths.data_dir, self.paths.mountpoint)
 
     async def _writeback(self) -> None:
-        """Every 50 ms, start writeback of what was written (never waits)."""
+        """Every 50 ms, start writeback of what was written.  Submitting the
+        I/O can block for milliseconds when the device is busy, so it runs in
+        a thread (sync_file_range on the data file's fd: no pool state)."""
         while True:
             await trio.sleep(0.05)
-            self.fs.pool.start_writeback()
+            await trio.to_thread.run_sync(self.fs.pool.start_writeback, thread_name="vdisk-writeback")
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -231,11 +244,17 @@ class Daemon:
                 }
             self._stopping = True  # cancelled once the answer is sent
             return {"ShuttingDown": True}
+        async with self._control:
+            return await self._act(req)
+
+    async def _act(self, req) -> dict:
         action = str(req.get("Action", "")) if isinstance(req, dict) else ""
+        if action in THREADED_ACTIONS:
+            return await trio.to_thread.run_sync(self.ctl.handle, req, thread_name="vdisk-control")
         if not action.startswith(("Describe", "List", "Get")):
             # Flush in the background first, so that the action's own
-            # (synchronous) commit - the instance barrier of a snapshot group -
-            # has only the writes of the last moments to sync.
+            # synchronous commit (a rollback, a clone) has only the writes of
+            # the last moments to sync while every disk waits.
             try:
                 for _ in range(3):  # writes go on meanwhile: repeat while many arrived
                     await self.committer.flush()

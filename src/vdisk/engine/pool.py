@@ -51,6 +51,7 @@ import copy
 import errno
 import logging
 import os
+import threading
 
 import lmdb
 
@@ -341,6 +342,11 @@ class Pool:
         # write() commits by itself at DIRTY_LIMIT; a daemon that runs commits
         # in a worker thread turns this off and watches dirty_blocks() itself
         self.auto_commit = True
+        # commit_via(change) -> result: how a commit asked for from another
+        # thread than the owner's is run (the daemon marshals it back to the
+        # trio thread, which freezes the overlay and runs it like its own).
+        self.commit_via = None
+        self._owner = threading.get_ident()
         self._epoch_alloc: set[int] = set()  # slots allocated since the last commit
         self._free_cache: list[int] = []  # free slots ready to allocate (descending)
         self._free_scan: bytes | None = b""  # where to continue scanning DB_FREE
@@ -672,8 +678,9 @@ class Pool:
             return self._change_tx.records[key]
         if key in self._records:
             return self._records[key]
-        if self._inflight is not None and key in self._inflight.records:
-            return self._inflight.records[key]
+        ep = self._inflight  # read once: another thread may finish it meanwhile
+        if ep is not None and key in ep.records:
+            return ep.records[key]
         with self.env.begin(db=self._db[DB_RECORD]) as txn:
             v = txn.get(key.encode())
         return None if v is None else jdec(v)
@@ -688,7 +695,8 @@ class Pool:
                     if not k.startswith(p):
                         break
                     out[k.decode()] = jdec(v)
-        staged = dict(self._inflight.records) if self._inflight is not None else {}
+        ep = self._inflight  # read once: another thread may finish it meanwhile
+        staged = dict(ep.records) if ep is not None else {}
         staged.update(self._records)
         if self._change_tx is not None:
             staged.update(self._change_tx.records)
@@ -719,6 +727,8 @@ class Pool:
         Returns change's result.  Blocks on fdatasync and LMDB's fsync.
         Raises CommitInFlight while a job from begin_commit() is unfinished.
         """
+        if self.commit_via is not None and threading.get_ident() != self._owner:
+            return self.commit_via(change)
         if self._failed:
             raise PoolFailed(self._failed)
         if self._inflight is not None:
