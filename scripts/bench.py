@@ -244,7 +244,8 @@ def barrier_bench(runtime: int, interval: float, cwd: str) -> dict:
     """Ten disks under fio 4 KiB random writes; an instance snapshot of all
     ten every `interval` seconds.  Reports how long each snapshot took and
     the writers' latency (p50/p99/max), against the same load without
-    snapshots (the baseline, measured in the same run)."""
+    snapshots (the baseline) and the same load on ten plain sparse files
+    through loop devices (what this machine itself gives), in the same run."""
     from vdisk.config import Paths
     from vdisk.daemon import client
 
@@ -257,7 +258,7 @@ def barrier_bench(runtime: int, interval: float, cwd: str) -> dict:
         devs = [env.attach(d) for d in disks]
         paths = Paths.resolve(env.data, env.mnt)
 
-        def load(snapshots: bool) -> dict:
+        def load(snapshots: bool, devs=devs) -> dict:
             cmd = ["fio", "--ioengine=libaio", "--direct=1", "--rw=randwrite", "--bs=4k", "--iodepth=4",
                    "--size=256M", "--time_based", "--runtime=%d" % runtime, "--group_reporting",
                    "--output-format=json", "--percentile_list=50:99:99.9", "--randrepeat=0"]
@@ -287,7 +288,19 @@ def barrier_bench(runtime: int, interval: float, cwd: str) -> dict:
         base = load(False)
         log("barrier: 10 disks under fio, an instance snapshot every %.1fs ..." % interval)
         with_snaps = load(True)
-        return {"baseline": base, "with_snapshots": with_snaps}
+        log("barrier: the same load on 10 plain files (the machine's floor) ...")
+        plain_devs = []
+        try:
+            for i in range(len(devs)):
+                path = os.path.join(env.dir, "plain%d.img" % i)
+                with open(path, "wb") as f:
+                    f.truncate(GIB)
+                plain_devs.append(sh("losetup", "--find", "--show", "--direct-io=on", path).stdout.strip())
+            plain = load(False, plain_devs)
+        finally:
+            for dev in plain_devs:
+                sh("losetup", "-d", dev, check=False)
+        return {"baseline": base, "with_snapshots": with_snaps, "plain_floor": plain}
     finally:
         env.close()
 
@@ -439,6 +452,9 @@ def print_report(results: dict, a) -> None:
               % (b["lat_p50_ms"], b["lat_p99_ms"], b["lat_max_ms"], b["iops"]))
         print("  baseline, no snaps   p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  (%.0f IOPS)"
               % (base["lat_p50_ms"], base["lat_p99_ms"], base["lat_max_ms"], base["iops"]))
+        pf = results["barrier"]["plain_floor"]
+        print("  10 plain files       p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  (%.0f IOPS: the machine's own floor)"
+              % (pf["lat_p50_ms"], pf["lat_p99_ms"], pf["lat_max_ms"], pf["iops"]))
     if "snapshot_time_by_size" in results:
         print("snapshot creation time by disk size (sparse, 64 blocks written, median of 7):")
         for k, v in results["snapshot_time_by_size"].items():
