@@ -65,10 +65,15 @@ class Committer:
         snapshot is taken - and the fdatasync and the transaction run in the
         worker thread while I/O goes on.  Returns the change's result."""
         self._priority += 1
+        deferred = self.pool.defer_map_growth
         try:
             await self.idle()
+            # the asking thread is blocked in this call and holds no LMDB
+            # transaction: the map may grow now
+            self.pool.defer_map_growth = False
             return await self._commit(change)
         finally:
+            self.pool.defer_map_growth = deferred
             self._priority -= 1
 
     async def idle(self) -> None:

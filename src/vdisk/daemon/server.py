@@ -250,7 +250,12 @@ class Daemon:
     async def _act(self, req) -> dict:
         action = str(req.get("Action", "")) if isinstance(req, dict) else ""
         if action in THREADED_ACTIONS:
-            return await trio.to_thread.run_sync(self.ctl.handle, req, thread_name="vdisk-control")
+            pool = self.fs.pool
+            pool.defer_map_growth = True  # the control thread reads LMDB meanwhile
+            try:
+                return await trio.to_thread.run_sync(self.ctl.handle, req, thread_name="vdisk-control")
+            finally:
+                pool.defer_map_growth = False
         if not action.startswith(("Describe", "List", "Get")):
             # Flush in the background first, so that the action's own
             # synchronous commit (a rollback, a clone) has only the writes of

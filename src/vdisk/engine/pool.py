@@ -347,6 +347,10 @@ class Pool:
         # trio thread, which freezes the overlay and runs it like its own).
         self.commit_via = None
         self._owner = threading.get_ident()
+        # True while another thread may hold an LMDB transaction: growing
+        # the map (mdb_env_set_mapsize) is only safe with none open anywhere
+        # in the process, so pre-emptive growth waits.
+        self.defer_map_growth = False
         self._epoch_alloc: set[int] = set()  # slots allocated since the last commit
         self._free_cache: list[int] = []  # free slots ready to allocate (descending)
         self._free_scan: bytes | None = b""  # where to continue scanning DB_FREE
@@ -975,6 +979,8 @@ class Pool:
                 log.warning("punching freed slots %d+%d failed: %s", start, count, exc)
 
     def _grow_map_if_needed(self) -> None:
+        if self.defer_map_growth:
+            return
         info, stat = self.env.info(), self.env.stat()
         used = (info["last_pgno"] + 1) * stat["psize"]
         if used > info["map_size"] * 0.6:
