@@ -113,7 +113,7 @@ class QsdTarget:
         deadline = time.monotonic() + 20
         while os.path.getsize(self.export) != (size_gib + 1) * GIB:
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("qemu-storage-daemon did not export %s (see %s/qsd.log)" % (self.export, workdir))
+                raise SystemExit("qemu-storage-daemon did not export %s (see %s/qsd.log)" % (self.export, self.dir))
             time.sleep(0.05)
         self.qmp = socket.socket(socket.AF_UNIX)
         self.qmp.connect(self.qmp_path)
