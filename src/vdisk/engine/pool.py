@@ -505,7 +505,7 @@ class Pool:
                 % (what, length, offset, size)
             )
 
-    def read(self, vid: int, offset: int, length: int) -> bytes:
+    def read(self, vid: int, offset: int, length: int) -> bytearray:
         """Read from a volume's head.  Reads beyond the end are short (EOF)."""
         vol = self._vols.get(vid)
         if vol is None:
@@ -514,13 +514,14 @@ class Pool:
         lid = vol["lid"]
         return self._read(lid, self._lins[lid].gen, offset, length, self._dirty.get(lid), self._inflight_dirty(lid))
 
-    def read_snapshot(self, sid: int, offset: int, length: int) -> bytes:
+    def read_snapshot(self, sid: int, offset: int, length: int) -> bytearray:
         s = self.snapshot_info(sid)
         length = max(0, min(length, s["size"] - offset))
         return self._read(s["lid"], s["gen"], offset, length, None, None)
 
-    def _read(self, lid: int, gen: int, offset: int, length: int, dirty, frozen) -> bytes:
-        """dirty, frozen: the live overlay and an in-flight commit's (or None)."""
+    def _read(self, lid: int, gen: int, offset: int, length: int, dirty, frozen) -> bytearray:
+        """dirty, frozen: the live overlay and an in-flight commit's (or None).
+        Returns the buffer it filled (no copy into bytes: FUSE takes it as is)."""
         out = bytearray(length)
         pos = 0
         txn = None
@@ -544,12 +545,12 @@ class Pool:
                             out[pos : pos + n] = self.file.pread(n, slot_offset(slot) + intra)
                         else:
                             data = self._read_slot(slot, crc, "lineage %d block %d" % (lid, block))
-                            out[pos : pos + n] = data[intra : intra + n]
+                            out[pos : pos + n] = memoryview(data)[intra : intra + n]
                 pos += n
         finally:
             if txn is not None:
                 txn.abort()
-        return bytes(out)
+        return out
 
     def write(self, vid: int, offset: int, data) -> None:
         """Write to a volume's head.  Durable only after `commit()`.
