@@ -96,12 +96,17 @@ class App:
         elif human:
             print(human)
 
+    def one(self, action: str, param: str, ident: str, path: tuple[str, str], what: str, code: str) -> dict:
+        """Describe one resource by id: action filtered by param=[ident],
+        the rows at res[path[0]][path[1]]; a clear error naming the cloud's
+        code when it does not exist."""
+        rows = self.call(action, **{param: [ident]})[path[0]][path[1]]
+        if not rows:
+            raise CLIError("%s %s does not exist (%s)" % (what, ident, code))
+        return rows[0]
+
     def disk(self, disk_id: str) -> dict:
-        res = self.call("DescribeDisks", DiskIds=[disk_id])
-        disks = res["Disks"]["Disk"]
-        if not disks:
-            raise CLIError("disk %s does not exist (InvalidDiskId.NotFound)" % disk_id)
-        return disks[0]
+        return self.one("DescribeDisks", "DiskIds", disk_id, ("Disks", "Disk"), "disk", "InvalidDiskId.NotFound")
 
 
 DISK_COLS = [("DISK", "DiskId"), ("NAME", "DiskName"), ("SIZE", "Size"), ("CATEGORY", "Category"), ("PL", "PerformanceLevel"),
@@ -220,11 +225,9 @@ def cmd_instance_list(app: App) -> int:
 
 
 def cmd_instance_show(app: App) -> int:
-    res = app.call("DescribeInstances", InstanceIds=[app.args.instance])
-    rows = res["Instances"]["Instance"]
-    if not rows:
-        raise CLIError("instance %s does not exist (InvalidInstanceId.NotFound)" % app.args.instance)
-    app.out(rows[0], _show(rows[0]))
+    inst = app.one("DescribeInstances", "InstanceIds", app.args.instance, ("Instances", "Instance"),
+                   "instance", "InvalidInstanceId.NotFound")
+    app.out(inst, _show(inst))
     return EXIT_OK
 
 
@@ -333,11 +336,9 @@ def cmd_snapshot_list(app: App) -> int:
 
 
 def cmd_snapshot_show(app: App) -> int:
-    res = app.call("DescribeSnapshots", SnapshotIds=[app.args.snapshot])
-    rows = res["Snapshots"]["Snapshot"]
-    if not rows:
-        raise CLIError("snapshot %s does not exist (InvalidSnapshotId.NotFound)" % app.args.snapshot)
-    app.out(rows[0], _show(rows[0]))
+    snap = app.one("DescribeSnapshots", "SnapshotIds", app.args.snapshot, ("Snapshots", "Snapshot"),
+                   "snapshot", "InvalidSnapshotId.NotFound")
+    app.out(snap, _show(snap))
     return EXIT_OK
 
 
@@ -379,11 +380,8 @@ def cmd_group_list(app: App) -> int:
 
 
 def _one_group(app: App) -> dict:
-    res = app.call("DescribeSnapshotGroups", SnapshotGroupId=[app.args.group])
-    groups = res["SnapshotGroups"]["SnapshotGroup"]
-    if not groups:
-        raise CLIError("snapshot group %s does not exist (InvalidSnapshotGroupId.NotFound)" % app.args.group)
-    return groups[0]
+    return app.one("DescribeSnapshotGroups", "SnapshotGroupId", app.args.group, ("SnapshotGroups", "SnapshotGroup"),
+                   "snapshot group", "InvalidSnapshotGroupId.NotFound")
 
 
 def cmd_group_show(app: App) -> int:

@@ -335,11 +335,7 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
 
     def do_ModifyDiskAttribute(self, p: Params) -> dict:
         disk = self._disk(p)
-        name, desc = p.name("DiskName"), p.description()
-        if name is not None:
-            disk["DiskName"] = name
-        if desc is not None:
-            disk["Description"] = desc
+        p.rename(disk, "DiskName")
         if p.req.get("DeleteWithInstance") is not None:
             disk["DeleteWithInstance"] = p.bool("DeleteWithInstance")
         self._put("disk", disk)
@@ -457,10 +453,7 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
 
     def do_ModifyInstanceAttribute(self, p: Params) -> dict:
         inst = self._instance(p)
-        if p.str("InstanceName") is not None:
-            inst["InstanceName"] = p.name("InstanceName")
-        if p.str("Description") is not None:
-            inst["Description"] = p.description()
+        p.rename(inst, "InstanceName")
         self._put("instance", inst)
         self.pool.commit()
         return {}
@@ -586,10 +579,7 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
 
     def do_ModifySnapshotAttribute(self, p: Params) -> dict:
         snap = self._snapshot(p)
-        if p.str("SnapshotName") is not None:
-            snap["SnapshotName"] = p.name("SnapshotName")
-        if p.str("Description") is not None:
-            snap["Description"] = p.description()
+        p.rename(snap, "SnapshotName")
         self._put("snapshot", snap)
         self.pool.commit()
         return {}

@@ -192,11 +192,7 @@ class SnapshotGroupActions:
 
     def do_ModifySnapshotGroup(self, p: Params) -> dict:
         g = self._group(p)
-        name, desc = p.name("Name"), p.description()
-        if name is not None:
-            g["Name"] = name
-        if desc is not None:
-            g["Description"] = desc
+        p.rename(g, "Name")
         self.pool.put_record("snapshotgroup/" + g["SnapshotGroupId"], g)
         self.pool.commit()
         return {}

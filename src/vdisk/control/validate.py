@@ -90,6 +90,15 @@ class Params:
         v = self.str(param)
         return None if v is None else check_description(v)
 
+    def rename(self, record: dict, name_param: str) -> None:
+        """Apply an optional new name (record[name_param]) and Description to
+        a record, both checked against the cloud's rules first."""
+        name, desc = self.name(name_param), self.description()
+        if name is not None:
+            record[name_param] = name
+        if desc is not None:
+            record["Description"] = desc
+
     def int(self, name: str, required: bool = False, default=None, lo=None, hi=None):
         v = self._get(name, required)
         if v is None:
