@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-from vdisk.harness import VDiskEnv, sh
+from vdisk.harness import VDiskEnv, sh, stop_process
 
 GIB = 1 << 30
 COW_IO = "64M"  # how much the after-snapshot pattern writes (not time based)
@@ -140,12 +140,7 @@ class QsdTarget:
     def close(self) -> None:
         if self.dev:
             sh("losetup", "-d", self.dev, check=False)
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 20)
         subprocess.run(["umount", "-l", self.export], capture_output=True)
 
 

@@ -25,6 +25,19 @@ def sh(*args, check=True, **kw) -> subprocess.CompletedProcess:
     return r
 
 
+def stop_process(proc: subprocess.Popen, timeout: float) -> None:
+    """Stop a process we started: SIGTERM, then SIGKILL after timeout
+    seconds (a slow shutdown must not hang the caller)."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

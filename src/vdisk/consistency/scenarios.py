@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 
+from ..harness import stop_process
+
 MKE2FS = ["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]
 
 
@@ -77,12 +79,7 @@ class Scenario:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, 30)
             self.proc = None
 
     def durable_before(self, t_ns: int) -> dict:
@@ -366,14 +363,8 @@ class MariaDBThreeDisks(Scenario):
 
     def _stop_server(self):
         srv = getattr(self, "server", None)
-        if srv is None or srv.poll() is not None:
-            return
-        srv.terminate()
-        try:
-            srv.wait(60)
-        except subprocess.TimeoutExpired:  # stop it firmly: a slow shutdown must not hang the suite
-            srv.kill()
-            srv.wait()
+        if srv is not None:
+            stop_process(srv, 60)
 
     def create(self, devs):
         for dev in devs:
