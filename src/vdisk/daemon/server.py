@@ -110,8 +110,8 @@ class Daemon:
         mp = self.paths.mountpoint
         _clear_stale_mount(mp)
         os.makedirs(mp, mode=0o700, exist_ok=True)
-        self.fs = DiskFS(pool, mp)
-        self.committer = self.fs.committer = Committer(pool)
+        self.committer = Committer(pool)
+        self.fs = DiskFS(pool, mp, self.committer)
         # the commit thread holds the GIL in stretches; hand it back quickly
         sys.setswitchinterval(0.001)
         self.ctl = Controller(pool, host=self.fs)

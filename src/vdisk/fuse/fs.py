@@ -13,9 +13,9 @@ cannot be truncated.
 Concurrency contract: every handler runs in the trio thread and calls the
 pool synchronously, so each FUSE request is atomic with respect to every
 other request and to control-plane actions (which run in the same thread).
-With a `committer` (the daemon sets one), fsync and the dirty limit run the
-pool's commit in a worker thread instead (see vdisk.daemon.committer): write
-and fsync may then wait for it, other requests go on meanwhile.
+Commits go through the `committer` given at construction (the daemon's
+vdisk.daemon.committer.Committer): fsync and the dirty limit run them in a
+worker thread, so write and fsync may wait for one while other requests go on.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class Node:
 
 
 class DiskFS(pyfuse3.Operations):
-    def __init__(self, pool: Pool, mountpoint: str):
+    def __init__(self, pool: Pool, mountpoint: str, committer):
         super().__init__()
         self.pool = pool
         self.mountpoint = mountpoint
@@ -58,7 +58,7 @@ class DiskFS(pyfuse3.Operations):
         self._uid, self._gid = os.getuid(), os.getgid()
         self._t = time.time_ns()
         self.mounted = False
-        self.committer = None  # has async flush() and after_write(); None: commit inline
+        self.committer = committer  # async flush() and after_write()
         discard.set_handler(self.fallocate)
 
     # ------------------------------------------------------------ exposure API
@@ -263,16 +263,12 @@ class DiskFS(pyfuse3.Operations):
         except EngineError as exc:
             log.error("write of %d bytes at %d failed: %s", len(buf), off, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
-        if self.committer is not None:
-            await self.committer.after_write()
+        await self.committer.after_write()
         return len(buf)
 
     async def fsync(self, fh, datasync):
         try:
-            if self.committer is not None:
-                await self.committer.flush()
-            else:
-                self.pool.commit()
+            await self.committer.flush()
         except EngineError as exc:
             log.error("flush failed: %s", exc)
             raise pyfuse3.FUSEError(exc.errno) from None
