@@ -40,11 +40,15 @@ class PoolModel(RuleBasedStateMachine):
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="vdisk-model-")
         self.pool = Pool(self.dir, datafile_factory=PowerCutFile)
+        self._opened()
         self.model: dict[int, bytearray] = {}
         self.durable: dict[int, bytes] = {}
         self.snapdata: dict[int, bytes] = {}
         self.job = None  # a commit begun and not finished
         self.job_model: dict[int, bytes] = {}
+
+    def _opened(self):
+        """Called after the pool is (re)opened."""
 
     def teardown(self):
         self.pool._abandon()
@@ -182,6 +186,7 @@ class PoolModel(RuleBasedStateMachine):
         f.power_cut(mode, random.Random(seed))
         f.close()
         self.pool = Pool(self.dir, datafile_factory=PowerCutFile)
+        self._opened()
         self.model = {v: bytearray(d) for v, d in self.durable.items()}
         self._check_scrub()
 

@@ -47,6 +47,7 @@ fsync.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
 import errno
 import logging
@@ -107,6 +108,9 @@ INITIAL_MAP_SIZE = 256 << 20
 # Commit on our own once this many blocks are dirty (bounds memory and the
 # amount of unflushed data, like a disk's write cache).
 DIRTY_LIMIT = 1024
+# The fast path's map is a cache: emptied when it holds more than this many
+# blocks (about 64 MiB of C memory).
+FAST_MAX_ENTRIES = 900_000
 # How many slots the verified-once set remembers (about 64 MiB of memory at
 # most); it starts over when full.
 VERIFIED_MAX = 1 << 20
@@ -140,7 +144,7 @@ class _Epoch:
     the commit.
     """
 
-    __slots__ = ("dirty", "alloc", "hwm", "free_back", "records", "zeroed")
+    __slots__ = ("dirty", "alloc", "hwm", "free_back", "records", "zeroed", "zeroed_at")
 
     def __init__(self, dirty, alloc, hwm, free_back, records):
         self.dirty = dirty
@@ -149,6 +153,7 @@ class _Epoch:
         self.free_back = free_back
         self.records = records
         self.zeroed: list[int] = []
+        self.zeroed_at: list[tuple[int, int, int]] = []  # (lid, block, slot) of each
 
 
 class CommitJob:
@@ -174,6 +179,39 @@ class CommitJob:
         except BaseException as exc:  # noqa: BLE001 - handed to finish_commit
             self.error = exc
         self.done = True
+
+
+class _FastLock:
+    """`with pool._fast():` holds the fast path's map (if attached) for the
+    duration, taking in what C wrote first.  Re-entrant within the owner
+    thread."""
+
+    __slots__ = ("pool",)
+
+    def __init__(self, pool: "Pool"):
+        self.pool = pool
+
+    def __enter__(self):
+        p = self.pool
+        if p._fm_depth:
+            p._fm_depth += 1
+        elif p._fm is not None:
+            p._fm.lock()
+            p._fm_held = p._fm
+            p._fm_depth = 1
+            try:
+                p._drain_fast()
+            except BaseException:
+                self.__exit__()
+                raise
+
+    def __exit__(self, *exc):
+        p = self.pool
+        if p._fm_depth:
+            p._fm_depth -= 1
+            if not p._fm_depth:
+                p._fm_held.unlock()
+                p._fm_held = None
 
 
 class Lineage:
@@ -355,6 +393,14 @@ class Pool:
         self._free_cache: list[int] = []  # free slots ready to allocate (descending)
         self._free_scan: bytes | None = b""  # where to continue scanning DB_FREE
         self._records: dict[str, dict | None] = {}  # staged record puts
+        # The C fast path (attach_fast): a cache of the head's mapping that
+        # an I/O thread reads and writes through, and the free slots it
+        # holds for copy-on-write (neither free nor in _epoch_alloc here).
+        self._fm = None
+        self._fm_held = None  # the map _FastLock locked
+        self._fm_depth = 0
+        self._fm_vids: set[int] = set()
+        self._reserved: set[int] = set()
 
     def close(self) -> None:
         """Commit everything and close.  May block on fsync."""
@@ -368,6 +414,11 @@ class Pool:
 
     def _abandon(self) -> None:
         """Close without committing: what a crash does (used by tests)."""
+        if self._fm is not None:  # the data file closes: C must not touch it
+            self._fm.lock()
+            self._fm.set_failed(2)
+            self._fm.unlock()
+            self._fm = None
         if self.env is not None:
             self.file.close()
             self.env.close()
@@ -401,8 +452,9 @@ class Pool:
 
     # ------------------------------------------------------------ allocator
 
-    def _alloc(self) -> int:
-        """A slot nobody references, durable map included."""
+    def _alloc(self, reserve: bool = False) -> int:
+        """A slot nobody references, durable map included.  reserve: for the
+        fast path's reservoir (allocated in the epoch only once it is used)."""
         if not self._free_cache and self._free_scan is not None:
             self._refill_free_cache()
         if self._free_cache:
@@ -414,7 +466,10 @@ class Pool:
             except OSError as exc:
                 raise NoSpace("the pool's filesystem is full (%s): %s" % (self.path, exc)) from exc
             self._hwm += 1
-        self._epoch_alloc.add(slot)
+        if reserve:
+            self._reserved.add(slot)
+        else:
+            self._epoch_alloc.add(slot)
         self._verified.discard(slot)
         return slot
 
@@ -426,7 +481,11 @@ class Pool:
                 for k in cur.iternext(values=False):
                     s = u64_decode(k)
                     self._free_scan = u64(s + 1)
-                    if s not in self._epoch_alloc and not (self._inflight and s in self._inflight.alloc):
+                    if (
+                        s not in self._epoch_alloc
+                        and s not in self._reserved
+                        and not (self._inflight and s in self._inflight.alloc)
+                    ):
                         got.append(s)
                     if len(got) >= 4096:
                         break
@@ -446,6 +505,89 @@ class Pool:
         else:
             self._free_cache.append(slot)
             self._free_cache.sort(reverse=True)
+
+    # ------------------------------------------------------------ fast path
+
+    def attach_fast(self, fm) -> None:
+        """Keep a FastMap (vdisk.engine.fastmap) in step with this pool from
+        now on, so that an I/O thread may serve reads and writes through it.
+        From here on every operation that touches the overlay holds the
+        map's lock and first takes in what C wrote (see docs/architecture.md,
+        "The fast path")."""
+        if self._fm is not None:
+            raise EngineError("a fast path is already attached")
+        self._fm = fm
+        with self._fast():
+            self._fm_vids = set()
+            self._fast_volumes()
+        self.refill_fast()
+
+    def detach_fast(self) -> None:
+        """Stop keeping the FastMap in step: its reservoir comes back, and it
+        serves nothing more.  Call once no I/O thread uses it."""
+        fm = self._fm
+        if fm is None:
+            return
+        with self._fast():
+            for slot in fm.reservoir_take():
+                self._reserved.discard(slot)
+                self._free_cache.append(slot)
+            self._free_cache.sort(reverse=True)
+            fm.set_failed(2)
+            fm.clear()
+            self._fm = None
+
+    def refill_fast(self) -> int:
+        """Take in what C wrote and top its reservoir up; returns how many
+        slots were added (fewer when the pool's filesystem is full)."""
+        with self._fast():
+            fm = self._fm
+            if fm is None or self._failed:
+                return 0
+            slots = []
+            try:
+                for _ in range(fm.reservoir_target - fm.reservoir()):
+                    slots.append(self._alloc(reserve=True))
+            except NoSpace:
+                pass
+            fm.reservoir_add(slots)
+            if fm.entries() > FAST_MAX_ENTRIES:
+                fm.clear()  # a cache: it fills again as blocks are used
+            return len(slots)
+
+    def _fast(self) -> "_FastLock":
+        return _FastLock(self)
+
+    def _drain_fast(self) -> None:
+        """Put the blocks C gave new slots into the overlay, as write() would
+        have.  Called with the map locked."""
+        got = self._fm.drain()
+        for vid, block, slot in got:
+            self._reserved.discard(slot)
+            self._epoch_alloc.add(slot)
+            v = self._vols.get(vid)
+            if v is None:  # cannot happen while volumes change only under the lock
+                self._release_fresh(slot)
+                continue
+            dirty = self._dirty.setdefault(v["lid"], {})
+            d = dirty.get(block)
+            if d is None:
+                self._ndirty += 1
+                dirty[block] = Dirty(slot, 0, False, True)
+                continue
+            if d.fresh and d.slot != slot:
+                self._release_fresh(d.slot)
+            d.slot, d.crc, d.crc_ok, d.fresh = slot, 0, False, True
+
+    def _fast_volumes(self) -> None:
+        """Tell the map every volume's head, size and whether a snapshot
+        shares its blocks; a volume whose head changed starts empty."""
+        fm = self._fm
+        for vid, v in self._vols.items():
+            fm.set_volume(vid, v["lid"], v["size"], bool(self._lins[v["lid"]].points))
+        for vid in self._fm_vids - self._vols.keys():
+            fm.drop_volume(vid)
+        self._fm_vids = set(self._vols)
 
     # ------------------------------------------------------------ lookups
 
@@ -507,21 +649,26 @@ class Pool:
 
     def read(self, vid: int, offset: int, length: int) -> bytearray:
         """Read from a volume's head.  Reads beyond the end are short (EOF)."""
-        vol = self._vols.get(vid)
-        if vol is None:
-            raise NotFound("volume %d does not exist" % vid)
-        length = max(0, min(length, vol["size"] - offset))
-        lid = vol["lid"]
-        return self._read(lid, self._lins[lid].gen, offset, length, self._dirty.get(lid), self._inflight_dirty(lid))
+        with self._fast():
+            vol = self._vols.get(vid)
+            if vol is None:
+                raise NotFound("volume %d does not exist" % vid)
+            length = max(0, min(length, vol["size"] - offset))
+            lid = vol["lid"]
+            return self._read(
+                lid, self._lins[lid].gen, offset, length, self._dirty.get(lid), self._inflight_dirty(lid), vid
+            )
 
     def read_snapshot(self, sid: int, offset: int, length: int) -> bytearray:
         s = self.snapshot_info(sid)
         length = max(0, min(length, s["size"] - offset))
         return self._read(s["lid"], s["gen"], offset, length, None, None)
 
-    def _read(self, lid: int, gen: int, offset: int, length: int, dirty, frozen) -> bytearray:
+    def _read(self, lid: int, gen: int, offset: int, length: int, dirty, frozen, vid=None) -> bytearray:
         """dirty, frozen: the live overlay and an in-flight commit's (or None).
-        Returns the buffer it filled (no copy into bytes: FUSE takes it as is)."""
+        Returns the buffer it filled (no copy into bytes: FUSE takes it as is).
+        vid: the head's volume, whose mappings the fast path learns here."""
+        fm = self._fm if vid is not None else None
         out = bytearray(length)
         pos = 0
         txn = None
@@ -530,8 +677,13 @@ class Pool:
                 block, intra = divmod(offset + pos, BLOCK_SIZE)
                 n = min(BLOCK_SIZE - intra, length - pos)
                 d = dirty.get(block) if dirty else None
-                if d is None and frozen:
+                if d is not None:
+                    if fm is not None:
+                        fm.set(vid, block, d.slot, d.fresh)
+                elif frozen:
                     d = frozen.get(block)
+                    if d is not None and fm is not None:
+                        fm.add(vid, block, d.slot)
                 if d is not None:
                     if d.slot != ZERO_SLOT:
                         out[pos : pos + n] = self.file.pread(n, slot_offset(d.slot) + intra)
@@ -546,6 +698,8 @@ class Pool:
                         else:
                             data = self._read_slot(slot, crc, "lineage %d block %d" % (lid, block))
                             out[pos : pos + n] = memoryview(data)[intra : intra + n]
+                    if fm is not None:  # verified (or zeros): C may serve it from now on
+                        fm.add(vid, block, slot)
                 pos += n
         finally:
             if txn is not None:
@@ -559,42 +713,46 @@ class Pool:
         """
         if self._failed:
             raise PoolFailed(self._failed)
-        vol = self._vols.get(vid)
-        if vol is None:
-            raise NotFound("volume %d does not exist" % vid)
-        mv = memoryview(data)
-        self._check_range(vol["size"], offset, len(mv), "write")
-        lid = vol["lid"]
-        dirty = self._dirty.setdefault(lid, {})
-        pos = 0
-        while pos < len(mv):
-            block, intra = divmod(offset + pos, BLOCK_SIZE)
-            n = min(BLOCK_SIZE - intra, len(mv) - pos)
-            self._write_block(lid, dirty, block, intra, mv[pos : pos + n])
-            pos += n
-        if self._ndirty >= DIRTY_LIMIT and self.auto_commit and self._inflight is None:
-            self.commit()
+        with self._fast():
+            vol = self._vols.get(vid)
+            if vol is None:
+                raise NotFound("volume %d does not exist" % vid)
+            mv = memoryview(data)
+            self._check_range(vol["size"], offset, len(mv), "write")
+            lid = vol["lid"]
+            dirty = self._dirty.setdefault(lid, {})
+            pos = 0
+            while pos < len(mv):
+                block, intra = divmod(offset + pos, BLOCK_SIZE)
+                n = min(BLOCK_SIZE - intra, len(mv) - pos)
+                self._write_block(vid, lid, dirty, block, intra, mv[pos : pos + n])
+                pos += n
+            if self._ndirty >= DIRTY_LIMIT and self.auto_commit and self._inflight is None:
+                self.commit()
 
     def discard(self, vid: int, offset: int, length: int) -> None:
         """Make a range read as zeros and free what it held (punch-hole)."""
-        vol = self._vols.get(vid)
-        if vol is None:
-            raise NotFound("volume %d does not exist" % vid)
-        self._check_range(vol["size"], offset, length, "discard")
-        lid = vol["lid"]
-        dirty = self._dirty.setdefault(lid, {})
-        end = offset + length
-        pos = offset
-        while pos < end:
-            block, intra = divmod(pos, BLOCK_SIZE)
-            n = min(BLOCK_SIZE - intra, end - pos)
-            if n == BLOCK_SIZE:
-                self._set_zero(dirty, block)
-            else:
-                self._write_block(lid, dirty, block, intra, memoryview(ZERO_BLOCK)[:n])
-            pos += n
+        with self._fast():
+            vol = self._vols.get(vid)
+            if vol is None:
+                raise NotFound("volume %d does not exist" % vid)
+            self._check_range(vol["size"], offset, length, "discard")
+            lid = vol["lid"]
+            dirty = self._dirty.setdefault(lid, {})
+            end = offset + length
+            pos = offset
+            while pos < end:
+                block, intra = divmod(pos, BLOCK_SIZE)
+                n = min(BLOCK_SIZE - intra, end - pos)
+                if n == BLOCK_SIZE:
+                    self._set_zero(vid, dirty, block)
+                else:
+                    self._write_block(vid, lid, dirty, block, intra, memoryview(ZERO_BLOCK)[:n])
+                pos += n
 
-    def _set_zero(self, dirty: dict, block: int) -> None:
+    def _set_zero(self, vid: int, dirty: dict, block: int) -> None:
+        if self._fm is not None:  # before the slot can be reused
+            self._fm.set(vid, block, ZERO_SLOT, False)
         d = dirty.get(block)
         if d is None:
             self._ndirty += 1
@@ -604,7 +762,7 @@ class Pool:
             self._release_fresh(d.slot)
         d.slot, d.crc, d.crc_ok, d.fresh = ZERO_SLOT, 0, True, False
 
-    def _write_block(self, lid: int, dirty: dict, block: int, intra: int, chunk: memoryview) -> None:
+    def _write_block(self, vid: int, lid: int, dirty: dict, block: int, intra: int, chunk: memoryview) -> None:
         """Write into one block.  Checksums of what is written here are
         computed at commit (_finish_checksums, in the commit's thread when
         the daemon runs commits in a worker), not per write."""
@@ -614,7 +772,7 @@ class Pool:
             # Allocated since the last commit: nothing durable points here.
             if full:
                 if native.is_zero(chunk):
-                    self._set_zero(dirty, block)
+                    self._set_zero(vid, dirty, block)
                     return
                 self.file.pwrite(chunk, slot_offset(d.slot))
                 d.crc_ok = False
@@ -632,7 +790,7 @@ class Pool:
             buf = bytearray(base if base is not None else ZERO_BLOCK)
             buf[intra : intra + len(chunk)] = chunk
         if native.is_zero(buf):
-            self._set_zero(dirty, block)
+            self._set_zero(vid, dirty, block)
             return
         if d is None and full and self._lins[lid].points:
             # Rewriting a block with what it already holds must not make the
@@ -653,17 +811,20 @@ class Pool:
             dirty[block] = Dirty(slot, 0, False, True)
         else:
             d.slot, d.crc, d.crc_ok, d.fresh = slot, 0, False, True
+        if self._fm is not None:
+            self._fm.set(vid, block, slot, True)
 
     # ------------------------------------------------------------ commit
 
     def start_writeback(self) -> None:
         """Let the kernel start writing dirty data now (does not wait), so that
         the next commit's fdatasync, and the pause it causes, is short."""
-        if self._ndirty and self.env is not None:
+        if (self._ndirty or self._fm is not None) and self.env is not None:
             self.file.start_writeback()
 
     def dirty_blocks(self) -> int:
-        return self._ndirty
+        with self._fast():
+            return self._ndirty
 
     def drop_staged_records(self) -> None:
         """Forget records staged by a request that failed."""
@@ -715,9 +876,10 @@ class Pool:
 
     def pending(self) -> bool:
         """True if a commit would have anything to make durable."""
-        return bool(
-            self._ndirty or self._records or self._epoch_alloc or self._hwm != self._committed_hwm
-        )
+        with self._fast():
+            return bool(
+                self._ndirty or self._records or self._epoch_alloc or self._hwm != self._committed_hwm
+            )
 
     def inflight(self) -> bool:
         """True between begin_commit() and finish_commit()."""
@@ -758,14 +920,19 @@ class Pool:
             raise PoolFailed(self._failed)
         if self._inflight is not None:
             raise CommitInFlight("a commit is already in flight")
-        ep = _Epoch(self._dirty, self._epoch_alloc, self._hwm, list(self._free_cache), self._records)
-        self._dirty, self._ndirty, self._epoch_alloc, self._records = {}, 0, set(), {}
-        self._inflight = ep
-        try:
-            self._grow_map_if_needed()
-        except BaseException:
-            self._unfreeze(ep)
-            raise
+        with self._fast():
+            # the reservoir's slots are free as far as this commit goes
+            free_back = self._free_cache + sorted(self._reserved)
+            ep = _Epoch(self._dirty, self._epoch_alloc, self._hwm, free_back, self._records)
+            self._dirty, self._ndirty, self._epoch_alloc, self._records = {}, 0, set(), {}
+            self._inflight = ep
+            if self._fm is not None:
+                self._fm.new_epoch()  # the instant of the freeze, for C writes too
+            try:
+                self._grow_map_if_needed()
+            except BaseException:
+                self._unfreeze(ep)
+                raise
         return CommitJob(self, ep, change)
 
     def _run_job(self, job: CommitJob) -> None:
@@ -779,6 +946,8 @@ class Pool:
                 "syncing %s failed (%s); the pool refuses I/O until the daemon is "
                 "restarted, which recovers the last durable state" % (self.file.path, exc)
             )
+            if self._fm is not None:
+                self._fm.set_failed(True)
             raise PoolFailed(self._failed) from exc
         try:
             with self.env.begin(write=True) as txn:
@@ -806,6 +975,10 @@ class Pool:
         result or raises its error.  A failed job's writes go back into the
         overlay (newer writes win), so a later commit retries them."""
         assert job.done and self._inflight is job.epoch
+        with self._fast():
+            return self._finish_commit(job)
+
+    def _finish_commit(self, job: CommitJob):
         for _ in range(8):
             if not job.map_full:
                 break
@@ -818,16 +991,21 @@ class Pool:
             self._unfreeze(job.epoch)
             raise job.error
         self._inflight = None
+        self._forget_zeroed(job.epoch)  # before their slots can be reused
         self._after_commit(job.tx, job.epoch, punch=job.change is not None)
+        if self._fm is not None and (job.tx.vols or job.tx.lins):
+            self._fast_volumes()
         return job.result
 
     def _unfreeze(self, ep: _Epoch) -> None:
         """Put a frozen epoch that was not committed back under the overlay."""
         self._inflight = None
+        self._forget_zeroed(ep)
         for slot in ep.zeroed:  # never durable: give them back
             ep.alloc.discard(slot)
             self._free_cache.append(slot)
         ep.zeroed = []
+        ep.zeroed_at = []
         for lid, frozen in ep.dirty.items():
             live = self._dirty.setdefault(lid, {})
             for block, d in frozen.items():
@@ -843,16 +1021,24 @@ class Pool:
         merged.update(self._records)
         self._records = merged
 
+    def _forget_zeroed(self, ep: _Epoch) -> None:
+        if self._fm is not None and ep.zeroed_at:
+            vid_of = {v["lid"]: vid for vid, v in self._vols.items()}
+            for lid, block, slot in ep.zeroed_at:
+                if lid in vid_of:
+                    self._fm.forget_slot(vid_of[lid], block, slot)
+
     def _finish_checksums(self, ep: _Epoch) -> None:
         """Checksum the blocks written in place since their allocation.  Runs
         in the job's thread: the frozen slots are no longer written."""
-        for dirty in ep.dirty.values():
-            for d in dirty.values():
+        for lid, dirty in ep.dirty.items():
+            for block, d in dirty.items():
                 if d.slot != ZERO_SLOT and not d.crc_ok:
                     data = self.file.pread(BLOCK_SIZE, slot_offset(d.slot))
                     crc, zero = native.crc32c_is_zero(data)
                     if zero:  # ep.alloc keeps it: the other thread's allocator must not see it free yet
                         ep.zeroed.append(d.slot)
+                        ep.zeroed_at.append((lid, block, d.slot))
                         d.slot, d.crc, d.fresh = ZERO_SLOT, 0, False
                     d.crc, d.crc_ok = crc, True
 

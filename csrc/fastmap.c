@@ -1,0 +1,553 @@
+/*
+ * fastmap.c - the engine's fast path: block reads and writes in C.
+ *
+ * The engine (vdisk/engine/pool.py) owns the block map, the overlay of
+ * uncommitted writes and the allocator.  This file keeps a *cache* of what
+ * the engine would answer for (volume, block) right now, so that one I/O
+ * thread can serve most reads and writes without Python:
+ *
+ *   entry (vid, block) -> slot   slot 0 means "reads as zeros"
+ *                                writable when its epoch is the map's epoch:
+ *                                the slot was allocated since the last freeze
+ *                                (the overlay's "fresh") and may be written
+ *                                in place
+ *   reservoir                    free slots handed over by the engine; a
+ *                                copy-on-write takes one
+ *   log                          (vid, block, slot) of every block that got
+ *                                a new slot here; the engine drains it into
+ *                                its overlay before it looks at the overlay
+ *
+ * Anything this file cannot answer from the cache (an unknown block, a
+ * request past the end, an empty reservoir, a failed pool) returns -EAGAIN
+ * and changes nothing: the caller hands the request to the engine.
+ *
+ * Concurrency contract: the engine takes the map's lock (vd_fm_lock, a
+ * writer-preferring rwlock held for writing) around every operation that
+ * reads or changes the overlay, and only then calls the vd_fm_* mutators;
+ * vd_fm_read/vd_fm_write hold it for reading, plus an inner mutex, for the
+ * whole request, I/O included.  So an engine operation and a fast request
+ * never overlap, a slot is never reused while a fast request may still touch
+ * it, and a freeze (vd_fm_new_epoch) falls between two fast requests.
+ * vd_fm_read and vd_fm_write may block on pread/pwrite of the data file
+ * (the page cache, normally).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "fastmap.h"
+
+#define BS (64 * 1024)
+#define MAX_SPAN 32            /* blocks per request served here (2 MiB) */
+#define MAX_ENTRIES (1u << 20) /* 1 Mi entries: 64 MiB of table at most */
+
+struct ent {
+    uint64_t vid, block, slot;
+    uint32_t epoch; /* == fm->epoch: writable in place; 0: read-only */
+    uint32_t used;
+};
+
+struct vol {
+    uint64_t vid, lid, size;
+    int has_points;
+};
+
+struct vd_fastmap {
+    pthread_rwlock_t lock;
+    pthread_mutex_t io; /* one fast request at a time */
+    int data_fd, event_fd;
+    uint32_t low_water;
+    int signalled;
+    uint32_t epoch;
+    struct ent *tab;
+    size_t cap, n;
+    struct vol *vols;
+    size_t nvols, capvols;
+    uint64_t *res;
+    size_t nres, capres;
+    uint64_t *log;
+    size_t nlog, caplog; /* in triples */
+    volatile int failed;
+    uint64_t st_reads, st_writes, st_again, st_cow;
+    unsigned char *scratch;
+};
+
+static inline uint64_t mix(uint64_t vid, uint64_t block)
+{
+    uint64_t z = block * 0x9E3779B97F4A7C15ull ^ (vid + 0x632BE59BD9B4E5ull) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 31)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 29);
+}
+
+struct vd_fastmap *vd_fm_new(int data_fd, int event_fd, uint32_t low_water)
+{
+    struct vd_fastmap *fm = calloc(1, sizeof(*fm));
+    if (fm == NULL)
+        return NULL;
+    pthread_rwlockattr_t a;
+    pthread_rwlockattr_init(&a);
+    pthread_rwlockattr_setkind_np(&a, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&fm->lock, &a);
+    pthread_rwlockattr_destroy(&a);
+    pthread_mutex_init(&fm->io, NULL);
+    fm->data_fd = data_fd;
+    fm->event_fd = event_fd;
+    fm->low_water = low_water;
+    fm->epoch = 1;
+    fm->cap = 1024;
+    fm->tab = calloc(fm->cap, sizeof(struct ent));
+    fm->scratch = aligned_alloc(4096, BS);
+    if (fm->tab == NULL || fm->scratch == NULL) {
+        vd_fm_free(fm);
+        return NULL;
+    }
+    return fm;
+}
+
+void vd_fm_free(struct vd_fastmap *fm)
+{
+    if (fm == NULL)
+        return;
+    free(fm->tab);
+    free(fm->vols);
+    free(fm->res);
+    free(fm->log);
+    free(fm->scratch);
+    pthread_rwlock_destroy(&fm->lock);
+    pthread_mutex_destroy(&fm->io);
+    free(fm);
+}
+
+void vd_fm_lock(struct vd_fastmap *fm) { pthread_rwlock_wrlock(&fm->lock); }
+void vd_fm_unlock(struct vd_fastmap *fm) { pthread_rwlock_unlock(&fm->lock); }
+
+/* ------------------------------------------------------------ the table */
+
+static struct ent *lookup(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
+{
+    size_t mask = fm->cap - 1, i = mix(vid, block) & mask;
+    for (;;) {
+        struct ent *e = &fm->tab[i];
+        if (!e->used)
+            return NULL;
+        if (e->vid == vid && e->block == block)
+            return e;
+        i = (i + 1) & mask;
+    }
+}
+
+static void place(struct ent *tab, size_t cap, const struct ent *src)
+{
+    size_t mask = cap - 1, i = mix(src->vid, src->block) & mask;
+    while (tab[i].used)
+        i = (i + 1) & mask;
+    tab[i] = *src;
+}
+
+/* rebuild into a table of cap entries, leaving out vid (if skip) */
+static int rebuild(struct vd_fastmap *fm, size_t cap, int skip, uint64_t vid)
+{
+    struct ent *tab = calloc(cap, sizeof(struct ent));
+    if (tab == NULL)
+        return -ENOMEM;
+    size_t n = 0;
+    for (size_t i = 0; i < fm->cap; i++) {
+        struct ent *e = &fm->tab[i];
+        if (e->used && !(skip && e->vid == vid)) {
+            place(tab, cap, e);
+            n++;
+        }
+    }
+    free(fm->tab);
+    fm->tab = tab;
+    fm->cap = cap;
+    fm->n = n;
+    return 0;
+}
+
+/* Insert or update; 0 on success, -ENOSPC when the table is at its limit. */
+static int put(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint32_t epoch)
+{
+    struct ent *e = lookup(fm, vid, block);
+    if (e != NULL) {
+        e->slot = slot;
+        e->epoch = epoch;
+        return 0;
+    }
+    if (fm->n >= MAX_ENTRIES)
+        return -ENOSPC;
+    if ((fm->n + 1) * 2 > fm->cap && rebuild(fm, fm->cap * 2, 0, 0) < 0)
+        return -ENOMEM;
+    struct ent ne = {vid, block, slot, epoch, 1};
+    place(fm->tab, fm->cap, &ne);
+    fm->n++;
+    return 0;
+}
+
+static void del(struct vd_fastmap *fm, struct ent *e)
+{
+    /* backward-shift deletion keeps every probe chain unbroken */
+    size_t mask = fm->cap - 1, i = (size_t)(e - fm->tab), j = i;
+    for (;;) {
+        j = (j + 1) & mask;
+        if (!fm->tab[j].used)
+            break;
+        size_t k = mix(fm->tab[j].vid, fm->tab[j].block) & mask;
+        int move = (j > i) ? (k <= i || k > j) : (k <= i && k > j);
+        if (move) {
+            fm->tab[i] = fm->tab[j];
+            i = j;
+        }
+    }
+    fm->tab[i].used = 0;
+    fm->n--;
+}
+
+static struct vol *find_vol(struct vd_fastmap *fm, uint64_t vid)
+{
+    for (size_t i = 0; i < fm->nvols; i++)
+        if (fm->vols[i].vid == vid)
+            return &fm->vols[i];
+    return NULL;
+}
+
+/* ------------------------------------------------------------ engine side */
+
+void vd_fm_set_volume(struct vd_fastmap *fm, uint64_t vid, uint64_t lid, uint64_t size, int has_points)
+{
+    struct vol *v = find_vol(fm, vid);
+    if (v != NULL && v->lid != lid)
+        rebuild(fm, fm->cap, 1, vid); /* new contents: forget the old ones */
+    if (v == NULL) {
+        if (fm->nvols == fm->capvols) {
+            size_t c = fm->capvols ? fm->capvols * 2 : 16;
+            struct vol *nv = realloc(fm->vols, c * sizeof(*nv));
+            if (nv == NULL)
+                return; /* unknown volumes are simply not served here */
+            fm->vols = nv;
+            fm->capvols = c;
+        }
+        v = &fm->vols[fm->nvols++];
+        v->vid = vid;
+    }
+    v->lid = lid;
+    v->size = size;
+    v->has_points = has_points;
+}
+
+void vd_fm_drop_volume(struct vd_fastmap *fm, uint64_t vid)
+{
+    struct vol *v = find_vol(fm, vid);
+    if (v == NULL)
+        return;
+    *v = fm->vols[--fm->nvols];
+    rebuild(fm, fm->cap, 1, vid);
+}
+
+/* The overlay now maps (vid, block) to slot (0: zeros).  If the table is
+ * full the entry is forgotten instead: never left stale. */
+int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, int writable)
+{
+    int rc = put(fm, vid, block, slot, (writable && slot) ? fm->epoch : 0);
+    if (rc < 0)
+        vd_fm_forget(fm, vid, block);
+    return rc;
+}
+
+/* A mapping the engine looked up (read-only); kept only if nothing newer is
+ * known and there is room. */
+int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot)
+{
+    if (lookup(fm, vid, block) != NULL)
+        return 0;
+    return put(fm, vid, block, slot, 0);
+}
+
+void vd_fm_forget(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
+{
+    struct ent *e = lookup(fm, vid, block);
+    if (e != NULL)
+        del(fm, e);
+}
+
+void vd_fm_forget_slot(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot)
+{
+    struct ent *e = lookup(fm, vid, block);
+    if (e != NULL && e->slot == slot)
+        del(fm, e);
+}
+
+void vd_fm_new_epoch(struct vd_fastmap *fm)
+{
+    fm->epoch++;
+    if (fm->epoch == 0)
+        fm->epoch = 1;
+}
+
+void vd_fm_clear(struct vd_fastmap *fm)
+{
+    memset(fm->tab, 0, fm->cap * sizeof(struct ent));
+    fm->n = 0;
+}
+
+size_t vd_fm_entries(struct vd_fastmap *fm) { return fm->n; }
+
+size_t vd_fm_drain(struct vd_fastmap *fm, uint64_t *out, size_t max_triples)
+{
+    size_t n = fm->nlog < max_triples ? fm->nlog : max_triples;
+    memcpy(out, fm->log, n * 3 * sizeof(uint64_t));
+    memmove(fm->log, fm->log + n * 3, (fm->nlog - n) * 3 * sizeof(uint64_t));
+    fm->nlog -= n;
+    return n;
+}
+
+size_t vd_fm_reservoir(struct vd_fastmap *fm) { return fm->nres; }
+
+void vd_fm_reservoir_add(struct vd_fastmap *fm, const uint64_t *slots, size_t n)
+{
+    if (fm->nres + n > fm->capres) {
+        size_t c = (fm->nres + n) * 2;
+        uint64_t *r = realloc(fm->res, c * sizeof(uint64_t));
+        if (r == NULL)
+            return; /* the engine keeps them: see vd_fm_reservoir() */
+        fm->res = r;
+        fm->capres = c;
+    }
+    memcpy(fm->res + fm->nres, slots, n * sizeof(uint64_t));
+    fm->nres += n;
+    fm->signalled = 0;
+}
+
+size_t vd_fm_reservoir_take(struct vd_fastmap *fm, uint64_t *out, size_t max)
+{
+    size_t n = fm->nres < max ? fm->nres : max;
+    memcpy(out, fm->res + fm->nres - n, n * sizeof(uint64_t));
+    fm->nres -= n;
+    return n;
+}
+
+void vd_fm_set_failed(struct vd_fastmap *fm, int failed) { fm->failed = failed; }
+
+void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out4)
+{
+    out4[0] = __atomic_load_n(&fm->st_reads, __ATOMIC_RELAXED);
+    out4[1] = __atomic_load_n(&fm->st_writes, __ATOMIC_RELAXED);
+    out4[2] = __atomic_load_n(&fm->st_again, __ATOMIC_RELAXED);
+    out4[3] = __atomic_load_n(&fm->st_cow, __ATOMIC_RELAXED);
+}
+
+/* ------------------------------------------------------------ I/O side */
+
+static int pread_full(int fd, void *buf, size_t len, uint64_t off)
+{
+    unsigned char *p = buf;
+    while (len > 0) {
+        ssize_t r = pread(fd, p, len, (off_t)off);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (r == 0) { /* past the end of a sparse data file: zeros */
+            memset(p, 0, len);
+            return 0;
+        }
+        p += r;
+        len -= (size_t)r;
+        off += (uint64_t)r;
+    }
+    return 0;
+}
+
+static int pwrite_full(int fd, const void *buf, size_t len, uint64_t off)
+{
+    const unsigned char *p = buf;
+    while (len > 0) {
+        ssize_t r = pwrite(fd, p, len, (off_t)off);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        p += r;
+        len -= (size_t)r;
+        off += (uint64_t)r;
+    }
+    return 0;
+}
+
+static inline uint64_t slot_off(uint64_t slot) { return (slot - 1) * (uint64_t)BS; }
+
+static void begin_io(struct vd_fastmap *fm)
+{
+    pthread_rwlock_rdlock(&fm->lock);
+    pthread_mutex_lock(&fm->io);
+}
+
+static long end_io(struct vd_fastmap *fm, long rc)
+{
+    pthread_mutex_unlock(&fm->io);
+    pthread_rwlock_unlock(&fm->lock);
+    if (rc == -EAGAIN)
+        __atomic_add_fetch(&fm->st_again, 1, __ATOMIC_RELAXED);
+    return rc;
+}
+
+/* the volume and the block span of a request, or -EAGAIN */
+static long span(struct vd_fastmap *fm, uint64_t vid, uint64_t off, uint32_t len, uint64_t *first,
+                 size_t *nblocks, struct vol **vp)
+{
+    struct vol *v = find_vol(fm, vid);
+    if (fm->failed > 1 || v == NULL || len == 0 || off + len > v->size || off + len < off)
+        return -EAGAIN;
+    *first = off / BS;
+    *nblocks = (size_t)((off + len - 1) / BS - *first + 1);
+    if (*nblocks > MAX_SPAN)
+        return -EAGAIN;
+    *vp = v;
+    return 0;
+}
+
+long vd_fm_read(void *arg, uint64_t vid, uint64_t off, uint32_t len, void *buf)
+{
+    struct vd_fastmap *fm = arg;
+    uint64_t first, slots[MAX_SPAN];
+    size_t nb;
+    struct vol *v;
+    begin_io(fm);
+    long rc = span(fm, vid, off, len, &first, &nb, &v);
+    if (rc < 0)
+        return end_io(fm, rc);
+    for (size_t i = 0; i < nb; i++) {
+        struct ent *e = lookup(fm, vid, first + i);
+        if (e == NULL)
+            return end_io(fm, -EAGAIN);
+        slots[i] = e->slot;
+    }
+    unsigned char *out = buf;
+    uint64_t pos = off, end = off + len;
+    for (size_t i = 0; i < nb; i++) {
+        uint64_t intra = pos % BS, n = BS - intra;
+        if (n > end - pos)
+            n = end - pos;
+        if (slots[i] == 0)
+            memset(out, 0, n);
+        else if ((rc = pread_full(fm->data_fd, out, n, slot_off(slots[i]) + intra)) < 0)
+            return end_io(fm, rc);
+        out += n;
+        pos += n;
+    }
+    __atomic_add_fetch(&fm->st_reads, 1, __ATOMIC_RELAXED);
+    return end_io(fm, (long)len);
+}
+
+enum { INPLACE, NEW, COW, COMPARE };
+
+long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void *buf)
+{
+    struct vd_fastmap *fm = arg;
+    uint64_t first, base[MAX_SPAN];
+    unsigned char act[MAX_SPAN];
+    size_t nb, need = 0;
+    struct vol *v;
+    begin_io(fm);
+    if (fm->failed)
+        return end_io(fm, -EAGAIN);
+    long rc = span(fm, vid, off, len, &first, &nb, &v);
+    if (rc < 0)
+        return end_io(fm, rc);
+    /* plan every block before touching any: all or nothing goes to Python */
+    uint64_t pos = off, end = off + len;
+    for (size_t i = 0; i < nb; i++) {
+        uint64_t intra = pos % BS, n = BS - intra;
+        if (n > end - pos)
+            n = end - pos;
+        int full = n == BS;
+        struct ent *e = lookup(fm, vid, first + i);
+        if (e != NULL && e->epoch == fm->epoch) {
+            act[i] = INPLACE;
+        } else if (e != NULL) {
+            base[i] = e->slot;
+            act[i] = !full ? COW : (v->has_points && e->slot) ? COMPARE : NEW;
+            need++;
+        } else if (full && !v->has_points) {
+            act[i] = NEW;
+            need++;
+        } else {
+            return end_io(fm, -EAGAIN);
+        }
+        pos += n;
+    }
+    if (need > fm->nres || fm->n + need > MAX_ENTRIES) {
+        if (!fm->signalled && fm->event_fd >= 0) {
+            uint64_t one = 1;
+            fm->signalled = 1;
+            if (write(fm->event_fd, &one, sizeof(one)) < 0) { /* the engine polls anyway */
+            }
+        }
+        return end_io(fm, -EAGAIN);
+    }
+    const unsigned char *in = buf;
+    pos = off;
+    for (size_t i = 0; i < nb; i++) {
+        uint64_t block = first + i, intra = pos % BS, n = BS - intra;
+        if (n > end - pos)
+            n = end - pos;
+        const unsigned char *data = in;
+        in += n;
+        pos += n;
+        struct ent *e;
+        if (act[i] == INPLACE) {
+            e = lookup(fm, vid, block);
+            if ((rc = pwrite_full(fm->data_fd, data, n, slot_off(e->slot) + intra)) < 0)
+                return end_io(fm, rc);
+            continue;
+        }
+        if (act[i] == COMPARE) { /* rewriting what a snapshot shares, unchanged: keep sharing */
+            if ((rc = pread_full(fm->data_fd, fm->scratch, BS, slot_off(base[i]))) < 0)
+                return end_io(fm, rc);
+            if (memcmp(fm->scratch, data, BS) == 0)
+                continue;
+        }
+        if (act[i] == COW) {
+            if (base[i] == 0)
+                memset(fm->scratch, 0, BS);
+            else if ((rc = pread_full(fm->data_fd, fm->scratch, BS, slot_off(base[i]))) < 0)
+                return end_io(fm, rc);
+            memcpy(fm->scratch + intra, data, n);
+            data = fm->scratch;
+            __atomic_add_fetch(&fm->st_cow, 1, __ATOMIC_RELAXED);
+        }
+        uint64_t slot = fm->res[--fm->nres];
+        if ((rc = pwrite_full(fm->data_fd, data, BS, slot_off(slot))) < 0) {
+            fm->res[fm->nres++] = slot;
+            return end_io(fm, rc);
+        }
+        if (fm->nlog == fm->caplog) {
+            size_t c = fm->caplog ? fm->caplog * 2 : 1024;
+            uint64_t *l = realloc(fm->log, c * 3 * sizeof(uint64_t));
+            if (l == NULL) {
+                fm->res[fm->nres++] = slot;
+                return end_io(fm, -ENOMEM);
+            }
+            fm->log = l;
+            fm->caplog = c;
+        }
+        put(fm, vid, block, slot, fm->epoch); /* room was checked above */
+        fm->log[fm->nlog * 3] = vid;
+        fm->log[fm->nlog * 3 + 1] = block;
+        fm->log[fm->nlog * 3 + 2] = slot;
+        fm->nlog++;
+    }
+    if (fm->nres < fm->low_water && !fm->signalled && fm->event_fd >= 0) {
+        uint64_t one = 1;
+        fm->signalled = 1;
+        if (write(fm->event_fd, &one, sizeof(one)) < 0) {
+        }
+    }
+    __atomic_add_fetch(&fm->st_writes, 1, __ATOMIC_RELAXED);
+    return end_io(fm, (long)len);
+}

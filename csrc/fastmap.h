@@ -1,0 +1,38 @@
+/* fastmap.h - the engine's C fast path for block reads and writes
+ * (see fastmap.c and docs/architecture.md, "The fast path"). */
+#ifndef VDISK_FASTMAP_H
+#define VDISK_FASTMAP_H
+#include <stdint.h>
+#include <stddef.h>
+
+struct vd_fastmap;
+
+/* Created and driven by the engine (Python) */
+struct vd_fastmap *vd_fm_new(int data_fd, int event_fd, uint32_t low_water);
+void vd_fm_free(struct vd_fastmap *fm);
+void vd_fm_lock(struct vd_fastmap *fm);
+void vd_fm_unlock(struct vd_fastmap *fm);
+/* everything below, except vd_fm_read/vd_fm_write/vd_fm_set_failed/
+ * vd_fm_stats, must be called with the lock held */
+void vd_fm_set_volume(struct vd_fastmap *fm, uint64_t vid, uint64_t lid, uint64_t size, int has_points);
+void vd_fm_drop_volume(struct vd_fastmap *fm, uint64_t vid);
+int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, int writable);
+int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot);
+void vd_fm_forget(struct vd_fastmap *fm, uint64_t vid, uint64_t block);
+void vd_fm_forget_slot(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot);
+void vd_fm_new_epoch(struct vd_fastmap *fm);
+void vd_fm_clear(struct vd_fastmap *fm);
+size_t vd_fm_entries(struct vd_fastmap *fm);
+size_t vd_fm_drain(struct vd_fastmap *fm, uint64_t *out, size_t max_triples);
+size_t vd_fm_reservoir(struct vd_fastmap *fm);
+void vd_fm_reservoir_add(struct vd_fastmap *fm, const uint64_t *slots, size_t n);
+size_t vd_fm_reservoir_take(struct vd_fastmap *fm, uint64_t *out, size_t max);
+void vd_fm_set_failed(struct vd_fastmap *fm, int failed); /* 1: no writes, 2: nothing */
+void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out4);
+
+/* The request side: called by one I/O thread (the FUSE fast path) without
+ * the GIL.  Return the byte count, -EAGAIN when the engine in Python must
+ * serve the request instead (nothing was changed then), or -errno. */
+long vd_fm_read(void *fm, uint64_t vid, uint64_t offset, uint32_t len, void *buf);
+long vd_fm_write(void *fm, uint64_t vid, uint64_t offset, uint32_t len, const void *buf);
+#endif

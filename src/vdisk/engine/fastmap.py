@@ -1,0 +1,140 @@
+"""Python face of csrc/fastmap.c: the engine's C fast path.
+
+A FastMap caches, for each (volume, block), the slot the engine would read
+right now, and holds a reservoir of free slots, so that one I/O thread can
+serve reads, in-place writes and copy-on-write of 64 KiB blocks in C
+without the GIL.  The Pool keeps it in step (`Pool.attach_fast`); the FUSE
+layer only passes requests to `io_functions()` and falls back to the Pool
+when they return -EAGAIN.  See docs/architecture.md, "The fast path".
+
+Concurrency contract: the mutators (set, forget, drain, ...) must be called
+with `lock()` held, by the thread that owns the Pool.  `read` and `write`
+(and the C functions behind `io_functions()`) take the lock for reading and
+may be called from any one thread at a time; they block on the data file's
+pread/pwrite, and on the lock while the Pool holds it.
+"""
+from __future__ import annotations
+
+import errno
+
+from .native import ffi, lib
+
+EAGAIN = -errno.EAGAIN
+DRAIN_BATCH = 4096
+
+
+class FastMap:
+    def __init__(self, data_fd: int, event_fd: int = -1, reservoir: int = 512):
+        self.reservoir_target = reservoir
+        self._fm = lib.vd_fm_new(data_fd, event_fd, reservoir // 2)
+        if self._fm == ffi.NULL:
+            raise MemoryError("vdisk fast path: cannot allocate its block table")
+        self._out = ffi.new("uint64_t[]", DRAIN_BATCH * 3)
+
+    def close(self) -> None:
+        if self._fm is not None:
+            lib.vd_fm_free(self._fm)
+            self._fm = None
+
+    # ------------------------------------------------------------ engine side
+
+    def lock(self) -> None:
+        lib.vd_fm_lock(self._fm)
+
+    def unlock(self) -> None:
+        lib.vd_fm_unlock(self._fm)
+
+    def set_volume(self, vid: int, lid: int, size: int, has_points: bool) -> None:
+        """Serve volume vid (head lineage lid); a new lid forgets its blocks."""
+        lib.vd_fm_set_volume(self._fm, vid, lid, size, int(has_points))
+
+    def drop_volume(self, vid: int) -> None:
+        lib.vd_fm_drop_volume(self._fm, vid)
+
+    def set(self, vid: int, block: int, slot: int, writable: bool) -> None:
+        """The overlay maps the block to slot now (0: zeros); writable: a
+        fresh slot, written in place."""
+        lib.vd_fm_set(self._fm, vid, block, slot, int(writable))
+
+    def add(self, vid: int, block: int, slot: int) -> None:
+        """A mapping looked up in the committed map, kept unless a newer one
+        is known."""
+        lib.vd_fm_add(self._fm, vid, block, slot)
+
+    def forget(self, vid: int, block: int) -> None:
+        lib.vd_fm_forget(self._fm, vid, block)
+
+    def forget_slot(self, vid: int, block: int, slot: int) -> None:
+        lib.vd_fm_forget_slot(self._fm, vid, block, slot)
+
+    def new_epoch(self) -> None:
+        """The overlay was frozen: no slot known so far is written in place."""
+        lib.vd_fm_new_epoch(self._fm)
+
+    def clear(self) -> None:
+        lib.vd_fm_clear(self._fm)
+
+    def entries(self) -> int:
+        return lib.vd_fm_entries(self._fm)
+
+    def drain(self) -> list[tuple[int, int, int]]:
+        """(vid, block, slot) of every block given a new slot in C, oldest first."""
+        got = []
+        out = self._out
+        while True:
+            n = lib.vd_fm_drain(self._fm, out, DRAIN_BATCH)
+            got.extend((out[3 * i], out[3 * i + 1], out[3 * i + 2]) for i in range(n))
+            if n < DRAIN_BATCH:
+                return got
+
+    def reservoir(self) -> int:
+        return lib.vd_fm_reservoir(self._fm)
+
+    def reservoir_add(self, slots: list[int]) -> None:
+        if slots:
+            lib.vd_fm_reservoir_add(self._fm, ffi.new("uint64_t[]", slots), len(slots))
+
+    def reservoir_take(self) -> list[int]:
+        n = self.reservoir()
+        out = ffi.new("uint64_t[]", max(n, 1))
+        got = lib.vd_fm_reservoir_take(self._fm, out, n)
+        return [out[i] for i in range(got)]
+
+    def set_failed(self, failed: bool) -> None:
+        """Any thread: refuse fast writes (the pool failed)."""
+        lib.vd_fm_set_failed(self._fm, int(failed))
+
+    def stats(self) -> dict:
+        out = ffi.new("uint64_t[4]")
+        lib.vd_fm_stats(self._fm, out)
+        return {"reads": out[0], "writes": out[1], "handed_back": out[2], "copy_on_write": out[3]}
+
+    # ------------------------------------------------------------ I/O side
+
+    def read(self, vid: int, offset: int, length: int):
+        """Serve a read in C: the bytes, or None when the Pool must."""
+        buf = bytearray(length)
+        rc = lib.vd_fm_read(self._fm, vid, offset, length, ffi.from_buffer(buf))
+        if rc == EAGAIN:
+            return None
+        if rc < 0:
+            raise OSError(-rc, "fast read failed")
+        return buf
+
+    def write(self, vid: int, offset: int, data) -> bool:
+        """Serve a write in C: True, or False when the Pool must."""
+        rc = lib.vd_fm_write(self._fm, vid, offset, len(data), ffi.from_buffer(data))
+        if rc == EAGAIN:
+            return False
+        if rc < 0:
+            raise OSError(-rc, "fast write failed")
+        return True
+
+    def io_functions(self) -> tuple[int, int, int]:
+        """(context, read function, write function) as addresses, for the
+        FUSE fast path's C (csrc/fuse_fastpath.c)."""
+        return (
+            int(ffi.cast("uintptr_t", self._fm)),
+            int(ffi.cast("uintptr_t", ffi.addressof(lib, "vd_fm_read"))),
+            int(ffi.cast("uintptr_t", ffi.addressof(lib, "vd_fm_write"))),
+        )

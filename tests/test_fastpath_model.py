@@ -1,0 +1,109 @@
+"""The engine's C fast path (csrc/fastmap.c) against the same in-memory model.
+
+FastPoolModel runs every rule of the engine's model test (writes, discards,
+commits in three steps, snapshots, rollbacks, clones, deletions, power cuts)
+with a FastMap attached, and adds reads and writes served by the C fast path
+the way the FUSE layer does: in C when it can, by the Pool when C hands the
+request back.  A tiny reservoir makes C run dry often.  Every read, through
+either path, must match the model; scrub must stay clean.  C writes bypass
+the power-cut simulation (they always "survive" until the next sync): a
+subset of what a real power cut may do.
+"""
+import os
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import invariant, rule
+
+from test_engine_model import SIZE, PoolModel, lengths, offsets, pattern
+from vdisk.engine.fastmap import FastMap
+
+
+class FastPoolModel(PoolModel):
+    def _opened(self):
+        self.fm = FastMap(self.pool.file.fd, reservoir=4)
+        self.pool.attach_fast(self.fm)
+
+    def teardown(self):
+        self.pool.detach_fast()
+        self.fm.close()
+        super().teardown()
+
+    def _fast_write(self, vid, off, n, seed):
+        if vid not in self.model:
+            return
+        n = min(n, SIZE - off)
+        data = pattern(seed, n)
+        if not self.fm.write(vid, off, data):
+            self.pool.write(vid, off, data)  # what the FUSE layer does on -EAGAIN
+        self.model[vid][off : off + n] = data
+
+    @rule(vid=PoolModel.vols, off=offsets, n=lengths, seed=st.integers(0, 5))
+    def fast_write(self, vid, off, n, seed):
+        self._fast_write(vid, off, n, seed)
+
+    @rule(vid=PoolModel.vols, off=offsets, n=lengths, seed=st.integers(0, 5))
+    def fast_write_more(self, vid, off, n, seed):
+        self._fast_write(vid, off, n, seed)
+
+    @rule(vid=PoolModel.vols, off=offsets, n=lengths)
+    def fast_read(self, vid, off, n):
+        if vid not in self.model:
+            return
+        n = min(n, SIZE - off)
+        got = self.fm.read(vid, off, n)
+        if got is None:
+            got = self.pool.read(vid, off, n)
+        assert got == bytes(self.model[vid][off : off + n]), "volume %d differs at %d+%d" % (vid, off, n)
+
+    @rule()
+    def refill(self):
+        self.pool.refill_fast()
+
+    @invariant()
+    def fast_reads_agree(self):
+        for vid, data in self.model.items():
+            got = self.fm.read(vid, 0, SIZE)
+            assert got is None or got == bytes(data), "volume %d differs in C" % vid
+
+
+FastPoolModel.TestCase.settings = settings(
+    max_examples=int(os.environ.get("VDISK_MODEL_EXAMPLES", "60")),
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestFastPoolModel = FastPoolModel.TestCase
+
+
+def test_fast_path_serves_in_c(tmp_path):
+    """Not a model: once a block is known, C serves reads and writes of it,
+    copies on write after a commit, and hands back what it cannot serve."""
+    from vdisk.engine.pool import BLOCK_SIZE, Pool
+
+    pool = Pool(str(tmp_path))
+    fm = FastMap(pool.file.fd, reservoir=8)
+    try:
+        pool.attach_fast(fm)
+        vid = pool.create_volume(4 * BLOCK_SIZE)
+        assert fm.read(vid, 0, 4096) is None  # not known yet: the Pool serves it
+        assert pool.read(vid, 0, 4096) == bytes(4096)
+        assert fm.read(vid, 0, 4096) == bytes(4096)  # learnt (a hole)
+        assert fm.write(vid, 0, b"a" * BLOCK_SIZE)  # a whole block needs no base
+        assert fm.write(vid, 100, b"b" * 10)  # in place
+        pool.commit()
+        assert fm.write(vid, 200, b"c" * 10)  # copy-on-write from the committed slot
+        st_ = fm.stats()
+        assert st_["copy_on_write"] == 1 and st_["writes"] == 3, st_
+        assert not fm.write(vid, 4 * BLOCK_SIZE - 10, b"x" * 20)  # past the end: handed back
+        want = bytearray(b"a" * BLOCK_SIZE)
+        want[100:110] = b"b" * 10
+        want[200:210] = b"c" * 10
+        assert pool.read(vid, 0, BLOCK_SIZE) == want
+        pool.commit()
+        assert pool.scrub() == []
+        pool.detach_fast()
+        assert fm.read(vid, 0, 10) is None  # detached: serves nothing
+    finally:
+        fm.close()
+        pool.close()
