@@ -24,7 +24,7 @@ class BuildExtClear(build_ext):
 setup(
     cffi_modules=[
         "src/vdisk/engine/_build_native.py:ffibuilder",
-        "src/vdisk/fuse/_build_fallocate.py:ffibuilder",
+        "src/vdisk/fuse/_build_lowlevel.py:ffibuilder",
     ],
     cmdclass={"build_ext": BuildExtClear},
 )

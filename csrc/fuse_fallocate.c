@@ -12,6 +12,9 @@
  * trio thread, and calls vd_py_fallocate() (a cffi "extern Python"
  * callback, which takes the GIL itself) synchronously; it returns 0 or a
  * negative errno, which is the reply.
+ *
+ * It also keeps the session it created (vd_shim_session) and wraps the init
+ * handler, for the fast path in fuse_fastpath.c.
  */
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION 32
@@ -25,6 +28,19 @@
 
 static struct fuse_lowlevel_ops patched_ops;
 static int installed = 0;
+static struct fuse_session *the_session;
+static void (*pyfuse3_init)(void *userdata, struct fuse_conn_info *conn);
+static volatile int no_splice;
+
+/* libfuse asks for SPLICE_READ because pyfuse3 has write_buf; the fast path
+ * (fuse_fastpath.c) puts a socket where /dev/fuse was and needs read(). */
+static void vd_init(void *userdata, struct fuse_conn_info *conn)
+{
+    if (pyfuse3_init != NULL)
+        pyfuse3_init(userdata, conn);
+    if (no_splice)
+        conn->want &= ~FUSE_CAP_SPLICE_READ;
+}
 
 static void vd_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
                          off_t length, struct fuse_file_info *fi)
@@ -51,7 +67,20 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         patched_ops.fallocate = vd_fallocate;
         installed = 1;
     }
-    return real(args, &patched_ops, sizeof(patched_ops), userdata);
+    pyfuse3_init = patched_ops.init;
+    patched_ops.init = vd_init;
+    the_session = real(args, &patched_ops, sizeof(patched_ops), userdata);
+    return the_session;
+}
+
+struct fuse_session *vd_shim_session(void)
+{
+    return the_session;
+}
+
+void vd_shim_no_splice(int on)
+{
+    no_splice = on;
 }
 
 int vd_fallocate_installed(void)

@@ -26,8 +26,10 @@ import trio
 from ..config import Paths
 from ..control.controller import Controller
 from ..engine.errors import EngineError
+from ..engine.fastmap import FastMap
 from ..engine.pool import Pool
 from ..fuse import discard
+from ..fuse.fastpath import FastPath
 from ..fuse.fs import DiskFS
 from . import lock
 from .committer import Committer
@@ -122,14 +124,54 @@ class Daemon:
         _tune_connection(mp)
         if not discard.installed():
             log.warning("discard (fallocate punch-hole) is not served: freed space stays allocated")
+        fast = self._start_fast(pool)
         try:
             self._restore_running()
             trio.run(self._main)
         finally:
             self.fs.mounted = False
+            if fast is not None:
+                fast.quiesce()
             pyfuse3.close(unmount=True)
+            if fast is not None:
+                self._stop_fast(pool, fast)
         log.info("vdisk daemon stopped")
         return 0
+
+    def _start_fast(self, pool: Pool):
+        """Serve READ and WRITE in C (vdisk.fuse.fastpath over the engine's
+        FastMap) unless VDISK_FASTPATH=0; None when off."""
+        self._efd = None
+        if os.environ.get("VDISK_FASTPATH", "1") == "0":
+            log.info("the fast path is off (VDISK_FASTPATH=0): pyfuse3 serves every request")
+            return None
+        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        fm = FastMap(pool.file.fd, efd)
+        pool.attach_fast(fm)
+        try:
+            fast = FastPath(fm.io_functions())
+        except OSError as exc:
+            log.warning("the fast path is off (%s): pyfuse3 serves every request", exc)
+            pool.detach_fast()
+            fm.close()
+            os.close(efd)
+            return None
+        self.fs.attach_fast(fast)
+        self._fm, self._efd = fm, efd
+        log.info("fast path on: READ and WRITE of disk files are served in C")
+        return fast
+
+    def _stop_fast(self, pool: Pool, fast) -> None:
+        try:
+            fast.stop()
+        except TimeoutError as exc:  # its thread may still hold the map: keep the memory
+            log.error("%s", exc)
+            pool.detach_fast()
+            return
+        log.info("fast path: %s; engine: %s", fast.stats(), self._fm.stats())
+        pool.detach_fast()
+        self._fm.close()
+        os.close(self._efd)
 
     def _restore_running(self) -> None:
         for inst in self.ctl._all("instance"):
@@ -150,6 +192,8 @@ class Daemon:
                 nursery.start_soon(pyfuse3.main)
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self._writeback)
+                if self._efd is not None:
+                    nursery.start_soon(self._feed_fast)
                 await nursery.start(self.committer.run)
                 await nursery.start(self._serve_control)
                 log.info("vdisk daemon %d serving %s at %s", os.getpid(), self.paths.data_dir, self.paths.mountpoint)
@@ -161,6 +205,23 @@ class Daemon:
         while True:
             await trio.sleep(0.05)
             await trio.to_thread.run_sync(self.fs.pool.start_writeback, thread_name="vdisk-writeback")
+
+    async def _feed_fast(self) -> None:
+        """Keep the fast path's reservoir of free slots full.  C signals the
+        eventfd when it runs low; the dirty limit and back-pressure apply
+        to what C wrote as to what pyfuse3 did (after_write), and only then
+        does C get more slots.  Every 100 ms regardless, in case a refill
+        found the pool's filesystem full."""
+        efd = self._efd
+        while True:
+            with trio.move_on_after(0.1):
+                await trio.lowlevel.wait_readable(efd)
+            try:
+                os.eventfd_read(efd)
+            except BlockingIOError:
+                pass
+            await self.committer.after_write()
+            self.fs.pool.refill_fast()
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

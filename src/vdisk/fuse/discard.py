@@ -21,6 +21,7 @@ FALLOC_FL_ZERO_RANGE = 0x10
 
 _handler = None
 _lib = None
+_ffi = None
 
 
 def install():
@@ -32,7 +33,7 @@ def install():
     flags = sys.getdlopenflags()
     sys.setdlopenflags(flags | os.RTLD_GLOBAL)
     try:
-        from . import _fallocate
+        from . import _lowlevel as _fallocate
     except ImportError as exc:
         log.warning("the fallocate shim is not built (%s): discard will not be served", exc)
         return
@@ -50,11 +51,22 @@ def install():
             return -errno.EIO
 
     _lib = _fallocate.lib
+    global _ffi
+    _ffi = _fallocate.ffi
 
 
 def set_handler(fn) -> None:
     global _handler
     _handler = fn
+
+
+def shim():
+    """The loaded shim library (its C functions), or None."""
+    return _lib
+
+
+def shim_ffi():
+    return _ffi
 
 
 def installed() -> bool:

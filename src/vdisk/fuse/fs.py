@@ -13,6 +13,9 @@ cannot be truncated.
 Concurrency contract: every handler runs in the trio thread and calls the
 pool synchronously, so each FUSE request is atomic with respect to every
 other request and to control-plane actions (which run in the same thread).
+With a FastPath attached, most READ and WRITE requests never reach these
+handlers: a C thread serves them through the engine's FastMap, whose lock
+makes each of them atomic with respect to the pool's operations too.
 Commits go through the `committer` given at construction (the daemon's
 vdisk.daemon.committer.Committer): fsync and the dirty limit run them in a
 worker thread, so write and fsync may wait for one while other requests go on.
@@ -59,7 +62,15 @@ class DiskFS(pyfuse3.Operations):
         self._t = time.time_ns()
         self.mounted = False
         self.committer = committer  # async flush() and after_write()
+        self.fast = None  # a vdisk.fuse.fastpath.FastPath serving READ/WRITE in C
         discard.set_handler(self.fallocate)
+
+    def attach_fast(self, fast) -> None:
+        """Let a FastPath serve the files' READ and WRITE requests."""
+        self.fast = fast
+        for node in self.nodes.values():
+            if node.volume is not None:
+                fast.set_node(node.inode, node.volume)
 
     # ------------------------------------------------------------ exposure API
 
@@ -71,6 +82,8 @@ class DiskFS(pyfuse3.Operations):
         self._next_inode += 1
         self.nodes[node.inode] = node
         parent.children[name] = node.inode
+        if volume is not None and self.fast is not None:
+            self.fast.set_node(node.inode, volume)
         return node
 
     def expose(self, group: str, files: dict[str, int]) -> None:
@@ -139,6 +152,8 @@ class DiskFS(pyfuse3.Operations):
         parent = self.nodes[node.parent]
         parent.children.pop(node.name, None)
         del self.nodes[node.inode]
+        if self.fast is not None:
+            self.fast.drop_node(node.inode)
         self._invalidate(parent.inode, node.name)
 
     def _invalidate(self, parent_inode: int, name: str) -> None:

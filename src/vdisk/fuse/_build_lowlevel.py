@@ -1,4 +1,6 @@
-"""cffi build script for vdisk.fuse._fallocate (csrc/fuse_fallocate.c).
+"""cffi build script for vdisk.fuse._lowlevel: the libfuse shim that adds
+fallocate (csrc/fuse_fallocate.c) and the READ/WRITE fast path
+(csrc/fuse_fastpath.c).
 
 Links against libfuse3 (found with pkg-config, as pyfuse3 itself is built).
 """
@@ -24,16 +26,22 @@ ffibuilder.cdef(
     """
     extern "Python+C" int vd_py_fallocate(uint64_t fh, int mode, int64_t offset, int64_t length);
     int vd_fallocate_installed(void);
+    int vd_fp_start(uintptr_t ctx, uintptr_t rd, uintptr_t wr);
+    void vd_fp_quiesce(void);
+    int vd_fp_stop(void);
+    int vd_fp_set_node(uint64_t nodeid, uint64_t vid);
+    void vd_fp_drop_node(uint64_t nodeid);
+    void vd_fp_stats(uint64_t *out3);
     """
 )
 cflags = _pkg("--cflags")
 ffibuilder.set_source(
-    "vdisk.fuse._fallocate",
+    "vdisk.fuse._lowlevel",
     '#include "fuse_fallocate.h"',
-    sources=["csrc/fuse_fallocate.c"],
+    sources=["csrc/fuse_fallocate.c", "csrc/fuse_fastpath.c"],
     include_dirs=["csrc"] + [f[2:] for f in cflags if f.startswith("-I")],
     extra_compile_args=["-O2"] + [f for f in cflags if not f.startswith("-I")],
-    extra_link_args=_pkg("--libs") + ["-ldl"],
+    extra_link_args=_pkg("--libs") + ["-ldl", "-lpthread"],
 )
 
 if __name__ == "__main__":

@@ -1,0 +1,335 @@
+/*
+ * fuse_fastpath.c - READ and WRITE served in C, everything else by pyfuse3.
+ *
+ * pyfuse3 serves each request in its trio loop with the GIL held: about
+ * 13k 4 KiB requests a second on our 2-vCPU VM whatever the handler does
+ * (docs/architecture.md, "Performance").  This file puts one thread between
+ * the kernel and pyfuse3:
+ *
+ *     kernel --/dev/fuse--> request thread --READ/WRITE--> engine (C)
+ *                                |  else, or -EAGAIN from the engine
+ *                                v
+ *                       socketpair (SEQPACKET) --> libfuse/pyfuse3
+ *     kernel <--/dev/fuse-- reply thread <-- replies and notifications
+ *
+ * The session's fd number is taken over with dup2(): libfuse keeps reading
+ * requests and writing replies through the same number, now one end of a
+ * socketpair whose messages keep their boundaries, as /dev/fuse's do.  The
+ * engine's read and write functions come in as pointers (csrc/fastmap.c,
+ * vdisk.engine.fastmap): this file knows the FUSE protocol, not blocks.
+ *
+ * Concurrency: the request thread is the only caller of the engine's
+ * functions; the node table (FUSE node id -> volume) is changed from Python
+ * under its own mutex.
+ */
+#define _GNU_SOURCE
+#define FUSE_USE_VERSION 32
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fuse.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+#include <fuse_lowlevel.h>
+
+#include "fuse_fallocate.h"
+
+typedef long (*vd_read_fn)(void *ctx, uint64_t vid, uint64_t off, uint32_t len, void *buf);
+typedef long (*vd_write_fn)(void *ctx, uint64_t vid, uint64_t off, uint32_t len, const void *buf);
+
+#define REQ_BUF ((1u << 20) + 64 * 1024) /* largest request: max_write + headers */
+#define REPLY_BUF (4u << 20)
+#define SOCK_BUF (8 << 20)
+
+struct node {
+    uint64_t nodeid, vid;
+};
+
+static struct {
+    int running;
+    int devfd;  /* our own fd on /dev/fuse */
+    int sock;   /* our end of the socketpair */
+    void *ctx;
+    vd_read_fn rd;
+    vd_write_fn wr;
+    pthread_t req_thread, reply_thread;
+    volatile int stopping;
+    volatile int req_done, reply_done;
+    pthread_mutex_t nlock;
+    struct node *nodes;
+    size_t nnodes, capnodes;
+    uint64_t st_reads, st_writes, st_forwarded;
+} fp = {.nlock = PTHREAD_MUTEX_INITIALIZER, .devfd = -1, .sock = -1};
+
+static uint64_t node_vid(uint64_t nodeid)
+{
+    uint64_t vid = 0;
+    pthread_mutex_lock(&fp.nlock);
+    for (size_t i = 0; i < fp.nnodes; i++)
+        if (fp.nodes[i].nodeid == nodeid) {
+            vid = fp.nodes[i].vid;
+            break;
+        }
+    pthread_mutex_unlock(&fp.nlock);
+    return vid;
+}
+
+int vd_fp_set_node(uint64_t nodeid, uint64_t vid)
+{
+    int rc = 0;
+    pthread_mutex_lock(&fp.nlock);
+    size_t i;
+    for (i = 0; i < fp.nnodes; i++)
+        if (fp.nodes[i].nodeid == nodeid)
+            break;
+    if (i == fp.nnodes) {
+        if (fp.nnodes == fp.capnodes) {
+            size_t c = fp.capnodes ? fp.capnodes * 2 : 64;
+            struct node *n = realloc(fp.nodes, c * sizeof(*n));
+            if (n == NULL) {
+                rc = -ENOMEM;
+                goto out;
+            }
+            fp.nodes = n;
+            fp.capnodes = c;
+        }
+        fp.nnodes++;
+    }
+    fp.nodes[i].nodeid = nodeid;
+    fp.nodes[i].vid = vid;
+out:
+    pthread_mutex_unlock(&fp.nlock);
+    return rc;
+}
+
+void vd_fp_drop_node(uint64_t nodeid)
+{
+    pthread_mutex_lock(&fp.nlock);
+    for (size_t i = 0; i < fp.nnodes; i++)
+        if (fp.nodes[i].nodeid == nodeid) {
+            fp.nodes[i] = fp.nodes[--fp.nnodes];
+            break;
+        }
+    pthread_mutex_unlock(&fp.nlock);
+}
+
+static void reply(uint64_t unique, long rc, const void *data, size_t len)
+{
+    struct fuse_out_header h;
+    struct iovec iov[2];
+    h.unique = unique;
+    h.error = rc < 0 ? (int32_t)rc : 0;
+    h.len = sizeof(h) + (rc < 0 ? 0 : len);
+    iov[0].iov_base = &h;
+    iov[0].iov_len = sizeof(h);
+    iov[1].iov_base = (void *)data;
+    iov[1].iov_len = rc < 0 ? 0 : len;
+    /* ENOENT: the request was interrupted and is gone; nothing to do */
+    if (writev(fp.devfd, iov, iov[1].iov_len ? 2 : 1) < 0 && errno != ENOENT)
+        fprintf(stderr, "vdisk fast path: replying to request %llu: %s\n", (unsigned long long)unique,
+                strerror(errno));
+}
+
+/* 1 if served here, 0 to forward */
+static int serve(const unsigned char *buf, size_t n, unsigned char *out)
+{
+    const struct fuse_in_header *h = (const void *)buf;
+    if (h->opcode != FUSE_READ && h->opcode != FUSE_WRITE)
+        return 0;
+    uint64_t vid = node_vid(h->nodeid);
+    if (vid == 0)
+        return 0;
+    if (h->opcode == FUSE_READ) {
+        const struct fuse_read_in *in = (const void *)(buf + sizeof(*h));
+        if (n < sizeof(*h) + sizeof(*in) || in->size > REPLY_BUF)
+            return 0;
+        long rc = fp.rd(fp.ctx, vid, in->offset, in->size, out);
+        if (rc == -EAGAIN)
+            return 0;
+        reply(h->unique, rc, out, rc > 0 ? (size_t)rc : 0);
+        __atomic_add_fetch(&fp.st_reads, 1, __ATOMIC_RELAXED);
+        return 1;
+    }
+    const struct fuse_write_in *in = (const void *)(buf + sizeof(*h));
+    if (n < sizeof(*h) + sizeof(*in) || n - sizeof(*h) - sizeof(*in) < in->size)
+        return 0;
+    long rc = fp.wr(fp.ctx, vid, in->offset, in->size, buf + sizeof(*h) + sizeof(*in));
+    if (rc == -EAGAIN)
+        return 0;
+    struct fuse_write_out wo = {.size = rc > 0 ? (uint32_t)rc : 0};
+    reply(h->unique, rc, &wo, sizeof(wo));
+    __atomic_add_fetch(&fp.st_writes, 1, __ATOMIC_RELAXED);
+    return 1;
+}
+
+static void *request_loop(void *arg)
+{
+    (void)arg;
+    unsigned char *buf = aligned_alloc(4096, REQ_BUF), *out = aligned_alloc(4096, REPLY_BUF);
+    if (buf == NULL || out == NULL) {
+        fprintf(stderr, "vdisk fast path: out of memory\n");
+        goto done;
+    }
+    for (;;) {
+        ssize_t n = read(fp.devfd, buf, REQ_BUF);
+        if (n < 0) {
+            if (errno == EINTR || errno == ENOENT || errno == EAGAIN)
+                continue;
+            if (errno != ENODEV)
+                fprintf(stderr, "vdisk fast path: reading /dev/fuse: %s\n", strerror(errno));
+            break;
+        }
+        if ((size_t)n < sizeof(struct fuse_in_header))
+            continue;
+        if (serve(buf, (size_t)n, out))
+            continue;
+        __atomic_add_fetch(&fp.st_forwarded, 1, __ATOMIC_RELAXED);
+        while (send(fp.sock, buf, (size_t)n, MSG_NOSIGNAL) < 0) {
+            if (errno == EINTR)
+                continue;
+            const struct fuse_in_header *h = (const void *)buf;
+            if (errno == EPIPE || fp.stopping)
+                goto done;
+            fprintf(stderr, "vdisk fast path: passing request %llu on: %s\n", (unsigned long long)h->unique,
+                    strerror(errno));
+            reply(h->unique, -EIO, NULL, 0);
+            break;
+        }
+    }
+    /* the kernel ended the connection (unmounted): end pyfuse3's loop the
+     * way libfuse would on ENODEV, unless the daemon is already closing it */
+    if (!fp.stopping && vd_shim_session() != NULL)
+        fuse_session_exit(vd_shim_session());
+    shutdown(fp.sock, SHUT_WR);
+done:
+    free(buf);
+    free(out);
+    fp.req_done = 1;
+    return NULL;
+}
+
+static void *reply_loop(void *arg)
+{
+    (void)arg;
+    unsigned char *buf = malloc(REPLY_BUF);
+    while (buf != NULL) {
+        ssize_t n = recv(fp.sock, buf, REPLY_BUF, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break; /* libfuse closed its end (fuse_session_destroy) */
+        if (write(fp.devfd, buf, (size_t)n) < 0 && errno != ENOENT && errno != ENODEV)
+            fprintf(stderr, "vdisk fast path: passing a reply on: %s\n", strerror(errno));
+    }
+    free(buf);
+    fp.reply_done = 1;
+    return NULL;
+}
+
+static int big_buffers(int s)
+{
+    int want = SOCK_BUF, got = 0;
+    socklen_t len = sizeof(got);
+    if (setsockopt(s, SOL_SOCKET, SO_SNDBUFFORCE, &want, sizeof(want)) < 0)
+        setsockopt(s, SOL_SOCKET, SO_SNDBUF, &want, sizeof(want));
+    if (setsockopt(s, SOL_SOCKET, SO_RCVBUFFORCE, &want, sizeof(want)) < 0)
+        setsockopt(s, SOL_SOCKET, SO_RCVBUF, &want, sizeof(want));
+    if (getsockopt(s, SOL_SOCKET, SO_SNDBUF, &got, &len) < 0)
+        return -errno;
+    return got >= (int)(REQ_BUF + 4096) ? 0 : -ENOBUFS;
+}
+
+/* Take over the session's fd (after fuse_session_mount, before the loop
+ * reads anything).  0, or -errno with nothing changed. */
+int vd_fp_start(uintptr_t ctx, uintptr_t rd, uintptr_t wr)
+{
+    struct fuse_session *se = vd_shim_session();
+    int sv[2], rc;
+    if (fp.running)
+        return -EBUSY;
+    if (se == NULL)
+        return -ENOTCONN;
+    int sfd = fuse_session_fd(se);
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
+        return -errno;
+    if ((rc = big_buffers(sv[0])) < 0 || (rc = big_buffers(sv[1])) < 0)
+        goto fail;
+    fp.devfd = fcntl(sfd, F_DUPFD_CLOEXEC, 0);
+    if (fp.devfd < 0) {
+        rc = -errno;
+        goto fail;
+    }
+    vd_shim_no_splice(1); /* libfuse must read() the socket, not splice it */
+    if (dup3(sv[1], sfd, O_CLOEXEC) < 0) {
+        rc = -errno;
+        close(fp.devfd);
+        fp.devfd = -1;
+        vd_shim_no_splice(0);
+        goto fail;
+    }
+    close(sv[1]);
+    fp.sock = sv[0];
+    fp.ctx = (void *)ctx;
+    fp.rd = (vd_read_fn)rd;
+    fp.wr = (vd_write_fn)wr;
+    fp.stopping = fp.req_done = fp.reply_done = 0;
+    pthread_create(&fp.reply_thread, NULL, reply_loop, NULL);
+    pthread_create(&fp.req_thread, NULL, request_loop, NULL);
+    fp.running = 1;
+    return 0;
+fail:
+    close(sv[0]);
+    close(sv[1]);
+    return rc;
+}
+
+/* Before pyfuse3.close(): from now on the threads only wind down. */
+void vd_fp_quiesce(void) { fp.stopping = 1; }
+
+static int join_within(pthread_t t, volatile int *done, int ms)
+{
+    for (int i = 0; i < ms / 10 && !*done; i++) {
+        struct timespec ts = {0, 10 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    if (!*done) {
+        pthread_detach(t);
+        return -ETIMEDOUT;
+    }
+    pthread_join(t, NULL);
+    return 0;
+}
+
+/* After pyfuse3.close() (unmounted, libfuse's end closed): join the threads
+ * and close our fds.  -ETIMEDOUT if the request thread did not end (the
+ * kernel still holds the connection); it is left detached then. */
+int vd_fp_stop(void)
+{
+    if (!fp.running)
+        return 0;
+    fp.stopping = 1;
+    shutdown(fp.sock, SHUT_RDWR);
+    int rc = join_within(fp.reply_thread, &fp.reply_done, 5000);
+    int rc2 = join_within(fp.req_thread, &fp.req_done, 5000);
+    if (rc2 == 0) {
+        close(fp.devfd);
+        close(fp.sock);
+        fp.devfd = fp.sock = -1;
+    }
+    fp.running = 0;
+    vd_shim_no_splice(0);
+    return rc2 ? rc2 : rc;
+}
+
+void vd_fp_stats(uint64_t *out3)
+{
+    out3[0] = __atomic_load_n(&fp.st_reads, __ATOMIC_RELAXED);
+    out3[1] = __atomic_load_n(&fp.st_writes, __ATOMIC_RELAXED);
+    out3[2] = __atomic_load_n(&fp.st_forwarded, __ATOMIC_RELAXED);
+}
