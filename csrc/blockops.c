@@ -13,12 +13,14 @@
  *   vd_diff_sectors(a,b,len,sector,bitmap) per-sector difference bitmap
  *   vd_punch_hole(fd, off, len)   fallocate(PUNCH_HOLE|KEEP_SIZE)
  *   vd_start_writeback(fd)        sync_file_range(SYNC_FILE_RANGE_WRITE)
+ *   vd_checksum_slots(...)        vd_crc32c_is_zero of many slots read from a file
  */
 #define _GNU_SOURCE
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
 #include <fcntl.h>
+#include <unistd.h>
 #include <errno.h>
 #include <linux/falloc.h>
 
@@ -196,5 +198,36 @@ int vd_punch_hole(int fd, long long offset, long long len)
     if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
                   (off_t)offset, (off_t)len) < 0)
         return -errno;
+    return 0;
+}
+
+/* ---- whole slots at commit --------------------------------------------- */
+
+/* For each of n slots of block_size bytes at offsets[i] in fd: crcs[i] and
+ * zero[i] as vd_crc32c_is_zero gives them.  Reads past the end of the file
+ * count as zeros.  0, or -errno of the first failed pread.  The buffer is
+ * the caller's (block_size bytes), so concurrent callers do not share. */
+int vd_checksum_slots(int fd, const uint64_t *offsets, size_t n, size_t block_size, unsigned char *buf,
+                      uint32_t *crcs, unsigned char *zero)
+{
+    for (size_t i = 0; i < n; i++) {
+        size_t got = 0;
+        while (got < block_size) {
+            ssize_t r = pread(fd, buf + got, block_size - got, (off_t)(offsets[i] + got));
+            if (r < 0) {
+                if (errno == EINTR)
+                    continue;
+                return -errno;
+            }
+            if (r == 0) {
+                memset(buf + got, 0, block_size - got);
+                break;
+            }
+            got += (size_t)r;
+        }
+        int z;
+        crcs[i] = vd_crc32c_is_zero(buf, block_size, &z);
+        zero[i] = (unsigned char)z;
+    }
     return 0;
 }

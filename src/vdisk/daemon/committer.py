@@ -16,17 +16,26 @@ changes (snapshots, rollbacks) before its next await.
 from __future__ import annotations
 
 import logging
+import os
 
 import trio
 
 from ..engine.errors import EngineError
-from ..engine.pool import DIRTY_LIMIT, Pool
+from ..engine.pool import BLOCK_SIZE, Pool
 
 log = logging.getLogger(__name__)
 
+# The emulated disk's volatile write cache: a background commit starts once
+# this many blocks were written since the last one (VDISK_WRITE_CACHE_MIB,
+# default 1024 MiB).  What is not flushed may be lost in a crash, as on a
+# disk with a volatile cache; a larger cache rewrites more blocks in place
+# instead of copying them again after every commit.
+DIRTY_LIMIT = max(1, int(os.environ.get("VDISK_WRITE_CACHE_MIB", "1024")) * (1 << 20) // BLOCK_SIZE)
 # A write waits (back-pressure) when this many blocks are dirty while a
 # commit is still running: memory and unflushed data stay bounded.
-HARD_LIMIT = 4 * DIRTY_LIMIT
+HARD_LIMIT = 2 * DIRTY_LIMIT
+# Commits of at most this many blocks run in the trio thread itself.
+INLINE_BLOCKS = 16
 
 
 class Committer:
@@ -49,8 +58,14 @@ class Committer:
         seq = self._seq
         self._idle = trio.Event()
         try:
-            # not cancellable: the job must finish before the pool is touched
-            await trio.to_thread.run_sync(job.run, thread_name="vdisk-commit")
+            if change is None and job.blocks() <= INLINE_BLOCKS:
+                # a database's commit: handing it to a thread and back costs
+                # more than the little it writes; the C fast path serves
+                # reads and writes meanwhile (pyfuse3's requests wait)
+                job.run()
+            else:
+                # not cancellable: the job must finish before the pool is touched
+                await trio.to_thread.run_sync(job.run, thread_name="vdisk-commit")
         finally:
             try:
                 result = self.pool.finish_commit(job)

@@ -22,6 +22,8 @@ ffibuilder.cdef(
                          size_t sector, unsigned char *bitmap);
     int vd_punch_hole(int fd, long long offset, long long len);
     int vd_start_writeback(int fd);
+    int vd_checksum_slots(int fd, const uint64_t *offsets, size_t n, size_t block_size, unsigned char *buf,
+                          uint32_t *crcs, unsigned char *zero);
 
     struct vd_fastmap;
     struct vd_fastmap *vd_fm_new(int data_fd, int event_fd, uint32_t low_water);

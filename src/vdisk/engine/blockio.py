@@ -63,6 +63,11 @@ class DataFile:
             mv = mv[n:]
             offset += n
 
+    def checksum_slots(self, offsets: list[int], length: int) -> list[tuple[int, bool]]:
+        """(crc32c, all_zero) of length bytes at each offset (thread-safe:
+        preads only)."""
+        return native.checksum_slots(self.fd, offsets, length)
+
     def sync(self) -> None:
         os.fdatasync(self.fd)
 

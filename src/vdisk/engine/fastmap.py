@@ -24,7 +24,7 @@ DRAIN_BATCH = 4096
 
 
 class FastMap:
-    def __init__(self, data_fd: int, event_fd: int = -1, reservoir: int = 512):
+    def __init__(self, data_fd: int, event_fd: int = -1, reservoir: int = 2048):
         self.reservoir_target = reservoir
         self._fm = lib.vd_fm_new(data_fd, event_fd, reservoir // 2)
         if self._fm == ffi.NULL:

@@ -47,9 +47,9 @@ fsync.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import copy
 import errno
+import itertools
 import logging
 import os
 import threading
@@ -172,6 +172,10 @@ class CommitJob:
         self.error: BaseException | None = None
         self.map_full = False
         self.done = False
+
+    def blocks(self) -> int:
+        """How many blocks the job makes durable."""
+        return sum(len(d) for d in self.epoch.dirty.values())
 
     def run(self) -> None:
         try:
@@ -401,6 +405,7 @@ class Pool:
         self._fm_depth = 0
         self._fm_vids: set[int] = set()
         self._reserved: set[int] = set()
+        self._reserved_beyond: set[int] = set()  # those beyond the durable hwm
 
     def close(self) -> None:
         """Commit everything and close.  May block on fsync."""
@@ -466,6 +471,8 @@ class Pool:
             except OSError as exc:
                 raise NoSpace("the pool's filesystem is full (%s): %s" % (self.path, exc)) from exc
             self._hwm += 1
+            if reserve:
+                self._reserved_beyond.add(slot)
         if reserve:
             self._reserved.add(slot)
         else:
@@ -531,6 +538,7 @@ class Pool:
         with self._fast():
             for slot in fm.reservoir_take():
                 self._reserved.discard(slot)
+                self._reserved_beyond.discard(slot)
                 self._free_cache.append(slot)
             self._free_cache.sort(reverse=True)
             fm.set_failed(2)
@@ -550,7 +558,7 @@ class Pool:
                     slots.append(self._alloc(reserve=True))
             except NoSpace:
                 pass
-            fm.reservoir_add(slots)
+            fm.reservoir_add(slots[::-1])  # C takes from the end: ascending slots
             if fm.entries() > FAST_MAX_ENTRIES:
                 fm.clear()  # a cache: it fills again as blocks are used
             return len(slots)
@@ -564,6 +572,7 @@ class Pool:
         got = self._fm.drain()
         for vid, block, slot in got:
             self._reserved.discard(slot)
+            self._reserved_beyond.discard(slot)
             self._epoch_alloc.add(slot)
             v = self._vols.get(vid)
             if v is None:  # cannot happen while volumes change only under the lock
@@ -921,8 +930,11 @@ class Pool:
         if self._inflight is not None:
             raise CommitInFlight("a commit is already in flight")
         with self._fast():
-            # the reservoir's slots are free as far as this commit goes
-            free_back = self._free_cache + sorted(self._reserved)
+            # free slots beyond the durable high-water mark must be recorded
+            # free; the reservoir's count as free for this commit
+            beyond = self._committed_hwm
+            free_back = list(itertools.takewhile(lambda s: s >= beyond, self._free_cache))
+            free_back += self._reserved_beyond
             ep = _Epoch(self._dirty, self._epoch_alloc, self._hwm, free_back, self._records)
             self._dirty, self._ndirty, self._epoch_alloc, self._records = {}, 0, set(), {}
             self._inflight = ep
@@ -1031,16 +1043,19 @@ class Pool:
     def _finish_checksums(self, ep: _Epoch) -> None:
         """Checksum the blocks written in place since their allocation.  Runs
         in the job's thread: the frozen slots are no longer written."""
-        for lid, dirty in ep.dirty.items():
-            for block, d in dirty.items():
-                if d.slot != ZERO_SLOT and not d.crc_ok:
-                    data = self.file.pread(BLOCK_SIZE, slot_offset(d.slot))
-                    crc, zero = native.crc32c_is_zero(data)
-                    if zero:  # ep.alloc keeps it: the other thread's allocator must not see it free yet
-                        ep.zeroed.append(d.slot)
-                        ep.zeroed_at.append((lid, block, d.slot))
-                        d.slot, d.crc, d.fresh = ZERO_SLOT, 0, False
-                    d.crc, d.crc_ok = crc, True
+        todo = [
+            (lid, block, d)
+            for lid, dirty in ep.dirty.items()
+            for block, d in dirty.items()
+            if d.slot != ZERO_SLOT and not d.crc_ok
+        ]
+        sums = self.file.checksum_slots([slot_offset(d.slot) for _, _, d in todo], BLOCK_SIZE)
+        for (lid, block, d), (crc, zero) in zip(todo, sums):
+            if zero:  # ep.alloc keeps it: the other thread's allocator must not see it free yet
+                ep.zeroed.append(d.slot)
+                ep.zeroed_at.append((lid, block, d.slot))
+                d.slot, d.crc, d.fresh = ZERO_SLOT, 0, False
+            d.crc, d.crc_ok = crc, True
 
     def _apply_dirty(self, tx: _Tx, ep: _Epoch) -> None:
         txn = tx.txn
@@ -1151,6 +1166,8 @@ class Pool:
                 self._snaps[sid] = s
         self._counters.update(tx.counters)
         self._committed_hwm = max(self._committed_hwm, ep.hwm)
+        if self._reserved_beyond:  # recorded free by this commit, unless taken since
+            self._reserved_beyond = {s for s in self._reserved_beyond if s >= self._committed_hwm}
         # The free cache keeps what it holds (all of it is free, durable or
         # beyond the hwm); once it runs dry, DB_FREE is scanned again from the
         # start, where this commit's frees (ep.zeroed among them) now are.
