@@ -111,6 +111,9 @@ DIRTY_LIMIT = 1024
 # The fast path's map is a cache: emptied when it holds more than this many
 # blocks (about 64 MiB of C memory).
 FAST_MAX_ENTRIES = 900_000
+# The fast path's reservoir grows the data file only while the pool's
+# filesystem keeps this much (or a tenth of itself) free.
+RESERVE_KEEP_FREE = 256 << 20
 # How many slots the verified-once set remembers (about 64 MiB of memory at
 # most); it starts over when full.
 VERIFIED_MAX = 1 << 20
@@ -552,9 +555,23 @@ class Pool:
             fm = self._fm
             if fm is None or self._failed:
                 return 0
+            want = fm.reservoir_target - fm.reservoir()
+            if want <= 0:
+                return 0
+            # growing the data file for the reservoir must not take the room
+            # LMDB and the writes themselves need: only reused slots then
+            st = os.statvfs(self.path)
+            spare = st.f_bavail * st.f_frsize - max(RESERVE_KEEP_FREE, st.f_blocks * st.f_frsize // 10)
+            grow = max(0, spare // BLOCK_SIZE)
             slots = []
             try:
-                for _ in range(fm.reservoir_target - fm.reservoir()):
+                while len(slots) < want:
+                    if not self._free_cache and self._free_scan is not None:
+                        self._refill_free_cache()
+                    if not self._free_cache:
+                        if grow <= 0:
+                            break
+                        grow -= 1
                     slots.append(self._alloc(reserve=True))
             except NoSpace:
                 pass
