@@ -178,7 +178,18 @@ def cmd_daemon_status(app: App) -> int:
         app.out({"Running": False, "DataDir": app.paths.data_dir}, "vdisk daemon is not running (data directory %s)" % app.paths.data_dir)
         return EXIT_DAEMON
     res["Running"] = True
-    app.out(res, "vdisk daemon running (pid %d)\ndata directory  %s\nmount point     %s" % (res["Pid"], res["DataDir"], res["MountPoint"]))
+    fp = res.get("FastPath") or {}
+    fast = (
+        "on (%d reads and %d writes served in C, %d requests passed to Python)"
+        % (fp["Reads"], fp["Writes"], fp["PassedToPython"])
+        if fp.get("Enabled")
+        else "off"
+    )
+    app.out(
+        res,
+        "vdisk daemon running (pid %d)\ndata directory  %s\nmount point     %s\nfast path       %s"
+        % (res["Pid"], res["DataDir"], res["MountPoint"], fast),
+    )
     return EXIT_OK
 
 

@@ -206,6 +206,20 @@ class Daemon:
             await trio.sleep(0.05)
             await trio.to_thread.run_sync(self.fs.pool.start_writeback, thread_name="vdisk-writeback")
 
+    def _fast_status(self) -> dict:
+        """Whether READ/WRITE are served in C, and how many were."""
+        fast = self.fs.fast
+        if fast is None:
+            return {"Enabled": False}
+        f, e = fast.stats(), self._fm.stats()
+        return {
+            "Enabled": True,
+            "Reads": f["reads"],
+            "Writes": f["writes"],
+            "PassedToPython": f["passed_on"],
+            "CopyOnWrite": e["copy_on_write"],
+        }
+
     async def _feed_fast(self) -> None:
         """Keep the fast path's reservoir of free slots full.  C signals the
         eventfd when it runs low; the dirty limit and back-pressure apply
@@ -293,7 +307,13 @@ class Daemon:
         except ValueError as exc:
             return {"Code": "InvalidParameter", "Message": "the request is not valid JSON: %s" % exc, "HttpStatus": 400}
         if isinstance(req, dict) and req.get("Action") == "Ping":
-            return {"Pong": True, "Pid": os.getpid(), "DataDir": self.paths.data_dir, "MountPoint": self.paths.mountpoint}
+            return {
+                "Pong": True,
+                "Pid": os.getpid(),
+                "DataDir": self.paths.data_dir,
+                "MountPoint": self.paths.mountpoint,
+                "FastPath": self._fast_status(),
+            }
         if isinstance(req, dict) and req.get("Action") == "Shutdown":
             held = self.fs.open_files()
             if held and req.get("Force") is not True:
