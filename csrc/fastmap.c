@@ -429,16 +429,27 @@ long vd_fm_read(void *arg, uint64_t vid, uint64_t off, uint32_t len, void *buf)
     }
     unsigned char *out = buf;
     uint64_t pos = off, end = off + len;
-    for (size_t i = 0; i < nb; i++) {
+    for (size_t i = 0; i < nb;) {
         uint64_t intra = pos % BS, n = BS - intra;
         if (n > end - pos)
             n = end - pos;
-        if (slots[i] == 0)
+        if (slots[i] == 0) {
             memset(out, 0, n);
-        else if ((rc = pread_full(fm->data_fd, out, n, slot_off(slots[i]) + intra)) < 0)
+            out += n;
+            pos += n;
+            i++;
+            continue;
+        }
+        /* blocks in consecutive slots: one pread */
+        uint64_t from = slot_off(slots[i]) + intra, run = n;
+        size_t j = i + 1;
+        for (; j < nb && slots[j] == slots[j - 1] + 1; j++)
+            run += (end - pos - run < BS) ? end - pos - run : BS;
+        if ((rc = pread_full(fm->data_fd, out, run, from)) < 0)
             return end_io(fm, rc);
-        out += n;
-        pos += n;
+        out += run;
+        pos += run;
+        i = j;
     }
     __atomic_add_fetch(&fm->st_reads, 1, __ATOMIC_RELAXED);
     return end_io(fm, (long)len);
@@ -469,6 +480,7 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
         struct ent *e = lookup(fm, vid, first + i);
         if (e != NULL && e->epoch == fm->epoch) {
             act[i] = INPLACE;
+            base[i] = e->slot;
         } else if (e != NULL) {
             base[i] = e->slot;
             act[i] = !full ? COW : (v->has_points && e->slot) ? COMPARE : NEW;
@@ -497,15 +509,21 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
         if (n > end - pos)
             n = end - pos;
         const unsigned char *data = in;
-        in += n;
-        pos += n;
-        struct ent *e;
         if (act[i] == INPLACE) {
-            e = lookup(fm, vid, block);
-            if ((rc = pwrite_full(fm->data_fd, data, n, slot_off(e->slot) + intra)) < 0)
+            /* blocks already ours in consecutive slots: one pwrite */
+            uint64_t run = n, from = slot_off(base[i]) + intra;
+            while (i + 1 < nb && act[i + 1] == INPLACE && base[i + 1] == base[i] + 1) {
+                i++;
+                run += (end - pos - run < BS) ? end - pos - run : BS;
+            }
+            if ((rc = pwrite_full(fm->data_fd, data, run, from)) < 0)
                 return end_io(fm, rc);
+            in += run;
+            pos += run;
             continue;
         }
+        in += n;
+        pos += n;
         if (act[i] == COMPARE) { /* rewriting what a snapshot shares, unchanged: keep sharing */
             if ((rc = pread_full(fm->data_fd, fm->scratch, BS, slot_off(base[i]))) < 0)
                 return end_io(fm, rc);

@@ -34,6 +34,9 @@ DIRTY_LIMIT = max(1, int(os.environ.get("VDISK_WRITE_CACHE_MIB", "1024")) * (1 <
 # A write waits (back-pressure) when this many blocks are dirty while a
 # commit is still running: memory and unflushed data stay bounded.
 HARD_LIMIT = 2 * DIRTY_LIMIT
+# Seconds after which what was written is committed in the background even
+# below the dirty limit (VDISK_COMMIT_INTERVAL).
+COMMIT_INTERVAL = float(os.environ.get("VDISK_COMMIT_INTERVAL", "5"))
 # Commits of at most this many blocks run in the trio thread itself.
 INLINE_BLOCKS = 16
 
@@ -48,12 +51,14 @@ class Committer:
         self._idle.set()
         self._wake = trio.Event()
         self._priority = 0  # structural commits waiting: background ones hold off
+        self._last_commit = 0.0  # trio.current_time() of the last freeze
 
     async def _commit(self, change=None):
         """Begin a commit, run it in a worker thread, finish it; returns the
         change's result.  Raises what the commit raised (its writes stay
         pending then).  The caller makes sure none is in flight."""
         job = self.pool.begin_commit(change)
+        self._last_commit = trio.current_time()
         self._seq += 1
         seq = self._seq
         self._idle = trio.Event()
@@ -117,11 +122,21 @@ class Committer:
                 await self._idle.wait()
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """The background task: commits whenever the dirty limit is hit."""
+        """The background task: commits whenever the dirty limit is hit, and
+        what was written at least COMMIT_INTERVAL seconds ago (like ext4's
+        commit= or ZFS's txg timeout: a crash loses at most that much)."""
         task_status.started()
         while True:
-            await self._wake.wait()
+            with trio.move_on_after(COMMIT_INTERVAL):
+                await self._wake.wait()
             self._wake = trio.Event()
+            if trio.current_time() - self._last_commit >= COMMIT_INTERVAL and not self.pool.inflight():
+                if self.pool.dirty_blocks():
+                    try:
+                        await self._commit()
+                    except EngineError as exc:
+                        log.error("background commit failed: %s", exc)
+                self._last_commit = trio.current_time()
             while self.pool.dirty_blocks() >= DIRTY_LIMIT:
                 if self.pool.inflight() or self._priority:
                     await self._idle.wait()
