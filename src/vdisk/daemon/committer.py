@@ -27,16 +27,16 @@ log = logging.getLogger(__name__)
 
 # The emulated disk's volatile write cache: a background commit starts once
 # this many blocks were written since the last one (VDISK_WRITE_CACHE_MIB,
-# default 1024 MiB).  What is not flushed may be lost in a crash, as on a
+# default 2048 MiB).  What is not flushed may be lost in a crash, as on a
 # disk with a volatile cache; a larger cache rewrites more blocks in place
 # instead of copying them again after every commit.
-DIRTY_LIMIT = max(1, int(os.environ.get("VDISK_WRITE_CACHE_MIB", "1024")) * (1 << 20) // BLOCK_SIZE)
+DIRTY_LIMIT = max(1, int(os.environ.get("VDISK_WRITE_CACHE_MIB", "2048")) * (1 << 20) // BLOCK_SIZE)
 # A write waits (back-pressure) when this many blocks are dirty while a
 # commit is still running: memory and unflushed data stay bounded.
 HARD_LIMIT = 2 * DIRTY_LIMIT
 # Seconds after which what was written is committed in the background even
 # below the dirty limit (VDISK_COMMIT_INTERVAL).
-COMMIT_INTERVAL = float(os.environ.get("VDISK_COMMIT_INTERVAL", "5"))
+COMMIT_INTERVAL = float(os.environ.get("VDISK_COMMIT_INTERVAL", "30"))
 # Commits of at most this many blocks run in the trio thread itself.
 INLINE_BLOCKS = 16
 
@@ -126,6 +126,7 @@ class Committer:
         what was written at least COMMIT_INTERVAL seconds ago (like ext4's
         commit= or ZFS's txg timeout: a crash loses at most that much)."""
         task_status.started()
+        self._last_commit = trio.current_time()
         while True:
             with trio.move_on_after(COMMIT_INTERVAL):
                 await self._wake.wait()
