@@ -24,10 +24,13 @@
  * Concurrency contract: the engine takes the map's lock (vd_fm_lock, a
  * writer-preferring rwlock held for writing) around every operation that
  * reads or changes the overlay, and only then calls the vd_fm_* mutators;
- * vd_fm_read/vd_fm_write hold it for reading, plus an inner mutex, for the
- * whole request, I/O included.  So an engine operation and a fast request
- * never overlap, a slot is never reused while a fast request may still touch
- * it, and a freeze (vd_fm_new_epoch) falls between two fast requests.
+ * vd_fm_read/vd_fm_write hold it for reading for the whole request, I/O
+ * included.  So an engine operation and a fast request never overlap, a
+ * slot is never reused while a fast request may still touch it, and a
+ * freeze (vd_fm_new_epoch) falls between two fast requests.  Several I/O
+ * threads may call vd_fm_read/vd_fm_write at once: an inner mutex covers
+ * the table, the reservoir, the log and the copy-on-write buffer; reads
+ * and writes that only write in place let go of it before their I/O.
  * vd_fm_read and vd_fm_write may block on pread/pwrite of the data file
  * (the page cache, normally).
  */
@@ -387,6 +390,13 @@ static void begin_io(struct vd_fastmap *fm)
     pthread_mutex_lock(&fm->io);
 }
 
+/* end of a request that already let go of the inner mutex */
+static long end_shared(struct vd_fastmap *fm, long rc)
+{
+    pthread_rwlock_unlock(&fm->lock);
+    return rc;
+}
+
 static long end_io(struct vd_fastmap *fm, long rc)
 {
     pthread_mutex_unlock(&fm->io);
@@ -427,6 +437,9 @@ long vd_fm_read(void *arg, uint64_t vid, uint64_t off, uint32_t len, void *buf)
             return end_io(fm, -EAGAIN);
         slots[i] = e->slot;
     }
+    /* the slots stay valid while the lock is held for reading: only the
+     * engine frees or reuses a slot, with the lock held for writing */
+    pthread_mutex_unlock(&fm->io);
     unsigned char *out = buf;
     uint64_t pos = off, end = off + len;
     for (size_t i = 0; i < nb;) {
@@ -446,13 +459,13 @@ long vd_fm_read(void *arg, uint64_t vid, uint64_t off, uint32_t len, void *buf)
         for (; j < nb && slots[j] == slots[j - 1] + 1; j++)
             run += (end - pos - run < BS) ? end - pos - run : BS;
         if ((rc = pread_full(fm->data_fd, out, run, from)) < 0)
-            return end_io(fm, rc);
+            return end_shared(fm, rc);
         out += run;
         pos += run;
         i = j;
     }
     __atomic_add_fetch(&fm->st_reads, 1, __ATOMIC_RELAXED);
-    return end_io(fm, (long)len);
+    return end_shared(fm, (long)len);
 }
 
 enum { INPLACE, NEW, COW, COMPARE };
@@ -502,6 +515,12 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
         }
         return end_io(fm, -EAGAIN);
     }
+    /* only writes in place: they need nothing more from the map, and
+     * their slots stay fresh until the engine takes the lock for writing
+     * (a freeze), so they go on beside other requests */
+    int shared = need == 0;
+    if (shared)
+        pthread_mutex_unlock(&fm->io);
     const unsigned char *in = buf;
     pos = off;
     for (size_t i = 0; i < nb; i++) {
@@ -517,7 +536,7 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
                 run += (end - pos - run < BS) ? end - pos - run : BS;
             }
             if ((rc = pwrite_full(fm->data_fd, data, run, from)) < 0)
-                return end_io(fm, rc);
+                return shared ? end_shared(fm, rc) : end_io(fm, rc);
             in += run;
             pos += run;
             continue;
@@ -560,12 +579,12 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
         fm->log[fm->nlog * 3 + 2] = slot;
         fm->nlog++;
     }
-    if (fm->nres < fm->low_water && !fm->signalled && fm->event_fd >= 0) {
+    if (!shared && fm->nres < fm->low_water && !fm->signalled && fm->event_fd >= 0) {
         uint64_t one = 1;
         fm->signalled = 1;
         if (write(fm->event_fd, &one, sizeof(one)) < 0) {
         }
     }
     __atomic_add_fetch(&fm->st_writes, 1, __ATOMIC_RELAXED);
-    return end_io(fm, (long)len);
+    return shared ? end_shared(fm, (long)len) : end_io(fm, (long)len);
 }

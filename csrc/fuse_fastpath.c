@@ -6,7 +6,7 @@
  * (docs/architecture.md, "Performance").  This file puts one thread between
  * the kernel and pyfuse3:
  *
- *     kernel --/dev/fuse--> request thread --READ/WRITE--> engine (C)
+ *     kernel --/dev/fuse--> request threads --READ/WRITE--> engine (C)
  *                                |  else, or -EAGAIN from the engine
  *                                v
  *                       socketpair (SEQPACKET) --> libfuse/pyfuse3
@@ -18,9 +18,10 @@
  * engine's read and write functions come in as pointers (csrc/fastmap.c,
  * vdisk.engine.fastmap): this file knows the FUSE protocol, not blocks.
  *
- * Concurrency: the request thread is the only caller of the engine's
- * functions; the node table (FUSE node id -> volume) is changed from Python
- * under its own mutex.
+ * Concurrency: several request threads (two by default) read /dev/fuse and
+ * call the engine's functions at once (the engine locks what it shares);
+ * the node table (FUSE node id -> volume) is changed from Python under its
+ * own mutex.
  */
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION 32
@@ -46,6 +47,7 @@ typedef long (*vd_write_fn)(void *ctx, uint64_t vid, uint64_t off, uint32_t len,
 #define REQ_BUF ((1u << 20) + 64 * 1024) /* largest request: max_write + headers */
 #define REPLY_BUF (4u << 20)
 #define SOCK_BUF (8 << 20)
+#define MAX_THREADS 8
 
 struct node {
     uint64_t nodeid, vid;
@@ -58,9 +60,10 @@ static struct {
     void *ctx;
     vd_read_fn rd;
     vd_write_fn wr;
-    pthread_t req_thread, reply_thread;
+    pthread_t req_thread[MAX_THREADS], reply_thread;
+    int nthreads;
     volatile int stopping;
-    volatile int req_done, reply_done;
+    volatile int req_done[MAX_THREADS], reply_done;
     pthread_mutex_t nlock;
     struct node *nodes;
     size_t nnodes, capnodes;
@@ -170,7 +173,7 @@ static int serve(const unsigned char *buf, size_t n, unsigned char *out)
 
 static void *request_loop(void *arg)
 {
-    (void)arg;
+    int me = (int)(intptr_t)arg;
     unsigned char *buf = aligned_alloc(4096, REQ_BUF), *out = aligned_alloc(4096, REPLY_BUF);
     if (buf == NULL || out == NULL) {
         fprintf(stderr, "vdisk fast path: out of memory\n");
@@ -210,7 +213,7 @@ static void *request_loop(void *arg)
 done:
     free(buf);
     free(out);
-    fp.req_done = 1;
+    fp.req_done[me] = 1;
     return NULL;
 }
 
@@ -247,7 +250,7 @@ static int big_buffers(int s)
 
 /* Take over the session's fd (after fuse_session_mount, before the loop
  * reads anything).  0, or -errno with nothing changed. */
-int vd_fp_start(uintptr_t ctx, uintptr_t rd, uintptr_t wr)
+int vd_fp_start(uintptr_t ctx, uintptr_t rd, uintptr_t wr, int nthreads)
 {
     struct fuse_session *se = vd_shim_session();
     int sv[2], rc;
@@ -278,9 +281,13 @@ int vd_fp_start(uintptr_t ctx, uintptr_t rd, uintptr_t wr)
     fp.ctx = (void *)ctx;
     fp.rd = (vd_read_fn)rd;
     fp.wr = (vd_write_fn)wr;
-    fp.stopping = fp.req_done = fp.reply_done = 0;
+    fp.stopping = fp.reply_done = 0;
+    fp.nthreads = nthreads < 1 ? 1 : nthreads > MAX_THREADS ? MAX_THREADS : nthreads;
     pthread_create(&fp.reply_thread, NULL, reply_loop, NULL);
-    pthread_create(&fp.req_thread, NULL, request_loop, NULL);
+    for (int i = 0; i < fp.nthreads; i++) {
+        fp.req_done[i] = 0;
+        pthread_create(&fp.req_thread[i], NULL, request_loop, (void *)(intptr_t)i);
+    }
     fp.running = 1;
     return 0;
 fail:
@@ -315,8 +322,10 @@ int vd_fp_stop(void)
         return 0;
     fp.stopping = 1;
     shutdown(fp.sock, SHUT_RDWR);
-    int rc = join_within(fp.reply_thread, &fp.reply_done, 5000);
-    int rc2 = join_within(fp.req_thread, &fp.req_done, 5000);
+    int rc = join_within(fp.reply_thread, &fp.reply_done, 5000), rc2 = 0;
+    for (int i = 0; i < fp.nthreads; i++)
+        if (join_within(fp.req_thread[i], &fp.req_done[i], 5000) < 0)
+            rc2 = -ETIMEDOUT;
     if (rc2 == 0) {
         close(fp.devfd);
         close(fp.sock);

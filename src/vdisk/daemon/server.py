@@ -149,7 +149,7 @@ class Daemon:
         fm = FastMap(pool.file.fd, efd)
         pool.attach_fast(fm)
         try:
-            fast = FastPath(fm.io_functions())
+            fast = FastPath(fm.io_functions(), threads=int(os.environ.get("VDISK_FAST_THREADS", "2")))
         except OSError as exc:
             log.warning("the fast path is off (%s): pyfuse3 serves every request", exc)
             pool.detach_fast()

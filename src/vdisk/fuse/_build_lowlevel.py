@@ -26,7 +26,7 @@ ffibuilder.cdef(
     """
     extern "Python+C" int vd_py_fallocate(uint64_t fh, int mode, int64_t offset, int64_t length);
     int vd_fallocate_installed(void);
-    int vd_fp_start(uintptr_t ctx, uintptr_t rd, uintptr_t wr);
+    int vd_fp_start(uintptr_t ctx, uintptr_t rd, uintptr_t wr, int nthreads);
     void vd_fp_quiesce(void);
     int vd_fp_stop(void);
     int vd_fp_set_node(uint64_t nodeid, uint64_t vid);

@@ -1,7 +1,7 @@
 """READ and WRITE of disk files served in C (csrc/fuse_fastpath.c).
 
-`FastPath(io)` takes over the FUSE session that pyfuse3.init() created: one
-C thread reads /dev/fuse, serves READ and WRITE of registered files through
+`FastPath(io)` takes over the FUSE session that pyfuse3.init() created: C
+threads (two by default) read /dev/fuse, serves READ and WRITE of registered files through
 the engine functions `io` = (context, read, write) - the addresses that
 vdisk.engine.fastmap.FastMap.io_functions() gives - and passes every other
 request, and every one the engine hands back (-EAGAIN), on to pyfuse3
@@ -21,11 +21,11 @@ from . import discard
 
 
 class FastPath:
-    def __init__(self, io: tuple[int, int, int]):
+    def __init__(self, io: tuple[int, int, int], threads: int = 2):
         lib = discard.shim()
         if lib is None:
             raise OSError(0, "the libfuse shim (vdisk.fuse._lowlevel) is not loaded")
-        rc = lib.vd_fp_start(*io)
+        rc = lib.vd_fp_start(*io, threads)
         if rc < 0:
             raise OSError(-rc, "cannot start the FUSE fast path: %s" % os.strerror(-rc))
         self._lib = lib
