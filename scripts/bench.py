@@ -434,6 +434,13 @@ def print_report(results: dict, a) -> None:
         cell = lambda r: "%6.0f %-4s" % (r[key], unit) if r else "%11s" % "-"  # noqa: E731
         ratio = lambda r: "%10.2f" % (v[key] / r[key]) if r and r[key] else "%10s" % "-"  # noqa: E731
         print("%-34s %s %s %s %s %s %7.0f us" % (pname, cell(v), cell(q), cell(p), ratio(q), ratio(p), v["p99_us"]))
+    d = results.get("vdisk_daemon")
+    if d:
+        fp = d["fast_path"]
+        print("vdisk daemon: fast path %s; settings: %s" % (
+            "on (%d reads, %d writes served in C; %d requests passed to Python)"
+            % (fp["Reads"], fp["Writes"], fp["PassedToPython"]) if fp.get("Enabled") else "off",
+            " ".join("%s=%s" % kv for kv in d["settings"].items()) or "defaults"))
     print("\nvdisk write amplification, 4 KiB random writes (64 MiB, then fsync):")
     for label, w in results["write_amplification_4k"].items():
         print("  %-15s %5.1fx  (%d MiB written by the daemon for %d MiB, %.0f IOPS, %d MiB new space)"
@@ -496,6 +503,10 @@ def main() -> int:
         t = fio_patterns(a, size, cwd, env)
         results["write_amplification_4k"] = t.pop("_write_amplification_4k")
         results["targets"] = t
+        results["vdisk_daemon"] = {
+            "fast_path": env.j("daemon", "status")["FastPath"],
+            "settings": {k: os.environ[k] for k in sorted(os.environ) if k.startswith("VDISK_")},
+        }
     finally:
         env.close()
     if not a.no_snapshot_costs:
