@@ -300,35 +300,46 @@ size_t vd_fm_entries(struct vd_fastmap *fm) { return fm->n; }
 
 size_t vd_fm_drain(struct vd_fastmap *fm, uint64_t *out, size_t max_triples)
 {
+    pthread_mutex_lock(&fm->io);
     size_t n = fm->nlog < max_triples ? fm->nlog : max_triples;
     memcpy(out, fm->log, n * 3 * sizeof(uint64_t));
     memmove(fm->log, fm->log + n * 3, (fm->nlog - n) * 3 * sizeof(uint64_t));
     fm->nlog -= n;
+    pthread_mutex_unlock(&fm->io);
     return n;
 }
 
 size_t vd_fm_reservoir(struct vd_fastmap *fm) { return fm->nres; }
 
-void vd_fm_reservoir_add(struct vd_fastmap *fm, const uint64_t *slots, size_t n)
+int vd_fm_reservoir_add(struct vd_fastmap *fm, const uint64_t *slots, size_t n)
 {
+    int rc = 0;
+    pthread_mutex_lock(&fm->io);
     if (fm->nres + n > fm->capres) {
         size_t c = (fm->nres + n) * 2;
         uint64_t *r = realloc(fm->res, c * sizeof(uint64_t));
-        if (r == NULL)
-            return; /* the engine keeps them: see vd_fm_reservoir() */
+        if (r == NULL) {
+            rc = -ENOMEM;
+            goto out;
+        }
         fm->res = r;
         fm->capres = c;
     }
     memcpy(fm->res + fm->nres, slots, n * sizeof(uint64_t));
     fm->nres += n;
     fm->signalled = 0;
+out:
+    pthread_mutex_unlock(&fm->io);
+    return rc;
 }
 
 size_t vd_fm_reservoir_take(struct vd_fastmap *fm, uint64_t *out, size_t max)
 {
+    pthread_mutex_lock(&fm->io);
     size_t n = fm->nres < max ? fm->nres : max;
     memcpy(out, fm->res + fm->nres - n, n * sizeof(uint64_t));
     fm->nres -= n;
+    pthread_mutex_unlock(&fm->io);
     return n;
 }
 

@@ -12,8 +12,10 @@ struct vd_fastmap *vd_fm_new(int data_fd, int event_fd, uint32_t low_water);
 void vd_fm_free(struct vd_fastmap *fm);
 void vd_fm_lock(struct vd_fastmap *fm);
 void vd_fm_unlock(struct vd_fastmap *fm);
-/* everything below, except vd_fm_read/vd_fm_write/vd_fm_set_failed/
- * vd_fm_stats, must be called with the lock held */
+/* everything below must be called with the lock held, except
+ * vd_fm_read/vd_fm_write (the I/O threads), vd_fm_set_failed, vd_fm_stats,
+ * vd_fm_reservoir and vd_fm_drain/vd_fm_reservoir_add/vd_fm_reservoir_take
+ * (which take the inner mutex themselves) */
 void vd_fm_set_volume(struct vd_fastmap *fm, uint64_t vid, uint64_t lid, uint64_t size, int has_points);
 void vd_fm_drop_volume(struct vd_fastmap *fm, uint64_t vid);
 int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, int writable);
@@ -25,7 +27,7 @@ void vd_fm_clear(struct vd_fastmap *fm);
 size_t vd_fm_entries(struct vd_fastmap *fm);
 size_t vd_fm_drain(struct vd_fastmap *fm, uint64_t *out, size_t max_triples);
 size_t vd_fm_reservoir(struct vd_fastmap *fm);
-void vd_fm_reservoir_add(struct vd_fastmap *fm, const uint64_t *slots, size_t n);
+int vd_fm_reservoir_add(struct vd_fastmap *fm, const uint64_t *slots, size_t n);
 size_t vd_fm_reservoir_take(struct vd_fastmap *fm, uint64_t *out, size_t max);
 void vd_fm_set_failed(struct vd_fastmap *fm, int failed); /* 1: no writes, 2: nothing */
 void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out4);

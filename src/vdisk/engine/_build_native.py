@@ -41,7 +41,7 @@ ffibuilder.cdef(
     size_t vd_fm_entries(struct vd_fastmap *fm);
     size_t vd_fm_drain(struct vd_fastmap *fm, uint64_t *out, size_t max_triples);
     size_t vd_fm_reservoir(struct vd_fastmap *fm);
-    void vd_fm_reservoir_add(struct vd_fastmap *fm, const uint64_t *slots, size_t n);
+    int vd_fm_reservoir_add(struct vd_fastmap *fm, const uint64_t *slots, size_t n);
     size_t vd_fm_reservoir_take(struct vd_fastmap *fm, uint64_t *out, size_t max);
     void vd_fm_set_failed(struct vd_fastmap *fm, int failed);
     void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out4);

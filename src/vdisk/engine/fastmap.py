@@ -7,8 +7,9 @@ without the GIL.  The Pool keeps it in step (`Pool.attach_fast`); the FUSE
 layer only passes requests to `io_functions()` and falls back to the Pool
 when they return -EAGAIN.  See docs/architecture.md, "The fast path".
 
-Concurrency contract: the mutators (set, forget, drain, ...) must be called
-with `lock()` held, by the thread that owns the Pool.  `read` and `write`
+Concurrency contract: the mutators (set, forget, ...) must be called with
+`lock()` held, by the thread that owns the Pool; drain, reservoir_add and
+reservoir_take take C's inner mutex themselves and may be called without it.  `read` and `write`
 (and the C functions behind `io_functions()`) take the lock for reading and
 may be called from any one thread at a time; they block on the data file's
 pread/pwrite, and on the lock while the Pool holds it.
@@ -24,7 +25,7 @@ DRAIN_BATCH = 4096
 
 
 class FastMap:
-    def __init__(self, data_fd: int, event_fd: int = -1, reservoir: int = 2048):
+    def __init__(self, data_fd: int, event_fd: int = -1, reservoir: int = 4096):
         self.reservoir_target = reservoir
         self._fm = lib.vd_fm_new(data_fd, event_fd, reservoir // 2)
         if self._fm == ffi.NULL:
@@ -91,8 +92,9 @@ class FastMap:
         return lib.vd_fm_reservoir(self._fm)
 
     def reservoir_add(self, slots: list[int]) -> None:
-        if slots:
-            lib.vd_fm_reservoir_add(self._fm, ffi.new("uint64_t[]", slots), len(slots))
+        """Hand free slots over (any time: C's inner mutex covers it)."""
+        if slots and lib.vd_fm_reservoir_add(self._fm, ffi.new("uint64_t[]", slots), len(slots)) < 0:
+            raise MemoryError("vdisk fast path: cannot grow the reservoir")
 
     def reservoir_take(self) -> list[int]:
         n = self.reservoir()

@@ -550,42 +550,55 @@ class Pool:
 
     def refill_fast(self) -> int:
         """Take in what C wrote and top its reservoir up; returns how many
-        slots were added (fewer when the pool's filesystem is full)."""
-        with self._fast():
-            fm = self._fm
-            if fm is None or self._failed:
-                return 0
-            want = fm.reservoir_target - fm.reservoir()
-            if want <= 0:
-                return 0
-            # growing the data file for the reservoir must not take the room
-            # LMDB and the writes themselves need: only reused slots then
-            st = os.statvfs(self.path)
-            spare = st.f_bavail * st.f_frsize - max(RESERVE_KEEP_FREE, st.f_blocks * st.f_frsize // 10)
-            grow = max(0, spare // BLOCK_SIZE)
-            slots = []
-            try:
-                while len(slots) < want:
-                    if not self._free_cache and self._free_scan is not None:
-                        self._refill_free_cache()
-                    if not self._free_cache:
-                        if grow <= 0:
-                            break
-                        grow -= 1
-                    slots.append(self._alloc(reserve=True))
-            except NoSpace:
-                pass
-            fm.reservoir_add(slots[::-1])  # C takes from the end: ascending slots
-            if fm.entries() > FAST_MAX_ENTRIES:
+        slots were added (fewer when the pool's filesystem is full).
+
+        Runs without the map's lock: it changes only the allocator (this
+        thread's) and the reservoir (under C's inner mutex), so the I/O
+        threads go on meanwhile, even while this thread waits for the GIL."""
+        fm = self._fm
+        if fm is None or self._failed:
+            return 0
+        self._drain_light()
+        if fm.entries() > FAST_MAX_ENTRIES:
+            with self._fast():
                 fm.clear()  # a cache: it fills again as blocks are used
-            return len(slots)
+        want = fm.reservoir_target - fm.reservoir()
+        if want <= 0:
+            return 0
+        # growing the data file for the reservoir must not take the room
+        # LMDB and the writes themselves need: only reused slots then
+        st = os.statvfs(self.path)
+        spare = st.f_bavail * st.f_frsize - max(RESERVE_KEEP_FREE, st.f_blocks * st.f_frsize // 10)
+        grow = max(0, spare // BLOCK_SIZE)
+        slots = []
+        try:
+            while len(slots) < want:
+                if not self._free_cache and self._free_scan is not None:
+                    self._refill_free_cache()
+                if not self._free_cache:
+                    if grow <= 0:
+                        break
+                    grow -= 1
+                slots.append(self._alloc(reserve=True))
+        except NoSpace:
+            pass
+        fm.reservoir_add(slots[::-1])  # C takes from the end: ascending slots
+        return len(slots)
 
     def _fast(self) -> "_FastLock":
         return _FastLock(self)
 
+    def _drain_light(self) -> None:
+        """Take in what C wrote so far without stopping it (for counting:
+        what C writes meanwhile comes in at the next drain)."""
+        if self._fm is not None and not self._fm_depth:
+            self._drain_fast()
+
     def _drain_fast(self) -> None:
         """Put the blocks C gave new slots into the overlay, as write() would
-        have.  Called with the map locked."""
+        have.  Called with the map locked, or by _drain_light: the log is
+        taken under C's inner mutex, and nothing here touches C's table or
+        frees a slot C could still know."""
         got = self._fm.drain()
         for vid, block, slot in got:
             self._reserved.discard(slot)
@@ -849,8 +862,8 @@ class Pool:
             self.file.start_writeback()
 
     def dirty_blocks(self) -> int:
-        with self._fast():
-            return self._ndirty
+        self._drain_light()
+        return self._ndirty
 
     def drop_staged_records(self) -> None:
         """Forget records staged by a request that failed."""
@@ -901,11 +914,12 @@ class Pool:
         return out
 
     def pending(self) -> bool:
-        """True if a commit would have anything to make durable."""
-        with self._fast():
-            return bool(
-                self._ndirty or self._records or self._epoch_alloc or self._hwm != self._committed_hwm
-            )
+        """True if a commit would have anything to make durable (every write
+        C completed before the call included)."""
+        self._drain_light()
+        return bool(
+            self._ndirty or self._records or self._epoch_alloc or self._hwm != self._committed_hwm
+        )
 
     def inflight(self) -> bool:
         """True between begin_commit() and finish_commit()."""
