@@ -15,6 +15,7 @@ thread; the C threads take the node table's mutex themselves.
 """
 from __future__ import annotations
 
+import errno
 import os
 
 from . import discard
@@ -24,7 +25,7 @@ class FastPath:
     def __init__(self, io: tuple[int, int, int], threads: int = 2):
         lib = discard.shim()
         if lib is None:
-            raise OSError(0, "the libfuse shim (vdisk.fuse._lowlevel) is not loaded")
+            raise OSError(errno.ENOSYS, "the libfuse shim (vdisk.fuse._lowlevel) is not loaded")
         rc = lib.vd_fp_start(*io, threads)
         if rc < 0:
             raise OSError(-rc, "cannot start the FUSE fast path: %s" % os.strerror(-rc))
