@@ -274,6 +274,7 @@ class _Tx:
         self.lins: dict[int, Lineage] = {}
         self.dropped_lins: set[int] = set()
         self.frees: list[int] = []
+        self.change_frees_from = 0  # tx.frees[change_frees_from:] came from the change
         self.vols: dict[int, dict | None] = {}
         self.snaps: dict[int, dict | None] = {}
         self.counters: dict[str, int] = {}
@@ -996,6 +997,7 @@ class Pool:
             with self.env.begin(write=True) as txn:
                 tx = _Tx(self, txn)
                 self._apply_dirty(tx, ep)
+                tx.change_frees_from = len(tx.frees)  # the change's own frees follow
                 result = None
                 if job.change is not None:
                     self._change_tx = tx
@@ -1019,7 +1021,13 @@ class Pool:
         overlay (newer writes win), so a later commit retries them."""
         assert job.done and self._inflight is job.epoch
         with self._fast():
-            return self._finish_commit(job)
+            result = self._finish_commit(job)
+        if job.change is not None:
+            # Outside the fast path's lock (punching can wait on the
+            # filesystem's journal for a second), before this thread can
+            # hand the freed slots out again.
+            self._punch_freed(job.tx)
+        return result
 
     def _finish_commit(self, job: CommitJob):
         for _ in range(8):
@@ -1035,7 +1043,7 @@ class Pool:
             raise job.error
         self._inflight = None
         self._forget_zeroed(job.epoch)  # before their slots can be reused
-        self._after_commit(job.tx, job.epoch, punch=job.change is not None)
+        self._after_commit(job.tx, job.epoch)
         if self._fm is not None and (job.tx.vols or job.tx.lins):
             self._fast_volumes()
         return job.result
@@ -1177,7 +1185,7 @@ class Pool:
             else:
                 txn.put(k.encode(), jenc(v), db=self._db[DB_RECORD])
 
-    def _after_commit(self, tx: _Tx, ep: _Epoch, punch: bool) -> None:
+    def _after_commit(self, tx: _Tx, ep: _Epoch) -> None:
         """The transaction is durable: publish it and let its frees be reused."""
         for lid, lin in tx.lins.items():
             if lid in tx.dropped_lins:
@@ -1203,11 +1211,14 @@ class Pool:
         # beyond the hwm); once it runs dry, DB_FREE is scanned again from the
         # start, where this commit's frees (ep.zeroed among them) now are.
         self._free_scan = b""
-        if not punch:
-            # Slots freed by overwrites are reused by the next writes; giving
-            # them back to the filesystem would only make it allocate again.
-            return
-        for start, count in _runs(sorted(tx.frees)):
+
+    def _punch_freed(self, tx: _Tx) -> None:
+        """Give the slots a structural change freed (a deleted snapshot or
+        volume, a rollback) back to the filesystem.  Slots freed by
+        overwrites are not: the next writes reuse them, and punching would
+        only make the filesystem allocate again (and can hold a snapshot's
+        commit for seconds on ext4 after a burst of overwrites)."""
+        for start, count in _runs(sorted(tx.frees[tx.change_frees_from :])):
             try:
                 self.file.punch(slot_offset(start), count * BLOCK_SIZE)
             except OSError as exc:  # space is reused anyway; only du suffers
