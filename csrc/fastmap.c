@@ -479,6 +479,18 @@ long vd_fm_read(void *arg, uint64_t vid, uint64_t off, uint32_t len, void *buf)
     return end_shared(fm, (long)len);
 }
 
+/* Wake the engine (once until it refills): the reservoir runs low.  With the
+ * inner mutex held. */
+static void ask_for_slots(struct vd_fastmap *fm)
+{
+    uint64_t one = 1;
+    if (fm->signalled || fm->event_fd < 0)
+        return;
+    fm->signalled = 1;
+    if (write(fm->event_fd, &one, sizeof(one)) < 0) { /* the engine polls every 100 ms anyway */
+    }
+}
+
 enum { INPLACE, NEW, COW, COMPARE };
 
 long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void *buf)
@@ -518,12 +530,7 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
         pos += n;
     }
     if (need > fm->nres || fm->n + need > MAX_ENTRIES) {
-        if (!fm->signalled && fm->event_fd >= 0) {
-            uint64_t one = 1;
-            fm->signalled = 1;
-            if (write(fm->event_fd, &one, sizeof(one)) < 0) { /* the engine polls anyway */
-            }
-        }
+        ask_for_slots(fm);
         return end_io(fm, -EAGAIN);
     }
     /* only writes in place: they need nothing more from the map, and
@@ -590,12 +597,8 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
         fm->log[fm->nlog * 3 + 2] = slot;
         fm->nlog++;
     }
-    if (!shared && fm->nres < fm->low_water && !fm->signalled && fm->event_fd >= 0) {
-        uint64_t one = 1;
-        fm->signalled = 1;
-        if (write(fm->event_fd, &one, sizeof(one)) < 0) {
-        }
-    }
+    if (!shared && fm->nres < fm->low_water)
+        ask_for_slots(fm);
     __atomic_add_fetch(&fm->st_writes, 1, __ATOMIC_RELAXED);
     return shared ? end_shared(fm, (long)len) : end_io(fm, (long)len);
 }

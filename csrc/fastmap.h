@@ -1,5 +1,6 @@
 /* fastmap.h - the engine's C fast path for block reads and writes
- * (see fastmap.c and docs/architecture.md, "The fast path"). */
+ * (see fastmap.c and docs/architecture.md, "The fast path").  Also the cffi
+ * declarations of vdisk.engine._native: _build_native.py reads this file. */
 #ifndef VDISK_FASTMAP_H
 #define VDISK_FASTMAP_H
 #include <stdint.h>
@@ -32,7 +33,7 @@ size_t vd_fm_reservoir_take(struct vd_fastmap *fm, uint64_t *out, size_t max);
 void vd_fm_set_failed(struct vd_fastmap *fm, int failed); /* 1: no writes, 2: nothing */
 void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out4);
 
-/* The request side: called by one I/O thread (the FUSE fast path) without
+/* The request side: called by the I/O threads (the FUSE fast path) without
  * the GIL.  Return the byte count, -EAGAIN when the engine in Python must
  * serve the request instead (nothing was changed then), or -errno. */
 long vd_fm_read(void *fm, uint64_t vid, uint64_t offset, uint32_t len, void *buf);

@@ -9,12 +9,4 @@ int vd_fallocate_installed(void);
 struct fuse_session;
 struct fuse_session *vd_shim_session(void);
 void vd_shim_no_splice(int on);
-
-/* fuse_fastpath.c */
-int vd_fp_start(uintptr_t ctx, uintptr_t rd, uintptr_t wr, int nthreads);
-void vd_fp_quiesce(void);
-int vd_fp_stop(void);
-int vd_fp_set_node(uint64_t nodeid, uint64_t vid);
-void vd_fp_drop_node(uint64_t nodeid);
-void vd_fp_stats(uint64_t *out3);
 #endif

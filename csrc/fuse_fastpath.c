@@ -40,6 +40,7 @@
 #include <fuse_lowlevel.h>
 
 #include "fuse_fallocate.h"
+#include "fuse_fastpath.h"
 
 typedef long (*vd_read_fn)(void *ctx, uint64_t vid, uint64_t off, uint32_t len, void *buf);
 typedef long (*vd_write_fn)(void *ctx, uint64_t vid, uint64_t off, uint32_t len, const void *buf);

@@ -208,12 +208,17 @@ class PoolModel(RuleBasedStateMachine):
             assert self.pool.read(vid, 0, SIZE) == bytes(data), "volume %d differs" % vid
 
 
-PoolModel.TestCase.settings = settings(
-    max_examples=int(os.environ.get("VDISK_MODEL_EXAMPLES", "60")),
-    stateful_step_count=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+def model_settings(steps: int):
+    """Settings of a model state machine (VDISK_MODEL_EXAMPLES runs longer)."""
+    return settings(
+        max_examples=int(os.environ.get("VDISK_MODEL_EXAMPLES", "60")),
+        stateful_step_count=steps,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
+
+
+PoolModel.TestCase.settings = model_settings(40)
 TestPoolModel = PoolModel.TestCase
 
 

@@ -9,13 +9,10 @@ either path, must match the model; scrub must stay clean.  C writes bypass
 the power-cut simulation (they always "survive" until the next sync): a
 subset of what a real power cut may do.
 """
-import os
-
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import invariant, rule
 
-from test_engine_model import SIZE, PoolModel, lengths, offsets, pattern
+from test_engine_model import SIZE, PoolModel, lengths, model_settings, offsets, pattern
 from vdisk.engine.fastmap import FastMap
 
 
@@ -67,12 +64,7 @@ class FastPoolModel(PoolModel):
             assert got is None or got == bytes(data), "volume %d differs in C" % vid
 
 
-FastPoolModel.TestCase.settings = settings(
-    max_examples=int(os.environ.get("VDISK_MODEL_EXAMPLES", "60")),
-    stateful_step_count=50,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+FastPoolModel.TestCase.settings = model_settings(50)
 TestFastPoolModel = FastPoolModel.TestCase
 
 

@@ -62,9 +62,6 @@ class FastMap:
         is known."""
         lib.vd_fm_add(self._fm, vid, block, slot)
 
-    def forget(self, vid: int, block: int) -> None:
-        lib.vd_fm_forget(self._fm, vid, block)
-
     def forget_slot(self, vid: int, block: int, slot: int) -> None:
         lib.vd_fm_forget_slot(self._fm, vid, block, slot)
 

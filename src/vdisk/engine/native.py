@@ -29,8 +29,8 @@ def is_zero(buf) -> bool:
 
 def crc32c_is_zero(buf) -> tuple[int, bool]:
     """(crc32c, all_zero) in one pass; crc is 0 for an all-zero buffer.
-    Thread-safe: the out-parameter is the caller's own (a commit job
-    checksums in a worker thread while the engine's thread writes)."""
+    Thread-safe: the out-parameter is the caller's own.  Commits use
+    checksum_slots(), which does this in C for each of many slots."""
     zflag = ffi.new("int *")
     crc = lib.vd_crc32c_is_zero(ffi.from_buffer(buf), len(buf), zflag)
     return crc, bool(zflag[0])

@@ -406,6 +406,7 @@ class Pool:
         # holds for copy-on-write (neither free nor in _epoch_alloc here).
         self._fm = None
         self._fm_held = None  # the map _FastLock locked
+        self._fast_lock = _FastLock(self)  # one for all: its state is _fm_depth
         self._fm_depth = 0
         self._fm_vids: set[int] = set()
         self._reserved: set[int] = set()
@@ -587,7 +588,7 @@ class Pool:
         return len(slots)
 
     def _fast(self) -> "_FastLock":
-        return _FastLock(self)
+        return self._fast_lock
 
     def _drain_light(self) -> None:
         """Take in what C wrote so far without stopping it (for counting:

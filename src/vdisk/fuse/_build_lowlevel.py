@@ -21,23 +21,25 @@ def _pkg(flag: str) -> list[str]:
     return shlex.split(out)
 
 
+def _declarations(header: str) -> str:
+    """A header's declarations for cffi's cdef (which takes no preprocessor
+    lines), so that the C interface is written once, in csrc/."""
+    with open(header) as f:
+        return "".join(line for line in f if not line.lstrip().startswith("#"))
+
+
 ffibuilder = FFI()
 ffibuilder.cdef(
     """
     extern "Python+C" int vd_py_fallocate(uint64_t fh, int mode, int64_t offset, int64_t length);
     int vd_fallocate_installed(void);
-    int vd_fp_start(uintptr_t ctx, uintptr_t rd, uintptr_t wr, int nthreads);
-    void vd_fp_quiesce(void);
-    int vd_fp_stop(void);
-    int vd_fp_set_node(uint64_t nodeid, uint64_t vid);
-    void vd_fp_drop_node(uint64_t nodeid);
-    void vd_fp_stats(uint64_t *out3);
     """
+    + _declarations("csrc/fuse_fastpath.h")
 )
 cflags = _pkg("--cflags")
 ffibuilder.set_source(
     "vdisk.fuse._lowlevel",
-    '#include "fuse_fallocate.h"',
+    '#include "fuse_fallocate.h"\n#include "fuse_fastpath.h"',
     sources=["csrc/fuse_fallocate.c", "csrc/fuse_fastpath.c"],
     include_dirs=["csrc"] + [f[2:] for f in cflags if f.startswith("-I")],
     extra_compile_args=["-O2"] + [f for f in cflags if not f.startswith("-I")],
