@@ -14,8 +14,15 @@
  *   reservoir                    free slots handed over by the engine; a
  *                                copy-on-write takes one
  *   log                          (vid, block, slot) of every block that got
- *                                a new slot here; the engine drains it into
- *                                its overlay before it looks at the overlay
+ *                                a new slot here, or was written in place
+ *                                for the first time since the volume's last
+ *                                log flush; the engine drains it into its
+ *                                overlay before it looks at the overlay
+ *   page mask (per entry)        the 4 KiB pages of the block written here
+ *                                since the volume's last log flush (valid
+ *                                while the entry's lepoch is the volume's):
+ *                                a log flush (Pool.log_flush) writes only
+ *                                those pages to the intent log
  *
  * Anything this file cannot answer from the cache (an unknown block, a
  * request past the end, an empty reservoir, a failed pool) returns -EAGAIN
@@ -49,13 +56,16 @@
 
 struct ent {
     uint64_t vid, block, slot;
-    uint32_t epoch; /* == fm->epoch: writable in place; 0: read-only */
-    uint32_t used;
+    uint32_t epoch;  /* == fm->epoch: writable in place; 0: read-only */
+    uint32_t lepoch; /* == the volume's lepoch: mask is valid */
+    uint16_t mask;   /* pages written since the volume's last log flush */
+    uint16_t used;
 };
 
 struct vol {
     uint64_t vid, lid, size;
     int has_points;
+    uint32_t lepoch; /* bumped at each log flush of the volume, and at a freeze */
 };
 
 struct vd_fastmap {
@@ -64,7 +74,7 @@ struct vd_fastmap {
     int data_fd, event_fd;
     uint32_t low_water;
     int signalled;
-    uint32_t epoch;
+    uint32_t epoch, lepoch; /* lepoch: the last log epoch handed out */
     struct ent *tab;
     size_t cap, n;
     struct vol *vols;
@@ -100,6 +110,7 @@ struct vd_fastmap *vd_fm_new(int data_fd, int event_fd, uint32_t low_water)
     fm->event_fd = event_fd;
     fm->low_water = low_water;
     fm->epoch = 1;
+    fm->lepoch = 1;
     fm->cap = 1024;
     fm->tab = calloc(fm->cap, sizeof(struct ent));
     fm->scratch = aligned_alloc(4096, BS);
@@ -171,20 +182,26 @@ static int rebuild(struct vd_fastmap *fm, size_t cap, int skip, uint64_t vid)
     return 0;
 }
 
-/* Insert or update; 0 on success, -ENOSPC when the table is at its limit. */
-static int put(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint32_t epoch)
+/* Insert or update; 0 on success, -ENOSPC when the table is at its limit.
+ * bits: pages just written (the mask starts over in a new log epoch). */
+static int put(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint32_t epoch,
+               uint32_t lepoch, uint16_t bits)
 {
     struct ent *e = lookup(fm, vid, block);
     if (e != NULL) {
+        if (e->lepoch != lepoch)
+            e->mask = 0;
         e->slot = slot;
         e->epoch = epoch;
+        e->lepoch = lepoch;
+        e->mask |= bits;
         return 0;
     }
     if (fm->n >= MAX_ENTRIES)
         return -ENOSPC;
     if ((fm->n + 1) * 2 > fm->cap && rebuild(fm, fm->cap * 2, 0, 0) < 0)
         return -ENOMEM;
-    struct ent ne = {vid, block, slot, epoch, 1};
+    struct ent ne = {vid, block, slot, epoch, lepoch, bits, 1};
     place(fm->tab, fm->cap, &ne);
     fm->n++;
     return 0;
@@ -235,6 +252,7 @@ void vd_fm_set_volume(struct vd_fastmap *fm, uint64_t vid, uint64_t lid, uint64_
         }
         v = &fm->vols[fm->nvols++];
         v->vid = vid;
+        v->lepoch = fm->lepoch;
     }
     v->lid = lid;
     v->size = size;
@@ -250,11 +268,16 @@ void vd_fm_drop_volume(struct vd_fastmap *fm, uint64_t vid)
     rebuild(fm, fm->cap, 1, vid);
 }
 
-/* The overlay now maps (vid, block) to slot (0: zeros).  If the table is
- * full the entry is forgotten instead: never left stale. */
+/* The overlay now maps (vid, block) to slot (0: zeros).  writable: 0 read
+ * only; 1 a fresh slot the engine knows is changed since the volume's log
+ * flush; 2 a fresh slot whose next write here must be reported (the log
+ * flush has it already).  If the table is full the entry is forgotten
+ * instead: never left stale. */
 int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, int writable)
 {
-    int rc = put(fm, vid, block, slot, (writable && slot) ? fm->epoch : 0);
+    struct vol *v = find_vol(fm, vid);
+    int w = writable && slot && v != NULL;
+    int rc = put(fm, vid, block, slot, w ? fm->epoch : 0, (w && writable == 1) ? v->lepoch : 0, 0);
     if (rc < 0)
         vd_fm_forget(fm, vid, block);
     return rc;
@@ -266,7 +289,7 @@ int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot
 {
     if (lookup(fm, vid, block) != NULL)
         return 0;
-    return put(fm, vid, block, slot, 0);
+    return put(fm, vid, block, slot, 0, 0, 0);
 }
 
 void vd_fm_forget(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
@@ -283,15 +306,50 @@ void vd_fm_forget_slot(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint
         del(fm, e);
 }
 
-void vd_fm_new_epoch(struct vd_fastmap *fm)
+/* A fresh log epoch; at the (unreachable in practice) wrap the table
+ * starts over, so that no old entry can match again. */
+static uint32_t next_lepoch(struct vd_fastmap *fm)
 {
-    fm->epoch++;
-    if (fm->epoch == 0)
-        fm->epoch = 1;
+    if (++fm->lepoch == 0) {
+        vd_fm_clear(fm, 0);
+        fm->lepoch = 1;
+    }
+    return fm->lepoch;
 }
 
-void vd_fm_clear(struct vd_fastmap *fm)
+void vd_fm_new_epoch(struct vd_fastmap *fm)
 {
+    if (++fm->epoch == 0) {
+        vd_fm_clear(fm, 0);
+        fm->epoch = 1;
+    }
+    for (size_t i = 0; i < fm->nvols; i++)
+        fm->vols[i].lepoch = next_lepoch(fm);
+}
+
+void vd_fm_log_epoch(struct vd_fastmap *fm, uint64_t vid)
+{
+    struct vol *v = find_vol(fm, vid);
+    if (v != NULL)
+        v->lepoch = next_lepoch(fm);
+}
+
+uint32_t vd_fm_mask(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
+{
+    struct vol *v = find_vol(fm, vid);
+    struct ent *e = lookup(fm, vid, block);
+    return (v != NULL && e != NULL && e->lepoch == v->lepoch) ? e->mask : 0;
+}
+
+void vd_fm_clear(struct vd_fastmap *fm, int keep_writable)
+{
+    if (keep_writable) { /* their page masks are needed by the next log flush */
+        for (size_t i = 0; i < fm->cap; i++)
+            if (fm->tab[i].epoch != fm->epoch)
+                fm->tab[i].used = 0;
+        rebuild(fm, fm->cap, 0, 0);
+        return;
+    }
     memset(fm->tab, 0, fm->cap * sizeof(struct ent));
     fm->n = 0;
 }
@@ -493,6 +551,31 @@ static void ask_for_slots(struct vd_fastmap *fm)
 
 enum { INPLACE, NEW, COW, COMPARE };
 
+/* the 4 KiB pages of a block that [intra, intra + n) touches */
+static inline uint16_t pages(uint64_t intra, uint64_t n)
+{
+    uint32_t first = (uint32_t)(intra / 4096), last = (uint32_t)((intra + n - 1) / 4096);
+    return (uint16_t)(((2u << last) - 1) & ~((1u << first) - 1));
+}
+
+/* Append (vid, block, slot) to the log; with the inner mutex held. */
+static int log_block(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot)
+{
+    if (fm->nlog == fm->caplog) {
+        size_t c = fm->caplog ? fm->caplog * 2 : 1024;
+        uint64_t *l = realloc(fm->log, c * 3 * sizeof(uint64_t));
+        if (l == NULL)
+            return -ENOMEM;
+        fm->log = l;
+        fm->caplog = c;
+    }
+    fm->log[fm->nlog * 3] = vid;
+    fm->log[fm->nlog * 3 + 1] = block;
+    fm->log[fm->nlog * 3 + 2] = slot;
+    fm->nlog++;
+    return 0;
+}
+
 long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void *buf)
 {
     struct vd_fastmap *fm = arg;
@@ -517,6 +600,17 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
         if (e != NULL && e->epoch == fm->epoch) {
             act[i] = INPLACE;
             base[i] = e->slot;
+            if (e->lepoch != v->lepoch) {
+                /* first write since the volume's log flush: the engine
+                 * must hear of it (the same slot: nothing else changes) */
+                if ((rc = log_block(fm, vid, first + i, e->slot)) < 0)
+                    return end_io(fm, rc);
+                e->lepoch = v->lepoch;
+                e->mask = 0;
+            }
+            /* marked now, under the inner mutex: a shared request must not
+             * touch the table after letting go of it */
+            e->mask |= pages(intra, n);
         } else if (e != NULL) {
             base[i] = e->slot;
             act[i] = !full ? COW : (v->has_points && e->slot) ? COMPARE : NEW;
@@ -577,25 +671,14 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
             __atomic_add_fetch(&fm->st_cow, 1, __ATOMIC_RELAXED);
         }
         uint64_t slot = fm->res[--fm->nres];
-        if ((rc = pwrite_full(fm->data_fd, data, BS, slot_off(slot))) < 0) {
+        if ((rc = pwrite_full(fm->data_fd, data, BS, slot_off(slot))) < 0 ||
+            (rc = log_block(fm, vid, block, slot)) < 0) {
             fm->res[fm->nres++] = slot;
             return end_io(fm, rc);
         }
-        if (fm->nlog == fm->caplog) {
-            size_t c = fm->caplog ? fm->caplog * 2 : 1024;
-            uint64_t *l = realloc(fm->log, c * 3 * sizeof(uint64_t));
-            if (l == NULL) {
-                fm->res[fm->nres++] = slot;
-                return end_io(fm, -ENOMEM);
-            }
-            fm->log = l;
-            fm->caplog = c;
-        }
-        put(fm, vid, block, slot, fm->epoch); /* room was checked above */
-        fm->log[fm->nlog * 3] = vid;
-        fm->log[fm->nlog * 3 + 1] = block;
-        fm->log[fm->nlog * 3 + 2] = slot;
-        fm->nlog++;
+        /* room was checked above; a new slot differs from the log flush's
+         * state in the pages written and, for copy-on-write, in none else */
+        put(fm, vid, block, slot, fm->epoch, v->lepoch, act[i] == COW ? pages(intra, n) : 0xFFFF);
     }
     if (!shared && fm->nres < fm->low_water)
         ask_for_slots(fm);

@@ -24,7 +24,9 @@ int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot
 void vd_fm_forget(struct vd_fastmap *fm, uint64_t vid, uint64_t block);
 void vd_fm_forget_slot(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot);
 void vd_fm_new_epoch(struct vd_fastmap *fm);
-void vd_fm_clear(struct vd_fastmap *fm);
+void vd_fm_log_epoch(struct vd_fastmap *fm, uint64_t vid);
+uint32_t vd_fm_mask(struct vd_fastmap *fm, uint64_t vid, uint64_t block);
+void vd_fm_clear(struct vd_fastmap *fm, int keep_writable);
 size_t vd_fm_entries(struct vd_fastmap *fm);
 size_t vd_fm_drain(struct vd_fastmap *fm, uint64_t *out, size_t max_triples);
 size_t vd_fm_reservoir(struct vd_fastmap *fm);

@@ -7,6 +7,7 @@ sector, as a disk with a volatile cache may after losing power.
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 
@@ -19,6 +20,7 @@ class PowerCutFile(DataFile):
     def __init__(self, path: str):
         super().__init__(path)
         self._undo: list[tuple[int, bytes]] = []  # (offset, old bytes), oldest first
+        self.fail_next_sync = False  # the next sync() fails (EIO) without syncing: a crash during it
 
     def _remember(self, offset: int, length: int) -> None:
         self._undo.append((offset, os.pread(self.fd, length, offset)))
@@ -32,6 +34,9 @@ class PowerCutFile(DataFile):
         super().punch(offset, length)
 
     def sync(self) -> None:
+        if self.fail_next_sync:
+            self.fail_next_sync = False
+            raise OSError(errno.EIO, "simulated crash during fdatasync")
         super().sync()
         self._undo.clear()
 

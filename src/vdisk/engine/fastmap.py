@@ -21,6 +21,7 @@ import errno
 from .native import ffi, lib
 
 EAGAIN = -errno.EAGAIN
+READ_ONLY, WRITABLE, WRITABLE_REPORT = 0, 1, 2
 DRAIN_BATCH = 4096
 
 
@@ -52,10 +53,12 @@ class FastMap:
     def drop_volume(self, vid: int) -> None:
         lib.vd_fm_drop_volume(self._fm, vid)
 
-    def set(self, vid: int, block: int, slot: int, writable: bool) -> None:
-        """The overlay maps the block to slot now (0: zeros); writable: a
-        fresh slot, written in place."""
-        lib.vd_fm_set(self._fm, vid, block, slot, int(writable))
+    def set(self, vid: int, block: int, slot: int, writable: int) -> None:
+        """The overlay maps the block to slot now (0: zeros).  writable: a
+        fresh slot, written in place; READ_ONLY, WRITABLE (the engine knows
+        the block changed since its volume's log flush) or WRITABLE_REPORT
+        (C reports the next write in the drain)."""
+        lib.vd_fm_set(self._fm, vid, block, slot, writable)
 
     def add(self, vid: int, block: int, slot: int) -> None:
         """A mapping looked up in the committed map, kept unless a newer one
@@ -66,11 +69,25 @@ class FastMap:
         lib.vd_fm_forget_slot(self._fm, vid, block, slot)
 
     def new_epoch(self) -> None:
-        """The overlay was frozen: no slot known so far is written in place."""
+        """The overlay was frozen: no slot known so far is written in place
+        (and every volume starts a new log epoch)."""
         lib.vd_fm_new_epoch(self._fm)
 
-    def clear(self) -> None:
-        lib.vd_fm_clear(self._fm)
+    def log_epoch(self, vid: int) -> None:
+        """The volume's writes so far are in the intent log: the next write
+        to each block is reported in the drain again, and its page mask
+        starts over."""
+        lib.vd_fm_log_epoch(self._fm, vid)
+
+    def mask(self, vid: int, block: int) -> int:
+        """The 4 KiB pages of the block C wrote since the volume's last log
+        epoch (a bit per page)."""
+        return lib.vd_fm_mask(self._fm, vid, block)
+
+    def clear(self, keep_writable: bool = False) -> None:
+        """Forget the cached mappings; keep_writable keeps the blocks written
+        since the freeze (whose page masks the next log flush needs)."""
+        lib.vd_fm_clear(self._fm, int(keep_writable))
 
     def entries(self) -> int:
         return lib.vd_fm_entries(self._fm)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import struct
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# versions this vdisk opens: older ones are upgraded in place when opened
+READABLE_VERSIONS = (1, 2)
 BLOCK_SIZE = 64 * 1024  # bytes per block (a "slot" in the data file)
 SECTOR = 512
 INF = 0xFFFF_FFFF_FFFF_FFFF  # "death" of a live entry
@@ -16,6 +18,7 @@ ZERO_SLOT = 0  # slot number meaning "all zeros" (tombstone); slots start at 1
 
 DATA_FILE = "blocks.dat"
 LMDB_DIR = "meta.lmdb"
+LOG_FILE = "intent.log"
 
 # LMDB named databases
 DB_META = b"meta"
@@ -96,3 +99,58 @@ def jenc(obj) -> bytes:
 
 def jdec(b: bytes):
     return json.loads(bytes(b))
+
+
+# ---------------------------------------------------------------- intent log
+# A record: a 4096-byte header, then 4096 bytes for each page of its mask,
+# entry by entry, pages in ascending order (see docs/format.md).
+LOG_MAGIC = b"vdlogv2\n"
+LOG_HEADER = 4096
+LOG_PAGE = 4096
+PAGES_PER_BLOCK = BLOCK_SIZE // LOG_PAGE
+FULL_MASK = (1 << PAGES_PER_BLOCK) - 1
+_LOGHDR = struct.Struct("<8sQQQII")  # magic, gen, seq, vid, count, crc32c
+_LOGENT = struct.Struct("<QI4x")  # block, page mask (0: the block is zeros)
+LOG_ENTRIES_AT = 64
+LOG_MAX_ENTRIES = (LOG_HEADER - LOG_ENTRIES_AT) // _LOGENT.size
+LOG_CRC_AT = 36
+
+
+def page_mask(intra: int, length: int) -> int:
+    """The pages of a block that bytes [intra, intra + length) touch."""
+    first, last = intra // LOG_PAGE, (intra + length - 1) // LOG_PAGE
+    return ((2 << last) - 1) & ~((1 << first) - 1)
+
+
+def mask_pages(mask: int) -> list[int]:
+    return [p for p in range(PAGES_PER_BLOCK) if mask >> p & 1]
+
+
+def log_header(gen: int, seq: int, vid: int, entries: list[tuple[int, int]]) -> bytearray:
+    """A record's header with its crc32c field zero (the writer fills it in
+    with log_set_crc once it has the CRC of this header and the pages)."""
+    if len(entries) > LOG_MAX_ENTRIES:
+        raise ValueError("an intent log record holds at most %d blocks" % LOG_MAX_ENTRIES)
+    hdr = bytearray(LOG_HEADER)
+    _LOGHDR.pack_into(hdr, 0, LOG_MAGIC, gen, seq, vid, len(entries), 0)
+    for i, (block, mask) in enumerate(entries):
+        _LOGENT.pack_into(hdr, LOG_ENTRIES_AT + i * _LOGENT.size, block, mask)
+    return hdr
+
+
+def log_set_crc(hdr: bytearray, crc: int) -> None:
+    struct.pack_into("<I", hdr, LOG_CRC_AT, crc)
+
+
+def log_header_decode(hdr: bytes):
+    """(gen, seq, vid, entries, crc) of a header, or None if it is not one;
+    the CRC is the caller's to check (over the header with the field zero)."""
+    if len(hdr) < LOG_HEADER:
+        return None
+    magic, gen, seq, vid, count, crc = _LOGHDR.unpack_from(hdr, 0)
+    if magic != LOG_MAGIC or count > LOG_MAX_ENTRIES:
+        return None
+    entries = [_LOGENT.unpack_from(hdr, LOG_ENTRIES_AT + i * _LOGENT.size) for i in range(count)]
+    if any(m > FULL_MASK for _, m in entries):
+        return None
+    return gen, seq, vid, entries, crc

@@ -58,6 +58,7 @@ import lmdb
 
 from . import native
 from .blockio import DataFile
+from .fastmap import READ_ONLY, WRITABLE, WRITABLE_REPORT
 from .errors import (
     ChecksumError,
     CommitInFlight,
@@ -81,8 +82,14 @@ from .format import (
     DB_SNAP,
     DB_VOLUME,
     FORMAT_VERSION,
+    FULL_MASK,
     INF,
     LMDB_DIR,
+    LOG_FILE,
+    LOG_HEADER,
+    LOG_MAX_ENTRIES,
+    LOG_PAGE,
+    READABLE_VERSIONS,
     ZERO_SLOT,
     birth_val,
     birth_val_decode,
@@ -91,10 +98,15 @@ from .format import (
     jdec,
     jenc,
     lid_prefix,
+    log_header,
+    log_header_decode,
+    log_set_crc,
     map_key,
     map_key_decode,
     map_val,
     map_val_decode,
+    mask_pages,
+    page_mask,
     slot_offset,
     tri_decode,
     u64,
@@ -117,6 +129,12 @@ RESERVE_KEEP_FREE = 256 << 20
 # How many slots the verified-once set remembers (about 64 MiB of memory at
 # most); it starts over when full.
 VERIFIED_MAX = 1 << 20
+# The intent log: a log flush writes at most LOG_FLUSH_MAX bytes (more is
+# made durable by a commit instead, whose cost is then the smaller part),
+# and the log grows to at most LOG_MAX bytes before a commit empties it.
+LOG_FLUSH_MAX = 4 << 20
+LOG_MAX = 64 << 20
+LOG_GROW = 1 << 20  # the log file grows in zero-filled steps of this size
 
 
 class Dirty:
@@ -125,15 +143,18 @@ class Dirty:
     slot == ZERO_SLOT: the block is now all zeros.  fresh: the slot was
     allocated since the last commit (no durable map references it), so it may
     be overwritten in place.  crc_ok: crc matches the slot's contents.
+    pages: the 4 KiB pages this engine wrote since the block's last log flush
+    (FULL_MASK: all of them may differ); the C fast path keeps its own.
     """
 
-    __slots__ = ("slot", "crc", "crc_ok", "fresh")
+    __slots__ = ("slot", "crc", "crc_ok", "fresh", "pages")
 
-    def __init__(self, slot: int, crc: int, crc_ok: bool, fresh: bool):
+    def __init__(self, slot: int, crc: int, crc_ok: bool, fresh: bool, pages: int = 0):
         self.slot = slot
         self.crc = crc
         self.crc_ok = crc_ok
         self.fresh = fresh
+        self.pages = pages
 
 
 class _Epoch:
@@ -341,7 +362,9 @@ class Pool:
         }
         self._check_format(existing)
         self.file = datafile_factory(os.path.join(path, DATA_FILE))
+        self.log = datafile_factory(os.path.join(path, LOG_FILE))
         self._load()
+        self._replay_log()
 
     # ------------------------------------------------------------ open/close
 
@@ -357,14 +380,20 @@ class Pool:
                 txn.put(b"counters", jenc({}))
                 return
             ver = u64_decode(v)
-            if ver != FORMAT_VERSION:
+            if ver not in READABLE_VERSIONS:
                 raise FormatError(
-                    "%s: on-disk format version %d, this vdisk reads version %d; "
-                    "use a vdisk release that matches the pool" % (self.path, ver, FORMAT_VERSION)
+                    "%s: on-disk format version %d, this vdisk reads versions %s; "
+                    "use a vdisk release that matches the pool"
+                    % (self.path, ver, ", ".join(map(str, READABLE_VERSIONS)))
                 )
             bs = u64_decode(txn.get(b"block_size"))
             if bs != BLOCK_SIZE:
                 raise FormatError("%s: block size %d, this vdisk uses %d" % (self.path, bs, BLOCK_SIZE))
+            if ver < FORMAT_VERSION:
+                # 1 -> 2 adds the intent log, whose generation starts at 0
+                # (absent); an older vdisk will refuse the pool from now on
+                log.info("upgrading %s from format version %d to %d", self.path, ver, FORMAT_VERSION)
+                txn.put(b"format_version", u64(FORMAT_VERSION))
 
     def _load(self) -> None:
         with self.env.begin() as txn:
@@ -377,6 +406,18 @@ class Pool:
             }
             self._vols = {u64_decode(k): jdec(v) for k, v in txn.cursor(db=self._db[DB_VOLUME])}
             self._snaps = {u64_decode(k): jdec(v) for k, v in txn.cursor(db=self._db[DB_SNAP])}
+            g = txn.get(b"log_gen", db=self._db[DB_META])
+        # The intent log (see log_flush): records of generation _log_gen are
+        # valid; every commit moves to the next generation and starts over
+        # at offset 0.
+        self._log_gen = u64_decode(g) if g is not None else 0
+        self._log_pos = 0
+        self._log_seq = 0
+        self._log_ok = True  # False once a log write failed: commits only
+        self._log_end = os.fstat(self.log.fd).st_size  # written (zeros at least) up to here
+        self._unlogged: dict[int, set[int]] = {}  # lid -> blocks changed since their log flush
+        self.log_stats = {"flushes": 0, "bytes": 0, "commits_instead": 0, "replayed": 0, "pages_unknown": 0}
+        self.log_max = LOG_MAX  # tests make it small
         self._dirty: dict[int, dict[int, Dirty]] = {}
         self._ndirty = 0
         self._inflight: _Epoch | None = None  # frozen by begin_commit, not yet finished
@@ -431,6 +472,7 @@ class Pool:
             self._fm = None
         if self.env is not None:
             self.file.close()
+            self.log.close()
             self.env.close()
             self.env = None
 
@@ -469,6 +511,9 @@ class Pool:
             self._refill_free_cache()
         if self._free_cache:
             slot = self._free_cache.pop()
+            if reserve and slot >= self._committed_hwm:
+                # given back beyond the durable hwm: a commit records it free
+                self._reserved_beyond.add(slot)
         else:
             slot = self._hwm
             try:
@@ -563,7 +608,7 @@ class Pool:
         self._drain_light()
         if fm.entries() > FAST_MAX_ENTRIES:
             with self._fast():
-                fm.clear()  # a cache: it fills again as blocks are used
+                fm.clear(keep_writable=True)  # a cache: it fills again as blocks are used
         want = fm.reservoir_target - fm.reservoir()
         if want <= 0:
             return 0
@@ -611,6 +656,7 @@ class Pool:
                 self._release_fresh(slot)
                 continue
             dirty = self._dirty.setdefault(v["lid"], {})
+            self._unlogged.setdefault(v["lid"], set()).add(block)  # C has its pages
             d = dirty.get(block)
             if d is None:
                 self._ndirty += 1
@@ -720,7 +766,7 @@ class Pool:
                 d = dirty.get(block) if dirty else None
                 if d is not None:
                     if fm is not None:
-                        fm.set(vid, block, d.slot, d.fresh)
+                        fm.set(vid, block, d.slot, self._writable(lid, block, d))
                 elif frozen:
                     d = frozen.get(block)
                     if d is not None and fm is not None:
@@ -747,8 +793,21 @@ class Pool:
                 txn.abort()
         return out
 
+    def _writable(self, lid: int, block: int, d: Dirty) -> int:
+        """How the fast path may write a dirty block: in place if its slot
+        is fresh, reporting the first write if the block is in the log."""
+        if not d.fresh:
+            return READ_ONLY
+        return WRITABLE if block in self._unlogged.get(lid, ()) else WRITABLE_REPORT
+
+    def _changed(self, lid: int, d: Dirty, block: int, pages: int) -> None:
+        """Note pages of a block this engine changed (for the log flush)."""
+        d.pages |= pages
+        self._unlogged.setdefault(lid, set()).add(block)
+
     def write(self, vid: int, offset: int, data) -> None:
-        """Write to a volume's head.  Durable only after `commit()`.
+        """Write to a volume's head.  Durable only after `commit()` or a
+        `log_flush()` of the volume.
 
         Raises OutOfRange beyond the end, NoSpace when the pool is full.
         """
@@ -786,22 +845,23 @@ class Pool:
                 block, intra = divmod(pos, BLOCK_SIZE)
                 n = min(BLOCK_SIZE - intra, end - pos)
                 if n == BLOCK_SIZE:
-                    self._set_zero(vid, dirty, block)
+                    self._set_zero(vid, lid, dirty, block)
                 else:
                     self._write_block(vid, lid, dirty, block, intra, memoryview(ZERO_BLOCK)[:n])
                 pos += n
 
-    def _set_zero(self, vid: int, dirty: dict, block: int) -> None:
+    def _set_zero(self, vid: int, lid: int, dirty: dict, block: int) -> None:
         if self._fm is not None:  # before the slot can be reused
-            self._fm.set(vid, block, ZERO_SLOT, False)
+            self._fm.set(vid, block, ZERO_SLOT, READ_ONLY)
         d = dirty.get(block)
         if d is None:
             self._ndirty += 1
-            dirty[block] = Dirty(ZERO_SLOT, 0, True, False)
-            return
-        if d.fresh:
-            self._release_fresh(d.slot)
-        d.slot, d.crc, d.crc_ok, d.fresh = ZERO_SLOT, 0, True, False
+            d = dirty[block] = Dirty(ZERO_SLOT, 0, True, False)
+        else:
+            if d.fresh:
+                self._release_fresh(d.slot)
+            d.slot, d.crc, d.crc_ok, d.fresh = ZERO_SLOT, 0, True, False
+        self._changed(lid, d, block, FULL_MASK)
 
     def _write_block(self, vid: int, lid: int, dirty: dict, block: int, intra: int, chunk: memoryview) -> None:
         """Write into one block.  Checksums of what is written here are
@@ -810,16 +870,17 @@ class Pool:
         d = dirty.get(block)
         full = len(chunk) == BLOCK_SIZE
         if d is not None and d.fresh:
-            # Allocated since the last commit: nothing durable points here.
+            # Allocated since the last commit: nothing durable points here
+            # (the intent log holds copies of what it needs).
             if full:
                 if native.is_zero(chunk):
-                    self._set_zero(vid, dirty, block)
+                    self._set_zero(vid, lid, dirty, block)
                     return
                 self.file.pwrite(chunk, slot_offset(d.slot))
-                d.crc_ok = False
             else:
                 self.file.pwrite(chunk, slot_offset(d.slot) + intra)
-                d.crc_ok = False
+            d.crc_ok = False
+            self._changed(lid, d, block, page_mask(intra, len(chunk)))
             return
         if full:
             buf = chunk
@@ -831,7 +892,7 @@ class Pool:
             buf = bytearray(base if base is not None else ZERO_BLOCK)
             buf[intra : intra + len(chunk)] = chunk
         if native.is_zero(buf):
-            self._set_zero(vid, dirty, block)
+            self._set_zero(vid, lid, dirty, block)
             return
         if d is None and full and self._lins[lid].points:
             # Rewriting a block with what it already holds must not make the
@@ -849,11 +910,15 @@ class Pool:
             raise
         if d is None:
             self._ndirty += 1
-            dirty[block] = Dirty(slot, 0, False, True)
+            d = dirty[block] = Dirty(slot, 0, False, True)
         else:
             d.slot, d.crc, d.crc_ok, d.fresh = slot, 0, False, True
+        # the rest of the block is as the log's replay finds it: the head as
+        # committed (no record of this generation has it), or zeros that a
+        # record has (FULL_MASK until that record is written)
+        self._changed(lid, d, block, page_mask(intra, len(chunk)))
         if self._fm is not None:
-            self._fm.set(vid, block, slot, True)
+            self._fm.set(vid, block, slot, WRITABLE)
 
     # ------------------------------------------------------------ commit
 
@@ -927,6 +992,149 @@ class Pool:
         """True between begin_commit() and finish_commit()."""
         return self._inflight is not None
 
+    # ------------------------------------------------------------ intent log
+
+    def log_flush(self, vid: int) -> bool:
+        """Make every write to volume vid so far durable through the intent
+        log: one record of the pages changed since the volume's last log
+        flush, written at the log's end and fdatasync()ed (one device flush,
+        where a commit needs three).  Returns False, having changed nothing
+        that matters, when a commit must do it instead: a commit in flight,
+        more than LOG_FLUSH_MAX to write, a full log, a log that failed.
+
+        Runs in the owner's thread; blocks on the log file's fdatasync.  The
+        fast path's lock is held only while the pages are gathered."""
+        if self._failed:
+            raise PoolFailed(self._failed)
+        if not self._log_ok or self._inflight is not None:
+            return False
+        with self._fast():
+            vol = self._vols.get(vid)
+            if vol is None:
+                raise NotFound("volume %d does not exist" % vid)
+            lid = vol["lid"]
+            blocks = self._unlogged.get(lid)
+            if not blocks:
+                return True
+            if len(blocks) > LOG_MAX_ENTRIES:
+                self.log_stats["commits_instead"] += 1
+                return False
+            dirty = self._dirty.get(lid, {})
+            entries, pages, npages = [], [], 0
+            for block in sorted(blocks):
+                d = dirty[block]
+                if d.slot == ZERO_SLOT:
+                    entries.append((block, 0))
+                    continue
+                mask = d.pages | (self._fm.mask(vid, block) if self._fm is not None else 0)
+                if not mask:  # a block changed, and no page of it?  The whole is safe
+                    self.log_stats["pages_unknown"] += 1
+                    mask = FULL_MASK
+                entries.append((block, mask))
+                npages += bin(mask).count("1")
+                if npages * LOG_PAGE > LOG_FLUSH_MAX:
+                    self.log_stats["commits_instead"] += 1
+                    return False
+                data = self.file.pread(BLOCK_SIZE, slot_offset(d.slot))
+                pages += [data[p * LOG_PAGE : (p + 1) * LOG_PAGE] for p in mask_pages(mask)]
+            size = LOG_HEADER + npages * LOG_PAGE
+            if self._log_pos + size > self.log_max:
+                self.log_stats["commits_instead"] += 1
+                return False
+            # from here on the next write to any of these blocks is news
+            if self._fm is not None:
+                self._fm.log_epoch(vid)
+            del self._unlogged[lid]
+            for block, _ in entries:
+                dirty[block].pages = 0
+        hdr = log_header(self._log_gen, self._log_seq, vid, entries)
+        body = b"".join(pages)
+        log_set_crc(hdr, native.crc32c(body, native.crc32c(hdr)))
+        try:
+            end = self._log_pos + size
+            if end > self._log_end:  # grow in zero-filled steps: rewrites are cheaper than growth
+                grow = max(LOG_GROW, end - self._log_end)
+                self.log.pwrite(bytes(grow), self._log_end)
+                self._log_end += grow
+            self.log.pwrite(hdr + body, self._log_pos)
+            self.log.sync()
+        except OSError as exc:
+            # what the record held is still in the overlay: commits make it
+            # durable from now on (a half-written record is never replayed:
+            # its CRC fails, or the next commit makes it obsolete)
+            log.warning("writing the intent log %s failed (%s); flushes commit instead", self.log.path, exc)
+            self._log_ok = False
+            unlogged = self._unlogged.setdefault(lid, set())
+            for block, _ in entries:
+                if block in dirty:
+                    dirty[block].pages = FULL_MASK
+                    unlogged.add(block)
+            return False
+        self._log_pos = end
+        self._log_seq += 1
+        self.log_stats["flushes"] += 1
+        self.log_stats["bytes"] += size
+        return True
+
+    def _replay_log(self) -> None:
+        """At open: apply the intent log's valid records (this generation's,
+        in sequence from offset 0, each with a good CRC) to the heads, as the
+        writes they stand for, then commit them, which also retires the log.
+        A record that fails any check ends the log: it was being written
+        when the flush that wrote it was interrupted, so nothing after it
+        was ever acknowledged."""
+        pos = seq = 0
+        auto, self.auto_commit = self.auto_commit, False  # one commit, at the end
+        try:
+            while True:
+                hdr = bytearray(self.log.pread(LOG_HEADER, pos))
+                got = log_header_decode(hdr)
+                if got is None:
+                    break
+                gen, rseq, vid, entries, crc = got
+                if gen != self._log_gen or rseq != seq:
+                    break
+                npages = sum(bin(m).count("1") for _, m in entries)
+                body = self.log.pread(npages * LOG_PAGE, pos + LOG_HEADER)
+                log_set_crc(hdr, 0)
+                if native.crc32c(body, native.crc32c(hdr)) != crc:
+                    break
+                self._replay_record(vid, entries, body)
+                pos += LOG_HEADER + npages * LOG_PAGE
+                seq += 1
+        finally:
+            self.auto_commit = auto
+        if seq:
+            log.info("%s: replayed %d intent log record(s) (%d bytes)", self.path, seq, pos)
+            self.log_stats["replayed"] = seq
+        if seq or self._log_end:
+            # a generation no record on disk has: the old records are dead
+            self.commit(change=lambda tx: None)
+
+    def _replay_record(self, vid: int, entries, body: bytes) -> None:
+        vol = self._vols.get(vid)
+        if vol is None:
+            raise FormatError(
+                "%s: the intent log has a record for volume %d, which does not exist; "
+                "move %s aside to open the pool without it (losing what it holds)"
+                % (self.path, vid, self.log.path)
+            )
+        size = vol["size"]
+        at = 0
+        for block, mask in entries:
+            base = block * BLOCK_SIZE
+            if base >= size:
+                raise FormatError("%s: the intent log has block %d beyond the end of volume %d"
+                                  % (self.path, block, vid))
+            if mask == 0:
+                self.discard(vid, base, min(BLOCK_SIZE, size - base))
+                continue
+            for p in mask_pages(mask):
+                off = base + p * LOG_PAGE
+                if off < size:
+                    self.write(vid, off, body[at : at + min(LOG_PAGE, size - off)])
+                at += LOG_PAGE
+
     def commit(self, change=None):
         """Make every write so far durable, plus `change(tx)` if given.
 
@@ -970,6 +1178,7 @@ class Pool:
             free_back += self._reserved_beyond
             ep = _Epoch(self._dirty, self._epoch_alloc, self._hwm, free_back, self._records)
             self._dirty, self._ndirty, self._epoch_alloc, self._records = {}, 0, set(), {}
+            self._unlogged = {}  # the commit makes the log's records obsolete
             self._inflight = ep
             if self._fm is not None:
                 self._fm.new_epoch()  # the instant of the freeze, for C writes too
@@ -1060,13 +1269,21 @@ class Pool:
         ep.zeroed_at = []
         for lid, frozen in ep.dirty.items():
             live = self._dirty.setdefault(lid, {})
+            unlogged = self._unlogged.setdefault(lid, set())
             for block, d in frozen.items():
                 if block not in live:
                     live[block] = d
                     self._ndirty += 1
+                    # the job checksummed it, but a fresh slot may be written
+                    # in place again from now on (by C too)
+                    d.crc_ok = d.slot == ZERO_SLOT
                 elif d.slot != ZERO_SLOT and d.fresh:
                     ep.alloc.discard(d.slot)  # overwritten since: never durable
                     self._free_cache.append(d.slot)
+                # the log's records are still the valid ones, but which pages
+                # changed since them is no longer known: the whole block
+                live[block].pages = FULL_MASK
+                unlogged.add(block)
         self._epoch_alloc |= ep.alloc
         self._free_cache.sort(reverse=True)
         merged = dict(ep.records)
@@ -1161,6 +1378,7 @@ class Pool:
         for slot in tx.frees:
             txn.put(u64(slot), b"", db=free)
         txn.put(b"hwm", u64(hwm), db=meta)
+        txn.put(b"log_gen", u64(self._log_gen + 1), db=meta)  # the log's records are in here now
         if tx.counters:
             c = dict(self._counters)
             c.update(tx.counters)
@@ -1192,6 +1410,7 @@ class Pool:
             if lid in tx.dropped_lins:
                 self._lins.pop(lid, None)
                 self._dirty.pop(lid, None)
+                self._unlogged.pop(lid, None)
             else:
                 self._lins[lid] = lin
         for vid, v in tx.vols.items():
@@ -1205,6 +1424,8 @@ class Pool:
             else:
                 self._snaps[sid] = s
         self._counters.update(tx.counters)
+        self._log_gen += 1
+        self._log_pos = self._log_seq = 0
         self._committed_hwm = max(self._committed_hwm, ep.hwm)
         if self._reserved_beyond:  # recorded free by this commit, unless taken since
             self._reserved_beyond = {s for s in self._reserved_beyond if s >= self._committed_hwm}

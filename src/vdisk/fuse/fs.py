@@ -6,7 +6,8 @@ volume in it.
 
 Files are opened with FOPEN_DIRECT_IO (no page cache between a loop device
 and the daemon: what the daemon has acknowledged is what the filesystem
-above wrote, in that order).  fsync/fdatasync commit the pool (durable).
+above wrote, in that order).  fsync/fdatasync make the file's writes durable
+(a log flush of its volume, or a commit of the pool).
 Reads past the end return EOF, writes past it fail with ENOSPC; the file
 cannot be truncated.
 
@@ -282,8 +283,9 @@ class DiskFS(pyfuse3.Operations):
         return len(buf)
 
     async def fsync(self, fh, datasync):
+        vid = self._vol(fh)
         try:
-            await self.committer.flush()
+            await self.committer.flush(vid)
         except EngineError as exc:
             log.error("flush failed: %s", exc)
             raise pyfuse3.FUSEError(exc.errno) from None
