@@ -39,9 +39,12 @@ MKFS = {
 
 
 @pytest.mark.parametrize("fstype", ["ext4", "xfs"])
-def test_filesystem_survives_clean_restart_and_sigkill(venv, fstype):
+def test_filesystem_survives_clean_restart_and_sigkill(venv, fstype, monkeypatch):
     mkfs, fsck = MKFS[fstype]
     need_root_fuse_loop(mkfs[0], fsck[0])
+    # no background commit in the test's few seconds: the fsyncs before the
+    # SIGKILL are durable through the intent log alone
+    monkeypatch.setenv("VDISK_COMMIT_INTERVAL", "600")
     iid, (disk,) = venv.instance(ndata=1)
     venv.run("instance", "start", iid)
     dev = venv.attach(disk)
@@ -61,6 +64,7 @@ def test_filesystem_survives_clean_restart_and_sigkill(venv, fstype):
     check_files(mnt, sums)
     more = write_files(mnt, n=4, seed=2)  # fsynced: must survive SIGKILL
     os.sync()
+    assert venv.j("daemon", "status")["IntentLog"]["Flushes"] > 0  # the fsyncs went to the log
 
     # SIGKILL with the filesystem mounted: flushed data must survive
     venv.kill9()
@@ -68,6 +72,7 @@ def test_filesystem_survives_clean_restart_and_sigkill(venv, fstype):
     venv.fs_mounts.remove(mnt)
     sh("losetup", "-d", dev, check=False)
     venv.start()
+    assert venv.j("daemon", "status")["IntentLog"]["RecordsReplayedAtStart"] > 0
     dev = venv.attach(disk)
     mnt = venv.mount(dev, mnt)  # replays the journal/log if needed
     check_files(mnt, {**sums, **more})

@@ -185,10 +185,13 @@ def cmd_daemon_status(app: App) -> int:
         if fp.get("Enabled")
         else "off"
     )
+    lg = res.get("IntentLog") or {}
     app.out(
         res,
-        "vdisk daemon running (pid %d)\ndata directory  %s\nmount point     %s\nfast path       %s"
-        % (res["Pid"], res["DataDir"], res["MountPoint"], fast),
+        "vdisk daemon running (pid %d)\ndata directory  %s\nmount point     %s\nfast path       %s\n"
+        "intent log      %d flushes (%d KiB), %d done by a commit instead; %d records replayed at start"
+        % (res["Pid"], res["DataDir"], res["MountPoint"], fast, lg.get("Flushes", 0), lg.get("Bytes", 0) >> 10,
+           lg.get("CommitsInstead", 0), lg.get("RecordsReplayedAtStart", 0)),
     )
     return EXIT_OK
 

@@ -220,6 +220,16 @@ class Daemon:
             "CopyOnWrite": e["copy_on_write"],
         }
 
+    def _log_status(self) -> dict:
+        """What the intent log did since the daemon started."""
+        st = self.fs.pool.log_stats
+        return {
+            "Flushes": st["flushes"],
+            "Bytes": st["bytes"],
+            "CommitsInstead": st["commits_instead"],
+            "RecordsReplayedAtStart": st["replayed"],
+        }
+
     async def _feed_fast(self) -> None:
         """Keep the fast path's reservoir of free slots full.  C signals the
         eventfd when it runs low; the dirty limit and back-pressure apply
@@ -313,6 +323,7 @@ class Daemon:
                 "DataDir": self.paths.data_dir,
                 "MountPoint": self.paths.mountpoint,
                 "FastPath": self._fast_status(),
+                "IntentLog": self._log_status(),
             }
         if isinstance(req, dict) and req.get("Action") == "Shutdown":
             held = self.fs.open_files()

@@ -1035,8 +1035,8 @@ class Pool:
                 if npages * LOG_PAGE > LOG_FLUSH_MAX:
                     self.log_stats["commits_instead"] += 1
                     return False
-                data = self.file.pread(BLOCK_SIZE, slot_offset(d.slot))
-                pages += [data[p * LOG_PAGE : (p + 1) * LOG_PAGE] for p in mask_pages(mask)]
+                for first, count in _runs(mask_pages(mask)):
+                    pages.append(self.file.pread(count * LOG_PAGE, slot_offset(d.slot) + first * LOG_PAGE))
             size = LOG_HEADER + npages * LOG_PAGE
             if self._log_pos + size > self.log_max:
                 self.log_stats["commits_instead"] += 1
@@ -1865,10 +1865,10 @@ def _check_size(size: int) -> None:
         raise EngineError("a volume's size must be a positive multiple of 4096 bytes, not %d" % size)
 
 
-def _runs(slots: list[int]):
-    """Group sorted slot numbers into (start, count) runs."""
+def _runs(nums: list[int]):
+    """Group sorted numbers (slots, pages) into (start, count) runs."""
     start = prev = None
-    for s in slots:
+    for s in nums:
         if start is None:
             start = prev = s
         elif s == prev + 1:
