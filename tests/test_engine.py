@@ -11,7 +11,7 @@ from powercut import PowerCutFile
 from vdisk.engine import native
 from vdisk.engine.blockio import DataFile
 from vdisk.engine.errors import ChecksumError, FormatError, NoSpace, NotFound, OutOfRange
-from vdisk.engine.format import DB_META, LMDB_DIR, u64
+from vdisk.engine.format import DB_META, FORMAT_VERSION, LMDB_DIR, LOG_FILE, u64, u64_decode
 from vdisk.engine.pool import BLOCK_SIZE, Pool
 
 MIB = 1 << 20
@@ -269,6 +269,65 @@ def test_format_version_is_checked(tmp_path):
     env.close()
     with pytest.raises(FormatError, match="version 99"):
         Pool(path)
+
+
+def test_version_1_pool_is_upgraded_when_opened(tmp_path):
+    """A pool of format version 1 (no intent log) opens, is marked version
+    2, and keeps its data; log flushes work on it."""
+    path = str(tmp_path / "p")
+    p = Pool(path)
+    v = p.create_volume(4 * BLOCK_SIZE)
+    data = rnd(2 * BLOCK_SIZE, 1)
+    p.write(v, 0, data)
+    p.close()
+    os.unlink(os.path.join(path, LOG_FILE))
+    env = lmdb.open(os.path.join(path, LMDB_DIR), max_dbs=16)
+    with env.begin(write=True, db=env.open_db(DB_META)) as txn:
+        txn.put(b"format_version", u64(1))
+        txn.delete(b"log_gen")
+    env.close()
+    p = Pool(path)
+    try:
+        assert p.read(v, 0, 2 * BLOCK_SIZE) == data
+        p.write(v, 0, b"x" * 4096)
+        assert p.log_flush(v)
+    finally:
+        p._abandon()  # a crash: the record must carry the write
+    p = Pool(path)
+    with p.env.begin(db=p._db[DB_META]) as txn:
+        assert u64_decode(txn.get(b"format_version")) == FORMAT_VERSION == 2
+    assert p.read(v, 0, 4096) == b"x" * 4096
+    assert p.log_stats["replayed"] == 1
+    p.close()
+
+
+def test_log_replay_stops_at_the_first_bad_record(tmp_path):
+    """Three log flushes, then a crash with the second record damaged: the
+    first is replayed, the second and third are not (the third could not
+    have been written before the second was durable); records of an older
+    generation are never replayed."""
+    path = str(tmp_path / "p")
+    p = Pool(path)
+    v = p.create_volume(4 * BLOCK_SIZE)
+    for i, ch in enumerate(b"abc"):
+        p.write(v, i * BLOCK_SIZE + 8192, bytes([ch]) * 4096)
+        assert p.log_flush(v)
+    assert p.log_stats["flushes"] == 3 and p._log_pos == 3 * 2 * 4096
+    p._abandon()
+    with open(os.path.join(path, LOG_FILE), "r+b") as f:
+        f.seek(2 * 4096 + 4096 + 100)  # the page of the second record
+        f.write(b"?")
+    p = Pool(path)
+    assert p.log_stats["replayed"] == 1
+    assert p.read(v, 8192, 4096) == b"a" * 4096
+    assert p.read(v, BLOCK_SIZE + 8192, 4096) == bytes(4096)
+    assert p.read(v, 2 * BLOCK_SIZE + 8192, 4096) == bytes(4096)
+    assert p.scrub() == []
+    p._abandon()  # the old records are still in the file, a generation behind
+    p = Pool(path)
+    assert p.log_stats["replayed"] == 0
+    assert p.read(v, 0, 3 * BLOCK_SIZE).count(b"a") == 4096
+    p.close()
 
 
 def test_c_extension_releases_the_gil():
