@@ -441,6 +441,10 @@ def print_report(results: dict, a) -> None:
             "on (%d reads, %d writes served in C; %d requests passed to Python)"
             % (fp["Reads"], fp["Writes"], fp["PassedToPython"]) if fp.get("Enabled") else "off",
             " ".join("%s=%s" % kv for kv in d["settings"].items()) or "defaults"))
+        lg = d.get("intent_log")
+        if lg:
+            print("vdisk intent log: %d fsyncs flushed to it (%d MiB), %d done by a commit instead" % (
+                lg["Flushes"], lg["Bytes"] >> 20, lg["CommitsInstead"]))
     print("\nvdisk write amplification, 4 KiB random writes (64 MiB, then fsync):")
     for label, w in results["write_amplification_4k"].items():
         print("  %-15s %5.1fx  (%d MiB written by the daemon for %d MiB, %.0f IOPS, %d MiB new space)"
@@ -503,8 +507,10 @@ def main() -> int:
         t = fio_patterns(a, size, cwd, env)
         results["write_amplification_4k"] = t.pop("_write_amplification_4k")
         results["targets"] = t
+        status = env.j("daemon", "status")
         results["vdisk_daemon"] = {
-            "fast_path": env.j("daemon", "status")["FastPath"],
+            "fast_path": status["FastPath"],
+            "intent_log": status["IntentLog"],
             "settings": {k: os.environ[k] for k in sorted(os.environ) if k.startswith("VDISK_")},
         }
     finally:
