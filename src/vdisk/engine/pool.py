@@ -614,9 +614,7 @@ class Pool:
             return 0
         # growing the data file for the reservoir must not take the room
         # LMDB and the writes themselves need: only reused slots then
-        st = os.statvfs(self.path)
-        spare = st.f_bavail * st.f_frsize - max(RESERVE_KEEP_FREE, st.f_blocks * st.f_frsize // 10)
-        grow = max(0, spare // BLOCK_SIZE)
+        grow = max(0, self._spare_bytes() // BLOCK_SIZE)
         slots = []
         try:
             while len(slots) < want:
@@ -631,6 +629,13 @@ class Pool:
             pass
         fm.reservoir_add(slots[::-1])  # C takes from the end: ascending slots
         return len(slots)
+
+    def _spare_bytes(self) -> int:
+        """Room on the pool's filesystem beyond what must stay free for LMDB
+        and the writes themselves (a tenth of it, and RESERVE_KEEP_FREE at
+        least): what the reservoir and the intent log may grow into."""
+        st = os.statvfs(self.path)
+        return st.f_bavail * st.f_frsize - max(RESERVE_KEEP_FREE, st.f_blocks * st.f_frsize // 10)
 
     def _fast(self) -> "_FastLock":
         return self._fast_lock
@@ -1000,7 +1005,8 @@ class Pool:
         flush, written at the log's end and fdatasync()ed (one device flush,
         where a commit needs three).  Returns False, having changed nothing
         that matters, when a commit must do it instead: a commit in flight,
-        more than LOG_FLUSH_MAX to write, a full log, a log that failed.
+        more than LOG_FLUSH_MAX to write, a full log, a filesystem too full
+        to grow it (see _spare_bytes), a log that failed.
 
         Runs in the owner's thread; blocks on the log file's fdatasync.  The
         fast path's lock is held only while the pages are gathered."""
@@ -1038,7 +1044,10 @@ class Pool:
                 for first, count in _runs(mask_pages(mask)):
                     pages.append(self.file.pread(count * LOG_PAGE, slot_offset(d.slot) + first * LOG_PAGE))
             size = LOG_HEADER + npages * LOG_PAGE
-            if self._log_pos + size > self.log_max:
+            end = self._log_pos + size
+            grow = max(LOG_GROW, end - self._log_end) if end > self._log_end else 0
+            if end > self.log_max or (grow and self._spare_bytes() < grow):
+                # a full log, or a filesystem too full to grow it: commit
                 self.log_stats["commits_instead"] += 1
                 return False
             # from here on the next write to any of these blocks is news
@@ -1051,9 +1060,7 @@ class Pool:
         body = b"".join(pages)
         log_set_crc(hdr, native.crc32c(body, native.crc32c(hdr)))
         try:
-            end = self._log_pos + size
-            if end > self._log_end:  # grow in zero-filled steps: rewrites are cheaper than growth
-                grow = max(LOG_GROW, end - self._log_end)
+            if grow:  # in zero-filled steps: rewrites are cheaper than growth
                 self.log.pwrite(bytes(grow), self._log_end)
                 self._log_end += grow
             self.log.pwrite(hdr + body, self._log_pos)
