@@ -11,8 +11,8 @@ Concurrency contract: every method is called from the trio thread.  At most
 one commit is in flight.  `flush()` blocks the calling task (only) until
 every write acknowledged before the call is durable (`flush(vid)`: every
 write to that volume, by a log flush in the trio thread when it can);
-`idle()` until no commit is in flight, after which the caller may run synchronous structural
-changes (snapshots, rollbacks) before its next await.
+`idle()` until no commit is in flight, after which the caller may run
+synchronous structural changes (snapshots, rollbacks) before its next await.
 """
 from __future__ import annotations
 

@@ -1037,7 +1037,7 @@ class Pool:
                     self.log_stats["pages_unknown"] += 1
                     mask = FULL_MASK
                 entries.append((block, mask))
-                npages += bin(mask).count("1")
+                npages += mask.bit_count()
                 if npages * LOG_PAGE > LOG_FLUSH_MAX:
                     self.log_stats["commits_instead"] += 1
                     return False
@@ -1101,7 +1101,7 @@ class Pool:
                 gen, rseq, vid, entries, crc = got
                 if gen != self._log_gen or rseq != seq:
                     break
-                npages = sum(bin(m).count("1") for _, m in entries)
+                npages = sum(m.bit_count() for _, m in entries)
                 body = self.log.pread(npages * LOG_PAGE, pos + LOG_HEADER)
                 log_set_crc(hdr, 0)
                 if native.crc32c(body, native.crc32c(hdr)) != crc:
