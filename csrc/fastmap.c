@@ -44,10 +44,12 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "blockops.h"
 #include "fastmap.h"
 
 #define BS (64 * 1024)
@@ -62,10 +64,35 @@ struct ent {
     uint16_t used;
 };
 
+/* blocks a volume's log flush in C can hold: LOG_MAX_ENTRIES of the
+ * record format (docs/format.md); a volume with more goes to the engine */
+#define CHG_MAX 252
+
 struct vol {
     uint64_t vid, lid, size;
     int has_points;
     uint32_t lepoch; /* bumped at each log flush of the volume, and at a freeze */
+    /* clean: the engine holds no change of its own to this volume since its
+     * last log flush or freeze (every changed block is in chg, with its
+     * pages in the table's mask), so a log flush may be done here */
+    int clean;
+    uint32_t nchg; /* CHG_MAX + 1: overflowed */
+    uint64_t chg[CHG_MAX]; /* blocks reported in this log epoch (may repeat) */
+};
+
+/* The intent log (docs/format.md, "The intent log"), shared with the engine:
+ * the engine owns the file, grows it and retires it at each commit; a log
+ * flush of a clean volume may be written here (vd_fm_fsync).  Fields are
+ * read and changed with mu held, or - inflight, and the reset at a commit -
+ * with the map's lock held for writing, which a flush here also takes while
+ * it gathers its record. */
+struct vlog {
+    pthread_mutex_t mu; /* one log writer at a time, from reservation to fdatasync */
+    int fd;             /* -1: no log here, every flush goes to the engine */
+    int ok, inflight, fail_next;
+    uint64_t gen, pos, seq, end, max, flush_max;
+    unsigned char *buf;
+    uint64_t st_flushes, st_bytes;
 };
 
 struct vd_fastmap {
@@ -86,6 +113,7 @@ struct vd_fastmap {
     volatile int failed;
     uint64_t st_reads, st_writes, st_again, st_cow;
     unsigned char *scratch;
+    struct vlog lg;
 };
 
 static inline uint64_t mix(uint64_t vid, uint64_t block)
@@ -106,6 +134,8 @@ struct vd_fastmap *vd_fm_new(int data_fd, int event_fd, uint32_t low_water)
     pthread_rwlock_init(&fm->lock, &a);
     pthread_rwlockattr_destroy(&a);
     pthread_mutex_init(&fm->io, NULL);
+    pthread_mutex_init(&fm->lg.mu, NULL);
+    fm->lg.fd = -1;
     fm->data_fd = data_fd;
     fm->event_fd = event_fd;
     fm->low_water = low_water;
@@ -130,8 +160,10 @@ void vd_fm_free(struct vd_fastmap *fm)
     free(fm->res);
     free(fm->log);
     free(fm->scratch);
+    free(fm->lg.buf);
     pthread_rwlock_destroy(&fm->lock);
     pthread_mutex_destroy(&fm->io);
+    pthread_mutex_destroy(&fm->lg.mu);
     free(fm);
 }
 
@@ -239,8 +271,11 @@ static struct vol *find_vol(struct vd_fastmap *fm, uint64_t vid)
 void vd_fm_set_volume(struct vd_fastmap *fm, uint64_t vid, uint64_t lid, uint64_t size, int has_points)
 {
     struct vol *v = find_vol(fm, vid);
-    if (v != NULL && v->lid != lid)
+    if (v != NULL && v->lid != lid) {
         rebuild(fm, fm->cap, 1, vid); /* new contents: forget the old ones */
+        v->clean = 0;
+        v->nchg = 0;
+    }
     if (v == NULL) {
         if (fm->nvols == fm->capvols) {
             size_t c = fm->capvols ? fm->capvols * 2 : 16;
@@ -253,6 +288,8 @@ void vd_fm_set_volume(struct vd_fastmap *fm, uint64_t vid, uint64_t lid, uint64_
         v = &fm->vols[fm->nvols++];
         v->vid = vid;
         v->lepoch = fm->lepoch;
+        v->clean = 0; /* until the engine says it holds nothing of its own */
+        v->nchg = 0;
     }
     v->lid = lid;
     v->size = size;
@@ -317,21 +354,30 @@ static uint32_t next_lepoch(struct vd_fastmap *fm)
     return fm->lepoch;
 }
 
+static void new_log_epoch(struct vd_fastmap *fm, struct vol *v)
+{
+    v->lepoch = next_lepoch(fm);
+    v->nchg = 0;
+}
+
+/* the freeze: the engine's overlay starts empty, so every volume is clean */
 void vd_fm_new_epoch(struct vd_fastmap *fm)
 {
     if (++fm->epoch == 0) {
         vd_fm_clear(fm, 0);
         fm->epoch = 1;
     }
-    for (size_t i = 0; i < fm->nvols; i++)
-        fm->vols[i].lepoch = next_lepoch(fm);
+    for (size_t i = 0; i < fm->nvols; i++) {
+        new_log_epoch(fm, &fm->vols[i]);
+        fm->vols[i].clean = 1;
+    }
 }
 
 void vd_fm_log_epoch(struct vd_fastmap *fm, uint64_t vid)
 {
     struct vol *v = find_vol(fm, vid);
     if (v != NULL)
-        v->lepoch = next_lepoch(fm);
+        new_log_epoch(fm, v);
 }
 
 uint32_t vd_fm_mask(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
@@ -561,6 +607,12 @@ static inline uint16_t pages(uint64_t intra, uint64_t n)
 /* Append (vid, block, slot) to the log; with the inner mutex held. */
 static int log_block(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot)
 {
+    struct vol *v = block == VD_FM_FLUSHED ? NULL : find_vol(fm, vid);
+    if (v != NULL && v->nchg <= CHG_MAX) { /* for a log flush here */
+        if (v->nchg < CHG_MAX)
+            v->chg[v->nchg] = block;
+        v->nchg++;
+    }
     if (fm->nlog == fm->caplog) {
         size_t c = fm->caplog ? fm->caplog * 2 : 1024;
         uint64_t *l = realloc(fm->log, c * 3 * sizeof(uint64_t));
@@ -684,4 +736,181 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
         ask_for_slots(fm);
     __atomic_add_fetch(&fm->st_writes, 1, __ATOMIC_RELAXED);
     return shared ? end_shared(fm, (long)len) : end_io(fm, (long)len);
+}
+
+/* ------------------------------------------------------------ intent log */
+
+#define LOG_HDR 4096 /* docs/format.md, "The intent log": header, then pages */
+#define LOG_PG 4096
+#define LOG_ENTRIES_AT 64
+
+void vd_fm_log_setup(struct vd_fastmap *fm, int fd, uint64_t gen, uint64_t pos, uint64_t seq, uint64_t end,
+                     uint64_t max, uint64_t flush_max)
+{
+    struct vlog *L = &fm->lg;
+    pthread_mutex_lock(&L->mu);
+    free(L->buf);
+    L->buf = aligned_alloc(LOG_PG, LOG_HDR + (flush_max + LOG_PG - 1) / LOG_PG * LOG_PG);
+    L->fd = L->buf != NULL ? fd : -1; /* no buffer: every flush goes to the engine */
+    L->ok = 1;
+    L->gen = gen;
+    L->pos = pos;
+    L->seq = seq;
+    L->end = end;
+    L->max = max;
+    L->flush_max = flush_max;
+    pthread_mutex_unlock(&L->mu);
+}
+
+void vd_fm_log_lock(struct vd_fastmap *fm) { pthread_mutex_lock(&fm->lg.mu); }
+void vd_fm_log_unlock(struct vd_fastmap *fm) { pthread_mutex_unlock(&fm->lg.mu); }
+
+void vd_fm_log_advance(struct vd_fastmap *fm, uint64_t pos, uint64_t seq, uint64_t end)
+{
+    fm->lg.pos = pos;
+    fm->lg.seq = seq;
+    fm->lg.end = end;
+}
+
+void vd_fm_log_disable(struct vd_fastmap *fm) { fm->lg.ok = 0; }
+void vd_fm_log_inflight(struct vd_fastmap *fm, int inflight) { fm->lg.inflight = inflight; }
+void vd_fm_log_fail_next(struct vd_fastmap *fm, int fail) { fm->lg.fail_next = fail; }
+
+/* a commit made every record obsolete: the next one starts at offset 0 */
+void vd_fm_log_reset(struct vd_fastmap *fm, uint64_t gen)
+{
+    fm->lg.gen = gen;
+    fm->lg.pos = fm->lg.seq = 0;
+    fm->lg.inflight = 0;
+}
+
+void vd_fm_log_clean(struct vd_fastmap *fm, uint64_t vid, int clean)
+{
+    struct vol *v = find_vol(fm, vid);
+    if (v != NULL)
+        v->clean = clean;
+}
+
+void vd_fm_log_get(struct vd_fastmap *fm, uint64_t *out5)
+{
+    out5[0] = fm->lg.pos;
+    out5[1] = fm->lg.seq;
+    out5[2] = (uint64_t)fm->lg.ok;
+    out5[3] = fm->lg.st_flushes;
+    out5[4] = fm->lg.st_bytes;
+}
+
+static void put_le(unsigned char *p, uint64_t x, int n)
+{
+    for (int i = 0; i < n; i++)
+        p[i] = (unsigned char)(x >> (8 * i));
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Build the volume's record in the log's buffer and reserve its place: 0
+ * (*size 0 when there is nothing to write), or -EAGAIN with nothing
+ * changed.  With the log's mutex and the map's lock (for writing) held:
+ * no write is half done, and no engine operation runs. */
+static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t *at)
+{
+    struct vlog *L = &fm->lg;
+    struct vol *v = find_vol(fm, vid);
+    struct ent *ents[CHG_MAX];
+    uint32_t count = 0;
+    uint64_t npages = 0;
+    *size = 0;
+    if (L->fd < 0 || !L->ok || L->inflight || fm->failed || v == NULL || !v->clean || v->nchg > CHG_MAX)
+        return -EAGAIN;
+    if (v->nchg == 0)
+        return 0; /* nothing written since the volume's last log flush or freeze */
+    qsort(v->chg, v->nchg, sizeof(uint64_t), cmp_u64);
+    for (uint32_t i = 0; i < v->nchg; i++) {
+        if (i > 0 && v->chg[i] == v->chg[i - 1])
+            continue;
+        struct ent *e = lookup(fm, vid, v->chg[i]);
+        /* a block whose pages are no longer known here: the engine's job */
+        if (e == NULL || e->lepoch != v->lepoch || e->mask == 0 || e->slot == 0)
+            return -EAGAIN;
+        ents[count++] = e;
+        npages += (uint64_t)__builtin_popcount(e->mask);
+    }
+    uint64_t need = LOG_HDR + npages * LOG_PG;
+    if (npages * LOG_PG > L->flush_max || L->pos + need > L->end || L->pos + need > L->max)
+        return -EAGAIN; /* the engine grows the log, or commits */
+    unsigned char *hdr = L->buf, *p = L->buf + LOG_HDR;
+    memset(hdr, 0, LOG_HDR);
+    for (uint32_t c = 0; c < count; c++) {
+        struct ent *e = ents[c];
+        put_le(hdr + LOG_ENTRIES_AT + 16 * c, e->block, 8);
+        put_le(hdr + LOG_ENTRIES_AT + 16 * c + 8, e->mask, 4);
+        for (int pg = 0; pg < BS / LOG_PG;) { /* runs of pages: one pread each */
+            if (!(e->mask >> pg & 1)) {
+                pg++;
+                continue;
+            }
+            int run = 1;
+            while (pg + run < BS / LOG_PG && (e->mask >> (pg + run) & 1))
+                run++;
+            if (pread_full(fm->data_fd, p, (size_t)run * LOG_PG, slot_off(e->slot) + (uint64_t)pg * LOG_PG) < 0)
+                return -EAGAIN;
+            p += (size_t)run * LOG_PG;
+            pg += run;
+        }
+    }
+    memcpy(hdr, "vdlogv2\n", 8);
+    put_le(hdr + 8, L->gen, 8);
+    put_le(hdr + 16, L->seq, 8);
+    put_le(hdr + 24, vid, 8);
+    put_le(hdr + 32, count, 4);
+    put_le(hdr + 36, vd_crc32c(vd_crc32c(0, hdr, LOG_HDR), L->buf + LOG_HDR, npages * LOG_PG), 4);
+    /* the engine hears of the flush after the blocks it covers (the drain
+     * keeps the order), and forgets them as unlogged */
+    pthread_mutex_lock(&fm->io);
+    int rc = log_block(fm, vid, VD_FM_FLUSHED, 0);
+    pthread_mutex_unlock(&fm->io);
+    if (rc < 0)
+        return -EAGAIN;
+    *at = L->pos;
+    *size = need;
+    L->pos += need;
+    L->seq++;
+    new_log_epoch(fm, v); /* the next write to any block is news again */
+    return 0;
+}
+
+long vd_fm_fsync(void *arg, uint64_t vid)
+{
+    struct vd_fastmap *fm = arg;
+    struct vlog *L = &fm->lg;
+    uint64_t size = 0, at = 0;
+    pthread_mutex_lock(&L->mu);
+    pthread_rwlock_wrlock(&fm->lock);
+    long rc = gather(fm, vid, &size, &at);
+    pthread_rwlock_unlock(&fm->lock);
+    if (rc == 0 && size > 0) {
+        /* other requests go on meanwhile; the next log writer waits */
+        rc = pwrite_full(L->fd, L->buf, size, at);
+        if (rc == 0 && L->fail_next)
+            rc = -EIO;
+        else if (rc == 0 && fdatasync(L->fd) < 0)
+            rc = -errno;
+        L->fail_next = 0;
+        if (rc < 0) {
+            /* what the record held is still in the engine's overlay: with
+             * the log off, the engine's flush commits it */
+            fprintf(stderr, "vdisk: writing the intent log failed (%s); flushes commit instead\n", strerror((int)-rc));
+            L->ok = 0;
+            rc = -EAGAIN;
+        } else {
+            L->st_flushes++;
+            L->st_bytes += size;
+        }
+    }
+    pthread_mutex_unlock(&L->mu);
+    return rc;
 }

@@ -33,6 +33,25 @@ size_t vd_fm_reservoir(struct vd_fastmap *fm);
 int vd_fm_reservoir_add(struct vd_fastmap *fm, const uint64_t *slots, size_t n);
 size_t vd_fm_reservoir_take(struct vd_fastmap *fm, uint64_t *out, size_t max);
 void vd_fm_set_failed(struct vd_fastmap *fm, int failed); /* 1: no writes, 2: nothing */
+
+/* The intent log's state, shared with the engine (fastmap.c, "struct vlog").
+ * vd_fm_log_lock/unlock: the log's own mutex (taken before the map's lock);
+ * vd_fm_log_advance and vd_fm_log_disable with it held; vd_fm_log_inflight,
+ * vd_fm_log_reset and vd_fm_log_clean with the map's lock held. */
+void vd_fm_log_setup(struct vd_fastmap *fm, int fd, uint64_t gen, uint64_t pos, uint64_t seq, uint64_t end,
+                     uint64_t max, uint64_t flush_max);
+void vd_fm_log_lock(struct vd_fastmap *fm);
+void vd_fm_log_unlock(struct vd_fastmap *fm);
+void vd_fm_log_advance(struct vd_fastmap *fm, uint64_t pos, uint64_t seq, uint64_t end);
+void vd_fm_log_disable(struct vd_fastmap *fm);
+void vd_fm_log_inflight(struct vd_fastmap *fm, int inflight);
+void vd_fm_log_reset(struct vd_fastmap *fm, uint64_t gen);
+void vd_fm_log_clean(struct vd_fastmap *fm, uint64_t vid, int clean);
+void vd_fm_log_fail_next(struct vd_fastmap *fm, int fail); /* tests: the next record written here fails before its fdatasync */
+void vd_fm_log_get(struct vd_fastmap *fm, uint64_t *out5); /* pos, seq, ok, flushes, bytes */
+/* the drain's triple (vid, VD_FM_FLUSHED, 0): the volume's changes drained
+ * before it are in the log */
+#define VD_FM_FLUSHED 0xFFFFFFFFFFFFFFFF
 void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out4);
 
 /* The request side: called by the I/O threads (the FUSE fast path) without
@@ -40,4 +59,9 @@ void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out4);
  * serve the request instead (nothing was changed then), or -errno. */
 long vd_fm_read(void *fm, uint64_t vid, uint64_t offset, uint32_t len, void *buf);
 long vd_fm_write(void *fm, uint64_t vid, uint64_t offset, uint32_t len, const void *buf);
+/* fsync of a volume: 0 once its writes so far are durable through the
+ * intent log; -EAGAIN when the engine must flush instead (a volume that is
+ * not clean, a commit in flight, a record too big for the room left, a log
+ * write that failed).  Blocks on the log's fdatasync. */
+long vd_fm_fsync(void *fm, uint64_t vid);
 #endif

@@ -1,12 +1,12 @@
 /*
- * fuse_fastpath.c - READ and WRITE served in C, everything else by pyfuse3.
+ * fuse_fastpath.c - READ, WRITE and FSYNC served in C, everything else by pyfuse3.
  *
  * pyfuse3 serves each request in its trio loop with the GIL held: about
  * 13k 4 KiB requests a second on our 2-vCPU VM whatever the handler does
  * (docs/architecture.md, "Performance").  This file puts one thread between
  * the kernel and pyfuse3:
  *
- *     kernel --/dev/fuse--> request threads --READ/WRITE--> engine (C)
+ *     kernel --/dev/fuse--> request threads --READ/WRITE/FSYNC--> engine (C)
  *                                |  else, or -EAGAIN from the engine
  *                                v
  *                       socketpair (SEQPACKET) --> libfuse/pyfuse3
@@ -15,7 +15,7 @@
  * The session's fd number is taken over with dup2(): libfuse keeps reading
  * requests and writing replies through the same number, now one end of a
  * socketpair whose messages keep their boundaries, as /dev/fuse's do.  The
- * engine's read and write functions come in as pointers (csrc/fastmap.c,
+ * engine's read, write and fsync functions come in as pointers (csrc/fastmap.c,
  * vdisk.engine.fastmap): this file knows the FUSE protocol, not blocks.
  *
  * Concurrency: several request threads (two by default) read /dev/fuse and
@@ -44,6 +44,7 @@
 
 typedef long (*vd_read_fn)(void *ctx, uint64_t vid, uint64_t off, uint32_t len, void *buf);
 typedef long (*vd_write_fn)(void *ctx, uint64_t vid, uint64_t off, uint32_t len, const void *buf);
+typedef long (*vd_fsync_fn)(void *ctx, uint64_t vid);
 
 #define REQ_BUF ((1u << 20) + 64 * 1024) /* largest request: max_write + headers */
 #define REPLY_BUF (4u << 20)
@@ -61,6 +62,7 @@ static struct {
     void *ctx;
     vd_read_fn rd;
     vd_write_fn wr;
+    vd_fsync_fn fl;
     pthread_t req_thread[MAX_THREADS], reply_thread;
     int nthreads;
     volatile int stopping;
@@ -68,7 +70,7 @@ static struct {
     pthread_mutex_t nlock;
     struct node *nodes;
     size_t nnodes, capnodes;
-    uint64_t st_reads, st_writes, st_forwarded;
+    uint64_t st_reads, st_writes, st_fsyncs, st_forwarded;
 } fp = {.nlock = PTHREAD_MUTEX_INITIALIZER, .devfd = -1, .sock = -1};
 
 static uint64_t node_vid(uint64_t nodeid)
@@ -144,11 +146,18 @@ static void reply(uint64_t unique, long rc, const void *data, size_t len)
 static int serve(const unsigned char *buf, size_t n, unsigned char *out)
 {
     const struct fuse_in_header *h = (const void *)buf;
-    if (h->opcode != FUSE_READ && h->opcode != FUSE_WRITE)
+    if (h->opcode != FUSE_READ && h->opcode != FUSE_WRITE && h->opcode != FUSE_FSYNC)
         return 0;
     uint64_t vid = node_vid(h->nodeid);
     if (vid == 0)
         return 0;
+    if (h->opcode == FUSE_FSYNC) {
+        if (fp.fl == NULL || fp.fl(fp.ctx, vid) < 0)
+            return 0; /* the engine flushes it in Python (a commit, say) */
+        reply(h->unique, 0, NULL, 0);
+        __atomic_add_fetch(&fp.st_fsyncs, 1, __ATOMIC_RELAXED);
+        return 1;
+    }
     if (h->opcode == FUSE_READ) {
         const struct fuse_read_in *in = (const void *)(buf + sizeof(*h));
         if (n < sizeof(*h) + sizeof(*in) || in->size > REPLY_BUF)
@@ -251,7 +260,7 @@ static int big_buffers(int s)
 
 /* Take over the session's fd (after fuse_session_mount, before the loop
  * reads anything).  0, or -errno with nothing changed. */
-int vd_fp_start(uintptr_t ctx, uintptr_t rd, uintptr_t wr, int nthreads)
+int vd_fp_start(uintptr_t ctx, uintptr_t rd, uintptr_t wr, uintptr_t fl, int nthreads)
 {
     struct fuse_session *se = vd_shim_session();
     int sv[2], rc;
@@ -282,6 +291,7 @@ int vd_fp_start(uintptr_t ctx, uintptr_t rd, uintptr_t wr, int nthreads)
     fp.ctx = (void *)ctx;
     fp.rd = (vd_read_fn)rd;
     fp.wr = (vd_write_fn)wr;
+    fp.fl = (vd_fsync_fn)fl;
     fp.stopping = fp.reply_done = 0;
     fp.nthreads = nthreads < 1 ? 1 : nthreads > MAX_THREADS ? MAX_THREADS : nthreads;
     pthread_create(&fp.reply_thread, NULL, reply_loop, NULL);
@@ -337,9 +347,10 @@ int vd_fp_stop(void)
     return rc2 ? rc2 : rc;
 }
 
-void vd_fp_stats(uint64_t *out3)
+void vd_fp_stats(uint64_t *out4)
 {
-    out3[0] = __atomic_load_n(&fp.st_reads, __ATOMIC_RELAXED);
-    out3[1] = __atomic_load_n(&fp.st_writes, __ATOMIC_RELAXED);
-    out3[2] = __atomic_load_n(&fp.st_forwarded, __ATOMIC_RELAXED);
+    out4[0] = __atomic_load_n(&fp.st_reads, __ATOMIC_RELAXED);
+    out4[1] = __atomic_load_n(&fp.st_writes, __ATOMIC_RELAXED);
+    out4[2] = __atomic_load_n(&fp.st_forwarded, __ATOMIC_RELAXED);
+    out4[3] = __atomic_load_n(&fp.st_fsyncs, __ATOMIC_RELAXED);
 }

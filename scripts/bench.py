@@ -171,7 +171,7 @@ def fio_patterns(a, size: str, cwd: str, env: VDiskEnv) -> dict:
         for t in targets:  # fill the region so reads read data and snapshots share it
             log("filling %s on %s ..." % (size, t.name))
             fio(t.dev, ["--rw=write", "--bs=1M", "--iodepth=8"], size, None, cwd)
-        for pname, args, _, snap in PATTERNS:
+        for pname, args, _, snap in a.patterns:
             for t in targets:
                 if snap and t.snapshot is None:
                     continue
@@ -428,7 +428,7 @@ def print_report(results: dict, a) -> None:
           "(after-snapshot runs: %s each, a new snapshot first); region %s"
           % (a.repeat, a.runtime, COW_IO, results["region"]))
     print("%-34s %11s %11s %11s %10s %11s %10s" % ("pattern", "vdisk", "qsd", "plain", "vdisk/qsd", "vdisk/plain", "vdisk p99"))
-    for pname, _, what, _ in PATTERNS:
+    for pname, _, what, _ in a.patterns:
         key, unit = ("iops", "IOPS") if what == "iops" else ("bw_mib", "MiB/s")
         v, q, p = (t.get(n, {}).get(pname) for n in ("vdisk", "qsd", "plain"))
         cell = lambda r: "%6.0f %-4s" % (r[key], unit) if r else "%11s" % "-"  # noqa: E731
@@ -438,8 +438,8 @@ def print_report(results: dict, a) -> None:
     if d:
         fp = d["fast_path"]
         print("vdisk daemon: fast path %s; settings: %s" % (
-            "on (%d reads, %d writes served in C; %d requests passed to Python)"
-            % (fp["Reads"], fp["Writes"], fp["PassedToPython"]) if fp.get("Enabled") else "off",
+            "on (%d reads, %d writes, %d fsyncs served in C; %d requests passed to Python)"
+            % (fp["Reads"], fp["Writes"], fp.get("Fsyncs", 0), fp["PassedToPython"]) if fp.get("Enabled") else "off",
             " ".join("%s=%s" % kv for kv in d["settings"].items()) or "defaults"))
         lg = d.get("intent_log")
         if lg:
@@ -489,10 +489,16 @@ def main() -> int:
                     help="only the fio table: skip the barrier, creation, deletion and memory measurements")
     ap.add_argument("--targets", default="vdisk,qsd,plain",
                     help="comma-separated; vdisk is always measured (default vdisk,qsd,plain)")
+    ap.add_argument("--patterns", default="",
+                    help="comma-separated parts of fio pattern names to run (say 'fsync'); default all")
     ap.add_argument("--barrier-runtime", type=int, default=20, help="seconds of load per barrier run (default 20)")
     ap.add_argument("--memory-gib", type=int, default=10, help="GiB written for the memory figure (default 10)")
     a = ap.parse_args()
     a.targets = set(a.targets.split(","))
+    wanted = [w for w in a.patterns.split(",") if w]
+    a.patterns = [p for p in PATTERNS if not wanted or any(w in p[0] for w in wanted)]
+    if not a.patterns:
+        ap.error("no fio pattern matches %r; the patterns are: %s" % (",".join(wanted), "; ".join(p[0] for p in PATTERNS)))
     unknown = a.targets - {"vdisk", "qsd", "plain"}
     if unknown:
         ap.error("unknown target(s) %s: choose among vdisk, qsd, plain" % ", ".join(sorted(unknown)))

@@ -48,6 +48,7 @@ class PoolModel(RuleBasedStateMachine):
         self.snapdata: dict[int, bytes] = {}
         self.job = None  # a commit begun and not finished
         self.job_model: dict[int, bytes] = {}
+        self.flushed_after_freeze: dict[int, bytes] = {}  # fsyncs that succeeded while it was in flight
 
     def _opened(self):
         """Called after the pool is (re)opened."""
@@ -124,6 +125,7 @@ class PoolModel(RuleBasedStateMachine):
     def begin_commit(self):
         self.job = self.pool.begin_commit()
         self.job_model = {v: bytes(d) for v, d in self.model.items()}
+        self.flushed_after_freeze = {}
 
     @precondition(lambda self: self.job is not None and not self.job.done)
     @rule()
@@ -136,8 +138,20 @@ class PoolModel(RuleBasedStateMachine):
         if not self.job.done:
             self.job.run()
         self.pool.finish_commit(self.job)
-        self.durable = self.job_model
+        self._job_durable()
         self.job = None
+
+    def _job_durable(self):
+        """The job's transaction is durable: what it froze, and what was
+        flushed to the log since (which the commit must not undo)."""
+        self.durable = dict(self.job_model)
+        self.durable.update(self.flushed_after_freeze)
+
+    def _flushed(self, vid):
+        """An fsync of vid succeeded: every write to it so far is durable."""
+        self.durable[vid] = bytes(self.model[vid])
+        if self.job is not None:
+            self.flushed_after_freeze[vid] = self.durable[vid]
 
     @precondition(lambda self: self.job is None)
     @rule(target=snaps, vid=vols)
@@ -194,7 +208,7 @@ class PoolModel(RuleBasedStateMachine):
         """An fsync of one volume through the intent log (False: the daemon
         would commit instead)."""
         if vid in self.model and self.pool.log_flush(vid):
-            self.durable[vid] = bytes(self.model[vid])
+            self._flushed(vid)
 
     @rule(vid=vols)
     def log_flush_more(self, vid):
@@ -209,7 +223,7 @@ class PoolModel(RuleBasedStateMachine):
             return
         self.pool.log.fail_next_sync = True
         if self.pool.log_flush(vid):  # nothing to write: it never synced
-            self.durable[vid] = bytes(self.model[vid])
+            self._flushed(vid)
         self.pool.log.fail_next_sync = False
         self._power_cut(mode, seed, maybe={vid: bytes(self.model[vid])})
 
@@ -219,7 +233,7 @@ class PoolModel(RuleBasedStateMachine):
 
     def _power_cut(self, mode, seed, maybe=None):
         if self.job is not None and self.job.done:  # its transaction is durable
-            self.durable = self.job_model
+            self._job_durable()
         self.job = None
         files = (self.pool.file, self.pool.log)
         self.pool.env.close()

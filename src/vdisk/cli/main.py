@@ -180,8 +180,8 @@ def cmd_daemon_status(app: App) -> int:
     res["Running"] = True
     fp = res.get("FastPath") or {}
     fast = (
-        "on (%d reads and %d writes served in C, %d requests passed to Python)"
-        % (fp["Reads"], fp["Writes"], fp["PassedToPython"])
+        "on (%d reads, %d writes and %d fsyncs served in C, %d requests passed to Python)"
+        % (fp["Reads"], fp["Writes"], fp.get("Fsyncs", 0), fp["PassedToPython"])
         if fp.get("Enabled")
         else "off"
     )
@@ -189,8 +189,9 @@ def cmd_daemon_status(app: App) -> int:
     app.out(
         res,
         "vdisk daemon running (pid %d)\ndata directory  %s\nmount point     %s\nfast path       %s\n"
-        "intent log      %d flushes (%d KiB), %d done by a commit instead; %d records replayed at start"
-        % (res["Pid"], res["DataDir"], res["MountPoint"], fast, lg.get("Flushes", 0), lg.get("Bytes", 0) >> 10,
+        "intent log      %d flushes (%d in C, %d KiB), %d done by a commit instead; %d records replayed at start"
+        % (res["Pid"], res["DataDir"], res["MountPoint"], fast, lg.get("Flushes", 0), lg.get("FlushesInC", 0),
+           lg.get("Bytes", 0) >> 10,
            lg.get("CommitsInstead", 0), lg.get("RecordsReplayedAtStart", 0)),
     )
     return EXIT_OK

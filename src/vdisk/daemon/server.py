@@ -207,7 +207,7 @@ class Daemon:
             await trio.to_thread.run_sync(self.fs.pool.start_writeback, thread_name="vdisk-writeback")
 
     def _fast_status(self) -> dict:
-        """Whether READ/WRITE are served in C, and how many were."""
+        """Whether READ/WRITE/FSYNC are served in C, and how many were."""
         fast = self.fs.fast
         if fast is None:
             return {"Enabled": False}
@@ -216,15 +216,17 @@ class Daemon:
             "Enabled": True,
             "Reads": f["reads"],
             "Writes": f["writes"],
+            "Fsyncs": f["fsyncs"],
             "PassedToPython": f["passed_on"],
             "CopyOnWrite": e["copy_on_write"],
         }
 
     def _log_status(self) -> dict:
         """What the intent log did since the daemon started."""
-        st = self.fs.pool.log_stats
+        st = self.fs.pool.log_status()
         return {
             "Flushes": st["flushes"],
+            "FlushesInC": st.get("flushes_in_c", 0),
             "Bytes": st["bytes"],
             "CommitsInstead": st["commits_instead"],
             "RecordsReplayedAtStart": st["replayed"],

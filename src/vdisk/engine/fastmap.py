@@ -23,6 +23,9 @@ from .native import ffi, lib
 EAGAIN = -errno.EAGAIN
 READ_ONLY, WRITABLE, WRITABLE_REPORT = 0, 1, 2
 DRAIN_BATCH = 4096
+# the drain's (vid, FLUSHED, 0): C wrote the volume's changes drained before
+# it to the intent log (VD_FM_FLUSHED in csrc/fastmap.h)
+FLUSHED = (1 << 64) - 1
 
 
 class FastMap:
@@ -93,7 +96,9 @@ class FastMap:
         return lib.vd_fm_entries(self._fm)
 
     def drain(self) -> list[tuple[int, int, int]]:
-        """(vid, block, slot) of every block given a new slot in C, oldest first."""
+        """(vid, block, slot) of every block given a new slot in C, or
+        written for the first time since its volume's log flush, and (vid,
+        FLUSHED, 0) for a log flush C wrote; oldest first."""
         got = []
         out = self._out
         while True:
@@ -115,6 +120,58 @@ class FastMap:
         out = ffi.new("uint64_t[]", max(n, 1))
         got = lib.vd_fm_reservoir_take(self._fm, out, n)
         return [out[i] for i in range(got)]
+
+    # ------------------------------------------------------------ intent log
+
+    def log_setup(self, fd: int, gen: int, pos: int, seq: int, end: int, max_bytes: int, flush_max: int) -> None:
+        """Let C write log flushes of clean volumes into the intent log fd
+        (the Pool's state of it given here; see csrc/fastmap.c, struct vlog)."""
+        lib.vd_fm_log_setup(self._fm, fd, gen, pos, seq, end, max_bytes, flush_max)
+
+    def log_lock(self) -> None:
+        """The log's own mutex (before the map's lock): held by one log
+        writer from its reservation to its fdatasync.  May block on a log
+        flush C is writing."""
+        lib.vd_fm_log_lock(self._fm)
+
+    def log_unlock(self) -> None:
+        lib.vd_fm_log_unlock(self._fm)
+
+    def log_advance(self, pos: int, seq: int, end: int) -> None:
+        """The engine wrote a record (log mutex held)."""
+        lib.vd_fm_log_advance(self._fm, pos, seq, end)
+
+    def log_disable(self) -> None:
+        """A log write failed: flushes commit from now on (log mutex held)."""
+        lib.vd_fm_log_disable(self._fm)
+
+    def log_inflight(self, inflight: bool) -> None:
+        """A commit is in flight (map lock held): no log flush in C."""
+        lib.vd_fm_log_inflight(self._fm, int(inflight))
+
+    def log_reset(self, gen: int) -> None:
+        """A commit retired the log's records (map lock held)."""
+        lib.vd_fm_log_reset(self._fm, gen)
+
+    def log_clean(self, vid: int, clean: bool) -> None:
+        """clean: the engine holds no change of its own to the volume since
+        its last log flush, so C may write the next one (map lock held)."""
+        lib.vd_fm_log_clean(self._fm, vid, int(clean))
+
+    def log_fail_next(self, fail: bool = True) -> None:
+        """For tests: the next record C writes fails before its fdatasync
+        (as if the power went then)."""
+        lib.vd_fm_log_fail_next(self._fm, int(fail))
+
+    def log_state(self) -> dict:
+        out = ffi.new("uint64_t[5]")
+        lib.vd_fm_log_get(self._fm, out)
+        return {"pos": out[0], "seq": out[1], "ok": bool(out[2]), "flushes": out[3], "bytes": out[4]}
+
+    def fsync(self, vid: int) -> bool:
+        """A log flush of the volume in C: True once its writes are durable,
+        False when the Pool must flush instead (as for the FUSE layer)."""
+        return lib.vd_fm_fsync(self._fm, vid) == 0
 
     def set_failed(self, failed: bool) -> None:
         """Any thread: refuse fast writes (the pool failed)."""
@@ -146,11 +203,12 @@ class FastMap:
             raise OSError(-rc, "fast write failed")
         return True
 
-    def io_functions(self) -> tuple[int, int, int]:
-        """(context, read function, write function) as addresses, for the
+    def io_functions(self) -> tuple[int, int, int, int]:
+        """(context, read, write and fsync functions) as addresses, for the
         FUSE fast path's C (csrc/fuse_fastpath.c)."""
         return (
             int(ffi.cast("uintptr_t", self._fm)),
             int(ffi.cast("uintptr_t", ffi.addressof(lib, "vd_fm_read"))),
             int(ffi.cast("uintptr_t", ffi.addressof(lib, "vd_fm_write"))),
+            int(ffi.cast("uintptr_t", ffi.addressof(lib, "vd_fm_fsync"))),
         )

@@ -47,6 +47,7 @@ fsync.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import copy
 import errno
 import itertools
@@ -58,7 +59,7 @@ import lmdb
 
 from . import native
 from .blockio import DataFile
-from .fastmap import READ_ONLY, WRITABLE, WRITABLE_REPORT
+from .fastmap import FLUSHED, READ_ONLY, WRITABLE, WRITABLE_REPORT
 from .errors import (
     ChecksumError,
     CommitInFlight,
@@ -242,6 +243,21 @@ class _FastLock:
                 p._fm_held = None
 
 
+class _LogLock:
+    """The intent log's writer lock, C's mutex (see Pool._log_lock)."""
+
+    __slots__ = ("fm",)
+
+    def __init__(self, fm):
+        self.fm = fm
+
+    def __enter__(self):
+        self.fm.log_lock()
+
+    def __exit__(self, *exc):
+        self.fm.log_unlock()
+
+
 class Lineage:
     """A lineage record (see module docstring).  Stored as JSON in DB_LINEAGE."""
 
@@ -416,6 +432,9 @@ class Pool:
         self._log_ok = True  # False once a log write failed: commits only
         self._log_end = os.fstat(self.log.fd).st_size  # written (zeros at least) up to here
         self._unlogged: dict[int, set[int]] = {}  # lid -> blocks changed since their log flush
+        # vids whose log flush C may write (every change to them since their
+        # last log flush or freeze came from C); a superset of C's clean flags
+        self._clean_vids: set[int] = set()
         self.log_stats = {"flushes": 0, "bytes": 0, "commits_instead": 0, "replayed": 0, "pages_unknown": 0}
         self.log_max = LOG_MAX  # tests make it small
         self._dirty: dict[int, dict[int, Dirty]] = {}
@@ -577,6 +596,11 @@ class Pool:
         with self._fast():
             self._fm_vids = set()
             self._fast_volumes()
+            fm.log_setup(self.log.fd, self._log_gen, self._log_pos, self._log_seq, self._log_end,
+                         self.log_max, LOG_FLUSH_MAX)
+            if not self._log_ok:
+                fm.log_disable()
+            fm.log_inflight(self._inflight is not None)
         self.refill_fast()
 
     def detach_fast(self) -> None:
@@ -585,7 +609,8 @@ class Pool:
         fm = self._fm
         if fm is None:
             return
-        with self._fast():
+        with self._log_lock(), self._fast():
+            self._log_pull()
             for slot in fm.reservoir_take():
                 self._reserved.discard(slot)
                 self._reserved_beyond.discard(slot)
@@ -594,6 +619,7 @@ class Pool:
             fm.set_failed(2)
             fm.clear()
             self._fm = None
+            self._clean_vids = set()
 
     def refill_fast(self) -> int:
         """Take in what C wrote and top its reservoir up; returns how many
@@ -653,6 +679,11 @@ class Pool:
         frees a slot C could still know."""
         got = self._fm.drain()
         for vid, block, slot in got:
+            if block == FLUSHED:  # C wrote a log flush of the volume
+                v = self._vols.get(vid)
+                if v is not None:
+                    self._unlogged.pop(v["lid"], None)  # only C's blocks: the volume was clean
+                continue
             self._reserved.discard(slot)
             self._reserved_beyond.discard(slot)
             self._epoch_alloc.add(slot)
@@ -805,10 +836,23 @@ class Pool:
             return READ_ONLY
         return WRITABLE if block in self._unlogged.get(lid, ()) else WRITABLE_REPORT
 
-    def _changed(self, lid: int, d: Dirty, block: int, pages: int) -> None:
+    def _changed(self, vid: int, lid: int, d: Dirty, block: int, pages: int) -> None:
         """Note pages of a block this engine changed (for the log flush)."""
         d.pages |= pages
         self._unlogged.setdefault(lid, set()).add(block)
+        self._set_clean(vid, False)
+
+    def _set_clean(self, vid: int, clean: bool) -> None:
+        """Tell C whether it may write the volume's next log flush: only
+        while every change to it since its last one came from C (whose table
+        has their pages).  With the map's lock held."""
+        if self._fm is None or clean == (vid in self._clean_vids):
+            return
+        self._fm.log_clean(vid, clean)
+        if clean:
+            self._clean_vids.add(vid)
+        else:
+            self._clean_vids.discard(vid)
 
     def write(self, vid: int, offset: int, data) -> None:
         """Write to a volume's head.  Durable only after `commit()` or a
@@ -866,7 +910,7 @@ class Pool:
             if d.fresh:
                 self._release_fresh(d.slot)
             d.slot, d.crc, d.crc_ok, d.fresh = ZERO_SLOT, 0, True, False
-        self._changed(lid, d, block, FULL_MASK)
+        self._changed(vid, lid, d, block, FULL_MASK)
 
     def _write_block(self, vid: int, lid: int, dirty: dict, block: int, intra: int, chunk: memoryview) -> None:
         """Write into one block.  Checksums of what is written here are
@@ -885,7 +929,7 @@ class Pool:
             else:
                 self.file.pwrite(chunk, slot_offset(d.slot) + intra)
             d.crc_ok = False
-            self._changed(lid, d, block, page_mask(intra, len(chunk)))
+            self._changed(vid, lid, d, block, page_mask(intra, len(chunk)))
             return
         if full:
             buf = chunk
@@ -921,7 +965,7 @@ class Pool:
         # the rest of the block is as the log's replay finds it: the head as
         # committed (no record of this generation has it), or zeros that a
         # record has (FULL_MASK until that record is written)
-        self._changed(lid, d, block, page_mask(intra, len(chunk)))
+        self._changed(vid, lid, d, block, page_mask(intra, len(chunk)))
         if self._fm is not None:
             self._fm.set(vid, block, slot, WRITABLE)
 
@@ -1008,12 +1052,47 @@ class Pool:
         more than LOG_FLUSH_MAX to write, a full log, a filesystem too full
         to grow it (see _spare_bytes), a log that failed.
 
-        Runs in the owner's thread; blocks on the log file's fdatasync.  The
-        fast path's lock is held only while the pages are gathered."""
+        Runs in the owner's thread; blocks on the log file's fdatasync, and
+        on a log flush C is writing (vdisk.engine.fastmap.FastMap.fsync).
+        The fast path's lock is held only while the pages are gathered."""
         if self._failed:
             raise PoolFailed(self._failed)
-        if not self._log_ok or self._inflight is not None:
-            return False
+        with self._log_lock():
+            self._log_pull()
+            if not self._log_ok or self._inflight is not None:
+                return False
+            ok = self._log_flush(vid)
+            if self._fm is not None:
+                if self._log_ok:
+                    self._fm.log_advance(self._log_pos, self._log_seq, self._log_end)
+                else:
+                    self._fm.log_disable()
+            return ok
+
+    def _log_lock(self):
+        """The log's writer lock (C's, when a fast path is attached, so that
+        C's log flushes and ours take turns); taken before the map's lock."""
+        return _LogLock(self._fm) if self._fm is not None else contextlib.nullcontext()
+
+    def _log_pull(self) -> None:
+        """Take in where C left the log (with the log's lock held)."""
+        if self._fm is None:
+            return
+        st = self._fm.log_state()
+        self._log_pos, self._log_seq = st["pos"], st["seq"]
+        self._log_ok = self._log_ok and st["ok"]
+
+    def log_status(self) -> dict:
+        """log_stats, with the flushes C wrote counted in."""
+        st = dict(self.log_stats)
+        if self._fm is not None:
+            c = self._fm.log_state()
+            st["flushes"] += c["flushes"]
+            st["bytes"] += c["bytes"]
+            st["flushes_in_c"] = c["flushes"]
+        return st
+
+    def _log_flush(self, vid: int) -> bool:
         with self._fast():
             vol = self._vols.get(vid)
             if vol is None:
@@ -1021,6 +1100,7 @@ class Pool:
             lid = vol["lid"]
             blocks = self._unlogged.get(lid)
             if not blocks:
+                self._set_clean(vid, True)
                 return True
             if len(blocks) > LOG_MAX_ENTRIES:
                 self.log_stats["commits_instead"] += 1
@@ -1056,6 +1136,7 @@ class Pool:
             del self._unlogged[lid]
             for block, _ in entries:
                 dirty[block].pages = 0
+            self._set_clean(vid, True)
         hdr = log_header(self._log_gen, self._log_seq, vid, entries)
         body = b"".join(pages)
         log_set_crc(hdr, native.crc32c(body, native.crc32c(hdr)))
@@ -1071,11 +1152,13 @@ class Pool:
             # its CRC fails, or the next commit makes it obsolete)
             log.warning("writing the intent log %s failed (%s); flushes commit instead", self.log.path, exc)
             self._log_ok = False
-            unlogged = self._unlogged.setdefault(lid, set())
-            for block, _ in entries:
-                if block in dirty:
-                    dirty[block].pages = FULL_MASK
-                    unlogged.add(block)
+            with self._fast():
+                unlogged = self._unlogged.setdefault(lid, set())
+                for block, _ in entries:
+                    if block in dirty:
+                        dirty[block].pages = FULL_MASK
+                        unlogged.add(block)
+                self._set_clean(vid, False)
             return False
         self._log_pos = end
         self._log_seq += 1
@@ -1188,7 +1271,9 @@ class Pool:
             self._unlogged = {}  # the commit makes the log's records obsolete
             self._inflight = ep
             if self._fm is not None:
-                self._fm.new_epoch()  # the instant of the freeze, for C writes too
+                self._fm.new_epoch()  # the instant of the freeze, for C writes too (all clean)
+                self._fm.log_inflight(True)
+                self._clean_vids = set(self._fm_vids)
             try:
                 self._grow_map_if_needed()
             except BaseException:
@@ -1268,6 +1353,10 @@ class Pool:
     def _unfreeze(self, ep: _Epoch) -> None:
         """Put a frozen epoch that was not committed back under the overlay."""
         self._inflight = None
+        if self._fm is not None:
+            self._fm.log_inflight(False)
+            for vid in list(self._clean_vids):  # the merged-back blocks are ours
+                self._set_clean(vid, False)
         self._forget_zeroed(ep)
         for slot in ep.zeroed:  # never durable: give them back
             ep.alloc.discard(slot)
@@ -1433,6 +1522,8 @@ class Pool:
         self._counters.update(tx.counters)
         self._log_gen += 1
         self._log_pos = self._log_seq = 0
+        if self._fm is not None:
+            self._fm.log_reset(self._log_gen)  # and no commit in flight
         self._committed_hwm = max(self._committed_hwm, ep.hwm)
         if self._reserved_beyond:  # recorded free by this commit, unless taken since
             self._reserved_beyond = {s for s in self._reserved_beyond if s >= self._committed_hwm}

@@ -1,8 +1,9 @@
-"""READ and WRITE of disk files served in C (csrc/fuse_fastpath.c).
+"""READ, WRITE and FSYNC of disk files served in C (csrc/fuse_fastpath.c).
 
 `FastPath(io)` takes over the FUSE session that pyfuse3.init() created: C
-threads (two by default) read /dev/fuse, serves READ and WRITE of registered files through
-the engine functions `io` = (context, read, write) - the addresses that
+threads (two by default) read /dev/fuse, serve READ, WRITE and FSYNC of
+registered files through the engine functions `io` = (context, read, write,
+fsync) - the addresses that
 vdisk.engine.fastmap.FastMap.io_functions() gives - and passes every other
 request, and every one the engine hands back (-EAGAIN), on to pyfuse3
 through a socketpair put in place of the session's fd.  It knows the FUSE
@@ -22,7 +23,7 @@ from . import discard
 
 
 class FastPath:
-    def __init__(self, io: tuple[int, int, int], threads: int = 2):
+    def __init__(self, io: tuple[int, int, int, int], threads: int = 2):
         lib = discard.shim()
         if lib is None:
             raise OSError(errno.ENOSYS, "the libfuse shim (vdisk.fuse._lowlevel) is not loaded")
@@ -33,7 +34,7 @@ class FastPath:
         self._running = True
 
     def set_node(self, inode: int, vid: int) -> None:
-        """Serve READ/WRITE of FUSE node inode from volume vid."""
+        """Serve READ/WRITE/FSYNC of FUSE node inode from volume vid."""
         if self._lib.vd_fp_set_node(inode, vid) < 0:
             raise MemoryError("FUSE fast path: node table full")
 
@@ -56,6 +57,6 @@ class FastPath:
 
     def stats(self) -> dict:
         """Requests served in C, and passed on to pyfuse3."""
-        out = discard.shim_ffi().new("uint64_t[3]")
+        out = discard.shim_ffi().new("uint64_t[4]")
         self._lib.vd_fp_stats(out)
-        return {"reads": out[0], "writes": out[1], "passed_on": out[2]}
+        return {"reads": out[0], "writes": out[1], "passed_on": out[2], "fsyncs": out[3]}
