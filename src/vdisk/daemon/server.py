@@ -42,6 +42,10 @@ MAX_REQUEST = 1 << 20
 # through the Committer, so FUSE I/O goes on while it is made durable.  They
 # only read the catalogue and the pool besides; see docs/architecture.md.
 THREADED_ACTIONS = {"CreateSnapshot", "CreateSnapshotGroup"}
+# Background writeback (Daemon._writeback): blocks newly dirtied that start
+# it at once, and the seconds after which it runs anyway.
+WRITEBACK_GROWTH = int(os.environ.get("VDISK_WRITEBACK_GROWTH", "256"))
+WRITEBACK_IDLE = float(os.environ.get("VDISK_WRITEBACK_IDLE", "5"))
 
 
 def _clear_stale_mount(mountpoint: str) -> None:
@@ -199,12 +203,26 @@ class Daemon:
                 log.info("vdisk daemon %d serving %s at %s", os.getpid(), self.paths.data_dir, self.paths.mountpoint)
 
     async def _writeback(self) -> None:
-        """Every 50 ms, start writeback of what was written.  Submitting the
-        I/O can block for milliseconds when the device is busy, so it runs in
-        a thread (sync_file_range on the data file's fd: no pool state)."""
+        """Start writeback of what was written, so that the next commit's
+        fdatasync (a snapshot's, say) has less to write: every 50 ms while
+        new blocks are being dirtied (WRITEBACK_GROWTH since the last one),
+        else every WRITEBACK_IDLE seconds.  Blocks rewritten in place (a
+        sequential rewrite, a database's hot pages) would otherwise be
+        written to the device again and again, taking the CPU and the device
+        from the writes themselves (docs/architecture.md, "Performance").
+        Submitting the I/O can block for milliseconds when the device is
+        busy, so it runs in a thread (sync_file_range on the data file's fd:
+        no pool state)."""
+        pool = self.fs.pool
+        last_dirty, last_at = 0, trio.current_time()
         while True:
             await trio.sleep(0.05)
-            await trio.to_thread.run_sync(self.fs.pool.start_writeback, thread_name="vdisk-writeback")
+            dirty = pool.dirty_blocks()
+            grown = dirty - last_dirty if dirty >= last_dirty else dirty  # less: a commit happened
+            if grown < WRITEBACK_GROWTH and trio.current_time() - last_at < WRITEBACK_IDLE:
+                continue
+            last_dirty, last_at = dirty, trio.current_time()
+            await trio.to_thread.run_sync(pool.start_writeback, thread_name="vdisk-writeback")
 
     def _fast_status(self) -> dict:
         """Whether READ/WRITE/FSYNC are served in C, and how many were."""
