@@ -80,6 +80,15 @@ class Committer:
                 self._idle.set()
         return result
 
+    async def _background_commit(self) -> None:
+        """A commit nobody waits for.  The data file is synced first, in a
+        worker thread and before the freeze, so that the commit itself -
+        during which fsyncs wait for it, the intent log being closed to them
+        - has only the last moments' writes left to sync."""
+        await trio.to_thread.run_sync(self.pool.write_out, thread_name="vdisk-write-out")
+        if not self.pool.inflight() and not self._priority:  # a structural commit may have come first
+            await self._commit()
+
     async def commit_change(self, change):
         """A structural commit (a snapshot, say) run like the others: the
         overlay is frozen now, between two FUSE requests - the instant the
@@ -139,7 +148,7 @@ class Committer:
             if trio.current_time() - self._last_commit >= COMMIT_INTERVAL and not self.pool.inflight():
                 if self.pool.dirty_blocks():
                     try:
-                        await self._commit()
+                        await self._background_commit()
                     except EngineError as exc:
                         log.error("background commit failed: %s", exc)
                 self._last_commit = trio.current_time()
@@ -149,7 +158,7 @@ class Committer:
                     await trio.sleep(0)  # let a waiting structural commit go first
                     continue
                 try:
-                    await self._commit()
+                    await self._background_commit()
                 except EngineError as exc:  # the next flush reports it to its caller
                     log.error("background commit failed: %s", exc)
                     break

@@ -1285,16 +1285,7 @@ class Pool:
         """The blocking part of a commit: see CommitJob.run()."""
         ep = job.epoch
         self._finish_checksums(ep)
-        try:
-            self.file.sync()
-        except OSError as exc:
-            self._failed = (
-                "syncing %s failed (%s); the pool refuses I/O until the daemon is "
-                "restarted, which recovers the last durable state" % (self.file.path, exc)
-            )
-            if self._fm is not None:
-                self._fm.set_failed(True)
-            raise PoolFailed(self._failed) from exc
+        self._sync_data()
         try:
             with self.env.begin(write=True) as txn:
                 tx = _Tx(self, txn)
@@ -1316,6 +1307,31 @@ class Pool:
                 raise NoSpace("the pool's filesystem is full: %s" % exc) from exc
             raise
         job.tx, job.result = tx, result
+
+    def _sync_data(self) -> None:
+        """fdatasync the data file; a failure fails the pool (the kernel
+        reports a lost write once: nothing may sync this file as if all
+        were well after it).  Any thread; raises PoolFailed."""
+        try:
+            self.file.sync()
+        except OSError as exc:
+            self._failed = (
+                "syncing %s failed (%s); the pool refuses I/O until the daemon is "
+                "restarted, which recovers the last durable state" % (self.file.path, exc)
+            )
+            if self._fm is not None:
+                self._fm.set_failed(True)
+            raise PoolFailed(self._failed) from exc
+
+    def write_out(self) -> None:
+        """Make what was written to the data file so far durable, without a
+        commit (a background commit's first step, in a worker thread: the
+        commit that follows then has little left to sync, and fsyncs, which
+        wait for a commit in flight, wait less).  Any thread: it touches no
+        pool state but the failure flag.  Raises PoolFailed."""
+        if self._failed:
+            raise PoolFailed(self._failed)
+        self._sync_data()
 
     def finish_commit(self, job: CommitJob):
         """Publish a job that ran (in this thread again); returns change's
