@@ -10,7 +10,7 @@ import pytest
 from powercut import PowerCutFile
 from vdisk.engine import native
 from vdisk.engine.blockio import DataFile
-from vdisk.engine.errors import ChecksumError, FormatError, NoSpace, NotFound, OutOfRange
+from vdisk.engine.errors import ChecksumError, FormatError, NoSpace, NotFound, OutOfRange, PoolFailed
 from vdisk.engine.format import DB_META, FORMAT_VERSION, LMDB_DIR, LOG_FILE, u64, u64_decode
 from vdisk.engine.pool import BLOCK_SIZE, Pool
 
@@ -442,3 +442,24 @@ def test_records_of_a_failed_change_are_dropped(pool):
     assert pool.get_record("snap/x") is None
     pool.commit()
     assert pool.get_record("snap/x") is None
+
+
+def test_write_out_syncs_and_a_failure_fails_the_pool(tmp_path):
+    """write_out (a background commit's first step) makes the data file's
+    writes durable without a commit; if its fdatasync fails, the pool
+    refuses every later sync and write: the kernel reports a lost write
+    only once, so a later fdatasync could succeed over it."""
+    p = Pool(str(tmp_path), datafile_factory=PowerCutFile)
+    vid = p.create_volume(1 << 20)
+    p.write(vid, 0, b"x" * 4096)
+    p.write_out()
+    assert p.file._undo == []  # synced: a power cut would put nothing back
+    assert p.pending()  # but not committed
+    p.write(vid, 4096, b"y" * 4096)
+    p.file.fail_next_sync = True
+    with pytest.raises(PoolFailed, match="syncing .* failed"):
+        p.write_out()
+    with pytest.raises(PoolFailed):
+        p.commit()
+    with pytest.raises(PoolFailed):
+        p.write(vid, 0, b"z" * 4096)
