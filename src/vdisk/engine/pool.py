@@ -468,7 +468,7 @@ class Pool:
         self._fm_held = None  # the map _FastLock locked
         self._fast_lock = _FastLock(self)  # one for all: its state is _fm_depth
         self._fm_depth = 0
-        self._fm_vids: set[int] = set()
+        self._fm_vids: dict[int, int] = {}  # vid -> the head lineage the map serves
         self._reserved: set[int] = set()
         self._reserved_beyond: set[int] = set()  # those beyond the durable hwm
 
@@ -594,7 +594,7 @@ class Pool:
             raise EngineError("a fast path is already attached")
         self._fm = fm
         with self._fast():
-            self._fm_vids = set()
+            self._fm_vids = {}
             self._fast_volumes()
             fm.log_setup(self.log.fd, self._log_gen, self._log_pos, self._log_seq, self._log_end,
                          self.log_max, LOG_FLUSH_MAX)
@@ -704,13 +704,21 @@ class Pool:
 
     def _fast_volumes(self) -> None:
         """Tell the map every volume's head, size and whether a snapshot
-        shares its blocks; a volume whose head changed starts empty."""
+        shares its blocks; a volume whose head changed starts empty, and
+        clean when this engine holds no unlogged change to it (so that its
+        first fsync is served in C too)."""
         fm = self._fm
         for vid, v in self._vols.items():
-            fm.set_volume(vid, v["lid"], v["size"], bool(self._lins[v["lid"]].points))
-        for vid in self._fm_vids - self._vols.keys():
+            lid = v["lid"]
+            fm.set_volume(vid, lid, v["size"], bool(self._lins[lid].points))
+            if self._fm_vids.get(vid) != lid:  # C starts it not clean
+                self._clean_vids.discard(vid)
+                if not self._unlogged.get(lid):
+                    self._set_clean(vid, True)
+        for vid in self._fm_vids.keys() - self._vols.keys():
             fm.drop_volume(vid)
-        self._fm_vids = set(self._vols)
+            self._clean_vids.discard(vid)
+        self._fm_vids = {vid: v["lid"] for vid, v in self._vols.items()}
 
     # ------------------------------------------------------------ lookups
 
