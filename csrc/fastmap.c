@@ -604,10 +604,10 @@ static inline uint16_t pages(uint64_t intra, uint64_t n)
     return (uint16_t)(((2u << last) - 1) & ~((1u << first) - 1));
 }
 
-/* Append (vid, block, slot) to the log; with the inner mutex held. */
-static int log_block(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot)
+/* Append (vid, block, slot) to the log, and the block to v's changed list
+ * (v: the volume; NULL for a FLUSHED marker); with the inner mutex held. */
+static int log_block(struct vd_fastmap *fm, struct vol *v, uint64_t vid, uint64_t block, uint64_t slot)
 {
-    struct vol *v = block == VD_FM_FLUSHED ? NULL : find_vol(fm, vid);
     if (v != NULL && v->nchg <= CHG_MAX) { /* for a log flush here */
         if (v->nchg < CHG_MAX)
             v->chg[v->nchg] = block;
@@ -655,7 +655,7 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
             if (e->lepoch != v->lepoch) {
                 /* first write since the volume's log flush: the engine
                  * must hear of it (the same slot: nothing else changes) */
-                if ((rc = log_block(fm, vid, first + i, e->slot)) < 0)
+                if ((rc = log_block(fm, v, vid, first + i, e->slot)) < 0)
                     return end_io(fm, rc);
                 e->lepoch = v->lepoch;
                 e->mask = 0;
@@ -724,7 +724,7 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
         }
         uint64_t slot = fm->res[--fm->nres];
         if ((rc = pwrite_full(fm->data_fd, data, BS, slot_off(slot))) < 0 ||
-            (rc = log_block(fm, vid, block, slot)) < 0) {
+            (rc = log_block(fm, v, vid, block, slot)) < 0) {
             fm->res[fm->nres++] = slot;
             return end_io(fm, rc);
         }
@@ -871,7 +871,7 @@ static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t
     /* the engine hears of the flush after the blocks it covers (the drain
      * keeps the order), and forgets them as unlogged */
     pthread_mutex_lock(&fm->io);
-    int rc = log_block(fm, vid, VD_FM_FLUSHED, 0);
+    int rc = log_block(fm, NULL, vid, VD_FM_FLUSHED, 0);
     pthread_mutex_unlock(&fm->io);
     if (rc < 0)
         return -EAGAIN;

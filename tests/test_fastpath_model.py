@@ -21,9 +21,11 @@ from vdisk.engine.pool import BLOCK_SIZE, Pool
 
 
 class FastPoolModel(PoolModel):
+    RESERVOIR = 4  # tiny: C runs dry often
+
     def _opened(self):
         super()._opened()
-        self.fm = FastMap(self.pool.file.fd, reservoir=4)
+        self.fm = FastMap(self.pool.file.fd, reservoir=self.RESERVOIR)
         self.pool.attach_fast(self.fm)
 
     def teardown(self):
@@ -131,10 +133,7 @@ class CFlushModel(LogModel):
     log flushes itself (FastMap.fsync) between commits, Python writes and
     Python log flushes, crashes included."""
 
-    def _opened(self):
-        PoolModel._opened(self)
-        self.fm = FastMap(self.pool.file.fd, reservoir=64)
-        self.pool.attach_fast(self.fm)
+    RESERVOIR = 64
 
     def write_more(self, vid, off, n, seed):
         pass
@@ -150,8 +149,6 @@ TestCFlushModel = CFlushModel.TestCase
 def test_fast_path_serves_in_c(tmp_path):
     """Not a model: once a block is known, C serves reads and writes of it,
     copies on write after a commit, and hands back what it cannot serve."""
-    from vdisk.engine.pool import BLOCK_SIZE, Pool
-
     pool = Pool(str(tmp_path))
     fm = FastMap(pool.file.fd, reservoir=8)
     try:
@@ -186,8 +183,6 @@ def test_io_threads_with_commits_between(tmp_path):
     reservoir, as the daemon does; afterwards every block holds what its
     writer wrote last, through C and through the Pool, and scrub is clean."""
     import threading
-
-    from vdisk.engine.pool import BLOCK_SIZE, Pool
 
     import sys
 

@@ -432,9 +432,6 @@ class Pool:
         self._log_ok = True  # False once a log write failed: commits only
         self._log_end = os.fstat(self.log.fd).st_size  # written (zeros at least) up to here
         self._unlogged: dict[int, set[int]] = {}  # lid -> blocks changed since their log flush
-        # vids whose log flush C may write (every change to them since their
-        # last log flush or freeze came from C); a superset of C's clean flags
-        self._clean_vids: set[int] = set()
         self.log_stats = {"flushes": 0, "bytes": 0, "commits_instead": 0, "replayed": 0, "pages_unknown": 0}
         self.log_max = LOG_MAX  # tests make it small
         self._dirty: dict[int, dict[int, Dirty]] = {}
@@ -619,7 +616,6 @@ class Pool:
             fm.set_failed(2)
             fm.clear()
             self._fm = None
-            self._clean_vids = set()
 
     def refill_fast(self) -> int:
         """Take in what C wrote and top its reservoir up; returns how many
@@ -711,13 +707,10 @@ class Pool:
         for vid, v in self._vols.items():
             lid = v["lid"]
             fm.set_volume(vid, lid, v["size"], bool(self._lins[lid].points))
-            if self._fm_vids.get(vid) != lid:  # C starts it not clean
-                self._clean_vids.discard(vid)
-                if not self._unlogged.get(lid):
-                    self._set_clean(vid, True)
+            if self._fm_vids.get(vid) != lid and not self._unlogged.get(lid):  # C starts it not clean
+                self._set_clean(vid, True)
         for vid in self._fm_vids.keys() - self._vols.keys():
             fm.drop_volume(vid)
-            self._clean_vids.discard(vid)
         self._fm_vids = {vid: v["lid"] for vid, v in self._vols.items()}
 
     # ------------------------------------------------------------ lookups
@@ -854,13 +847,8 @@ class Pool:
         """Tell C whether it may write the volume's next log flush: only
         while every change to it since its last one came from C (whose table
         has their pages).  With the map's lock held."""
-        if self._fm is None or clean == (vid in self._clean_vids):
-            return
-        self._fm.log_clean(vid, clean)
-        if clean:
-            self._clean_vids.add(vid)
-        else:
-            self._clean_vids.discard(vid)
+        if self._fm is not None:
+            self._fm.log_clean(vid, clean)
 
     def write(self, vid: int, offset: int, data) -> None:
         """Write to a volume's head.  Durable only after `commit()` or a
@@ -1281,7 +1269,6 @@ class Pool:
             if self._fm is not None:
                 self._fm.new_epoch()  # the instant of the freeze, for C writes too (all clean)
                 self._fm.log_inflight(True)
-                self._clean_vids = set(self._fm_vids)
             try:
                 self._grow_map_if_needed()
             except BaseException:
@@ -1379,7 +1366,7 @@ class Pool:
         self._inflight = None
         if self._fm is not None:
             self._fm.log_inflight(False)
-            for vid in list(self._clean_vids):  # the merged-back blocks are ours
+            for vid in self._fm_vids:  # the merged-back blocks are ours
                 self._set_clean(vid, False)
         self._forget_zeroed(ep)
         for slot in ep.zeroed:  # never durable: give them back
