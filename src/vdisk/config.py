@@ -7,6 +7,7 @@ Mount point: --mountpoint, else $VDISK_MOUNT, else <data dir>/disks.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 
 
@@ -49,3 +50,49 @@ class Paths:
     @property
     def log(self) -> str:
         return os.path.join(self.data_dir, "daemon.log")
+
+
+class DataDirError(Exception):
+    """The data directory cannot be used; the message says why and what to do."""
+
+
+def secure_data_dir(path: str) -> list[str]:
+    """Create the data directory (mode 0700) or make an existing one private.
+
+    It holds the pool, the control socket and the daemon's log, which only
+    its owner may read: an existing directory that others can read or enter
+    is tightened to 0700 (the returned notes say so); one that is not a
+    directory, or belongs to another user, is refused with DataDirError."""
+    notes = []
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
+    except FileExistsError:
+        raise DataDirError("the data directory %s exists and is not a directory" % path) from None
+    except OSError as exc:
+        raise DataDirError("cannot create the data directory %s: %s" % (path, exc.strerror)) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise DataDirError("the data directory %s exists and is not a directory" % path)
+    if st.st_uid != os.geteuid():
+        raise DataDirError(
+            "the data directory %s belongs to uid %d, not to you (uid %d): a pool is used by the user who owns it"
+            % (path, st.st_uid, os.geteuid())
+        )
+    if st.st_mode & 0o077:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as exc:
+            raise DataDirError("the data directory %s is mode %04o (others can read it) and cannot be made 0700: %s"
+                               % (path, stat.S_IMODE(st.st_mode), exc.strerror)) from None
+        notes.append("the data directory %s was mode %04o; it is now 0700 (only its owner may read the pool and the log)"
+                     % (path, stat.S_IMODE(st.st_mode)))
+    return notes
+
+
+def open_private(path: str, flags: int = os.O_WRONLY | os.O_CREAT | os.O_APPEND) -> int:
+    """Open (or create) a file only its owner may read: mode 0600, tightened
+    if it already existed with a wider mode."""
+    fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+    if os.fstat(fd).st_mode & 0o077:
+        os.fchmod(fd, 0o600)
+    return fd

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from ..config import Paths
+from ..config import DataDirError, Paths, open_private, secure_data_dir
 from ..daemon import client
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_DAEMON, EXIT_INTERNAL = 0, 1, 2, 3, 4
@@ -86,15 +86,36 @@ class App:
             raise CLIError(str(exc), EXIT_DAEMON) from None
         if "Code" in res:
             status = res.get("HttpStatus", 400)
-            code = EXIT_DAEMON if res["Code"] == "DaemonNotRunning" else EXIT_INTERNAL if status >= 500 else EXIT_REFUSED
+            if res["Code"] in ("DaemonNotRunning", "Forbidden"):
+                code = EXIT_DAEMON
+            elif res["Code"] == "MissingParameter":
+                code = EXIT_USAGE  # a required option or parameter was left out
+            else:
+                code = EXIT_INTERNAL if status >= 500 else EXIT_REFUSED
             raise CLIError("%s (%s)" % (res["Message"], res["Code"]), code, res["Code"])
         return res
 
-    def out(self, res, human: str | None = None) -> None:
-        if self.json:
-            print(json.dumps(res, indent=2, sort_keys=True))
-        elif human:
-            print(human)
+    def out(self, res, human: str | None = None, force_json: bool = False) -> None:
+        """Print the answer (JSON with --json).  A reader that stops early
+        (`| head`) is not an error: the action is done, so the rest of the
+        output goes nowhere and the exit status stays the command's own."""
+        text = json.dumps(res, indent=2, sort_keys=True) if self.json or force_json else human
+        if not text:
+            return
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+
+    def mountpoint(self) -> str:
+        """Where the running daemon shows disk files (it may have been started
+        with another --mountpoint than this command's), else the default."""
+        try:
+            return client.call(self.paths, {"Action": "Ping"}, timeout=5)["MountPoint"]
+        except (client.DaemonUnavailable, KeyError, TypeError):
+            return self.paths.mountpoint
 
     def one(self, action: str, param: str, ident: str, path: tuple[str, str], what: str, code: str) -> dict:
         """Describe one resource by id: action filtered by param=[ident],
@@ -126,6 +147,8 @@ def cmd_daemon_run(app: App) -> int:
         level=logging.DEBUG if app.args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for note in secure_data_dir(app.paths.data_dir):
+        logging.getLogger("vdisk").warning("%s", note)
     return run(app.paths)
 
 
@@ -134,10 +157,14 @@ def cmd_daemon_start(app: App) -> int:
         res = client.call(app.paths, {"Action": "Ping"})
         app.out(res, "vdisk daemon already running (pid %d), disks under %s" % (res["Pid"], res["MountPoint"]))
         return EXIT_OK
-    os.makedirs(app.paths.data_dir, mode=0o700, exist_ok=True)
+    for note in secure_data_dir(app.paths.data_dir):
+        print("vdisk: %s" % note, file=sys.stderr)
     cmd = [sys.executable, "-m", "vdisk", "--data-dir", app.paths.data_dir, "--mountpoint", app.paths.mountpoint, "daemon", "run"]
-    with open(app.paths.log, "ab") as logf:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
+    logfd = open_private(app.paths.log)
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logfd, stderr=logfd, start_new_session=True)
+    finally:
+        os.close(logfd)
     deadline = time.monotonic() + app.args.timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -154,7 +181,7 @@ def cmd_daemon_start(app: App) -> int:
 def cmd_daemon_stop(app: App) -> int:
     try:
         ping = client.call(app.paths, {"Action": "Ping"}, timeout=5)
-    except (client.DaemonUnavailable, OSError):
+    except client.NotRunning:
         app.out({"Running": False}, "vdisk daemon is not running")
         return EXIT_OK
     res = client.call(app.paths, {"Action": "Shutdown", "Force": app.args.force})
@@ -174,7 +201,7 @@ def cmd_daemon_stop(app: App) -> int:
 def cmd_daemon_status(app: App) -> int:
     try:
         res = client.call(app.paths, {"Action": "Ping"}, timeout=5)
-    except (client.DaemonUnavailable, OSError):
+    except client.NotRunning:
         app.out({"Running": False, "DataDir": app.paths.data_dir}, "vdisk daemon is not running (data directory %s)" % app.paths.data_dir)
         return EXIT_DAEMON
     res["Running"] = True
@@ -508,6 +535,13 @@ def cmd_loop_detach(app: App) -> int:
 
     target = app.args.target
     if target.startswith("/dev/"):
+        backing = loop.backing_file(target)
+        if backing is None:
+            raise CLIError("%s is not an attached loop device" % target)
+        mp = app.mountpoint()
+        if not backing.startswith(mp + "/"):
+            raise CLIError("%s is not a vdisk disk of this pool: it is backed by %s, not by a file under %s; "
+                           "detach it with losetup -d if you mean it" % (target, backing, mp))
         devs = [target]
     else:
         d = app.disk(target)
@@ -526,7 +560,7 @@ def cmd_loop_detach(app: App) -> int:
 def cmd_loop_list(app: App) -> int:
     from ..host import loop
 
-    mp = app.paths.mountpoint + "/"
+    mp = app.mountpoint() + "/"
     rows = []
     for l in loop.list_loops():
         if l["back-file"].startswith(mp):
@@ -556,6 +590,20 @@ def cmd_pool_status(app: App) -> int:
     return EXIT_OK
 
 
+def cmd_pool_create(app: App) -> int:
+    """The explicit way to make a pool without starting the daemon (the
+    daemon's first start makes one too); every other command refuses a data
+    directory without one."""
+    if client.daemon_running(app.paths):
+        raise CLIError("a vdisk daemon already serves a pool in %s" % app.paths.data_dir, EXIT_REFUSED, "PoolExists")
+    for note in secure_data_dir(app.paths.data_dir):
+        print("vdisk: %s" % note, file=sys.stderr)
+    if not client.create_pool(app.paths):
+        raise CLIError("%s already holds a vdisk pool" % app.paths.data_dir, EXIT_REFUSED, "PoolExists")
+    app.out({"Created": True, "DataDir": app.paths.data_dir}, "vdisk pool created in %s" % app.paths.data_dir)
+    return EXIT_OK
+
+
 def cmd_pool_scrub(app: App) -> int:
     if not app.json:
         print("scrubbing %s (every block's checksum and the map's integrity)..." % app.paths.pool, file=sys.stderr)
@@ -575,7 +623,7 @@ def cmd_api(app: App) -> int:
         except ValueError:
             params[k] = v
     res = app.call(app.args.action, **params)
-    print(json.dumps(res, indent=2, sort_keys=True))
+    app.out(res, force_json=True)
     return EXIT_OK
 
 
@@ -725,6 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     verb(g, "list", cmd_loop_list, "list loop devices on vdisk disks")
 
     g = group("pool", "the storage pool")
+    verb(g, "create", cmd_pool_create, "create an empty pool in the data directory (the daemon's first start does too)")
     verb(g, "status", cmd_pool_status, "space used, free, on disk")
     v = verb(g, "scrub", cmd_pool_scrub, "verify every block's checksum and the map (exit 4 on problems)")
     v.add_argument("--map-only", action="store_true", help="check the map only, not the data")
@@ -737,15 +786,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    # text that is not valid Unicode (a lone surrogate from undecodable
+    # bytes in argv) is printed escaped, never as a UnicodeEncodeError
+    sys.stdout.reconfigure(errors="backslashreplace")
     parser = build_parser()
-    args = parser.parse_args(argv)
-    app = App(args)
+    args = parser.parse_args(argv)  # argparse exits 2 on bad usage
+    as_json = getattr(args, "json", False)
     try:
-        return args.func(app)
+        return args.func(App(args))
     except CLIError as exc:
-        if app.json:
-            print(json.dumps({"Code": exc.error_code or "Error", "Message": str(exc)}), file=sys.stderr)
-        print("vdisk: %s" % exc, file=sys.stderr)
-        return exc.code
+        return _fail(as_json, str(exc), exc.code, exc.error_code or "Error")
+    except client.NoPool as exc:
+        return _fail(as_json, str(exc), EXIT_DAEMON, "PoolNotFound")
+    except client.DaemonUnavailable as exc:
+        return _fail(as_json, str(exc), EXIT_DAEMON, "DaemonUnavailable")
+    except DataDirError as exc:
+        return _fail(as_json, str(exc), EXIT_USAGE, "InvalidDataDir")
+    except PermissionError as exc:
+        return _fail(as_json, "not permitted: %s; run vdisk as root or as the pool's owner" % exc, EXIT_DAEMON, "Forbidden")
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug: say so in one line, exit 4, no traceback
+        if os.environ.get("VDISK_DEBUG"):
+            raise
+        return _fail(as_json, "internal error: %s: %s (a bug in vdisk; VDISK_DEBUG=1 shows the traceback)"
+                     % (type(exc).__name__, exc), EXIT_INTERNAL, "InternalError")
+
+
+def _fail(as_json: bool, message: str, code: int, error_code: str) -> int:
+    if as_json:
+        print(json.dumps({"Code": error_code, "Message": message}), file=sys.stderr)
+    print("vdisk: %s" % message, file=sys.stderr)
+    return code

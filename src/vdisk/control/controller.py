@@ -19,10 +19,10 @@ from ..engine.errors import Busy, EngineError, NoSpace
 from ..engine.pool import Pool
 from . import categories
 from .direct import DirectActions
-from .errors import CloudError, invalid, not_found
+from .errors import CloudError, not_found
 from .images import ImageActions
 from .snapshot_groups import SnapshotGroupActions
-from .validate import Params, check_id, new_id
+from .validate import Params, check_id, check_request, new_id
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +67,11 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
         """Run one request; always answers a dict (an error has Code/Message)."""
         request_id = str(uuid.uuid4()).upper()
         try:
-            if not isinstance(req, dict):
-                raise invalid("request", "a request must be a JSON object")
-            action = req.get("Action")
+            action = check_request(req)
             if action not in self.actions:
                 raise CloudError(
                     "InvalidAction.NotFound",
-                    "Action %r is not known; known actions: %s." % (action, ", ".join(sorted(self.actions))),
+                    "Action %r is not known; known actions: %s." % (action[:64], ", ".join(sorted(self.actions))),
                     404,
                 )
             result = self.actions[action](Params(req))

@@ -9,7 +9,6 @@ A mixin of Controller.
 """
 from __future__ import annotations
 
-import re
 
 from .errors import CloudError, invalid
 from .validate import Params, check_id, new_id
@@ -24,9 +23,7 @@ class ImageActions:
         )
 
     def _image(self, p: Params) -> dict:
-        iid = p.str("ImageId", required=True)
-        if not re.match(r"^m-[a-z0-9]{20}$", iid):
-            raise CloudError("InvalidImageId.Malformed", "ImageId %r is not a valid image id." % iid)
+        iid = check_id("m", p.str("ImageId", required=True), "ImageId")
         rec = self.pool.get_record("image/" + iid)
         if rec is None:
             raise CloudError("InvalidImageId.NotFound", "The specified image %s does not exist." % iid, 404)

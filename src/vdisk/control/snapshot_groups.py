@@ -22,14 +22,12 @@ from .validate import Params, check_id, new_id
 GIB = 1 << 30
 MAX_GROUP_DISKS = 10  # the seed document's limit; the live API allows 16
 MAX_GROUP_BYTES = 32 * 1024 * GIB
-_TOKEN = re.compile(r"^[\x21-\x7e]{1,64}$")
+_TOKEN = re.compile(r"[\x21-\x7e]{1,64}")
 
 
 class SnapshotGroupActions:
     def _group(self, p: Params, name: str = "SnapshotGroupId") -> dict:
-        gid = p.str(name, required=True)
-        if not re.match(r"^ssg-[a-z0-9]{20}$", gid):
-            raise CloudError("InvalidSnapshotGroupId.Malformed", "%s %r is not a valid snapshot group id." % (name, gid))
+        gid = check_id("ssg", p.str(name, required=True), name)
         rec = self.pool.get_record("snapshotgroup/" + gid)
         if rec is None:
             raise CloudError("InvalidSnapshotGroupId.NotFound", "The specified snapshot group %s does not exist." % gid, 404)
@@ -90,7 +88,7 @@ class SnapshotGroupActions:
         inst = self._instance(p)
         token = p.str("ClientToken")
         if token is not None:
-            if not _TOKEN.match(token):
+            if not _TOKEN.fullmatch(token):
                 raise invalid("ClientToken", "at most 64 printable ASCII characters")
             prior = self.pool.get_record("clienttoken/CreateSnapshotGroup/" + token)
             if prior is not None:
@@ -145,11 +143,13 @@ class SnapshotGroupActions:
             # Nothing of the group was written (one transaction); record why.
             self.pool.drop_staged_records()
             group.update(Status="failed", ProgressStatus="0%", Members=[], FailReason=str(exc))
-            self.pool.put_record("snapshotgroup/" + group["SnapshotGroupId"], group)
+            # kept: shown at once and retried by every commit until one
+            # succeeds (on a full filesystem this one fails too)
+            self.pool.put_record("snapshotgroup/" + group["SnapshotGroupId"], group, keep=True)
             try:
                 self.pool.commit()
             except EngineError:
-                self.pool.drop_staged_records()
+                pass
             raise CloudError(
                 "SnapshotGroup.Failed",
                 "Snapshot group %s failed and holds no snapshot: %s" % (group["SnapshotGroupId"], exc),

@@ -11,12 +11,30 @@ import string
 
 from .errors import CloudError, invalid, missing
 
+# Every pattern is applied with fullmatch(): "$" alone would also match
+# before a final newline, and "abc\n" would pass as a name.
 ID_PATTERN = {
-    "i": re.compile(r"^i-[a-z0-9]{20}$"),
-    "d": re.compile(r"^d-[a-z0-9]{20}$"),
-    "s": re.compile(r"^s-[a-z0-9]{20}$"),
+    "i": re.compile(r"i-[a-z0-9]{20}"),
+    "d": re.compile(r"d-[a-z0-9]{20}"),
+    "s": re.compile(r"s-[a-z0-9]{20}"),
+    "ssg": re.compile(r"ssg-[a-z0-9]{20}"),
+    "m": re.compile(r"m-[a-z0-9]{20}"),
 }
-_NAME = re.compile(r"^[A-Za-z\u4e00-\u9fff][A-Za-z0-9\u4e00-\u9fff_.:\-]{1,127}$")
+ID_ERROR = {
+    "i": "InvalidInstanceId.Malformed",
+    "d": "InvalidDiskId.Malformed",
+    "s": "InvalidSnapshotId.Malformed",
+    "ssg": "InvalidSnapshotGroupId.Malformed",
+    "m": "InvalidImageId.Malformed",
+}
+_NAME = re.compile(r"[A-Za-z\u4e00-\u9fff][A-Za-z0-9\u4e00-\u9fff_.:\-]{1,127}")
+# An integer parameter given as text: ASCII digits only ("²".isdigit() is
+# true, and int() then fails), at most 19 of them (a 64-bit value).
+_INTEGER = re.compile(r"-?[0-9]{1,19}")
+INT_LIMIT = 1 << 63
+# How deep a request's values may nest (the cloud's deepest is a list of
+# objects, Name.N.Field); deeper input is refused before anything walks it.
+MAX_DEPTH = 8
 _ALPHABET = string.ascii_lowercase + string.digits
 
 
@@ -25,9 +43,9 @@ def new_id(prefix: str) -> str:
 
 
 def check_id(kind: str, value, param: str) -> str:
-    if not isinstance(value, str) or not ID_PATTERN[kind].match(value):
+    if not isinstance(value, str) or not ID_PATTERN[kind].fullmatch(value):
         raise CloudError(
-            {"i": "InvalidInstanceId.Malformed", "d": "InvalidDiskId.Malformed", "s": "InvalidSnapshotId.Malformed"}[kind],
+            ID_ERROR[kind],
             "%s %r is not a valid id: it must look like %s-followed by 20 lowercase letters or digits."
             % (param, value, kind),
         )
@@ -35,7 +53,7 @@ def check_id(kind: str, value, param: str) -> str:
 
 
 def check_name(value, param: str) -> str:
-    if not isinstance(value, str) or not _NAME.match(value) or value.lower().startswith(("http://", "https://")):
+    if not isinstance(value, str) or not _NAME.fullmatch(value) or value.lower().startswith(("http://", "https://")):
         raise CloudError(
             "Invalid%s.Malformed" % param,
             "%s %r is invalid: it must be 2 to 128 characters, start with a letter, and contain only "
@@ -51,6 +69,46 @@ def check_description(value, param: str = "Description") -> str:
             "%s is invalid: it must be 2 to 256 characters and must not start with http:// or https://." % param,
         )
     return value
+
+
+def check_request(req) -> str:
+    """The shape every request must have, whoever sent it: a JSON object
+    whose Action is a string, whose keys are strings, nested at most
+    MAX_DEPTH deep, and whose text is valid Unicode (a lone surrogate such
+    as "\\ud800" cannot be stored and printed again).  Returns the action.
+    Walks the request with an explicit stack: no input can make it recurse."""
+    if not isinstance(req, dict):
+        raise invalid("request", "a request must be a JSON object")
+    action = req.get("Action")
+    if not isinstance(action, str):
+        raise CloudError("MissingParameter" if action is None else "InvalidParameter",
+                         "The parameter Action is %s: it must be the name of an action, as a string."
+                         % ("missing" if action is None else "not a string"))
+    stack = [(req, "request", 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise invalid(where, "values nest more than %d deep" % MAX_DEPTH)
+        if isinstance(value, str):
+            _check_text(value, where)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    raise invalid(where, "a key is not a string")
+                _check_text(k, where)
+                stack.append((v, k if where == "request" else "%s.%s" % (where, k), depth + 1))
+        elif isinstance(value, list):
+            stack.extend((v, "%s.%d" % (where, i), depth + 1) for i, v in enumerate(value, 1))
+    return action
+
+
+def _check_text(value: str, where: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(where, "the text is not valid Unicode (it holds a lone surrogate)") from None
+    if "\x00" in value:
+        raise invalid(where, "the text holds a NUL character")
 
 
 class Params:
@@ -103,10 +161,12 @@ class Params:
         v = self._get(name, required)
         if v is None:
             return default
-        if isinstance(v, str) and v.strip().isdigit():
+        if isinstance(v, str) and _INTEGER.fullmatch(v):
             v = int(v)
         if not isinstance(v, int) or isinstance(v, bool):
-            raise invalid(name, "expected an integer")
+            raise invalid(name, "expected an integer (decimal digits)")
+        if not -INT_LIMIT < v < INT_LIMIT:
+            raise invalid(name, "the integer is out of range")
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             raise CloudError("Invalid%s.ValueNotSupported" % name, "%s must be between %s and %s, not %d." % (name, lo, hi, v))
         return v
@@ -134,13 +194,15 @@ class Params:
                     raise invalid(name, "not a JSON list") from None
             if not isinstance(v, list):
                 raise invalid(name, "expected a list")
-            return v
-        out = []
-        n = 1
-        while "%s.%d" % (name, n) in self.req:
-            out.append(self.req["%s.%d" % (name, n)])
-            n += 1
-        return out
+        else:
+            v = []
+            n = 1
+            while "%s.%d" % (name, n) in self.req:
+                v.append(self.req["%s.%d" % (name, n)])
+                n += 1
+        if not all(isinstance(x, str) for x in v):
+            raise invalid(name, "expected a list of strings")
+        return v
 
     def struct_list(self, name: str, fields: tuple) -> list[dict]:
         """Name.N.Field entries (or Name: [{...}]) as a list of dicts."""

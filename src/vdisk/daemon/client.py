@@ -5,38 +5,94 @@ Action and parameters; the answer is the cloud's response (or Code/Message).
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 import socket
+import time
 
 from ..config import Paths
 from . import lock
+
+# How long a client waits for a daemon whose listen queue is full (busy, or
+# stopped with SIGSTOP) before it says so.
+CONNECT_TIMEOUT = float(os.environ.get("VDISK_CONNECT_TIMEOUT", "30"))
 
 
 class DaemonUnavailable(Exception):
     pass
 
 
-def call(paths: Paths, req: dict, timeout: float = 600) -> dict:
-    """Send one request to the running daemon."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
+class NotRunning(DaemonUnavailable):
+    """Nothing listens on the control socket."""
+
+
+class NoPool(DaemonUnavailable):
+    """No daemon answers and the data directory holds no pool."""
+
+
+def _connect(paths: Paths, timeout: float, connect_timeout: float) -> socket.socket:
+    """Connect to the control socket.  A full listen queue (EAGAIN from a
+    Unix socket) is waited out, retrying with backoff, up to connect_timeout."""
+    deadline = time.monotonic() + connect_timeout
+    delay = 0.005
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        try:
+            s.connect(paths.socket)
+            return s
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
+            s.close()
+            raise NotRunning("no vdisk daemon answers on %s (%s)" % (paths.socket, exc.strerror)) from None
+        except PermissionError:
+            s.close()
+            raise DaemonUnavailable(
+                "not permitted to use the vdisk daemon's control socket %s (it belongs to uid %s and is mode 0600): "
+                "run vdisk as root or as the daemon's user" % (paths.socket, _owner(paths.socket))
+            ) from None
+        except (BlockingIOError, TimeoutError) as exc:
+            s.close()
+            if not isinstance(exc, TimeoutError) and exc.errno != errno.EAGAIN:
+                raise
+            if time.monotonic() >= deadline:
+                raise DaemonUnavailable(
+                    "the vdisk daemon did not accept a connection within %ds: its queue of waiting clients stayed "
+                    "full (it is very busy, or stopped: see its state in ps and its log %s); set "
+                    "VDISK_CONNECT_TIMEOUT to wait longer" % (connect_timeout, paths.log)
+                ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+
+def _owner(path: str) -> str:
     try:
-        s.connect(paths.socket)
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
-        s.close()
-        raise DaemonUnavailable("no vdisk daemon answers on %s (%s)" % (paths.socket, exc.strerror)) from None
+        return str(os.stat(path).st_uid)
+    except OSError:
+        return "?"
+
+
+def call(paths: Paths, req: dict, timeout: float = 600, connect_timeout: float | None = None) -> dict:
+    """Send one request to the running daemon; its answer.  Raises
+    DaemonUnavailable (with what to do) when there is no answer."""
+    s = _connect(paths, timeout, CONNECT_TIMEOUT if connect_timeout is None else connect_timeout)
     with s:
-        s.sendall(json.dumps(req).encode() + b"\n")
         buf = b""
-        while not buf.endswith(b"\n"):
-            try:
+        try:
+            s.sendall(json.dumps(req).encode() + b"\n")
+            while not buf.endswith(b"\n"):
                 chunk = s.recv(65536)
-            except TimeoutError:
-                raise DaemonUnavailable("the vdisk daemon did not answer within %ds" % timeout) from None
-            if not chunk:
-                raise DaemonUnavailable("the vdisk daemon closed the connection without answering")
-            buf += chunk
-    return json.loads(buf)
+                if not chunk:
+                    raise DaemonUnavailable("the vdisk daemon closed the connection without answering")
+                buf += chunk
+        except TimeoutError:
+            raise DaemonUnavailable("the vdisk daemon did not answer within %ds" % timeout) from None
+        except (BrokenPipeError, ConnectionResetError):
+            raise DaemonUnavailable("the vdisk daemon closed the connection without answering") from None
+    try:
+        return json.loads(buf)
+    except ValueError:
+        raise DaemonUnavailable("the vdisk daemon's answer is not JSON: %r" % buf[:200]) from None
 
 
 def daemon_running(paths: Paths) -> bool:
@@ -48,11 +104,37 @@ def daemon_running(paths: Paths) -> bool:
 
 
 def request(paths: Paths, req: dict) -> dict:
-    """Run a request through the daemon, or in this process when none runs."""
+    """Run a request through the daemon, or in this process when none runs.
+    Offline, the data directory must already hold a pool: only the daemon's
+    start and `vdisk pool create` make one (create_pool), so that a mistyped
+    directory is an error, not a new empty pool."""
     try:
         return call(paths, req)
-    except DaemonUnavailable:
+    except NotRunning:
         pass
+    from ..engine.pool import Pool
+
+    if os.path.exists(paths.data_dir) and not os.path.isdir(paths.data_dir):
+        raise NoPool("%s is not a directory: --data-dir (or $VDISK_HOME) must name a vdisk data directory" % paths.data_dir)
+    if not Pool.exists(paths.pool):
+        raise NoPool(
+            "%s holds no vdisk pool and no daemon answers there: check --data-dir or $VDISK_HOME, or create a pool "
+            "with 'vdisk pool create' or 'vdisk daemon start'" % paths.data_dir
+        )
+    return _offline(paths, req)
+
+
+def create_pool(paths: Paths) -> bool:
+    """Create the pool of paths (no daemon may run); False if it existed."""
+    from ..engine.pool import Pool
+
+    if Pool.exists(paths.pool):
+        return False
+    _offline(paths, None)
+    return True
+
+
+def _offline(paths: Paths, req: dict | None) -> dict:
     try:
         fd = lock.acquire(paths.lock)
     except lock.Locked as exc:
@@ -66,7 +148,7 @@ def request(paths: Paths, req: dict) -> dict:
 
         pool = Pool(paths.pool)
         try:
-            return Controller(pool, host=None).handle(req)
+            return Controller(pool, host=None).handle(req) if req is not None else {}
         finally:
             pool.close()
     finally:

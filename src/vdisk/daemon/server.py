@@ -290,7 +290,7 @@ class Daemon:
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
-        sock.listen(16)
+        sock.listen(socket.SOMAXCONN)  # clients that find it full wait and retry (client.call)
         listener = trio.SocketListener(sock)
         task_status.started()
         await trio.serve_listeners(self._client, [listener])
@@ -304,38 +304,58 @@ class Daemon:
         return uid in (0, os.getuid())
 
     async def _client(self, stream) -> None:
-        async with stream:
-            if not self._peer_allowed(stream):
-                await stream.send_all(b'{"Code":"Forbidden","Message":"not the daemon\'s user"}\n')
+        """One control connection.  Contract: nothing a client sends or does
+        (garbage, a hang-up at any moment, a request that trips a bug) leaves
+        this function as an exception, because trio would pass it up and stop
+        the daemon, unmounting every disk.  A client that hangs up is simply
+        forgotten; an unexpected error is logged with its traceback and, if
+        the connection still stands, answered InternalError."""
+        try:
+            async with stream:
+                await self._converse(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client hung up; its request, if any, was answered or never started
+        except Exception:  # noqa: BLE001 - see the contract above
+            log.exception("a control connection failed; the daemon goes on")
+        finally:
+            if self._stopping:
+                self.cancel.cancel()
+
+    async def _converse(self, stream) -> None:
+        if not self._peer_allowed(stream):
+            await _reply(stream, {"Code": "Forbidden", "Message": "only root and the daemon's user may use this socket",
+                                  "HttpStatus": 403})
+            return
+        buf = b""
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
                 return
-            buf = b""
-            while True:
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
                 try:
-                    data = await stream.receive_some(65536)
-                except trio.BrokenResourceError:
-                    return
-                if not data:
-                    return
-                buf += data
-                if len(buf) > MAX_REQUEST:
-                    await stream.send_all(b'{"Code":"InvalidParameter","Message":"request too large"}\n')
-                    return
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
                     answer = await self._answer(line)
-                    try:
-                        await stream.send_all(json.dumps(answer).encode() + b"\n")
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        return
-                    finally:
-                        if self._stopping:
-                            self.cancel.cancel()
+                except Exception as exc:  # noqa: BLE001 - a bug must cost one answer, not the daemon
+                    log.exception("internal error answering a control request")
+                    answer = {"Code": "InternalError", "Message": "Internal error: %s: %s" % (type(exc).__name__, exc),
+                              "HttpStatus": 500}
+                await _reply(stream, answer)
+                if self._stopping:
+                    return
+            if len(buf) > MAX_REQUEST:
+                await _reply(stream, {"Code": "InvalidParameter", "HttpStatus": 400,
+                                      "Message": "the request is larger than %d bytes without a newline; "
+                                                 "send one JSON object per line" % MAX_REQUEST})
+                return
 
     async def _answer(self, line: bytes) -> dict:
         try:
             req = json.loads(line)
-        except ValueError as exc:
-            return {"Code": "InvalidParameter", "Message": "the request is not valid JSON: %s" % exc, "HttpStatus": 400}
+        except (ValueError, RecursionError) as exc:
+            # RecursionError: "[[[[...": json recurses once per level
+            why = "it nests too deeply" if isinstance(exc, RecursionError) else str(exc)
+            return {"Code": "InvalidParameter", "Message": "the request is not valid JSON: %s" % why, "HttpStatus": 400}
         if isinstance(req, dict) and req.get("Action") == "Ping":
             return {
                 "Pong": True,
@@ -346,8 +366,12 @@ class Daemon:
                 "IntentLog": self._log_status(),
             }
         if isinstance(req, dict) and req.get("Action") == "Shutdown":
+            force = req.get("Force", False)
+            if not isinstance(force, bool):
+                return {"Code": "InvalidParameter", "Message": "The parameter Force is invalid: expected true or false",
+                        "HttpStatus": 400}
             held = self.fs.open_files()
-            if held and req.get("Force") is not True:
+            if held and not force:
                 return {
                     "Code": "DaemonBusy",
                     "Message": "disk files are held open (%s); unmount and detach their loop devices first, "
@@ -382,6 +406,12 @@ class Daemon:
         await self.committer.idle()
         # no await from here: the action runs between two FUSE requests
         return self.ctl.handle(req)
+
+
+async def _reply(stream, answer: dict) -> None:
+    """Send one answer line; raises trio.BrokenResourceError if the client
+    has gone (the caller's contract handles it)."""
+    await stream.send_all(json.dumps(answer).encode() + b"\n")
 
 
 def run(paths: Paths) -> int:

@@ -351,6 +351,11 @@ class _Tx:
 class Pool:
     """A vdisk storage pool in one directory.  See the module docstring."""
 
+    @staticmethod
+    def exists(path: str) -> bool:
+        """Whether path holds a pool (opening one that does not creates it)."""
+        return os.path.exists(os.path.join(path, LMDB_DIR, "data.mdb"))
+
     def __init__(self, path: str, datafile_factory=DataFile, map_size: int | None = None):
         self.path = path
         os.makedirs(path, mode=0o700, exist_ok=True)
@@ -458,6 +463,7 @@ class Pool:
         self._free_cache: list[int] = []  # free slots ready to allocate (descending)
         self._free_scan: bytes | None = b""  # where to continue scanning DB_FREE
         self._records: dict[str, dict | None] = {}  # staged record puts
+        self._kept: set[str] = set()  # staged records that no request failure drops
         # The C fast path (attach_fast): a cache of the head's mapping that
         # an I/O thread reads and writes through, and the free slots it
         # holds for copy-on-write (neither free nor in _epoch_alloc here).
@@ -978,17 +984,24 @@ class Pool:
         return self._ndirty
 
     def drop_staged_records(self) -> None:
-        """Forget records staged by a request that failed."""
-        self._records = {}
+        """Forget records staged by a request that failed (but those staged
+        with keep=True: they stay until a commit makes them durable)."""
+        self._records = {k: v for k, v in self._records.items() if k in self._kept}
 
-    def put_record(self, key: str, value: dict | None) -> None:
+    def put_record(self, key: str, value: dict | None, keep: bool = False) -> None:
         """Stage a catalogue record (None deletes); durable at the next commit.
         Called from inside a commit's change, it goes into that commit's
-        transaction (atomic with the change)."""
+        transaction (atomic with the change).  keep=True: a record of what
+        happened (a failure's reason) that must survive the failed request's
+        drop_staged_records and be retried by every commit until one succeeds
+        (on a full filesystem, it is shown meanwhile and made durable once
+        there is room)."""
         if self._change_tx is not None:
             self._change_tx.records[key] = value
         else:
             self._records[key] = value
+            if keep:
+                self._kept.add(key)
 
     def get_record(self, key: str):
         if self._change_tx is not None and key in self._change_tx.records:
@@ -1355,6 +1368,7 @@ class Pool:
             self._unfreeze(job.epoch)
             raise job.error
         self._inflight = None
+        self._kept.difference_update(k for k in job.epoch.records if k not in self._records)
         self._forget_zeroed(job.epoch)  # before their slots can be reused
         self._after_commit(job.tx, job.epoch)
         if self._fm is not None and (job.tx.vols or job.tx.lins):
@@ -1886,7 +1900,14 @@ class Pool:
         return out
 
     def stats(self) -> dict:
-        self.commit()
+        """The pool's space figures, as of a commit when one can be made.  A
+        read-only question: when the commit fails (a full filesystem), the
+        figures are those last made durable and commit_error says why."""
+        commit_error = None
+        try:
+            self.commit()
+        except EngineError as exc:
+            commit_error = str(exc)
         with self.env.begin() as txn:
             nfree = txn.stat(self._db[DB_FREE])["entries"]
             nmap = txn.stat(self._db[DB_MAP])["entries"]
@@ -1901,6 +1922,7 @@ class Pool:
             "data_file_allocated_bytes": self.file.allocated_bytes(),
             "volumes": len(self._vols),
             "snapshots": sum(1 for s in self._snaps.values() if not s.get("deleted")),
+            **({"commit_error": commit_error} if commit_error else {}),
         }
 
     # ------------------------------------------------------------ scrub

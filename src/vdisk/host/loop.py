@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 import subprocess
 
 
@@ -51,6 +52,22 @@ def _sysfs(dev: str, what: str) -> str | None:
             return f.read().strip()
     except OSError:
         return None
+
+
+def backing_file(dev: str) -> str | None:
+    """The file behind loop device dev, or None if dev is not an attached
+    loop device (a name that is not one, a loop device with nothing behind
+    it, a path that does not exist).  Reads sysfs only."""
+    name = os.path.basename(dev)
+    if not name.startswith("loop") or os.path.dirname(dev) != "/dev":
+        return None
+    try:
+        if not stat.S_ISBLK(os.stat(dev).st_mode):
+            return None
+    except OSError:
+        return None
+    backing = _sysfs(dev, "loop/backing_file")
+    return backing.removesuffix(" (deleted)") if backing else None
 
 
 def list_loops() -> list[dict]:
