@@ -51,6 +51,11 @@ class Paths:
     def log(self) -> str:
         return os.path.join(self.data_dir, "daemon.log")
 
+    @property
+    def exit_record(self) -> str:
+        """Why and when the daemon last stopped (JSON; vdisk daemon status)."""
+        return os.path.join(self.data_dir, "daemon.exit")
+
 
 class DataDirError(Exception):
     """The data directory cannot be used; the message says why and what to do."""

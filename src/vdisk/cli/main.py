@@ -198,11 +198,27 @@ def cmd_daemon_stop(app: App) -> int:
     raise CLIError("the vdisk daemon (pid %d) did not exit within %ds" % (ping["Pid"], app.args.timeout), EXIT_DAEMON)
 
 
+def _last_exit(paths: Paths) -> dict | None:
+    """What the last daemon recorded when it stopped (daemon.exit), if anything."""
+    try:
+        with open(paths.exit_record) as f:
+            rec = json.load(f)
+        return rec if isinstance(rec, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
 def cmd_daemon_status(app: App) -> int:
     try:
         res = client.call(app.paths, {"Action": "Ping"}, timeout=5)
     except client.NotRunning:
-        app.out({"Running": False, "DataDir": app.paths.data_dir}, "vdisk daemon is not running (data directory %s)" % app.paths.data_dir)
+        res = {"Running": False, "DataDir": app.paths.data_dir}
+        human = "vdisk daemon is not running (data directory %s)" % app.paths.data_dir
+        last = _last_exit(app.paths)
+        if last:
+            res["LastExit"] = last
+            human += "\nlast stop       %s: %s%s" % (last.get("Time"), last.get("Reason"), "" if last.get("Clean") else " (not clean)")
+        app.out(res, human)
         return EXIT_DAEMON
     res["Running"] = True
     fp = res.get("FastPath") or {}
@@ -215,9 +231,11 @@ def cmd_daemon_status(app: App) -> int:
     lg = res.get("IntentLog") or {}
     app.out(
         res,
-        "vdisk daemon running (pid %d)\ndata directory  %s\nmount point     %s\nfast path       %s\n"
+        "vdisk daemon running (pid %d)\ndata directory  %s\nmount point     %s%s\nfast path       %s\n"
         "intent log      %d flushes (%d in C, %d KiB), %d done by a commit instead; %d records replayed at start"
-        % (res["Pid"], res["DataDir"], res["MountPoint"], fast, lg.get("Flushes", 0), lg.get("FlushesInC", 0),
+        % (res["Pid"], res["DataDir"], res["MountPoint"],
+           "" if res.get("Mounted", True) else " (unmounted lazily: open files are served until closed, then the daemon stops)",
+           fast, lg.get("Flushes", 0), lg.get("FlushesInC", 0),
            lg.get("Bytes", 0) >> 10,
            lg.get("CommitsInstead", 0), lg.get("RecordsReplayedAtStart", 0)),
     )
@@ -612,6 +630,35 @@ def cmd_pool_scrub(app: App) -> int:
     return EXIT_OK if res["Clean"] else EXIT_INTERNAL
 
 
+def cmd_service_install(app: App) -> int:
+    from ..host import service
+
+    try:
+        written = service.install(app.args.root, app.args.only)
+    except FileExistsError as exc:
+        raise CLIError(str(exc), EXIT_REFUSED, "FileExists") from None
+    hint = ("\nnow: systemctl daemon-reload && systemctl enable --now vdisk@$(systemd-escape --path %s)"
+            % app.paths.data_dir) if app.args.root == "/" and app.args.only != "helper" else ""
+    app.out({"Installed": written}, "\n".join("installed %s" % w for w in written) + hint)
+    return EXIT_OK
+
+
+def cmd_service_uninstall(app: App) -> int:
+    from ..host import service
+
+    removed = service.uninstall(app.args.root)
+    app.out({"Removed": removed}, "\n".join("removed %s" % r for r in removed) or "nothing of vdisk's was installed")
+    return EXIT_OK
+
+
+def cmd_service_show(app: App) -> int:
+    from ..host import service
+
+    app.out({"Unit": service.unit_text(), "MountHelper": service.helper_text()},
+            "# %s\n%s\n# /sbin/%s\n%s" % (service.UNIT_NAME, service.unit_text(), service.HELPER_NAME, service.helper_text()))
+    return EXIT_OK
+
+
 def cmd_api(app: App) -> int:
     params = {}
     for kv in app.args.params:
@@ -777,6 +824,14 @@ def build_parser() -> argparse.ArgumentParser:
     verb(g, "status", cmd_pool_status, "space used, free, on disk")
     v = verb(g, "scrub", cmd_pool_scrub, "verify every block's checksum and the map (exit 4 on problems)")
     v.add_argument("--map-only", action="store_true", help="check the map only, not the data")
+
+    g = group("service", "run vdisk as a system service: a systemd unit (vdisk@.service) and mount -t fuse.vdisk")
+    v = verb(g, "install", cmd_service_install, "write /etc/systemd/system/vdisk@.service and /sbin/mount.fuse.vdisk")
+    v.add_argument("--root", default="/", metavar="DIR", help="install under DIR instead of / (for images and packages)")
+    v.add_argument("--only", choices=("unit", "helper"), help="only the systemd unit, or only the mount helper")
+    v = verb(g, "uninstall", cmd_service_uninstall, "remove what 'service install' wrote (nothing else)")
+    v.add_argument("--root", default="/", metavar="DIR")
+    verb(g, "show", cmd_service_show, "print the unit and the mount helper without installing them")
 
     v = sub.add_parser("api", help="send one cloud action with Name=Value parameters (JSON values allowed)", parents=[common])
     v.add_argument("action", metavar="ACTION")

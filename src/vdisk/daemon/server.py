@@ -8,7 +8,12 @@ FUSE requests and control actions never interleave inside one another.
 Startup re-exposes the instances the catalogue says are Running (a daemon
 restart is like a host restart the instance did not notice).  SIGTERM/SIGINT
 or the Shutdown action stop it cleanly: it refuses while a disk file is held
-open (unless forced), unmounts, commits and closes the pool.
+open (unless forced), unmounts, commits and closes the pool.  So does an
+unmount from outside (`umount MOUNTPOINT`, as with sshfs or S3QL): the kernel
+ends the FUSE connection, and the daemon commits, closes the pool and exits
+0.  Every stop records its reason in daemon.exit (JSON), which `vdisk daemon
+status` shows while no daemon runs.  Under systemd (Type=notify) it reports
+READY=1 once it serves and STOPPING=1 when it stops (vdisk.daemon.notify).
 """
 from __future__ import annotations
 
@@ -21,9 +26,11 @@ import struct
 import subprocess
 import sys
 
+import time
+
 import trio
 
-from ..config import Paths
+from ..config import Paths, open_private
 from ..control.controller import Controller
 from ..engine.errors import EngineError
 from ..engine.fastmap import FastMap
@@ -33,6 +40,7 @@ from ..fuse.fastpath import FastPath
 from ..fuse.fs import DiskFS
 from . import lock
 from .committer import Committer
+from .notify import notify
 
 import pyfuse3  # noqa: E402 - after vdisk.fuse, which must load the discard shim first
 
@@ -58,6 +66,13 @@ def _clear_stale_mount(mountpoint: str) -> None:
         r = subprocess.run(["umount", "-l", mountpoint], capture_output=True, text=True)
         if r.returncode != 0:
             subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
+
+
+def _is_mounted(mountpoint: str) -> bool:
+    """Whether mountpoint is in this mount namespace (read from mountinfo:
+    the daemon must never stat its own mount)."""
+    with open("/proc/self/mountinfo") as f:
+        return any(len(l.split()) > 4 and l.split()[4] == mountpoint for l in f)
 
 
 def _tune_connection(mountpoint: str) -> None:
@@ -91,6 +106,8 @@ class Daemon:
         self.paths = paths
         self.cancel: trio.CancelScope | None = None
         self._stopping = False
+        self.stop_reason = "stopped"  # recorded in daemon.exit
+        self.unmounted_outside = False
         self._control = trio.Lock()  # one control action at a time
 
     def run(self) -> int:
@@ -100,11 +117,17 @@ class Daemon:
             log.error("cannot start: %s (another vdisk daemon?)", exc)
             return 3
         try:
+            _forget_last_exit(self.paths)
             pool = Pool(self.paths.pool)
             try:
-                return self._serve(pool)
+                rc = self._serve(pool)
             finally:
                 pool.close()
+            _record_exit(self.paths, self.stop_reason, clean=True)
+            return rc
+        except BaseException as exc:
+            _record_exit(self.paths, "failed: %s: %s" % (type(exc).__name__, exc), clean=False)
+            raise
         finally:
             try:
                 os.unlink(self.paths.socket)
@@ -136,7 +159,7 @@ class Daemon:
             self.fs.mounted = False
             if fast is not None:
                 fast.quiesce()
-            pyfuse3.close(unmount=True)
+            pyfuse3.close(unmount=not self.unmounted_outside)
             if fast is not None:
                 self._stop_fast(pool, fast)
         log.info("vdisk daemon stopped")
@@ -193,7 +216,7 @@ class Daemon:
         self.fs.pool.commit_via = commit_from_thread
         with trio.CancelScope() as self.cancel:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(pyfuse3.main)
+                nursery.start_soon(self._fuse_main)
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self._writeback)
                 if self._efd is not None:
@@ -201,6 +224,21 @@ class Daemon:
                 await nursery.start(self.committer.run)
                 await nursery.start(self._serve_control)
                 log.info("vdisk daemon %d serving %s at %s", os.getpid(), self.paths.data_dir, self.paths.mountpoint)
+                notify(READY=1, MAINPID=os.getpid(), STATUS="serving %s at %s" % (self.paths.data_dir, self.paths.mountpoint))
+        notify(STOPPING=1, STATUS=self.stop_reason)
+
+    async def _fuse_main(self) -> None:
+        """pyfuse3's request loop.  It returns only when the kernel ends the
+        connection: the mount point was unmounted from outside (umount, or a
+        lazy umount once the last open file closed).  The disks are gone for
+        every user then, so the daemon stops as well, cleanly."""
+        await pyfuse3.main()
+        if not self.cancel.cancel_called:
+            self.stop_reason = "unmounted from outside: %s is no longer mounted" % self.paths.mountpoint
+            log.warning("%s; committing and stopping", self.stop_reason)
+            self.fs.mounted = False
+            self.unmounted_outside = True
+            self.cancel.cancel()
 
     async def _writeback(self) -> None:
         """Start writeback of what was written, so that the next commit's
@@ -275,6 +313,7 @@ class Daemon:
                     log.error("ignoring signal %d: disk files are held open: %s", sig, ", ".join(held))
                     continue
                 log.info("signal %d: shutting down", sig)
+                self.stop_reason = "signal %d (%s)" % (sig, signal.Signals(sig).name)
                 self.cancel.cancel()
 
     async def _serve_control(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -362,6 +401,9 @@ class Daemon:
                 "Pid": os.getpid(),
                 "DataDir": self.paths.data_dir,
                 "MountPoint": self.paths.mountpoint,
+                # false after a lazy umount (umount -l) while files are still
+                # open: they are served until closed, then the daemon stops
+                "Mounted": _is_mounted(self.paths.mountpoint),
                 "FastPath": self._fast_status(),
                 "IntentLog": self._log_status(),
             }
@@ -379,6 +421,7 @@ class Daemon:
                     "HttpStatus": 409,
                 }
             self._stopping = True  # cancelled once the answer is sent
+            self.stop_reason = "the Shutdown action (vdisk daemon stop%s)" % (" --force" if force else "")
             return {"ShuttingDown": True}
         async with self._control:
             return await self._act(req)
@@ -406,6 +449,24 @@ class Daemon:
         await self.committer.idle()
         # no await from here: the action runs between two FUSE requests
         return self.ctl.handle(req)
+
+
+def _record_exit(paths: Paths, reason: str, clean: bool) -> None:
+    """Say in daemon.exit why and when the daemon stopped (best effort)."""
+    try:
+        fd = open_private(paths.exit_record, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"Pid": os.getpid(), "Time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       "Reason": reason, "Clean": clean}, f)
+    except OSError as exc:
+        log.warning("cannot record why the daemon stopped in %s: %s", paths.exit_record, exc)
+
+
+def _forget_last_exit(paths: Paths) -> None:
+    try:
+        os.unlink(paths.exit_record)
+    except FileNotFoundError:
+        pass
 
 
 async def _reply(stream, answer: dict) -> None:
