@@ -843,7 +843,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     # text that is not valid Unicode (a lone surrogate from undecodable
     # bytes in argv) is printed escaped, never as a UnicodeEncodeError
-    sys.stdout.reconfigure(errors="backslashreplace")
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse exits 2 on bad usage
     as_json = getattr(args, "json", False)
