@@ -59,9 +59,7 @@ WRITEBACK_IDLE = float(os.environ.get("VDISK_WRITEBACK_IDLE", "5"))
 def _clear_stale_mount(mountpoint: str) -> None:
     """A daemon killed with SIGKILL leaves its mount behind ("Transport
     endpoint is not connected"); detach it so we can mount again."""
-    with open("/proc/self/mounts") as f:
-        mounted = any(line.split()[1] == mountpoint for line in f if len(line.split()) > 1)
-    if mounted:
+    if _is_mounted(mountpoint):
         log.warning("detaching the stale mount at %s", mountpoint)
         r = subprocess.run(["umount", "-l", mountpoint], capture_output=True, text=True)
         if r.returncode != 0:
