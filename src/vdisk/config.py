@@ -52,6 +52,11 @@ class Paths:
         return os.path.join(self.data_dir, "daemon.log")
 
     @property
+    def access_keys(self) -> str:
+        """The HTTP API's access keys (vdisk.http.keys)."""
+        return os.path.join(self.data_dir, "accesskeys.json")
+
+    @property
     def exit_record(self) -> str:
         """Why and when the daemon last stopped (JSON; vdisk daemon status)."""
         return os.path.join(self.data_dir, "daemon.exit")

@@ -140,6 +140,29 @@ SNAP_COLS = [("SNAPSHOT", "SnapshotId"), ("NAME", "SnapshotName"), ("DISK", "Sou
 # ---------------------------------------------------------------- daemon
 
 
+def _http_address(app: App) -> tuple[str, int] | None:
+    """--http HOST:PORT (or $VDISK_HTTP): where to serve the cloud's API.
+    Loopback unless --http-allow-remote: anyone who can reach the port and
+    holds an access key drives the disks, and the traffic is plain HTTP."""
+    spec = app.args.http or os.environ.get("VDISK_HTTP")
+    if not spec:
+        return None
+    host, sep, port = spec.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise CLIError("--http %r: expected HOST:PORT, such as 127.0.0.1:8080" % spec, EXIT_USAGE)
+    import ipaddress
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        raise CLIError("--http %r: HOST must be an IP address or localhost" % spec, EXIT_USAGE) from None
+    if not loopback and not app.args.http_allow_remote:
+        raise CLIError("--http %s listens beyond this host: add --http-allow-remote if you mean it (plain HTTP; "
+                       "anyone who reaches the port with an access key drives the disks)" % spec, EXIT_USAGE)
+    return host, int(port)
+
+
 def cmd_daemon_run(app: App) -> int:
     from ..daemon.server import run
 
@@ -147,9 +170,10 @@ def cmd_daemon_run(app: App) -> int:
         level=logging.DEBUG if app.args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    http = _http_address(app)
     for note in secure_data_dir(app.paths.data_dir):
         logging.getLogger("vdisk").warning("%s", note)
-    return run(app.paths)
+    return run(app.paths, http)
 
 
 def cmd_daemon_start(app: App) -> int:
@@ -157,9 +181,12 @@ def cmd_daemon_start(app: App) -> int:
         res = client.call(app.paths, {"Action": "Ping"})
         app.out(res, "vdisk daemon already running (pid %d), disks under %s" % (res["Pid"], res["MountPoint"]))
         return EXIT_OK
+    http = _http_address(app)
     for note in secure_data_dir(app.paths.data_dir):
         print("vdisk: %s" % note, file=sys.stderr)
     cmd = [sys.executable, "-m", "vdisk", "--data-dir", app.paths.data_dir, "--mountpoint", app.paths.mountpoint, "daemon", "run"]
+    if http is not None:
+        cmd += ["--http", "[%s]:%d" % http, "--http-allow-remote"]
     logfd = open_private(app.paths.log)
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logfd, stderr=logfd, start_new_session=True)
@@ -172,7 +199,8 @@ def cmd_daemon_start(app: App) -> int:
             raise CLIError("the vdisk daemon exited at once (status %d); its log %s ends:\n%s" % (proc.returncode, app.paths.log, tail), EXIT_DAEMON)
         if client.daemon_running(app.paths):
             res = client.call(app.paths, {"Action": "Ping"})
-            app.out(res, "vdisk daemon started (pid %d), disks under %s" % (res["Pid"], res["MountPoint"]))
+            app.out(res, "vdisk daemon started (pid %d), disks under %s%s" % (
+                res["Pid"], res["MountPoint"], ", ECS API on http://%s/" % res["Http"] if res.get("Http") else ""))
             return EXIT_OK
         time.sleep(0.1)
     raise CLIError("the vdisk daemon (pid %d) did not answer within %ds; see %s" % (proc.pid, app.args.timeout, app.paths.log), EXIT_DAEMON)
@@ -231,10 +259,11 @@ def cmd_daemon_status(app: App) -> int:
     lg = res.get("IntentLog") or {}
     app.out(
         res,
-        "vdisk daemon running (pid %d)\ndata directory  %s\nmount point     %s%s\nfast path       %s\n"
+        "vdisk daemon running (pid %d)\ndata directory  %s\nmount point     %s%s\nECS API         %s\nfast path       %s\n"
         "intent log      %d flushes (%d in C, %d KiB), %d done by a commit instead; %d records replayed at start"
         % (res["Pid"], res["DataDir"], res["MountPoint"],
            "" if res.get("Mounted", True) else " (unmounted lazily: open files are served until closed, then the daemon stops)",
+           "http://%s/ (version 2014-05-26)" % res["Http"] if res.get("Http") else "off (vdisk daemon start --http HOST:PORT)",
            fast, lg.get("Flushes", 0), lg.get("FlushesInC", 0),
            lg.get("Bytes", 0) >> 10,
            lg.get("CommitsInstead", 0), lg.get("RecordsReplayedAtStart", 0)),
@@ -659,6 +688,39 @@ def cmd_service_show(app: App) -> int:
     return EXIT_OK
 
 
+def _keys(app: App):
+    from ..http.keys import KeyStore
+
+    if not os.path.isdir(app.paths.data_dir):
+        raise client.NoPool("%s is not a vdisk data directory (no such directory): check --data-dir or $VDISK_HOME"
+                            % app.paths.data_dir)
+    return KeyStore(app.paths.access_keys)
+
+
+def cmd_accesskey_create(app: App) -> int:
+    rec = _keys(app).create()
+    app.out(rec, "AccessKeyId      %s\nAccessKeySecret  %s" % (rec["AccessKeyId"], rec["AccessKeySecret"]))
+    return EXIT_OK
+
+
+def cmd_accesskey_list(app: App) -> int:
+    rows = _keys(app).list()
+    app.out({"AccessKeys": {"AccessKey": rows}},
+            _table(rows, [("ACCESSKEYID", "AccessKeyId"), ("STATUS", "Status"), ("CREATED", "CreateDate")]) or "no access keys")
+    return EXIT_OK
+
+
+def cmd_accesskey_delete(app: App) -> int:
+    from ..http.keys import AccessKeyNotFound
+
+    try:
+        _keys(app).delete(app.args.key)
+    except AccessKeyNotFound as exc:
+        raise CLIError(str(exc), EXIT_REFUSED, "InvalidAccessKeyId.NotFound") from None
+    app.out({"Deleted": app.args.key}, "%s deleted" % app.args.key)
+    return EXIT_OK
+
+
 def cmd_api(app: App) -> int:
     params = {}
     for kv in app.args.params:
@@ -702,11 +764,18 @@ def build_parser() -> argparse.ArgumentParser:
         v.set_defaults(func=func)
         return v
 
+    def http_options(v):
+        v.add_argument("--http", metavar="HOST:PORT", help="also serve the cloud's ECS API over HTTP here "
+                       "(default $VDISK_HTTP, else off; port 0 picks a free one)")
+        v.add_argument("--http-allow-remote", action="store_true", help="allow a HOST that is not loopback")
+
     d = group("daemon", "run, start, stop the vdisk daemon (one per data directory)")
     v = verb(d, "run", cmd_daemon_run, "run the daemon in the foreground")
     v.add_argument("--debug", action="store_true", help="log every request")
+    http_options(v)
     v = verb(d, "start", cmd_daemon_start, "start the daemon in the background and wait until it answers")
     v.add_argument("--timeout", type=int, default=30, help="seconds to wait (default 30)")
+    http_options(v)
     v = verb(d, "stop", cmd_daemon_stop, "stop the daemon cleanly (refused while disk files are held open)")
     v.add_argument("--force", action="store_true", help="stop even if disk files are open (their I/O will fail)")
     v.add_argument("--timeout", type=int, default=60, help="seconds to wait (default 60)")
@@ -824,6 +893,12 @@ def build_parser() -> argparse.ArgumentParser:
     verb(g, "status", cmd_pool_status, "space used, free, on disk")
     v = verb(g, "scrub", cmd_pool_scrub, "verify every block's checksum and the map (exit 4 on problems)")
     v.add_argument("--map-only", action="store_true", help="check the map only, not the data")
+
+    g = group("accesskey", "access keys for the HTTP API (the cloud's AccessKeyId and AccessKeySecret)")
+    verb(g, "create", cmd_accesskey_create, "create a key; prints its id and secret (kept in DATA_DIR/accesskeys.json, 0600)")
+    verb(g, "list", cmd_accesskey_list, "list keys (without their secrets)")
+    verb(g, "delete", cmd_accesskey_delete, "delete a key: requests signed with it are refused at once").add_argument(
+        "key", metavar="ACCESS_KEY_ID")
 
     g = group("service", "run vdisk as a system service: a systemd unit (vdisk@.service) and mount -t fuse.vdisk")
     v = verb(g, "install", cmd_service_install, "write /etc/systemd/system/vdisk@.service and /sbin/mount.fuse.vdisk")

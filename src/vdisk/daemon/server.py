@@ -100,8 +100,11 @@ def _tune_connection(mountpoint: str) -> None:
 
 
 class Daemon:
-    def __init__(self, paths: Paths):
+    def __init__(self, paths: Paths, http: tuple[str, int] | None = None):
         self.paths = paths
+        self.http = http  # (host, port) to serve the cloud's HTTP API on, or None
+        self.http_address = None  # where it listens (the port chosen when 0 was asked)
+        self.api = None
         self.cancel: trio.CancelScope | None = None
         self._stopping = False
         self.stop_reason = "stopped"  # recorded in daemon.exit
@@ -221,6 +224,8 @@ class Daemon:
                     nursery.start_soon(self._feed_fast)
                 await nursery.start(self.committer.run)
                 await nursery.start(self._serve_control)
+                if self.http is not None:
+                    await nursery.start(self._serve_http)
                 log.info("vdisk daemon %d serving %s at %s", os.getpid(), self.paths.data_dir, self.paths.mountpoint)
                 notify(READY=1, MAINPID=os.getpid(), STATUS="serving %s at %s" % (self.paths.data_dir, self.paths.mountpoint))
         notify(STOPPING=1, STATUS=self.stop_reason)
@@ -237,6 +242,22 @@ class Daemon:
             self.fs.mounted = False
             self.unmounted_outside = True
             self.cancel.cancel()
+
+    async def _serve_http(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The cloud's API over HTTP (vdisk.http), answered by the same
+        handlers as the control socket, one action at a time with them."""
+        from ..http.keys import KeyStore
+        from ..http.server import ApiServer
+
+        async def answer(req: dict) -> dict:
+            async with self._control:
+                return await self._act(req)
+
+        self.api = ApiServer(KeyStore(self.paths.access_keys), answer)
+        async with trio.open_nursery() as nursery:
+            self.http_address = await nursery.start(self.api.serve, *self.http)
+            log.info("serving the ECS API over HTTP on %s:%d", *self.http_address)
+            task_status.started()
 
     async def _writeback(self) -> None:
         """Start writeback of what was written, so that the next commit's
@@ -399,6 +420,7 @@ class Daemon:
                 "Pid": os.getpid(),
                 "DataDir": self.paths.data_dir,
                 "MountPoint": self.paths.mountpoint,
+                "Http": "%s:%d" % tuple(self.http_address) if self.http_address else None,
                 # false after a lazy umount (umount -l) while files are still
                 # open: they are served until closed, then the daemon stops
                 "Mounted": _is_mounted(self.paths.mountpoint),
@@ -473,5 +495,5 @@ async def _reply(stream, answer: dict) -> None:
     await stream.send_all(json.dumps(answer).encode() + b"\n")
 
 
-def run(paths: Paths) -> int:
-    return Daemon(paths).run()
+def run(paths: Paths, http: tuple[str, int] | None = None) -> int:
+    return Daemon(paths, http).run()
