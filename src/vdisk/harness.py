@@ -69,8 +69,9 @@ class VDiskEnv:
         return self.j("api", action, *("%s=%s" % (k, json.dumps(v) if not isinstance(v, str) else v) for k, v in params.items()))
 
     # -------------------------------------------------------------- daemon
-    def start(self):
-        self.run("daemon", "start")
+    def start(self, *args):
+        """Start the daemon (extra args go to `vdisk daemon start`); its pid."""
+        self.run("daemon", "start", *args)
         pid = self.daemon_pid()
         self.pids.add(pid)
         return pid

@@ -342,7 +342,7 @@ def cmd_instance_start(app: App) -> int:
 def cmd_disk_create(app: App) -> int:
     a = app.args
     res = app.call(
-        "CreateDisk", Size=a.size, Category=a.category, PerformanceLevel=a.performance_level, DiskName=a.name,
+        "CreateDisk", Size=a.size, DiskCategory=a.category, PerformanceLevel=a.performance_level, DiskName=a.name,
         Description=a.description, SnapshotId=a.snapshot,
     )
     app.out(res, res["DiskId"])

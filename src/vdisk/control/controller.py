@@ -165,7 +165,10 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
 
     def _new_disk(self, p: Params, prefix: str, dtype: str, size_default=None, snapshot=None) -> dict:
         """Validate a disk spec given as <prefix>Size, <prefix>Category ...; no side effects."""
-        category = p.str(prefix + "Category", default="cloud_essd")
+        # CreateDisk names it DiskCategory; CreateInstance SystemDisk.Category
+        # and DataDisk.N.Category (the cloud's names).  Category alone, which
+        # vdisk took before, is still read when DiskCategory is absent.
+        category = (p.str("DiskCategory") if not prefix else None) or p.str(prefix + "Category", default="cloud_essd")
         level = p.str(prefix + "PerformanceLevel")
         size = p.int(prefix + "Size", required=size_default is None and snapshot is None, default=size_default)
         if snapshot is not None:

@@ -207,13 +207,12 @@ class SnapshotGroupActions:
             images = self._images_using(sid)
             if images:
                 keep.append(sid)
-                results.append({
-                    "SnapshotId": sid, "OperationStatus": "Failed", "ErrorCode": "SnapshotCreatedImage",
-                    "ErrorMsg": "Snapshot %s was used to create image(s) %s; delete them first." % (sid, ", ".join(images)),
-                })
+                results.append(_progress("Failed", {"SnapshotId": sid}, "SnapshotCreatedImage",
+                                         "Snapshot %s was used to create image(s) %s; delete them first."
+                                         % (sid, ", ".join(images))))
                 continue
             doomed.append(s)
-            results.append({"SnapshotId": sid, "OperationStatus": "Success", "ErrorCode": "", "ErrorMsg": ""})
+            results.append(_progress("Success", {"SnapshotId": sid}))
         for s in doomed:
             self._delete("snapshot", s["SnapshotId"])
         if keep:
@@ -243,5 +242,18 @@ class SnapshotGroupActions:
             raise CloudError("DryRunOperation", "Request validation has been passed with DryRun flag set.", 400)
         self.pool.rollback_many([(d["_volume"], s["_snap"]) for d, s in work])
         return {"OperationProgressSet": {"OperationProgress": [
-            {"DiskId": d["DiskId"], "SnapshotId": s["SnapshotId"], "OperationStatus": "Success"} for d, s in work
+            _progress("Success", {"DiskId": d["DiskId"], "SnapshotId": s["SnapshotId"]}) for d, s in work
         ]}}
+
+
+def _progress(status: str, related: dict, code: str = "", message: str = "") -> dict:
+    """One OperationProgress entry as the cloud shapes it: what it concerns in
+    RelatedItemSet (Name/Value pairs, which the SDK's models read), and the
+    same ids as plain fields for vdisk's CLI."""
+    return {
+        **related,
+        "OperationStatus": status,
+        "ErrorCode": code,
+        "ErrorMsg": message,
+        "RelatedItemSet": {"RelatedItem": [{"Name": k, "Value": v} for k, v in related.items()]},
+    }

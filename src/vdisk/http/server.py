@@ -140,6 +140,8 @@ class ApiServer:
         except CloudError as exc:
             action, res = None, exc.to_dict()
         status = 200
+        if "RequestId" in res:  # first, as the cloud writes it
+            res = {"RequestId": res["RequestId"], **res}
         if "Code" in res:
             status = int(res.get("HttpStatus", 400))
             res = self._error_body(res["Code"], res.get("Message", ""), res.get("RequestId"))
