@@ -164,3 +164,16 @@ def test_pool_status_answers_when_a_commit_fails(ctl, monkeypatch):
     assert "Code" not in res, res
     assert "No space" in res["Pool"]["CommitError"]
     assert res["Pool"]["Volumes"] == 1
+
+
+def test_values_inside_json_text_are_checked_too(ctl):
+    # every value on the cloud's wire is text: a list may come as JSON text, and what it holds is checked as well
+    refused(ctl, {"Action": "CreateInstance", "SystemDisk.Size": 1, "SystemDisk.PerformanceLevel": "PL0",
+                  "DataDisk": '[{"Size": 1, "PerformanceLevel": "PL0", "Description": "bad \\udcff"}]'}, contains="Unicode")
+    refused(ctl, {"Action": "DescribeDisks", "DiskIds": "[" * 50 + "]" * 50}, contains="nest")
+    refused(ctl, {"Action": "DescribeDisks", "DiskIds": "[" * 5000 + "]" * 5000}, contains="JSON list")
+    ok = ctl.handle({"Action": "CreateInstance", "SystemDisk.Size": "1", "SystemDisk.PerformanceLevel": "PL0",
+                     "DataDisk": '[{"Size": "1", "PerformanceLevel": "PL0", "Description": "12345"}]'})
+    assert "Code" not in ok, ok
+    d = ctl.handle({"Action": "DescribeDisks", "DiskIds": '["%s"]' % ok["DataDiskIds"][0]})["Disks"]["Disk"][0]
+    assert d["Description"] == "12345" and d["Size"] == 1

@@ -544,7 +544,7 @@ def cmd_image_delete(app: App) -> int:
 
 
 def cmd_usage(app: App) -> int:
-    res = app.call("DescribeSnapshotUsage")
+    res = app.call("DescribeSnapshotsUsage")
     rows = res["Snapshots"]["Snapshot"]
     for r in rows:
         for k in ("BilledSize", "ExclusiveSize", "SharedSize", "ReferencedSize"):
@@ -727,10 +727,7 @@ def cmd_api(app: App) -> int:
         if "=" not in kv:
             raise CLIError("parameter %r: expected Name=Value" % kv, EXIT_USAGE)
         k, v = kv.split("=", 1)
-        try:
-            params[k] = json.loads(v)
-        except ValueError:
-            params[k] = v
+        params[k] = v  # a string, as on the cloud's wire: Description=12345 stays text
     res = app.call(app.args.action, **params)
     app.out(res, force_json=True)
     return EXIT_OK
@@ -908,7 +905,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--root", default="/", metavar="DIR")
     verb(g, "show", cmd_service_show, "print the unit and the mount helper without installing them")
 
-    v = sub.add_parser("api", help="send one cloud action with Name=Value parameters (JSON values allowed)", parents=[common])
+    v = sub.add_parser("api", help="send one cloud action with Name=Value parameters, as the cloud's API takes them "
+                       "(values are text; lists as Name.1=... or a JSON list: DiskIds='[\"d-...\"]')", parents=[common])
     v.add_argument("action", metavar="ACTION")
     v.add_argument("params", nargs="*", metavar="Name=Value")
     v.set_defaults(func=cmd_api)

@@ -12,6 +12,8 @@ fsync through the pool.
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import logging
 import uuid
 
@@ -19,16 +21,19 @@ from ..engine.errors import Busy, EngineError, NoSpace
 from ..engine.pool import Pool
 from . import categories
 from .direct import DirectActions
-from .errors import CloudError, not_found
+from .errors import CloudError, invalid, not_found
 from .images import ImageActions
 from .snapshot_groups import SnapshotGroupActions
-from .validate import Params, check_id, check_request, new_id
+from .validate import CLIENT_TOKEN, Params, check_id, check_request, new_id
 
 log = logging.getLogger(__name__)
 
 GIB = 1 << 30
 MAX_DATA_DISKS = 16
 MAX_MANUAL_SNAPSHOTS_PER_DISK = 256
+# Actions whose cloud API takes a ClientToken (CreateSnapshotGroup keeps its
+# own, recorded in the same transaction as the group).
+IDEMPOTENT = {"CreateDisk", "CreateInstance", "CreateSnapshot", "CreateImage", "ResizeDisk"}
 REGION = "vdisk-local"
 ZONE = "vdisk-local-a"
 
@@ -48,6 +53,7 @@ class Host:
     def add_disk(self, instance_id: str, disk_id: str, volume: int) -> None: ...
     def remove_disk(self, instance_id: str, disk_id: str) -> None: ...
     def withdraw(self, instance_id: str) -> None: ...
+    def busy(self, instance_id: str) -> str: ...
     def path(self, instance_id: str, disk_id: str) -> str: ...
     def resized(self, instance_id: str, disk_id: str) -> None: ...
 
@@ -74,8 +80,14 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
                     "Action %r is not known; known actions: %s." % (action[:64], ", ".join(sorted(self.actions))),
                     404,
                 )
-            result = self.actions[action](Params(req))
-            result = dict(result or {})
+            p = Params(req)
+            prior, token = self._idempotency(action, p)
+            if prior is not None:
+                result = dict(prior)
+            else:
+                result = dict(self.actions[action](p) or {})
+                if token is not None:
+                    self._remember(token, result)
             result["RequestId"] = request_id
             return result
         except CloudError as exc:
@@ -93,6 +105,49 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
             d = CloudError("InternalError", "Internal error: %s: %s" % (type(exc).__name__, exc), 500).to_dict()
         d["RequestId"] = request_id
         return d
+
+    # ------------------------------------------------------------ cloud conventions
+
+    @staticmethod
+    def _dry_run(p: Params) -> None:
+        """The point in a handler where everything is checked and nothing is
+        changed yet: with DryRun=true the answer is the cloud's
+        DryRunOperation (the actions whose cloud API has DryRun call this)."""
+        if p.bool("DryRun"):
+            raise CloudError("DryRunOperation", "Request validation has been passed with DryRun flag set.", 400)
+
+    def _idempotency(self, action: str, p: Params):
+        """ClientToken, for the actions that take one in the cloud: (the first
+        answer to replay, None) when the token was used with the same
+        parameters; (None, token record to write after success) when new;
+        IdempotentParameterMismatch when used with others."""
+        token = p.str("ClientToken")
+        if token is None or action not in IDEMPOTENT:
+            return None, None
+        if not CLIENT_TOKEN.fullmatch(token):
+            raise invalid("ClientToken", "at most 64 printable ASCII characters")
+        key = "clienttoken/%s/%s" % (action, token)
+        fingerprint = hashlib.sha256(json.dumps(
+            {k: v for k, v in p.req.items() if k != "ClientToken"}, sort_keys=True, default=str).encode()).hexdigest()
+        prior = self.pool.get_record(key)
+        if prior is None:
+            return None, (key, fingerprint)
+        if prior["Fingerprint"] != fingerprint:
+            raise CloudError("IdempotentParameterMismatch",
+                             "ClientToken %r was already used for a %s request with other parameters." % (token, action),
+                             400)
+        return prior["Result"], None
+
+    def _remember(self, token, result: dict) -> None:
+        """Record a token's first answer.  A second, small commit after the
+        action's own: a crash between the two forgets the token (a retry then
+        acts again); kept staged until durable if the commit fails."""
+        key, fingerprint = token
+        self.pool.put_record(key, {"Fingerprint": fingerprint, "Result": result}, keep=True)
+        try:
+            self.pool.commit()
+        except EngineError as exc:
+            log.warning("the ClientToken record %s is not durable yet: %s", key, exc)
 
     # ------------------------------------------------------------ records
 
@@ -232,6 +287,7 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
         inst = p.str("InstanceId")
         status = p.str("Status")
         dtype = p.str("DiskType", choices=("all", "system", "data"))
+        self._dry_run(p)
         disks = []
         for d in sorted(self._all("disk"), key=lambda d: (d["CreationTime"], d["DiskId"])):
             if ids and d["DiskId"] not in ids:
@@ -386,6 +442,7 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
             d = self._new_disk(sp, "", "data", snapshot=snap)
             d["DeleteWithInstance"] = sp.bool("DeleteWithInstance", default=True)
             data.append((d, snap))
+        self._dry_run(p)
         inst = {
             "InstanceId": new_id("i"),
             "InstanceName": name or "",
@@ -407,6 +464,7 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
     def do_DescribeInstances(self, p: Params) -> dict:
         ids = p.list("InstanceIds")
         status = p.str("Status")
+        self._dry_run(p)
         out = []
         for inst in sorted(self._all("instance"), key=lambda r: (r["CreationTime"], r["InstanceId"])):
             if ids and inst["InstanceId"] not in ids:
@@ -428,6 +486,7 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
         disks = self._instance_disks(inst["InstanceId"])
         if not any(d["Type"] == "system" for d in disks):
             raise CloudError("InvalidOperation.NoSystemDisk", "Instance %s has no system disk; attach one first." % inst["InstanceId"], 403)
+        self._dry_run(p)
         host.expose(inst["InstanceId"], {d["DiskId"]: d["_volume"] for d in disks})
         inst.update(Status="Running", StartTime=now())
         self._put("instance", inst)
@@ -443,6 +502,11 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
         if inst["Status"] != "Running":
             raise _instance_status(inst, "stop it", "Running")
         host = self._require_host("Stopping an instance")
+        if p.bool("DryRun"):
+            busy = host.busy(inst["InstanceId"])
+            if busy:
+                raise self._busy(Busy(busy), "Instance %s cannot stop" % inst["InstanceId"])
+            self._dry_run(p)
         try:
             host.withdraw(inst["InstanceId"])
         except Busy as exc:
@@ -463,6 +527,7 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
         inst = self._instance(p)
         if inst["Status"] != "Stopped":
             raise _instance_status(inst, "delete it", "Stopped")
+        self._dry_run(p)
         doomed = []
         for d in self._instance_disks(inst["InstanceId"]):
             if d["DeleteWithInstance"]:
@@ -561,6 +626,7 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
         inst = p.str("InstanceId")
         name = p.str("SnapshotName")
         status = p.str("Status", choices=("progressing", "accomplished", "failed", "all"))
+        self._dry_run(p)
         out = []
         for s in sorted(self._all("snapshot"), key=lambda s: (s["CreationTime"], s["_snap"])):
             if ids and s["SnapshotId"] not in ids:
@@ -616,6 +682,7 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
         disk = self._disk(p)
         snap = self._snapshot(p)
         self._check_reset(disk, snap)
+        self._dry_run(p)
         self.pool.rollback(disk["_volume"], snap["_snap"])
         return {}
 

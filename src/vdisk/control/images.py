@@ -60,8 +60,8 @@ class ImageActions:
                     "Snapshot %s was taken from a data disk; the image's system disk needs a system-disk snapshot." % sid,
                     403,
                 )
-            size = m.get("Size") or snap["SourceDiskSize"]
-            if not isinstance(size, int) or size < snap["SourceDiskSize"]:
+            size = Params(m).int("Size", default=snap["SourceDiskSize"])
+            if size < snap["SourceDiskSize"]:
                 raise CloudError(
                     "InvalidDiskSize.TooSmall",
                     "DiskDeviceMapping.%d.Size must be at least the snapshot's source disk size (%d GiB)." % (i, snap["SourceDiskSize"]),
@@ -70,6 +70,7 @@ class ImageActions:
         if systems != 1:
             raise CloudError("InvalidParameter.SystemDisk", "An image needs exactly one system disk snapshot, not %d." % systems)
         out.sort(key=lambda m: m["Type"] != "system")
+        self._dry_run(p)
         image = {
             "ImageId": new_id("m"),
             "ImageName": name or "",
@@ -88,6 +89,7 @@ class ImageActions:
     def do_DescribeImages(self, p: Params) -> dict:
         ids = [x.strip() for x in (p.str("ImageId") or "").split(",") if x.strip()]
         name = p.str("ImageName")
+        self._dry_run(p)
         out = []
         for img in sorted(self._all("image"), key=lambda r: (r["CreationTime"], r["ImageId"])):
             if ids and img["ImageId"] not in ids:
@@ -99,13 +101,24 @@ class ImageActions:
 
     def do_DeleteImage(self, p: Params) -> dict:
         img = self._image(p)
+        self._dry_run(p)
         self.pool.put_record("image/" + img["ImageId"], None)
         self.pool.commit()
         return {}
 
     # ------------------------------------------------------------ usage
 
+    def do_DescribeSnapshotsUsage(self, p: Params) -> dict:
+        """The cloud's DescribeSnapshotsUsage (SnapshotCount, SnapshotSize),
+        with vdisk's per-snapshot report (billed, exclusive, shared,
+        referenced bytes; groups; the pool) in the same answer."""
+        return self._snapshot_usage(p)
+
     def do_DescribeSnapshotUsage(self, p: Params) -> dict:
+        """The name vdisk used before; the same answer."""
+        return self._snapshot_usage(p)
+
+    def _snapshot_usage(self, p: Params) -> dict:
         """vdisk's usage report: per snapshot and group, what is billed
         (incremental), exclusive (freed by deleting it), shared, referenced."""
         snaps = []
@@ -133,6 +146,10 @@ class ImageActions:
                 g["Snapshots"] += 1
         st = self.pool.stats()
         return {
+            # the cloud's DescribeSnapshotsUsage fields: how many, and the bytes billed
+            "SnapshotCount": len(snaps),
+            "SnapshotSize": sum(r["BilledSize"] for r in snaps),
+            # vdisk's report beside them
             "Snapshots": {"Snapshot": snaps},
             "SnapshotGroups": {"SnapshotGroup": list(groups.values())},
             "Totals": {

@@ -12,17 +12,15 @@ A mixin of Controller: uses its record helpers (_get, _put, _all, ...).
 """
 from __future__ import annotations
 
-import re
 import time
 
 from ..engine.errors import EngineError
 from .errors import CloudError, invalid
-from .validate import Params, check_id, new_id
+from .validate import CLIENT_TOKEN, Params, check_id, new_id
 
 GIB = 1 << 30
 MAX_GROUP_DISKS = 10  # the seed document's limit; the live API allows 16
 MAX_GROUP_BYTES = 32 * 1024 * GIB
-_TOKEN = re.compile(r"[\x21-\x7e]{1,64}")
 
 
 class SnapshotGroupActions:
@@ -88,7 +86,7 @@ class SnapshotGroupActions:
         inst = self._instance(p)
         token = p.str("ClientToken")
         if token is not None:
-            if not _TOKEN.fullmatch(token):
+            if not CLIENT_TOKEN.fullmatch(token):
                 raise invalid("ClientToken", "at most 64 printable ASCII characters")
             prior = self.pool.get_record("clienttoken/CreateSnapshotGroup/" + token)
             if prior is not None:
@@ -238,8 +236,7 @@ class SnapshotGroupActions:
             disk, snap = self._get("disk", did), self._get("snapshot", sid)
             self._check_reset(disk, snap)
             work.append((disk, snap))
-        if p.bool("DryRun"):
-            raise CloudError("DryRunOperation", "Request validation has been passed with DryRun flag set.", 400)
+        self._dry_run(p)
         self.pool.rollback_many([(d["_volume"], s["_snap"]) for d, s in work])
         return {"OperationProgressSet": {"OperationProgress": [
             _progress("Success", {"DiskId": d["DiskId"], "SnapshotId": s["SnapshotId"]}) for d, s in work

@@ -5,6 +5,7 @@ are checked against the cloud's id pattern here, once, before any use.
 """
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import string
@@ -28,6 +29,8 @@ ID_ERROR = {
     "m": "InvalidImageId.Malformed",
 }
 _NAME = re.compile(r"[A-Za-z\u4e00-\u9fff][A-Za-z0-9\u4e00-\u9fff_.:\-]{1,127}")
+# The cloud's ClientToken: at most 64 printable ASCII characters.
+CLIENT_TOKEN = re.compile(r"[\x21-\x7e]{1,64}")
 # An integer parameter given as text: ASCII digits only ("²".isdigit() is
 # true, and int() then fails), at most 19 of them (a 64-bit value).
 _INTEGER = re.compile(r"-?[0-9]{1,19}")
@@ -84,7 +87,15 @@ def check_request(req) -> str:
         raise CloudError("MissingParameter" if action is None else "InvalidParameter",
                          "The parameter Action is %s: it must be the name of an action, as a string."
                          % ("missing" if action is None else "not a string"))
-    stack = [(req, "request", 0)]
+    check_value(req, "request")
+    return action
+
+
+def check_value(value, where: str) -> None:
+    """Every string in value valid Unicode without NUL, every key a string,
+    nesting at most MAX_DEPTH: for requests, and for values decoded from
+    JSON text inside them."""
+    stack = [(value, where, 0)]
     while stack:
         value, where, depth = stack.pop()
         if depth > MAX_DEPTH:
@@ -99,7 +110,6 @@ def check_request(req) -> str:
                 stack.append((v, k if where == "request" else "%s.%s" % (where, k), depth + 1))
         elif isinstance(value, list):
             stack.extend((v, "%s.%d" % (where, i), depth + 1) for i, v in enumerate(value, 1))
-    return action
 
 
 def _check_text(value: str, where: str) -> None:
@@ -109,6 +119,18 @@ def _check_text(value: str, where: str) -> None:
         raise invalid(where, "the text is not valid Unicode (it holds a lone surrogate)") from None
     if "\x00" in value:
         raise invalid(where, "the text holds a NUL character")
+
+
+def _json_list(name: str, v):
+    """A list given as JSON text (the cloud's form for DiskIds and the like;
+    every value on the cloud's wire is text); other values as they are."""
+    if isinstance(v, str) and v.startswith("["):
+        try:
+            v = json.loads(v)
+        except (ValueError, RecursionError):
+            raise invalid(name, "not a JSON list") from None
+        check_value(v, name)
+    return v
 
 
 class Params:
@@ -185,13 +207,7 @@ class Params:
         """A list given as Name: [...] or as Name.1, Name.2 ... (the cloud's form)."""
         v = self.req.get(name)
         if v is not None:
-            if isinstance(v, str) and v.startswith("["):
-                import json
-
-                try:
-                    v = json.loads(v)
-                except ValueError:
-                    raise invalid(name, "not a JSON list") from None
+            v = _json_list(name, v)
             if not isinstance(v, list):
                 raise invalid(name, "expected a list")
         else:
@@ -208,6 +224,7 @@ class Params:
         """Name.N.Field entries (or Name: [{...}]) as a list of dicts."""
         v = self.req.get(name)
         if v is not None:
+            v = _json_list(name, v)
             if not isinstance(v, list) or not all(isinstance(x, dict) for x in v):
                 raise invalid(name, "expected a list of objects")
             return v

@@ -135,19 +135,32 @@ class DiskFS(pyfuse3.Operations):
     def open_files(self) -> list[str]:
         return [self.path(self.nodes[n.parent].name, n.name) for n in self.nodes.values() if n.opens]
 
-    def _check_idle(self, files: list[Node]) -> None:
+    def _held(self, files: list[Node]) -> str:
+        """Which of files are open and by what ("" when none is)."""
         held = [f for f in files if f.opens]
-        if held:
-            from ..host.loop import loop_devices_for  # what holds it, for the message
+        if not held:
+            return ""
+        from ..host.loop import loop_devices_for  # what holds it, for the message
 
-            parts = []
-            for f in held:
-                p = self.path(self.nodes[f.parent].name, f.name)
-                devs = loop_devices_for(p)
-                parts.append(
-                    "%s is held open %d time(s)%s" % (f.name, f.opens, " by " + ", ".join(devs) if devs else "")
-                )
-            raise Busy("; ".join(parts))
+        parts = []
+        for f in held:
+            p = self.path(self.nodes[f.parent].name, f.name)
+            devs = loop_devices_for(p)
+            parts.append("%s is held open %d time(s)%s" % (f.name, f.opens, " by " + ", ".join(devs) if devs else ""))
+        return "; ".join(parts)
+
+    def _check_idle(self, files: list[Node]) -> None:
+        held = self._held(files)
+        if held:
+            raise Busy(held)
+
+    def busy(self, group: str) -> str:
+        """What holds files of directory group open ("" when nothing does):
+        what withdraw() would refuse for, without withdrawing."""
+        root = self._root()
+        if group not in root.children:
+            return ""
+        return self._held([self.nodes[i] for i in self.nodes[root.children[group]].children.values()])
 
     def _drop(self, node: Node) -> None:
         parent = self.nodes[node.parent]

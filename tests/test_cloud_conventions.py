@@ -1,0 +1,113 @@
+"""The cloud's conventions that scripts rely on, on the control plane with a
+real pool (no daemon, no root): DryRun on the actions whose cloud API has
+it, ClientToken on those that take one, values as text (the wire's form),
+the cloud's parameter and action names."""
+import pytest
+
+from vdisk.control.controller import IDEMPOTENT, Controller
+from vdisk.engine.pool import Pool
+
+
+@pytest.fixture
+def ctl(tmp_path):
+    pool = Pool(str(tmp_path / "pool"))
+    yield Controller(pool, host=None)
+    pool.close()
+
+
+def ok(ctl, action, **params):
+    res = ctl.handle({"Action": action, **params})
+    assert "Code" not in res, res
+    return res
+
+
+def state(ctl):
+    return ctl.pool.records(""), ctl.pool.stats()
+
+
+def setup(ctl):
+    r = ok(ctl, "CreateInstance", **{"SystemDisk.Size": "1", "SystemDisk.PerformanceLevel": "PL0",
+                                     "DataDisk.1.Size": "1", "DataDisk.1.PerformanceLevel": "PL0"})
+    iid, sysd, data = r["InstanceId"], r["SystemDiskId"], r["DataDiskIds"][0]
+    snap = ok(ctl, "CreateSnapshot", DiskId=data)["SnapshotId"]
+    sysnap = ok(ctl, "CreateSnapshot", DiskId=sysd)["SnapshotId"]
+    image = ok(ctl, "CreateImage", SnapshotId=sysnap, ImageName="img")["ImageId"]
+    return iid, sysd, data, snap, sysnap, image
+
+
+def test_dry_run_checks_everything_and_changes_nothing(ctl):
+    iid, sysd, data, snap, sysnap, image = setup(ctl)
+    valid = [
+        ("CreateInstance", {"SystemDisk.Size": "1", "SystemDisk.PerformanceLevel": "PL0"}),
+        ("CreateImage", {"SnapshotId": sysnap, "ImageName": "dry"}),
+        ("DeleteImage", {"ImageId": image}),
+        ("DeleteInstance", {"InstanceId": iid}),
+        ("ResetDisk", {"DiskId": data, "SnapshotId": snap}),
+        ("ResetDisks", {"Disk.1.DiskId": data, "Disk.1.SnapshotId": snap}),
+        ("DescribeDisks", {}), ("DescribeInstances", {}), ("DescribeSnapshots", {}), ("DescribeImages", {}),
+    ]
+    for action, params in valid:
+        before = state(ctl)
+        res = ctl.handle({"Action": action, "DryRun": "true", **params})
+        assert res.get("Code") == "DryRunOperation", (action, res)
+        assert state(ctl) == before, "DryRun %s changed something" % action
+    # and a request that would fail says why, not DryRunOperation
+    invalid = [
+        ("CreateInstance", {"SystemDisk.Size": "5000000"}, "InvalidDiskSize.ValueNotSupported"),
+        ("CreateImage", {"SnapshotId": snap}, "InvalidSnapshotId.NotSystemDisk"),
+        ("ResetDisk", {"DiskId": sysd, "SnapshotId": snap}, "InvalidSnapshotId.NotMatchDisk"),
+        ("DeleteImage", {"ImageId": "m-" + "0" * 20}, "InvalidImageId.NotFound"),
+    ]
+    for action, params, code in invalid:
+        assert ctl.handle({"Action": action, "DryRun": "true", **params})["Code"] == code, action
+    # DryRun=false acts
+    assert "Code" not in ctl.handle({"Action": "DescribeDisks", "DryRun": "false"})
+
+
+def test_client_token_makes_creation_idempotent(ctl):
+    iid, sysd, data, snap, sysnap, image = setup(ctl)
+    first = ok(ctl, "CreateDisk", Size="20", ClientToken="tok-1")
+    again = ok(ctl, "CreateDisk", Size="20", ClientToken="tok-1")
+    assert again["DiskId"] == first["DiskId"] and again["RequestId"] != first["RequestId"]
+    disks = ok(ctl, "DescribeDisks")["Disks"]["Disk"]
+    assert sum(d["Size"] == 20 for d in disks) == 1
+    res = ctl.handle({"Action": "CreateDisk", "Size": "30", "ClientToken": "tok-1"})
+    assert res["Code"] == "IdempotentParameterMismatch", res
+    # the same token for another action is another token
+    s1 = ok(ctl, "CreateSnapshot", DiskId=data, ClientToken="tok-1")["SnapshotId"]
+    assert ok(ctl, "CreateSnapshot", DiskId=data, ClientToken="tok-1")["SnapshotId"] == s1
+    i1 = ok(ctl, "CreateInstance", **{"SystemDisk.Size": "1", "SystemDisk.PerformanceLevel": "PL0", "ClientToken": "t"})
+    assert ok(ctl, "CreateInstance", **{"SystemDisk.Size": "1", "SystemDisk.PerformanceLevel": "PL0",
+                                       "ClientToken": "t"})["InstanceId"] == i1["InstanceId"]
+    m1 = ok(ctl, "CreateImage", SnapshotId=sysnap, ClientToken="img")["ImageId"]
+    assert ok(ctl, "CreateImage", SnapshotId=sysnap, ClientToken="img")["ImageId"] == m1
+    # a retried resize is not refused as "not larger"
+    ok(ctl, "ResizeDisk", DiskId=first["DiskId"], NewSize="40", ClientToken="grow")
+    ok(ctl, "ResizeDisk", DiskId=first["DiskId"], NewSize="40", ClientToken="grow")
+    assert ctl.handle({"Action": "ResizeDisk", "DiskId": first["DiskId"], "NewSize": "40"})["Code"] == "InvalidDiskSize.TooSmall"
+    # a refused request records no token
+    assert ctl.handle({"Action": "CreateDisk", "Size": "5", "ClientToken": "bad"})["Code"] == "InvalidDiskSize.ValueNotSupported"
+    assert "Code" not in ctl.handle({"Action": "CreateDisk", "Size": "20", "PerformanceLevel": "PL0", "ClientToken": "bad"})
+    assert ctl.handle({"Action": "CreateDisk", "Size": "20", "ClientToken": "x" * 65})["Code"] == "InvalidParameter"
+    assert IDEMPOTENT >= {"CreateDisk", "CreateInstance", "CreateSnapshot", "CreateImage"}
+
+
+def test_tokens_survive_a_reopen(tmp_path):
+    path = str(tmp_path / "pool")
+    pool = Pool(path)
+    first = ok(Controller(pool), "CreateDisk", Size="20", ClientToken="durable")
+    pool.close()
+    pool = Pool(path)
+    try:
+        assert ok(Controller(pool), "CreateDisk", Size="20", ClientToken="durable")["DiskId"] == first["DiskId"]
+    finally:
+        pool.close()
+
+
+def test_the_clouds_names(ctl):
+    ssd = ok(ctl, "CreateDisk", Size="20", DiskCategory="cloud_ssd")["DiskId"]
+    assert ok(ctl, "DescribeDisks", DiskIds='["%s"]' % ssd)["Disks"]["Disk"][0]["Category"] == "cloud_ssd"
+    u = ok(ctl, "DescribeSnapshotsUsage")
+    assert u["SnapshotCount"] == 0 and u["SnapshotSize"] == 0
+    d = ok(ctl, "CreateDisk", Size="20", Description="12345")["DiskId"]
+    assert ok(ctl, "DescribeDisks", DiskIds='["%s"]' % d)["Disks"]["Disk"][0]["Description"] == "12345"
