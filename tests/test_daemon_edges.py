@@ -112,7 +112,10 @@ def test_hostile_control_clients_do_not_take_the_disks_down(venv):
     # 2. a client that sends too much without a newline and hangs up (10 of 10 crashed it)
     for _ in range(10):
         with connect(venv) as s:
-            s.sendall(b"y" * (1100 * 1024))
+            try:
+                s.sendall(b"y" * (1100 * 1024))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # past 1 MiB the daemon answers and closes while we still send
     # ... or hangs up half-way through a line, or at once
     for _ in range(20):
         with connect(venv) as s:
