@@ -122,16 +122,18 @@ def test_refusals_one_by_one(cloud):
 
 
 def test_disk_count_and_size_limits(cloud):
-    iid, _ = cloud.instance(ndata=10)  # 11 disks with the system disk
+    iid, _ = cloud.instance(ndata=16)  # 17 disks with the system disk: one more than the cloud's 16
     cloud.refused("QuotaExceed.SnapshotGroupDisks", "CreateSnapshotGroup", InstanceId=iid)
+    one = [d["DiskId"] for d in cloud("DescribeDisks", InstanceId=iid)["Disks"]["Disk"] if d["Type"] == "data"][0]
+    cloud("CreateSnapshotGroup", InstanceId=iid, **{"ExcludeDiskId.1": one})  # 16 disks: allowed
     big, _ = cloud.instance(ndata=2, size=32768)
     cloud.refused("QuotaExceed.SnapshotGroupSize", "CreateSnapshotGroup", InstanceId=big)
 
 
 def test_disk_limit_is_a_setting(tmp_path):
-    c = Cloud(str(tmp_path / "p"), max_group_disks=16)
+    c = Cloud(str(tmp_path / "p"), max_group_disks=10)  # the seed document's older limit
     iid, _ = c.instance(ndata=10)
-    c("CreateSnapshotGroup", InstanceId=iid)
+    c.refused("QuotaExceed.SnapshotGroupDisks", "CreateSnapshotGroup", InstanceId=iid)
     c.pool.close()
 
 
@@ -197,8 +199,11 @@ def test_delete_group_keeps_what_an_image_uses_and_frees_the_rest(cloud):
     assert sysd["Type"] == "system" and sysd["SourceSnapshotId"] == members["system"]
     assert cloud.pool.read(cloud.volume(sysd["DiskId"]), 0, 1) == b"\x01"
     cloud("DeleteImage", ImageId=img)
+    # the new instance's system disk was made from it: kept, as DeleteSnapshot keeps it without Force
     res = cloud("DeleteSnapshotGroup", SnapshotGroupId=gid)["OperationProgressSet"]["OperationProgress"]
-    assert res[0]["OperationStatus"] == "Success"
+    assert (res[0]["OperationStatus"], res[0]["ErrorCode"]) == ("Failed", "SnapshotCreatedDisk"), res
+    cloud.refused("SnapshotCreatedDisk", "DeleteSnapshot", SnapshotId=members["system"])
+    cloud("DeleteSnapshot", SnapshotId=members["system"], Force="true")
     assert cloud("DescribeSnapshotGroups")["SnapshotGroups"]["SnapshotGroup"] == []
     assert cloud.pool.scrub() == []
 

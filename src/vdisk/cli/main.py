@@ -860,7 +860,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("group", metavar="GROUP_ID")
     v.add_argument("--name")
     v.add_argument("--description")
-    v = verb(g, "delete", cmd_group_delete, "delete a group's snapshots (those an image uses are kept; exit 1 then)")
+    v = verb(g, "delete", cmd_group_delete, "delete a group's snapshots (those an image or a disk was made from are kept, as DeleteSnapshot keeps them; exit 1 then)")
     v.add_argument("group", metavar="GROUP_ID")
     v = verb(g, "reset", cmd_group_reset, "roll every disk of the group back at once (ResetDisks; instance Stopped)")
     v.add_argument("group", metavar="GROUP_ID")
