@@ -298,8 +298,10 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
                 continue
             if dtype and dtype != "all" and d["Type"] != dtype:
                 continue
-            disks.append(self._public(d))
-        return self._page(p, disks, "Disks", "Disk")
+            disks.append(d)
+        res = self._page(p, disks, "Disks", "Disk")  # the public form of the page only
+        res["Disks"]["Disk"] = [self._public(d) for d in res["Disks"]["Disk"]]
+        return res
 
     def _next_device(self, instance_id: str, dtype: str) -> str:
         used = {d["Device"] for d in self._instance_disks(instance_id)}
@@ -471,12 +473,21 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
                 continue
             if status and inst["Status"] != status:
                 continue
+            out.append(inst)
+        res = self._page(p, out, "Instances", "Instance")
+        attached: dict[str, list] = {}  # one pass over the disks, not one per instance
+        for d in sorted(self._all("disk"), key=lambda d: d["Device"]):
+            if d.get("InstanceId") and d["Status"] == "In_use":
+                attached.setdefault(d["InstanceId"], []).append(d["DiskId"])
+        page = []
+        for inst in res["Instances"]["Instance"]:
             rec = self._public(inst)
-            rec["Disks"] = [d["DiskId"] for d in self._instance_disks(inst["InstanceId"])]
+            rec["Disks"] = attached.get(inst["InstanceId"], [])
             if inst["Status"] == "Running" and self.host is not None:
                 rec["DiskDirectory"] = self.host.path(inst["InstanceId"], "")
-            out.append(rec)
-        return self._page(p, out, "Instances", "Instance")
+            page.append(rec)
+        res["Instances"]["Instance"] = page
+        return res
 
     def do_StartInstance(self, p: Params) -> dict:
         inst = self._instance(p)
