@@ -239,6 +239,11 @@ def test_hostile_http_clients_do_not_take_the_disks_down(api):
                 _raw(port, raw, timeout=5)
             except (BrokenPipeError, ConnectionResetError):
                 pass
+        # malformed HTTP is answered 400 before the connection closes (it was closed without an answer)
+        out = _raw(port, b"GARBAGE\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 400") and b"Malformed HTTP request" in out, out[:300]
+        out = _raw(port, b"GET / HTTP/1.1\r\n" + b"X-Big: " + b"a" * 200000 + b"\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 431") or out.startswith(b"HTTP/1.1 400"), out[:300]
         # many connections at once, some left half-open (a slow client)
         socks = []
         for i in range(300):

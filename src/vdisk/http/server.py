@@ -58,8 +58,8 @@ class ApiServer:
 
     async def _connection(self, stream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
-        try:
-            async with stream:
+        async with stream:
+            try:
                 while True:
                     with trio.move_on_after(REQUEST_TIMEOUT) as timer:
                         got = await self._read_request(conn, stream)
@@ -71,12 +71,12 @@ class ApiServer:
                     if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                         return
                     conn.start_next_cycle()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
-            pass  # the client went away
-        except h11.RemoteProtocolError as exc:
-            await self._refuse(conn, stream, exc)
-        except Exception:  # noqa: BLE001 - a connection must never stop the daemon
-            log.exception("an HTTP connection failed; the daemon goes on")
+            except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+                pass  # the client went away
+            except h11.RemoteProtocolError as exc:
+                await self._refuse(conn, stream, exc)
+            except Exception:  # noqa: BLE001 - a connection must never stop the daemon
+                log.exception("an HTTP connection failed; the daemon goes on")
 
     async def _read_request(self, conn, stream):
         req, body = None, bytearray()
