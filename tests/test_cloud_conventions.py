@@ -111,3 +111,26 @@ def test_the_clouds_names(ctl):
     assert u["SnapshotCount"] == 0 and u["SnapshotSize"] == 0
     d = ok(ctl, "CreateDisk", Size="20", Description="12345")["DiskId"]
     assert ok(ctl, "DescribeDisks", DiskIds='["%s"]' % d)["Disks"]["Disk"][0]["Description"] == "12345"
+
+
+def test_describe_filters_apply_or_are_refused(ctl):
+    """A filter the cloud has either narrows the answer or is refused: an
+    answer that ignored it (DiskName used to) lists disks that do not match,
+    and a script deleting "the disk named x" would delete another."""
+    a = ok(ctl, "CreateDisk", Size="20", DiskName="alpha")["DiskId"]
+    b = ok(ctl, "CreateDisk", Size="1", DiskCategory="cloud_essd", PerformanceLevel="PL0", DiskName="beta")["DiskId"]
+    ids = lambda **f: [d["DiskId"] for d in ok(ctl, "DescribeDisks", **f)["Disks"]["Disk"]]  # noqa: E731
+    assert ids(DiskName="alpha") == [a]
+    assert ids(PerformanceLevel="PL0") == [b]
+    assert ids(DiskName="nobody") == []
+    assert ids(Portable="true") == [a, b] and ids(Portable="false") == []
+    snap = ok(ctl, "CreateSnapshot", DiskId=b)["SnapshotId"]
+    c = ok(ctl, "CreateDisk", SnapshotId=snap, PerformanceLevel="PL0")["DiskId"]
+    assert ids(SnapshotId=snap) == [c]
+    for action, param in (("DescribeDisks", "Tag.1.Key"), ("DescribeDisks", "Encrypted"), ("DescribeInstances", "VpcId"),
+                          ("DescribeSnapshots", "Usage"), ("DescribeImages", "OSType")):
+        res = ctl.handle({"Action": action, param: "x"})
+        assert res["Code"] == "UnsupportedParameter" and param in res["Message"], res
+    snaps = lambda **f: [s["SnapshotId"] for s in ok(ctl, "DescribeSnapshots", **f)["Snapshots"]["Snapshot"]]  # noqa: E731
+    assert snaps(SnapshotType="user") == [snap] and snaps(SnapshotType="auto") == []
+    assert snaps(SourceDiskType="Data") == [snap] and snaps(SourceDiskType="System") == []

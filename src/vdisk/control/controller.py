@@ -34,6 +34,25 @@ MAX_MANUAL_SNAPSHOTS_PER_DISK = 256
 # Actions whose cloud API takes a ClientToken (CreateSnapshotGroup keeps its
 # own, recorded in the same transaction as the group).
 IDEMPOTENT = {"CreateDisk", "CreateInstance", "CreateSnapshot", "CreateImage", "ResizeDisk"}
+# Filters the cloud's Describe actions take that vdisk does not apply (names
+# from the cloud's API; a trailing "." stands for Name.N...).  Refused with
+# UnsupportedParameter: an answer that ignored them would hold resources
+# that do not match, and a script acting on it would act on the wrong ones.
+UNAPPLIED_FILTERS = {
+    "DescribeDisks": ("AutoSnapshotPolicyId", "DeleteAutoSnapshot", "DiskChargeType", "EnableAutoSnapshot",
+                      "EnableAutomatedSnapshotPolicy", "EnableShared", "Encrypted", "KMSKeyId", "LockReason",
+                      "MultiAttach", "ResourceGroupId", "Tag.", "Filter."),
+    "DescribeInstances": ("DeviceAvailable", "EipAddresses", "HpcClusterId", "InnerIpAddresses", "InstanceChargeType",
+                          "InstanceNetworkType", "InstanceType", "InstanceTypeFamily", "InternetChargeType",
+                          "IoOptimized", "KeyPairName", "LockReason", "PrivateIpAddresses", "PublicIpAddresses",
+                          "RdmaIpAddresses", "ResourceGroupId", "SecurityGroupId", "VSwitchId", "VpcId", "Tag.",
+                          "Filter."),
+    "DescribeSnapshots": ("Encrypted", "KMSKeyId", "SnapshotLinkId", "Usage", "ResourceGroupId", "Tag.", "Filter."),
+    "DescribeImages": ("ActionType", "Architecture", "ImageFamily", "ImageOwnerId", "InstanceType", "IsPublic",
+                       "IsSupportCloudinit", "IsSupportIoOptimized", "OSType", "ShowExpired", "Usable", "Usage",
+                       "ResourceGroupId", "Tag.", "Filter."),
+    "DescribeSnapshotGroups": ("ResourceGroupId", "Tag."),
+}
 REGION = "vdisk-local"
 ZONE = "vdisk-local-a"
 
@@ -81,6 +100,7 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
                     404,
                 )
             p = Params(req)
+            _refuse_unapplied(action, p)
             prior, token = self._idempotency(action, p)
             if prior is not None:
                 result = dict(prior)
@@ -287,10 +307,14 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
         inst = p.str("InstanceId")
         status = p.str("Status")
         dtype = p.str("DiskType", choices=("all", "system", "data"))
+        match = _matching(p, {"DiskName": "DiskName", "Category": "Category", "PerformanceLevel": "PerformanceLevel",
+                              "SnapshotId": "SourceSnapshotId"}, {"Portable": "Portable", "DeleteWithInstance": "DeleteWithInstance"})
         self._dry_run(p)
         disks = []
         for d in sorted(self._all("disk"), key=lambda d: (d["CreationTime"], d["DiskId"])):
             if ids and d["DiskId"] not in ids:
+                continue
+            if not match(d):
                 continue
             if inst and d.get("InstanceId") != inst:
                 continue
@@ -466,10 +490,13 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
     def do_DescribeInstances(self, p: Params) -> dict:
         ids = p.list("InstanceIds")
         status = p.str("Status")
+        match = _matching(p, {"InstanceName": "InstanceName", "ImageId": "ImageId"})
         self._dry_run(p)
         out = []
         for inst in sorted(self._all("instance"), key=lambda r: (r["CreationTime"], r["InstanceId"])):
             if ids and inst["InstanceId"] not in ids:
+                continue
+            if not match(inst):
                 continue
             if status and inst["Status"] != status:
                 continue
@@ -637,10 +664,19 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
         inst = p.str("InstanceId")
         name = p.str("SnapshotName")
         status = p.str("Status", choices=("progressing", "accomplished", "failed", "all"))
+        stype = p.str("SnapshotType", choices=("auto", "user", "all"))
+        source = p.str("SourceDiskType", choices=("System", "Data", "system", "data"))
+        category = p.str("Category", choices=("standard", "flash"))
         self._dry_run(p)
         out = []
         for s in sorted(self._all("snapshot"), key=lambda s: (s["CreationTime"], s["_snap"])):
             if ids and s["SnapshotId"] not in ids:
+                continue
+            if stype and stype != "all" and s["SnapshotType"] != stype:
+                continue
+            if source and s["SourceDiskType"] != source.lower():
+                continue
+            if category and s["Category"] != category:
                 continue
             if disk and s["SourceDiskId"] != disk:
                 continue
@@ -758,3 +794,22 @@ def _page(p: Params, items: list, outer: str, inner: str, default_max: int = 100
     if start + maxr < len(items):
         res["NextToken"] = str(start + maxr)
     return res
+
+
+def _refuse_unapplied(action: str, p: Params) -> None:
+    for name in UNAPPLIED_FILTERS.get(action, ()):
+        given = [k for k in p.req if (k.startswith(name) if name.endswith(".") else k == name) and p.req[k] not in (None, "")]
+        if given:
+            raise CloudError(
+                "UnsupportedParameter",
+                "The parameter %s is not supported: vdisk does not filter %s by it, and an answer that ignored it "
+                "would list resources that do not match. Remove it and filter the answer yourself." % (given[0], action),
+            )
+
+
+def _matching(p: Params, text: dict, flags: dict | None = None):
+    """A record filter from equality filters: request parameter -> record
+    field, for text values and for true/false values."""
+    want = {field: p.str(param) for param, field in text.items() if p.req.get(param) is not None}
+    want.update({field: p.bool(param) for param, field in (flags or {}).items() if p.req.get(param) is not None})
+    return lambda rec: all(rec.get(field) == value for field, value in want.items())

@@ -89,10 +89,19 @@ class ImageActions:
     def do_DescribeImages(self, p: Params) -> dict:
         ids = [x.strip() for x in (p.str("ImageId") or "").split(",") if x.strip()]
         name = p.str("ImageName")
+        owner = p.str("ImageOwnerAlias", choices=("system", "self", "others", "marketplace"))
+        status = [x.strip() for x in (p.str("Status") or "").split(",") if x.strip()]
+        snap = p.str("SnapshotId")
         self._dry_run(p)
         out = []
         for img in sorted(self._all("image"), key=lambda r: (r["CreationTime"], r["ImageId"])):
             if ids and img["ImageId"] not in ids:
+                continue
+            if owner and owner != "self":  # every image here is the user's own custom image
+                continue
+            if status and img["Status"] not in status:
+                continue
+            if snap and snap not in [m["SnapshotId"] for m in img["DiskDeviceMappings"]["DiskDeviceMapping"]]:
                 continue
             if name and img["ImageName"] != name:
                 continue
