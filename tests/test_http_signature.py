@@ -138,3 +138,60 @@ def test_xml_answers_as_the_cloud_nests_them():
                   "DescribeDisksResponse")
     assert xml.startswith(b'<?xml version="1.0" encoding="UTF-8"?><DescribeDisksResponse><RequestId>R</RequestId>')
     assert b"<Disks><Disk><DiskId>d-1</DiskId><Portable>true</Portable></Disk><Disk><DiskId>d-2</DiskId>" in xml
+
+
+def test_a_bug_in_an_answer_costs_one_500_not_the_connection(tmp_path):
+    """The server in-process (no daemon): a handler that raises answers 500
+    InternalError, and the same connection serves the next request."""
+    import json as _json
+
+    import trio
+
+    from vdisk.http.keys import KeyStore
+    from vdisk.http.server import ApiServer
+
+    keys = KeyStore(str(tmp_path / "accesskeys.json"))
+    key = keys.create()
+    calls = []
+
+    async def answer(req):
+        calls.append(req["Action"])
+        if req["Action"] == "DescribeDisks":
+            raise RuntimeError("a bug")
+        return {"RequestId": "R", "Ok": True}
+
+    def signed_get(action):
+        from urllib.parse import urlencode
+
+        p = {"Action": action, "Version": "2014-05-26", "Format": "JSON", "AccessKeyId": key["AccessKeyId"],
+             "SignatureMethod": "HMAC-SHA1", "SignatureVersion": "1.0", "SignatureNonce": "n-%d" % time.monotonic_ns(),
+             "Timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        p["Signature"] = Utils.get_rpcsignature(dict(p), "GET", key["AccessKeySecret"])
+        return ("GET /?%s HTTP/1.1\r\nHost: x\r\n\r\n" % urlencode(p)).encode()
+
+    async def read_response(stream, buf):
+        while b"\r\n\r\n" not in buf:
+            buf += await stream.receive_some(65536)
+        head, rest = buf.split(b"\r\n\r\n", 1)
+        n = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+        while len(rest) < n:
+            rest += await stream.receive_some(65536)
+        return head, rest[:n], rest[n:]
+
+    async def main():
+        server = ApiServer(keys, answer)
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(server.serve, "127.0.0.1", 0)
+            stream = await trio.open_tcp_stream(host, port)
+            async with stream:
+                await stream.send_all(signed_get("DescribeDisks"))
+                head, body, rest = await read_response(stream, b"")
+                assert head.startswith(b"HTTP/1.1 500"), head
+                assert _json.loads(body)["Code"] == "InternalError"
+                await stream.send_all(signed_get("DescribeImages"))  # same connection (keep-alive)
+                head, body, _ = await read_response(stream, rest)
+                assert head.startswith(b"HTTP/1.1 200") and _json.loads(body)["Ok"] is True
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert calls == ["DescribeDisks", "DescribeImages"]

@@ -66,7 +66,13 @@ class ApiServer:
                     if timer.cancelled_caught or got is None:
                         return
                     req, body = got
-                    status, ctype, payload = await self._handle(req, body)
+                    try:
+                        status, ctype, payload = await self._handle(req, body)
+                    except Exception as exc:  # noqa: BLE001 - a bug costs one answer, not the connection
+                        log.exception("internal error answering an HTTP request")
+                        status, ctype = 500, "application/json;charset=utf-8"
+                        payload = json.dumps(self._error_body("InternalError", "Internal error: %s: %s"
+                                                              % (type(exc).__name__, exc))).encode()
                     await self._send(conn, stream, status, ctype, payload)
                     if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                         return
