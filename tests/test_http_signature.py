@@ -171,7 +171,9 @@ def test_a_bug_in_an_answer_costs_one_500_not_the_connection(tmp_path):
 
     async def read_response(stream, buf):
         while b"\r\n\r\n" not in buf:
-            buf += await stream.receive_some(65536)
+            chunk = await stream.receive_some(65536)
+            assert chunk, "the connection was closed without an answer"
+            buf += chunk
         head, rest = buf.split(b"\r\n\r\n", 1)
         n = int([l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
         while len(rest) < n:
