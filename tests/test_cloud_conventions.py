@@ -134,3 +134,43 @@ def test_describe_filters_apply_or_are_refused(ctl):
     snaps = lambda **f: [s["SnapshotId"] for s in ok(ctl, "DescribeSnapshots", **f)["Snapshots"]["Snapshot"]]  # noqa: E731
     assert snaps(SnapshotType="user") == [snap] and snaps(SnapshotType="auto") == []
     assert snaps(SourceDiskType="Data") == [snap] and snaps(SourceDiskType="System") == []
+
+
+def test_strict_mode_refuses_unknown_parameters_and_names_the_right_one(tmp_path):
+    pool = Pool(str(tmp_path / "pool"))
+    try:
+        strict = Controller(pool, settings={"strict": True})
+        res = strict.handle({"Action": "CreateDisk", "Size": "20", "DiskNmae": "typo"})
+        assert res["Code"] == "UnsupportedParameter" and "did you mean DiskName" in res["Message"], res
+        assert strict.handle({"Action": "DescribeDisks", "DiskIdz": '["d-x"]'})["Code"] == "UnsupportedParameter"
+        assert ok(strict, "DescribeDisks")["Disks"]["Disk"] == []  # nothing was created
+        # what the SDK sends passes: the cloud's parameters (even those vdisk ignores), common ones, lists as Name.N
+        ok(strict, "CreateDisk", Size="20", DiskName="fine", ZoneId="cn-hangzhou-h", RegionId="cn-hangzhou",
+           **{"Tag.1.Key": "k", "Tag.1.Value": "v"})
+        ok(strict, "DescribeSnapshotGroups", **{"SnapshotGroupId.1": "ssg-" + "a" * 20, "Status.1": "failed"})
+        ok(strict, "ScrubPool", MapOnly="true")  # vdisk's own action and parameter
+        # not strict (the default, as the cloud): ignored
+        assert "Code" not in Controller(pool).handle({"Action": "DescribeDisks", "DiskIdz": "x"})
+    finally:
+        pool.close()
+
+
+def test_the_cloud_parameter_table_is_current():
+    """src/vdisk/control/cloud_params.py is what scripts/cloud-params makes
+    from the installed SDK's request models."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("alibabacloud_ecs20140526.models", reason="needs the SDK")
+    from importlib.metadata import version
+
+    from vdisk.control.cloud_params import SDK_VERSION
+
+    if version("alibabacloud-ecs20140526") != SDK_VERSION:
+        pytest.skip("the table was made from SDK %s, %s is installed: run scripts/cloud-params"
+                    % (SDK_VERSION, version("alibabacloud-ecs20140526")))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "scripts", "cloud-params"), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

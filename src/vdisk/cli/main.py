@@ -171,6 +171,8 @@ def cmd_daemon_run(app: App) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     http = _http_address(app)
+    if app.args.strict:
+        os.environ["VDISK_STRICT"] = "1"
     for note in secure_data_dir(app.paths.data_dir):
         logging.getLogger("vdisk").warning("%s", note)
     return run(app.paths, http)
@@ -187,6 +189,8 @@ def cmd_daemon_start(app: App) -> int:
     cmd = [sys.executable, "-m", "vdisk", "--data-dir", app.paths.data_dir, "--mountpoint", app.paths.mountpoint, "daemon", "run"]
     if http is not None:
         cmd += ["--http", "[%s]:%d" % http, "--http-allow-remote"]
+    if app.args.strict:
+        cmd.append("--strict")
     logfd = open_private(app.paths.log)
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logfd, stderr=logfd, start_new_session=True)
@@ -765,6 +769,8 @@ def build_parser() -> argparse.ArgumentParser:
         v.add_argument("--http", metavar="HOST:PORT", help="also serve the cloud's ECS API over HTTP here "
                        "(default $VDISK_HTTP, else off; port 0 picks a free one)")
         v.add_argument("--http-allow-remote", action="store_true", help="allow a HOST that is not loopback")
+        v.add_argument("--strict", action="store_true", help="refuse parameters an action does not take (typos), "
+                       "where the cloud ignores them ($VDISK_STRICT=1)")
 
     d = group("daemon", "run, start, stop the vdisk daemon (one per data directory)")
     v = verb(d, "run", cmd_daemon_run, "run the daemon in the foreground")

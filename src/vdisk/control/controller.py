@@ -12,14 +12,19 @@ fsync through the pool.
 from __future__ import annotations
 
 import datetime
+import difflib
+import functools
 import hashlib
 import json
 import logging
+import os
+import re
 import uuid
 
 from ..engine.errors import Busy, EngineError, NoSpace
 from ..engine.pool import Pool
 from . import categories
+from .cloud_params import CLOUD_PARAMS
 from .direct import DirectActions
 from .errors import CloudError, invalid, not_found
 from .images import ImageActions
@@ -34,6 +39,20 @@ MAX_MANUAL_SNAPSHOTS_PER_DISK = 256
 # Actions whose cloud API takes a ClientToken (CreateSnapshotGroup keeps its
 # own, recorded in the same transaction as the group).
 IDEMPOTENT = {"CreateDisk", "CreateInstance", "CreateSnapshot", "CreateImage", "ResizeDisk"}
+# The cloud's common request parameters (any action may carry them).
+COMMON_PARAMS = {"Action", "Version", "Format", "AccessKeyId", "Signature", "SignatureMethod", "SignatureVersion",
+                 "SignatureNonce", "SignatureType", "Timestamp", "RegionId", "OwnerId", "OwnerAccount",
+                 "ResourceOwnerId", "ResourceOwnerAccount", "SecurityToken", "BearerToken"}
+# Parameters vdisk reads beside the cloud's (cloud_params.py): its own
+# actions', and names it accepted before it followed the cloud's.
+VDISK_PARAMS = {
+    "CreateDisk": ("Category",),
+    "DescribePool": (),
+    "ScrubPool": ("MapOnly",),
+    "ListChangedBlocks": ("FirstSnapshotId", "SecondSnapshotId"),
+    "GetSnapshotBlock": ("SnapshotId", "BlockIndex"),
+    "DescribeSnapshotUsage": (),
+}
 # Filters the cloud's Describe actions take that vdisk does not apply (names
 # from the cloud's API; a trailing "." stands for Name.N...).  Refused with
 # UnsupportedParameter: an answer that ignored them would hold resources
@@ -82,6 +101,9 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
         self.pool = pool
         self.host = host
         self.settings = dict(settings or {})
+        # strict: refuse parameters that neither the cloud's API nor vdisk
+        # knows for the action (a typo), instead of ignoring them as the cloud does
+        self.strict = bool(self.settings.get("strict", os.environ.get("VDISK_STRICT", "") not in ("", "0")))
         self.actions = {
             name[len("do_") :]: getattr(self, name) for name in dir(self) if name.startswith("do_")
         }
@@ -100,6 +122,8 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
                     404,
                 )
             p = Params(req)
+            if self.strict:
+                _refuse_unknown(action, req)
             _refuse_unapplied(action, p)
             prior, token = self._idempotency(action, p)
             if prior is not None:
@@ -813,3 +837,28 @@ def _matching(p: Params, text: dict, flags: dict | None = None):
     want = {field: p.str(param) for param, field in text.items() if p.req.get(param) is not None}
     want.update({field: p.bool(param) for param, field in (flags or {}).items() if p.req.get(param) is not None})
     return lambda rec: all(rec.get(field) == value for field, value in want.items())
+
+
+@functools.lru_cache(maxsize=None)
+def _known(action: str) -> tuple[re.Pattern, list[str]]:
+    """A matcher of the parameter names action takes (the cloud's, vdisk's,
+    the common ones), and those names as written, for suggestions."""
+    names = list(CLOUD_PARAMS.get(action, ())) + list(VDISK_PARAMS.get(action, ())) + sorted(COMMON_PARAMS)
+    alts = []
+    for n in names:
+        alts.append(re.escape(n).replace(r"\.N", r"\.[0-9]+"))
+        if ".N" not in n:
+            alts.append(re.escape(n) + r"\.[0-9]+")  # a list sent as Name.1, Name.2, ...
+    return re.compile("(?:%s)" % "|".join(alts)), names
+
+
+def _refuse_unknown(action: str, req: dict) -> None:
+    matcher, names = _known(action)
+    for key in req:
+        if not matcher.fullmatch(key):
+            close = difflib.get_close_matches(re.sub(r"\.[0-9]+", ".N", key), names, n=1)
+            raise CloudError(
+                "UnsupportedParameter",
+                "The parameter %s is not one that %s takes (strict mode, VDISK_STRICT)%s"
+                % (key, action, "; did you mean %s?" % close[0] if close else "."),
+            )

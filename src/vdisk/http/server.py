@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl, urlsplit
 import h11
 import trio
 
+from ..control.controller import COMMON_PARAMS
 from ..control.errors import CloudError
 from . import signature
 from .keys import KeyStore
@@ -35,12 +36,6 @@ VERSION = "2014-05-26"
 MAX_HEADERS = 64 * 1024
 MAX_BODY = 1 << 20
 REQUEST_TIMEOUT = 30.0
-# Parameters every RPC request may carry that are not the action's own.
-COMMON = {"Action", "Version", "Format", "AccessKeyId", "Signature", "SignatureMethod", "SignatureVersion",
-          "SignatureNonce", "SignatureType", "Timestamp", "RegionId", "OwnerId", "OwnerAccount",
-          "ResourceOwnerId", "ResourceOwnerAccount", "SecurityToken", "BearerToken"}
-
-
 class ApiServer:
     def __init__(self, keys: KeyStore, answer, host_id: str = "ecs.vdisk.local"):
         self.keys = keys
@@ -142,7 +137,7 @@ class ApiServer:
         xml = params.get("Format", "XML").upper() == "XML" if not acs3 else "xml" in (sreq.header("accept") or "")
         try:
             action = self._check(sreq, params, acs3)
-            res = await self.answer({"Action": action, **{k: v for k, v in params.items() if k not in COMMON}})
+            res = await self.answer({"Action": action, **{k: v for k, v in params.items() if k not in COMMON_PARAMS}})
         except CloudError as exc:
             action, res = None, exc.to_dict()
         status = 200
