@@ -74,11 +74,15 @@ def test_the_official_sdk_drives_instances_disks_and_snapshot_groups(api, v1):
     c.start_instance(m.StartInstanceRequest(instance_id=iid))
     inst = c.describe_instances(m.DescribeInstancesRequest(region_id=REGION, instance_ids=json.dumps([iid]))).body
     assert inst.total_count == 1 and inst.instances.instance[0].status == "Running"
+    no_none(inst.instances.instance[0], "instance_id", "status", "creation_time", "instance_charge_type",
+            "deletion_protection", "region_id", "zone_id")
     disks = c.describe_disks(m.DescribeDisksRequest(region_id=REGION, instance_id=iid)).body.disks.disk
     assert len(disks) == 2
     for d in disks:
         no_none(d, "disk_id", "size", "category", "performance_level", "status", "instance_id", "device", "type",
-                "creation_time", "delete_with_instance")
+                "creation_time", "delete_with_instance", "attachments", "disk_charge_type", "encrypted",
+                "delete_auto_snapshot", "enable_auto_snapshot", "portable", "iops", "region_id", "zone_id")
+        assert d.attachments.attachment[0].instance_id == iid
     data = [d for d in disks if d.type == "data"][0]
     system = [d for d in disks if d.type == "system"][0]
     assert (data.size, data.category, data.performance_level, data.status) == (1, "cloud_essd", "PL0", "In_use")

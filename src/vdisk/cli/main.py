@@ -52,6 +52,8 @@ def _fmt(v) -> str:
         return "yes" if v else "no"
     if isinstance(v, list):
         return ",".join(map(str, v)) or "-"
+    if isinstance(v, dict):
+        return json.dumps(v, separators=(",", ":"))
     return str(v)
 
 

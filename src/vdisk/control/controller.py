@@ -39,6 +39,21 @@ MAX_MANUAL_SNAPSHOTS_PER_DISK = 256
 # Actions whose cloud API takes a ClientToken (CreateSnapshotGroup keeps its
 # own, recorded in the same transaction as the group).
 IDEMPOTENT = {"CreateDisk", "CreateInstance", "CreateSnapshot", "CreateImage", "ResizeDisk"}
+# Fields the cloud fills on every disk, with what is true of every vdisk disk
+# (pay-as-you-go, not encrypted, no bursting or multi-attach, no automatic
+# snapshot policy yet, no locks, tags or resource group).
+DISK_FIXED = {
+    "DiskChargeType": "PostPaid", "Encrypted": False, "BurstingEnabled": False, "MultiAttach": "Disabled",
+    "DeleteAutoSnapshot": True, "EnableAutoSnapshot": False, "EnableAutomatedSnapshotPolicy": False,
+    "AutoSnapshotPolicyId": "", "ResourceGroupId": "", "OperationLocks": {"OperationLock": []},
+    "Tags": {"Tag": []}, "Attachments": {"Attachment": []}, "MountInstanceNum": 0,
+}
+# The same for instances (not virtual machines yet: no CPU, memory or network).
+INSTANCE_FIXED = {
+    "InstanceChargeType": "PostPaid", "DeletionProtection": False, "ResourceGroupId": "",
+    "OperationLocks": {"LockReason": []}, "Tags": {"Tag": []}, "SecurityGroupIds": {"SecurityGroupId": []},
+}
+
 # The cloud's common request parameters (any action may carry them).
 COMMON_PARAMS = {"Action", "Version", "Format", "AccessKeyId", "Signature", "SignatureMethod", "SignatureVersion",
                  "SignatureNonce", "SignatureType", "Timestamp", "RegionId", "OwnerId", "OwnerAccount",
@@ -235,6 +250,11 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
     def _public(self, rec: dict) -> dict:
         out = {k: v for k, v in rec.items() if not k.startswith("_")}
         if "DiskId" in rec and "SnapshotId" not in rec:
+            out.update(DISK_FIXED)
+            if rec["Status"] == "In_use":
+                out["Attachments"] = {"Attachment": [{"InstanceId": rec["InstanceId"], "Device": rec["Device"],
+                                                      "AttachedTime": rec["AttachedTime"]}]}
+                out["MountInstanceNum"] = 1
             out.update(categories.performance(rec["Category"], rec.get("PerformanceLevel"), rec["Size"]))
             inst = rec.get("InstanceId")
             if inst and self.host is not None and rec["Status"] == "In_use":
@@ -532,7 +552,7 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
                 attached.setdefault(d["InstanceId"], []).append(d["DiskId"])
         page = []
         for inst in res["Instances"]["Instance"]:
-            rec = self._public(inst)
+            rec = {**INSTANCE_FIXED, **self._public(inst)}
             rec["Disks"] = attached.get(inst["InstanceId"], [])
             if inst["Status"] == "Running" and self.host is not None:
                 rec["DiskDirectory"] = self.host.path(inst["InstanceId"], "")
