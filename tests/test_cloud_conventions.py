@@ -86,8 +86,9 @@ def test_client_token_makes_creation_idempotent(ctl):
     ok(ctl, "ResizeDisk", DiskId=first["DiskId"], NewSize="40", ClientToken="grow")
     assert ctl.handle({"Action": "ResizeDisk", "DiskId": first["DiskId"], "NewSize": "40"})["Code"] == "InvalidDiskSize.TooSmall"
     # a refused request records no token
-    assert ctl.handle({"Action": "CreateDisk", "Size": "5", "ClientToken": "bad"})["Code"] == "InvalidDiskSize.ValueNotSupported"
-    assert "Code" not in ctl.handle({"Action": "CreateDisk", "Size": "20", "PerformanceLevel": "PL0", "ClientToken": "bad"})
+    assert ctl.handle({"Action": "CreateDisk", "Size": "3", "ClientToken": "bad"})["Code"] == "InvalidDiskSize.ValueNotSupported"
+    assert "Code" not in ctl.handle({"Action": "CreateDisk", "Size": "20", "DiskCategory": "cloud_essd", "PerformanceLevel": "PL0",
+                                     "ClientToken": "bad"})
     assert ctl.handle({"Action": "CreateDisk", "Size": "20", "ClientToken": "x" * 65})["Code"] == "InvalidParameter"
     assert IDEMPOTENT >= {"CreateDisk", "CreateInstance", "CreateSnapshot", "CreateImage"}
 
@@ -125,7 +126,7 @@ def test_describe_filters_apply_or_are_refused(ctl):
     assert ids(DiskName="nobody") == []
     assert sorted(ids(Portable="true")) == sorted([a, b]) and ids(Portable="false") == []
     snap = ok(ctl, "CreateSnapshot", DiskId=b)["SnapshotId"]
-    c = ok(ctl, "CreateDisk", SnapshotId=snap, PerformanceLevel="PL0")["DiskId"]
+    c = ok(ctl, "CreateDisk", SnapshotId=snap, DiskCategory="cloud_essd", PerformanceLevel="PL0")["DiskId"]
     assert ids(SnapshotId=snap) == [c]
     for action, param in (("DescribeDisks", "Tag.1.Key"), ("DescribeDisks", "Encrypted"), ("DescribeInstances", "VpcId"),
                           ("DescribeSnapshots", "Usage"), ("DescribeImages", "OSType")):
@@ -174,3 +175,28 @@ def test_the_cloud_parameter_table_is_current():
     r = subprocess.run([sys.executable, os.path.join(root, "scripts", "cloud-params"), "--check"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_create_disk_defaults_as_the_cloud_documents(ctl):
+    """CreateDisk: DiskCategory defaults to cloud (a basic disk, 5-2000 GiB),
+    an ESSD to PL1; from a snapshot the size is the larger of Size and the
+    snapshot's, not "20 GiB PL1" whatever the source was."""
+    d = lambda i: ok(ctl, "DescribeDisks", DiskIds='["%s"]' % i)["Disks"]["Disk"][0]  # noqa: E731
+    basic = d(ok(ctl, "CreateDisk", Size="5")["DiskId"])
+    assert (basic["Category"], basic["Size"]) == ("cloud", 5)
+    essd = d(ok(ctl, "CreateDisk", Size="20", DiskCategory="cloud_essd")["DiskId"])
+    assert essd["PerformanceLevel"] == "PL1"
+    src = ok(ctl, "CreateDisk", Size="30", DiskCategory="cloud_essd", PerformanceLevel="PL0")["DiskId"]
+    snap = ok(ctl, "CreateSnapshot", DiskId=src)["SnapshotId"]
+    same = d(ok(ctl, "CreateDisk", SnapshotId=snap, DiskCategory="cloud_essd", PerformanceLevel="PL0")["DiskId"])
+    assert same["Size"] == 30  # the snapshot's size, not 20
+    smaller = d(ok(ctl, "CreateDisk", SnapshotId=snap, Size="10", DiskCategory="cloud_essd", PerformanceLevel="PL0")["DiskId"])
+    assert smaller["Size"] == 30  # a smaller Size gives the snapshot's size
+    larger = d(ok(ctl, "CreateDisk", SnapshotId=snap, Size="50", DiskCategory="cloud_essd", PerformanceLevel="PL0")["DiskId"])
+    assert larger["Size"] == 50
+    tiny = ok(ctl, "CreateDisk", Size="1", DiskCategory="cloud_essd", PerformanceLevel="PL0")["DiskId"]
+    tiny_snap = ok(ctl, "CreateSnapshot", DiskId=tiny)["SnapshotId"]
+    res = ctl.handle({"Action": "CreateDisk", "SnapshotId": tiny_snap})  # a 1 GiB basic disk: below its 5 GiB
+    assert res["Code"] == "InvalidDiskSize.ValueNotSupported" and "cloud" in res["Message"], res
+    big = d(ok(ctl, "CreateDisk", Size="65536", DiskCategory="cloud_essd", PerformanceLevel="PL0")["DiskId"])
+    assert big["Size"] == 65536  # ESSDs now go to 64 TiB

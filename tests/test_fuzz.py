@@ -189,7 +189,7 @@ def _templates(t) -> list[dict]:
     d2 = d1
     return [
         {"Action": "CreateDisk", "Size": 20, "DiskName": "fuzzdisk", "Description": "made by the fuzzer"},
-        {"Action": "CreateDisk", "SnapshotId": t.snap, "PerformanceLevel": "PL0"},
+        {"Action": "CreateDisk", "SnapshotId": t.snap, "DiskCategory": "cloud_essd", "PerformanceLevel": "PL0"},
         {"Action": "DescribeDisks", "DiskIds": json.dumps([d0, d1]), "PageSize": 2, "PageNumber": 1},
         {"Action": "DescribeSnapshots", "DiskId": d0, "MaxResults": 10},
         {"Action": "CreateSnapshot", "DiskId": d1, "SnapshotName": "fuzzsnap", "RetentionDays": 3},

@@ -116,7 +116,7 @@ def test_the_official_sdk_drives_instances_disks_and_snapshot_groups(api, v1):
         {snap, [s.snapshot_id for s in members if s.source_disk_id == data.disk_id][0]}
 
     # a new disk from the first snapshot holds A
-    new = c.create_disk(m.CreateDiskRequest(region_id=REGION, snapshot_id=snap, performance_level="PL0",
+    new = c.create_disk(m.CreateDiskRequest(region_id=REGION, snapshot_id=snap, disk_category="cloud_essd", performance_level="PL0",
                                             disk_name="from-sdk")).body.disk_id
     nd = c.describe_disks(m.DescribeDisksRequest(region_id=REGION, disk_ids=json.dumps([new]))).body.disks.disk[0]
     assert (nd.size, nd.status, nd.source_snapshot_id) == (1, "Available", snap)
@@ -167,7 +167,7 @@ def test_refused_calls_change_nothing(api):
             c.create_disk(m.CreateDiskRequest(region_id=REGION, size=20))
         assert (e.value.code, e.value.data.get("statusCode")) == (code, status), (e.value.code, e.value.data)
     with pytest.raises(TeaException) as e:
-        client(port, key).create_disk(m.CreateDiskRequest(region_id=REGION, size=5))  # PL1 starts at 20 GiB
+        client(port, key).create_disk(m.CreateDiskRequest(region_id=REGION, size=5, disk_category="cloud_essd"))  # PL1: 20 GiB up
     assert e.value.code == "InvalidDiskSize.ValueNotSupported"
     # a deleted key stops working at once
     other = env.j("accesskey", "create")

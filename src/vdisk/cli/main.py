@@ -348,8 +348,9 @@ def cmd_instance_start(app: App) -> int:
 def cmd_disk_create(app: App) -> int:
     a = app.args
     res = app.call(
-        "CreateDisk", Size=a.size, DiskCategory=a.category, PerformanceLevel=a.performance_level, DiskName=a.name,
-        Description=a.description, SnapshotId=a.snapshot,
+        # the CLI's default category is cloud_essd; the API's is the cloud's, cloud
+        "CreateDisk", Size=a.size, DiskCategory=a.category or "cloud_essd", PerformanceLevel=a.performance_level,
+        DiskName=a.name, Description=a.description, SnapshotId=a.snapshot,
     )
     app.out(res, res["DiskId"])
     return EXIT_OK

@@ -112,7 +112,7 @@ class Runner:
             expected = scen.durable_before(t0)
             result["durable_before"] = scen.durable_count(expected, t0)
             for s in snaps:
-                d = self.call("CreateDisk", SnapshotId=s, PerformanceLevel="PL0")["DiskId"]
+                d = self.call("CreateDisk", SnapshotId=s, DiskCategory="cloud_essd", PerformanceLevel="PL0")["DiskId"]
                 copies.append(d)
                 self.call("AttachDisk", InstanceId=iid, DiskId=d)
                 copy_devs.append(loop.attach(self.file_of(d)))

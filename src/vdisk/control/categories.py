@@ -12,10 +12,10 @@ LEVELS = ("PL0", "PL1", "PL2", "PL3")
 
 # (min GiB, max GiB)
 SIZE_LIMITS = {
-    ("cloud_essd", "PL0"): (1, 32768),
-    ("cloud_essd", "PL1"): (20, 32768),
-    ("cloud_essd", "PL2"): (461, 32768),
-    ("cloud_essd", "PL3"): (1261, 32768),
+    ("cloud_essd", "PL0"): (1, 65536),  # ESSDs: up to 65,536 GiB (the cloud's CreateDisk reference)
+    ("cloud_essd", "PL1"): (20, 65536),
+    ("cloud_essd", "PL2"): (461, 65536),
+    ("cloud_essd", "PL3"): (1261, 65536),
     ("cloud_ssd", None): (20, 32768),
     ("cloud_efficiency", None): (20, 32768),
     ("cloud", None): (5, 2000),

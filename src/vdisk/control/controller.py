@@ -282,17 +282,28 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
 
     # ------------------------------------------------------------ disks
 
-    def _new_disk(self, p: Params, prefix: str, dtype: str, size_default=None, snapshot=None) -> dict:
-        """Validate a disk spec given as <prefix>Size, <prefix>Category ...; no side effects."""
-        # CreateDisk names it DiskCategory; CreateInstance SystemDisk.Category
-        # and DataDisk.N.Category (the cloud's names).  Category alone, which
-        # vdisk took before, is still read when DiskCategory is absent.
-        category = (p.str("DiskCategory") if not prefix else None) or p.str(prefix + "Category", default="cloud_essd")
+    def _new_disk(self, p: Params, prefix: str, dtype: str, size_default=None, snapshot=None,
+                  create_disk: bool = False) -> dict:
+        """Validate a disk spec given as <prefix>Size, <prefix>Category ...; no side effects.
+
+        create_disk: CreateDisk's rules, as the cloud documents them: the
+        category is DiskCategory, default cloud (a basic disk); from a
+        snapshot, the size is the larger of Size and the snapshot's.  Disks of
+        CreateInstance (SystemDisk., DataDisk.N.) default to cloud_essd (the
+        cloud's default depends on the instance type, which vdisk has not) and
+        must be at least their snapshot's size."""
+        if create_disk:
+            # Category alone, which vdisk took before, is still read
+            category = p.str("DiskCategory") or p.str("Category") or "cloud"
+        else:
+            category = p.str(prefix + "Category", default="cloud_essd")
         level = p.str(prefix + "PerformanceLevel")
         size = p.int(prefix + "Size", required=size_default is None and snapshot is None, default=size_default)
         if snapshot is not None:
             src_size = snapshot["SourceDiskSize"]
-            if size is None:  # as the cloud does: the snapshot's size, at least the category's minimum
+            if create_disk:
+                size = max(size or 0, src_size)
+            elif size is None:  # an image's data disk: the snapshot's size, at least the category's minimum
                 size = max(src_size, categories.min_size(category, level))
             if size < src_size:
                 raise CloudError(
@@ -342,7 +353,7 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
         snap = self._snapshot(p) if p.str("SnapshotId") else None
         if snap is not None and snap["Status"] != "accomplished":
             raise CloudError("IncorrectSnapshotStatus", "Snapshot %s is still %s." % (snap["SnapshotId"], snap["Status"]))
-        disk = self._new_disk(p, "", "data", snapshot=snap)
+        disk = self._new_disk(p, "", "data", snapshot=snap, create_disk=True)
         self._create_disks([(disk, snap)])
         return {"DiskId": disk["DiskId"]}
 
