@@ -200,3 +200,12 @@ def test_create_disk_defaults_as_the_cloud_documents(ctl):
     assert res["Code"] == "InvalidDiskSize.ValueNotSupported" and "cloud" in res["Message"], res
     big = d(ok(ctl, "CreateDisk", Size="65536", DiskCategory="cloud_essd", PerformanceLevel="PL0")["DiskId"])
     assert big["Size"] == 65536  # ESSDs now go to 64 TiB
+
+
+def test_snapshot_usage_says_what_was_made_from_it(ctl):
+    iid, sysd, data, snap, sysnap, image = setup(ctl)
+    use = lambda sid: ok(ctl, "DescribeSnapshots", SnapshotIds='["%s"]' % sid)["Snapshots"]["Snapshot"][0]["Usage"]  # noqa: E731
+    assert (use(snap), use(sysnap)) == ("none", "image")
+    ok(ctl, "CreateDisk", SnapshotId=snap, DiskCategory="cloud_essd", PerformanceLevel="PL0")
+    ok(ctl, "CreateDisk", SnapshotId=sysnap, DiskCategory="cloud_essd", PerformanceLevel="PL0")
+    assert (use(snap), use(sysnap)) == ("disk", "image_disk")

@@ -102,7 +102,8 @@ def test_the_official_sdk_drives_instances_disks_and_snapshot_groups(api, v1):
     members = g[0].snapshots.snapshot
     assert sorted(s.source_disk_id for s in members) == sorted([data.disk_id, system.disk_id])
     for s in members:
-        no_none(s, "snapshot_id", "source_disk_id", "progress", "instant_access")
+        no_none(s, "snapshot_id", "source_disk_id", "progress", "instant_access", "usage", "encrypted", "region_id",
+                "snapshot_type", "status", "creation_time")
 
     # filters and paging, as the cloud pages
     page = c.describe_snapshots(m.DescribeSnapshotsRequest(region_id=REGION, disk_id=data.disk_id, page_size=1,

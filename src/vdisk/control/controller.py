@@ -48,6 +48,9 @@ DISK_FIXED = {
     "AutoSnapshotPolicyId": "", "ResourceGroupId": "", "OperationLocks": {"OperationLock": []},
     "Tags": {"Tag": []}, "Attachments": {"Attachment": []}, "MountInstanceNum": 0,
 }
+# ... for snapshots (local: nothing encrypted or copied, each usable at once) ...
+SNAPSHOT_FIXED = {"Encrypted": False, "RemainTime": 0, "ResourceGroupId": "", "Tags": {"Tag": []},
+                  "SourceStorageType": "disk"}
 # The same for instances (not virtual machines yet: no CPU, memory or network).
 INSTANCE_FIXED = {
     "InstanceChargeType": "PostPaid", "DeletionProtection": False, "ResourceGroupId": "",
@@ -702,8 +705,11 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
             rec["SnapshotGroupId"] = group_id
         return rec
 
-    def _snapshot_public(self, s: dict) -> dict:
-        out = self._public(s)
+    def _snapshot_public(self, s: dict, uses: dict | None = None) -> dict:
+        """A snapshot as DescribeSnapshots shows it; uses: _snapshot_uses(),
+        when many are shown (read once, not once per snapshot)."""
+        out = {**SNAPSHOT_FIXED, "RegionId": REGION, "LastModifiedTime": s["CreationTime"], **self._public(s)}
+        out["Usage"] = (uses if uses is not None else self._snapshot_uses()).get(s["SnapshotId"], "none")
         try:
             u = self.pool.snapshot_usage(s["_snap"])
         except EngineError:
@@ -712,6 +718,18 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
         out["SnapshotSize"] = u["incremental_bytes"]  # billed: what the previous one lacks
         out["ExclusiveSize"] = u["exclusive_bytes"]  # freed if deleted
         return out
+
+    def _snapshot_uses(self) -> dict[str, str]:
+        """The cloud's Usage of every snapshot something was made from:
+        image, disk or image_disk (the others: none)."""
+        made = {}
+        for img in self._all("image"):
+            for m in img["DiskDeviceMappings"]["DiskDeviceMapping"]:
+                made.setdefault(m["SnapshotId"], set()).add("image")
+        for d in self._all("disk"):
+            if d.get("SourceSnapshotId"):
+                made.setdefault(d["SourceSnapshotId"], set()).add("disk")
+        return {sid: "image_disk" if len(kinds) == 2 else kinds.pop() for sid, kinds in made.items()}
 
     def do_DescribeSnapshots(self, p: Params) -> dict:
         ids = p.list("SnapshotIds")
@@ -743,7 +761,8 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
                 continue
             out.append(s)
         res = self._page(p, out, "Snapshots", "Snapshot")
-        res["Snapshots"]["Snapshot"] = [self._snapshot_public(s) for s in res["Snapshots"]["Snapshot"]]
+        uses = self._snapshot_uses()
+        res["Snapshots"]["Snapshot"] = [self._snapshot_public(s, uses) for s in res["Snapshots"]["Snapshot"]]
         return res
 
     def do_ModifySnapshotAttribute(self, p: Params) -> dict:

@@ -160,12 +160,14 @@ class SnapshotGroupActions:
         return {"SnapshotGroupId": group["SnapshotGroupId"]}
 
     def _group_public(self, g: dict) -> dict:
-        out = {k: v for k, v in g.items() if k != "Members" and not k.startswith("_")}
+        out = {"ResourceGroupId": "", "Tags": {"Tag": []},
+               **{k: v for k, v in g.items() if k != "Members" and not k.startswith("_")}}
         members = []
+        uses = self._snapshot_uses()
         for sid in g["Members"]:
             s = self.pool.get_record("snapshot/" + sid)
             if s is not None:
-                members.append(self._snapshot_public(s))
+                members.append(self._snapshot_public(s, uses))
         out["Snapshots"] = {"Snapshot": members}
         return out
 
