@@ -102,13 +102,14 @@ def test_the_official_sdk_drives_instances_disks_and_snapshot_groups(api, v1):
     members = g[0].snapshots.snapshot
     assert sorted(s.source_disk_id for s in members) == sorted([data.disk_id, system.disk_id])
     for s in members:
-        no_none(s, "snapshot_id", "source_disk_id", "progress", "instant_access", "usage", "encrypted", "region_id",
-                "snapshot_type", "status", "creation_time")
+        no_none(s, "snapshot_id", "source_disk_id", "source_disk_type", "progress", "instant_access", "available", "tags")
 
     # filters and paging, as the cloud pages
     page = c.describe_snapshots(m.DescribeSnapshotsRequest(region_id=REGION, disk_id=data.disk_id, page_size=1,
                                                            page_number=2)).body
     assert page.total_count == 2 and page.page_number == 2 and page.page_size == 1 and len(page.snapshots.snapshot) == 1
+    no_none(page.snapshots.snapshot[0], "snapshot_id", "source_disk_id", "status", "progress", "snapshot_type",
+            "creation_time", "usage", "encrypted", "region_id", "source_disk_size", "category")
     first = c.describe_snapshots(m.DescribeSnapshotsRequest(region_id=REGION, disk_id=data.disk_id, max_results=1)).body
     assert first.next_token and len(first.snapshots.snapshot) == 1
     rest = c.describe_snapshots(m.DescribeSnapshotsRequest(region_id=REGION, disk_id=data.disk_id, max_results=1,
