@@ -177,3 +177,10 @@ def test_values_inside_json_text_are_checked_too(ctl):
     assert "Code" not in ok, ok
     d = ctl.handle({"Action": "DescribeDisks", "DiskIds": '["%s"]' % ok["DataDiskIds"][0]})["Disks"]["Disk"][0]
     assert d["Description"] == "12345" and d["Size"] == 1
+
+
+def test_error_messages_quote_long_values_cut_short(ctl):
+    for req in ({"Action": "DeleteDisk", "DiskId": "d" * 100000}, {"Action": "CreateDisk", "Size": "20", "DiskName": "a" * 100000},
+                {"Action": "x" * 100000}):
+        res = ctl.handle(req)
+        assert "Code" in res and len(res["Message"]) < 2000 and "characters)" in res["Message"], res["Message"][:300]

@@ -29,7 +29,7 @@ from .direct import DirectActions
 from .errors import CloudError, invalid, not_found
 from .images import ImageActions
 from .snapshot_groups import SnapshotGroupActions
-from .validate import CLIENT_TOKEN, Params, check_id, check_request, new_id
+from .validate import CLIENT_TOKEN, Params, check_id, check_request, new_id, shown
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
             if action not in self.actions:
                 raise CloudError(
                     "InvalidAction.NotFound",
-                    "Action %r is not known; known actions: %s." % (action[:64], ", ".join(sorted(self.actions))),
+                    "Action %s is not known; known actions: %s." % (shown(action), ", ".join(sorted(self.actions))),
                     404,
                 )
             p = Params(req)

@@ -41,6 +41,13 @@ MAX_DEPTH = 8
 _ALPHABET = string.ascii_lowercase + string.digits
 
 
+def shown(value, limit: int = 80) -> str:
+    """A value as an error message quotes it: repr, cut to limit characters
+    (a request may carry a megabyte where a name belongs)."""
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit] + "...(%d characters)" % len(r)
+
+
 def new_id(prefix: str) -> str:
     return prefix + "-" + "".join(secrets.choice(_ALPHABET) for _ in range(20))
 
@@ -49,8 +56,8 @@ def check_id(kind: str, value, param: str) -> str:
     if not isinstance(value, str) or not ID_PATTERN[kind].fullmatch(value):
         raise CloudError(
             ID_ERROR[kind],
-            "%s %r is not a valid id: it must look like %s-followed by 20 lowercase letters or digits."
-            % (param, value, kind),
+            "%s %s is not a valid id: it must look like %s-followed by 20 lowercase letters or digits."
+            % (param, shown(value), kind),
         )
     return value
 
@@ -59,8 +66,8 @@ def check_name(value, param: str) -> str:
     if not isinstance(value, str) or not _NAME.fullmatch(value) or value.lower().startswith(("http://", "https://")):
         raise CloudError(
             "Invalid%s.Malformed" % param,
-            "%s %r is invalid: it must be 2 to 128 characters, start with a letter, and contain only "
-            "letters, digits, colons (:), underscores (_), periods (.) and hyphens (-)." % (param, value),
+            "%s %s is invalid: it must be 2 to 128 characters, start with a letter, and contain only "
+            "letters, digits, colons (:), underscores (_), periods (.) and hyphens (-)." % (param, shown(value)),
         )
     return value
 
