@@ -25,7 +25,6 @@ import socket
 import struct
 import subprocess
 import sys
-
 import time
 
 import trio
@@ -104,7 +103,6 @@ class Daemon:
         self.paths = paths
         self.http = http  # (host, port) to serve the cloud's HTTP API on, or None
         self.http_address = None  # where it listens (the port chosen when 0 was asked)
-        self.api = None
         self.cancel: trio.CancelScope | None = None
         self._stopping = False
         self.stop_reason = "stopped"  # recorded in daemon.exit
@@ -253,9 +251,9 @@ class Daemon:
             async with self._control:
                 return await self._act(req)
 
-        self.api = ApiServer(KeyStore(self.paths.access_keys), answer)
+        api = ApiServer(KeyStore(self.paths.access_keys), answer)
         async with trio.open_nursery() as nursery:
-            self.http_address = await nursery.start(self.api.serve, *self.http)
+            self.http_address = await nursery.start(api.serve, *self.http)
             log.info("serving the ECS API over HTTP on %s:%d", *self.http_address)
             task_status.started()
 

@@ -36,13 +36,13 @@ VERSION = "2014-05-26"
 MAX_HEADERS = 64 * 1024
 MAX_BODY = 1 << 20
 REQUEST_TIMEOUT = 30.0
+JSON = "application/json;charset=utf-8"
 class ApiServer:
     def __init__(self, keys: KeyStore, answer, host_id: str = "ecs.vdisk.local"):
         self.keys = keys
         self.answer = answer  # async (request dict) -> answer dict
         self.host_id = host_id
         self.nonces = signature.Nonces()
-        self.requests = 0
 
     async def serve(self, host: str, port: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host)
@@ -65,7 +65,7 @@ class ApiServer:
                         status, ctype, payload = await self._handle(req, body)
                     except Exception as exc:  # noqa: BLE001 - a bug costs one answer, not the connection
                         log.exception("internal error answering an HTTP request")
-                        status, ctype = 500, "application/json;charset=utf-8"
+                        status, ctype = 500, JSON
                         payload = json.dumps(self._error_body("InternalError", "Internal error: %s: %s"
                                                               % (type(exc).__name__, exc))).encode()
                     await self._send(conn, stream, status, ctype, payload)
@@ -98,8 +98,10 @@ class ApiServer:
             elif isinstance(event, h11.ConnectionClosed):
                 return None
 
-    async def _send(self, conn, stream, status: int, ctype: str, payload: bytes) -> None:
+    async def _send(self, conn, stream, status: int, ctype: str, payload: bytes, close: bool = False) -> None:
         headers = [("Content-Type", ctype), ("Content-Length", str(len(payload))), ("Server", "vdisk")]
+        if close:
+            headers.append(("Connection", "close"))
         await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
         await stream.send_all(conn.send(h11.Data(data=payload)))
         await stream.send_all(conn.send(h11.EndOfMessage()))
@@ -111,18 +113,13 @@ class ApiServer:
         status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
         body = json.dumps(self._error_body("InvalidParameter", "Malformed HTTP request: %s" % exc)).encode()
         try:
-            await stream.send_all(conn.send(h11.Response(status_code=status, headers=[
-                ("Content-Type", "application/json;charset=utf-8"), ("Content-Length", str(len(body))),
-                ("Connection", "close")])))
-            await stream.send_all(conn.send(h11.Data(data=body)))
-            await stream.send_all(conn.send(h11.EndOfMessage()))
+            await self._send(conn, stream, status, JSON, body, close=True)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
             pass
 
     # ------------------------------------------------------------ the API
 
     async def _handle(self, req: h11.Request, body: bytes) -> tuple[int, str, bytes]:
-        self.requests += 1
         headers: dict[str, list[str]] = {}
         for name, value in req.headers:
             headers.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
@@ -148,7 +145,7 @@ class ApiServer:
             res = self._error_body(res["Code"], res.get("Message", ""), res.get("RequestId"))
         if xml:
             return status, "text/xml;charset=utf-8", _to_xml(res, (action + "Response") if status == 200 else "Error")
-        return status, "application/json;charset=utf-8", json.dumps(res).encode()
+        return status, JSON, json.dumps(res).encode()
 
     def _check(self, sreq: signature.Request, params: dict, acs3: bool) -> str:
         if sreq.method not in ("GET", "POST"):
