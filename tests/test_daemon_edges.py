@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from vdiskenv import VDiskEnv, need_root_fuse_loop, sh
+from vdiskenv import VDiskEnv, need_root_fuse_loop, sh, small_pool, wait_exit
 
 pytestmark = pytest.mark.root
 NOBODY = 65534
@@ -314,13 +314,8 @@ def test_full_pool_filesystem_read_only_actions_answer(tmp_path):
     listings answer (they used to commit first and fail), a snapshot group
     that fails for lack of space is shown with its reason, and once there is
     room again it is durable."""
-    need_root_fuse_loop()
-    small = tmp_path / "small"
-    small.mkdir()
-    sh("mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", small)
-    env = VDiskEnv(parent=str(small))
-    filler = os.path.join(str(small), "filler")
-    try:
+    with small_pool(tmp_path) as env:
+        filler = os.path.join(str(tmp_path / "small"), "filler")
         env.start()
         iid, (disk,) = env.instance(ndata=1)
         env.run("instance", "start", iid)
@@ -359,9 +354,6 @@ def test_full_pool_filesystem_read_only_actions_answer(tmp_path):
         assert [g["SnapshotGroupId"] for g in shown] == [gid]  # made durable once there was room
         assert read_back(env.run("disk", "path", disk).stdout.strip(), len(first)) == first
         assert env.j("pool", "scrub")["Clean"]
-    finally:
-        env.close()
-        sh("umount", "-l", small, check=False)
 
 
 # ------------------------------------------------------------ the mount's life
@@ -376,14 +368,7 @@ def test_external_umount_stops_the_daemon_cleanly(venv):
     alive(venv, pid)
     venv.run("loop", "detach", dev)
     sh("umount", venv.mnt)
-    for _ in range(200):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail("the daemon did not stop after its mount was unmounted")
+    assert wait_exit(pid, 10), "the daemon did not stop after its mount was unmounted"
     r = venv.run("--json", "daemon", "status", check=False)
     assert r.returncode == 3
     last = json.loads(r.stdout)["LastExit"]
@@ -415,14 +400,7 @@ def test_mount_helper_mount_and_umount(tmp_path):
         r = sh("mount", "-t", "fuse.vdisk", "-o", "ro", env.data, env.mnt, check=False)
         assert r.returncode != 0 and "read-write" in r.stderr
         sh("umount", env.mnt)
-        for _ in range(200):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("umount did not stop the daemon")
+        assert wait_exit(pid, 10), "umount did not stop the daemon"
         sh("mount", "-t", "fuse.vdisk", env.data, env.mnt)
         env.pids.add(env.daemon_pid())
         assert read_back(path, len(data)) == data

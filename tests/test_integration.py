@@ -266,14 +266,9 @@ def test_discard_frees_space(venv):
 def test_full_pool_filesystem_gives_enospc_and_keeps_data(tmp_path):
     """The pool on a small tmpfs: writing past its capacity fails with ENOSPC,
     what was flushed before stays readable, and the daemon keeps serving."""
-    from vdiskenv import VDiskEnv
+    from vdiskenv import small_pool
 
-    need_root_fuse_loop()
-    small = tmp_path / "small"
-    small.mkdir()
-    sh("mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", small)
-    env = VDiskEnv(parent=str(small))
-    try:
+    with small_pool(tmp_path) as env:
         env.start()
         iid, (disk,) = env.instance(ndata=1)
         env.run("instance", "start", iid)
@@ -297,9 +292,6 @@ def test_full_pool_filesystem_gives_enospc_and_keeps_data(tmp_path):
             os.close(fd)
         assert env.j("daemon", "status")["Running"]
         assert env.j("pool", "scrub", "--map-only")["Clean"]
-    finally:
-        env.close()
-        sh("umount", "-l", small, check=False)
 
 
 def test_snapshot_groups_images_and_usage_through_cli(venv):

@@ -38,6 +38,18 @@ def stop_process(proc: subprocess.Popen, timeout: float) -> None:
         proc.wait()
 
 
+def wait_exit(pid: int, timeout: float) -> bool:
+    """Wait until process pid is gone; False if it still runs after timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -85,12 +97,7 @@ class VDiskEnv:
     def kill9(self):
         pid = self.daemon_pid()
         os.kill(pid, signal.SIGKILL)
-        for _ in range(200):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.05)
+        wait_exit(pid, 10)
 
     # -------------------------------------------------------------- resources
     def instance(self, ndata=2, size=1, pl="PL0", name="test"):
