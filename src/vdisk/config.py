@@ -57,6 +57,11 @@ class Paths:
         return os.path.join(self.data_dir, "accesskeys.json")
 
     @property
+    def vm_dir(self) -> str:
+        """Per instance: the virtual machine's console log, sockets, pid file."""
+        return os.path.join(self.data_dir, "vm")
+
+    @property
     def exit_record(self) -> str:
         """Why and when the daemon last stopped (JSON; vdisk daemon status)."""
         return os.path.join(self.data_dir, "daemon.exit")

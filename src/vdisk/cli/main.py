@@ -19,6 +19,7 @@ import sys
 import time
 
 from ..config import DataDirError, Paths, open_private, secure_data_dir
+from ..control.machines import DEFAULT_INSTANCE_TYPE, INSTANCE_TYPES
 from ..daemon import client
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_DAEMON, EXIT_INTERNAL = 0, 1, 2, 3, 4
@@ -303,6 +304,7 @@ def cmd_instance_create(app: App) -> int:
         "SystemDisk.Size": a.system_size,
         "SystemDisk.Category": a.system_category,
         "SystemDisk.PerformanceLevel": a.system_pl,
+        "InstanceType": a.instance_type or (DEFAULT_INSTANCE_TYPE if a.vm else None),
     }
     for i, spec in enumerate(a.data_disk or [], 1):
         for k, v in _parse_data_disk(spec).items():
@@ -335,10 +337,111 @@ def _simple(action: str, key: str, done: str):
     return cmd
 
 
+def _describe_instance(app: App, iid: str) -> dict:
+    return app.one("DescribeInstances", "InstanceIds", iid, ("Instances", "Instance"), "instance", "InvalidInstanceId.NotFound")
+
+
+def _wait_status(app: App, iid: str, want: str, timeout: float, what: str) -> dict:
+    """Poll until the instance is `want` (StartInstance and StopInstance of
+    a virtual machine return at once, as the cloud's do); progress on a
+    terminal."""
+    deadline = time.monotonic() + timeout
+    shown = ""
+    while True:
+        inst = _describe_instance(app, iid)
+        if inst["Status"] == want:
+            if shown and sys.stderr.isatty():
+                print(file=sys.stderr)
+            return inst
+        if inst["Status"] == "Stopped" and want == "Running":
+            raise CLIError("%s did not start: %s" % (iid, inst.get("StoppedReason") or "see its console log"), EXIT_REFUSED)
+        if time.monotonic() > deadline:
+            raise CLIError("%s is still %s after %d s (%s); it goes on in the background" % (iid, inst["Status"], timeout, what),
+                           EXIT_REFUSED)
+        if sys.stderr.isatty():
+            shown = "%s: %s (%s), %d s" % (iid, inst["Status"], what, timeout - (deadline - time.monotonic()))
+            print("\r" + shown, end="", file=sys.stderr, flush=True)
+        time.sleep(0.5)
+
+
 def cmd_instance_start(app: App) -> int:
-    app.call("StartInstance", InstanceId=app.args.instance)
-    res = app.call("DescribeInstances", InstanceIds=[app.args.instance])["Instances"]["Instance"][0]
-    app.out(res, "%s Running; its disks are under %s" % (app.args.instance, res.get("DiskDirectory", "?")))
+    a = app.args
+    app.call("StartInstance", InstanceId=a.instance)
+    res = _describe_instance(app, a.instance)
+    if res.get("InstanceType") and not a.no_wait:
+        res = _wait_status(app, a.instance, "Running", a.timeout, "booting")
+    if res.get("InstanceType"):
+        vm = res.get("VirtualMachine") or {}
+        human = "%s %s: a virtual machine (%s, %s vCPU, %s MiB), console log %s" % (
+            a.instance, res["Status"], vm.get("Accelerator", "?"), vm.get("Cpu", "?"), vm.get("MemoryMiB", "?"),
+            vm.get("ConsoleLog", "?"))
+    else:
+        human = "%s Running; its disks are under %s" % (a.instance, res.get("DiskDirectory", "?"))
+    app.out(res, human)
+    return EXIT_OK
+
+
+def cmd_instance_stop(app: App) -> int:
+    a = app.args
+    app.call("StopInstance", InstanceId=a.instance, ForceStop=True if a.force else None)
+    res = _describe_instance(app, a.instance)
+    if res.get("InstanceType") and not a.no_wait:
+        res = _wait_status(app, a.instance, "Stopped", a.timeout, "powering off" if not a.force else "power cut")
+    app.out(res, "%s %s%s" % (a.instance, res["Status"], (": " + res["StoppedReason"]) if res.get("StoppedReason") else ""))
+    return EXIT_OK
+
+
+def cmd_instance_run(app: App) -> int:
+    """Run a shell script in the guest (the cloud's RunCommand) and print
+    its output; exit with its exit code, as ssh does."""
+    a = app.args
+    script = " ".join(a.command) if a.command != ["-"] else sys.stdin.read()
+    res = app.call("RunCommand", Type="RunShellScript", CommandContent=script, InstanceId=[a.instance],
+                   Timeout=a.timeout)
+    invoke = res["InvokeId"]
+    while True:
+        r = app.call("DescribeInvocationResults", InvokeId=invoke, ContentEncoding="PlainText")
+        r = r["Invocation"]["InvocationResults"]["InvocationResult"][0]
+        if r["InvocationStatus"] != "Running":
+            break
+        time.sleep(0.2)
+    if app.json:
+        app.out(r)
+    else:
+        sys.stdout.write(r["Output"])
+        sys.stdout.flush()
+        if r["ErrorCode"] and r["ErrorCode"] != "NonZeroExitCode":
+            print("vdisk: %s: %s (%s)" % (a.instance, r["ErrorInfo"], r["ErrorCode"]), file=sys.stderr)
+    if r["InvocationStatus"] == "Success":
+        return EXIT_OK
+    return r["ExitCode"] if r["ErrorCode"] == "NonZeroExitCode" and 0 < r["ExitCode"] < 126 else EXIT_REFUSED
+
+
+def cmd_instance_console(app: App) -> int:
+    inst = _describe_instance(app, app.args.instance)
+    path = (inst.get("VirtualMachine") or {}).get("ConsoleLog") or os.path.join(app.paths.vm_dir, app.args.instance, "console.log")
+    try:
+        with open(path, errors="replace") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise CLIError("%s has no console log yet (%s): it never ran as a virtual machine" % (app.args.instance, path),
+                       EXIT_REFUSED) from None
+    app.out({"ConsoleLog": path, "Lines": lines[-app.args.lines:]}, "\n".join(lines[-app.args.lines:]))
+    return EXIT_OK
+
+
+def cmd_guest_prepare(app: App) -> int:
+    """Fetch the guest kernel and build the initramfs now (else the first
+    start of a virtual machine does it)."""
+    from ..vm import assets
+    from ..vm.machine import accelerator_note
+
+    try:
+        g = assets.ensure(lambda s: print(s + " ...", file=sys.stderr, flush=True))
+    except assets.AssetError as exc:
+        raise CLIError(str(exc), EXIT_REFUSED) from None
+    res = {"Kernel": g.kernel, "Initramfs": g.initrd, "KernelRelease": g.release, "Accelerator": accelerator_note()}
+    app.out(res, _show(res))
     return EXIT_OK
 
 
@@ -796,15 +899,40 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--system-category", default=None, help="system disk category (default cloud_essd)")
     v.add_argument("--system-pl", default=None, metavar="PL", help="system disk performance level (default PL1)")
     v.add_argument("--data-disk", action="append", metavar="SIZE[:CATEGORY[:PL]]", help="add a data disk (repeatable)")
+    v.add_argument("--instance-type", metavar="TYPE", help="a virtual machine of this type (%s)" % ", ".join(INSTANCE_TYPES))
+    v.add_argument("--vm", action="store_true", help="a virtual machine of type %s" % DEFAULT_INSTANCE_TYPE)
     v = verb(g, "list", cmd_instance_list, "list instances")
-    v.add_argument("--status", choices=("Running", "Stopped"))
+    v.add_argument("--status", choices=("Running", "Stopped", "Starting", "Stopping"))
     for name, func, help_ in (
         ("show", cmd_instance_show, "show one instance"),
-        ("start", cmd_instance_start, "start an instance: its disks appear as files"),
-        ("stop", _simple("StopInstance", "InstanceId", "%s Stopped"), "stop an instance (refused while its disk files are open)"),
         ("delete", _simple("DeleteInstance", "InstanceId", "%s deleted"), "delete a Stopped instance and the disks set to go with it"),
     ):
         verb(g, name, func, help_).add_argument("instance", metavar="INSTANCE_ID")
+    v = verb(g, "start", cmd_instance_start, "start an instance: its disks appear as files; a virtual machine boots")
+    v.add_argument("instance", metavar="INSTANCE_ID")
+    v.add_argument("--no-wait", action="store_true", help="return while a virtual machine is still Starting")
+    v.add_argument("--timeout", type=int, default=300, help="seconds to wait for Running (default 300)")
+    v = verb(g, "stop", cmd_instance_stop, "stop an instance (disk files: refused while open; a virtual machine: "
+             "power off, hard after VDISK_VM_STOP_TIMEOUT)")
+    v.add_argument("instance", metavar="INSTANCE_ID")
+    v.add_argument("--force", action="store_true", help="ForceStop: cut a virtual machine's power at once")
+    v.add_argument("--no-wait", action="store_true", help="return while it is still Stopping")
+    v.add_argument("--timeout", type=int, default=120, help="seconds to wait for Stopped (default 120)")
+    v = verb(g, "crash", cmd_instance_stop, "cut a virtual machine's power (StopInstance with ForceStop): "
+             "what the guest had not flushed is lost, as in a power cut")
+    v.add_argument("instance", metavar="INSTANCE_ID")
+    v.set_defaults(force=True, no_wait=False, timeout=60)
+    v = verb(g, "run", cmd_instance_run, "run a shell script in a virtual machine (RunCommand) and print its "
+             "output; exits with its exit code")
+    v.add_argument("instance", metavar="INSTANCE_ID")
+    v.add_argument("command", nargs="+", metavar="SCRIPT", help="the script (words joined by spaces), or - for stdin")
+    v.add_argument("--timeout", type=int, default=60, help="seconds before it is stopped (10-86400, default 60)")
+    v = verb(g, "console", cmd_instance_console, "print the end of a virtual machine's console log")
+    v.add_argument("instance", metavar="INSTANCE_ID")
+    v.add_argument("-n", "--lines", type=int, default=40, help="how many lines (default 40)")
+
+    g = group("guest", "the guest that virtual machines boot (Debian's cloud kernel and vdisk's initramfs)")
+    verb(g, "prepare", cmd_guest_prepare, "fetch the kernel and build the initramfs now (cached for the host)")
 
     g = group("disk", "create, attach, detach, resize, reset and delete disks")
     v = verb(g, "create", cmd_disk_create, "create an Available disk, empty or from a snapshot")

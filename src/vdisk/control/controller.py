@@ -28,6 +28,7 @@ from .cloud_params import CLOUD_PARAMS
 from .direct import DirectActions
 from .errors import CloudError, invalid, not_found
 from .images import ImageActions
+from .machines import MachineActions
 from .snapshot_groups import SnapshotGroupActions
 from .validate import CLIENT_TOKEN, Params, check_id, check_request, new_id, shown
 
@@ -80,7 +81,7 @@ UNAPPLIED_FILTERS = {
                       "EnableAutomatedSnapshotPolicy", "EnableShared", "Encrypted", "KMSKeyId", "LockReason",
                       "MultiAttach", "ResourceGroupId", "Tag.", "Filter."),
     "DescribeInstances": ("DeviceAvailable", "EipAddresses", "HpcClusterId", "InnerIpAddresses", "InstanceChargeType",
-                          "InstanceNetworkType", "InstanceType", "InstanceTypeFamily", "InternetChargeType",
+                          "InstanceNetworkType", "InstanceTypeFamily", "InternetChargeType",
                           "IoOptimized", "KeyPairName", "LockReason", "PrivateIpAddresses", "PublicIpAddresses",
                           "RdmaIpAddresses", "ResourceGroupId", "SecurityGroupId", "VSwitchId", "VpcId", "Tag.",
                           "Filter."),
@@ -114,10 +115,12 @@ class Host:
     def resized(self, instance_id: str, disk_id: str) -> None: ...
 
 
-class Controller(SnapshotGroupActions, ImageActions, DirectActions):
-    def __init__(self, pool: Pool, host: Host | None = None, settings: dict | None = None):
+class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActions):
+    def __init__(self, pool: Pool, host: Host | None = None, settings: dict | None = None, vms=None):
         self.pool = pool
         self.host = host
+        self.vms = vms  # vdisk.vm.supervisor.Machines in the daemon; None offline
+        self.invocations = {}
         self.settings = dict(settings or {})
         # strict: refuse parameters that neither the cloud's API nor vdisk
         # knows for the action (a typo), instead of ignoring them as the cloud does
@@ -409,6 +412,8 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
             )
         if inst["Status"] not in ("Running", "Stopped"):
             raise _instance_status(inst, "attach a disk", "Running or Stopped")
+        if self._is_vm(inst) and inst["Status"] != "Stopped":
+            raise _instance_status(inst, "attach a disk to its virtual machine (vdisk does not hot-plug)", "Stopped")
         if disk["Type"] == "system":
             if any(d["Type"] == "system" for d in self._instance_disks(inst["InstanceId"])):
                 raise CloudError(
@@ -445,6 +450,8 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
             )
         if disk["Type"] == "system" and inst["Status"] != "Stopped":
             raise _instance_status(inst, "detach its system disk", "Stopped")
+        if self._is_vm(inst) and inst["Status"] != "Stopped":
+            raise _instance_status(inst, "detach a disk from its virtual machine (vdisk does not hot-plug)", "Stopped")
         if inst["Status"] == "Running":
             try:
                 self._require_host("Detaching a disk from a running instance").remove_disk(inst["InstanceId"], disk["DiskId"])
@@ -501,6 +508,7 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
         name = p.name("InstanceName")
         desc = p.description()
         image = self._image(p) if p.str("ImageId") else None
+        itype = self._instance_type(p)
         data_specs = p.struct_list("DataDisk", ("Size", "Category", "PerformanceLevel", "DiskName", "Description", "SnapshotId", "DeleteWithInstance"))
         sysnap = None
         if image is not None:
@@ -542,13 +550,15 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
             d.update(Status="In_use", InstanceId=inst["InstanceId"], Device="/dev/xvd" + "bcdefghijklmnopq"[n], AttachedTime=now())
         if image is not None:
             inst["ImageId"] = image["ImageId"]
+        if itype is not None:
+            inst.update(InstanceType=itype[0], Cpu=itype[1], Memory=itype[2] * 1024)
         self._create_disks([(system, sysnap)] + data, extra=inst)
         return {"InstanceId": inst["InstanceId"], "SystemDiskId": system["DiskId"], "DataDiskIds": [d["DiskId"] for d, _ in data]}
 
     def do_DescribeInstances(self, p: Params) -> dict:
         ids = p.list("InstanceIds")
         status = p.str("Status")
-        match = _matching(p, {"InstanceName": "InstanceName", "ImageId": "ImageId"})
+        match = _matching(p, {"InstanceName": "InstanceName", "ImageId": "ImageId", "InstanceType": "InstanceType"})
         self._dry_run(p)
         out = []
         for inst in sorted(self._all("instance"), key=lambda r: (r["CreationTime"], r["InstanceId"])):
@@ -568,8 +578,11 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
         for inst in res["Instances"]["Instance"]:
             rec = {**INSTANCE_FIXED, **self._public(inst)}
             rec["Disks"] = attached.get(inst["InstanceId"], [])
-            if inst["Status"] == "Running" and self.host is not None:
+            if inst["Status"] != "Stopped" and self.host is not None:
                 rec["DiskDirectory"] = self.host.path(inst["InstanceId"], "")
+            vm = self._machine_view(inst)
+            if vm is not None:
+                rec["VirtualMachine"] = vm
             page.append(rec)
         res["Instances"]["Instance"] = page
         return res
@@ -582,19 +595,28 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
         disks = self._instance_disks(inst["InstanceId"])
         if not any(d["Type"] == "system" for d in disks):
             raise CloudError("InvalidOperation.NoSystemDisk", "Instance %s has no system disk; attach one first." % inst["InstanceId"], 403)
+        if self._is_vm(inst):
+            self._require_vms("Starting a virtual machine")
         self._dry_run(p)
         host.expose(inst["InstanceId"], {d["DiskId"]: d["_volume"] for d in disks})
-        inst.update(Status="Running", StartTime=now())
-        self._put("instance", inst)
         try:
+            if self._is_vm(inst):
+                self._start_machine(inst, disks)  # Running once its agent answers (machine_event)
+            inst.update(Status="Starting" if self._is_vm(inst) else "Running", StartTime=now(), StoppedReason="")
+            self._put("instance", inst)
             self.pool.commit()
         except Exception:
-            host.withdraw(inst["InstanceId"])
+            if self._is_vm(inst) and self.vms.machine(inst["InstanceId"]) is not None:
+                self.vms.stop(inst["InstanceId"], force=True)  # its exit withdraws the disks
+            else:
+                host.withdraw(inst["InstanceId"])
             raise
         return {}
 
     def do_StopInstance(self, p: Params) -> dict:
         inst = self._instance(p)
+        if self._is_vm(inst):
+            return self._stop_vm_instance(inst, p)
         if inst["Status"] != "Running":
             raise _instance_status(inst, "stop it", "Running")
         host = self._require_host("Stopping an instance")
@@ -608,6 +630,23 @@ class Controller(SnapshotGroupActions, ImageActions, DirectActions):
         except Busy as exc:
             raise self._busy(exc, "Instance %s cannot stop" % inst["InstanceId"]) from None
         inst["Status"] = "Stopped"
+        self._put("instance", inst)
+        self.pool.commit()
+        return {}
+
+    def _stop_vm_instance(self, inst: dict, p: Params) -> dict:
+        """Power off (ForceStop: cut the power); the instance is Stopping
+        until the machine is gone (machine_event)."""
+        force = p.bool("ForceStop")
+        # a stop in progress may be forced, as in the cloud's console
+        allowed = ("Running", "Starting", "Stopping") if force else ("Running", "Starting")
+        if inst["Status"] not in allowed:
+            raise _instance_status(inst, "stop it", " or ".join(allowed))
+        self._dry_run(p)
+        if not self._stop_machine(inst, force):
+            self.machine_event(inst["InstanceId"], "gone", "stopped (it had no machine)")
+            return {}
+        inst["Status"] = "Stopping"
         self._put("instance", inst)
         self.pool.commit()
         return {}

@@ -37,6 +37,7 @@ from ..engine.pool import Pool
 from ..fuse import discard
 from ..fuse.fastpath import FastPath
 from ..fuse.fs import DiskFS
+from ..vm.supervisor import STOP_TIMEOUT, Machines
 from . import lock
 from .committer import Committer
 from .notify import notify
@@ -142,7 +143,8 @@ class Daemon:
         self.fs = DiskFS(pool, mp, self.committer)
         # the commit thread holds the GIL in stretches; hand it back quickly
         sys.setswitchinterval(0.001)
-        self.ctl = Controller(pool, host=self.fs)
+        self.vms = Machines(self.paths.vm_dir, on_ready=self._vm_ready, on_exit=self._vm_gone)
+        self.ctl = Controller(pool, host=self.fs, vms=self.vms)
         options = set(pyfuse3.default_options)
         options |= {"fsname=vdisk", "subtype=vdisk"}
         pyfuse3.init(self.fs, mp, options)
@@ -201,7 +203,16 @@ class Daemon:
 
     def _restore_running(self) -> None:
         for inst in self.ctl._all("instance"):
-            if inst["Status"] == "Running":
+            if self.ctl._is_vm(inst) and inst["Status"] != "Stopped":
+                # its machine died with the previous daemon (as with a host
+                # that lost power); a QEMU still running is killed
+                self.vms.forget_stale(inst["InstanceId"])
+                inst.update(Status="Stopped", StoppedReason="the vdisk daemon stopped while it ran (a power cut)")
+                self.ctl._put("instance", inst)
+                self.fs.pool.commit()
+                log.warning("instance %s was a running virtual machine when the daemon stopped: it is Stopped now",
+                            inst["InstanceId"])
+            elif inst["Status"] == "Running":
                 disks = self.ctl._instance_disks(inst["InstanceId"])
                 self.fs.expose(inst["InstanceId"], {d["DiskId"]: d["_volume"] for d in disks})
                 log.info("instance %s is Running: its %d disk(s) are back", inst["InstanceId"], len(disks))
@@ -221,6 +232,7 @@ class Daemon:
                 if self._efd is not None:
                     nursery.start_soon(self._feed_fast)
                 await nursery.start(self.committer.run)
+                await nursery.start(self.vms.run)
                 await nursery.start(self._serve_control)
                 if self.http is not None:
                     await nursery.start(self._serve_http)
@@ -322,9 +334,43 @@ class Daemon:
             await self.committer.after_write()
             self.fs.pool.refill_fast()
 
+    async def _vm_ready(self, instance_id: str) -> None:
+        await self._vm_event(instance_id, "ready")
+
+    async def _vm_gone(self, instance_id: str, reason: str) -> None:
+        await self._vm_event(instance_id, "gone", reason)
+
+    async def _vm_event(self, instance_id: str, state: str, reason: str = "") -> None:
+        """A machine booted or went away: the controller updates the
+        instance, one control action at a time like any other."""
+        async with self._control:
+            await self.committer.idle()
+            try:
+                self.ctl.machine_event(instance_id, state, reason)
+            except Exception:  # noqa: BLE001 - the daemon must keep serving
+                log.exception("recording that the machine of %s is %s failed", instance_id, state)
+
+    async def _power_off_machines(self) -> None:
+        """Before a stop by signal: power the virtual machines off (as a
+        host's shutdown does), hard after the stop timeout."""
+        running = list(self.vms.machines)
+        if not running:
+            return
+        log.info("powering off %d virtual machine(s) before stopping: %s", len(running), ", ".join(running))
+        async with self._control:
+            for iid in running:
+                try:
+                    self.ctl.handle({"Action": "StopInstance", "InstanceId": iid})
+                except Exception:  # noqa: BLE001
+                    log.exception("stopping %s", iid)
+        with trio.move_on_after(STOP_TIMEOUT + 10):
+            while self.vms.machines or self.vms.booting:
+                await trio.sleep(0.2)
+
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for sig in signals:
+                await self._power_off_machines()
                 held = self.fs.open_files()
                 if held:
                     log.error("ignoring signal %d: disk files are held open: %s", sig, ", ".join(held))
@@ -431,6 +477,13 @@ class Daemon:
                 return {"Code": "InvalidParameter", "Message": "The parameter Force is invalid: expected true or false",
                         "HttpStatus": 400}
             held = self.fs.open_files()
+            if self.vms.machines and not force:
+                return {
+                    "Code": "DaemonBusy",
+                    "Message": "instances run as virtual machines (%s); stop them first (vdisk instance stop ID), "
+                    "or force it (a power cut for them)" % ", ".join(sorted(self.vms.machines)),
+                    "HttpStatus": 409,
+                }
             if held and not force:
                 return {
                     "Code": "DaemonBusy",
