@@ -20,6 +20,7 @@ import sys
 import time
 
 from ..config import Paths
+from ..control.machines import DEFAULT_INSTANCE_TYPE
 from ..daemon import client
 from ..harness import VDiskEnv
 from ..host import loop
@@ -86,22 +87,7 @@ class Runner:
             scen.start(rng.randrange(1 << 30))
             time.sleep(self.warmup)
             t0 = time.monotonic_ns()
-            if mode == "atomic":
-                gid = self.call("CreateSnapshotGroup", InstanceId=iid, DiskId=disks)["SnapshotGroupId"]
-                g = self.call("DescribeSnapshotGroups", SnapshotGroupId=[gid])["SnapshotGroups"]["SnapshotGroup"][0]
-                by_disk = {m["SourceDiskId"]: m["SnapshotId"] for m in g["Snapshots"]["Snapshot"]}
-                snaps = [by_disk[d] for d in disks]
-            else:
-                if self.staggered_order == "reverse":  # the data disk before its journal/log
-                    order = list(reversed(range(len(disks))))
-                else:
-                    order = sorted(range(len(disks)), key=lambda _: rng.random())
-                result["order"] = order
-                snaps = [None] * len(disks)
-                for n, i in enumerate(order):
-                    if n:
-                        time.sleep(gap)
-                    snaps[i] = self.call("CreateSnapshot", DiskId=disks[i])["SnapshotId"]
+            snaps = self._snapshot(iid, disks, mode, gap, rng, result)
             result["snapshot_ms"] = (time.monotonic_ns() - t0) / 1e6
             time.sleep(0.3)
             scen.stop()
@@ -143,19 +129,145 @@ class Runner:
                         pass
         return result
 
+    # ------------------------------------------------------------ in a guest
+
+    def _vm_instance(self, ndata: int, name: str) -> tuple[str, list[str]]:
+        params = {"InstanceName": name, "InstanceType": DEFAULT_INSTANCE_TYPE, "SystemDisk.Size": 1,
+                  "SystemDisk.PerformanceLevel": "PL0"}
+        for i in range(1, ndata + 1):
+            params.update({"DataDisk.%d.Size" % i: 1, "DataDisk.%d.Category" % i: "cloud_essd",
+                           "DataDisk.%d.PerformanceLevel" % i: "PL0"})
+        res = self.call("CreateInstance", **params)
+        return res["InstanceId"], res["DataDiskIds"]
+
+    def _wait_status(self, iid: str, want: str, timeout: float = 600) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            inst = self.call("DescribeInstances", InstanceIds=[iid])["Instances"]["Instance"][0]
+            if inst["Status"] == want:
+                return inst
+            if want == "Running" and inst["Status"] == "Stopped":
+                raise RuntimeError("instance %s did not boot: %s" % (iid, inst.get("StoppedReason")))
+            if time.monotonic() > deadline:
+                raise RuntimeError("instance %s is still %s after %d s" % (iid, inst["Status"], timeout))
+            time.sleep(0.2)
+
+    def _invocation(self, invoke_id: str) -> dict:
+        r = self.call("DescribeInvocationResults", InvokeId=invoke_id, ContentEncoding="PlainText")
+        return r["Invocation"]["InvocationResults"]["InvocationResult"][0]
+
+    def guest_run(self, iid: str, script: str, timeout: int = 600) -> str:
+        """Run a script in the guest and wait: its output (exit 0 required)."""
+        inv = self.call("RunCommand", Type="RunShellScript", CommandContent=script, InstanceId=[iid], Timeout=timeout)
+        while True:
+            r = self._invocation(inv["InvokeId"])
+            if r["InvocationStatus"] != "Running":
+                break
+            time.sleep(0.2)
+        if r["InvocationStatus"] != "Success":
+            raise RuntimeError("in the guest: %s (%s): %s" % (r["ErrorInfo"], r["ErrorCode"], r["Output"].strip()[-500:]))
+        return r["Output"]
+
+    def _power_cut(self, iid: str) -> None:
+        inst = self.call("DescribeInstances", InstanceIds=[iid])["Instances"]["Instance"][0]
+        if inst["Status"] != "Stopped":
+            self.call("StopInstance", InstanceId=iid, ForceStop=True)
+            self._wait_status(iid, "Stopped", 120)
+
+    def vm_trial(self, scen, iid: str, disks: list[str], mode: str, gap: float, rng: random.Random) -> dict:
+        """One trial of a scenario that runs in a guest (vdisk.consistency.guest)."""
+        result = {"scenario": scen.name, "mode": mode}
+        snaps, checker = [], None
+        try:
+            self.call("StartInstance", InstanceId=iid)
+            self._wait_status(iid, "Running")
+            self.guest_run(iid, scen.setup_script(), timeout=600)
+            seed = rng.randrange(1 << 30)
+            load = self.call("RunCommand", Type="RunShellScript", CommandContent=scen.load_script(seed),
+                             InstanceId=[iid], Timeout=86400)["InvokeId"]
+            time.sleep(self.warmup + 1.5)  # the guest starts its writers first
+            # what the daemon had received before the snapshot began was durable before it
+            before = scen.acked(self._invocation(load)["Output"])
+            t0 = time.monotonic_ns()
+            snaps = self._snapshot(iid, disks, mode, gap, rng, result)
+            result["snapshot_ms"] = (time.monotonic_ns() - t0) / 1e6
+            time.sleep(0.3)
+            self._power_cut(iid)
+            after = scen.acked(self._invocation(load)["Output"])
+            result["durable_before"] = scen.durable_count(before)
+            copies = [self.call("CreateDisk", SnapshotId=s, DiskCategory="cloud_essd", PerformanceLevel="PL0")["DiskId"]
+                      for s in snaps]
+            checker = self.call("CreateInstance", InstanceName="check", InstanceType=DEFAULT_INSTANCE_TYPE,
+                                **{"SystemDisk.Size": 1, "SystemDisk.PerformanceLevel": "PL0"})["InstanceId"]
+            for d in copies:
+                self.call("AttachDisk", InstanceId=checker, DiskId=d, DeleteWithInstance=True)
+            self.call("StartInstance", InstanceId=checker)
+            self._wait_status(checker, "Running")
+            counts = {tag: len(after[tag]) for tag in ("s", "l")}
+            out = self.guest_run(checker, scen.check_script(seed, counts), timeout=1800)
+            problems = scen.judge(out, before, after)
+            result["consistent"] = not problems
+            result["problems"] = problems
+        except Exception as exc:  # noqa: BLE001 - a broken trial is reported, not hidden
+            result["consistent"] = None
+            result["error"] = "%s: %s" % (type(exc).__name__, exc)
+        finally:
+            for inst in (iid, checker):
+                if inst is None:
+                    continue
+                try:
+                    self._power_cut(inst)
+                except RuntimeError:
+                    pass
+            if checker is not None:
+                try:
+                    self.call("DeleteInstance", InstanceId=checker)
+                except RuntimeError:
+                    pass
+            for s in snaps:
+                try:
+                    self.call("DeleteSnapshot", SnapshotId=s, Force=True)
+                except RuntimeError:
+                    pass
+        return result
+
+    def _snapshot(self, iid, disks, mode, gap, rng, result) -> list[str]:
+        """An instance snapshot of the disks, or (the control) per-disk
+        snapshots in random or reverse order, gap seconds apart."""
+        if mode == "atomic":
+            gid = self.call("CreateSnapshotGroup", InstanceId=iid, DiskId=disks)["SnapshotGroupId"]
+            g = self.call("DescribeSnapshotGroups", SnapshotGroupId=[gid])["SnapshotGroups"]["SnapshotGroup"][0]
+            by_disk = {m["SourceDiskId"]: m["SnapshotId"] for m in g["Snapshots"]["Snapshot"]}
+            return [by_disk[d] for d in disks]
+        if self.staggered_order == "reverse":  # the data disk before its journal/log
+            order = list(reversed(range(len(disks))))
+        else:
+            order = sorted(range(len(disks)), key=lambda _: rng.random())
+        result["order"] = order
+        snaps = [None] * len(disks)
+        for n, i in enumerate(order):
+            if n:
+                time.sleep(gap)
+            snaps[i] = self.call("CreateSnapshot", DiskId=disks[i])["SnapshotId"]
+        return snaps
+
     def scenario(self, scen: Scenario, trials: int, staggered: int, gap_range: tuple[float, float], seed: int) -> list[dict]:
-        os.makedirs(scen.mnt, exist_ok=True)
-        iid = self.env.instance(ndata=scen.ndisks, name="cons")[0]
-        disks = [d["DiskId"] for d in self.call("DescribeDisks", InstanceId=iid)["Disks"]["Disk"] if d["Type"] == "data"]
-        disks.sort(key=lambda d: self.call("DescribeDisks", DiskIds=[d])["Disks"]["Disk"][0]["Device"])
-        self.call("StartInstance", InstanceId=iid)
+        vm = getattr(scen, "vm", False)
+        if vm:
+            iid, disks = self._vm_instance(scen.ndisks, "cons")
+        else:
+            os.makedirs(scen.mnt, exist_ok=True)
+            iid = self.env.instance(ndata=scen.ndisks, name="cons")[0]
+            disks = [d["DiskId"] for d in self.call("DescribeDisks", InstanceId=iid)["Disks"]["Disk"] if d["Type"] == "data"]
+            disks.sort(key=lambda d: self.call("DescribeDisks", DiskIds=[d])["Disks"]["Disk"][0]["Device"])
+            self.call("StartInstance", InstanceId=iid)
         rng = random.Random(seed)
         modes = ["atomic"] * trials + ["staggered"] * staggered
         rng.shuffle(modes)
         out = []
         for n, mode in enumerate(modes, 1):
             gap = rng.uniform(*gap_range)
-            r = self.trial(scen, iid, disks, mode, gap, rng)
+            r = (self.vm_trial if vm else self.trial)(scen, iid, disks, mode, gap, rng)
             if mode == "staggered":
                 r["gap_ms"] = round(gap * 1000)
             verdict = {True: "consistent", False: "INCONSISTENT", None: "ERROR"}[r["consistent"]]

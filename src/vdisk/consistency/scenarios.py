@@ -16,6 +16,8 @@ import sys
 import time
 
 from ..harness import stop_process
+from .checks import judge_files
+from .guest import LvmInGuest
 
 MKE2FS = ["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]
 
@@ -45,10 +47,6 @@ def kernel_errors_since(marker: str, patterns=("parent transid verify failed", "
     if idx is None:
         return []
     return [l for l in out[idx + 1:] if any(p in l for p in patterns)]
-
-
-def _few(items, n=3) -> str:
-    return "; ".join("%s: %s" % x for x in items[:n]) + (" ..." if len(items) > n else "")
 
 
 class Scenario:
@@ -102,7 +100,7 @@ class Scenario:
         full size with other content (its metadata reached the disk, its data
         did not); and the whole files form a prefix of the log (file k+1 was
         created only after file k's fsync returned)."""
-        problems, state = [], []
+        state = []
         for name, sha, size, t_done in expected["files"]:
             p = os.path.join(root, name)
             try:
@@ -120,20 +118,7 @@ class Scenario:
                 state.append((name, "full size, wrong content", t_done))
             else:
                 state.append((name, "partial (%d of %d bytes)" % (len(data), size), t_done))
-        lost = [(n, s) for n, s, t in state if t < expected["before"] and s != "whole"]
-        if lost:
-            problems.append("%d of %d files fsynced before the snapshot are not whole (%s)" % (
-                len(lost), sum(1 for *_, t in state if t < expected["before"]), _few(lost)))
-        garbled = [(n, s) for n, s, _ in state if s.startswith("full size") or s.startswith("unreadable")]
-        if garbled:
-            problems.append("%d files have their full size but not their data (%s)" % (len(garbled), _few(garbled)))
-        first_bad = next((i for i, (_, s, _) in enumerate(state) if s != "whole"), None)
-        if first_bad is not None:
-            later_whole = [n for n, s, _ in state[first_bad + 1:] if s == "whole"]
-            if later_whole:
-                problems.append("%s is %s but %d later files are whole (e.g. %s): not one point in time" % (
-                    state[first_bad][0], state[first_bad][1], len(later_whole), later_whole[0]))
-        return problems
+        return judge_files(state, expected["before"])
 
     # -------------------------------------------------------------- mounts
     def mount(self, target: str, *args) -> None:
@@ -442,4 +427,5 @@ class MariaDBThreeDisks(Scenario):
         return problems
 
 
-SCENARIOS = {cls.name: cls for cls in (Ext4ExternalJournal, XfsExternalLog, BtrfsAcrossDisks, LvmStriped, MariaDBThreeDisks)}
+SCENARIOS = {cls.name: cls for cls in (Ext4ExternalJournal, XfsExternalLog, BtrfsAcrossDisks, LvmStriped, MariaDBThreeDisks,
+                                       LvmInGuest)}

@@ -338,6 +338,12 @@ class Daemon:
         await self._vm_event(instance_id, "ready")
 
     async def _vm_gone(self, instance_id: str, reason: str) -> None:
+        # The kernel closes a dead process's files (FUSE RELEASE) a moment
+        # later, and QEMU's io_uring keeps them until its ring is torn down:
+        # wait for that before the disk files are withdrawn.
+        with trio.move_on_after(30):
+            while self.fs.busy(instance_id):
+                await trio.sleep(0.05)
         await self._vm_event(instance_id, "gone", reason)
 
     async def _vm_event(self, instance_id: str, state: str, reason: str = "") -> None:
