@@ -39,6 +39,12 @@ class LvmInGuest:
                    if shutil.which(t) is None]
         if missing:
             return "needs %s (scripts/setup installs qemu-system-x86, busybox-static, lvm2, cpio)" % ", ".join(missing)
+        from ..vm import assets
+
+        try:
+            assets.ensure()
+        except (assets.AssetError, OSError) as exc:
+            return "the guest cannot be built here: %s" % exc
         return None
 
     def setup_script(self) -> str:
