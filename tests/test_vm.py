@@ -81,7 +81,7 @@ def vm():
     need_vm()
     env = VDiskEnv(prefix="vdisk-vm-test-")
     try:
-        env.start()
+        env.start("--http", "127.0.0.1:0")
         iid = env.run("instance", "create", "--vm", "--name", "vmtest", "--system-size", "1", "--system-pl", "PL0",
                       "--data-disk", "1:cloud_essd:PL0", "--data-disk", "2:cloud_essd:PL0").stdout.strip()
         yield env, iid
@@ -234,4 +234,61 @@ def test_a_daemon_killed_under_a_running_machine(vm):
     assert inst["Status"] == "Stopped" and "power cut" in inst["StoppedReason"]
     assert env.j("instance", "start", iid)["Status"] == "Running"
     env.j("instance", "stop", iid)
+
+
+def test_the_official_sdk_boots_runs_and_power_cuts_a_machine(vm):
+    """The cloud's own flow through its SDK over HTTP: CreateInstance with an
+    InstanceType, StartInstance, poll Starting -> Running, RunCommand and
+    DescribeInvocationResults (Base64 both ways), StopInstance with
+    ForceStop, poll Stopping -> Stopped, DeleteInstance."""
+    ecs = pytest.importorskip("alibabacloud_ecs20140526.client")
+    from alibabacloud_ecs20140526 import models as m
+    from alibabacloud_tea_openapi import models as om
+
+    env, _ = vm
+    key = env.j("accesskey", "create")
+    host, port = env.j("daemon", "status")["Http"].rsplit(":", 1)
+    c = ecs.Client(om.Config(access_key_id=key["AccessKeyId"], access_key_secret=key["AccessKeySecret"],
+                             endpoint="%s:%s" % (host, port), protocol="http", region_id="cn-hangzhou"))
+    r = c.create_instance(m.CreateInstanceRequest(
+        region_id="cn-hangzhou", instance_type="ecs.c7.large", instance_name="sdkvm",
+        system_disk=m.CreateInstanceRequestSystemDisk(size=1, category="cloud_essd", performance_level="PL0")))
+    iid = r.body.instance_id
+
+    def status():
+        got = c.describe_instances(m.DescribeInstancesRequest(region_id="cn-hangzhou", instance_ids=json.dumps([iid])))
+        inst = got.body.instances.instance[0]
+        assert (inst.instance_type, inst.cpu, inst.memory) == ("ecs.c7.large", 2, 4096)
+        return inst.status
+
+    def wait(want, timeout=300):
+        seen, deadline = set(), time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = status()
+            seen.add(st)
+            if st == want:
+                return seen
+            time.sleep(0.3)
+        raise AssertionError("still %s, not %s" % (st, want))
+
+    c.start_instance(m.StartInstanceRequest(instance_id=iid))
+    assert "Starting" in wait("Running")
+    import base64
+
+    inv = c.run_command(m.RunCommandRequest(region_id="cn-hangzhou", type="RunShellScript", instance_id=[iid],
+                                            command_content=base64.b64encode(b"echo $((6*7)); nproc").decode(),
+                                            content_encoding="Base64")).body
+    deadline = time.monotonic() + 120
+    while True:
+        res = c.describe_invocation_results(m.DescribeInvocationResultsRequest(region_id="cn-hangzhou",
+                                                                              invoke_id=inv.invoke_id)).body
+        one = res.invocation.invocation_results.invocation_result[0]
+        if one.invocation_status != "Running" or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert (one.invocation_status, one.exit_code, one.instance_id) == ("Success", 0, iid)
+    assert base64.b64decode(one.output).decode().split() == ["42", "2"]
+    c.stop_instance(m.StopInstanceRequest(instance_id=iid, force_stop=True))
+    wait("Stopped")
+    c.delete_instance(m.DeleteInstanceRequest(instance_id=iid))
 

@@ -43,6 +43,7 @@ DEFAULT_INSTANCE_TYPE = "ecs.t6-c1m1.large"
 # the cloud's RunCommand: Timeout 10..86400 s, default 60; CommandContent at most 18 KB
 RUN_TIMEOUT_DEFAULT, RUN_TIMEOUT_MAX = 60, 86400
 COMMAND_MAX = 18 * 1024
+MAX_INVOCATIONS = 1000  # kept in memory for DescribeInvocationResults
 
 
 def guest_memory_mib(memory_gib: int) -> int:
@@ -148,6 +149,11 @@ class MachineActions:
 
         command_id, invoke_id = new_id("c"), new_id("t")
         invs = self.invocations
+        while len(invs) >= MAX_INVOCATIONS:  # the oldest finished first (dicts keep their order)
+            done = next((k for k, per in invs.items() if all(i.status != "Running" for i in per.values())), None)
+            if done is None:
+                break
+            del invs[done]
         invs[invoke_id] = {}
         for inst in insts:
             inv = Invocation(invoke_id, content, timeout)
