@@ -430,6 +430,20 @@ def cmd_instance_console(app: App) -> int:
     return EXIT_OK
 
 
+def cmd_guest_rootfs(app: App) -> int:
+    """A minimal Debian root filesystem (debootstrap), cached; prints its directory."""
+    from ..vm import assets
+
+    include = [p for spec in app.args.include or [] for p in spec.split(",") if p]
+    try:
+        path = assets.rootfs(include, app.args.suite, app.args.mirror,
+                             lambda s: print(s + " ...", file=sys.stderr, flush=True))
+    except assets.AssetError as exc:
+        raise CLIError(str(exc), EXIT_REFUSED) from None
+    app.out({"RootFs": path}, path)
+    return EXIT_OK
+
+
 def cmd_guest_prepare(app: App) -> int:
     """Fetch the guest kernel and build the initramfs now (else the first
     start of a virtual machine does it)."""
@@ -633,6 +647,21 @@ def cmd_image_create(app: App) -> int:
         params["DiskDeviceMapping.%d.SnapshotId" % i] = sid
         params["DiskDeviceMapping.%d.DiskType" % i] = "data"
     res = app.call("CreateImage", **params)
+    app.out(res, res["ImageId"])
+    return EXIT_OK
+
+
+def cmd_image_import(app: App) -> int:
+    """A root filesystem (a directory, such as `vdisk guest rootfs` makes)
+    as a custom image whose instances boot it."""
+    from ..host import loop
+    from ..vm import system_image
+
+    try:
+        res = system_image.import_rootfs(app.call, app.args.rootfs, app.args.name, app.args.size,
+                                         lambda s: print(s + " ...", file=sys.stderr, flush=True))
+    except (system_image.ImageImportError, loop.LoopError) as exc:
+        raise CLIError(str(exc), EXIT_REFUSED) from None
     app.out(res, res["ImageId"])
     return EXIT_OK
 
@@ -933,6 +962,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = group("guest", "the guest that virtual machines boot (Debian's cloud kernel and vdisk's initramfs)")
     verb(g, "prepare", cmd_guest_prepare, "fetch the kernel and build the initramfs now (cached for the host)")
+    v = verb(g, "rootfs", cmd_guest_rootfs, "a minimal Debian root filesystem (debootstrap), for `vdisk image import`")
+    v.add_argument("--include", action="append", metavar="PKG[,PKG...]", help="Debian packages to add (repeatable)")
+    v.add_argument("--suite", default="bookworm", help="Debian suite (default bookworm)")
+    v.add_argument("--mirror", default="http://deb.debian.org/debian", help="Debian mirror")
 
     g = group("disk", "create, attach, detach, resize, reset and delete disks")
     v = verb(g, "create", cmd_disk_create, "create an Available disk, empty or from a snapshot")
@@ -1009,6 +1042,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data-snapshot", action="append", metavar="SNAPSHOT_ID", help="a data disk's snapshot (repeatable)")
     v.add_argument("--name")
     v.add_argument("--description")
+    v = verb(g, "import", cmd_image_import, "make an image whose system disk holds a root filesystem "
+             "(virtual machines made from it boot that system)")
+    v.add_argument("rootfs", metavar="DIR", help="the root filesystem, e.g. from `vdisk guest rootfs`")
+    v.add_argument("--name")
+    v.add_argument("--size", type=int, metavar="GIB", help="system disk size (default: twice the tree, at least 2)")
     verb(g, "list", cmd_image_list, "list images")
     verb(g, "delete", cmd_image_delete, "delete an image (its snapshots can then be deleted)").add_argument("image", metavar="IMAGE_ID")
 

@@ -67,6 +67,7 @@ class Runner:
         self.staggered_order = staggered_order
         self.paths = Paths.resolve(env.data, env.mnt)
         self.warmup = warmup
+        self.images: dict[str, str | None] = {}  # scenario -> the image its guests boot
         self.progress = progress
 
     def call(self, action, **params):
@@ -131,9 +132,21 @@ class Runner:
 
     # ------------------------------------------------------------ in a guest
 
-    def _vm_instance(self, ndata: int, name: str) -> tuple[str, list[str]]:
-        params = {"InstanceName": name, "InstanceType": DEFAULT_INSTANCE_TYPE, "SystemDisk.Size": 1,
-                  "SystemDisk.PerformanceLevel": "PL0"}
+    def _system_image(self, scen) -> str | None:
+        """The image a guest scenario boots (a Debian system with its
+        packages, `vdisk guest rootfs` + `vdisk image import`), made once per
+        run; None: vdisk's initramfs alone."""
+        pkgs = getattr(scen, "image_packages", None)
+        if not pkgs:
+            return None
+        from ..vm import assets, system_image
+
+        rootfs = assets.rootfs(list(pkgs), progress=self.progress)
+        return system_image.import_rootfs(self.call, rootfs, "cons-" + scen.name, None, self.progress)["ImageId"]
+
+    def _vm_instance(self, ndata: int, name: str, image: str | None = None) -> tuple[str, list[str]]:
+        params = {"InstanceName": name, "InstanceType": DEFAULT_INSTANCE_TYPE, "SystemDisk.PerformanceLevel": "PL0"}
+        params.update({"ImageId": image} if image else {"SystemDisk.Size": 1})
         for i in range(1, ndata + 1):
             params.update({"DataDisk.%d.Size" % i: 1, "DataDisk.%d.Category" % i: "cloud_essd",
                            "DataDisk.%d.PerformanceLevel" % i: "PL0"})
@@ -197,14 +210,12 @@ class Runner:
             result["durable_before"] = scen.durable_count(before)
             copies = [self.call("CreateDisk", SnapshotId=s, DiskCategory="cloud_essd", PerformanceLevel="PL0")["DiskId"]
                       for s in snaps]
-            checker = self.call("CreateInstance", InstanceName="check", InstanceType=DEFAULT_INSTANCE_TYPE,
-                                **{"SystemDisk.Size": 1, "SystemDisk.PerformanceLevel": "PL0"})["InstanceId"]
+            checker = self._vm_instance(0, "check", self.images.get(scen.name))[0]
             for d in copies:
                 self.call("AttachDisk", InstanceId=checker, DiskId=d, DeleteWithInstance=True)
             self.call("StartInstance", InstanceId=checker)
             self._wait_status(checker, "Running")
-            counts = {tag: len(after[tag]) for tag in ("s", "l")}
-            out = self.guest_run(checker, scen.check_script(seed, counts), timeout=1800)
+            out = self.guest_run(checker, scen.check_script(seed, after), timeout=1800)
             problems = scen.judge(out, before, after)
             result["consistent"] = not problems
             result["problems"] = problems
@@ -254,7 +265,9 @@ class Runner:
     def scenario(self, scen: Scenario, trials: int, staggered: int, gap_range: tuple[float, float], seed: int) -> list[dict]:
         vm = getattr(scen, "vm", False)
         if vm:
-            iid, disks = self._vm_instance(scen.ndisks, "cons")
+            if scen.name not in self.images:
+                self.images[scen.name] = self._system_image(scen)
+            iid, disks = self._vm_instance(scen.ndisks, "cons", self.images[scen.name])
         else:
             os.makedirs(scen.mnt, exist_ok=True)
             iid = self.env.instance(ndata=scen.ndisks, name="cons")[0]

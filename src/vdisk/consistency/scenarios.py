@@ -17,7 +17,7 @@ import time
 
 from ..harness import stop_process
 from .checks import judge_files
-from .guest import LvmInGuest
+from .guest import LvmInGuest, MariaDBOnLvmInGuest
 
 MKE2FS = ["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"]
 
@@ -428,4 +428,4 @@ class MariaDBThreeDisks(Scenario):
 
 
 SCENARIOS = {cls.name: cls for cls in (Ext4ExternalJournal, XfsExternalLog, BtrfsAcrossDisks, LvmStriped, MariaDBThreeDisks,
-                                       LvmInGuest)}
+                                       LvmInGuest, MariaDBOnLvmInGuest)}

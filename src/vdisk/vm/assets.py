@@ -232,3 +232,41 @@ def _initramfs(root: str, kdir: str, release: str, progress) -> str:
         if old.startswith("initrd-") and os.path.join(root, old) != target:
             os.unlink(os.path.join(root, old))
     return target
+
+
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+
+
+def rootfs(include: list[str], suite: str = "bookworm", mirror: str = DEFAULT_MIRROR, progress=lambda s: None) -> str:
+    """A minimal Debian root filesystem (debootstrap --variant=minbase with
+    the packages in include), cached under the guest cache by what it holds;
+    its directory.  vdisk image import writes it onto a system disk, which
+    the guest's /init switches to (a filesystem labelled vdisk-root)."""
+    _need("debootstrap")
+    pkgs = sorted(set(include))
+    for p in pkgs:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]*", p):
+            raise AssetError("%r is not a Debian package name" % p)
+    root = cache_dir()
+    os.makedirs(root, mode=0o755, exist_ok=True)
+    digest = hashlib.sha256(repr((suite, mirror, pkgs)).encode()).hexdigest()[:12]
+    target = os.path.join(root, "rootfs-%s-%s" % (suite, digest))
+    with open(os.path.join(root, ".lock"), "w") as lockf:
+        fcntl.flock(lockf, fcntl.LOCK_EX)
+        if os.path.isdir(target):
+            return target
+        progress("debootstrap %s (%s) from %s" % (suite, ", ".join(pkgs) or "minbase", mirror))
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            tree = os.path.join(tmp, "root")
+            args = ["debootstrap", "--variant=minbase"] + (["--include=" + ",".join(pkgs)] if pkgs else [])
+            _run(*args, suite, tree, mirror)
+            for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
+                d = os.path.join(tree, junk)
+                for f in os.listdir(d):
+                    if f.endswith((".deb", "_Packages", "_InRelease", "_Release")):
+                        os.unlink(os.path.join(d, f))
+            with open(os.path.join(tree, "etc", "fstab"), "w") as f:
+                f.write("LABEL=vdisk-root / ext4 defaults 0 1\n")
+            os.rename(tree, target)
+    return target
+
