@@ -493,7 +493,20 @@ def main() -> int:
                     help="comma-separated parts of fio pattern names to run (say 'fsync'); default all")
     ap.add_argument("--barrier-runtime", type=int, default=20, help="seconds of load per barrier run (default 20)")
     ap.add_argument("--memory-gib", type=int, default=10, help="GiB written for the memory figure (default 10)")
+    ap.add_argument("--vm", action="store_true",
+                    help="only what a virtual machine costs: boot, stop, memory, guest/host ratios (scripts/bench_vm.py)")
     a = ap.parse_args()
+    if a.vm:
+        from bench_vm import print_vm, vm_costs
+
+        if os.geteuid() != 0:
+            raise SystemExit("scripts/bench needs root (loop devices)")
+        results = {"machine": machine(), "repeat": a.repeat, "vm": vm_costs(a.repeat, log)}
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "bench-vm.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        print(json.dumps(results, indent=2)) if a.json else print_vm(results["vm"])
+        return 0
     a.targets = set(a.targets.split(","))
     wanted = [w for w in a.patterns.split(",") if w]
     a.patterns = [p for p in PATTERNS if not wanted or any(w in p[0] for w in wanted)]

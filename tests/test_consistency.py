@@ -1,8 +1,10 @@
 """The short run of the consistency suite (scripts/consistency): every
 multi-disk layout restored from instance snapshots taken under load must be
-consistent, and the staggered control (data disk snapshotted 600 ms before
-its journal/log; what a tool without the barrier does) must be caught, or the
-scenario could not tell a broken barrier from a working one."""
+consistent, and the staggered control (per-disk snapshots 600 ms apart in
+the order the layout breaks in: for the host's filesystems the data disk
+before its journal/log, for MariaDB the log disks before the data; what a
+tool without the barrier does) must be caught, or the scenario could not
+tell a broken barrier from a working one."""
 import os
 import sys
 
