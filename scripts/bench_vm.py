@@ -58,8 +58,8 @@ def vm_costs(repeat: int, log) -> dict:
     try:
         env.start()
         iid = env.run("instance", "create", "--vm", "--system-size", "1", "--system-pl", "PL0",
-                      "--data-disk", "2:cloud_essd:PL1").stdout.strip()
-        host_inst, host_disks = env.instance(ndata=1, size=2, pl="PL1", name="hostside")
+                      "--data-disk", "20:cloud_essd:PL1").stdout.strip()
+        host_inst, host_disks = env.instance(ndata=1, size=20, pl="PL1", name="hostside")
         env.run("instance", "start", host_inst)
         boots, stops, cuts = [], [], []
         for _ in range(repeat):
@@ -95,7 +95,7 @@ def vm_costs(repeat: int, log) -> dict:
         for name, (cmd, amount) in work.items():
             g = statistics.median(_timed_guest(env, iid, cmd.format(dev="/dev/vdb")) for _ in range(repeat))
             h = statistics.median(_timed_host(cmd.format(dev=dev)) for _ in range(repeat))
-            rows[name] = {"guest": amount / g, "host": amount / h, "ratio": h / g}
+            rows[name] = {"guest": amount / g, "host": amount / h, "ratio": h / g}  # guest rate / host rate
         # fsynced files for 5 s (ext4 on each side)
         env.run("instance", "run", iid, "mkfs.ext4 -q -F /dev/vdb && mount /dev/vdb /mnt")
         sh("mkfs.ext4", "-q", "-F", dev)
@@ -110,7 +110,7 @@ def vm_costs(repeat: int, log) -> dict:
         finally:
             sh("umount", mnt)
             sh("losetup", "-d", dev)
-        rows["fsynced files on ext4 (per s)"] = {"guest": gfiles, "host": hfiles, "ratio": hfiles / gfiles}
+        rows["fsynced files on ext4 (per s)"] = {"guest": gfiles, "host": hfiles, "ratio": gfiles / hfiles}
         res["work"] = rows
         with open("/proc/%d/status" % vm["Pid"]) as f:
             res["qemu_rss_after_mib"] = int(next(l for l in f if l.startswith("VmRSS")).split()[1]) // 1024
@@ -124,9 +124,9 @@ def print_vm(res: dict) -> None:
     print("virtual machine costs (%s)" % res["accelerator"])
     print("  boot to Running %.1f s, power off %.1f s, power cut %.2f s; QEMU RSS %d MiB idle, %d MiB after the work"
           % (res["boot_s"], res["stop_s"], res["power_cut_s"], res["qemu_rss_idle_mib"], res["qemu_rss_after_mib"]))
-    print("  %-42s %12s %12s %9s" % ("work", "guest", "host", "host/guest"))
+    print("  %-42s %12s %12s %10s" % ("work", "guest", "host", "guest/host"))
     for name, r in res["work"].items():
-        print("  %-42s %12.1f %12.1f %9.1fx" % (name, r["guest"], r["host"], r["ratio"]))
+        print("  %-42s %12.1f %12.1f %10.3f" % (name, r["guest"], r["host"], r["ratio"]))
 
 
 if __name__ == "__main__":
