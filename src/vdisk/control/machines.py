@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import logging
 import os
 
@@ -81,14 +82,16 @@ class MachineActions:
         vms = self._require_vms("Starting a virtual machine")
         order = sorted(disks, key=lambda d: (d["Type"] != "system", d["Device"]))
         drives = [(self.host.path(inst["InstanceId"], d["DiskId"]), d["DiskId"].removeprefix("d-")) for d in order]
-        vms.start(inst["InstanceId"], inst["InstanceId"], inst["Cpu"], guest_memory_mib(inst["Memory"] // 1024), drives)
+        with _refused():
+            vms.start(inst["InstanceId"], inst["InstanceId"], inst["Cpu"], guest_memory_mib(inst["Memory"] // 1024), drives)
 
     def _stop_machine(self, inst: dict, force: bool) -> bool:
         """StopInstance of a VM instance; False when it has no machine."""
         vms = self._require_vms("Stopping a virtual machine")
         if vms.machine(inst["InstanceId"]) is None and inst["InstanceId"] not in vms.booting:
             return False
-        vms.stop(inst["InstanceId"], force)
+        with _refused():
+            vms.stop(inst["InstanceId"], force)
         return True
 
     def machine_event(self, instance_id: str, state: str, reason: str = "") -> None:
@@ -156,9 +159,9 @@ class MachineActions:
             del invs[done]
         invs[invoke_id] = {}
         for inst in insts:
-            inv = Invocation(invoke_id, content, timeout)
-            inv.command_id = command_id
-            vms.invoke(inst["InstanceId"], inv)
+            inv = Invocation(invoke_id, content, timeout, command_id)
+            with _refused():
+                vms.invoke(inst["InstanceId"], inv)
             invs[invoke_id][inst["InstanceId"]] = inv
         return {"CommandId": command_id, "InvokeId": invoke_id}
 
@@ -207,3 +210,16 @@ class MachineActions:
             if inv is not None and inv.status == "Running":
                 self._require_vms("StopInvocation").stop_invocation(iid, inv.invoke_id)
         return {}
+
+
+@contextlib.contextmanager
+def _refused():
+    """A machine that cannot do it now (still being prepared, its agent not
+    ready) is the instance's state, answered as the cloud answers one."""
+    from ..vm.machine import MachineError
+
+    try:
+        yield
+    except MachineError as exc:
+        raise CloudError("IncorrectInstanceStatus", "%s; try again in a moment." % exc, 403) from None
+

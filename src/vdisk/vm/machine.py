@@ -84,6 +84,7 @@ class Invocation:
     invoke_id: str
     command: str
     timeout: float
+    command_id: str = ""
     started: str = field(default_factory=lambda: _now())
     lines: list = field(default_factory=list)  # (monotonic_ns received, text)
     size: int = 0
@@ -184,18 +185,21 @@ class Machine:
                 await self.process.wait()
                 nursery.cancel_scope.cancel()
         finally:
-            if self.process.returncode is None:
-                self.process.kill()
+            with trio.CancelScope(shield=True):  # a daemon that stops takes QEMU down, and waits for it
+                if self.process.returncode is None:
+                    if not self.exit_reason:
+                        self.exit_reason = "the vdisk daemon stopped (a power cut)"
+                    self.process.kill()
                 await self.process.wait()
-            rc = self.process.returncode
-            if not self.exit_reason:
-                self.exit_reason = "powered off" if rc == 0 else "QEMU exited %s: %s" % (rc, self.qemu_error())
-            self.state = "gone"
-            for inv in self.invocations.values():
-                inv.finish("Failed", error_code="InstanceStopped", error_info="the instance stopped: %s" % self.exit_reason)
-            self.gone.set()
-            if self._agent is not None:
-                await trio.aclose_forcefully(self._agent)
+                rc = self.process.returncode
+                if not self.exit_reason:
+                    self.exit_reason = "powered off" if rc == 0 else "QEMU exited %s: %s" % (rc, self.qemu_error())
+                self.state = "gone"
+                for inv in self.invocations.values():
+                    inv.finish("Failed", error_code="InstanceStopped", error_info="the instance stopped: %s" % self.exit_reason)
+                self.gone.set()
+                if self._agent is not None:
+                    await trio.aclose_forcefully(self._agent)
 
     def qemu_error(self) -> str:
         try:
