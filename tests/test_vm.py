@@ -124,6 +124,19 @@ def test_start_boots_the_disks_in_the_clouds_order(vm):
     assert "virtio-" + disks[1]["DiskId"].removeprefix("d-") in links
 
 
+def test_an_online_resize_reaches_the_guest(vm):
+    """ResizeDisk of a running machine's disk: the guest's block device grows
+    at once, as with the cloud's online resize."""
+    env, iid = vm
+    disk = sorted((d for d in env.j("disk", "list", "--instance", iid)["Disks"]["Disk"] if d["Type"] == "data"),
+                  key=lambda d: d["Device"])[1]
+    assert disk["Size"] == 2
+    env.run("disk", "resize", disk["DiskId"], "--size", "3")
+    out = run(env, iid, "for i in $(seq 100); do [ $(cat /sys/block/vdc/size) = %d ] && break; sleep 0.1; done; "
+                        "cat /sys/block/vdc/size" % (3 << 21)).stdout
+    assert int(out) * 512 == 3 << 30
+
+
 def test_run_command_reports_output_and_exit_code(vm):
     env, iid = vm
     r = env.run("instance", "run", iid, "echo out; echo err >&2; exit 3", check=False)

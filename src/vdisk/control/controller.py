@@ -479,6 +479,8 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
         inst = self.pool.get_record("instance/" + disk["InstanceId"]) if disk["InstanceId"] else None
         if inst and inst["Status"] == "Running" and self.host is not None:
             self.host.resized(inst["InstanceId"], disk["DiskId"])
+            if self._is_vm(inst) and self.vms is not None:  # the guest sees it at once
+                self.vms.resize(inst["InstanceId"], disk["DiskId"].removeprefix("d-"), new * GIB)
         return {}
 
     def do_ModifyDiskAttribute(self, p: Params) -> dict:

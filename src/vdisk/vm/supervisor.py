@@ -15,7 +15,7 @@ import os
 import trio
 
 from . import assets
-from .machine import Drive, Invocation, Machine, MachineError, accelerator_note, kill_stale
+from .machine import Drive, Invocation, Machine, MachineError, accelerator_note, kill_stale, qmp
 
 log = logging.getLogger(__name__)
 STOP_TIMEOUT = float(os.environ.get("VDISK_VM_STOP_TIMEOUT", "60"))
@@ -106,6 +106,26 @@ class Machines:
             m.exit_reason = m.exit_reason if m.exit_reason and m.exit_reason != "powered off" else "stopped (powered off)"
             return
         m.kill("did not power off within %d s: stopped hard" % timeout)
+
+    def resize(self, instance_id: str, serial: str, size: int) -> None:
+        """Tell a running machine that a disk grew (its file already did):
+        QMP block_resize, so the guest sees the new capacity at once (the
+        cloud's online ResizeDisk)."""
+        m = self.machines.get(instance_id)
+        if m is None or m.gone.is_set():
+            return
+        drive = next(("disk%d" % n for n, d in enumerate(m.drives) if d.serial == serial), None)
+        if drive is None:
+            return
+
+        async def tell():
+            try:
+                with trio.fail_after(10):
+                    await qmp(m.qmp_path, "block_resize", device=drive, size=size)
+            except (OSError, MachineError, trio.TooSlowError, ValueError) as exc:
+                log.error("%s: the guest was not told that %s grew: %s", instance_id, drive, exc)
+
+        self._nursery.start_soon(tell)
 
     def machine(self, instance_id: str) -> Machine | None:
         return self.machines.get(instance_id)
