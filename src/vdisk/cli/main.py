@@ -135,7 +135,8 @@ class App:
 
 DISK_COLS = [("DISK", "DiskId"), ("NAME", "DiskName"), ("SIZE", "Size"), ("CATEGORY", "Category"), ("PL", "PerformanceLevel"),
              ("TYPE", "Type"), ("STATUS", "Status"), ("INSTANCE", "InstanceId"), ("DEVICE", "Device")]
-INST_COLS = [("INSTANCE", "InstanceId"), ("NAME", "InstanceName"), ("STATUS", "Status"), ("DISKS", "Disks"), ("CREATED", "CreationTime")]
+INST_COLS = [("INSTANCE", "InstanceId"), ("NAME", "InstanceName"), ("STATUS", "Status"), ("TYPE", "InstanceType"),
+             ("DISKS", "Disks"), ("CREATED", "CreationTime")]
 SNAP_COLS = [("SNAPSHOT", "SnapshotId"), ("NAME", "SnapshotName"), ("DISK", "SourceDiskId"), ("DISK SIZE", "SourceDiskSize"),
              ("STATUS", "Status"), ("SIZE", "SnapshotSizeH"), ("CREATED", "CreationTime")]
 
