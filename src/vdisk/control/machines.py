@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 # (vCPUs, memory GiB) of some of the cloud's instance types.
 INSTANCE_TYPES = {
-    "ecs.t6-c1m1.large": (2, 1 * 2),
-    "ecs.t6-c1m2.large": (2, 2 * 2),
+    "ecs.t6-c1m1.large": (2, 2),
+    "ecs.t6-c1m2.large": (2, 4),
     "ecs.c7.large": (2, 4),
     "ecs.g7.large": (2, 8),
     "ecs.r7.large": (2, 16),

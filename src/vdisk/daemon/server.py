@@ -6,7 +6,9 @@ control socket (JSON lines, mode 0600).  Everything runs in one trio thread:
 FUSE requests and control actions never interleave inside one another.
 
 Startup re-exposes the instances the catalogue says are Running (a daemon
-restart is like a host restart the instance did not notice).  SIGTERM/SIGINT
+restart is like a host restart the instance did not notice); instances that
+are virtual machines (vdisk.vm, owned by the Machines supervisor) come back
+Stopped, since their machine died with the previous daemon.  SIGTERM/SIGINT
 or the Shutdown action stop it cleanly: it refuses while a disk file is held
 open (unless forced), unmounts, commits and closes the pool.  So does an
 unmount from outside (`umount MOUNTPOINT`, as with sshfs or S3QL): the kernel
