@@ -323,8 +323,7 @@ def cmd_instance_list(app: App) -> int:
 
 
 def cmd_instance_show(app: App) -> int:
-    inst = app.one("DescribeInstances", "InstanceIds", app.args.instance, ("Instances", "Instance"),
-                   "instance", "InvalidInstanceId.NotFound")
+    inst = _describe_instance(app, app.args.instance)
     app.out(inst, _show(inst))
     return EXIT_OK
 

@@ -19,6 +19,13 @@ import shutil
 from .checks import judge_files
 
 PAGES = 2048  # the large file: 8 MiB, rewritten in rounds across the stripes
+# Both guest scenarios: a volume group "vg" over the three data disks (their
+# first 8 MiB zeroed, so nothing of the previous trial's layout is found).
+VG_OVER_THREE_DISKS = """set -e
+for d in vdb vdc vdd; do dd if=/dev/zero of=/dev/$d bs=1M count=8 oflag=direct 2>/dev/null; done
+pvcreate -qq -ff -y /dev/vdb /dev/vdc /dev/vdd
+vgcreate -qq vg /dev/vdb /dev/vdc /dev/vdd
+"""
 
 
 class LvmInGuest:
@@ -48,11 +55,7 @@ class LvmInGuest:
         return None
 
     def setup_script(self) -> str:
-        return """set -e
-for d in vdb vdc vdd; do dd if=/dev/zero of=/dev/$d bs=1M count=8 oflag=direct 2>/dev/null; done
-pvcreate -qq -ff -y /dev/vdb /dev/vdc /dev/vdd
-vgcreate -qq vg /dev/vdb /dev/vdc /dev/vdd
-lvcreate -qq -y -n lin -L 512m vg /dev/vdb:0-63 /dev/vdc:0-63
+        return VG_OVER_THREE_DISKS + """lvcreate -qq -y -n lin -L 512m vg /dev/vdb:0-63 /dev/vdc:0-63
 lvcreate -qq -y -n str -i 3 -I 64k -L 600m vg
 vgchange -qq -ay vg
 mkfs.ext4 -q -F /dev/vg/str
@@ -106,7 +109,7 @@ echo CHECKED
     def durable_count(self, before: dict) -> int:
         return len(before["s"]) + len(before["l"])
 
-    def judge(self, check_output: str, before: dict, after: dict) -> list[str]:
+    def judge(self, check_output: str, before: dict) -> list[str]:
         """Problems in the check's output: files acknowledged before the
         snapshot must be whole and the whole files a prefix of the log (per
         directory); every page of the large file holds a whole round, no
@@ -180,11 +183,7 @@ class MariaDBOnLvmInGuest:
         return None
 
     def setup_script(self) -> str:
-        return """set -e
-for d in vdb vdc vdd; do dd if=/dev/zero of=/dev/$d bs=1M count=8 oflag=direct 2>/dev/null; done
-pvcreate -qq -ff -y /dev/vdb /dev/vdc /dev/vdd
-vgcreate -qq vg /dev/vdb /dev/vdc /dev/vdd
-lvcreate -qq -y -n logs -L 512m vg /dev/vdb:0-63 /dev/vdc:0-63
+        return VG_OVER_THREE_DISKS + """lvcreate -qq -y -n logs -L 512m vg /dev/vdb:0-63 /dev/vdc:0-63
 lvcreate -qq -y -n db -i 3 -I 64k -L 600m vg
 mkfs.ext4 -q -F /dev/vg/db
 mkfs.ext4 -q -F /dev/vg/logs
@@ -246,7 +245,7 @@ echo CHECKED
     def durable_count(self, before: dict) -> int:
         return before["count"]
 
-    def judge(self, check_output: str, before: dict, after: dict) -> list[str]:
+    def judge(self, check_output: str, before: dict) -> list[str]:
         """The server recovers; CHECK TABLE is clean; the balances still sum
         to the total; the transfers are 1..k without a gap (one client,
         committing in order) and k reaches every transfer acknowledged

@@ -216,7 +216,7 @@ class Runner:
             self.call("StartInstance", InstanceId=checker)
             self._wait_status(checker, "Running")
             out = self.guest_run(checker, scen.check_script(seed, after), timeout=1800)
-            problems = scen.judge(out, before, after)
+            problems = scen.judge(out, before)
             result["consistent"] = not problems
             result["problems"] = problems
         except Exception as exc:  # noqa: BLE001 - a broken trial is reported, not hidden

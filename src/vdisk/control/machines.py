@@ -83,7 +83,7 @@ class MachineActions:
         order = sorted(disks, key=lambda d: (d["Type"] != "system", d["Device"]))
         drives = [(self.host.path(inst["InstanceId"], d["DiskId"]), d["DiskId"].removeprefix("d-")) for d in order]
         with _refused():
-            vms.start(inst["InstanceId"], inst["InstanceId"], inst["Cpu"], guest_memory_mib(inst["Memory"] // 1024), drives)
+            vms.start(inst["InstanceId"], inst["Cpu"], guest_memory_mib(inst["Memory"] // 1024), drives)
 
     def _stop_machine(self, inst: dict, force: bool) -> bool:
         """StopInstance of a VM instance; False when it has no machine."""

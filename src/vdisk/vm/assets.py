@@ -206,9 +206,9 @@ def _initramfs(root: str, kdir: str, release: str, progress) -> str:
             dest = os.path.join(tree, lib.lstrip("/"))
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             shutil.copy2(os.path.realpath(lib), dest)
-        for lib64 in ("lib64",):  # the dynamic loader's path as the binaries name it
-            if os.path.isdir(os.path.join(tree, "usr", lib64)) and not os.path.exists(os.path.join(tree, lib64)):
-                os.symlink("usr/" + lib64, os.path.join(tree, lib64))
+        # the dynamic loader's path as the binaries name it (/lib64 -> usr/lib64)
+        if os.path.isdir(os.path.join(tree, "usr", "lib64")) and not os.path.exists(os.path.join(tree, "lib64")):
+            os.symlink("usr/lib64", os.path.join(tree, "lib64"))
         for c in LVM_COMMANDS:
             os.symlink("lvm", os.path.join(tree, "sbin", c))
         os.symlink("mke2fs", os.path.join(tree, "sbin", "mkfs.ext4"))

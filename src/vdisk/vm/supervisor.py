@@ -44,13 +44,13 @@ class Machines:
         if kill_stale(self.dir_of(instance_id)):
             log.warning("killed the QEMU that the previous daemon left for %s", instance_id)
 
-    def start(self, instance_id: str, name: str, cpus: int, memory_mib: int, drives: list[tuple[str, str]]) -> None:
+    def start(self, instance_id: str, cpus: int, memory_mib: int, drives: list[tuple[str, str]]) -> None:
         if instance_id in self.machines or instance_id in self.booting:
             raise MachineError("instance %s already has a machine" % instance_id)
         self.booting.add(instance_id)
-        self._nursery.start_soon(self._life, instance_id, name, cpus, memory_mib, [Drive(p, s) for p, s in drives])
+        self._nursery.start_soon(self._life, instance_id, cpus, memory_mib, [Drive(p, s) for p, s in drives])
 
-    async def _life(self, instance_id, name, cpus, memory_mib, drives) -> None:
+    async def _life(self, instance_id, cpus, memory_mib, drives) -> None:
         reason = ""
         try:
             try:
@@ -144,7 +144,6 @@ class Machines:
         m = self.machines.get(instance_id)
         if m is None or not m.ready.is_set():
             raise MachineError("the guest agent of %s is not ready" % instance_id)
-        m.invocations[inv.invoke_id] = inv
 
         async def send():
             try:
