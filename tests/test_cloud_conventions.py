@@ -128,7 +128,7 @@ def test_describe_filters_apply_or_are_refused(ctl):
     snap = ok(ctl, "CreateSnapshot", DiskId=b)["SnapshotId"]
     c = ok(ctl, "CreateDisk", SnapshotId=snap, DiskCategory="cloud_essd", PerformanceLevel="PL0")["DiskId"]
     assert ids(SnapshotId=snap) == [c]
-    for action, param in (("DescribeDisks", "Tag.1.Key"), ("DescribeDisks", "Encrypted"), ("DescribeInstances", "VpcId"),
+    for action, param in (("DescribeDisks", "Filter.1.Key"), ("DescribeDisks", "Encrypted"), ("DescribeInstances", "VpcId"),
                           ("DescribeSnapshots", "Usage"), ("DescribeImages", "OSType")):
         res = ctl.handle({"Action": action, param: "x"})
         assert res["Code"] == "UnsupportedParameter" and param in res["Message"], res

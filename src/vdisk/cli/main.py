@@ -177,9 +177,22 @@ def cmd_daemon_run(app: App) -> int:
     http = _http_address(app)
     if app.args.strict:
         os.environ["VDISK_STRICT"] = "1"
+    clock = _clock_options(app)
     for note in secure_data_dir(app.paths.data_dir):
         logging.getLogger("vdisk").warning("%s", note)
-    return run(app.paths, http)
+    return run(app.paths, http, clock)
+
+
+def _clock_options(app: App) -> tuple:
+    """(speed, start seconds) from --clock-speed/--clock-start, checked."""
+    from ..control.clock import ClockError, check_speed, parse_iso
+
+    try:
+        speed = check_speed(app.args.clock_speed) if app.args.clock_speed else None
+        start = parse_iso(app.args.clock_start) if app.args.clock_start else None
+    except ClockError as exc:
+        raise CLIError(str(exc), EXIT_USAGE) from None
+    return speed, start
 
 
 def cmd_daemon_start(app: App) -> int:
@@ -195,6 +208,11 @@ def cmd_daemon_start(app: App) -> int:
         cmd += ["--http", "[%s]:%d" % http, "--http-allow-remote"]
     if app.args.strict:
         cmd.append("--strict")
+    speed, start = _clock_options(app)
+    if speed is not None:
+        cmd += ["--clock-speed", repr(speed)]
+    if start is not None:
+        cmd += ["--clock-start", app.args.clock_start]
     logfd = open_private(app.paths.log)
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logfd, stderr=logfd, start_new_session=True)
@@ -534,9 +552,15 @@ def cmd_snapshot_create(app: App) -> int:
     a = app.args
     res = app.call("CreateSnapshot", DiskId=a.disk, SnapshotName=a.name, Description=a.description,
                    InstantAccess=a.instant_access or None, InstantAccessRetentionDays=a.instant_access_days,
-                   RetentionDays=a.retention_days)
+                   RetentionDays=a.retention_days, **_tags(a.tag))
     app.out(res, res["SnapshotId"])
     return EXIT_OK
+
+
+def _tags(pairs) -> dict:
+    from .lifecycle import _tag_params
+
+    return _tag_params(pairs)
 
 
 def cmd_snapshot_list(app: App) -> int:
@@ -572,7 +596,8 @@ def cmd_group_create(app: App) -> int:
     res = app.call(
         "CreateSnapshotGroup", InstanceId=a.instance, DiskId=a.disk or None, ExcludeDiskId=a.exclude_disk or None,
         Name=a.name, Description=a.description, InstantAccess=a.instant_access or None,
-        InstantAccessRetentionDays=a.instant_access_days, ClientToken=a.client_token,
+        InstantAccessRetentionDays=a.instant_access_days, ClientToken=a.client_token, RetentionDays=a.retention_days,
+        **_tags(a.tag),
     )
     app.out(res, res["SnapshotGroupId"])
     return EXIT_OK
@@ -906,6 +931,12 @@ def build_parser() -> argparse.ArgumentParser:
         v.add_argument("--http-allow-remote", action="store_true", help="allow a HOST that is not loopback")
         v.add_argument("--strict", action="store_true", help="refuse parameters an action does not take (typos), "
                        "where the cloud ignores them ($VDISK_STRICT=1)")
+        v.add_argument("--clock-speed", metavar="N", default=os.environ.get("VDISK_CLOCK_SPEED"),
+                       help="run the control plane's clock N times faster than real time (3600: an hour a second), "
+                       "for watching policies and retention; default $VDISK_CLOCK_SPEED, else 1")
+        v.add_argument("--clock-start", metavar="TIME", default=os.environ.get("VDISK_CLOCK_START"),
+                       help="set the clock to TIME (ISO 8601, e.g. 2026-12-07T00:00:00+08:00) at this start; it "
+                       "never runs backwards (default $VDISK_CLOCK_START)")
 
     d = group("daemon", "run, start, stop the vdisk daemon (one per data directory)")
     v = verb(d, "run", cmd_daemon_run, "run the daemon in the foreground")
@@ -994,14 +1025,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--snapshot", required=True, metavar="SNAPSHOT_ID")
     verb(g, "delete", cmd_disk_delete, "delete an Available disk").add_argument("disk", metavar="DISK_ID")
 
-    g = group("snapshot", "create, list and delete disk snapshots")
+    g = snap_group = group("snapshot", "create, list, copy and delete disk snapshots")
     v = verb(g, "create", cmd_snapshot_create, "snapshot a disk (durable when this returns)")
     v.add_argument("disk", metavar="DISK_ID")
     v.add_argument("--name")
     v.add_argument("--description")
     v.add_argument("--instant-access", action="store_true")
     v.add_argument("--instant-access-days", type=int, metavar="DAYS")
-    v.add_argument("--retention-days", type=int, metavar="DAYS")
+    v.add_argument("--retention-days", type=int, metavar="DAYS", help="delete it after DAYS days")
+    v.add_argument("--tag", action="append", metavar="KEY[=VALUE]")
     v = verb(g, "list", cmd_snapshot_list, "list snapshots")
     v.add_argument("--disk", metavar="DISK_ID")
     v.add_argument("--instance", metavar="INSTANCE_ID")
@@ -1018,8 +1050,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--exclude-disk", action="append", metavar="DISK_ID", help="include all disks but these (repeatable)")
     v.add_argument("--name")
     v.add_argument("--description")
-    v.add_argument("--instant-access", action="store_true", help="recorded and reported; every local snapshot is usable at once")
+    v.add_argument("--instant-access", action="store_true", help="usable at once even while progressing "
+                   "(vdisk pool set --snapshot-upload-rate)")
     v.add_argument("--instant-access-days", type=int, metavar="DAYS", help="instant access retention, 1-65535 days")
+    v.add_argument("--retention-days", type=int, metavar="DAYS", help="delete the whole group after DAYS days")
+    v.add_argument("--tag", action="append", metavar="KEY[=VALUE]")
     v.add_argument("--client-token", metavar="TOKEN", help="idempotency token: a retry returns the first group")
     v = verb(g, "list", cmd_group_list, "list snapshot groups")
     v.add_argument("--instance", metavar="INSTANCE_ID")
@@ -1060,11 +1095,26 @@ def build_parser() -> argparse.ArgumentParser:
     verb(g, "detach", cmd_loop_detach, "detach a loop device (by device or disk id)").add_argument("target", metavar="DEVICE|DISK_ID")
     verb(g, "list", cmd_loop_list, "list loop devices on vdisk disks")
 
+    from . import lifecycle
+
+    lifecycle.register(group, verb)
+    v = verb(snap_group, "copy", lifecycle.cmd_snapshot_copy, "copy a snapshot (CopySnapshot: a new id that shares "
+             "the source's blocks, with its own retention)")
+    v.add_argument("snapshot", metavar="SNAPSHOT_ID")
+    v.add_argument("--name")
+    v.add_argument("--description")
+    v.add_argument("--retention-days", type=int, metavar="DAYS")
+    v.add_argument("--region", metavar="REGION_ID", help="DestinationRegionId (default this region)")
+
     g = group("pool", "the storage pool")
     verb(g, "create", cmd_pool_create, "create an empty pool in the data directory (the daemon's first start does too)")
     verb(g, "status", cmd_pool_status, "space used, free, on disk")
     v = verb(g, "scrub", cmd_pool_scrub, "verify every block's checksum and the map (exit 4 on problems)")
     v.add_argument("--map-only", action="store_true", help="check the map only, not the data")
+    v = verb(g, "set", lifecycle.cmd_pool_set, "pool settings (ModifyPoolAttribute)")
+    v.add_argument("--snapshot-upload-rate", type=int, required=True, metavar="MB/S",
+                   help="emulate the cloud's snapshot creation time: a snapshot is progressing while its data "
+                   "(all of a disk's first, the change after) uploads at this rate; 0 (default) turns it off")
 
     g = group("accesskey", "access keys for the HTTP API (the cloud's AccessKeyId and AccessKeySecret)")
     verb(g, "create", cmd_accesskey_create, "create a key; prints its id and secret (kept in DATA_DIR/accesskeys.json, 0600)")

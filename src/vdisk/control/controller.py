@@ -11,7 +11,6 @@ fsync through the pool.
 """
 from __future__ import annotations
 
-import datetime
 import difflib
 import functools
 import hashlib
@@ -24,12 +23,18 @@ import uuid
 from ..engine.errors import Busy, EngineError, NoSpace
 from ..engine.pool import Pool
 from . import categories
+from . import schedule
+from .clock import Clock, iso
 from .cloud_params import CLOUD_PARAMS
+from .copies import CopyActions
 from .direct import DirectActions
 from .errors import CloudError, invalid, not_found
 from .images import ImageActions
+from .lifecycle import LifecycleActions
 from .machines import MachineActions
+from .policies import PolicyActions
 from .snapshot_groups import SnapshotGroupActions
+from .tags import TagActions
 from .validate import CLIENT_TOKEN, Params, check_id, check_request, new_id, shown
 
 log = logging.getLogger(__name__)
@@ -39,19 +44,17 @@ MAX_DATA_DISKS = 16
 MAX_MANUAL_SNAPSHOTS_PER_DISK = 256
 # Actions whose cloud API takes a ClientToken (CreateSnapshotGroup keeps its
 # own, recorded in the same transaction as the group).
-IDEMPOTENT = {"CreateDisk", "CreateInstance", "CreateSnapshot", "CreateImage", "ResizeDisk"}
+IDEMPOTENT = {"CreateDisk", "CreateInstance", "CreateSnapshot", "CreateImage", "ResizeDisk", "CopySnapshot"}
 # Fields the cloud fills on every disk, with what is true of every vdisk disk
-# (pay-as-you-go, not encrypted, no bursting or multi-attach, no automatic
-# snapshot policy yet, no locks, tags or resource group).
+# (pay-as-you-go, not encrypted, no bursting or multi-attach, no locks or
+# resource group).
 DISK_FIXED = {
     "DiskChargeType": "PostPaid", "Encrypted": False, "BurstingEnabled": False, "MultiAttach": "Disabled",
-    "DeleteAutoSnapshot": True, "EnableAutoSnapshot": False, "EnableAutomatedSnapshotPolicy": False,
-    "AutoSnapshotPolicyId": "", "ResourceGroupId": "", "OperationLocks": {"OperationLock": []},
-    "Tags": {"Tag": []}, "Attachments": {"Attachment": []}, "MountInstanceNum": 0,
+    "DeleteAutoSnapshot": True, "ResourceGroupId": "", "OperationLocks": {"OperationLock": []},
+    "Attachments": {"Attachment": []}, "MountInstanceNum": 0,
 }
-# ... for snapshots (local: nothing encrypted or copied, each usable at once) ...
-SNAPSHOT_FIXED = {"Encrypted": False, "RemainTime": 0, "ResourceGroupId": "", "Tags": {"Tag": []},
-                  "SourceStorageType": "disk"}
+# ... for snapshots (local: nothing encrypted) ...
+SNAPSHOT_FIXED = {"Encrypted": False, "ResourceGroupId": "", "SourceStorageType": "disk"}
 # The same for instances (not virtual machines yet: no CPU, memory or network).
 INSTANCE_FIXED = {
     "InstanceChargeType": "PostPaid", "DeletionProtection": False, "ResourceGroupId": "",
@@ -61,7 +64,8 @@ INSTANCE_FIXED = {
 # The cloud's common request parameters (any action may carry them).
 COMMON_PARAMS = {"Action", "Version", "Format", "AccessKeyId", "Signature", "SignatureMethod", "SignatureVersion",
                  "SignatureNonce", "SignatureType", "Timestamp", "RegionId", "OwnerId", "OwnerAccount",
-                 "ResourceOwnerId", "ResourceOwnerAccount", "SecurityToken", "BearerToken"}
+                 "ResourceOwnerId", "ResourceOwnerAccount", "SecurityToken", "BearerToken",
+                 "regionId"}  # the automatic snapshot policy actions' spelling
 # Parameters vdisk reads beside the cloud's (cloud_params.py): its own
 # actions', and names it accepted before it followed the cloud's.
 VDISK_PARAMS = {
@@ -71,32 +75,36 @@ VDISK_PARAMS = {
     "ListChangedBlocks": ("FirstSnapshotId", "SecondSnapshotId"),
     "GetSnapshotBlock": ("SnapshotId", "BlockIndex"),
     "DescribeSnapshotUsage": (),
+    "DescribeClock": (),
+    "ModifyPoolAttribute": ("SnapshotUploadRate",),
+    "CreateSnapshotGroup": ("RetentionDays",),
+    # the policy actions' lower-camel names, capitalised; and policies on instances
+    "CreateAutoSnapshotPolicy": ("AutoSnapshotPolicyName", "TimePoints", "RepeatWeekdays", "RetentionDays"),
+    "ModifyAutoSnapshotPolicyEx": ("AutoSnapshotPolicyId", "AutoSnapshotPolicyName", "TimePoints", "RepeatWeekdays",
+                                   "RetentionDays"),
+    "DeleteAutoSnapshotPolicy": ("AutoSnapshotPolicyId",),
+    "ApplyAutoSnapshotPolicy": ("AutoSnapshotPolicyId", "DiskIds", "instanceIds", "InstanceIds"),
+    "CancelAutoSnapshotPolicy": ("AutoSnapshotPolicyId", "DiskIds", "instanceIds", "InstanceIds"),
 }
 # Filters the cloud's Describe actions take that vdisk does not apply (names
 # from the cloud's API; a trailing "." stands for Name.N...).  Refused with
 # UnsupportedParameter: an answer that ignored them would hold resources
 # that do not match, and a script acting on it would act on the wrong ones.
 UNAPPLIED_FILTERS = {
-    "DescribeDisks": ("AutoSnapshotPolicyId", "DeleteAutoSnapshot", "DiskChargeType", "EnableAutoSnapshot",
-                      "EnableAutomatedSnapshotPolicy", "EnableShared", "Encrypted", "KMSKeyId", "LockReason",
-                      "MultiAttach", "ResourceGroupId", "Tag.", "Filter."),
+    "DescribeDisks": ("DeleteAutoSnapshot", "DiskChargeType", "EnableShared", "Encrypted", "KMSKeyId", "LockReason",
+                      "MultiAttach", "ResourceGroupId", "Filter."),
     "DescribeInstances": ("DeviceAvailable", "EipAddresses", "HpcClusterId", "InnerIpAddresses", "InstanceChargeType",
                           "InstanceNetworkType", "InstanceTypeFamily", "InternetChargeType",
                           "IoOptimized", "KeyPairName", "LockReason", "PrivateIpAddresses", "PublicIpAddresses",
-                          "RdmaIpAddresses", "ResourceGroupId", "SecurityGroupId", "VSwitchId", "VpcId", "Tag.",
-                          "Filter."),
-    "DescribeSnapshots": ("Encrypted", "KMSKeyId", "SnapshotLinkId", "Usage", "ResourceGroupId", "Tag.", "Filter."),
+                          "RdmaIpAddresses", "ResourceGroupId", "SecurityGroupId", "VSwitchId", "VpcId", "Filter."),
+    "DescribeSnapshots": ("Encrypted", "KMSKeyId", "SnapshotLinkId", "Usage", "ResourceGroupId", "Filter."),
     "DescribeImages": ("ActionType", "Architecture", "ImageFamily", "ImageOwnerId", "InstanceType", "IsPublic",
                        "IsSupportCloudinit", "IsSupportIoOptimized", "OSType", "ShowExpired", "Usable", "Usage",
-                       "ResourceGroupId", "Tag.", "Filter."),
-    "DescribeSnapshotGroups": ("ResourceGroupId", "Tag."),
+                       "ResourceGroupId", "Filter."),
+    "DescribeSnapshotGroups": ("ResourceGroupId",),
 }
 REGION = "vdisk-local"
 ZONE = "vdisk-local-a"
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Host:
@@ -115,9 +123,12 @@ class Host:
     def resized(self, instance_id: str, disk_id: str) -> None: ...
 
 
-class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActions):
+class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActions, PolicyActions, LifecycleActions,
+                 TagActions, CopyActions):
     def __init__(self, pool: Pool, host: Host | None = None, settings: dict | None = None, vms=None):
         self.pool = pool
+        self.clock = Clock(pool)
+        self.region = REGION
         self.host = host
         self.vms = vms  # vdisk.vm.supervisor.Machines in the daemon; None offline
         self.invocations = {}
@@ -216,9 +227,8 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
 
     # ------------------------------------------------------------ records
 
-    @staticmethod
-    def _now() -> str:
-        return now()
+    def _now(self) -> str:
+        return iso(self.clock.now())
 
     @staticmethod
     def _page(p: Params, items: list, outer: str, inner: str, default_max: int = 100) -> dict:
@@ -255,8 +265,12 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
 
     def _public(self, rec: dict) -> dict:
         out = {k: v for k, v in rec.items() if not k.startswith("_")}
+        out["Tags"] = self._tags_public(rec)
         if "DiskId" in rec and "SnapshotId" not in rec:
             out.update(DISK_FIXED)
+            policy = rec.get("AutoSnapshotPolicyId", "")
+            out.update(AutoSnapshotPolicyId=policy, EnableAutoSnapshot=bool(policy),
+                       EnableAutomatedSnapshotPolicy=bool(policy))
             if rec["Status"] == "In_use":
                 out["Attachments"] = {"Attachment": [{"InstanceId": rec["InstanceId"], "Device": rec["Device"],
                                                       "AttachedTime": rec["AttachedTime"]}]}
@@ -332,7 +346,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
             "InstanceId": "",
             "Device": "",
             "SourceSnapshotId": snapshot["SnapshotId"] if snapshot else "",
-            "CreationTime": now(),
+            "CreationTime": self._now(),
             "AttachedTime": "",
             "DetachedTime": "",
             "DeleteWithInstance": p.bool(prefix + "DeleteWithInstance", default=dtype == "system"),
@@ -357,9 +371,10 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
 
     def do_CreateDisk(self, p: Params) -> dict:
         snap = self._snapshot(p) if p.str("SnapshotId") else None
-        if snap is not None and snap["Status"] != "accomplished":
-            raise CloudError("IncorrectSnapshotStatus", "Snapshot %s is still %s." % (snap["SnapshotId"], snap["Status"]))
+        if snap is not None:
+            self._usable(snap, "make a disk")
         disk = self._new_disk(p, "", "data", snapshot=snap, create_disk=True)
+        disk["_tags"] = self._tags_given(p)
         self._create_disks([(disk, snap)])
         return {"DiskId": disk["DiskId"]}
 
@@ -370,12 +385,19 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
         dtype = p.str("DiskType", choices=("all", "system", "data"))
         match = _matching(p, {"DiskName": "DiskName", "Category": "Category", "PerformanceLevel": "PerformanceLevel",
                               "SnapshotId": "SourceSnapshotId"}, {"Portable": "Portable", "DeleteWithInstance": "DeleteWithInstance"})
+        tagged = self._tag_filter(p)
+        policy = p.str("AutoSnapshotPolicyId")
+        enabled = [p.bool(k) for k in ("EnableAutoSnapshot", "EnableAutomatedSnapshotPolicy") if p.req.get(k) is not None]
         self._dry_run(p)
         disks = []
         for d in sorted(self._all("disk"), key=lambda d: (d["CreationTime"], d["DiskId"])):
             if ids and d["DiskId"] not in ids:
                 continue
-            if not match(d):
+            if not match(d) or not tagged(d):
+                continue
+            if policy is not None and d.get("AutoSnapshotPolicyId", "") != policy:
+                continue
+            if any(bool(d.get("AutoSnapshotPolicyId")) != want for want in enabled):
                 continue
             if inst and d.get("InstanceId") != inst:
                 continue
@@ -427,7 +449,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
             Status="In_use",
             InstanceId=inst["InstanceId"],
             Device=self._next_device(inst["InstanceId"], disk["Type"]),
-            AttachedTime=now(),
+            AttachedTime=self._now(),
         )
         if p.bool("DeleteWithInstance", default=disk["DeleteWithInstance"]) != disk["DeleteWithInstance"]:
             disk["DeleteWithInstance"] = p.bool("DeleteWithInstance")
@@ -457,7 +479,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
                 self._require_host("Detaching a disk from a running instance").remove_disk(inst["InstanceId"], disk["DiskId"])
             except Busy as exc:
                 raise self._busy(exc, "Disk %s cannot be detached" % disk["DiskId"]) from None
-        disk.update(Status="Available", InstanceId="", Device="", DetachedTime=now())
+        disk.update(Status="Available", InstanceId="", Device="", DetachedTime=self._now())
         self._put("disk", disk)
         self.pool.commit()
         return {}
@@ -542,14 +564,15 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
             "InstanceName": name or "",
             "Description": desc or "",
             "Status": "Stopped",
-            "CreationTime": now(),
+            "CreationTime": self._now(),
             "StartTime": "",
             "RegionId": REGION,
             "ZoneId": ZONE,
+            "_tags": self._tags_given(p),
         }
-        system.update(Status="In_use", InstanceId=inst["InstanceId"], Device="/dev/xvda", AttachedTime=now())
+        system.update(Status="In_use", InstanceId=inst["InstanceId"], Device="/dev/xvda", AttachedTime=self._now())
         for n, (d, _snap) in enumerate(data):
-            d.update(Status="In_use", InstanceId=inst["InstanceId"], Device="/dev/xvd" + "bcdefghijklmnopq"[n], AttachedTime=now())
+            d.update(Status="In_use", InstanceId=inst["InstanceId"], Device="/dev/xvd" + "bcdefghijklmnopq"[n], AttachedTime=self._now())
         if image is not None:
             inst["ImageId"] = image["ImageId"]
         if itype is not None:
@@ -561,12 +584,13 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
         ids = p.list("InstanceIds")
         status = p.str("Status")
         match = _matching(p, {"InstanceName": "InstanceName", "ImageId": "ImageId", "InstanceType": "InstanceType"})
+        tagged = self._tag_filter(p)
         self._dry_run(p)
         out = []
         for inst in sorted(self._all("instance"), key=lambda r: (r["CreationTime"], r["InstanceId"])):
             if ids and inst["InstanceId"] not in ids:
                 continue
-            if not match(inst):
+            if not match(inst) or not tagged(inst):
                 continue
             if status and inst["Status"] != status:
                 continue
@@ -604,7 +628,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
         try:
             if self._is_vm(inst):
                 self._start_machine(inst, disks)  # Running once its agent answers (machine_event)
-            inst.update(Status="Starting" if self._is_vm(inst) else "Running", StartTime=now(), StoppedReason="")
+            inst.update(Status="Starting" if self._is_vm(inst) else "Running", StartTime=self._now(), StoppedReason="")
             self._put("instance", inst)
             self.pool.commit()
         except Exception:
@@ -671,7 +695,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
                 doomed.append(d)
                 self._delete("disk", d["DiskId"])
             else:
-                d.update(Status="Available", InstanceId="", Device="", DetachedTime=now())
+                d.update(Status="Available", InstanceId="", Device="", DetachedTime=self._now())
                 self._put("disk", d)
         self._delete("instance", inst["InstanceId"])
         self.pool.commit()
@@ -681,7 +705,9 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
 
     # ------------------------------------------------------------ snapshots
 
-    def _check_can_snapshot(self, disk: dict) -> None:
+    def _check_can_snapshot(self, disk: dict, manual: bool = True) -> None:
+        """Whether disk can be snapshotted now; manual: a user's snapshot
+        (counted against the 256 manual snapshots of a disk)."""
         if disk["Status"] not in ("In_use", "Available"):
             raise CloudError("IncorrectDiskStatus", "Disk %s is %s and cannot be snapshotted now." % (disk["DiskId"], disk["Status"]), 403)
         if disk["InstanceId"]:
@@ -689,15 +715,16 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
             if inst["Status"] not in ("Running", "Stopped"):
                 raise _instance_status(inst, "snapshot its disks", "Running or Stopped")
         snaps = [s for s in self._all("snapshot") if s["SourceDiskId"] == disk["DiskId"]]
-        if any(s["Status"] == "progressing" for s in snaps):
+        now = self.clock.now()
+        if any(self._progress_view(s, now)["Status"] == "progressing" for s in snaps):
             raise CloudError(
                 "IncorrectDiskStatus.CreatingSnapshot",
                 "Disk %s already has a snapshot in progress; wait for it to finish." % disk["DiskId"],
                 403,
             )
-        manual = [s for s in snaps if s["SnapshotType"] == "user"]
+        users = [s for s in snaps if s["SnapshotType"] == "user"]
         limit = int(self.settings.get("max_snapshots_per_disk", MAX_MANUAL_SNAPSHOTS_PER_DISK))
-        if len(manual) >= limit:
+        if manual and len(users) >= limit:
             raise CloudError(
                 "QuotaExceed.Snapshot",
                 "Disk %s already has %d manual snapshots, the most a disk can have; delete some first." % (disk["DiskId"], limit),
@@ -711,18 +738,24 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
         instant = p.bool("InstantAccess")
         days = p.int("InstantAccessRetentionDays", lo=1, hi=65535)
         retention = p.int("RetentionDays", lo=1, hi=65536)
+        tags = self._tags_given(p)
         self._check_can_snapshot(disk)
         snap = self._snapshot_record(disk, name, desc, instant, days, retention)
+        snap["_tags"] = tags
 
         def change(tx, sids):
             snap["_snap"] = sids[0]
             self._put("snapshot", snap)
 
         self.pool.snapshot([disk["_volume"]], change)
+        self._begin_progress([snap])
         return {"SnapshotId": snap["SnapshotId"]}
 
-    def _snapshot_record(self, disk: dict, name, desc, instant: bool, days, retention=None, group_id=None) -> dict:
-        """A new snapshot record of disk (the engine snapshot id is added later)."""
+    def _snapshot_record(self, disk: dict, name, desc, instant: bool, days, retention=None, group_id=None,
+                         auto: str | None = None) -> dict:
+        """A new snapshot record of disk (the engine snapshot id is added
+        later); auto: the automatic snapshot policy that takes it."""
+        t = self.clock.now()
         rec = {
             "SnapshotId": new_id("s"),
             "SnapshotName": name or "",
@@ -732,16 +765,19 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
             "SourceDiskType": disk["Type"],
             "SourceDiskCategory": disk["Category"],
             "SourceInstanceId": disk["InstanceId"],
-            "SnapshotType": "user",
+            "SnapshotType": "auto" if auto else "user",
             "Status": "accomplished",
             "Progress": "100%",
             "Available": True,
             "InstantAccess": instant,
             "InstantAccessRetentionDays": days if instant else None,
             "RetentionDays": retention,
-            "CreationTime": now(),
+            "CreationTime": iso(t),
             "Category": "flash" if instant else "standard",
+            "_t": t,
         }
+        if auto:
+            rec["_policy"] = auto
         if group_id:
             rec["SnapshotGroupId"] = group_id
         return rec
@@ -749,7 +785,16 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
     def _snapshot_public(self, s: dict, uses: dict | None = None) -> dict:
         """A snapshot as DescribeSnapshots shows it; uses: _snapshot_uses(),
         when many are shown (read once, not once per snapshot)."""
-        out = {**SNAPSHOT_FIXED, "RegionId": REGION, "LastModifiedTime": s["CreationTime"], **self._public(s)}
+        now = self.clock.now()
+        out = {**SNAPSHOT_FIXED, "RegionId": REGION, "LastModifiedTime": s["CreationTime"], **self._public(s),
+               **self._progress_view(s, now)}
+        # vdisk's own: when retention and instant access end (the cloud shows the days only)
+        created = s.get("_t")
+        if created is not None:
+            end = schedule.expires_at(created, s.get("RetentionDays"))
+            out["RetentionEndTime"] = iso(end) if end is not None else ""
+            ia = schedule.expires_at(created, s.get("InstantAccessRetentionDays")) if s.get("InstantAccess") else None
+            out["InstantAccessEndTime"] = iso(ia) if ia is not None else ""
         out["Usage"] = (uses if uses is not None else self._snapshot_uses()).get(s["SnapshotId"], "none")
         try:
             u = self.pool.snapshot_usage(s["_snap"])
@@ -781,7 +826,9 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
         stype = p.str("SnapshotType", choices=("auto", "user", "all"))
         source = p.str("SourceDiskType", choices=("System", "Data", "system", "data"))
         category = p.str("Category", choices=("standard", "flash"))
+        tagged = self._tag_filter(p)
         self._dry_run(p)
+        now = self.clock.now()
         out = []
         for s in sorted(self._all("snapshot"), key=lambda s: (s["CreationTime"], s["_snap"])):
             if ids and s["SnapshotId"] not in ids:
@@ -798,7 +845,9 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
                 continue
             if name and s["SnapshotName"] != name:
                 continue
-            if status and status != "all" and s["Status"] != status:
+            if not tagged(s):
+                continue
+            if status and status != "all" and self._progress_view(s, now)["Status"] != status:
                 continue
             out.append(s)
         res = self._page(p, out, "Snapshots", "Snapshot")
@@ -856,8 +905,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
                 % (snap["SnapshotId"], snap["SourceDiskId"], disk["DiskId"]),
                 403,
             )
-        if snap["Status"] != "accomplished":
-            raise CloudError("IncorrectSnapshotStatus", "Snapshot %s is still %s." % (snap["SnapshotId"], snap["Status"]), 403)
+        self._usable(snap, "roll a disk back")
         if disk["InstanceId"]:
             inst = self._get("instance", disk["InstanceId"])
             if inst["Status"] != "Stopped":
@@ -867,7 +915,23 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
 
     def do_DescribePool(self, p: Params) -> dict:
         st = self.pool.stats()
-        return {"Pool": {"Path": self.pool.path, **{_camel(k): v for k, v in st.items()}}}
+        return {"Pool": {"Path": self.pool.path, **{_camel(k): v for k, v in st.items()},
+                         "SnapshotUploadRate": self._upload_rate() / 1e6, "Clock": self.clock.describe()}}
+
+    def do_ModifyPoolAttribute(self, p: Params) -> dict:
+        """vdisk's own: SnapshotUploadRate (MB/s of simulated time; 0, the
+        default, turns the emulated upload off: snapshots are accomplished
+        at once)."""
+        rate = p.int("SnapshotUploadRate", required=True, lo=0, hi=1_000_000)
+        rec = dict(self.pool.get_record("settings/lifecycle") or {})
+        rec["SnapshotUploadRate"] = rate
+        self.pool.put_record("settings/lifecycle", rec)
+        self.pool.commit()
+        return {}
+
+    def do_DescribeClock(self, p: Params) -> dict:
+        """vdisk's own: the control plane's time (simulated when sped up)."""
+        return {"Clock": self.clock.describe()}
 
     def do_ScrubPool(self, p: Params) -> dict:
         problems = self.pool.scrub(verify_data=not p.bool("MapOnly"))

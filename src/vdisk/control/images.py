@@ -44,12 +44,7 @@ class ImageActions:
         for i, m in enumerate(mappings, 1):
             sid = check_id("s", m.get("SnapshotId"), "DiskDeviceMapping.%d.SnapshotId" % i)
             snap = self._get("snapshot", sid)
-            if snap["Status"] != "accomplished":
-                raise CloudError(
-                    "IncorrectSnapshotStatus",
-                    "Snapshot %s is %s; an image needs accomplished snapshots." % (sid, snap["Status"]),
-                    403,
-                )
+            self._usable(snap, "make an image")
             dtype = m.get("DiskType") or ("system" if i == 1 else "data")
             if dtype not in ("system", "data"):
                 raise invalid("DiskDeviceMapping.%d.DiskType" % i, "system or data")
@@ -70,6 +65,7 @@ class ImageActions:
         if systems != 1:
             raise CloudError("InvalidParameter.SystemDisk", "An image needs exactly one system disk snapshot, not %d." % systems)
         out.sort(key=lambda m: m["Type"] != "system")
+        tags = self._tags_given(p)
         self._dry_run(p)
         image = {
             "ImageId": new_id("m"),
@@ -81,6 +77,7 @@ class ImageActions:
             "CreationTime": self._now(),
             "Size": out[0]["Size"],
             "DiskDeviceMappings": {"DiskDeviceMapping": out},
+            "_tags": tags,
         }
         self.pool.put_record("image/" + image["ImageId"], image)
         self.pool.commit()
@@ -92,6 +89,7 @@ class ImageActions:
         owner = p.str("ImageOwnerAlias", choices=("system", "self", "others", "marketplace"))
         status = [x.strip() for x in (p.str("Status") or "").split(",") if x.strip()]
         snap = p.str("SnapshotId")
+        tagged = self._tag_filter(p)
         self._dry_run(p)
         out = []
         for img in sorted(self._all("image"), key=lambda r: (r["CreationTime"], r["ImageId"])):
@@ -105,8 +103,12 @@ class ImageActions:
                 continue
             if name and img["ImageName"] != name:
                 continue
+            if not tagged(img):
+                continue
             out.append(img)
-        return self._page(p, out, "Images", "Image")
+        res = self._page(p, out, "Images", "Image")
+        res["Images"]["Image"] = [self._public(img) for img in res["Images"]["Image"]]
+        return res
 
     def do_DeleteImage(self, p: Params) -> dict:
         img = self._image(p)

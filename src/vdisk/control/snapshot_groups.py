@@ -16,6 +16,7 @@ import os
 import time
 
 from ..engine.errors import EngineError
+from .clock import iso
 from .errors import CloudError, invalid
 from .validate import CLIENT_TOKEN, Params, check_id, new_id
 
@@ -111,21 +112,37 @@ class SnapshotGroupActions:
         desc = p.description()
         instant = p.bool("InstantAccess")
         days = p.int("InstantAccessRetentionDays", lo=1, hi=65535)
+        retention = p.int("RetentionDays", lo=1, hi=65536)  # vdisk's own: the group expires as a whole
+        tags = self._tags_given(p)
         disks = self._group_disks(p, inst)
+        gid = self._take_group(inst, disks, name, desc, instant, days, retention, tags=tags, token=token)
+        return {"SnapshotGroupId": gid}
+
+    def _take_group(self, inst: dict, disks: list[dict], name, description, instant: bool, days, retention,
+                    auto: str | None = None, tags: dict | None = None, token: str | None = None) -> str:
+        """Snapshot disks of inst as one group, in one durable transaction;
+        its id.  auto: the policy that takes it (automatic snapshots)."""
+        now = self.clock.now()
         group = {
             "SnapshotGroupId": new_id("ssg"),
             "Name": name or "",
-            "Description": desc or "",
+            "Description": description or "",
             "InstanceId": inst["InstanceId"],
             "Status": "accomplished",
             "ProgressStatus": "100%",
-            "CreationTime": self._now(),
+            "CreationTime": iso(now),
             "InstantAccess": instant,
             "InstantAccessRetentionDays": days if instant else None,
+            "RetentionDays": retention,
             "Members": [],
+            "_t": now,
             "_ns": time.time_ns(),  # creation order within one second
+            "_tags": tags or {},
         }
-        snaps = [self._snapshot_record(d, None, None, instant, days, group_id=group["SnapshotGroupId"]) for d in disks]
+        if auto:
+            group["AutoSnapshotPolicyId"] = auto
+        snaps = [self._snapshot_record(d, name, description, instant, days, retention,
+                                       group_id=group["SnapshotGroupId"], auto=auto) for d in disks]
         group["Members"] = [s["SnapshotId"] for s in snaps]
 
         def change(tx, sids):
@@ -157,10 +174,15 @@ class SnapshotGroupActions:
                 "Snapshot group %s failed and holds no snapshot: %s" % (group["SnapshotGroupId"], exc),
                 500,
             ) from None
-        return {"SnapshotGroupId": group["SnapshotGroupId"]}
+        self._begin_progress(snaps)
+        if any(s["Status"] == "progressing" for s in snaps):
+            group.update(Status="progressing", ProgressStatus="0%")
+            self.pool.put_record("snapshotgroup/" + group["SnapshotGroupId"], group)
+            self.pool.commit()
+        return group["SnapshotGroupId"]
 
     def _group_public(self, g: dict) -> dict:
-        out = {"ResourceGroupId": "", "Tags": {"Tag": []},
+        out = {"ResourceGroupId": "", "Tags": self._tags_public(g, "Key", "Value"),
                **{k: v for k, v in g.items() if k != "Members" and not k.startswith("_")}}
         members = []
         uses = self._snapshot_uses()
@@ -169,13 +191,27 @@ class SnapshotGroupActions:
             if s is not None:
                 members.append(self._snapshot_public(s, uses))
         out["Snapshots"] = {"Snapshot": members}
+        out["Status"], out["ProgressStatus"] = self._group_progress(g)
         return out
+
+    def _group_progress(self, g: dict) -> tuple[str, str]:
+        """Status and ProgressStatus of a group: while progressing, its
+        members' (done when all are, the mean of their percentages)."""
+        if g["Status"] != "progressing":
+            return g["Status"], g["ProgressStatus"]
+        now = self.clock.now()
+        views = [self._progress_view(s, now) for s in
+                 (self.pool.get_record("snapshot/" + sid) for sid in g["Members"]) if s is not None]
+        if all(v["Status"] == "accomplished" for v in views):
+            return "accomplished", "100%"
+        return "progressing", "%d%%" % (sum(int(v["Progress"].rstrip("%")) for v in views) // len(views))
 
     def do_DescribeSnapshotGroups(self, p: Params) -> dict:
         inst = p.str("InstanceId")
         name = p.str("Name")
         ids = p.list("SnapshotGroupId")
         statuses = p.list("Status")
+        tagged = self._tag_filter(p)
         for st in statuses:
             if st not in ("progressing", "accomplished", "failed"):
                 raise CloudError("InvalidStatus.ValueNotSupported", "Status %r is not one of progressing, accomplished, failed." % st)
@@ -187,7 +223,9 @@ class SnapshotGroupActions:
                 continue
             if ids and g["SnapshotGroupId"] not in ids:
                 continue
-            if statuses and g["Status"] not in statuses:
+            if not tagged(g):
+                continue
+            if statuses and self._group_progress(g)[0] not in statuses:
                 continue
             out.append(g)
         res = self._page(p, out, "SnapshotGroups", "SnapshotGroup", default_max=10)

@@ -20,6 +20,7 @@ ID_PATTERN = {
     "s": re.compile(r"s-[a-z0-9]{20}"),
     "ssg": re.compile(r"ssg-[a-z0-9]{20}"),
     "m": re.compile(r"m-[a-z0-9]{20}"),
+    "sp": re.compile(r"sp-[a-z0-9]{20}"),
 }
 ID_ERROR = {
     "i": "InvalidInstanceId.Malformed",
@@ -27,6 +28,7 @@ ID_ERROR = {
     "s": "InvalidSnapshotId.Malformed",
     "ssg": "InvalidSnapshotGroupId.Malformed",
     "m": "InvalidImageId.Malformed",
+    "sp": "InvalidAutoSnapshotPolicyId.Malformed",
 }
 _NAME = re.compile(r"[A-Za-z\u4e00-\u9fff][A-Za-z0-9\u4e00-\u9fff_.:\-]{1,127}")
 # The cloud's ClientToken: at most 64 printable ASCII characters.

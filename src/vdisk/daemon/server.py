@@ -102,7 +102,7 @@ def _tune_connection(mountpoint: str) -> None:
 
 
 class Daemon:
-    def __init__(self, paths: Paths, http: tuple[str, int] | None = None):
+    def __init__(self, paths: Paths, http: tuple[str, int] | None = None, clock: tuple = (None, None)):
         self.paths = paths
         self.http = http  # (host, port) to serve the cloud's HTTP API on, or None
         self.http_address = None  # where it listens (the port chosen when 0 was asked)
@@ -111,6 +111,8 @@ class Daemon:
         self.stop_reason = "stopped"  # recorded in daemon.exit
         self.unmounted_outside = False
         self._control = trio.Lock()  # one control action at a time
+        self.clock_speed, self.clock_start = clock
+        self._schedule_changed = True
 
     def run(self) -> int:
         try:
@@ -147,6 +149,12 @@ class Daemon:
         sys.setswitchinterval(0.001)
         self.vms = Machines(self.paths.vm_dir, on_ready=self._vm_ready, on_exit=self._vm_gone)
         self.ctl = Controller(pool, host=self.fs, vms=self.vms)
+        self.ctl.clock.configure(self.clock_speed, self.clock_start)
+        pool.commit()
+        if self.ctl.clock.speed != 1:
+            log.info("the control plane's clock runs %g times faster than real time: it is %s now",
+                     self.ctl.clock.speed, self.ctl.clock.describe()["Now"])
+        self.ctl.start_lifecycle()
         options = set(pyfuse3.default_options)
         options |= {"fsname=vdisk", "subtype=vdisk"}
         pyfuse3.init(self.fs, mp, options)
@@ -236,6 +244,7 @@ class Daemon:
                 await nursery.start(self.committer.run)
                 await nursery.start(self.vms.run)
                 await nursery.start(self._serve_control)
+                nursery.start_soon(self._lifecycle)
                 if self.http is not None:
                     await nursery.start(self._serve_http)
                 log.info("vdisk daemon %d serving %s at %s", os.getpid(), self.paths.data_dir, self.paths.mountpoint)
@@ -507,27 +516,60 @@ class Daemon:
 
     async def _act(self, req) -> dict:
         action = str(req.get("Action", "")) if isinstance(req, dict) else ""
+        reads = action.startswith(("Describe", "List", "Get"))
+        if not reads:
+            self._schedule_changed = True  # the lifecycle looks again (policies, retention ...)
         if action in THREADED_ACTIONS:
-            pool = self.fs.pool
-            pool.defer_map_growth = True  # the control thread reads LMDB meanwhile
-            try:
-                return await trio.to_thread.run_sync(self.ctl.handle, req, thread_name="vdisk-control")
-            finally:
-                pool.defer_map_growth = False
-        if not action.startswith(("Describe", "List", "Get")):
-            # Flush in the background first, so that the action's own
-            # synchronous commit (a rollback, a clone) has only the writes of
-            # the last moments to sync while every disk waits.
-            try:
-                for _ in range(3):  # writes go on meanwhile: repeat while many arrived
-                    await self.committer.flush()
-                    if self.fs.pool.dirty_blocks() < 64:
-                        break
-            except EngineError as exc:
-                log.error("flush before %s failed: %s", action, exc)  # the action's commit reports it
+            return await self._in_control_thread(self.ctl.handle, req)
+        if not reads:
+            await self._flush_before(action)
         await self.committer.idle()
         # no await from here: the action runs between two FUSE requests
         return self.ctl.handle(req)
+
+    async def _flush_before(self, what: str) -> None:
+        """Flush in the background first, so that an action's own
+        synchronous commit (a rollback, a clone) has only the writes of the
+        last moments to sync while every disk waits."""
+        try:
+            for _ in range(3):  # writes go on meanwhile: repeat while many arrived
+                await self.committer.flush()
+                if self.fs.pool.dirty_blocks() < 64:
+                    break
+        except EngineError as exc:
+            log.error("flush before %s failed: %s", what, exc)  # the action's commit reports it
+
+    async def _in_control_thread(self, fn, *args):
+        """Run fn in the control thread: its commits go through the
+        Committer, so FUSE I/O goes on while they are made durable."""
+        pool = self.fs.pool
+        pool.defer_map_growth = True  # the control thread reads LMDB meanwhile
+        try:
+            return await trio.to_thread.run_sync(fn, *args, thread_name="vdisk-control")
+        finally:
+            pool.defer_map_growth = False
+
+    async def _lifecycle(self) -> None:
+        """Run what time makes due (Controller.advance: automatic snapshot
+        policies, retention and instant-access expiry, emulated upload
+        progress) when it is due or an action changed something, under the
+        control lock like any action.  Sleeps until the next due time on the
+        (possibly sped-up) clock, at most a second."""
+        clock = self.ctl.clock
+        next_at = 0.0
+        while True:
+            now = clock.now()
+            if self._schedule_changed or (next_at is not None and now >= next_at):
+                self._schedule_changed = False
+                async with self._control:
+                    try:
+                        next_at = await self._in_control_thread(self.ctl.advance)
+                    except Exception:  # noqa: BLE001 - the disks must keep being served
+                        log.exception("the snapshot lifecycle failed; retried in a minute")
+                        self.fs.pool.drop_staged_records()
+                        next_at = clock.now() + 60 * clock.speed
+            wait = 1.0 if next_at is None else clock.seconds_of_real(next_at - clock.now())
+            await trio.sleep(min(1.0, max(0.02, wait)))
 
 
 def _record_exit(paths: Paths, reason: str, clean: bool) -> None:
@@ -554,5 +596,6 @@ async def _reply(stream, answer: dict) -> None:
     await stream.send_all(json.dumps(answer).encode() + b"\n")
 
 
-def run(paths: Paths, http: tuple[str, int] | None = None) -> int:
-    return Daemon(paths, http).run()
+def run(paths: Paths, http: tuple[str, int] | None = None, clock: tuple = (None, None)) -> int:
+    """clock: (speed, start) of the control plane's clock (clock.py)."""
+    return Daemon(paths, http, clock).run()

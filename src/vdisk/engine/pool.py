@@ -1729,6 +1729,31 @@ class Pool:
 
         return self.commit(_change)
 
+    def copy_snapshot(self, sid: int, change=None) -> int:
+        """A new snapshot with the contents of snapshot sid, sharing all its
+        blocks, durably: a lineage whose parent is sid's point (pinning it,
+        as a clone does), with one point of its own and no head.  Deleting
+        either snapshot leaves the other whole.  change(tx, new sid), if
+        given, runs in the same transaction (catalogue records)."""
+
+        def _change(tx: _Tx):
+            s = tx.snap(sid)
+            if s.get("deleted"):
+                raise NotFound("snapshot %d does not exist" % sid)
+            lid = self._new_lineage(tx, (s["lid"], s["gen"]))
+            lin = tx.lin(lid)
+            point = lin.gen
+            lin.points.append(point)
+            lin.gen += 1
+            lin.head_dead = True  # nothing writes to it: only its point is read
+            nsid = tx.new_id("snapshot")
+            tx.snaps[nsid] = {"lid": lid, "gen": point, "size": s["size"], "volume": None, "deleted": False}
+            if change is not None:
+                change(tx, nsid)
+            return nsid
+
+        return self.commit(_change)
+
     def delete_snapshot(self, sid: int) -> None:
         """Delete a snapshot; frees exactly what nothing else uses."""
         self.delete_snapshots([sid])
