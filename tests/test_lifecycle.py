@@ -215,6 +215,35 @@ def test_expiry_keeps_what_a_disk_was_made_from_and_ends_instant_access(world):
     assert ctl.pool.scrub() == []
 
 
+class Ticking(FakeTime):
+    """Real time that passes while the controller works: a second per read."""
+
+    def __call__(self):
+        self.t += 1
+        return self.t
+
+
+def test_what_falls_due_while_the_lifecycle_runs_is_next(world):
+    ctl, _ = world
+    real = Ticking(MONDAY)
+    ctl.clock = Clock(ctl.pool, real=real)
+    did = ok(ctl, "CreateDisk", Size=20, DiskCategory="cloud_essd")["DiskId"]
+    pid = ok(ctl, "CreateAutoSnapshotPolicy", timePoints='["1"]', repeatWeekdays='["1","2","3","4","5","6","7"]',
+             retentionDays=1)["AutoSnapshotPolicyId"]
+    ok(ctl, "ApplyAutoSnapshotPolicy", autoSnapshotPolicyId=pid, diskIds=json.dumps([did]))
+    ctl.start_lifecycle()
+    real.t = MONDAY + HOUR + 10
+    ctl.advance()
+    first = snaps(ctl)[0]
+    expiry = ctl._get("snapshot", first["SnapshotId"])["_t"] + DAY
+    real.t = expiry - 3  # the next day's run begins just before the first snapshot expires, ends after
+    nxt = ctl.advance()
+    assert first["SnapshotId"] in {s["SnapshotId"] for s in snaps(ctl)}
+    assert nxt <= expiry, "an expiry that fell due during the run must be next, not tomorrow's run"
+    ctl.advance()
+    assert first["SnapshotId"] not in {s["SnapshotId"] for s in snaps(ctl)}
+
+
 def test_a_group_with_retention_expires_whole(world):
     ctl, real = world
     iid, _ = _instance(ctl)
