@@ -215,6 +215,32 @@ def test_expiry_keeps_what_a_disk_was_made_from_and_ends_instant_access(world):
     assert ctl.pool.scrub() == []
 
 
+def test_a_modified_policy_counts_its_new_hours_from_now(world):
+    ctl, real = world
+    did = ok(ctl, "CreateDisk", Size=20, DiskCategory="cloud_essd")["DiskId"]
+    pid = ok(ctl, "CreateAutoSnapshotPolicy", timePoints='["2"]', repeatWeekdays='["1","2","3","4","5","6","7"]',
+             retentionDays=-1)["AutoSnapshotPolicyId"]
+    ok(ctl, "ApplyAutoSnapshotPolicy", autoSnapshotPolicyId=pid, diskIds=json.dumps([did]))
+    ctl.start_lifecycle()
+    real.t = MONDAY + 2 * HOUR + 60
+    ctl.advance()
+    assert [s["SnapshotName"] for s in snaps(ctl)] == ["auto_20261207_1"]
+    real.t = MONDAY + 10 * HOUR + 30 * 60
+    ok(ctl, "ModifyAutoSnapshotPolicyEx", autoSnapshotPolicyId=pid, timePoints='["2","10"]')
+    ctl.advance()  # 10:00 passed before the change: not taken now
+    assert len(snaps(ctl)) == 1
+    real.t = MONDAY + DAY + 2 * HOUR + 60
+    ctl.advance()
+    real.t = MONDAY + DAY + 10 * HOUR + 60
+    ctl.advance()
+    assert [s["SnapshotName"] for s in snaps(ctl)] == ["auto_20261207_1", "auto_20261208_1", "auto_20261208_2"]
+    ok(ctl, "CancelAutoSnapshotPolicy", diskIds=json.dumps([did]))
+    assert ok(ctl, "DescribeDisks", DiskIds=json.dumps([did]))["Disks"]["Disk"][0]["AutoSnapshotPolicyId"] == ""
+    real.t += DAY
+    ctl.advance()
+    assert len(snaps(ctl)) == 3
+
+
 class Ticking(FakeTime):
     """Real time that passes while the controller works: a second per read."""
 

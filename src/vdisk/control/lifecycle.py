@@ -157,9 +157,8 @@ class LifecycleActions:
             members = [snaps[m] for m in g["Members"] if m in snaps]
             used = [m["SnapshotId"] for m in members if m["SnapshotId"] in uses]
             if used:
-                if not g.get("_kept_logged"):
-                    log.info("snapshot group %s is past its retention but kept whole: %s made disks or images",
-                             g["SnapshotGroupId"], ", ".join(used))
+                self._note_kept("snapshot group %s is past its retention but kept whole: %s made disks or images"
+                                % (g["SnapshotGroupId"], ", ".join(used)))
                 continue
             doomed += members
             self.pool.put_record("snapshotgroup/" + g["SnapshotGroupId"], None)
@@ -168,7 +167,11 @@ class LifecycleActions:
             if s.get("SnapshotGroupId"):
                 continue  # expires with its group
             end = schedule.expires_at(_created(s), s.get("RetentionDays"))
-            if end is None or end > now or s["SnapshotId"] in uses:
+            if end is None or end > now:
+                continue
+            if s["SnapshotId"] in uses:
+                self._note_kept("snapshot %s is past its retention but kept: a disk or image was made from it"
+                                % s["SnapshotId"])
                 continue
             doomed.append(s)
             log.info("snapshot %s expired (RetentionDays %s): deleted", s["SnapshotId"], s["RetentionDays"])
@@ -181,6 +184,13 @@ class LifecycleActions:
         except EngineError as exc:
             self.pool.drop_staged_records()
             log.error("expiring %d snapshot(s) failed, retried later: %s", len(doomed), exc)
+
+    def _note_kept(self, message: str) -> None:
+        """Log once per daemon that something is kept past its retention."""
+        noted = self.__dict__.setdefault("_kept_noted", set())
+        if message not in noted:
+            noted.add(message)
+            log.info("%s", message)
 
     def _run_policies(self, now: float) -> None:
         for pol in sorted(self._all("autosnapshotpolicy"), key=lambda r: r["AutoSnapshotPolicyId"]):

@@ -45,7 +45,7 @@ def _id_list(p: Params, kind: str, *names: str) -> list[str]:
             out.append(p.req["%s.%d" % (names[-1], n)])
             n += 1
         value = out
-    ids = schedule._values(value, name) if value != [] else []
+    ids = schedule.listed(value, name) if value != [] else []
     for i, v in enumerate(ids, 1):
         check_id(kind, v, "%s.%d" % (name, i))
     if len(set(ids)) != len(ids):
@@ -102,6 +102,7 @@ class PolicyActions:
     def do_ModifyAutoSnapshotPolicyEx(self, p: Params) -> dict:
         rec = self._policy(p)
         self._policy_spec(p, rec, creating=False)
+        rec["_last"] = self.clock.now()  # new time points count from now, not from the last run
         self.pool.put_record("autosnapshotpolicy/" + rec["AutoSnapshotPolicyId"], rec)
         self.pool.commit()
         return {}
@@ -181,8 +182,8 @@ class PolicyActions:
     def do_CancelAutoSnapshotPolicy(self, p: Params) -> dict:
         """Take the policy off disks (diskIds) and instances (instanceIds).
         With autoSnapshotPolicyId, only that policy is taken off."""
-        value, name = _param(p, "autoSnapshotPolicyId", "AutoSnapshotPolicyId")
-        only = self._policy(p)["AutoSnapshotPolicyId"] if value is not None else None
+        given = _param(p, "autoSnapshotPolicyId", "AutoSnapshotPolicyId")[0] is not None
+        only = self._policy(p)["AutoSnapshotPolicyId"] if given else None
         disks, instances = self._apply_targets(p)
         for kind, recs in (("disk", disks), ("instance", instances)):
             for r in recs:

@@ -16,7 +16,7 @@ from .errors import CloudError
 DAY = 86400
 
 
-def _values(value, param: str) -> list:
+def listed(value, param: str) -> list:
     """A list given the cloud's way (JSON array text, '["1","2"]'), as a
     comma-separated text ("1,2"), or as a list."""
     if isinstance(value, str):
@@ -35,7 +35,7 @@ def _values(value, param: str) -> list:
 
 def _ints(value, param: str, lo: int, hi: int, most: int) -> list[int]:
     out = set()
-    for v in _values(value, param):
+    for v in listed(value, param):
         try:
             n = int(str(v).strip()) if not isinstance(v, bool) else None
         except ValueError:
