@@ -22,8 +22,7 @@ import uuid
 
 from ..engine.errors import Busy, EngineError, NoSpace
 from ..engine.pool import Pool
-from . import categories
-from . import schedule
+from . import categories, schedule
 from .clock import Clock, iso
 from .cloud_params import CLOUD_PARAMS
 from .copies import CopyActions

@@ -159,7 +159,7 @@ class MachineActions:
             del invs[done]
         invs[invoke_id] = {}
         for inst in insts:
-            inv = Invocation(invoke_id, content, timeout, command_id)
+            inv = Invocation(invoke_id, content, timeout, command_id, clock=self._now)
             with _refused():
                 vms.invoke(inst["InstanceId"], inv)
             invs[invoke_id][inst["InstanceId"]] = inv
