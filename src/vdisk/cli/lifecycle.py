@@ -6,6 +6,8 @@ TagResources, CopySnapshot, ...); see vdisk.control.policies and friends.
 """
 from __future__ import annotations
 
+import re
+
 from .main import EXIT_OK, CLIError, EXIT_USAGE, _show, _table
 
 POLICY_COLS = [("POLICY", "AutoSnapshotPolicyId"), ("NAME", "AutoSnapshotPolicyName"), ("HOURS(UTC+8)", "TimePoints"),
@@ -23,7 +25,7 @@ def _hours(text: str | None) -> str | None:
         part = part.strip()
         if "-" in part[1:]:
             lo, hi = part.split("-", 1)
-            if not (lo.isdigit() and hi.isdigit()):
+            if not (re.fullmatch(r"[0-9]{1,2}", lo) and re.fullmatch(r"[0-9]{1,2}", hi)):
                 raise CLIError("%r is not a range such as 1-5" % part, EXIT_USAGE)
             out += [str(n) for n in range(int(lo), int(hi) + 1)]
         elif part:

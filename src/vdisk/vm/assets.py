@@ -247,6 +247,11 @@ def rootfs(include: list[str], suite: str = "bookworm", mirror: str = DEFAULT_MI
     for p in pkgs:
         if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]*", p):
             raise AssetError("%r is not a Debian package name" % p)
+    # the suite names a cache directory: a plain name only (no "/", no "..")
+    if not re.fullmatch(r"[a-z][a-z0-9-]{0,31}", suite):
+        raise AssetError("%r is not a Debian suite name (such as bookworm or stable)" % suite)
+    if not re.fullmatch(r"(https?|file)://[\x21-\x7e]+", mirror):
+        raise AssetError("%r is not a mirror URL (http://, https:// or file://, printable ASCII)" % mirror)
     root = cache_dir()
     os.makedirs(root, mode=0o755, exist_ok=True)
     digest = hashlib.sha256(repr((suite, mirror, pkgs)).encode()).hexdigest()[:12]
