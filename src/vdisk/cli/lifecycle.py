@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from .main import EXIT_OK, CLIError, EXIT_USAGE, _show, _table
+from .common import EXIT_OK, EXIT_USAGE, CLIError, _show, _table
 
 POLICY_COLS = [("POLICY", "AutoSnapshotPolicyId"), ("NAME", "AutoSnapshotPolicyName"), ("HOURS(UTC+8)", "TimePoints"),
                ("WEEKDAYS", "RepeatWeekdays"), ("KEEP DAYS", "RetentionDays"), ("DISKS", "DiskNums"),
@@ -44,7 +44,7 @@ def cmd_policy_create(app) -> int:
     a = app.args
     res = app.call("CreateAutoSnapshotPolicy", autoSnapshotPolicyName=a.name, timePoints=_hours(a.hours),
                    repeatWeekdays=_hours(a.weekdays), retentionDays=a.retention_days,
-                   **_tag_params(a.tag))
+                   **tag_params(a.tag))
     app.out(res, res["AutoSnapshotPolicyId"])
     return EXIT_OK
 
@@ -102,7 +102,7 @@ def cmd_policy_cancel(app) -> int:
     return EXIT_OK
 
 
-def _tag_params(pairs: list[str] | None, name: str = "Tag") -> dict:
+def tag_params(pairs: list[str] | None, name: str = "Tag") -> dict:
     out = {}
     for n, pair in enumerate(pairs or [], 1):
         key, sep, value = pair.partition("=")
@@ -115,7 +115,7 @@ def _tag_params(pairs: list[str] | None, name: str = "Tag") -> dict:
 def cmd_tag_add(app) -> int:
     a = app.args
     res = app.call("TagResources", ResourceType=TAG_TYPES[_kind(a.resource)], ResourceId=[a.resource],
-                   **_tag_params(a.tags))
+                   **tag_params(a.tags))
     app.out(res, "%s tagged" % a.resource)
     return EXIT_OK
 
@@ -133,7 +133,7 @@ def cmd_tag_list(app) -> int:
     if a.resource:
         res = app.call("ListTagResources", ResourceType=TAG_TYPES[_kind(a.resource)], ResourceId=[a.resource])
     elif a.type and a.tag:
-        res = app.call("ListTagResources", ResourceType=a.type, **_tag_params(a.tag))
+        res = app.call("ListTagResources", ResourceType=a.type, **tag_params(a.tag))
     else:
         raise CLIError("give a resource id, or --type and --tag KEY[=VALUE]", EXIT_USAGE)
     rows = res["TagResources"]["TagResource"]

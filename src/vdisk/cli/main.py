@@ -22,54 +22,8 @@ from ..config import DataDirError, Paths, open_private, secure_data_dir
 from ..control.machines import DEFAULT_INSTANCE_TYPE, INSTANCE_TYPES
 from ..daemon import client
 
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_DAEMON, EXIT_INTERNAL = 0, 1, 2, 3, 4
-
-
-class CLIError(Exception):
-    def __init__(self, message: str, code: int = EXIT_REFUSED, error_code: str = ""):
-        super().__init__(message)
-        self.code = code
-        self.error_code = error_code
-
-
-# ---------------------------------------------------------------- output
-
-
-def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
-    if not rows:
-        return ""
-    head = [h for h, _ in cols]
-    data = [[_fmt(r.get(k)) for _, k in cols] for r in rows]
-    widths = [max(len(h), *(len(d[i]) for d in data)) for i, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(d, widths)).rstrip() for d in data]
-    return "\n".join(lines)
-
-
-def _fmt(v) -> str:
-    if v is None or v == "":
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, list):
-        return ",".join(map(str, v)) or "-"
-    if isinstance(v, dict):
-        return json.dumps(v, separators=(",", ":"))
-    return str(v)
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
-        n /= 1024
-    return str(n)
-
-
-def _show(rec: dict) -> str:
-    w = max(len(k) for k in rec) if rec else 0
-    return "\n".join("%s  %s" % (k.ljust(w), _fmt(v)) for k, v in rec.items())
-
+from . import lifecycle
+from .common import EXIT_DAEMON, EXIT_INTERNAL, EXIT_OK, EXIT_REFUSED, EXIT_USAGE, CLIError, _human, _show, _table
 
 # ---------------------------------------------------------------- plumbing
 
@@ -558,9 +512,7 @@ def cmd_snapshot_create(app: App) -> int:
 
 
 def _tags(pairs) -> dict:
-    from .lifecycle import _tag_params
-
-    return _tag_params(pairs)
+    return lifecycle.tag_params(pairs)
 
 
 def cmd_snapshot_list(app: App) -> int:
@@ -1094,8 +1046,6 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--read-only", action="store_true")
     verb(g, "detach", cmd_loop_detach, "detach a loop device (by device or disk id)").add_argument("target", metavar="DEVICE|DISK_ID")
     verb(g, "list", cmd_loop_list, "list loop devices on vdisk disks")
-
-    from . import lifecycle
 
     lifecycle.register(group, verb)
     v = verb(snap_group, "copy", lifecycle.cmd_snapshot_copy, "copy a snapshot (CopySnapshot: a new id that shares "
