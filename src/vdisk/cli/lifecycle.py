@@ -6,6 +6,7 @@ TagResources, CopySnapshot, ...); see vdisk.control.policies and friends.
 """
 from __future__ import annotations
 
+import json
 import re
 
 from .common import EXIT_OK, EXIT_USAGE, CLIError, _show, _table
@@ -57,9 +58,27 @@ def cmd_policy_modify(app) -> int:
     return EXIT_OK
 
 
+def _ranges(text: str) -> str:
+    """'["0","1","2","6"]' as 0-2,6 for a table."""
+    try:
+        values = sorted(int(v) for v in json.loads(text))
+    except (ValueError, TypeError):
+        return text
+    out, i = [], 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        out.append(str(values[i]) if i == j else "%d-%d" % (values[i], values[j]))
+        i = j + 1
+    return ",".join(out)
+
+
 def cmd_policy_list(app) -> int:
     res = app.call("DescribeAutoSnapshotPolicyEx", PageSize=100)
-    app.out(res, _table(res["AutoSnapshotPolicies"]["AutoSnapshotPolicy"], POLICY_COLS) or "no policies")
+    rows = [dict(r, TimePoints=_ranges(r["TimePoints"]), RepeatWeekdays=_ranges(r["RepeatWeekdays"]))
+            for r in res["AutoSnapshotPolicies"]["AutoSnapshotPolicy"]]
+    app.out(res, _table(rows, POLICY_COLS) or "no policies")
     return EXIT_OK
 
 
