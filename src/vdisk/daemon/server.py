@@ -122,7 +122,7 @@ class Daemon:
             return 3
         try:
             _forget_last_exit(self.paths)
-            pool = Pool(self.paths.pool)
+            pool = Pool(self.paths.pool, commit_via=self._commit_from_thread)
             try:
                 rc = self._serve(pool)
             finally:
@@ -227,13 +227,12 @@ class Daemon:
                 self.fs.expose(inst["InstanceId"], {d["DiskId"]: d["_volume"] for d in disks})
                 log.info("instance %s is Running: its %d disk(s) are back", inst["InstanceId"], len(disks))
 
+    def _commit_from_thread(self, change):
+        """The pool's commit runner for the control thread: the commit is run
+        by the Committer in the trio thread (Pool(commit_via=...))."""
+        return trio.from_thread.run(self.committer.commit_change, change)
+
     async def _main(self) -> None:
-        committer = self.committer
-
-        def commit_from_thread(change):
-            return trio.from_thread.run(committer.commit_change, change)
-
-        self.fs.pool.commit_via = commit_from_thread
         with trio.CancelScope() as self.cancel:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._fuse_main)

@@ -31,7 +31,7 @@ reused data.
 
 A commit comes in three steps so that its slow part can run in another
 thread while writes go on: `begin_commit()` freezes the overlay into an
-_Epoch (new writes start a new overlay, which reads through to the frozen
+Epoch (new writes start a new overlay, which reads through to the frozen
 one), `CommitJob.run()` does the fdatasync and the LMDB transaction, and
 `finish_commit()` publishes the result.  `commit()` is the three in a row.
 
@@ -46,9 +46,7 @@ fsync.
 """
 from __future__ import annotations
 
-import bisect
 import contextlib
-import copy
 import errno
 import itertools
 import logging
@@ -57,8 +55,11 @@ import threading
 
 import lmdb
 
-from . import native
+from . import native, reports, scrub, structure
 from .blockio import DataFile
+from .lineage import Lineage
+from .overlay import Dirty, Epoch
+from .txn import Tx
 from .fastmap import FLUSHED, READ_ONLY, WRITABLE, WRITABLE_REPORT
 from .errors import (
     ChecksumError,
@@ -93,12 +94,10 @@ from .format import (
     READABLE_VERSIONS,
     ZERO_SLOT,
     birth_val,
-    birth_val_decode,
     born_key,
     dead_key,
     jdec,
     jenc,
-    lid_prefix,
     log_header,
     log_header_decode,
     log_set_crc,
@@ -109,7 +108,6 @@ from .format import (
     mask_pages,
     page_mask,
     slot_offset,
-    tri_decode,
     u64,
     u64_decode,
 )
@@ -138,49 +136,6 @@ LOG_MAX = 64 << 20
 LOG_GROW = 1 << 20  # the log file grows in zero-filled steps of this size
 
 
-class Dirty:
-    """One block written since the last commit.
-
-    slot == ZERO_SLOT: the block is now all zeros.  fresh: the slot was
-    allocated since the last commit (no durable map references it), so it may
-    be overwritten in place.  crc_ok: crc matches the slot's contents.
-    pages: the 4 KiB pages this engine wrote since the block's last log flush
-    (FULL_MASK: all of them may differ); the C fast path keeps its own.
-    """
-
-    __slots__ = ("slot", "crc", "crc_ok", "fresh", "pages")
-
-    def __init__(self, slot: int, crc: int, crc_ok: bool, fresh: bool, pages: int = 0):
-        self.slot = slot
-        self.crc = crc
-        self.crc_ok = crc_ok
-        self.fresh = fresh
-        self.pages = pages
-
-
-class _Epoch:
-    """The overlay frozen by begin_commit(): what one commit makes durable.
-
-    dirty: lid -> block -> Dirty.  alloc: slots allocated in the epoch (to be
-    taken out of DB_FREE).  hwm: the high-water mark at the freeze.
-    free_back: free slots not allocated (those beyond the durable hwm go to
-    DB_FREE).  records: staged catalogue records.  zeroed: slots whose block
-    turned out all zeros when the checksums were finished; they are freed by
-    the commit.
-    """
-
-    __slots__ = ("dirty", "alloc", "hwm", "free_back", "records", "zeroed", "zeroed_at")
-
-    def __init__(self, dirty, alloc, hwm, free_back, records):
-        self.dirty = dirty
-        self.alloc = alloc
-        self.hwm = hwm
-        self.free_back = free_back
-        self.records = records
-        self.zeroed: list[int] = []
-        self.zeroed_at: list[tuple[int, int, int]] = []  # (lid, block, slot) of each
-
-
 class CommitJob:
     """One commit between begin_commit() and finish_commit().
 
@@ -188,11 +143,11 @@ class CommitJob:
     never raises: the outcome is kept for finish_commit().
     """
 
-    def __init__(self, pool: "Pool", epoch: _Epoch, change):
+    def __init__(self, pool: "Pool", epoch: Epoch, change):
         self.pool = pool
         self.epoch = epoch
         self.change = change
-        self.tx: "_Tx | None" = None
+        self.tx: "Tx | None" = None
         self.result = None
         self.error: BaseException | None = None
         self.map_full = False
@@ -258,96 +213,6 @@ class _LogLock:
         self.fm.log_unlock()
 
 
-class Lineage:
-    """A lineage record (see module docstring).  Stored as JSON in DB_LINEAGE."""
-
-    __slots__ = ("lid", "gen", "parent", "head_dead", "points", "pins", "zombies")
-
-    def __init__(self, lid, gen=1, parent=None, head_dead=False, points=(), pins=None, zombies=()):
-        self.lid = lid
-        self.gen = gen
-        self.parent = tuple(parent) if parent else None
-        self.head_dead = head_dead
-        self.points = list(points)  # sorted snapshot generations that exist
-        self.pins = dict(pins or {})  # gen -> number of child lineages
-        self.zombies = list(zombies)  # points the user deleted, kept for pins
-
-    def to_json(self):
-        return {
-            "gen": self.gen,
-            "parent": list(self.parent) if self.parent else None,
-            "head_dead": self.head_dead,
-            "points": self.points,
-            "pins": {str(k): v for k, v in self.pins.items()},
-            "zombies": self.zombies,
-        }
-
-    @classmethod
-    def from_json(cls, lid, d):
-        return cls(
-            lid,
-            d["gen"],
-            d["parent"],
-            d["head_dead"],
-            d["points"],
-            {int(k): v for k, v in d["pins"].items()},
-            d["zombies"],
-        )
-
-    def last_point(self) -> int:
-        return self.points[-1] if self.points else 0
-
-
-class _Tx:
-    """Staging area of one structural change, applied in one LMDB txn.
-
-    Lineage objects are copied on first touch so that an aborted transaction
-    leaves the pool's cache untouched.
-    """
-
-    def __init__(self, pool: "Pool", txn):
-        self.pool = pool
-        self.txn = txn
-        self.lins: dict[int, Lineage] = {}
-        self.dropped_lins: set[int] = set()
-        self.frees: list[int] = []
-        self.change_frees_from = 0  # tx.frees[change_frees_from:] came from the change
-        self.vols: dict[int, dict | None] = {}
-        self.snaps: dict[int, dict | None] = {}
-        self.counters: dict[str, int] = {}
-        self.records: dict[str, dict | None] = {}  # staged by the change: same transaction
-
-    def lin(self, lid: int) -> Lineage:
-        if lid not in self.lins:
-            self.lins[lid] = copy.deepcopy(self.pool._lineage(lid))
-        return self.lins[lid]
-
-    def new_id(self, kind: str) -> int:
-        if kind not in self.counters:
-            self.counters[kind] = self.pool._counters.get(kind, 1)
-        n = self.counters[kind]
-        self.counters[kind] = n + 1
-        return n
-
-    def vol(self, vid: int) -> dict:
-        if vid not in self.vols:
-            v = self.pool._volume(vid)
-            self.vols[vid] = None if v is None else dict(v)
-        v = self.vols[vid]
-        if v is None:
-            raise NotFound("volume %d does not exist" % vid)
-        return v
-
-    def snap(self, sid: int) -> dict:
-        if sid not in self.snaps:
-            s = self.pool._snapshot(sid)
-            self.snaps[sid] = None if s is None else dict(s)
-        s = self.snaps[sid]
-        if s is None:
-            raise NotFound("snapshot %d does not exist" % sid)
-        return s
-
-
 class Pool:
     """A vdisk storage pool in one directory.  See the module docstring."""
 
@@ -356,8 +221,13 @@ class Pool:
         """Whether path holds a pool (opening one that does not creates it)."""
         return os.path.exists(os.path.join(path, LMDB_DIR, "data.mdb"))
 
-    def __init__(self, path: str, datafile_factory=DataFile, map_size: int | None = None):
+    def __init__(self, path: str, datafile_factory=DataFile, map_size: int | None = None, commit_via=None):
         self.path = path
+        # commit_via(change) -> result: how a commit asked for from another
+        # thread than the owner's (the one that opened the pool) is run; the
+        # daemon passes one that marshals it back to the trio thread, which
+        # freezes the overlay and runs it like its own.  None: in the caller.
+        self.commit_via = commit_via
         os.makedirs(path, mode=0o700, exist_ok=True)
         self._failed: str | None = None
         lmdb_path = os.path.join(path, LMDB_DIR)
@@ -441,8 +311,8 @@ class Pool:
         self.log_max = LOG_MAX  # tests make it small
         self._dirty: dict[int, dict[int, Dirty]] = {}
         self._ndirty = 0
-        self._inflight: _Epoch | None = None  # frozen by begin_commit, not yet finished
-        self._change_tx: _Tx | None = None  # the transaction whose change is running
+        self._inflight: Epoch | None = None  # frozen by begin_commit, not yet finished
+        self._change_tx: Tx | None = None  # the transaction whose change is running
         # Committed slots whose checksum was verified since the pool was
         # opened: a partial read of one reads only what it needs.  A slot
         # leaves the set when it is allocated again.
@@ -450,10 +320,6 @@ class Pool:
         # write() commits by itself at DIRTY_LIMIT; a daemon that runs commits
         # in a worker thread turns this off and watches dirty_blocks() itself
         self.auto_commit = True
-        # commit_via(change) -> result: how a commit asked for from another
-        # thread than the owner's is run (the daemon marshals it back to the
-        # trio thread, which freezes the overlay and runs it like its own).
-        self.commit_via = None
         self._owner = threading.get_ident()
         # True while another thread may hold an LMDB transaction: growing
         # the map (mdb_env_set_mapsize) is only safe with none open anywhere
@@ -1237,7 +1103,7 @@ class Pool:
     def commit(self, change=None):
         """Make every write so far durable, plus `change(tx)` if given.
 
-        change is called inside the LMDB write transaction with a `_Tx`; it may
+        change is called inside the LMDB write transaction with a `Tx`; it may
         raise EngineError to abort (nothing is changed then).  May be called
         again after a MapFull retry, so it must act only through tx.
         Returns change's result.  Blocks on fdatasync and LMDB's fsync.
@@ -1275,7 +1141,7 @@ class Pool:
             beyond = self._committed_hwm
             free_back = list(itertools.takewhile(lambda s: s >= beyond, self._free_cache))
             free_back += self._reserved_beyond
-            ep = _Epoch(self._dirty, self._epoch_alloc, self._hwm, free_back, self._records)
+            ep = Epoch(self._dirty, self._epoch_alloc, self._hwm, free_back, self._records)
             self._dirty, self._ndirty, self._epoch_alloc, self._records = {}, 0, set(), {}
             self._unlogged = {}  # the commit makes the log's records obsolete
             self._inflight = ep
@@ -1296,7 +1162,7 @@ class Pool:
         self._sync_data()
         try:
             with self.env.begin(write=True) as txn:
-                tx = _Tx(self, txn)
+                tx = Tx(self, txn)
                 self._apply_dirty(tx, ep)
                 tx.change_frees_from = len(tx.frees)  # the change's own frees follow
                 result = None
@@ -1375,7 +1241,7 @@ class Pool:
             self._fast_volumes()
         return job.result
 
-    def _unfreeze(self, ep: _Epoch) -> None:
+    def _unfreeze(self, ep: Epoch) -> None:
         """Put a frozen epoch that was not committed back under the overlay."""
         self._inflight = None
         if self._fm is not None:
@@ -1411,14 +1277,14 @@ class Pool:
         merged.update(self._records)
         self._records = merged
 
-    def _forget_zeroed(self, ep: _Epoch) -> None:
+    def _forget_zeroed(self, ep: Epoch) -> None:
         if self._fm is not None and ep.zeroed_at:
             vid_of = {v["lid"]: vid for vid, v in self._vols.items()}
             for lid, block, slot in ep.zeroed_at:
                 if lid in vid_of:
                     self._fm.forget_slot(vid_of[lid], block, slot)
 
-    def _finish_checksums(self, ep: _Epoch) -> None:
+    def _finish_checksums(self, ep: Epoch) -> None:
         """Checksum the blocks written in place since their allocation.  Runs
         in the job's thread: the frozen slots are no longer written."""
         todo = [
@@ -1435,7 +1301,7 @@ class Pool:
                 d.slot, d.crc, d.fresh = ZERO_SLOT, 0, False
             d.crc, d.crc_ok = crc, True
 
-    def _apply_dirty(self, tx: _Tx, ep: _Epoch) -> None:
+    def _apply_dirty(self, tx: Tx, ep: Epoch) -> None:
         txn = tx.txn
         mdb = self._db[DB_MAP]
         cur = txn.cursor(db=mdb)
@@ -1483,7 +1349,7 @@ class Pool:
         plid, pgen = lin.parent
         return self._lookup(cur, plid, pgen, block)[0] != ZERO_SLOT
 
-    def _finish_tx(self, tx: _Tx, ep: _Epoch) -> None:
+    def _finish_tx(self, tx: Tx, ep: Epoch) -> None:
         txn = tx.txn
         meta, free = self._db[DB_META], self._db[DB_FREE]
         committed_hwm = u64_decode(txn.get(b"hwm", db=meta))
@@ -1525,7 +1391,7 @@ class Pool:
             else:
                 txn.put(k.encode(), jenc(v), db=self._db[DB_RECORD])
 
-    def _after_commit(self, tx: _Tx, ep: _Epoch) -> None:
+    def _after_commit(self, tx: Tx, ep: Epoch) -> None:
         """The transaction is durable: publish it and let its frees be reused."""
         for lid, lin in tx.lins.items():
             if lid in tx.dropped_lins:
@@ -1557,7 +1423,7 @@ class Pool:
         # start, where this commit's frees (ep.zeroed among them) now are.
         self._free_scan = b""
 
-    def _punch_freed(self, tx: _Tx) -> None:
+    def _punch_freed(self, tx: Tx) -> None:
         """Give the slots a structural change freed (a deleted snapshot or
         volume, a rollback) back to the filesystem.  Slots freed by
         overwrites are not: the next writes reuse them, and punching would
@@ -1582,347 +1448,51 @@ class Pool:
         log.info("growing the LMDB map of %s to %d MiB", self.path, new >> 20)
         self.env.set_mapsize(new)
 
-    # ------------------------------------------------------------ volumes
+    # ------------------------------------------------------------ structural changes (structure.py)
 
     def create_volume(self, size: int, parent_snapshot: int | None = None, on_created=None) -> int:
         """A new volume of size bytes, empty or a clone of a snapshot."""
         return self.create_volumes([(size, parent_snapshot)], on_created)[0]
 
     def create_volumes(self, specs: list[tuple[int, int | None]], on_created=None) -> list[int]:
-        """Several new volumes in one durable transaction.
-
-        specs: (size in bytes, parent snapshot id or None).  on_created(vids)
-        runs inside the transaction (to stage catalogue records with them).
-        """
-        for size, _ in specs:
-            _check_size(size)
-
-        def change(tx: _Tx):
-            vids = []
-            for size, parent_snapshot in specs:
-                parent = None
-                if parent_snapshot is not None:
-                    s = tx.snap(parent_snapshot)
-                    if s.get("deleted"):
-                        raise NotFound("snapshot %d does not exist" % parent_snapshot)
-                    parent = (s["lid"], s["gen"])
-                lid = self._new_lineage(tx, parent)
-                vid = tx.new_id("volume")
-                tx.vols[vid] = {"lid": lid, "size": size}
-                vids.append(vid)
-            if on_created is not None:
-                on_created(vids)
-            return vids
-
-        return self.commit(change)
-
-    def _new_lineage(self, tx: _Tx, parent) -> int:
-        lid = tx.new_id("lineage")
-        tx.lins[lid] = Lineage(lid, 1, parent)
-        if parent is not None:
-            plin = tx.lin(parent[0])
-            plin.pins[parent[1]] = plin.pins.get(parent[1], 0) + 1
-        return lid
+        return structure.create_volumes(self, specs, on_created)
 
     def resize_volume(self, vid: int, size: int) -> None:
-        _check_size(size)
-
-        def change(tx: _Tx):
-            v = tx.vol(vid)
-            if size < v["size"]:
-                raise EngineError("volumes only grow: %d < %d bytes" % (size, v["size"]))
-            v["size"] = size
-
-        self.commit(change)
+        structure.resize_volume(self, vid, size)
 
     def delete_volume(self, vid: int) -> None:
-        """Delete a volume; its snapshots stay.  Frees what nothing else uses."""
-
-        def change(tx: _Tx):
-            v = tx.vol(vid)
-            self._kill_head(tx, v["lid"])
-            tx.vols[vid] = None
-
-        self.commit(change)
-
-    def _kill_head(self, tx: _Tx, lid: int) -> None:
-        lin = tx.lin(lid)
-        lin.head_dead = True
-        txn = tx.txn
-        for birth, block in self._scan_tri(txn, DB_BORN, lid, lin.last_point() + 1, INF):
-            self._free_entry(tx, lid, block, birth, live=True)
-        self._maybe_drop_lineage(tx, lid)
-
-    def _scan_tri(self, txn, dbname: bytes, lid: int, lo: int, hi: int):
-        """(a, b) of keys (lid, a, b) in dbname with lo <= a < hi, as a list."""
-        out = []
-        cur = txn.cursor(db=self._db[dbname])
-        start = born_key(lid, lo, 0)
-        if cur.set_range(start):
-            for k in cur.iternext(values=False):
-                klid, a, b = tri_decode(k)
-                if klid != lid or a >= hi:
-                    break
-                out.append((a, b))
-        return out
-
-    def _free_entry(self, tx: _Tx, lid: int, block: int, birth: int, live: bool) -> None:
-        txn = tx.txn
-        key = map_key(lid, block, birth)
-        val = txn.get(key, db=self._db[DB_MAP])
-        slot, death, _crc = map_val_decode(val)
-        txn.delete(key, db=self._db[DB_MAP])
-        if live:
-            txn.delete(born_key(lid, birth, block), db=self._db[DB_BORN])
-        else:
-            txn.delete(dead_key(lid, death, block), db=self._db[DB_DEAD])
-        if slot != ZERO_SLOT:
-            tx.frees.append(slot)
-
-    def _maybe_drop_lineage(self, tx: _Tx, lid: int) -> None:
-        lin = tx.lin(lid)
-        if not lin.head_dead or lin.points or lin.pins:
-            return
-        tx.dropped_lins.add(lid)
-        # Nothing can see its entries any more; there should be none left.
-        for birth, block in self._scan_tri(tx.txn, DB_BORN, lid, 0, INF):
-            self._free_entry(tx, lid, block, birth, live=True)
-        if lin.parent is not None:
-            self._release_pin(tx, *lin.parent)
-
-    def _release_pin(self, tx: _Tx, lid: int, gen: int) -> None:
-        lin = tx.lin(lid)
-        lin.pins[gen] -= 1
-        if lin.pins[gen] == 0:
-            del lin.pins[gen]
-            if gen in lin.zombies:
-                lin.zombies.remove(gen)
-                self._delete_point(tx, lid, gen)
-                for sid, s in self._snaps.items():
-                    if s["lid"] == lid and s["gen"] == gen:
-                        tx.snaps[sid] = None
-        self._maybe_drop_lineage(tx, lid)
-
-    # ------------------------------------------------------------ snapshots
+        structure.delete_volume(self, vid)
 
     def snapshot(self, vids: list[int], change=None) -> list[int]:
-        """Snapshot several volumes at one point in time, durably.
-
-        Every write completed before the call is in the snapshots.  change(tx,
-        sids), if given, runs in the same transaction (catalogue records).
-        """
-
-        def _change(tx: _Tx):
-            sids = []
-            for vid in vids:
-                v = tx.vol(vid)
-                lin = tx.lin(v["lid"])
-                s = lin.gen
-                lin.points.append(s)
-                lin.gen += 1
-                sid = tx.new_id("snapshot")
-                tx.snaps[sid] = {"lid": v["lid"], "gen": s, "size": v["size"], "volume": vid, "deleted": False}
-                sids.append(sid)
-            if change is not None:
-                change(tx, sids)
-            return sids
-
-        return self.commit(_change)
+        return structure.snapshot(self, vids, change)
 
     def copy_snapshot(self, sid: int, change=None) -> int:
-        """A new snapshot with the contents of snapshot sid, sharing all its
-        blocks, durably: a lineage whose parent is sid's point (pinning it,
-        as a clone does), with one point of its own and no head.  Deleting
-        either snapshot leaves the other whole.  change(tx, new sid), if
-        given, runs in the same transaction (catalogue records)."""
-
-        def _change(tx: _Tx):
-            s = tx.snap(sid)
-            if s.get("deleted"):
-                raise NotFound("snapshot %d does not exist" % sid)
-            lid = self._new_lineage(tx, (s["lid"], s["gen"]))
-            lin = tx.lin(lid)
-            point = lin.gen
-            lin.points.append(point)
-            lin.gen += 1
-            lin.head_dead = True  # nothing writes to it: only its point is read
-            nsid = tx.new_id("snapshot")
-            tx.snaps[nsid] = {"lid": lid, "gen": point, "size": s["size"], "volume": None, "deleted": False}
-            if change is not None:
-                change(tx, nsid)
-            return nsid
-
-        return self.commit(_change)
+        return structure.copy_snapshot(self, sid, change)
 
     def delete_snapshot(self, sid: int) -> None:
         """Delete a snapshot; frees exactly what nothing else uses."""
         self.delete_snapshots([sid])
 
     def delete_snapshots(self, sids: list[int]) -> None:
-        """Delete several snapshots in one durable transaction."""
-
-        def change(tx: _Tx):
-            for sid in sids:
-                s = tx.snap(sid)
-                if s.get("deleted"):
-                    raise NotFound("snapshot %d does not exist" % sid)
-                lin = tx.lin(s["lid"])
-                if lin.pins.get(s["gen"]):
-                    lin.zombies.append(s["gen"])  # a clone still reads it
-                    s["deleted"] = True
-                else:
-                    self._delete_point(tx, s["lid"], s["gen"])
-                    tx.snaps[sid] = None
-                    self._maybe_drop_lineage(tx, s["lid"])
-
-        self.commit(change)
-
-    def _point_neighbours(self, lin: Lineage, s: int) -> tuple[int, int | None]:
-        i = bisect.bisect_left(lin.points, s)
-        p = lin.points[i - 1] if i > 0 else 0
-        n = lin.points[i + 1] if i + 1 < len(lin.points) else None
-        return p, n
-
-    def _exclusive(self, txn, lin: Lineage, s: int):
-        """Entries that only point s sees: [(block, birth, live)]."""
-        p, n = self._point_neighbours(lin, s)
-        hi = n + 1 if n is not None else INF
-        out = []
-        for death, block in self._scan_tri(txn, DB_DEAD, lin.lid, s + 1, hi):
-            birth = birth_val_decode(txn.get(dead_key(lin.lid, death, block), db=self._db[DB_DEAD]))
-            if p < birth <= s:
-                out.append((block, birth, False))
-        if n is None and lin.head_dead:
-            for birth, block in self._scan_tri(txn, DB_BORN, lin.lid, p + 1, s + 1):
-                out.append((block, birth, True))
-        return out
-
-    def _delete_point(self, tx: _Tx, lid: int, s: int) -> None:
-        lin = tx.lin(lid)
-        for block, birth, live in self._exclusive(tx.txn, lin, s):
-            self._free_entry(tx, lid, block, birth, live)
-        lin.points.remove(s)
+        structure.delete_snapshots(self, sids)
 
     def rollback(self, vid: int, sid: int) -> None:
         """Make a volume's contents those of a snapshot (of any volume)."""
         self.rollback_many([(vid, sid)])
 
     def rollback_many(self, pairs: list[tuple[int, int]], change=None) -> None:
-        """Roll several volumes back in one durable transaction: all or none.
+        structure.rollback_many(self, pairs, change)
 
-        change(tx), if given, runs in the same transaction (catalogue records).
-        """
-
-        def _change(tx: _Tx):
-            for vid, sid in pairs:
-                v = tx.vol(vid)
-                s = tx.snap(sid)
-                if s.get("deleted"):
-                    raise NotFound("snapshot %d does not exist" % sid)
-                old = v["lid"]
-                v["lid"] = self._new_lineage(tx, (s["lid"], s["gen"]))
-                self._kill_head(tx, old)
-            if change is not None:
-                change(tx)
-
-        self.commit(_change)
-
-    # ------------------------------------------------------------ queries
+    # ------------------------------------------------------------ reports (reports.py, scrub.py)
 
     def snapshot_usage(self, sid: int, referenced: bool = False) -> dict:
-        """Bytes only this snapshot holds (freed by deleting it), and what it
-        holds that the previous snapshot of its lineage does not (billed)."""
-        s = self.snapshot_info(sid)
-        lin = self._lins[s["lid"]]
-        with self.env.begin() as txn:
-            excl = 0
-            for block, birth, _live in self._exclusive(txn, lin, s["gen"]):
-                val = txn.get(map_key(lin.lid, block, birth), db=self._db[DB_MAP])
-                excl += map_val_decode(val)[0] != ZERO_SLOT
-            p, _n = self._point_neighbours(lin, s["gen"])
-            born = self._born_between(txn, lin.lid, p, s["gen"])
-            out = {"exclusive_bytes": excl * BLOCK_SIZE, "incremental_bytes": born * BLOCK_SIZE}
-            if referenced:  # a scan of everything the snapshot sees (reports only)
-                out["referenced_bytes"] = len(self._visible_map(txn, lin.lid, s["gen"])) * BLOCK_SIZE
-        return out
-
-    def _born_between(self, txn, lid: int, p: int, s: int) -> int:
-        """Number of non-zero entries visible at s that were born after p."""
-        n = 0
-        for birth, block in self._scan_tri(txn, DB_BORN, lid, p + 1, s + 1):
-            slot, _, _ = map_val_decode(txn.get(map_key(lid, block, birth), db=self._db[DB_MAP]))
-            n += slot != ZERO_SLOT
-        for death, block in self._scan_tri(txn, DB_DEAD, lid, s + 1, INF):
-            birth = birth_val_decode(txn.get(dead_key(lid, death, block), db=self._db[DB_DEAD]))
-            if p < birth <= s:
-                slot, _, _ = map_val_decode(txn.get(map_key(lid, block, birth), db=self._db[DB_MAP]))
-                n += slot != ZERO_SLOT
-        return n
+        return reports.snapshot_usage(self, sid, referenced)
 
     def changed_blocks(self, sid_from: int | None, sid_to: int | None, vid: int | None = None) -> list[int]:
-        """Blocks that differ between two snapshots of one lineage (or between
-        a snapshot and the volume's head when sid_to is None), from the map
-        alone.  sid_from None means "since nothing" (every written block).
+        return reports.changed_blocks(self, sid_from, sid_to, vid)
 
-        Work is proportional to what changed since sid_from when both are in
-        the same lineage; otherwise the visible maps are compared.
-        """
-        self.commit()
-        if sid_to is None:
-            v = self._vols[vid]
-            lid_b, gen_b = v["lid"], self._lins[v["lid"]].gen
-        else:
-            sb = self.snapshot_info(sid_to)
-            lid_b, gen_b = sb["lid"], sb["gen"]
-        if sid_from is None:
-            lid_a, gen_a = lid_b, 0
-        else:
-            sa = self.snapshot_info(sid_from)
-            lid_a, gen_a = sa["lid"], sa["gen"]
-        with self.env.begin() as txn:
-            if lid_a == lid_b and gen_a <= gen_b and (gen_a > 0 or self._lins[lid_b].parent is None):
-                out = set()
-                for birth, block in self._scan_tri(txn, DB_BORN, lid_b, gen_a + 1, gen_b + 1):
-                    out.add(block)
-                for death, block in self._scan_tri(txn, DB_DEAD, lid_b, gen_a + 1, INF):
-                    birth = birth_val_decode(txn.get(dead_key(lid_b, death, block), db=self._db[DB_DEAD]))
-                    if birth <= gen_b and (birth > gen_a or death <= gen_b):
-                        out.add(block)
-                # a block written and zeroed again is no change
-                cur = txn.cursor(db=self._db[DB_MAP])
-                return sorted(
-                    b for b in out if self._lookup(cur, lid_a, gen_a, b) != self._lookup(cur, lid_b, gen_b, b)
-                )
-            a = self._visible_map(txn, lid_a, gen_a) if sid_from is not None else {}
-            b = self._visible_map(txn, lid_b, gen_b)
-            return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-
-    def _visible_map(self, txn, lid: int, gen: int) -> dict[int, int]:
-        """block -> slot of every non-zero block visible at (lid, gen)."""
-        chain = []
-        while True:
-            chain.append((lid, gen))
-            lin = self._lins[lid]
-            if lin.parent is None:
-                break
-            lid, gen = lin.parent
-        out: dict[int, int] = {}
-        seen: set[int] = set()
-        for clid, cgen in chain:
-            cur = txn.cursor(db=self._db[DB_MAP])
-            if not cur.set_range(lid_prefix(clid)):
-                continue
-            for k, v in cur:
-                klid, block, birth = map_key_decode(k)
-                if klid != clid:
-                    break
-                if block in seen or birth > cgen:
-                    continue
-                seen.add(block)
-                slot, death, _ = map_val_decode(v)
-                if death > cgen and slot != ZERO_SLOT:
-                    out[block] = slot
-        return out
+    def scrub(self, verify_data: bool = True, progress=None) -> list[str]:
+        return scrub.check(self, verify_data, progress)
 
     def stats(self) -> dict:
         """The pool's space figures, as of a commit when one can be made.  A
@@ -1949,77 +1519,6 @@ class Pool:
             "snapshots": sum(1 for s in self._snaps.values() if not s.get("deleted")),
             **({"commit_error": commit_error} if commit_error else {}),
         }
-
-    # ------------------------------------------------------------ scrub
-
-    def scrub(self, verify_data: bool = True, progress=None) -> list[str]:
-        """Check the map's integrity and every block's checksum.
-
-        Returns a list of problems (empty when the pool is sound): slots owned
-        twice or leaked, index entries out of step with the map, entries that
-        no snapshot point or head can see, checksum mismatches.
-        """
-        self.commit()
-        problems: list[str] = []
-        owner: dict[int, tuple] = {}
-        with self.env.begin() as txn:
-            free = {u64_decode(k) for k in txn.cursor(db=self._db[DB_FREE]).iternext(values=False)}
-            born = set(txn.cursor(db=self._db[DB_BORN]).iternext(values=False))
-            dead = dict(txn.cursor(db=self._db[DB_DEAD]))
-            total = txn.stat(self._db[DB_MAP])["entries"]
-            for i, (k, v) in enumerate(txn.cursor(db=self._db[DB_MAP])):
-                if progress and i % 4096 == 0:
-                    progress(i, total)
-                lid, block, birth = map_key_decode(k)
-                slot, death, crc = map_val_decode(v)
-                where = "lineage %d block %d birth %d" % (lid, block, birth)
-                lin = self._lins.get(lid)
-                if lin is None:
-                    problems.append("%s: entry of a lineage that does not exist" % where)
-                    continue
-                if death == INF:
-                    if born_key(lid, birth, block) not in born:
-                        problems.append("%s: live entry missing from the birth index" % where)
-                    born.discard(born_key(lid, birth, block))
-                    if lin.head_dead and birth > lin.last_point():
-                        problems.append("%s: leaked (head deleted, no snapshot sees it)" % where)
-                else:
-                    dk = dead_key(lid, death, block)
-                    if dk not in dead or birth_val_decode(dead[dk]) != birth:
-                        problems.append("%s: dead entry missing from the death index" % where)
-                    dead.pop(dk, None)
-                    if not any(birth <= g < death for g in lin.points):
-                        problems.append("%s: leaked (no snapshot point sees it)" % where)
-                if slot == ZERO_SLOT:
-                    continue
-                if slot in owner:
-                    problems.append("slot %d owned twice: %s and %s" % (slot, owner[slot], where))
-                owner[slot] = where
-                if slot in free:
-                    problems.append("slot %d is both free and used by %s" % (slot, where))
-                if slot >= self._hwm:
-                    problems.append("slot %d beyond the high-water mark %d" % (slot, self._hwm))
-                if verify_data:
-                    data = self.file.pread(BLOCK_SIZE, slot_offset(slot))
-                    if native.crc32c(data) != crc:
-                        problems.append("slot %d (%s): checksum mismatch" % (slot, where))
-            for k in born:
-                problems.append("birth index entry %r has no map entry" % (tri_decode(k),))
-            for k in dead:
-                problems.append("death index entry %r has no map entry" % (tri_decode(k),))
-            leaked = set(range(1, self._hwm)) - set(owner) - free
-            if leaked:
-                problems.append("%d slots leaked (neither used nor free), e.g. %s" % (len(leaked), sorted(leaked)[:5]))
-        for vid, v in self._vols.items():
-            if v["lid"] not in self._lins or self._lins[v["lid"]].head_dead:
-                problems.append("volume %d points at a missing or deleted lineage %d" % (vid, v["lid"]))
-        return problems
-
-
-def _check_size(size: int) -> None:
-    if size <= 0 or size % 4096:
-        raise EngineError("a volume's size must be a positive multiple of 4096 bytes, not %d" % size)
-
 
 def _runs(nums: list[int]):
     """Group sorted numbers (slots, pages) into (start, count) runs."""

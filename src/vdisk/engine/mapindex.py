@@ -1,0 +1,89 @@
+"""Reading the block map's indexes: which entries a snapshot point alone
+sees, what was born between two points, everything visible at a point.
+
+Functions of a Pool (its LMDB handles and lineages) and a read transaction;
+they change nothing.  See docs/format.md for the keys."""
+from __future__ import annotations
+
+import bisect
+
+from .format import DB_BORN, DB_DEAD, DB_MAP, INF, ZERO_SLOT, birth_val_decode, born_key, dead_key, lid_prefix, map_key, map_key_decode, map_val_decode, tri_decode
+from .lineage import Lineage
+
+
+def scan_tri(pool, txn, dbname: bytes, lid: int, lo: int, hi: int):
+    """(a, b) of keys (lid, a, b) in dbname with lo <= a < hi, as a list."""
+    out = []
+    cur = txn.cursor(db=pool._db[dbname])
+    start = born_key(lid, lo, 0)
+    if cur.set_range(start):
+        for k in cur.iternext(values=False):
+            klid, a, b = tri_decode(k)
+            if klid != lid or a >= hi:
+                break
+            out.append((a, b))
+    return out
+
+
+def point_neighbours(lin: Lineage, s: int) -> tuple[int, int | None]:
+    i = bisect.bisect_left(lin.points, s)
+    p = lin.points[i - 1] if i > 0 else 0
+    n = lin.points[i + 1] if i + 1 < len(lin.points) else None
+    return p, n
+
+
+def exclusive(pool, txn, lin: Lineage, s: int):
+    """Entries that only point s sees: [(block, birth, live)]."""
+    p, n = point_neighbours(lin, s)
+    hi = n + 1 if n is not None else INF
+    out = []
+    for death, block in scan_tri(pool, txn, DB_DEAD, lin.lid, s + 1, hi):
+        birth = birth_val_decode(txn.get(dead_key(lin.lid, death, block), db=pool._db[DB_DEAD]))
+        if p < birth <= s:
+            out.append((block, birth, False))
+    if n is None and lin.head_dead:
+        for birth, block in scan_tri(pool, txn, DB_BORN, lin.lid, p + 1, s + 1):
+            out.append((block, birth, True))
+    return out
+
+
+def born_between(pool, txn, lid: int, p: int, s: int) -> int:
+    """Number of non-zero entries visible at s that were born after p."""
+    n = 0
+    for birth, block in scan_tri(pool, txn, DB_BORN, lid, p + 1, s + 1):
+        slot, _, _ = map_val_decode(txn.get(map_key(lid, block, birth), db=pool._db[DB_MAP]))
+        n += slot != ZERO_SLOT
+    for death, block in scan_tri(pool, txn, DB_DEAD, lid, s + 1, INF):
+        birth = birth_val_decode(txn.get(dead_key(lid, death, block), db=pool._db[DB_DEAD]))
+        if p < birth <= s:
+            slot, _, _ = map_val_decode(txn.get(map_key(lid, block, birth), db=pool._db[DB_MAP]))
+            n += slot != ZERO_SLOT
+    return n
+
+
+def visible_map(pool, txn, lid: int, gen: int) -> dict[int, int]:
+    """block -> slot of every non-zero block visible at (lid, gen)."""
+    chain = []
+    while True:
+        chain.append((lid, gen))
+        lin = pool._lins[lid]
+        if lin.parent is None:
+            break
+        lid, gen = lin.parent
+    out: dict[int, int] = {}
+    seen: set[int] = set()
+    for clid, cgen in chain:
+        cur = txn.cursor(db=pool._db[DB_MAP])
+        if not cur.set_range(lid_prefix(clid)):
+            continue
+        for k, v in cur:
+            klid, block, birth = map_key_decode(k)
+            if klid != clid:
+                break
+            if block in seen or birth > cgen:
+                continue
+            seen.add(block)
+            slot, death, _ = map_val_decode(v)
+            if death > cgen and slot != ZERO_SLOT:
+                out[block] = slot
+    return out

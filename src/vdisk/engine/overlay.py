@@ -1,0 +1,46 @@
+"""The write overlay's records: a block written since the last commit
+(Dirty), and the overlay frozen for one commit (Epoch)."""
+from __future__ import annotations
+
+
+class Dirty:
+    """One block written since the last commit.
+
+    slot == ZERO_SLOT: the block is now all zeros.  fresh: the slot was
+    allocated since the last commit (no durable map references it), so it may
+    be overwritten in place.  crc_ok: crc matches the slot's contents.
+    pages: the 4 KiB pages this engine wrote since the block's last log flush
+    (FULL_MASK: all of them may differ); the C fast path keeps its own.
+    """
+
+    __slots__ = ("slot", "crc", "crc_ok", "fresh", "pages")
+
+    def __init__(self, slot: int, crc: int, crc_ok: bool, fresh: bool, pages: int = 0):
+        self.slot = slot
+        self.crc = crc
+        self.crc_ok = crc_ok
+        self.fresh = fresh
+        self.pages = pages
+
+
+class Epoch:
+    """The overlay frozen by begin_commit(): what one commit makes durable.
+
+    dirty: lid -> block -> Dirty.  alloc: slots allocated in the epoch (to be
+    taken out of DB_FREE).  hwm: the high-water mark at the freeze.
+    free_back: free slots not allocated (those beyond the durable hwm go to
+    DB_FREE).  records: staged catalogue records.  zeroed: slots whose block
+    turned out all zeros when the checksums were finished; they are freed by
+    the commit.
+    """
+
+    __slots__ = ("dirty", "alloc", "hwm", "free_back", "records", "zeroed", "zeroed_at")
+
+    def __init__(self, dirty, alloc, hwm, free_back, records):
+        self.dirty = dirty
+        self.alloc = alloc
+        self.hwm = hwm
+        self.free_back = free_back
+        self.records = records
+        self.zeroed: list[int] = []
+        self.zeroed_at: list[tuple[int, int, int]] = []  # (lid, block, slot) of each

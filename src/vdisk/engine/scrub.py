@@ -1,0 +1,70 @@
+"""The pool's integrity check: every map entry against its indexes and the
+free list, every slot owned once, every block's checksum."""
+from __future__ import annotations
+
+from . import native
+from .format import BLOCK_SIZE, DB_BORN, DB_DEAD, DB_FREE, DB_MAP, INF, ZERO_SLOT, birth_val_decode, born_key, dead_key, map_key_decode, map_val_decode, slot_offset, tri_decode, u64_decode
+
+
+def check(pool, verify_data: bool = True, progress=None) -> list[str]:
+    """Check the map's integrity and every block's checksum.
+
+    Returns a list of problems (empty when the pool is sound): slots owned
+    twice or leaked, index entries out of step with the map, entries that
+    no snapshot point or head can see, checksum mismatches.
+    """
+    pool.commit()
+    problems: list[str] = []
+    owner: dict[int, tuple] = {}
+    with pool.env.begin() as txn:
+        free = {u64_decode(k) for k in txn.cursor(db=pool._db[DB_FREE]).iternext(values=False)}
+        born = set(txn.cursor(db=pool._db[DB_BORN]).iternext(values=False))
+        dead = dict(txn.cursor(db=pool._db[DB_DEAD]))
+        total = txn.stat(pool._db[DB_MAP])["entries"]
+        for i, (k, v) in enumerate(txn.cursor(db=pool._db[DB_MAP])):
+            if progress and i % 4096 == 0:
+                progress(i, total)
+            lid, block, birth = map_key_decode(k)
+            slot, death, crc = map_val_decode(v)
+            where = "lineage %d block %d birth %d" % (lid, block, birth)
+            lin = pool._lins.get(lid)
+            if lin is None:
+                problems.append("%s: entry of a lineage that does not exist" % where)
+                continue
+            if death == INF:
+                if born_key(lid, birth, block) not in born:
+                    problems.append("%s: live entry missing from the birth index" % where)
+                born.discard(born_key(lid, birth, block))
+                if lin.head_dead and birth > lin.last_point():
+                    problems.append("%s: leaked (head deleted, no snapshot sees it)" % where)
+            else:
+                dk = dead_key(lid, death, block)
+                if dk not in dead or birth_val_decode(dead[dk]) != birth:
+                    problems.append("%s: dead entry missing from the death index" % where)
+                dead.pop(dk, None)
+                if not any(birth <= g < death for g in lin.points):
+                    problems.append("%s: leaked (no snapshot point sees it)" % where)
+            if slot == ZERO_SLOT:
+                continue
+            if slot in owner:
+                problems.append("slot %d owned twice: %s and %s" % (slot, owner[slot], where))
+            owner[slot] = where
+            if slot in free:
+                problems.append("slot %d is both free and used by %s" % (slot, where))
+            if slot >= pool._hwm:
+                problems.append("slot %d beyond the high-water mark %d" % (slot, pool._hwm))
+            if verify_data:
+                data = pool.file.pread(BLOCK_SIZE, slot_offset(slot))
+                if native.crc32c(data) != crc:
+                    problems.append("slot %d (%s): checksum mismatch" % (slot, where))
+        for k in born:
+            problems.append("birth index entry %r has no map entry" % (tri_decode(k),))
+        for k in dead:
+            problems.append("death index entry %r has no map entry" % (tri_decode(k),))
+        leaked = set(range(1, pool._hwm)) - set(owner) - free
+        if leaked:
+            problems.append("%d slots leaked (neither used nor free), e.g. %s" % (len(leaked), sorted(leaked)[:5]))
+    for vid, v in pool._vols.items():
+        if v["lid"] not in pool._lins or pool._lins[v["lid"]].head_dead:
+            problems.append("volume %d points at a missing or deleted lineage %d" % (vid, v["lid"]))
+    return problems
