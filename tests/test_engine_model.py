@@ -52,7 +52,7 @@ class PoolModel(RuleBasedStateMachine):
 
     def _opened(self):
         """Called after the pool is (re)opened."""
-        self.pool.log_max = 320 << 10  # a few records, then a full log
+        self.pool.intent.max = 320 << 10  # a few records, then a full log
 
     def teardown(self):
         self.pool._abandon()

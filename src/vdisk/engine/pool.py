@@ -55,8 +55,9 @@ import threading
 
 import lmdb
 
-from . import native, reports, scrub, structure
+from . import intentlog, native, reports, scrub, structure
 from .blockio import DataFile
+from .intentlog import IntentLog
 from .lineage import Lineage
 from .overlay import Dirty, Epoch
 from .txn import Tx
@@ -98,9 +99,6 @@ from .format import (
     dead_key,
     jdec,
     jenc,
-    log_header,
-    log_header_decode,
-    log_set_crc,
     map_key,
     map_key_decode,
     map_val,
@@ -128,12 +126,6 @@ RESERVE_KEEP_FREE = 256 << 20
 # How many slots the verified-once set remembers (about 64 MiB of memory at
 # most); it starts over when full.
 VERIFIED_MAX = 1 << 20
-# The intent log: a log flush writes at most LOG_FLUSH_MAX bytes (more is
-# made durable by a commit instead, whose cost is then the smaller part),
-# and the log grows to at most LOG_MAX bytes before a commit empties it.
-LOG_FLUSH_MAX = 4 << 20
-LOG_MAX = 64 << 20
-LOG_GROW = 1 << 20  # the log file grows in zero-filled steps of this size
 
 
 class CommitJob:
@@ -298,17 +290,9 @@ class Pool:
             self._vols = {u64_decode(k): jdec(v) for k, v in txn.cursor(db=self._db[DB_VOLUME])}
             self._snaps = {u64_decode(k): jdec(v) for k, v in txn.cursor(db=self._db[DB_SNAP])}
             g = txn.get(b"log_gen", db=self._db[DB_META])
-        # The intent log (see log_flush): records of generation _log_gen are
-        # valid; every commit moves to the next generation and starts over
-        # at offset 0.
-        self._log_gen = u64_decode(g) if g is not None else 0
-        self._log_pos = 0
-        self._log_seq = 0
-        self._log_ok = True  # False once a log write failed: commits only
-        self._log_end = os.fstat(self.log.fd).st_size  # written (zeros at least) up to here
+        # The intent log (see log_flush and intentlog.py)
+        self.intent = IntentLog(self.log, u64_decode(g) if g is not None else 0)
         self._unlogged: dict[int, set[int]] = {}  # lid -> blocks changed since their log flush
-        self.log_stats = {"flushes": 0, "bytes": 0, "commits_instead": 0, "replayed": 0, "pages_unknown": 0}
-        self.log_max = LOG_MAX  # tests make it small
         self._dirty: dict[int, dict[int, Dirty]] = {}
         self._ndirty = 0
         self._inflight: Epoch | None = None  # frozen by begin_commit, not yet finished
@@ -465,9 +449,9 @@ class Pool:
         with self._fast():
             self._fm_vids = {}
             self._fast_volumes()
-            fm.log_setup(self.log.fd, self._log_gen, self._log_pos, self._log_seq, self._log_end,
-                         self.log_max, LOG_FLUSH_MAX)
-            if not self._log_ok:
+            il = self.intent
+            fm.log_setup(self.log.fd, il.gen, il.pos, il.seq, il.end, il.max, intentlog.FLUSH_MAX)
+            if not il.ok:
                 fm.log_disable()
             fm.log_inflight(self._inflight is not None)
         self.refill_fast()
@@ -479,7 +463,7 @@ class Pool:
         if fm is None:
             return
         with self._log_lock(), self._fast():
-            self._log_pull()
+            self.intent.pull(fm)
             for slot in fm.reservoir_take():
                 self._reserved.discard(slot)
                 self._reserved_beyond.discard(slot)
@@ -924,7 +908,7 @@ class Pool:
         flush, written at the log's end and fdatasync()ed (one device flush,
         where a commit needs three).  Returns False, having changed nothing
         that matters, when a commit must do it instead: a commit in flight,
-        more than LOG_FLUSH_MAX to write, a full log, a filesystem too full
+        more than intentlog.FLUSH_MAX to write, a full log, a filesystem too full
         to grow it (see _spare_bytes), a log that failed.
 
         Runs in the owner's thread; blocks on the log file's fdatasync, and
@@ -932,14 +916,15 @@ class Pool:
         The fast path's lock is held only while the pages are gathered."""
         if self._failed:
             raise PoolFailed(self._failed)
+        il = self.intent
         with self._log_lock():
-            self._log_pull()
-            if not self._log_ok or self._inflight is not None:
+            il.pull(self._fm)
+            if not il.ok or self._inflight is not None:
                 return False
             ok = self._log_flush(vid)
             if self._fm is not None:
-                if self._log_ok:
-                    self._fm.log_advance(self._log_pos, self._log_seq, self._log_end)
+                if il.ok:
+                    self._fm.log_advance(il.pos, il.seq, il.end)
                 else:
                     self._fm.log_disable()
             return ok
@@ -949,23 +934,13 @@ class Pool:
         C's log flushes and ours take turns); taken before the map's lock."""
         return _LogLock(self._fm) if self._fm is not None else contextlib.nullcontext()
 
-    def _log_pull(self) -> None:
-        """Take in where C left the log (with the log's lock held)."""
-        if self._fm is None:
-            return
-        st = self._fm.log_state()
-        self._log_pos, self._log_seq = st["pos"], st["seq"]
-        self._log_ok = self._log_ok and st["ok"]
-
     def log_status(self) -> dict:
-        """log_stats, with the flushes C wrote counted in."""
-        st = dict(self.log_stats)
-        if self._fm is not None:
-            c = self._fm.log_state()
-            st["flushes"] += c["flushes"]
-            st["bytes"] += c["bytes"]
-            st["flushes_in_c"] = c["flushes"]
-        return st
+        """The intent log's counters, with the flushes C wrote counted in."""
+        return self.intent.status(self._fm)
+
+    @property
+    def log_stats(self) -> dict:
+        return self.intent.stats
 
     def _log_flush(self, vid: int) -> bool:
         with self._fast():
@@ -978,7 +953,7 @@ class Pool:
                 self._set_clean(vid, True)
                 return True
             if len(blocks) > LOG_MAX_ENTRIES:
-                self.log_stats["commits_instead"] += 1
+                self.intent.stats["commits_instead"] += 1
                 return False
             dirty = self._dirty.get(lid, {})
             entries, pages, npages = [], [], 0
@@ -989,21 +964,19 @@ class Pool:
                     continue
                 mask = d.pages | (self._fm.mask(vid, block) if self._fm is not None else 0)
                 if not mask:  # a block changed, and no page of it?  The whole is safe
-                    self.log_stats["pages_unknown"] += 1
+                    self.intent.stats["pages_unknown"] += 1
                     mask = FULL_MASK
                 entries.append((block, mask))
                 npages += mask.bit_count()
-                if npages * LOG_PAGE > LOG_FLUSH_MAX:
-                    self.log_stats["commits_instead"] += 1
+                if npages * LOG_PAGE > intentlog.FLUSH_MAX:
+                    self.intent.stats["commits_instead"] += 1
                     return False
                 for first, count in _runs(mask_pages(mask)):
                     pages.append(self.file.pread(count * LOG_PAGE, slot_offset(d.slot) + first * LOG_PAGE))
-            size = LOG_HEADER + npages * LOG_PAGE
-            end = self._log_pos + size
-            grow = max(LOG_GROW, end - self._log_end) if end > self._log_end else 0
-            if end > self.log_max or (grow and self._spare_bytes() < grow):
+            grow = self.intent.growth(npages, self._spare_bytes)
+            if grow is None:
                 # a full log, or a filesystem too full to grow it: commit
-                self.log_stats["commits_instead"] += 1
+                self.intent.stats["commits_instead"] += 1
                 return False
             # from here on the next write to any of these blocks is news
             if self._fm is not None:
@@ -1012,21 +985,9 @@ class Pool:
             for block, _ in entries:
                 dirty[block].pages = 0
             self._set_clean(vid, True)
-        hdr = log_header(self._log_gen, self._log_seq, vid, entries)
-        body = b"".join(pages)
-        log_set_crc(hdr, native.crc32c(body, native.crc32c(hdr)))
-        try:
-            if grow:  # in zero-filled steps: rewrites are cheaper than growth
-                self.log.pwrite(bytes(grow), self._log_end)
-                self._log_end += grow
-            self.log.pwrite(hdr + body, self._log_pos)
-            self.log.sync()
-        except OSError as exc:
+        if not self.intent.append(vid, entries, pages, grow):
             # what the record held is still in the overlay: commits make it
-            # durable from now on (a half-written record is never replayed:
-            # its CRC fails, or the next commit makes it obsolete)
-            log.warning("writing the intent log %s failed (%s); flushes commit instead", self.log.path, exc)
-            self._log_ok = False
+            # durable from now on
             with self._fast():
                 unlogged = self._unlogged.setdefault(lid, set())
                 for block, _ in entries:
@@ -1035,44 +996,25 @@ class Pool:
                         unlogged.add(block)
                 self._set_clean(vid, False)
             return False
-        self._log_pos = end
-        self._log_seq += 1
-        self.log_stats["flushes"] += 1
-        self.log_stats["bytes"] += size
         return True
 
     def _replay_log(self) -> None:
-        """At open: apply the intent log's valid records (this generation's,
-        in sequence from offset 0, each with a good CRC) to the heads, as the
-        writes they stand for, then commit them, which also retires the log.
-        A record that fails any check ends the log: it was being written
-        when the flush that wrote it was interrupted, so nothing after it
-        was ever acknowledged."""
-        pos = seq = 0
+        """At open: apply the intent log's valid records (IntentLog.valid_records)
+        to the heads, as the writes they stand for, then commit them, which
+        also retires the log."""
+        seq = nbytes = 0
         auto, self.auto_commit = self.auto_commit, False  # one commit, at the end
         try:
-            while True:
-                hdr = bytearray(self.log.pread(LOG_HEADER, pos))
-                got = log_header_decode(hdr)
-                if got is None:
-                    break
-                gen, rseq, vid, entries, crc = got
-                if gen != self._log_gen or rseq != seq:
-                    break
-                npages = sum(m.bit_count() for _, m in entries)
-                body = self.log.pread(npages * LOG_PAGE, pos + LOG_HEADER)
-                log_set_crc(hdr, 0)
-                if native.crc32c(body, native.crc32c(hdr)) != crc:
-                    break
+            for vid, entries, body in self.intent.valid_records():
                 self._replay_record(vid, entries, body)
-                pos += LOG_HEADER + npages * LOG_PAGE
                 seq += 1
+                nbytes += LOG_HEADER + len(body)
         finally:
             self.auto_commit = auto
         if seq:
-            log.info("%s: replayed %d intent log record(s) (%d bytes)", self.path, seq, pos)
-            self.log_stats["replayed"] = seq
-        if seq or self._log_end:
+            log.info("%s: replayed %d intent log record(s) (%d bytes)", self.path, seq, nbytes)
+            self.intent.stats["replayed"] = seq
+        if seq or self.intent.end:
             # a generation no record on disk has: the old records are dead
             self.commit(change=lambda tx: None)
 
@@ -1365,7 +1307,7 @@ class Pool:
         for slot in tx.frees:
             txn.put(u64(slot), b"", db=free)
         txn.put(b"hwm", u64(hwm), db=meta)
-        txn.put(b"log_gen", u64(self._log_gen + 1), db=meta)  # the log's records are in here now
+        txn.put(b"log_gen", u64(self.intent.gen + 1), db=meta)  # the log's records are in here now
         if tx.counters:
             c = dict(self._counters)
             c.update(tx.counters)
@@ -1411,10 +1353,9 @@ class Pool:
             else:
                 self._snaps[sid] = s
         self._counters.update(tx.counters)
-        self._log_gen += 1
-        self._log_pos = self._log_seq = 0
+        gen = self.intent.retire()
         if self._fm is not None:
-            self._fm.log_reset(self._log_gen)  # and no commit in flight
+            self._fm.log_reset(gen)  # and no commit in flight
         self._committed_hwm = max(self._committed_hwm, ep.hwm)
         if self._reserved_beyond:  # recorded free by this commit, unless taken since
             self._reserved_beyond = {s for s in self._reserved_beyond if s >= self._committed_hwm}
