@@ -286,7 +286,7 @@ class Daemon:
         else every WRITEBACK_IDLE seconds.  Blocks rewritten in place (a
         sequential rewrite, a database's hot pages) would otherwise be
         written to the device again and again, taking the CPU and the device
-        from the writes themselves (docs/architecture.md, "Performance").
+        from the writes themselves (docs/perf/2026-12-01-engine.md, "The write cache").
         Submitting the I/O can block for milliseconds when the device is
         busy, so it runs in a thread (sync_file_range on the data file's fd:
         no pool state)."""
