@@ -297,7 +297,7 @@ def test_version_1_pool_is_upgraded_when_opened(tmp_path):
     with p.env.begin(db=p._db[DB_META]) as txn:
         assert u64_decode(txn.get(b"format_version")) == FORMAT_VERSION == 2
     assert p.read(v, 0, 4096) == b"x" * 4096
-    assert p.log_stats["replayed"] == 1
+    assert p.intent.stats["replayed"] == 1
     p.close()
 
 
@@ -312,20 +312,20 @@ def test_log_replay_stops_at_the_first_bad_record(tmp_path):
     for i, ch in enumerate(b"abc"):
         p.write(v, i * BLOCK_SIZE + 8192, bytes([ch]) * 4096)
         assert p.log_flush(v)
-    assert p.log_stats["flushes"] == 3 and p.intent.pos == 3 * 2 * 4096
+    assert p.intent.stats["flushes"] == 3 and p.intent.pos == 3 * 2 * 4096
     p._abandon()
     with open(os.path.join(path, LOG_FILE), "r+b") as f:
         f.seek(2 * 4096 + 4096 + 100)  # the page of the second record
         f.write(b"?")
     p = Pool(path)
-    assert p.log_stats["replayed"] == 1
+    assert p.intent.stats["replayed"] == 1
     assert p.read(v, 8192, 4096) == b"a" * 4096
     assert p.read(v, BLOCK_SIZE + 8192, 4096) == bytes(4096)
     assert p.read(v, 2 * BLOCK_SIZE + 8192, 4096) == bytes(4096)
     assert p.scrub() == []
     p._abandon()  # the old records are still in the file, a generation behind
     p = Pool(path)
-    assert p.log_stats["replayed"] == 0
+    assert p.intent.stats["replayed"] == 0
     assert p.read(v, 0, 3 * BLOCK_SIZE).count(b"a") == 4096
     p.close()
 

@@ -261,7 +261,7 @@ class PoolModel(RuleBasedStateMachine):
     def log_knows_its_pages(self):
         """Every block a log flush wrote had its changed pages tracked (the
         whole-block fallback would hide a page left out)."""
-        assert self.pool.log_stats["pages_unknown"] == 0
+        assert self.pool.intent.stats["pages_unknown"] == 0
 
     @invariant()
     def snapshots_read_back(self):

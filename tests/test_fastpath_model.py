@@ -259,7 +259,7 @@ def test_fsync_in_c_survives_a_crash(tmp_path):
     pool.env.close()  # a crash: nothing committed since the volume was created
     pool.env = None
     again = Pool(str(tmp_path))
-    assert again.log_stats["replayed"] == 2
+    assert again.intent.stats["replayed"] == 2
     got = again.read(vid, 0, 4 * BLOCK_SIZE)
     want = bytearray(4 * BLOCK_SIZE)
     want[0:BLOCK_SIZE] = b"a" * BLOCK_SIZE

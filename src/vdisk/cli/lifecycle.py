@@ -209,13 +209,14 @@ def register(group, verb) -> None:
     verb(g, "list", cmd_policy_list, "list policies")
     verb(g, "show", cmd_policy_show, "show one policy").add_argument("policy", metavar="POLICY_ID")
     verb(g, "delete", cmd_policy_delete, "delete a policy (its snapshots stay)").add_argument("policy", metavar="POLICY_ID")
-    v = verb(g, "apply", cmd_policy_apply, "apply a policy to disks and instances (an instance: one snapshot group "
-             "of its ESSDs at each due time)")
-    v.add_argument("policy", metavar="POLICY_ID")
-    v.add_argument("target", nargs="+", metavar="DISK_ID|INSTANCE_ID")
-    v = verb(g, "cancel", cmd_policy_cancel, "take a policy off disks and instances")
-    v.add_argument("policy", metavar="POLICY_ID")
-    v.add_argument("target", nargs="+", metavar="DISK_ID|INSTANCE_ID")
+    for name, func, help_ in (
+        ("apply", cmd_policy_apply, "apply a policy to disks and instances (an instance: one snapshot group of its "
+         "ESSDs at each due time)"),
+        ("cancel", cmd_policy_cancel, "take a policy off disks and instances"),
+    ):
+        v = verb(g, name, func, help_)
+        v.add_argument("policy", metavar="POLICY_ID")
+        v.add_argument("target", nargs="+", metavar="DISK_ID|INSTANCE_ID")
 
     g = group("tag", "tags on instances, disks, snapshots, groups, images and policies")
     v = verb(g, "add", cmd_tag_add, "add or change tags (TagResources)")

@@ -230,8 +230,8 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
         return iso(self.clock.now())
 
     @staticmethod
-    def _page(p: Params, items: list, outer: str, inner: str, default_max: int = 100) -> dict:
-        return _page(p, items, outer, inner, default_max)
+    def _page(p: Params, items: list, outer: str, inner: str, default_max: int = 100, numbered: bool = False) -> dict:
+        return _page(p, items, outer, inner, default_max, numbered)
 
     def _get(self, kind: str, ident: str) -> dict:
         rec = self.pool.get_record("%s/%s" % (kind, ident))
@@ -949,9 +949,10 @@ def _camel(k: str) -> str:
     return "".join(w.capitalize() for w in k.split("_"))
 
 
-def _page(p: Params, items: list, outer: str, inner: str, default_max: int = 100) -> dict:
-    """The cloud's paging: MaxResults + NextToken, or PageNumber + PageSize."""
-    if p.req.get("PageNumber") is not None or p.req.get("PageSize") is not None:
+def _page(p: Params, items: list, outer: str, inner: str, default_max: int = 100, numbered: bool = False) -> dict:
+    """The cloud's paging: MaxResults + NextToken, or PageNumber + PageSize
+    (numbered: always, for the actions that take no MaxResults)."""
+    if numbered or p.req.get("PageNumber") is not None or p.req.get("PageSize") is not None:
         size = p.int("PageSize", default=10, lo=1, hi=100)
         number = p.int("PageNumber", default=1, lo=1)
         start = (number - 1) * size

@@ -114,17 +114,15 @@ class LifecycleActions:
     def _settle_progress(self, now: float) -> None:
         changed = False
         for s in self._all("snapshot"):
-            if s.get("Status") == "progressing" and s.get("_done_at") is not None and s["_done_at"] <= now:
+            if s.get("Status") == "progressing" and self._progress_view(s, now)["Status"] == "accomplished":
                 s.update(Status="accomplished", Progress="100%", Available=True)
                 self._put("snapshot", s)
                 changed = True
-        for g in self._all("snapshotgroup"):
-            if g.get("Status") == "progressing":
-                members = [self.pool.get_record("snapshot/" + m) for m in g["Members"]]
-                if all(m is None or m["Status"] == "accomplished" for m in members):
-                    g.update(Status="accomplished", ProgressStatus="100%")
-                    self.pool.put_record("snapshotgroup/" + g["SnapshotGroupId"], g)
-                    changed = True
+        for g in self._all("snapshotgroup"):  # after its members: their records are staged already
+            if g.get("Status") == "progressing" and self._group_progress(g, now)[0] == "accomplished":
+                g.update(Status="accomplished", ProgressStatus="100%")
+                self.pool.put_record("snapshotgroup/" + g["SnapshotGroupId"], g)
+                changed = True
         if changed:
             self.pool.commit()
 

@@ -39,13 +39,11 @@ def _param(p: Params, *names: str, required: bool = False):
 
 def _id_list(p: Params, kind: str, *names: str) -> list[str]:
     value, name = _param(p, *names)
-    if value is None:
-        n, out = 1, []
-        while p.req.get("%s.%d" % (names[-1], n)) is not None:
-            out.append(p.req["%s.%d" % (names[-1], n)])
-            n += 1
-        value = out
-    ids = schedule.listed(value, name) if value != [] else []
+    if value is None:  # Name.1, Name.2 ..., or none
+        name = names[-1]
+        ids = p.list(name)
+    else:
+        ids = schedule.listed(value, name)
     for i, v in enumerate(ids, 1):
         check_id(kind, v, "%s.%d" % (name, i))
     if len(set(ids)) != len(ids):
@@ -134,11 +132,10 @@ class PolicyActions:
             if not match(rec):
                 continue
             out.append(rec)
-        size = p.int("PageSize", default=10, lo=1, hi=100)
-        number = p.int("PageNumber", default=1, lo=1)
-        page = out[(number - 1) * size: number * size]
-        return {"AutoSnapshotPolicies": {"AutoSnapshotPolicy": [self._policy_public(r) for r in page]},
-                "TotalCount": len(out), "PageNumber": number, "PageSize": size}
+        res = self._page(p, out, "AutoSnapshotPolicies", "AutoSnapshotPolicy", numbered=True)
+        res["AutoSnapshotPolicies"]["AutoSnapshotPolicy"] = [
+            self._policy_public(r) for r in res["AutoSnapshotPolicies"]["AutoSnapshotPolicy"]]
+        return res
 
     def do_DeleteAutoSnapshotPolicy(self, p: Params) -> dict:
         """The policy stops applying to its disks and instances; the

@@ -194,12 +194,13 @@ class SnapshotGroupActions:
         out["Status"], out["ProgressStatus"] = self._group_progress(g)
         return out
 
-    def _group_progress(self, g: dict) -> tuple[str, str]:
-        """Status and ProgressStatus of a group: while progressing, its
-        members' (done when all are, the mean of their percentages)."""
+    def _group_progress(self, g: dict, now: float | None = None) -> tuple[str, str]:
+        """Status and ProgressStatus of a group at now (default: the clock's):
+        while progressing, its members' (done when all are, the mean of
+        their percentages)."""
         if g["Status"] != "progressing":
             return g["Status"], g["ProgressStatus"]
-        now = self.clock.now()
+        now = self.clock.now() if now is None else now
         views = [self._progress_view(s, now) for s in
                  (self.pool.get_record("snapshot/" + sid) for sid in g["Members"]) if s is not None]
         if all(v["Status"] == "accomplished" for v in views):

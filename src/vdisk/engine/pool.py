@@ -938,10 +938,6 @@ class Pool:
         """The intent log's counters, with the flushes C wrote counted in."""
         return self.intent.status(self._fm)
 
-    @property
-    def log_stats(self) -> dict:
-        return self.intent.stats
-
     def _log_flush(self, vid: int) -> bool:
         with self._fast():
             vol = self._vols.get(vid)
