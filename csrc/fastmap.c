@@ -11,6 +11,13 @@
  *                                the slot was allocated since the last freeze
  *                                (the overlay's "fresh") and may be written
  *                                in place
+ *     have, base                 the pages the slot holds (0xFFFF: all); the
+ *                                others read from slot `base` (0: zeros), a
+ *                                partial entry (docs/format.md)
+ *     shared                     the head reads the block as its last
+ *                                snapshot point does: a copy-on-write here
+ *                                writes only the pages written, over `slot`
+ *                                as base (else it copies the pages of have)
  *   reservoir                    free slots handed over by the engine; a
  *                                copy-on-write takes one
  *   log                          (vid, block, slot) of every block that got
@@ -54,15 +61,20 @@
 
 #define BS (64 * 1024)
 #define MAX_SPAN 32            /* blocks per request served here (2 MiB) */
-#define MAX_ENTRIES (1u << 20) /* 1 Mi entries: 64 MiB of table at most */
+#define MAX_ENTRIES (1u << 20) /* 1 Mi entries: 48 MiB of table at most */
+#define LOG_REC 4              /* the drain's records: vid, block, slot, have */
 
 struct ent {
     uint64_t vid, block, slot;
+    uint64_t base;   /* where the pages not in have read from (0: zeros) */
     uint32_t epoch;  /* == fm->epoch: writable in place; 0: read-only */
     uint32_t lepoch; /* == the volume's lepoch: mask is valid */
     uint16_t mask;   /* pages written since the volume's last log flush */
-    uint16_t used;
+    uint16_t have;   /* pages the slot holds */
+    uint8_t shared;  /* the view is the last snapshot point's: copy only what is written */
+    uint8_t used;
 };
+#define FULL 0xFFFF
 
 /* blocks a volume's log flush in C can hold: LOG_MAX_ENTRIES of the
  * record format (docs/format.md); a volume with more goes to the engine */
@@ -109,7 +121,7 @@ struct vd_fastmap {
     uint64_t *res;
     size_t nres, capres;
     uint64_t *log;
-    size_t nlog, caplog; /* in triples */
+    size_t nlog, caplog; /* in records of LOG_REC words */
     volatile int failed;
     uint64_t st_reads, st_writes, st_again, st_cow;
     unsigned char *scratch;
@@ -217,7 +229,7 @@ static int rebuild(struct vd_fastmap *fm, size_t cap, int skip, uint64_t vid)
 /* Insert or update; 0 on success, -ENOSPC when the table is at its limit.
  * bits: pages just written (the mask starts over in a new log epoch). */
 static int put(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint32_t epoch,
-               uint32_t lepoch, uint16_t bits)
+               uint32_t lepoch, uint16_t bits, uint16_t have, uint64_t base, int shared)
 {
     struct ent *e = lookup(fm, vid, block);
     if (e != NULL) {
@@ -227,13 +239,16 @@ static int put(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slo
         e->epoch = epoch;
         e->lepoch = lepoch;
         e->mask |= bits;
+        e->have = have;
+        e->base = have == FULL ? 0 : base;
+        e->shared = (uint8_t)shared;
         return 0;
     }
     if (fm->n >= MAX_ENTRIES)
         return -ENOSPC;
     if ((fm->n + 1) * 2 > fm->cap && rebuild(fm, fm->cap * 2, 0, 0) < 0)
         return -ENOMEM;
-    struct ent ne = {vid, block, slot, epoch, lepoch, bits, 1};
+    struct ent ne = {vid, block, slot, have == FULL ? 0 : base, epoch, lepoch, bits, have, (uint8_t)shared, 1};
     place(fm->tab, fm->cap, &ne);
     fm->n++;
     return 0;
@@ -310,11 +325,13 @@ void vd_fm_drop_volume(struct vd_fastmap *fm, uint64_t vid)
  * flush; 2 a fresh slot whose next write here must be reported (the log
  * flush has it already).  If the table is full the entry is forgotten
  * instead: never left stale. */
-int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, int writable)
+int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, int writable, uint16_t have,
+              uint64_t base)
 {
     struct vol *v = find_vol(fm, vid);
     int w = writable && slot && v != NULL;
-    int rc = put(fm, vid, block, slot, w ? fm->epoch : 0, (w && writable == 1) ? v->lepoch : 0, 0);
+    int rc = put(fm, vid, block, slot, w ? fm->epoch : 0, (w && writable == 1) ? v->lepoch : 0, 0,
+                 slot ? have : FULL, base, 0);
     if (rc < 0)
         vd_fm_forget(fm, vid, block);
     return rc;
@@ -322,11 +339,24 @@ int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot
 
 /* A mapping the engine looked up (read-only); kept only if nothing newer is
  * known and there is room. */
-int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot)
+int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint16_t have, uint64_t base,
+              int shared)
 {
     if (lookup(fm, vid, block) != NULL)
         return 0;
-    return put(fm, vid, block, slot, 0, 0, 0);
+    return put(fm, vid, block, slot, 0, 0, 0, slot ? have : FULL, base, shared);
+}
+
+/* A snapshot of the volume was taken: every block it read so far (all but
+ * the fresh ones, written since the freeze that took the snapshot) is now
+ * the snapshot point's too. */
+void vd_fm_share(struct vd_fastmap *fm, uint64_t vid)
+{
+    for (size_t i = 0; i < fm->cap; i++) {
+        struct ent *e = &fm->tab[i];
+        if (e->used && e->vid == vid && e->epoch != fm->epoch)
+            e->shared = 1;
+    }
 }
 
 void vd_fm_forget(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
@@ -402,12 +432,12 @@ void vd_fm_clear(struct vd_fastmap *fm, int keep_writable)
 
 size_t vd_fm_entries(struct vd_fastmap *fm) { return fm->n; }
 
-size_t vd_fm_drain(struct vd_fastmap *fm, uint64_t *out, size_t max_triples)
+size_t vd_fm_drain(struct vd_fastmap *fm, uint64_t *out, size_t max_records)
 {
     pthread_mutex_lock(&fm->io);
-    size_t n = fm->nlog < max_triples ? fm->nlog : max_triples;
-    memcpy(out, fm->log, n * 3 * sizeof(uint64_t));
-    memmove(fm->log, fm->log + n * 3, (fm->nlog - n) * 3 * sizeof(uint64_t));
+    size_t n = fm->nlog < max_records ? fm->nlog : max_records;
+    memcpy(out, fm->log, n * LOG_REC * sizeof(uint64_t));
+    memmove(fm->log, fm->log + n * LOG_REC, (fm->nlog - n) * LOG_REC * sizeof(uint64_t));
     fm->nlog -= n;
     pthread_mutex_unlock(&fm->io);
     return n;
@@ -499,6 +529,8 @@ static int pwrite_full(int fd, const void *buf, size_t len, uint64_t off)
 
 static inline uint64_t slot_off(uint64_t slot) { return (slot - 1) * (uint64_t)BS; }
 
+#define PG 4096 /* a page: the unit of have, base and the log's masks */
+
 static void begin_io(struct vd_fastmap *fm)
 {
     pthread_rwlock_rdlock(&fm->lock);
@@ -536,10 +568,37 @@ static long span(struct vd_fastmap *fm, uint64_t vid, uint64_t off, uint32_t len
     return 0;
 }
 
+/* Bytes [intra, intra + n) of a partial block: pages of have from slot, the
+ * others from base (0: zeros); one pread per run of pages from one place. */
+static int read_pages(struct vd_fastmap *fm, uint64_t slot, uint16_t have, uint64_t base, uint64_t intra,
+                      uint64_t n, unsigned char *out)
+{
+    uint64_t pos = intra, end = intra + n;
+    while (pos < end) {
+        int in = have >> (pos / PG) & 1;
+        uint64_t stop = (pos / PG + 1) * PG;
+        while (stop < end && (have >> (stop / PG) & 1) == in)
+            stop += PG;
+        if (stop > end)
+            stop = end;
+        uint64_t src = in ? slot : base;
+        if (src == 0)
+            memset(out + (pos - intra), 0, stop - pos);
+        else {
+            int rc = pread_full(fm->data_fd, out + (pos - intra), stop - pos, slot_off(src) + pos);
+            if (rc < 0)
+                return rc;
+        }
+        pos = stop;
+    }
+    return 0;
+}
+
 long vd_fm_read(void *arg, uint64_t vid, uint64_t off, uint32_t len, void *buf)
 {
     struct vd_fastmap *fm = arg;
-    uint64_t first, slots[MAX_SPAN];
+    uint64_t first, slots[MAX_SPAN], bases[MAX_SPAN];
+    uint16_t haves[MAX_SPAN];
     size_t nb;
     struct vol *v;
     begin_io(fm);
@@ -551,6 +610,8 @@ long vd_fm_read(void *arg, uint64_t vid, uint64_t off, uint32_t len, void *buf)
         if (e == NULL)
             return end_io(fm, -EAGAIN);
         slots[i] = e->slot;
+        haves[i] = e->slot ? e->have : FULL;
+        bases[i] = e->base;
     }
     /* the slots stay valid while the lock is held for reading: only the
      * engine frees or reuses a slot, with the lock held for writing */
@@ -561,6 +622,14 @@ long vd_fm_read(void *arg, uint64_t vid, uint64_t off, uint32_t len, void *buf)
         uint64_t intra = pos % BS, n = BS - intra;
         if (n > end - pos)
             n = end - pos;
+        if (haves[i] != FULL) {
+            if ((rc = read_pages(fm, slots[i], haves[i], bases[i], intra, n, out)) < 0)
+                return end_shared(fm, rc);
+            out += n;
+            pos += n;
+            i++;
+            continue;
+        }
         if (slots[i] == 0) {
             memset(out, 0, n);
             out += n;
@@ -568,10 +637,10 @@ long vd_fm_read(void *arg, uint64_t vid, uint64_t off, uint32_t len, void *buf)
             i++;
             continue;
         }
-        /* blocks in consecutive slots: one pread */
+        /* whole blocks in consecutive slots: one pread */
         uint64_t from = slot_off(slots[i]) + intra, run = n;
         size_t j = i + 1;
-        for (; j < nb && slots[j] == slots[j - 1] + 1; j++)
+        for (; j < nb && haves[j] == FULL && slots[j] == slots[j - 1] + 1; j++)
             run += (end - pos - run < BS) ? end - pos - run : BS;
         if ((rc = pread_full(fm->data_fd, out, run, from)) < 0)
             return end_shared(fm, rc);
@@ -604,9 +673,62 @@ static inline uint16_t pages(uint64_t intra, uint64_t n)
     return (uint16_t)(((2u << last) - 1) & ~((1u << first) - 1));
 }
 
-/* Append (vid, block, slot) to the log, and the block to v's changed list
- * (v: the volume; NULL for a FLUSHED marker); with the inner mutex held. */
-static int log_block(struct vd_fastmap *fm, struct vol *v, uint64_t vid, uint64_t block, uint64_t slot)
+/* the pages [intra, intra + n) covers whole */
+static inline uint16_t covered(uint64_t intra, uint64_t n)
+{
+    uint32_t first = (uint32_t)((intra + PG - 1) / PG), end = (uint32_t)((intra + n) / PG);
+    return end > first ? (uint16_t)(((1u << end) - 1) & ~((1u << first) - 1)) : 0;
+}
+
+/* Copy the pages of mask from slot src (0: zeros) into buf, a block's
+ * buffer. */
+static int fetch_pages(struct vd_fastmap *fm, uint64_t src, uint16_t mask, unsigned char *buf)
+{
+    for (int pg = 0; pg < BS / PG;) {
+        if (!(mask >> pg & 1)) {
+            pg++;
+            continue;
+        }
+        int run = 1;
+        while (pg + run < BS / PG && (mask >> (pg + run) & 1))
+            run++;
+        if (src == 0)
+            memset(buf + (size_t)pg * PG, 0, (size_t)run * PG);
+        else {
+            int rc = pread_full(fm->data_fd, buf + (size_t)pg * PG, (size_t)run * PG, slot_off(src) + (uint64_t)pg * PG);
+            if (rc < 0)
+                return rc;
+        }
+        pg += run;
+    }
+    return 0;
+}
+
+/* Write the pages of mask from buf (a block's buffer) into slot dst. */
+static int store_pages(struct vd_fastmap *fm, uint64_t dst, uint16_t mask, const unsigned char *buf)
+{
+    if (mask == FULL)
+        return pwrite_full(fm->data_fd, buf, BS, slot_off(dst));
+    for (int pg = 0; pg < BS / PG;) {
+        if (!(mask >> pg & 1)) {
+            pg++;
+            continue;
+        }
+        int run = 1;
+        while (pg + run < BS / PG && (mask >> (pg + run) & 1))
+            run++;
+        int rc = pwrite_full(fm->data_fd, buf + (size_t)pg * PG, (size_t)run * PG, slot_off(dst) + (uint64_t)pg * PG);
+        if (rc < 0)
+            return rc;
+        pg += run;
+    }
+    return 0;
+}
+
+/* Append (vid, block, slot, have) to the log, and the block to v's changed
+ * list (v: the volume; NULL for a FLUSHED marker); with the inner mutex held. */
+static int log_block(struct vd_fastmap *fm, struct vol *v, uint64_t vid, uint64_t block, uint64_t slot,
+                     uint16_t have)
 {
     if (v != NULL && v->nchg <= CHG_MAX) { /* for a log flush here */
         if (v->nchg < CHG_MAX)
@@ -615,15 +737,17 @@ static int log_block(struct vd_fastmap *fm, struct vol *v, uint64_t vid, uint64_
     }
     if (fm->nlog == fm->caplog) {
         size_t c = fm->caplog ? fm->caplog * 2 : 1024;
-        uint64_t *l = realloc(fm->log, c * 3 * sizeof(uint64_t));
+        uint64_t *l = realloc(fm->log, c * LOG_REC * sizeof(uint64_t));
         if (l == NULL)
             return -ENOMEM;
         fm->log = l;
         fm->caplog = c;
     }
-    fm->log[fm->nlog * 3] = vid;
-    fm->log[fm->nlog * 3 + 1] = block;
-    fm->log[fm->nlog * 3 + 2] = slot;
+    uint64_t *r = fm->log + fm->nlog * LOG_REC;
+    r[0] = vid;
+    r[1] = block;
+    r[2] = slot;
+    r[3] = have;
     fm->nlog++;
     return 0;
 }
@@ -631,9 +755,11 @@ static int log_block(struct vd_fastmap *fm, struct vol *v, uint64_t vid, uint64_
 long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void *buf)
 {
     struct vd_fastmap *fm = arg;
-    uint64_t first, base[MAX_SPAN];
+    uint64_t first, base[MAX_SPAN], nbase[MAX_SPAN];
+    uint16_t own[MAX_SPAN], merge[MAX_SPAN];
     unsigned char act[MAX_SPAN];
     size_t nb, need = 0;
+    int merging = 0;
     struct vol *v;
     begin_io(fm);
     if (fm->failed)
@@ -648,24 +774,54 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
         if (n > end - pos)
             n = end - pos;
         int full = n == BS;
+        uint16_t pgs = pages(intra, n);
         struct ent *e = lookup(fm, vid, first + i);
+        merge[i] = 0;
         if (e != NULL && e->epoch == fm->epoch) {
             act[i] = INPLACE;
             base[i] = e->slot;
-            if (e->lepoch != v->lepoch) {
-                /* first write since the volume's log flush: the engine
-                 * must hear of it (the same slot: nothing else changes) */
-                if ((rc = log_block(fm, v, vid, first + i, e->slot)) < 0)
+            uint16_t missing = pgs & (uint16_t)~e->have;
+            if (missing) {
+                /* pages the partial slot lacks: those written in part get
+                 * the rest of them from the base first */
+                merge[i] = missing & (uint16_t)~covered(intra, n);
+                nbase[i] = e->base;
+                merging |= merge[i] != 0;
+            }
+            if (e->lepoch != v->lepoch || missing) {
+                /* first write since the volume's log flush, or pages the
+                 * slot did not hold: the engine must hear of it */
+                if ((rc = log_block(fm, v, vid, first + i, e->slot, e->have | missing)) < 0)
                     return end_io(fm, rc);
-                e->lepoch = v->lepoch;
-                e->mask = 0;
+                if (e->lepoch != v->lepoch) {
+                    e->lepoch = v->lepoch;
+                    e->mask = 0;
+                }
+                e->have |= missing;
             }
             /* marked now, under the inner mutex: a shared request must not
              * touch the table after letting go of it */
-            e->mask |= pages(intra, n);
+            e->mask |= pgs;
         } else if (e != NULL) {
             base[i] = e->slot;
-            act[i] = !full ? COW : (v->has_points && e->slot) ? COMPARE : NEW;
+            if (full) {
+                act[i] = (v->has_points && e->slot && e->have == FULL) ? COMPARE : NEW;
+            } else {
+                act[i] = COW;
+                /* what the new slot copies (own) and reads through to
+                 * (nbase): only the pages written when the view is the
+                 * last snapshot point's whole block or zeros */
+                if (e->slot == 0) {
+                    own[i] = e->shared ? 0 : FULL;
+                    nbase[i] = 0;
+                } else if (e->shared && e->have == FULL) {
+                    own[i] = 0;
+                    nbase[i] = e->slot;
+                } else {
+                    own[i] = e->have;
+                    nbase[i] = e->base;
+                }
+            }
             need++;
         } else if (full && !v->has_points) {
             act[i] = NEW;
@@ -682,7 +838,7 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
     /* only writes in place: they need nothing more from the map, and
      * their slots stay fresh until the engine takes the lock for writing
      * (a freeze), so they go on beside other requests */
-    int shared = need == 0;
+    int shared = need == 0 && !merging;
     if (shared)
         pthread_mutex_unlock(&fm->io);
     const unsigned char *in = buf;
@@ -693,9 +849,14 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
             n = end - pos;
         const unsigned char *data = in;
         if (act[i] == INPLACE) {
+            if (merge[i]) { /* under the inner mutex: no other request writes these pages */
+                if ((rc = fetch_pages(fm, nbase[i], merge[i], fm->scratch)) < 0 ||
+                    (rc = store_pages(fm, base[i], merge[i], fm->scratch)) < 0)
+                    return end_io(fm, rc);
+            }
             /* blocks already ours in consecutive slots: one pwrite */
             uint64_t run = n, from = slot_off(base[i]) + intra;
-            while (i + 1 < nb && act[i + 1] == INPLACE && base[i + 1] == base[i] + 1) {
+            while (i + 1 < nb && act[i + 1] == INPLACE && !merge[i + 1] && base[i + 1] == base[i] + 1) {
                 i++;
                 run += (end - pos - run < BS) ? end - pos - run : BS;
             }
@@ -713,24 +874,31 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
             if (memcmp(fm->scratch, data, BS) == 0)
                 continue;
         }
+        uint16_t have = FULL, bits = 0xFFFF;
+        uint64_t hbase = 0;
         if (act[i] == COW) {
-            if (base[i] == 0)
-                memset(fm->scratch, 0, BS);
-            else if ((rc = pread_full(fm->data_fd, fm->scratch, BS, slot_off(base[i]))) < 0)
+            uint16_t pgs = pages(intra, n);
+            have = own[i] | pgs;
+            uint16_t edges = pgs & (uint16_t)~own[i] & (uint16_t)~covered(intra, n);
+            if (have == FULL) /* the whole view: own pages, the rest from nbase */
+                edges = (uint16_t)~own[i] & (uint16_t)~covered(intra, n);
+            if ((rc = fetch_pages(fm, base[i], own[i], fm->scratch)) < 0 ||
+                (rc = fetch_pages(fm, nbase[i], edges, fm->scratch)) < 0)
                 return end_io(fm, rc);
             memcpy(fm->scratch + intra, data, n);
             data = fm->scratch;
+            hbase = nbase[i];
+            bits = pgs;
             __atomic_add_fetch(&fm->st_cow, 1, __ATOMIC_RELAXED);
         }
         uint64_t slot = fm->res[--fm->nres];
-        if ((rc = pwrite_full(fm->data_fd, data, BS, slot_off(slot))) < 0 ||
-            (rc = log_block(fm, v, vid, block, slot)) < 0) {
+        if ((rc = store_pages(fm, slot, have, data)) < 0 || (rc = log_block(fm, v, vid, block, slot, have)) < 0) {
             fm->res[fm->nres++] = slot;
             return end_io(fm, rc);
         }
         /* room was checked above; a new slot differs from the log flush's
          * state in the pages written and, for copy-on-write, in none else */
-        put(fm, vid, block, slot, fm->epoch, v->lepoch, act[i] == COW ? pages(intra, n) : 0xFFFF);
+        put(fm, vid, block, slot, fm->epoch, v->lepoch, bits, have, hbase, 0);
     }
     if (!shared && fm->nres < fm->low_water)
         ask_for_slots(fm);
@@ -871,7 +1039,7 @@ static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t
     /* the engine hears of the flush after the blocks it covers (the drain
      * keeps the order), and forgets them as unlogged */
     pthread_mutex_lock(&fm->io);
-    int rc = log_block(fm, NULL, vid, VD_FM_FLUSHED, 0);
+    int rc = log_block(fm, NULL, vid, VD_FM_FLUSHED, 0, 0);
     pthread_mutex_unlock(&fm->io);
     if (rc < 0)
         return -EAGAIN;

@@ -19,16 +19,23 @@ void vd_fm_unlock(struct vd_fastmap *fm);
  * (which take the inner mutex themselves) */
 void vd_fm_set_volume(struct vd_fastmap *fm, uint64_t vid, uint64_t lid, uint64_t size, int has_points);
 void vd_fm_drop_volume(struct vd_fastmap *fm, uint64_t vid);
-int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, int writable);
-int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot);
+/* have: the pages slot holds (0xFFFF: all), the others read from slot base
+ * (0: zeros); shared: the head reads the block as its last snapshot point
+ * does (a copy-on-write writes only the pages written) */
+int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, int writable, uint16_t have,
+              uint64_t base);
+int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint16_t have, uint64_t base,
+              int shared);
 void vd_fm_forget(struct vd_fastmap *fm, uint64_t vid, uint64_t block);
+void vd_fm_share(struct vd_fastmap *fm, uint64_t vid);
 void vd_fm_forget_slot(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot);
 void vd_fm_new_epoch(struct vd_fastmap *fm);
 void vd_fm_log_epoch(struct vd_fastmap *fm, uint64_t vid);
 uint32_t vd_fm_mask(struct vd_fastmap *fm, uint64_t vid, uint64_t block);
 void vd_fm_clear(struct vd_fastmap *fm, int keep_writable);
 size_t vd_fm_entries(struct vd_fastmap *fm);
-size_t vd_fm_drain(struct vd_fastmap *fm, uint64_t *out, size_t max_triples);
+/* records of 4 words: vid, block, slot, have (the pages the slot holds) */
+size_t vd_fm_drain(struct vd_fastmap *fm, uint64_t *out, size_t max_records);
 size_t vd_fm_reservoir(struct vd_fastmap *fm);
 int vd_fm_reservoir_add(struct vd_fastmap *fm, const uint64_t *slots, size_t n);
 size_t vd_fm_reservoir_take(struct vd_fastmap *fm, uint64_t *out, size_t max);
@@ -49,8 +56,8 @@ void vd_fm_log_reset(struct vd_fastmap *fm, uint64_t gen);
 void vd_fm_log_clean(struct vd_fastmap *fm, uint64_t vid, int clean);
 void vd_fm_log_fail_next(struct vd_fastmap *fm, int fail); /* tests: the next record written here fails before its fdatasync */
 void vd_fm_log_get(struct vd_fastmap *fm, uint64_t *out5); /* pos, seq, ok, flushes, bytes */
-/* the drain's triple (vid, VD_FM_FLUSHED, 0): the volume's changes drained
- * before it are in the log */
+/* the drain's record (vid, VD_FM_FLUSHED, 0, 0): the volume's changes
+ * drained before it are in the log */
 #define VD_FM_FLUSHED 0xFFFFFFFFFFFFFFFF
 void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out4);
 

@@ -17,6 +17,7 @@ from hypothesis.stateful import invariant, precondition, rule
 
 from test_engine_model import SIZE, PoolModel, lengths, model_settings, offsets, pattern
 from vdisk.engine.fastmap import FastMap
+from vdisk.engine.format import DB_MAP
 from vdisk.engine.pool import BLOCK_SIZE, Pool
 
 
@@ -173,6 +174,60 @@ def test_fast_path_serves_in_c(tmp_path):
         pool.detach_fast()
         assert fm.read(vid, 0, 10) is None  # detached: serves nothing
     finally:
+        fm.close()
+        pool.close()
+
+
+def test_c_copies_only_the_pages_written_after_a_snapshot(tmp_path):
+    """Not a model: after a snapshot, C writes 4 KiB into a block the
+    snapshot shares by giving it a slot of its own pages (a partial entry
+    over the snapshot's slot), takes more pages into that slot in place
+    (one written in part gets the rest from the snapshot), serves reads
+    that mix both, and the commit records a partial entry that reads the
+    same.  After a second snapshot, a write copies the pages of that
+    partial entry with the new one, over the same base."""
+    pool = Pool(str(tmp_path))
+    fm = FastMap(pool.file.fd, reservoir=8)
+    try:
+        pool.attach_fast(fm)
+        vid = pool.create_volume(4 * BLOCK_SIZE)
+        old = bytes(range(256)) * (3 * BLOCK_SIZE // 256)
+        pool.write(vid, 0, old)
+        (sid,) = pool.snapshot([vid])
+        assert pool.read(vid, 0, 3 * BLOCK_SIZE) == old  # C learns the blocks (shared with the snapshot)
+        want = bytearray(old)
+        before = pool.file.allocated_bytes()
+        assert fm.write(vid, 8192, b"n" * 4096)  # a partial copy-on-write in C
+        want[8192:12288] = b"n" * 4096
+        assert fm.write(vid, 3 * 4096 + 100, b"m" * 50)  # in place, a page written in part
+        want[3 * 4096 + 100 : 3 * 4096 + 150] = b"m" * 50
+        assert fm.read(vid, 0, BLOCK_SIZE) == want[:BLOCK_SIZE]
+        assert pool.file.allocated_bytes() - before <= 2 * 4096 * 2
+        st_ = fm.stats()
+        assert st_["copy_on_write"] == 1, st_
+        pool.commit()
+        lid = pool._vols[vid]["lid"]
+        with pool.env.begin(db=pool._db[DB_MAP]) as txn:
+            chain = pool._lookup(txn.cursor(), lid, pool._lins[lid].gen, 0)
+        assert len(chain) == 2 and chain[0][1] == 0b1100, chain  # pages 2 and 3, over the snapshot's block
+        assert pool.read(vid, 0, 3 * BLOCK_SIZE) == want
+        assert pool.read_snapshot(sid, 0, 3 * BLOCK_SIZE) == old
+        assert pool.scrub() == []
+        assert fm.read(vid, 0, BLOCK_SIZE) == want[:BLOCK_SIZE]
+        pool.snapshot([vid])
+        assert fm.write(vid, 5 * 4096, b"k" * 4096)
+        want[5 * 4096 : 6 * 4096] = b"k" * 4096
+        pool.commit()
+        with pool.env.begin(db=pool._db[DB_MAP]) as txn:
+            chain = pool._lookup(txn.cursor(), lid, pool._lins[lid].gen, 0)
+        assert [m for _, m, _ in chain] == [0b101100, 0xFFFF], chain  # the first partial entry adds nothing
+        assert pool.read(vid, 0, BLOCK_SIZE) == want[:BLOCK_SIZE]
+        assert fm.read(vid, 0, BLOCK_SIZE) == want[:BLOCK_SIZE]
+        pool.delete_snapshot(sid)
+        assert pool.scrub() == []
+        assert pool.read(vid, 0, 3 * BLOCK_SIZE) == want
+    finally:
+        pool.detach_fast()
         fm.close()
         pool.close()
 

@@ -26,6 +26,7 @@ DRAIN_BATCH = 4096
 # the drain's (vid, FLUSHED, 0): C wrote the volume's changes drained before
 # it to the intent log (VD_FM_FLUSHED in csrc/fastmap.h)
 FLUSHED = (1 << 64) - 1
+FULL = 0xFFFF  # every page of a block (have)
 
 
 class FastMap:
@@ -34,7 +35,7 @@ class FastMap:
         self._fm = lib.vd_fm_new(data_fd, event_fd, reservoir // 2)
         if self._fm == ffi.NULL:
             raise MemoryError("vdisk fast path: cannot allocate its block table")
-        self._out = ffi.new("uint64_t[]", DRAIN_BATCH * 3)
+        self._out = ffi.new("uint64_t[]", DRAIN_BATCH * 4)
 
     def close(self) -> None:
         if self._fm is not None:
@@ -56,17 +57,28 @@ class FastMap:
     def drop_volume(self, vid: int) -> None:
         lib.vd_fm_drop_volume(self._fm, vid)
 
-    def set(self, vid: int, block: int, slot: int, writable: int) -> None:
+    def set(self, vid: int, block: int, slot: int, writable: int, have: int = FULL, base: int = 0) -> None:
         """The overlay maps the block to slot now (0: zeros).  writable: a
         fresh slot, written in place; READ_ONLY, WRITABLE (the engine knows
         the block changed since its volume's log flush) or WRITABLE_REPORT
-        (C reports the next write in the drain)."""
-        lib.vd_fm_set(self._fm, vid, block, slot, writable)
+        (C reports the next write in the drain).  have: the pages the slot
+        holds; the others read from slot base (0: zeros)."""
+        lib.vd_fm_set(self._fm, vid, block, slot, writable, have, base)
 
-    def add(self, vid: int, block: int, slot: int) -> None:
+    def add(self, vid: int, block: int, slot: int, have: int = FULL, base: int = 0, shared: bool = False) -> None:
         """A mapping looked up in the committed map, kept unless a newer one
-        is known."""
-        lib.vd_fm_add(self._fm, vid, block, slot)
+        is known.  shared: the head reads the block as its last snapshot
+        point does (a copy-on-write may write only the pages written)."""
+        lib.vd_fm_add(self._fm, vid, block, slot, have, base, int(shared))
+
+    def share(self, vid: int) -> None:
+        """A snapshot of the volume was taken: the blocks known, but for
+        those written since the freeze that took it, are the snapshot's too."""
+        lib.vd_fm_share(self._fm, vid)
+
+    def forget(self, vid: int, block: int) -> None:
+        """Know nothing of the block: its requests go to the engine."""
+        lib.vd_fm_forget(self._fm, vid, block)
 
     def forget_slot(self, vid: int, block: int, slot: int) -> None:
         lib.vd_fm_forget_slot(self._fm, vid, block, slot)
@@ -95,15 +107,16 @@ class FastMap:
     def entries(self) -> int:
         return lib.vd_fm_entries(self._fm)
 
-    def drain(self) -> list[tuple[int, int, int]]:
-        """(vid, block, slot) of every block given a new slot in C, or
-        written for the first time since its volume's log flush, and (vid,
-        FLUSHED, 0) for a log flush C wrote; oldest first."""
+    def drain(self) -> list[tuple[int, int, int, int]]:
+        """(vid, block, slot, have) of every block given a new slot in C,
+        written for the first time since its volume's log flush, or whose
+        slot now holds more pages (have), and (vid, FLUSHED, 0, 0) for a log
+        flush C wrote; oldest first."""
         got = []
         out = self._out
         while True:
             n = lib.vd_fm_drain(self._fm, out, DRAIN_BATCH)
-            got.extend((out[3 * i], out[3 * i + 1], out[3 * i + 2]) for i in range(n))
+            got.extend((out[4 * i], out[4 * i + 1], out[4 * i + 2], out[4 * i + 3]) for i in range(n))
             if n < DRAIN_BATCH:
                 return got
 

@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import struct
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 # versions this vdisk opens: older ones are upgraded in place when opened
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 BLOCK_SIZE = 64 * 1024  # bytes per block (a "slot" in the data file)
 SECTOR = 512
+PAGE = 4096  # the unit of a partial entry's mask and of the intent log
+PAGES_PER_BLOCK = BLOCK_SIZE // PAGE
+FULL_MASK = (1 << PAGES_PER_BLOCK) - 1  # every page of a block
 INF = 0xFFFF_FFFF_FFFF_FFFF  # "death" of a live entry
 ZERO_SLOT = 0  # slot number meaning "all zeros" (tombstone); slots start at 1
 
@@ -34,7 +37,8 @@ DB_RECORD = b"record"
 _Q3 = struct.Struct(">QQQ")
 _Q2 = struct.Struct(">QQ")
 _Q1 = struct.Struct(">Q")
-_MAPVAL = struct.Struct("<QQI")
+_MAPVAL = struct.Struct("<QQIH")  # version 3: slot, death, crc32c, page mask
+_MAPVAL2 = struct.Struct("<QQI")  # versions 1 and 2: no mask (the whole block)
 _BIRTH = struct.Struct("<Q")
 
 
@@ -54,12 +58,27 @@ def map_key_decode(key: bytes) -> tuple[int, int, int]:
     return lid, block, INF - inv
 
 
-def map_val(slot: int, death: int, csum: int) -> bytes:
-    return _MAPVAL.pack(slot, death, csum)
+def map_val(slot: int, death: int, csum: int, mask: int = FULL_MASK) -> bytes:
+    """mask: the 4 KiB pages of the block the slot holds (a partial entry
+    reads the others as the block was just before its birth)."""
+    return _MAPVAL.pack(slot, death, csum, mask)
 
 
 def map_val_decode(val: bytes) -> tuple[int, int, int]:
-    return _MAPVAL.unpack(val)
+    """(slot, death, crc) of an entry (see map_val_mask for its pages)."""
+    return _MAPVAL2.unpack_from(val)
+
+
+def map_val_mask(val: bytes) -> int:
+    """The pages an entry holds: a version 2 value (20 bytes) holds all."""
+    return _MAPVAL.unpack(val)[3] if len(val) == _MAPVAL.size else FULL_MASK
+
+
+def map_val_full(val: bytes) -> tuple[int, int, int, int]:
+    """(slot, death, crc, mask) of an entry."""
+    if len(val) == _MAPVAL.size:
+        return _MAPVAL.unpack(val)
+    return _MAPVAL2.unpack(val) + (FULL_MASK,)
 
 
 def dead_key(lid: int, death: int, block: int) -> bytes:
@@ -106,9 +125,7 @@ def jdec(b: bytes):
 # entry by entry, pages in ascending order (see docs/format.md).
 LOG_MAGIC = b"vdlogv2\n"
 LOG_HEADER = 4096
-LOG_PAGE = 4096
-PAGES_PER_BLOCK = BLOCK_SIZE // LOG_PAGE
-FULL_MASK = (1 << PAGES_PER_BLOCK) - 1
+LOG_PAGE = PAGE
 _LOGHDR = struct.Struct("<8sQQQII")  # magic, gen, seq, vid, count, crc32c
 _LOGENT = struct.Struct("<QI4x")  # block, page mask (0: the block is zeros)
 LOG_ENTRIES_AT = 64
@@ -124,6 +141,22 @@ def page_mask(intra: int, length: int) -> int:
 
 def mask_pages(mask: int) -> list[int]:
     return [p for p in range(PAGES_PER_BLOCK) if mask >> p & 1]
+
+
+def mask_runs(mask: int) -> list[tuple[int, int]]:
+    """(first page, count) of each run of set bits, ascending."""
+    out = []
+    p = 0
+    while p < PAGES_PER_BLOCK:
+        if mask >> p & 1:
+            q = p
+            while q < PAGES_PER_BLOCK and mask >> q & 1:
+                q += 1
+            out.append((p, q - p))
+            p = q
+        else:
+            p += 1
+    return out
 
 
 def log_header(gen: int, seq: int, vid: int, entries: list[tuple[int, int]]) -> bytearray:

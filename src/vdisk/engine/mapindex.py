@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import bisect
 
-from .format import DB_BORN, DB_DEAD, DB_MAP, INF, ZERO_SLOT, birth_val_decode, born_key, dead_key, lid_prefix, map_key, map_key_decode, map_val_decode, tri_decode
+from .format import DB_BORN, DB_DEAD, DB_MAP, FULL_MASK, INF, PAGE, ZERO_SLOT, birth_val_decode, born_key, dead_key, lid_prefix, map_key, map_key_decode, map_val_decode, map_val_mask, tri_decode
 from .lineage import Lineage
 
 
@@ -32,14 +32,28 @@ def point_neighbours(lin: Lineage, s: int) -> tuple[int, int | None]:
     return p, n
 
 
+def seen_by_point(lin: Lineage, birth: int, death: int) -> bool:
+    """Whether a snapshot point of lin sees an entry born and dead then."""
+    i = bisect.bisect_left(lin.points, birth)
+    return i < len(lin.points) and lin.points[i] < death
+
+
+def needed(pool, txn, lid: int, block: int, death: int) -> bool:
+    """Whether the entry of (lid, block) born at `death` is partial, and so
+    reads through to the entry that died then."""
+    val = txn.get(map_key(lid, block, death), db=pool._db[DB_MAP])
+    return val is not None and map_val_mask(val) != FULL_MASK
+
+
 def exclusive(pool, txn, lin: Lineage, s: int):
-    """Entries that only point s sees: [(block, birth, live)]."""
+    """Entries that only point s sees and that nothing reads through to:
+    what deleting s frees, [(block, birth, live)]."""
     p, n = point_neighbours(lin, s)
     hi = n + 1 if n is not None else INF
     out = []
     for death, block in scan_tri(pool, txn, DB_DEAD, lin.lid, s + 1, hi):
         birth = birth_val_decode(txn.get(dead_key(lin.lid, death, block), db=pool._db[DB_DEAD]))
-        if p < birth <= s:
+        if p < birth <= s and not needed(pool, txn, lin.lid, block, death):
             out.append((block, birth, False))
     if n is None and lin.head_dead:
         for birth, block in scan_tri(pool, txn, DB_BORN, lin.lid, p + 1, s + 1):
@@ -47,17 +61,23 @@ def exclusive(pool, txn, lin: Lineage, s: int):
     return out
 
 
+def entry_bytes(pool, txn, lid: int, block: int, birth: int) -> int:
+    """Bytes an entry's slot holds: its pages (none for a tombstone)."""
+    val = txn.get(map_key(lid, block, birth), db=pool._db[DB_MAP])
+    if map_val_decode(val)[0] == ZERO_SLOT:
+        return 0
+    return map_val_mask(val).bit_count() * PAGE
+
+
 def born_between(pool, txn, lid: int, p: int, s: int) -> int:
-    """Number of non-zero entries visible at s that were born after p."""
+    """Bytes held by the entries visible at s that were born after p."""
     n = 0
     for birth, block in scan_tri(pool, txn, DB_BORN, lid, p + 1, s + 1):
-        slot, _, _ = map_val_decode(txn.get(map_key(lid, block, birth), db=pool._db[DB_MAP]))
-        n += slot != ZERO_SLOT
+        n += entry_bytes(pool, txn, lid, block, birth)
     for death, block in scan_tri(pool, txn, DB_DEAD, lid, s + 1, INF):
         birth = birth_val_decode(txn.get(dead_key(lid, death, block), db=pool._db[DB_DEAD]))
         if p < birth <= s:
-            slot, _, _ = map_val_decode(txn.get(map_key(lid, block, birth), db=pool._db[DB_MAP]))
-            n += slot != ZERO_SLOT
+            n += entry_bytes(pool, txn, lid, block, birth)
     return n
 
 

@@ -11,16 +11,21 @@ class Dirty:
     be overwritten in place.  crc_ok: crc matches the slot's contents.
     pages: the 4 KiB pages this engine wrote since the block's last log flush
     (FULL_MASK: all of them may differ); the C fast path keeps its own.
+    have: the pages the slot holds (FULL_MASK for a zero block); the others
+    read as the head's lineage did at its last generation before this one
+    (the committed map at (lid, gen - 1)), and become a partial entry at
+    commit.  crc covers the pages of have.
     """
 
-    __slots__ = ("slot", "crc", "crc_ok", "fresh", "pages")
+    __slots__ = ("slot", "crc", "crc_ok", "fresh", "pages", "have")
 
-    def __init__(self, slot: int, crc: int, crc_ok: bool, fresh: bool, pages: int = 0):
+    def __init__(self, slot: int, crc: int, crc_ok: bool, fresh: bool, pages: int = 0, have: int = 0xFFFF):
         self.slot = slot
         self.crc = crc
         self.crc_ok = crc_ok
         self.fresh = fresh
         self.pages = pages
+        self.have = have
 
 
 class Epoch:
@@ -34,7 +39,7 @@ class Epoch:
     the commit.
     """
 
-    __slots__ = ("dirty", "alloc", "hwm", "free_back", "records", "zeroed", "zeroed_at")
+    __slots__ = ("dirty", "alloc", "hwm", "free_back", "records", "zeroed", "zeroed_at", "blank")
 
     def __init__(self, dirty, alloc, hwm, free_back, records):
         self.dirty = dirty
@@ -44,3 +49,6 @@ class Epoch:
         self.records = records
         self.zeroed: list[int] = []
         self.zeroed_at: list[tuple[int, int, int]] = []  # (lid, block, slot) of each
+        # (lid, block) of partial blocks whose pages are all zeros: zeros
+        # altogether if what they read through to is
+        self.blank: set[tuple[int, int]] = set()

@@ -55,7 +55,7 @@ import threading
 
 import lmdb
 
-from . import intentlog, native, reports, scrub, structure
+from . import intentlog, layers, native, reports, scrub, structure
 from .blockio import DataFile
 from .intentlog import IntentLog
 from .lineage import Lineage
@@ -63,7 +63,6 @@ from .overlay import Dirty, Epoch
 from .txn import Tx
 from .fastmap import FLUSHED, READ_ONLY, WRITABLE, WRITABLE_REPORT
 from .errors import (
-    ChecksumError,
     CommitInFlight,
     EngineError,
     FormatError,
@@ -102,8 +101,10 @@ from .format import (
     map_key,
     map_key_decode,
     map_val,
-    map_val_decode,
+    map_val_full,
     mask_pages,
+    mask_runs,
+    PAGE,
     page_mask,
     slot_offset,
     u64,
@@ -274,7 +275,9 @@ class Pool:
                 raise FormatError("%s: block size %d, this vdisk uses %d" % (self.path, bs, BLOCK_SIZE))
             if ver < FORMAT_VERSION:
                 # 1 -> 2 adds the intent log, whose generation starts at 0
-                # (absent); an older vdisk will refuse the pool from now on
+                # (absent); 2 -> 3 partial entries, whose mask a 20-byte
+                # value lacks (whole).  An older vdisk refuses the pool from
+                # now on.
                 log.info("upgrading %s from format version %d to %d", self.path, ver, FORMAT_VERSION)
                 txn.put(b"format_version", u64(FORMAT_VERSION))
 
@@ -447,7 +450,7 @@ class Pool:
             raise EngineError("a fast path is already attached")
         self._fm = fm
         with self._fast():
-            self._fm_vids = {}
+            self._fm_vids, self._fm_gens = {}, {}
             self._fast_volumes()
             il = self.intent
             fm.log_setup(self.log.fd, il.gen, il.pos, il.seq, il.end, il.max, intentlog.FLUSH_MAX)
@@ -530,7 +533,7 @@ class Pool:
         taken under C's inner mutex, and nothing here touches C's table or
         frees a slot C could still know."""
         got = self._fm.drain()
-        for vid, block, slot in got:
+        for vid, block, slot, have in got:
             if block == FLUSHED:  # C wrote a log flush of the volume
                 v = self._vols.get(vid)
                 if v is not None:
@@ -548,11 +551,11 @@ class Pool:
             d = dirty.get(block)
             if d is None:
                 self._ndirty += 1
-                dirty[block] = Dirty(slot, 0, False, True)
+                dirty[block] = Dirty(slot, 0, False, True, 0, have)
                 continue
             if d.fresh and d.slot != slot:
                 self._release_fresh(d.slot)
-            d.slot, d.crc, d.crc_ok, d.fresh = slot, 0, False, True
+            d.slot, d.crc, d.crc_ok, d.fresh, d.have = slot, 0, False, True, have
 
     def _fast_volumes(self) -> None:
         """Tell the map every volume's head, size and whether a snapshot
@@ -562,61 +565,71 @@ class Pool:
         fm = self._fm
         for vid, v in self._vols.items():
             lid = v["lid"]
+            gen = self._lins[lid].gen
             fm.set_volume(vid, lid, v["size"], bool(self._lins[lid].points))
             if self._fm_vids.get(vid) != lid and not self._unlogged.get(lid):  # C starts it not clean
                 self._set_clean(vid, True)
+            elif self._fm_vids.get(vid) == lid and self._fm_gens.get(vid) != gen:  # a snapshot
+                fm.share(vid)
         for vid in self._fm_vids.keys() - self._vols.keys():
             fm.drop_volume(vid)
         self._fm_vids = {vid: v["lid"] for vid, v in self._vols.items()}
+        self._fm_gens = {vid: self._lins[v["lid"]].gen for vid, v in self._vols.items()}
 
     # ------------------------------------------------------------ lookups
 
-    def _lookup(self, cur, lid: int, gen: int, block: int) -> tuple[int, int]:
-        """(slot, crc) of block as seen at (lid, gen) in the committed map."""
-        while True:
-            key = map_key(lid, block, gen)
-            if cur.set_range(key):
-                k = cur.key()
-                if k[:16] == key[:16]:
-                    slot, death, crc = map_val_decode(cur.value())
-                    if death > gen:
-                        return slot, crc
-                    return ZERO_SLOT, 0
-            lin = self._lins[lid]
-            if lin.parent is None:
-                return ZERO_SLOT, 0
-            lid, gen = lin.parent
+    def _lookup(self, cur, lid: int, gen: int, block: int) -> tuple:
+        """The entries that make up block at (lid, gen) in the committed map
+        (layers.layers): equal tuples mean the same contents."""
+        return tuple(layers.layers(self, cur, lid, gen, block))
 
-    def _read_slot(self, slot: int, crc: int, where: str) -> bytes:
-        """A committed slot's whole block, its checksum verified (once per
-        slot since the pool was opened: the page cache serves it after that)."""
-        data = self.file.pread(BLOCK_SIZE, slot_offset(slot))
-        if slot not in self._verified:
-            if native.crc32c(data) != crc:
-                raise ChecksumError("checksum mismatch in slot %d (%s)" % (slot, where))
-            if len(self._verified) >= VERIFIED_MAX:
-                self._verified.clear()
-            self._verified.add(slot)
-        return data
+    def _note_verified(self, slot: int) -> None:
+        if len(self._verified) >= VERIFIED_MAX:
+            self._verified.clear()
+        self._verified.add(slot)
 
     def _inflight_dirty(self, lid: int):
         return self._inflight.dirty.get(lid) if self._inflight is not None else None
+
+    def _dirty_block(self, cur, lid: int, block: int, d: Dirty) -> bytes | None:
+        """The block an overlay entry stands for (None: zeros): its slot's
+        pages, and for a partial one the rest from the view before the
+        head's generation."""
+        if d.slot == ZERO_SLOT:
+            return None
+        data = self.file.pread(BLOCK_SIZE, slot_offset(d.slot))
+        if d.have == FULL_MASK:
+            return data
+        out = layers.assemble(self, self._base_chain(cur, lid, block), self._where(lid, block), need=FULL_MASK & ~d.have)
+        for first, count in mask_runs(d.have):
+            out[first * PAGE : (first + count) * PAGE] = data[first * PAGE : (first + count) * PAGE]
+        return out
+
+    def _base_chain(self, cur, lid: int, block: int) -> list:
+        """What a partial overlay entry of lid's head reads through to: the
+        committed view at the generation before the head's."""
+        return layers.layers(self, cur, lid, self._lins[lid].gen - 1, block)
+
+    @staticmethod
+    def _where(lid: int, block: int) -> str:
+        return "lineage %d block %d" % (lid, block)
 
     def _head_block(self, lid: int, block: int) -> bytes | None:
         """A block of a lineage's head as durable or about to be: the frozen
         overlay of an in-flight commit first, then the committed map."""
         frozen = self._inflight_dirty(lid)
         d = frozen.get(block) if frozen else None
-        if d is not None:
-            return None if d.slot == ZERO_SLOT else self.file.pread(BLOCK_SIZE, slot_offset(d.slot))
-        return self._committed_block(lid, self._lins[lid].gen, block)
-
-    def _committed_block(self, lid: int, gen: int, block: int) -> bytes | None:
         with self.env.begin(db=self._db[DB_MAP]) as txn:
-            slot, crc = self._lookup(txn.cursor(), lid, gen, block)
-        if slot == ZERO_SLOT:
+            cur = txn.cursor()
+            if d is not None:
+                return self._dirty_block(cur, lid, block, d)
+            return self._chain_block(cur, lid, self._lins[lid].gen, block)
+
+    def _chain_block(self, cur, lid: int, gen: int, block: int) -> bytes | None:
+        chain = layers.layers(self, cur, lid, gen, block)
+        if not chain:
             return None
-        return self._read_slot(slot, crc, "lineage %d block %d" % (lid, block))
+        return layers.assemble(self, chain, self._where(lid, block))
 
     # ------------------------------------------------------------ I/O
 
@@ -647,7 +660,8 @@ class Pool:
     def _read(self, lid: int, gen: int, offset: int, length: int, dirty, frozen, vid=None) -> bytearray:
         """dirty, frozen: the live overlay and an in-flight commit's (or None).
         Returns the buffer it filled (no copy into bytes: FUSE takes it as is).
-        vid: the head's volume, whose mappings the fast path learns here."""
+        vid: the head's volume, whose mappings the fast path learns here
+        (whole-block ones only: C knows nothing of partial entries)."""
         fm = self._fm if vid is not None else None
         out = bytearray(length)
         pos = 0
@@ -657,29 +671,42 @@ class Pool:
                 block, intra = divmod(offset + pos, BLOCK_SIZE)
                 n = min(BLOCK_SIZE - intra, length - pos)
                 d = dirty.get(block) if dirty else None
-                if d is not None:
-                    if fm is not None:
-                        fm.set(vid, block, d.slot, self._writable(lid, block, d))
-                elif frozen:
+                live = d is not None
+                if not live and frozen:
                     d = frozen.get(block)
-                    if d is not None and fm is not None:
+                if txn is None and (d is None or d.have != FULL_MASK):
+                    txn = self.env.begin(db=self._db[DB_MAP])
+                    cur = txn.cursor()
+                if fm is not None and d is not None:
+                    if live:
+                        self._tell_fast(vid, lid, block, d, cur if d.have != FULL_MASK else None)
+                    elif d.have == FULL_MASK:
                         fm.add(vid, block, d.slot)
+                    else:
+                        base = layers.single(self._base_chain(cur, lid, block))
+                        if base is not None:
+                            fm.add(vid, block, d.slot, d.have, base)
                 if d is not None:
-                    if d.slot != ZERO_SLOT:
+                    if d.slot == ZERO_SLOT:
+                        pass
+                    elif d.have == FULL_MASK:
                         out[pos : pos + n] = self.file.pread(n, slot_offset(d.slot) + intra)
+                    else:
+                        out[pos : pos + n] = memoryview(self._dirty_block(cur, lid, block, d))[intra : intra + n]
                 else:
-                    if txn is None:
-                        txn = self.env.begin(db=self._db[DB_MAP])
-                        cur = txn.cursor()
-                    slot, crc = self._lookup(cur, lid, gen, block)
-                    if slot != ZERO_SLOT:
+                    chain = layers.layers(self, cur, lid, gen, block)
+                    slot = layers.single(chain)
+                    if slot is None:  # partial entries: pages from several slots
+                        data = layers.assemble(self, chain, self._where(lid, block))
+                        out[pos : pos + n] = memoryview(data)[intra : intra + n]
+                    elif slot != ZERO_SLOT:
                         if n < BLOCK_SIZE and slot in self._verified:
                             out[pos : pos + n] = self.file.pread(n, slot_offset(slot) + intra)
                         else:
-                            data = self._read_slot(slot, crc, "lineage %d block %d" % (lid, block))
+                            data = layers.checked(self, slot, FULL_MASK, chain[0][2], self._where(lid, block))
                             out[pos : pos + n] = memoryview(data)[intra : intra + n]
                     if fm is not None:  # verified (or zeros): C may serve it from now on
-                        fm.add(vid, block, slot)
+                        self._tell_fast_committed(vid, lid, gen, block, chain, cur)
                 pos += n
         finally:
             if txn is not None:
@@ -692,6 +719,42 @@ class Pool:
         if not d.fresh:
             return READ_ONLY
         return WRITABLE if block in self._unlogged.get(lid, ()) else WRITABLE_REPORT
+
+    def _tell_fast(self, vid: int, lid: int, block: int, d: Dirty, cur=None) -> None:
+        """Tell C what a live overlay entry holds (with the map's lock held):
+        a partial one with the one slot it reads through to, or nothing
+        when that takes more than one (then C leaves the block to us)."""
+        if d.have == FULL_MASK:
+            self._fm.set(vid, block, d.slot, self._writable(lid, block, d))
+            return
+        if cur is None:
+            with self.env.begin(db=self._db[DB_MAP]) as txn:
+                return self._tell_fast(vid, lid, block, d, txn.cursor())
+        base = layers.single(self._base_chain(cur, lid, block))
+        if base is None:
+            self._fm.forget(vid, block)
+        else:
+            self._fm.set(vid, block, d.slot, self._writable(lid, block, d), d.have, base)
+
+    def _tell_fast_committed(self, vid: int, lid: int, gen: int, block: int, chain, cur) -> None:
+        """Tell C the head's committed view of a block (verified, or zeros)
+        if one or two slots make it, and whether its last snapshot point
+        sees the same (then a copy-on-write in C writes only the pages
+        written)."""
+        slot = layers.single(chain)
+        if slot is not None:
+            have, base = FULL_MASK, ZERO_SLOT
+        elif len(chain) == 1 or (len(chain) == 2 and chain[1][1] == FULL_MASK):
+            slot, have, crc = chain[0]
+            if slot not in self._verified:
+                return
+            base = chain[1][0] if len(chain) == 2 else ZERO_SLOT
+            if base != ZERO_SLOT and base not in self._verified:
+                return
+        else:
+            return
+        shared = layers.head_state(cur, lid, gen, block)[0] == "shared"
+        self._fm.add(vid, block, slot, have, base, shared)
 
     def _changed(self, vid: int, lid: int, d: Dirty, block: int, pages: int) -> None:
         """Note pages of a block this engine changed (for the log flush)."""
@@ -761,65 +824,134 @@ class Pool:
         else:
             if d.fresh:
                 self._release_fresh(d.slot)
-            d.slot, d.crc, d.crc_ok, d.fresh = ZERO_SLOT, 0, True, False
+            d.slot, d.crc, d.crc_ok, d.fresh, d.have = ZERO_SLOT, 0, True, False, FULL_MASK
         self._changed(vid, lid, d, block, FULL_MASK)
 
     def _write_block(self, vid: int, lid: int, dirty: dict, block: int, intra: int, chunk: memoryview) -> None:
         """Write into one block.  Checksums of what is written here are
         computed at commit (_finish_checksums, in the commit's thread when
-        the daemon runs commits in a worker), not per write."""
+        the daemon runs commits in a worker), not per write.
+
+        A block the head shares with its last snapshot (or its parent, or
+        that reads as zeros there) gets a fresh slot holding only the pages
+        written: a partial overlay entry (Dirty.have), sub-block
+        copy-on-write.  A block the head already owns in the committed map
+        or in a commit in flight is copied: its pages (all of them for a
+        whole-block entry) and the new ones go to the fresh slot."""
         d = dirty.get(block)
         full = len(chunk) == BLOCK_SIZE
+        wmask = page_mask(intra, len(chunk))
         if d is not None and d.fresh:
             # Allocated since the last commit: nothing durable points here
             # (the intent log holds copies of what it needs).
+            had = d.have
             if full:
                 if native.is_zero(chunk):
                     self._set_zero(vid, lid, dirty, block)
                     return
                 self.file.pwrite(chunk, slot_offset(d.slot))
+                d.have = FULL_MASK
             else:
+                if wmask & ~d.have:
+                    self._fill_edges(lid, block, d.slot, d.have, intra, len(chunk))
                 self.file.pwrite(chunk, slot_offset(d.slot) + intra)
+                d.have |= wmask
+            grown = wmask & ~had
             d.crc_ok = False
-            self._changed(vid, lid, d, block, page_mask(intra, len(chunk)))
+            self._changed(vid, lid, d, block, wmask)
+            if self._fm is not None and grown:  # C must know what the slot holds now
+                self._tell_fast(vid, lid, block, d)
             return
-        if full:
-            buf = chunk
-        else:
-            if d is not None:  # dirty zero block
-                base = None
+        own_slot, own_mask = ZERO_SLOT, FULL_MASK  # what the head holds of its own: copied
+        if d is not None:  # a dirty zero block
+            pass
+        elif not full:
+            frozen = self._inflight_dirty(lid)
+            f = frozen.get(block) if frozen else None
+            if f is not None:
+                own_slot, own_mask = f.slot, (f.have if f.slot != ZERO_SLOT else FULL_MASK)
             else:
-                base = self._head_block(lid, block)
-            buf = bytearray(base if base is not None else ZERO_BLOCK)
-            buf[intra : intra + len(chunk)] = chunk
-        if native.is_zero(buf):
-            self._set_zero(vid, lid, dirty, block)
-            return
-        if d is None and full and self._lins[lid].points:
-            # Rewriting a block with what it already holds must not make the
-            # snapshot that shares it diverge (its billed size would grow).
-            old = self._head_block(lid, block)
-            if old is not None and native.diff_sectors(old, buf)[0] == 0:
+                with self.env.begin(db=self._db[DB_MAP]) as txn:
+                    state, oslot, omask, ocrc = layers.head_state(txn.cursor(), lid, self._lins[lid].gen, block)
+                if state == "own":
+                    own_slot, own_mask = oslot, (omask if oslot != ZERO_SLOT else FULL_MASK)
+                    if oslot != ZERO_SLOT:
+                        layers.checked(self, oslot, omask, ocrc, self._where(lid, block))
+                elif state == "shared":
+                    own_mask = 0
+        if full or own_mask == FULL_MASK:
+            if full:
+                buf = chunk
+            else:
+                buf = bytearray(ZERO_BLOCK if own_slot == ZERO_SLOT else self.file.pread(BLOCK_SIZE, slot_offset(own_slot)))
+                buf[intra : intra + len(chunk)] = chunk
+            if native.is_zero(buf):
+                self._set_zero(vid, lid, dirty, block)
                 return
+            if d is None and full and self._lins[lid].points:
+                # Rewriting a block with what it already holds must not make the
+                # snapshot that shares it diverge (its billed size would grow).
+                old = self._head_block(lid, block)
+                if old is not None and native.diff_sectors(old, buf)[0] == 0:
+                    return
+            slot = self._new_slot(buf, FULL_MASK)
+            have = FULL_MASK
+        else:
+            # sub-block copy-on-write: the head's own pages and the new ones
+            buf = bytearray(BLOCK_SIZE)
+            if own_mask:
+                data = self.file.pread(BLOCK_SIZE, slot_offset(own_slot))
+                for first, count in mask_runs(own_mask):
+                    buf[first * PAGE : (first + count) * PAGE] = data[first * PAGE : (first + count) * PAGE]
+            edges = wmask & ~own_mask & ~_covered(intra, len(chunk))
+            if edges:  # pages written in part: the rest of them as the view before
+                with self.env.begin(db=self._db[DB_MAP]) as txn:
+                    layers.assemble(self, self._base_chain(txn.cursor(), lid, block), self._where(lid, block),
+                                    out=buf, need=edges)
+            buf[intra : intra + len(chunk)] = chunk
+            have = own_mask | wmask
+            slot = self._new_slot(buf, have)
+        if d is None:
+            self._ndirty += 1
+            d = dirty[block] = Dirty(slot, 0, False, True, 0, have)
+        else:
+            d.slot, d.crc, d.crc_ok, d.fresh, d.have = slot, 0, False, True, have
+        # the rest of the block is as the log's replay finds it: the head as
+        # committed (no record of this generation has it), or zeros that a
+        # record has (FULL_MASK until that record is written)
+        self._changed(vid, lid, d, block, wmask)
+        if self._fm is not None:
+            self._tell_fast(vid, lid, block, d)
+
+    def _new_slot(self, buf, have: int) -> int:
+        """A fresh slot holding the pages of have from buf (a whole block)."""
         slot = self._alloc()
         try:
-            self.file.pwrite(buf, slot_offset(slot))
+            if have == FULL_MASK:
+                self.file.pwrite(buf, slot_offset(slot))
+            else:
+                mv = memoryview(buf)
+                for first, count in mask_runs(have):
+                    self.file.pwrite(mv[first * PAGE : (first + count) * PAGE], slot_offset(slot) + first * PAGE)
         except OSError as exc:
             self._release_fresh(slot)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise NoSpace("the pool's filesystem is full (%s)" % self.path) from exc
             raise
-        if d is None:
-            self._ndirty += 1
-            d = dirty[block] = Dirty(slot, 0, False, True)
-        else:
-            d.slot, d.crc, d.crc_ok, d.fresh = slot, 0, False, True
-        # the rest of the block is as the log's replay finds it: the head as
-        # committed (no record of this generation has it), or zeros that a
-        # record has (FULL_MASK until that record is written)
-        self._changed(vid, lid, d, block, page_mask(intra, len(chunk)))
-        if self._fm is not None:
-            self._fm.set(vid, block, slot, WRITABLE)
+        return slot
+
+    def _fill_edges(self, lid: int, block: int, slot: int, have: int, intra: int, length: int) -> None:
+        """Before a write of [intra, intra + length) into a partial fresh
+        slot: the pages it touches in part and the slot lacks get the rest
+        of their contents from the view before the head's generation."""
+        edges = page_mask(intra, length) & ~have & ~_covered(intra, length)
+        if not edges:
+            return
+        with self.env.begin(db=self._db[DB_MAP]) as txn:
+            buf = layers.assemble(self, self._base_chain(txn.cursor(), lid, block), self._where(lid, block), need=edges)
+        mv = memoryview(buf)
+        for first, count in mask_runs(edges):
+            self.file.pwrite(mv[first * PAGE : (first + count) * PAGE], slot_offset(slot) + first * PAGE)
 
     # ------------------------------------------------------------ commit
 
@@ -967,7 +1099,13 @@ class Pool:
                 if npages * LOG_PAGE > intentlog.FLUSH_MAX:
                     self.intent.stats["commits_instead"] += 1
                     return False
-                for first, count in _runs(mask_pages(mask)):
+                if mask & ~d.have:  # partial: the pages it lacks as the view before
+                    with self.env.begin(db=self._db[DB_MAP]) as txn:
+                        data = self._dirty_block(txn.cursor(), lid, block, d)
+                    for first, count in mask_runs(mask):
+                        pages.append(data[first * LOG_PAGE : (first + count) * LOG_PAGE])
+                    continue
+                for first, count in mask_runs(mask):
                     pages.append(self.file.pread(count * LOG_PAGE, slot_offset(d.slot) + first * LOG_PAGE))
             grow = self.intent.growth(npages, self._spare_bytes)
             if grow is None:
@@ -1224,13 +1362,13 @@ class Pool:
 
     def _finish_checksums(self, ep: Epoch) -> None:
         """Checksum the blocks written in place since their allocation.  Runs
-        in the job's thread: the frozen slots are no longer written."""
-        todo = [
-            (lid, block, d)
-            for lid, dirty in ep.dirty.items()
-            for block, d in dirty.items()
-            if d.slot != ZERO_SLOT and not d.crc_ok
-        ]
+        in the job's thread: the frozen slots are no longer written.  A
+        partial entry's CRC covers its pages (a whole block's, in C)."""
+        todo, part = [], []
+        for lid, dirty in ep.dirty.items():
+            for block, d in dirty.items():
+                if d.slot != ZERO_SLOT and not d.crc_ok:
+                    (todo if d.have == FULL_MASK else part).append((lid, block, d))
         sums = self.file.checksum_slots([slot_offset(d.slot) for _, _, d in todo], BLOCK_SIZE)
         for (lid, block, d), (crc, zero) in zip(todo, sums):
             if zero:  # ep.alloc keeps it: the other thread's allocator must not see it free yet
@@ -1238,8 +1376,17 @@ class Pool:
                 ep.zeroed_at.append((lid, block, d.slot))
                 d.slot, d.crc, d.fresh = ZERO_SLOT, 0, False
             d.crc, d.crc_ok = crc, True
+        for lid, block, d in part:
+            data = self.file.pread(BLOCK_SIZE, slot_offset(d.slot))
+            d.crc, d.crc_ok = layers.page_crc(data, d.have), True
+            if all(native.is_zero(data[f * PAGE : (f + c) * PAGE]) for f, c in mask_runs(d.have)):
+                ep.blank.add((lid, block))
 
     def _apply_dirty(self, tx: Tx, ep: Epoch) -> None:
+        """Write the frozen overlay into the map, at each lineage's head
+        generation.  The entry it replaces is freed when nothing can read it
+        any more: no snapshot point sees it and no partial entry reads
+        through to it (structure.release_base), else it dies here."""
         txn = tx.txn
         mdb = self._db[DB_MAP]
         cur = txn.cursor(db=mdb)
@@ -1252,40 +1399,53 @@ class Pool:
             has_parent = lin.parent is not None
             for block in sorted(dirty):
                 d = dirty[block]
+                if (lid, block) in ep.blank and not layers.layers(self, cur, lid, gen - 1, block):
+                    # zero pages over zeros: the block is zeros (cursor moved: fine, probed below)
+                    ep.blank.discard((lid, block))
+                    ep.zeroed.append(d.slot)
+                    ep.zeroed_at.append((lid, block, d.slot))
+                    d.slot, d.crc, d.fresh, d.have = ZERO_SLOT, 0, False, FULL_MASK
+                whole = d.have == FULL_MASK
                 # the current entry of this block in this lineage, if any
                 old = None
                 probe = map_key(lid, block, gen)
                 if cur.set_range(probe):
                     k = cur.key()
                     if k[:16] == probe[:16]:
-                        oslot, odeath, ocrc = map_val_decode(cur.value())
+                        oslot, odeath, ocrc, omask = map_val_full(cur.value())
                         if odeath == INF:
-                            old = (map_key_decode(k)[2], oslot, ocrc)
+                            old = (map_key_decode(k)[2], oslot, ocrc, omask)
                 if old is not None:
-                    obirth, oslot, ocrc = old
+                    obirth, oslot, ocrc, omask = old
                     if d.slot == ZERO_SLOT and oslot == ZERO_SLOT:
                         continue  # tombstone stays a tombstone
                     okey = map_key(lid, block, obirth)
-                    if obirth > last:
-                        # no snapshot point sees it: free it now (deferred)
+                    if obirth == gen or (obirth > last and whole):
+                        # nothing will read it: free it now (deferred); a
+                        # partial new entry at gen reads through to what
+                        # the old one read through to
                         txn.delete(okey, db=mdb)
                         txn.delete(born_key(lid, obirth, block), db=self._db[DB_BORN])
                         if oslot != ZERO_SLOT:
                             tx.frees.append(oslot)
+                        if whole and omask != FULL_MASK:  # what it read through to
+                            structure.release_base(self, tx, lid, block, obirth)
                     else:
-                        txn.put(okey, map_val(oslot, gen, ocrc), db=mdb)
+                        # a snapshot point sees it, or the new partial
+                        # entry reads through to it
+                        txn.put(okey, map_val(oslot, gen, ocrc, omask), db=mdb)
                         txn.delete(born_key(lid, obirth, block), db=self._db[DB_BORN])
                         txn.put(dead_key(lid, gen, block), birth_val(obirth), db=self._db[DB_DEAD])
                 if d.slot == ZERO_SLOT and not has_parent:
                     continue  # absence reads as zeros in a root lineage
                 if d.slot == ZERO_SLOT and old is None and not self._parent_has(cur, lin, block):
                     continue
-                txn.put(map_key(lid, block, gen), map_val(d.slot, INF, d.crc), db=mdb)
+                txn.put(map_key(lid, block, gen), map_val(d.slot, INF, d.crc, d.have), db=mdb)
                 txn.put(born_key(lid, gen, block), b"", db=self._db[DB_BORN])
 
     def _parent_has(self, cur, lin: Lineage, block: int) -> bool:
         plid, pgen = lin.parent
-        return self._lookup(cur, plid, pgen, block)[0] != ZERO_SLOT
+        return bool(self._lookup(cur, plid, pgen, block))
 
     def _finish_tx(self, tx: Tx, ep: Epoch) -> None:
         txn = tx.txn
@@ -1456,6 +1616,13 @@ class Pool:
             "snapshots": sum(1 for s in self._snaps.values() if not s.get("deleted")),
             **({"commit_error": commit_error} if commit_error else {}),
         }
+
+def _covered(intra: int, length: int) -> int:
+    """The pages of a block that bytes [intra, intra + length) cover whole."""
+    first = -(-intra // PAGE)
+    end = (intra + length) // PAGE
+    return ((1 << end) - 1) & ~((1 << first) - 1) if end > first else 0
+
 
 def _runs(nums: list[int]):
     """Group sorted numbers (slots, pages) into (start, count) runs."""

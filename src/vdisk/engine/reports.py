@@ -2,8 +2,8 @@
 incremental, referenced) and the blocks that changed between two points."""
 from __future__ import annotations
 
-from .format import BLOCK_SIZE, DB_BORN, DB_DEAD, DB_MAP, INF, ZERO_SLOT, birth_val_decode, dead_key, map_key, map_val_decode
-from .mapindex import born_between, exclusive, point_neighbours, scan_tri, visible_map
+from .format import BLOCK_SIZE, DB_BORN, DB_DEAD, DB_MAP, INF, birth_val_decode, dead_key
+from .mapindex import born_between, entry_bytes, exclusive, point_neighbours, scan_tri, visible_map
 
 
 def snapshot_usage(pool, sid: int, referenced: bool = False) -> dict:
@@ -12,13 +12,9 @@ def snapshot_usage(pool, sid: int, referenced: bool = False) -> dict:
     s = pool.snapshot_info(sid)
     lin = pool._lins[s["lid"]]
     with pool.env.begin() as txn:
-        excl = 0
-        for block, birth, _live in exclusive(pool, txn, lin, s["gen"]):
-            val = txn.get(map_key(lin.lid, block, birth), db=pool._db[DB_MAP])
-            excl += map_val_decode(val)[0] != ZERO_SLOT
+        excl = sum(entry_bytes(pool, txn, lin.lid, block, birth) for block, birth, _ in exclusive(pool, txn, lin, s["gen"]))
         p, _n = point_neighbours(lin, s["gen"])
-        born = born_between(pool, txn, lin.lid, p, s["gen"])
-        out = {"exclusive_bytes": excl * BLOCK_SIZE, "incremental_bytes": born * BLOCK_SIZE}
+        out = {"exclusive_bytes": excl, "incremental_bytes": born_between(pool, txn, lin.lid, p, s["gen"])}
         if referenced:  # a scan of everything the snapshot sees (reports only)
             out["referenced_bytes"] = len(visible_map(pool, txn, lin.lid, s["gen"])) * BLOCK_SIZE
     return out

@@ -2,8 +2,9 @@
 free list, every slot owned once, every block's checksum."""
 from __future__ import annotations
 
-from . import native
-from .format import BLOCK_SIZE, DB_BORN, DB_DEAD, DB_FREE, DB_MAP, INF, ZERO_SLOT, birth_val_decode, born_key, dead_key, map_key_decode, map_val_decode, slot_offset, tri_decode, u64_decode
+from .format import BLOCK_SIZE, DB_BORN, DB_DEAD, DB_FREE, DB_MAP, FULL_MASK, INF, ZERO_SLOT, birth_val_decode, born_key, dead_key, map_key_decode, map_val_full, slot_offset, tri_decode, u64_decode
+from .layers import page_crc
+from .mapindex import needed, seen_by_point
 
 
 def check(pool, verify_data: bool = True, progress=None) -> list[str]:
@@ -25,7 +26,7 @@ def check(pool, verify_data: bool = True, progress=None) -> list[str]:
             if progress and i % 4096 == 0:
                 progress(i, total)
             lid, block, birth = map_key_decode(k)
-            slot, death, crc = map_val_decode(v)
+            slot, death, crc, mask = map_val_full(v)
             where = "lineage %d block %d birth %d" % (lid, block, birth)
             lin = pool._lins.get(lid)
             if lin is None:
@@ -42,10 +43,14 @@ def check(pool, verify_data: bool = True, progress=None) -> list[str]:
                 if dk not in dead or birth_val_decode(dead[dk]) != birth:
                     problems.append("%s: dead entry missing from the death index" % where)
                 dead.pop(dk, None)
-                if not any(birth <= g < death for g in lin.points):
-                    problems.append("%s: leaked (no snapshot point sees it)" % where)
+                if not seen_by_point(lin, birth, death) and not needed(pool, txn, lid, block, death):
+                    problems.append("%s: leaked (no snapshot point sees it, no partial entry reads through to it)" % where)
             if slot == ZERO_SLOT:
+                if mask != FULL_MASK:
+                    problems.append("%s: a partial tombstone" % where)
                 continue
+            if not mask:
+                problems.append("%s: an entry that holds no page" % where)
             if slot in owner:
                 problems.append("slot %d owned twice: %s and %s" % (slot, owner[slot], where))
             owner[slot] = where
@@ -55,7 +60,7 @@ def check(pool, verify_data: bool = True, progress=None) -> list[str]:
                 problems.append("slot %d beyond the high-water mark %d" % (slot, pool._hwm))
             if verify_data:
                 data = pool.file.pread(BLOCK_SIZE, slot_offset(slot))
-                if native.crc32c(data) != crc:
+                if page_crc(data, mask) != crc:
                     problems.append("slot %d (%s): checksum mismatch" % (slot, where))
         for k in born:
             problems.append("birth index entry %r has no map entry" % (tri_decode(k),))

@@ -7,9 +7,9 @@ model in pool.py's docstring and docs/format.md."""
 from __future__ import annotations
 
 from .errors import EngineError, NotFound
-from .format import DB_BORN, DB_DEAD, DB_MAP, INF, ZERO_SLOT, born_key, dead_key, map_key, map_val_decode
+from .format import DB_BORN, DB_DEAD, DB_MAP, FULL_MASK, INF, ZERO_SLOT, birth_val_decode, born_key, dead_key, map_key, map_val_full
 from .lineage import Lineage
-from .mapindex import exclusive, scan_tri
+from .mapindex import exclusive, needed, scan_tri, seen_by_point
 from .txn import Tx
 
 
@@ -84,10 +84,12 @@ def kill_head(pool, tx: Tx, lid: int) -> None:
 
 
 def free_entry(pool, tx: Tx, lid: int, block: int, birth: int, live: bool) -> None:
+    """Free one entry; if it was partial, what it read through to may be
+    free now too (release_base)."""
     txn = tx.txn
     key = map_key(lid, block, birth)
     val = txn.get(key, db=pool._db[DB_MAP])
-    slot, death, _crc = map_val_decode(val)
+    slot, death, _crc, mask = map_val_full(val)
     txn.delete(key, db=pool._db[DB_MAP])
     if live:
         txn.delete(born_key(lid, birth, block), db=pool._db[DB_BORN])
@@ -95,6 +97,23 @@ def free_entry(pool, tx: Tx, lid: int, block: int, birth: int, live: bool) -> No
         txn.delete(dead_key(lid, death, block), db=pool._db[DB_DEAD])
     if slot != ZERO_SLOT:
         tx.frees.append(slot)
+    if mask != FULL_MASK:
+        release_base(pool, tx, lid, block, birth)
+
+
+def release_base(pool, tx: Tx, lid: int, block: int, death: int) -> None:
+    """The entry of (lid, block) that died at `death` is no longer read
+    through to by the entry born then (freed, or now whole): free it unless
+    a snapshot point sees it or another partial entry still needs it.
+    Frees cascade down a chain of partial entries."""
+    txn = tx.txn
+    val = txn.get(dead_key(lid, death, block), db=pool._db[DB_DEAD])
+    if val is None:
+        return
+    birth = birth_val_decode(val)
+    if seen_by_point(tx.lin(lid), birth, death) or needed(pool, txn, lid, block, death):
+        return
+    free_entry(pool, tx, lid, block, birth, live=False)
 
 
 def maybe_drop_lineage(pool, tx: Tx, lid: int) -> None:
@@ -195,10 +214,14 @@ def delete_snapshots(pool, sids: list[int]) -> None:
 
 
 def delete_point(pool, tx: Tx, lid: int, s: int) -> None:
+    """Forget snapshot point s of lid and free what only it saw (entries
+    that a partial entry reads through to stay, until it no longer does)."""
     lin = tx.lin(lid)
-    for block, birth, live in exclusive(pool, tx.txn, lin, s):
-        free_entry(pool, tx, lid, block, birth, live)
+    todo = exclusive(pool, tx.txn, lin, s)
     lin.points.remove(s)
+    for block, birth, live in todo:
+        if tx.txn.get(map_key(lid, block, birth), db=pool._db[DB_MAP]) is not None:  # not freed by a cascade
+            free_entry(pool, tx, lid, block, birth, live)
 
 
 def rollback_many(pool, pairs: list[tuple[int, int]], change=None) -> None:

@@ -1,0 +1,113 @@
+"""A block as the committed map describes it: a chain of entries.
+
+An entry holds the 4 KiB pages of its mask; a *partial* one (mask not full)
+reads the others as the block was just before the entry's birth, which is
+the lookup at (lineage, birth - 1), then the parent point, then zeros
+(docs/format.md, "Partial entries").  `layers()` walks that chain in a read
+transaction; `assemble()` reads the pages, verifying each slot's checksum
+once.  Functions of a Pool (its LMDB handles, lineages, data file); they
+change nothing in the map."""
+from __future__ import annotations
+
+from . import native
+from .errors import ChecksumError
+from .format import BLOCK_SIZE, FULL_MASK, PAGE, ZERO_SLOT, map_key, map_key_decode, map_val_full, mask_runs, slot_offset
+
+# (slot, mask, crc) of one entry: the slot holds the pages of mask
+Layer = tuple[int, int, int]
+
+
+def layers(pool, cur, lid: int, gen: int, block: int) -> list[Layer]:
+    """The entries that make up block as seen at (lid, gen), newest first,
+    until every page is covered (leaving out those that add no page);
+    pages none of them holds read as zeros."""
+    out: list[Layer] = []
+    need = FULL_MASK
+    while True:
+        key = map_key(lid, block, gen)
+        if cur.set_range(key) and cur.key()[:16] == key[:16]:
+            slot, death, crc, mask = map_val_full(cur.value())
+            if death <= gen or slot == ZERO_SLOT:
+                return out  # dead, or a tombstone: the rest is zeros
+            if mask & need:  # an entry whose pages newer ones all hide adds nothing
+                out.append((slot, mask, crc))
+            need &= ~mask
+            if not need:
+                return out
+            gen = map_key_decode(cur.key())[2] - 1  # just before its birth
+            continue
+        lin = pool._lins[lid]
+        if lin.parent is None:
+            return out
+        lid, gen = lin.parent
+
+
+def head_state(cur, lid: int, gen: int, block: int) -> tuple[str, int, int, int]:
+    """How the head (lid at its generation gen) relates to the view at
+    gen - 1 for one block, in the committed map: ("own", slot, mask, crc)
+    when an entry was born at gen (the head's alone), ("dead", 0, 0, 0) when
+    the head reads zeros where gen - 1 saw an entry that died at gen, or
+    ("shared", 0, 0, 0) when both see the same."""
+    key = map_key(lid, block, gen)
+    if cur.set_range(key) and cur.key()[:16] == key[:16]:
+        birth = map_key_decode(cur.key())[2]
+        slot, death, crc, mask = map_val_full(cur.value())
+        if birth == gen:
+            return "own", slot, mask, crc
+        if death == gen:
+            return "dead", 0, 0, 0
+    return "shared", 0, 0, 0
+
+
+def checked(pool, slot: int, mask: int, crc: int, where: str) -> bytes:
+    """A slot's 64 KiB, the pages of mask verified against crc (once per
+    slot since the pool was opened: the page cache serves it after that).
+    Pages outside mask are whatever the slot holds."""
+    data = pool.file.pread(BLOCK_SIZE, slot_offset(slot))
+    if slot not in pool._verified:
+        if page_crc(data, mask) != crc:
+            raise ChecksumError("checksum mismatch in slot %d (%s)" % (slot, where))
+        pool._note_verified(slot)
+    return data
+
+
+def page_crc(data, mask: int) -> int:
+    """CRC-32C of the pages of mask in a block's buffer, in page order (the
+    whole block's CRC when mask is full)."""
+    if mask == FULL_MASK:
+        return native.crc32c(data)
+    crc = 0
+    mv = memoryview(data)
+    for first, count in mask_runs(mask):
+        crc = native.crc32c(mv[first * PAGE : (first + count) * PAGE], crc)
+    return crc
+
+
+def assemble(pool, chain: list[Layer], where: str, out: bytearray | None = None, need: int = FULL_MASK) -> bytearray:
+    """The block the chain describes (the pages of need; others zero)."""
+    if out is None:
+        out = bytearray(BLOCK_SIZE)
+    for slot, mask, crc in chain:
+        take = mask & need
+        if not take:
+            continue
+        data = checked(pool, slot, mask, crc, where)
+        if take == FULL_MASK:
+            out[:] = data
+        else:
+            for first, count in mask_runs(take):
+                out[first * PAGE : (first + count) * PAGE] = data[first * PAGE : (first + count) * PAGE]
+        need &= ~mask
+        if not need:
+            break
+    return out
+
+
+def single(chain: list[Layer]) -> int | None:
+    """The one slot that holds the whole block (ZERO_SLOT for zeros), or
+    None when it takes more than one entry."""
+    if not chain:
+        return ZERO_SLOT
+    if chain[0][1] == FULL_MASK:
+        return chain[0][0]
+    return None
