@@ -88,6 +88,11 @@ struct vol {
      * last log flush or freeze (every changed block is in chg, with its
      * pages in the table's mask), so a log flush may be done here */
     int clean;
+    /* complete: the table holds every block of the volume that does not
+     * read as zeros, so an unknown block is zeros, the same for the head
+     * and its snapshot points (a new volume, until the table forgets one
+     * of its blocks) */
+    int complete;
     uint32_t nchg; /* CHG_MAX + 1: overflowed */
     uint64_t chg[CHG_MAX]; /* blocks reported in this log epoch (may repeat) */
 };
@@ -290,6 +295,7 @@ void vd_fm_set_volume(struct vd_fastmap *fm, uint64_t vid, uint64_t lid, uint64_
         rebuild(fm, fm->cap, 1, vid); /* new contents: forget the old ones */
         v->clean = 0;
         v->nchg = 0;
+        v->complete = 0;
     }
     if (v == NULL) {
         if (fm->nvols == fm->capvols) {
@@ -304,6 +310,7 @@ void vd_fm_set_volume(struct vd_fastmap *fm, uint64_t vid, uint64_t lid, uint64_
         v->vid = vid;
         v->lepoch = fm->lepoch;
         v->clean = 0; /* until the engine says it holds nothing of its own */
+        v->complete = 0; /* until the engine says the volume is new */
         v->nchg = 0;
     }
     v->lid = lid;
@@ -359,9 +366,25 @@ void vd_fm_share(struct vd_fastmap *fm, uint64_t vid)
     }
 }
 
+void vd_fm_set_complete(struct vd_fastmap *fm, uint64_t vid)
+{
+    struct vol *v = find_vol(fm, vid);
+    if (v != NULL)
+        v->complete = 1;
+}
+
+/* the table no longer knows a block of vid: unknown no longer means zeros */
+static void incomplete(struct vd_fastmap *fm, uint64_t vid)
+{
+    struct vol *v = find_vol(fm, vid);
+    if (v != NULL)
+        v->complete = 0;
+}
+
 void vd_fm_forget(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
 {
     struct ent *e = lookup(fm, vid, block);
+    incomplete(fm, vid);
     if (e != NULL)
         del(fm, e);
 }
@@ -369,8 +392,10 @@ void vd_fm_forget(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
 void vd_fm_forget_slot(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot)
 {
     struct ent *e = lookup(fm, vid, block);
-    if (e != NULL && e->slot == slot)
+    if (e != NULL && e->slot == slot) {
+        incomplete(fm, vid);
         del(fm, e);
+    }
 }
 
 /* A fresh log epoch; at the (unreachable in practice) wrap the table
@@ -419,6 +444,8 @@ uint32_t vd_fm_mask(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
 
 void vd_fm_clear(struct vd_fastmap *fm, int keep_writable)
 {
+    for (size_t i = 0; i < fm->nvols; i++)
+        fm->vols[i].complete = 0;
     if (keep_writable) { /* their page masks are needed by the next log flush */
         for (size_t i = 0; i < fm->cap; i++)
             if (fm->tab[i].epoch != fm->epoch)
@@ -607,11 +634,11 @@ long vd_fm_read(void *arg, uint64_t vid, uint64_t off, uint32_t len, void *buf)
         return end_io(fm, rc);
     for (size_t i = 0; i < nb; i++) {
         struct ent *e = lookup(fm, vid, first + i);
-        if (e == NULL)
+        if (e == NULL && !v->complete)
             return end_io(fm, -EAGAIN);
-        slots[i] = e->slot;
-        haves[i] = e->slot ? e->have : FULL;
-        bases[i] = e->base;
+        slots[i] = e ? e->slot : 0;
+        haves[i] = e && e->slot ? e->have : FULL;
+        bases[i] = e ? e->base : 0;
     }
     /* the slots stay valid while the lock is held for reading: only the
      * engine frees or reuses a slot, with the lock held for writing */
@@ -823,8 +850,13 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
                 }
             }
             need++;
-        } else if (full && !v->has_points) {
+        } else if (full && (!v->has_points || v->complete)) {
             act[i] = NEW;
+            need++;
+        } else if (v->complete) { /* zeros, for its snapshot points too: only the pages written */
+            act[i] = COW;
+            base[i] = nbase[i] = 0;
+            own[i] = 0;
             need++;
         } else {
             return end_io(fm, -EAGAIN);

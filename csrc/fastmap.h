@@ -28,6 +28,9 @@ int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot
               int shared);
 void vd_fm_forget(struct vd_fastmap *fm, uint64_t vid, uint64_t block);
 void vd_fm_share(struct vd_fastmap *fm, uint64_t vid);
+/* the volume is new: every block it has is in the table (C clears this when
+ * the table forgets one of its blocks) */
+void vd_fm_set_complete(struct vd_fastmap *fm, uint64_t vid);
 void vd_fm_forget_slot(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot);
 void vd_fm_new_epoch(struct vd_fastmap *fm);
 void vd_fm_log_epoch(struct vd_fastmap *fm, uint64_t vid);

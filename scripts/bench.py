@@ -23,6 +23,8 @@ import time
 from vdisk.harness import VDiskEnv, sh, stop_process
 
 GIB = 1 << 30
+# the fio table's columns, vdisk first (see the classes below)
+TARGETS = ["vdisk", "qsd", "qsd-sub", "plain", "plain-buffered"]
 COW_IO = "64M"  # how much the after-snapshot pattern writes (not time based)
 
 PATTERNS = [
@@ -86,14 +88,19 @@ class QsdTarget:
 
     name = "qsd"
 
-    def __init__(self, workdir: str, size_gib: int):
+    def __init__(self, workdir: str, size_gib: int, subclusters: bool = False):
+        """subclusters: the image made with extended_l2=on (32 subclusters
+        of 2 KiB per 64 KiB cluster), the target "qsd-sub"."""
+        if subclusters:
+            self.name = "qsd-sub"
         self.dir = workdir
-        self.image = os.path.join(workdir, "qsd.qcow2")
-        self.export = os.path.join(workdir, "qsd-export.img")
-        self.qmp_path = os.path.join(workdir, "qsd-qmp.sock")
+        self.image = os.path.join(workdir, self.name + ".qcow2")
+        self.export = os.path.join(workdir, self.name + "-export.img")
+        self.qmp_path = os.path.join(workdir, self.name + "-qmp.sock")
         self.nsnap = 0
         self.dev = None
-        sh("qemu-img", "create", "-q", "-f", "qcow2", self.image, "%dG" % (size_gib + 1))
+        opts = ["-o", "extended_l2=on,cluster_size=64k"] if subclusters else []
+        sh("qemu-img", "create", "-q", "-f", "qcow2", *opts, self.image, "%dG" % (size_gib + 1))
         open(self.export, "w").close()
         self.proc = subprocess.Popen(
             ["qemu-storage-daemon",
@@ -102,7 +109,7 @@ class QsdTarget:
              "--export", "type=fuse,id=exp0,node-name=qcow0,mountpoint=%s,writable=on" % self.export,
              "--chardev", "socket,path=%s,server=on,wait=off,id=qmp0" % self.qmp_path,
              "--monitor", "chardev=qmp0"],
-            stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, "qsd.log"), "w"))
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, self.name + ".log"), "w"))
         try:
             self._connect(size_gib)
         except BaseException:
@@ -113,7 +120,7 @@ class QsdTarget:
         deadline = time.monotonic() + 20
         while os.path.getsize(self.export) != (size_gib + 1) * GIB:
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("qemu-storage-daemon did not export %s (see %s/qsd.log)" % (self.export, self.dir))
+                raise SystemExit("qemu-storage-daemon did not export %s (see %s/%s.log)" % (self.export, self.dir, self.name))
             time.sleep(0.05)
         self.qmp = socket.socket(socket.AF_UNIX)
         self.qmp.connect(self.qmp_path)
@@ -145,14 +152,22 @@ class QsdTarget:
 
 
 class PlainTarget:
+    """A sparse file behind a loop device.  direct: the loop device reads and
+    writes its file with direct I/O ("plain", what the disk under the
+    filesystem gives); otherwise through the page cache ("plain-buffered",
+    the ceiling for a stack that goes through the host's page cache, as
+    vdisk and qemu-storage-daemon's FUSE export do)."""
+
     name = "plain"
     snapshot = None  # a plain file has no snapshots
 
-    def __init__(self, workdir: str, size_gib: int):
-        path = os.path.join(workdir, "plain.img")
+    def __init__(self, workdir: str, size_gib: int, direct: bool = True):
+        if not direct:
+            self.name = "plain-buffered"
+        path = os.path.join(workdir, self.name + ".img")
         with open(path, "wb") as f:
             f.truncate((size_gib + 1) * GIB)
-        self.dev = sh("losetup", "--find", "--show", "--direct-io=on", path).stdout.strip()
+        self.dev = sh("losetup", "--find", "--show", "--direct-io=%s" % ("on" if direct else "off"), path).stdout.strip()
 
     def close(self) -> None:
         sh("losetup", "-d", self.dev, check=False)
@@ -166,8 +181,12 @@ def fio_patterns(a, size: str, cwd: str, env: VDiskEnv) -> dict:
         targets.append(VdiskTarget(env, a.size_gib))
         if "qsd" in a.targets:
             targets.append(QsdTarget(env.dir, a.size_gib))
+        if "qsd-sub" in a.targets:
+            targets.append(QsdTarget(env.dir, a.size_gib, subclusters=True))
         if "plain" in a.targets:
             targets.append(PlainTarget(env.dir, a.size_gib))
+        if "plain-buffered" in a.targets:
+            targets.append(PlainTarget(env.dir, a.size_gib, direct=False))
         for t in targets:  # fill the region so reads read data and snapshots share it
             log("filling %s on %s ..." % (size, t.name))
             fio(t.dev, ["--rw=write", "--bs=1M", "--iodepth=8"], size, None, cwd)
@@ -216,13 +235,13 @@ def write_amplification(env: VDiskEnv, t: VdiskTarget, size: str, cwd: str) -> d
     for label, snap in (("after snapshot", True), ("no snapshot", False)):
         if snap:
             t.snapshot()
-        used0 = env.j("pool", "status")["Pool"]["UsedBytes"]
+        used0 = env.j("pool", "status")["Pool"]["DataFileAllocatedBytes"]
         w0 = proc_wchar(pid)
         t0 = time.monotonic()
         r = fio(t.dev, ["--rw=randwrite", "--bs=4k", "--iodepth=32", "--io_size=64M", "--end_fsync=1"], size, None, cwd)
         dt = time.monotonic() - t0
         w1 = proc_wchar(pid)
-        used1 = env.j("pool", "status")["Pool"]["UsedBytes"]
+        used1 = env.j("pool", "status")["Pool"]["DataFileAllocatedBytes"]
         wa[label] = {
             "fio_bytes": r["bytes"],
             "daemon_bytes_written": w1 - w0,
@@ -300,6 +319,76 @@ def barrier_bench(runtime: int, interval: float, cwd: str) -> dict:
         env.close()
 
 
+def churn_bench(runtime: int, clients: int, cwd: str) -> dict:
+    """fio writing 4 KiB at random to a disk with verification (every block
+    read back and checked while the load goes on) while `clients` control
+    clients create and delete snapshots of the disk and snapshot groups of
+    its instance as fast as they can.  Reports fio's worst write latency,
+    whether verification passed, and the control calls' latency."""
+    import threading
+
+    from vdisk.config import Paths
+    from vdisk.daemon import client
+
+    env = VDiskEnv(prefix="vdisk-churn-")
+    try:
+        env.start()
+        iid, (disk,) = env.instance(ndata=1, size=2)
+        env.run("instance", "start", iid)
+        dev = env.attach(disk)
+        paths = Paths.resolve(env.data, env.mnt)
+        stop = threading.Event()
+        calls: dict[str, list[float]] = {"CreateSnapshot": [], "DeleteSnapshot": [], "CreateSnapshotGroup": [],
+                                         "DeleteSnapshotGroup": []}
+        refused: list[str] = []
+
+        def call(req: dict) -> dict:
+            t0 = time.monotonic()
+            r = client.call(paths, req)
+            calls[req["Action"]].append((time.monotonic() - t0) * 1000)
+            if "Code" in r:
+                refused.append("%s: %s" % (req["Action"], r["Code"]))
+            return r
+
+        def worker(i: int) -> None:
+            while not stop.is_set():
+                if i % 2:
+                    r = call({"Action": "CreateSnapshotGroup", "InstanceId": iid})
+                    if "SnapshotGroupId" in r:
+                        call({"Action": "DeleteSnapshotGroup", "SnapshotGroupId": r["SnapshotGroupId"]})
+                else:
+                    r = call({"Action": "CreateSnapshot", "DiskId": disk})
+                    if "SnapshotId" in r:
+                        call({"Action": "DeleteSnapshot", "SnapshotId": r["SnapshotId"]})
+
+        cmd = ["fio", "--name=churn", "--filename=" + dev, "--ioengine=libaio", "--direct=1", "--rw=randwrite",
+               "--bs=4k", "--iodepth=8", "--size=512M", "--time_based", "--runtime=%d" % runtime,
+               "--verify=crc32c", "--verify_backlog=1024", "--verify_fatal=1", "--output-format=json",
+               "--randrepeat=0"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+        time.sleep(1)
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+        for th in threads:
+            th.start()
+        out, err = proc.communicate()
+        stop.set()
+        for th in threads:
+            th.join()
+        res: dict = {"clients": clients, "runtime_s": runtime, "fio_exit": proc.returncode,
+                     "verify_ok": proc.returncode == 0 and "verify" not in err.lower(), "fio_stderr": err[-2000:]}
+        if "{" in out:
+            job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+            res.update(iops=job["iops"], lat_max_ms=job["lat_ns"]["max"] / 1e6,
+                       lat_p99_ms=job["clat_ns"]["percentile"]["99.000000"] / 1e6)
+        res["calls"] = {k: {"n": len(v), "p50_ms": statistics.median(v), "max_ms": max(v)}
+                        for k, v in calls.items() if v}
+        res["refused"] = sorted(set(refused))[:10]
+        res["refused_n"] = len(refused)
+        return res
+    finally:
+        env.close()
+
+
 def snapshot_time_by_size(cwd: str) -> dict:
     """CreateSnapshot time for a 1 GiB and a 1 TiB (sparse) disk: the same."""
     from vdisk.config import Paths
@@ -354,12 +443,12 @@ def deletion_time(cwd: str) -> dict:
                 fio(dev, ["--rw=randwrite", "--bs=64k", "--iodepth=8", "--io_size=%dM" % mib,
                           "--end_fsync=1"], "1G", None, cwd)
             new = client.call(paths, {"Action": "CreateSnapshot", "DiskId": disk})["SnapshotId"]
-            used0 = env.j("pool", "status")["Pool"]["UsedBytes"]
+            used0 = env.j("pool", "status")["Pool"]["DataFileAllocatedBytes"]
             t0 = time.monotonic()
             r = client.call(paths, {"Action": "DeleteSnapshot", "SnapshotId": old})
             dt = (time.monotonic() - t0) * 1000
             assert "Code" not in r, r
-            used1 = env.j("pool", "status")["Pool"]["UsedBytes"]
+            used1 = env.j("pool", "status")["Pool"]["DataFileAllocatedBytes"]
             out["%d MiB" % mib] = {"delete_ms": dt, "freed_mib": (used0 - used1) / (1 << 20)}
             client.call(paths, {"Action": "DeleteSnapshot", "SnapshotId": new})
         return out
@@ -419,6 +508,18 @@ def machine() -> dict:
             "python": platform.python_version(), "qemu_storage_daemon": qsd}
 
 
+def print_churn(c: dict) -> None:
+    print("\nfio 4 KiB randwrite qd8 with verification, %d s, while %d clients create and delete snapshots"
+          " and snapshot groups:" % (c["runtime_s"], c["clients"]))
+    print("  writes: max latency %.1f ms, p99 %.2f ms, %.0f IOPS; verification %s   target: max < 250 ms, no error"
+          % (c.get("lat_max_ms", -1), c.get("lat_p99_ms", -1), c.get("iops", 0),
+             "passed" if c["verify_ok"] else "FAILED (fio exit %d): %s" % (c["fio_exit"], c["fio_stderr"][-300:])))
+    for k, v in c["calls"].items():
+        print("  %-20s %5d calls, p50 %7.1f ms, max %7.1f ms" % (k, v["n"], v["p50_ms"], v["max_ms"]))
+    if c["refused_n"]:
+        print("  %d calls refused: %s" % (c["refused_n"], "; ".join(c["refused"])))
+
+
 def print_report(results: dict, a) -> None:
     t = results["targets"]
     m = results["machine"]
@@ -427,13 +528,17 @@ def print_report(results: dict, a) -> None:
     print("fio through loop devices (--direct-io=on), libaio, direct=1; median of %d runs of %ds "
           "(after-snapshot runs: %s each, a new snapshot first); region %s"
           % (a.repeat, a.runtime, COW_IO, results["region"]))
-    print("%-34s %11s %11s %11s %10s %11s %10s" % ("pattern", "vdisk", "qsd", "plain", "vdisk/qsd", "vdisk/plain", "vdisk p99"))
+    names = [n for n in TARGETS if n in t]
+    peers = names[1:]
+    print("%-34s %s %s %10s" % ("pattern", " ".join("%14s" % n for n in names),
+                                " ".join("%14s" % ("vdisk/" + n) for n in peers), "vdisk p99"))
     for pname, _, what, _ in a.patterns:
         key, unit = ("iops", "IOPS") if what == "iops" else ("bw_mib", "MiB/s")
-        v, q, p = (t.get(n, {}).get(pname) for n in ("vdisk", "qsd", "plain"))
-        cell = lambda r: "%6.0f %-4s" % (r[key], unit) if r else "%11s" % "-"  # noqa: E731
-        ratio = lambda r: "%10.2f" % (v[key] / r[key]) if r and r[key] else "%10s" % "-"  # noqa: E731
-        print("%-34s %s %s %s %s %s %7.0f us" % (pname, cell(v), cell(q), cell(p), ratio(q), ratio(p), v["p99_us"]))
+        v = t["vdisk"].get(pname)
+        cell = lambda r: "%8.0f %-5s" % (r[key], unit) if r else "%14s" % "-"  # noqa: E731
+        ratio = lambda r: "%14.2f" % (v[key] / r[key]) if r and r[key] else "%14s" % "-"  # noqa: E731
+        print("%-34s %s %s %7.0f us" % (pname, " ".join(cell(t[n].get(pname)) for n in names),
+                                         " ".join(ratio(t[n].get(pname)) for n in peers), v["p99_us"]))
     d = results.get("vdisk_daemon")
     if d:
         fp = d["fast_path"]
@@ -447,9 +552,11 @@ def print_report(results: dict, a) -> None:
                 lg["Flushes"], lg["Bytes"] >> 20, lg["CommitsInstead"]))
     print("\nvdisk write amplification, 4 KiB random writes (64 MiB, then fsync):")
     for label, w in results["write_amplification_4k"].items():
-        print("  %-15s %5.1fx  (%d MiB written by the daemon for %d MiB, %.0f IOPS, %d MiB new space)"
+        print("  %-15s %5.1fx  (%d MiB written by the daemon for %d MiB, %.0f IOPS, %d MiB more on disk)"
               % (label, w["write_amplification"], w["daemon_bytes_written"] >> 20, w["fio_bytes"] >> 20, w["iops"],
                  w["new_space_bytes"] >> 20))
+    if "churn" in results:
+        print_churn(results["churn"])
     if "barrier" in results:
         b, base = results["barrier"]["with_snapshots"], results["barrier"]["baseline"]
         print("\ninstance snapshot of 10 disks under fio (4 KiB randwrite, qd4 each), one a second:")
@@ -487,12 +594,16 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
     ap.add_argument("--no-snapshot-costs", action="store_true",
                     help="only the fio table: skip the barrier, creation, deletion and memory measurements")
-    ap.add_argument("--targets", default="vdisk,qsd,plain",
-                    help="comma-separated; vdisk is always measured (default vdisk,qsd,plain)")
+    ap.add_argument("--targets", default=",".join(TARGETS),
+                    help="comma-separated; vdisk is always measured (default %s)" % ",".join(TARGETS))
     ap.add_argument("--patterns", default="",
                     help="comma-separated parts of fio pattern names to run (say 'fsync'); default all")
     ap.add_argument("--barrier-runtime", type=int, default=20, help="seconds of load per barrier run (default 20)")
     ap.add_argument("--memory-gib", type=int, default=10, help="GiB written for the memory figure (default 10)")
+    ap.add_argument("--churn-clients", type=int, default=8,
+                    help="control clients creating and deleting snapshots in the churn run (default 8)")
+    ap.add_argument("--only-churn", action="store_true",
+                    help="only the churn run: fio with verification while clients create and delete snapshots")
     ap.add_argument("--vm", action="store_true",
                     help="only what a virtual machine costs: boot, stop, memory, guest/host ratios (scripts/bench_vm.py)")
     a = ap.parse_args()
@@ -507,14 +618,23 @@ def main() -> int:
             json.dump(results, f, indent=2)
         print(json.dumps(results, indent=2)) if a.json else print_vm(results["vm"])
         return 0
+    if a.only_churn:
+        if os.geteuid() != 0:
+            raise SystemExit("scripts/bench needs root (loop devices)")
+        results = {"machine": machine(), "churn": churn_bench(a.barrier_runtime * 3, a.churn_clients, tempfile.gettempdir())}
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "bench-churn.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        print(json.dumps(results, indent=2)) if a.json else print_churn(results["churn"])
+        return 0
     a.targets = set(a.targets.split(","))
     wanted = [w for w in a.patterns.split(",") if w]
     a.patterns = [p for p in PATTERNS if not wanted or any(w in p[0] for w in wanted)]
     if not a.patterns:
         ap.error("no fio pattern matches %r; the patterns are: %s" % (",".join(wanted), "; ".join(p[0] for p in PATTERNS)))
-    unknown = a.targets - {"vdisk", "qsd", "plain"}
+    unknown = a.targets - set(TARGETS)
     if unknown:
-        ap.error("unknown target(s) %s: choose among vdisk, qsd, plain" % ", ".join(sorted(unknown)))
+        ap.error("unknown target(s) %s: choose among %s" % (", ".join(sorted(unknown)), ", ".join(TARGETS)))
     if os.geteuid() != 0:
         raise SystemExit("scripts/bench needs root (loop devices)")
     size = "%dG" % a.size_gib
@@ -535,6 +655,8 @@ def main() -> int:
     finally:
         env.close()
     if not a.no_snapshot_costs:
+        log("churn: fio with verification under %d clients creating and deleting snapshots ..." % a.churn_clients)
+        results["churn"] = churn_bench(a.barrier_runtime * 3, a.churn_clients, cwd)
         results["barrier"] = barrier_bench(a.barrier_runtime, 1.0, cwd)
         results["snapshot_time_by_size"] = snapshot_time_by_size(cwd)
         results["deletion_time"] = deletion_time(cwd)

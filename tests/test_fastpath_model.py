@@ -155,9 +155,7 @@ def test_fast_path_serves_in_c(tmp_path):
     try:
         pool.attach_fast(fm)
         vid = pool.create_volume(4 * BLOCK_SIZE)
-        assert fm.read(vid, 0, 4096) is None  # not known yet: the Pool serves it
-        assert pool.read(vid, 0, 4096) == bytes(4096)
-        assert fm.read(vid, 0, 4096) == bytes(4096)  # learnt (a hole)
+        assert fm.read(vid, 0, 4096) == bytes(4096)  # a new volume: what C does not know is zeros
         assert fm.write(vid, 0, b"a" * BLOCK_SIZE)  # a whole block needs no base
         assert fm.write(vid, 100, b"b" * 10)  # in place
         pool.commit()
@@ -226,6 +224,47 @@ def test_c_copies_only_the_pages_written_after_a_snapshot(tmp_path):
         pool.delete_snapshot(sid)
         assert pool.scrub() == []
         assert pool.read(vid, 0, 3 * BLOCK_SIZE) == want
+    finally:
+        pool.detach_fast()
+        fm.close()
+        pool.close()
+
+
+def test_c_serves_a_new_volume_from_its_first_write(tmp_path):
+    """A volume created while the fast path is attached holds nothing: C
+    reads its unknown blocks as zeros and writes 4 KiB into one as a
+    partial slot of its own, from the first request on; once the table
+    forgets one of its blocks, unknown blocks go back to the Pool."""
+    pool = Pool(str(tmp_path))
+    fm = FastMap(pool.file.fd, reservoir=8)
+    try:
+        pool.attach_fast(fm)
+        vid = pool.create_volume(16 * BLOCK_SIZE)
+        assert fm.read(vid, 3 * BLOCK_SIZE, 8192) == bytes(8192)
+        before = pool.file.allocated_bytes()
+        assert fm.write(vid, BLOCK_SIZE + 4096, b"a" * 4096)
+        assert fm.write(vid, 2 * BLOCK_SIZE + 10, b"b" * 10)  # a page in part: the rest zeros
+        assert pool.file.allocated_bytes() - before <= 2 * 4096 * 2
+        want = bytearray(8 * BLOCK_SIZE)
+        want[BLOCK_SIZE + 4096 : BLOCK_SIZE + 8192] = b"a" * 4096
+        want[2 * BLOCK_SIZE + 10 : 2 * BLOCK_SIZE + 20] = b"b" * 10
+        assert fm.read(vid, 0, 8 * BLOCK_SIZE) == want
+        pool.commit()
+        assert pool.read(vid, 0, 8 * BLOCK_SIZE) == want
+        assert pool.scrub() == []
+        assert fm.read(vid, 12 * BLOCK_SIZE, 4096) == bytes(4096)
+        fm.forget(vid, 1)  # the table forgets a block: unknown is unknown again
+        assert fm.read(vid, 12 * BLOCK_SIZE, 4096) is None
+        assert pool.read(vid, 0, 8 * BLOCK_SIZE) == want
+        # a volume that existed when the fast path was attached is not new
+        pool.detach_fast()
+        fm2 = FastMap(pool.file.fd, reservoir=8)
+        try:
+            pool.attach_fast(fm2)
+            assert fm2.read(vid, 12 * BLOCK_SIZE, 4096) is None
+            pool.detach_fast()
+        finally:
+            fm2.close()
     finally:
         pool.detach_fast()
         fm.close()

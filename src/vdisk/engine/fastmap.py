@@ -76,6 +76,11 @@ class FastMap:
         those written since the freeze that took it, are the snapshot's too."""
         lib.vd_fm_share(self._fm, vid)
 
+    def set_complete(self, vid: int) -> None:
+        """The volume is new: a block the table does not know reads as
+        zeros (until the table forgets one of its blocks)."""
+        lib.vd_fm_set_complete(self._fm, vid)
+
     def forget(self, vid: int, block: int) -> None:
         """Know nothing of the block: its requests go to the engine."""
         lib.vd_fm_forget(self._fm, vid, block)

@@ -98,6 +98,7 @@ from .format import (
     dead_key,
     jdec,
     jenc,
+    lid_prefix,
     map_key,
     map_key_decode,
     map_val,
@@ -567,14 +568,26 @@ class Pool:
             lid = v["lid"]
             gen = self._lins[lid].gen
             fm.set_volume(vid, lid, v["size"], bool(self._lins[lid].points))
-            if self._fm_vids.get(vid) != lid and not self._unlogged.get(lid):  # C starts it not clean
-                self._set_clean(vid, True)
-            elif self._fm_vids.get(vid) == lid and self._fm_gens.get(vid) != gen:  # a snapshot
+            if self._fm_vids.get(vid) != lid:
+                if not self._unlogged.get(lid):  # C starts it not clean
+                    self._set_clean(vid, True)
+                if self._is_new(lid):  # C may take unknown blocks as zeros
+                    fm.set_complete(vid)
+            elif self._fm_gens.get(vid) != gen:  # a snapshot
                 fm.share(vid)
         for vid in self._fm_vids.keys() - self._vols.keys():
             fm.drop_volume(vid)
         self._fm_vids = {vid: v["lid"] for vid, v in self._vols.items()}
         self._fm_gens = {vid: self._lins[v["lid"]].gen for vid, v in self._vols.items()}
+
+    def _is_new(self, lid: int) -> bool:
+        """Whether a lineage holds nothing at all: no parent, no block in
+        the committed map, none in the overlay."""
+        if self._lins[lid].parent is not None or self._dirty.get(lid) or self._inflight_dirty(lid):
+            return False
+        with self.env.begin(db=self._db[DB_MAP]) as txn:
+            cur = txn.cursor()
+            return not (cur.set_range(lid_prefix(lid)) and cur.key()[:8] == lid_prefix(lid))
 
     # ------------------------------------------------------------ lookups
 
@@ -732,6 +745,7 @@ class Pool:
                 return self._tell_fast(vid, lid, block, d, txn.cursor())
         base = layers.single(self._base_chain(cur, lid, block))
         if base is None:
+            d.pages |= self._fm.mask(vid, block)  # what C wrote since the log flush: ours to log now
             self._fm.forget(vid, block)
         else:
             self._fm.set(vid, block, d.slot, self._writable(lid, block, d), d.have, base)
