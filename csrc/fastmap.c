@@ -69,6 +69,7 @@ struct ent {
     uint64_t base;   /* where the pages not in have read from (0: zeros) */
     uint32_t epoch;  /* == fm->epoch: writable in place; 0: read-only */
     uint32_t lepoch; /* == the volume's lepoch: mask is valid */
+    uint32_t sepoch; /* fm->epoch when the entry was last set */
     uint16_t mask;   /* pages written since the volume's last log flush */
     uint16_t have;   /* pages the slot holds */
     uint8_t shared;  /* the view is the last snapshot point's: copy only what is written */
@@ -94,6 +95,9 @@ struct vol {
      * of its blocks) */
     int complete;
     uint32_t nchg; /* CHG_MAX + 1: overflowed */
+    /* entries set before this epoch are shared with the volume's last
+     * snapshot point, whatever their flag says (vd_fm_share) */
+    uint32_t share_epoch;
     uint64_t chg[CHG_MAX]; /* blocks reported in this log epoch (may repeat) */
 };
 
@@ -247,13 +251,16 @@ static int put(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slo
         e->have = have;
         e->base = have == FULL ? 0 : base;
         e->shared = (uint8_t)shared;
+        e->sepoch = fm->epoch;
         return 0;
     }
     if (fm->n >= MAX_ENTRIES)
         return -ENOSPC;
     if ((fm->n + 1) * 2 > fm->cap && rebuild(fm, fm->cap * 2, 0, 0) < 0)
         return -ENOMEM;
-    struct ent ne = {vid, block, slot, have == FULL ? 0 : base, epoch, lepoch, bits, have, (uint8_t)shared, 1};
+    struct ent ne = {.vid = vid, .block = block, .slot = slot, .base = have == FULL ? 0 : base, .epoch = epoch,
+                     .lepoch = lepoch, .mask = bits, .sepoch = fm->epoch, .have = have, .shared = (uint8_t)shared,
+                     .used = 1};
     place(fm->tab, fm->cap, &ne);
     fm->n++;
     return 0;
@@ -311,6 +318,7 @@ void vd_fm_set_volume(struct vd_fastmap *fm, uint64_t vid, uint64_t lid, uint64_
         v->lepoch = fm->lepoch;
         v->clean = 0; /* until the engine says it holds nothing of its own */
         v->complete = 0; /* until the engine says the volume is new */
+        v->share_epoch = 0;
         v->nchg = 0;
     }
     v->lid = lid;
@@ -355,15 +363,18 @@ int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot
 }
 
 /* A snapshot of the volume was taken: every block it read so far (all but
- * the fresh ones, written since the freeze that took the snapshot) is now
- * the snapshot point's too. */
+ * the fresh ones, written since the freeze that took the snapshot, whose
+ * entries were set in this epoch) is now the snapshot point's too. */
 void vd_fm_share(struct vd_fastmap *fm, uint64_t vid)
 {
-    for (size_t i = 0; i < fm->cap; i++) {
-        struct ent *e = &fm->tab[i];
-        if (e->used && e->vid == vid && e->epoch != fm->epoch)
-            e->shared = 1;
-    }
+    struct vol *v = find_vol(fm, vid);
+    if (v != NULL)
+        v->share_epoch = fm->epoch;
+}
+
+static inline int is_shared(const struct ent *e, const struct vol *v)
+{
+    return e->shared || e->sepoch < v->share_epoch;
 }
 
 void vd_fm_set_complete(struct vd_fastmap *fm, uint64_t vid)
@@ -444,8 +455,10 @@ uint32_t vd_fm_mask(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
 
 void vd_fm_clear(struct vd_fastmap *fm, int keep_writable)
 {
-    for (size_t i = 0; i < fm->nvols; i++)
+    for (size_t i = 0; i < fm->nvols; i++) {
         fm->vols[i].complete = 0;
+        fm->vols[i].share_epoch = 0; /* the epoch may start over */
+    }
     if (keep_writable) { /* their page masks are needed by the next log flush */
         for (size_t i = 0; i < fm->cap; i++)
             if (fm->tab[i].epoch != fm->epoch)
@@ -839,9 +852,9 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
                  * (nbase): only the pages written when the view is the
                  * last snapshot point's whole block or zeros */
                 if (e->slot == 0) {
-                    own[i] = e->shared ? 0 : FULL;
+                    own[i] = is_shared(e, v) ? 0 : FULL;
                     nbase[i] = 0;
-                } else if (e->shared && e->have == FULL) {
+                } else if (is_shared(e, v) && e->have == FULL) {
                     own[i] = 0;
                     nbase[i] = e->slot;
                 } else {
