@@ -879,13 +879,16 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
                 "(the disks keep their data)." % (snap["SnapshotId"], ", ".join(users)),
                 403,
             )
-        self._delete("snapshot", snap["SnapshotId"])
         gid = snap.get("SnapshotGroupId")
         group = self.pool.get_record("snapshotgroup/" + gid) if gid else None
-        if group is not None:
-            group["Members"] = [m for m in group["Members"] if m != snap["SnapshotId"]]
-            self.pool.put_record("snapshotgroup/" + gid, group if group["Members"] else None)
-        self.pool.delete_snapshot(snap["_snap"])
+
+        def records(tx):  # in the deletion's transaction: both or neither
+            self._delete("snapshot", snap["SnapshotId"])
+            if group is not None:
+                group["Members"] = [m for m in group["Members"] if m != snap["SnapshotId"]]
+                self.pool.put_record("snapshotgroup/" + gid, group if group["Members"] else None)
+
+        self.pool.delete_snapshots([snap["_snap"]], change=records)
         return {}
 
     def do_ResetDisk(self, p: Params) -> dict:

@@ -262,14 +262,16 @@ class SnapshotGroupActions:
                 continue
             doomed.append(s)
             results.append(_progress("Success", {"SnapshotId": sid}))
-        for s in doomed:
-            self._delete("snapshot", s["SnapshotId"])
-        if keep:
-            g["Members"] = keep
-            self.pool.put_record("snapshotgroup/" + g["SnapshotGroupId"], g)
-        else:
-            self.pool.put_record("snapshotgroup/" + g["SnapshotGroupId"], None)
-        self.pool.delete_snapshots([s["_snap"] for s in doomed])
+        def records(tx):  # in the deletion's transaction: both or neither
+            for s in doomed:
+                self._delete("snapshot", s["SnapshotId"])
+            if keep:
+                g["Members"] = keep
+                self.pool.put_record("snapshotgroup/" + g["SnapshotGroupId"], g)
+            else:
+                self.pool.put_record("snapshotgroup/" + g["SnapshotGroupId"], None)
+
+        self.pool.delete_snapshots([s["_snap"] for s in doomed], change=records)
         return {"OperationProgressSet": {"OperationProgress": results}}
 
     def do_ResetDisks(self, p: Params) -> dict:

@@ -17,7 +17,9 @@ synchronous structural changes (snapshots, rollbacks) before its next await.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 
 import trio
 
@@ -53,12 +55,16 @@ class Committer:
         self._wake = trio.Event()
         self._priority = 0  # structural commits waiting: background ones hold off
         self._last_commit = 0.0  # trio.current_time() of the last freeze
+        # slots structural commits freed, to punch in a worker thread (run())
+        self._punch_send, self._punch_recv = trio.open_memory_channel(math.inf)
 
     async def _commit(self, change=None):
         """Begin a commit, run it in a worker thread, finish it; returns the
         change's result.  Raises what the commit raised (its writes stay
         pending then).  The caller makes sure none is in flight."""
+        t0 = time.monotonic()
         job = self.pool.begin_commit(change)
+        t1 = time.monotonic()
         self._last_commit = trio.current_time()
         self._seq += 1
         seq = self._seq
@@ -73,11 +79,21 @@ class Committer:
                 # not cancellable: the job must finish before the pool is touched
                 await trio.to_thread.run_sync(job.run, thread_name="vdisk-commit")
         finally:
+            t2 = time.monotonic()
             try:
-                result = self.pool.finish_commit(job)
+                # punching the freed slots can wait on the filesystem's
+                # journal for seconds: the puncher does it, not this thread
+                result = self.pool.finish_commit(job, punch=False)
+                if job.to_punch:
+                    self._punch_send.send_nowait(job.to_punch)
                 self._ok = seq
             finally:
                 self._idle.set()
+                t3 = time.monotonic()
+                (log.info if t3 - t0 > 1 else log.debug)(
+                    "commit %d (%s, %d blocks): freeze %.1f ms, run %.1f ms, finish %.1f ms",
+                    seq, "structural" if change is not None else "writes", job.blocks(),
+                    (t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000)
         return result
 
     async def _background_commit(self) -> None:
@@ -135,11 +151,24 @@ class Committer:
             while self.pool.dirty_blocks() >= HARD_LIMIT and self.pool.inflight():
                 await self._idle.wait()
 
+    async def _puncher(self) -> None:
+        """Give the slots structural commits freed back to the filesystem, in
+        a worker thread; the pool allocates them only once that is done."""
+        async for slots in self._punch_recv:
+            await trio.to_thread.run_sync(self.pool.punch_slots, slots, thread_name="vdisk-punch")
+            self.pool.punched(slots)
+
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """The background task: commits whenever the dirty limit is hit, and
         what was written at least COMMIT_INTERVAL seconds ago (like ext4's
-        commit= or ZFS's txg timeout: a crash loses at most that much)."""
-        task_status.started()
+        commit= or ZFS's txg timeout: a crash loses at most that much); and
+        the puncher of freed slots."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._puncher)
+            task_status.started()
+            await self._loop()
+
+    async def _loop(self) -> None:
         self._last_commit = trio.current_time()
         while True:
             with trio.move_on_after(COMMIT_INTERVAL):

@@ -51,7 +51,12 @@ MAX_REQUEST = 1 << 20
 # Actions run in a control thread: their commit (the snapshot itself) runs
 # through the Committer, so FUSE I/O goes on while it is made durable.  They
 # only read the catalogue and the pool besides; see docs/architecture.md.
-THREADED_ACTIONS = {"CreateSnapshot", "CreateSnapshotGroup"}
+# Actions run in the control thread: their structural commit goes through
+# the Committer (frozen between two FUSE requests, made durable in a worker)
+# while I/O goes on.  They stage catalogue records only inside that commit's
+# change (Pool.put_record then writes to its transaction), never in the
+# overlay, which the trio thread freezes.
+THREADED_ACTIONS = {"CreateSnapshot", "CreateSnapshotGroup", "DeleteSnapshot", "DeleteSnapshotGroup"}
 # Background writeback (Daemon._writeback): blocks newly dirtied that start
 # it at once, and the seconds after which it runs anyway.
 WRITEBACK_GROWTH = int(os.environ.get("VDISK_WRITEBACK_GROWTH", "256"))

@@ -146,6 +146,7 @@ class CommitJob:
         self.error: BaseException | None = None
         self.map_full = False
         self.done = False
+        self.to_punch: list[int] = []  # freed slots the caller punches (finish_commit)
 
     def blocks(self) -> int:
         """How many blocks the job makes durable."""
@@ -328,6 +329,7 @@ class Pool:
         self._fm_vids: dict[int, int] = {}  # vid -> the head lineage the map serves
         self._reserved: set[int] = set()
         self._reserved_beyond: set[int] = set()  # those beyond the durable hwm
+        self._punching: set[int] = set()  # freed, being punched: not allocated yet (finish_commit)
 
     def close(self) -> None:
         """Commit everything and close.  May block on fsync."""
@@ -417,6 +419,7 @@ class Pool:
                     if (
                         s not in self._epoch_alloc
                         and s not in self._reserved
+                        and s not in self._punching
                         and not (self._inflight and s in self._inflight.alloc)
                     ):
                         got.append(s)
@@ -1297,19 +1300,45 @@ class Pool:
             raise PoolFailed(self._failed)
         self._sync_data()
 
-    def finish_commit(self, job: CommitJob):
+    def finish_commit(self, job: CommitJob, punch: bool = True):
         """Publish a job that ran (in this thread again); returns change's
         result or raises its error.  A failed job's writes go back into the
-        overlay (newer writes win), so a later commit retries them."""
+        overlay (newer writes win), so a later commit retries them.
+
+        The slots a structural change freed go back to the filesystem
+        (punch_slots): here, outside the fast path's lock, when punch is
+        true; otherwise they are left in job.to_punch and not allocated
+        until the caller has punched them (in any thread, since punching
+        can wait on the filesystem's journal for seconds) and called
+        punched()."""
         assert job.done and self._inflight is job.epoch
         with self._fast():
             result = self._finish_commit(job)
         if job.change is not None:
-            # Outside the fast path's lock (punching can wait on the
-            # filesystem's journal for a second), before this thread can
-            # hand the freed slots out again.
-            self._punch_freed(job.tx)
+            freed = sorted(job.tx.frees[job.tx.change_frees_from :])
+            if punch:
+                self.punch_slots(freed)
+            elif freed:
+                self._punching.update(freed)
+                job.to_punch = freed
         return result
+
+    def punch_slots(self, slots: list[int]) -> None:
+        """Give freed slots (ascending) back to the filesystem.  Slots freed by
+        overwrites are not punched: the next writes reuse them, and punching
+        would only make the filesystem allocate again.  Any thread: it
+        touches only the data file, and the slots are not allocated meanwhile."""
+        for start, count in _runs(slots):
+            try:
+                self.file.punch(slot_offset(start), count * BLOCK_SIZE)
+            except OSError as exc:  # space is reused anyway; only du suffers
+                log.warning("punching freed slots %d+%d failed: %s", start, count, exc)
+
+    def punched(self, slots: list[int]) -> None:
+        """The slots finish_commit(punch=False) left are punched: they may be
+        allocated from now on."""
+        self._punching.difference_update(slots)
+        self._free_scan = b""
 
     def _finish_commit(self, job: CommitJob):
         for _ in range(8):
@@ -1534,18 +1563,6 @@ class Pool:
         # start, where this commit's frees (ep.zeroed among them) now are.
         self._free_scan = b""
 
-    def _punch_freed(self, tx: Tx) -> None:
-        """Give the slots a structural change freed (a deleted snapshot or
-        volume, a rollback) back to the filesystem.  Slots freed by
-        overwrites are not: the next writes reuse them, and punching would
-        only make the filesystem allocate again (and can hold a snapshot's
-        commit for seconds on ext4 after a burst of overwrites)."""
-        for start, count in _runs(sorted(tx.frees[tx.change_frees_from :])):
-            try:
-                self.file.punch(slot_offset(start), count * BLOCK_SIZE)
-            except OSError as exc:  # space is reused anyway; only du suffers
-                log.warning("punching freed slots %d+%d failed: %s", start, count, exc)
-
     def _grow_map_if_needed(self) -> None:
         if self.defer_map_growth:
             return
@@ -1584,8 +1601,8 @@ class Pool:
         """Delete a snapshot; frees exactly what nothing else uses."""
         self.delete_snapshots([sid])
 
-    def delete_snapshots(self, sids: list[int]) -> None:
-        structure.delete_snapshots(self, sids)
+    def delete_snapshots(self, sids: list[int], change=None) -> None:
+        structure.delete_snapshots(self, sids, change)
 
     def rollback(self, vid: int, sid: int) -> None:
         """Make a volume's contents those of a snapshot (of any volume)."""

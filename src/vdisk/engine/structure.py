@@ -193,10 +193,11 @@ def copy_snapshot(pool, sid: int, change=None) -> int:
     return pool.commit(_change)
 
 
-def delete_snapshots(pool, sids: list[int]) -> None:
-    """Delete several snapshots in one durable transaction."""
+def delete_snapshots(pool, sids: list[int], change=None) -> None:
+    """Delete several snapshots in one durable transaction.  change(tx), if
+    given, runs in the same transaction (catalogue records)."""
 
-    def change(tx: Tx):
+    def _change(tx: Tx):
         for sid in sids:
             s = tx.snap(sid)
             if s.get("deleted"):
@@ -209,8 +210,10 @@ def delete_snapshots(pool, sids: list[int]) -> None:
                 delete_point(pool, tx, s["lid"], s["gen"])
                 tx.snaps[sid] = None
                 maybe_drop_lineage(pool, tx, s["lid"])
+        if change is not None:
+            change(tx)
 
-    pool.commit(change)
+    pool.commit(_change)
 
 
 def delete_point(pool, tx: Tx, lid: int, s: int) -> None:
