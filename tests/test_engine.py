@@ -588,3 +588,39 @@ def test_partial_zero_pages_over_zeros_leave_no_entry(tmp_path):
         assert p.scrub() == []
     finally:
         p.close()
+
+
+def test_slots_a_deletion_frees_are_not_reused_before_they_are_punched(tmp_path):
+    """A structural change's freed slots are punched once it is durable (in
+    the daemon, by another thread, later).  Between its transaction's
+    commit and then, a write that scans the free list must not take one of
+    them: the punch would turn what it wrote into zeros."""
+    from vdisk.engine import structure
+
+    p = Pool(str(tmp_path / "p"))
+    try:
+        v = p.create_volume(64 * BLOCK_SIZE)
+        p.write(v, 0, rnd(32 * BLOCK_SIZE, 1))
+        (sid,) = p.snapshot([v])
+        p.write(v, 0, rnd(32 * BLOCK_SIZE, 2))  # the snapshot alone holds the old blocks
+        p.commit()
+        s = p._snaps[sid]
+
+        def change(tx):
+            structure.delete_point(p, tx, s["lid"], s["gen"])
+            tx.snaps[sid] = None
+
+        job = p.begin_commit(change)
+        job.run()  # durable: the freed slots are in the free list now
+        assert len(job.to_punch) == 32
+        p._free_cache.clear()
+        p._free_scan = b""  # the next allocation scans the free list
+        data = rnd(4 * BLOCK_SIZE, 3)
+        p.write(v, 40 * BLOCK_SIZE, data)
+        p.finish_commit(job)  # punches them
+        assert p.read(v, 40 * BLOCK_SIZE, 4 * BLOCK_SIZE) == data
+        p.commit()
+        assert p.read(v, 40 * BLOCK_SIZE, 4 * BLOCK_SIZE) == data
+        assert p.scrub() == []
+    finally:
+        p.close()

@@ -1253,6 +1253,8 @@ class Pool:
         ep = job.epoch
         self._finish_checksums(ep)
         self._sync_data()
+        self._punching.difference_update(job.to_punch)  # a retry (MapFull) frees again
+        job.to_punch = []
         try:
             with self.env.begin(write=True) as txn:
                 tx = Tx(self, txn)
@@ -1265,6 +1267,12 @@ class Pool:
                         result = job.change(tx)
                     finally:
                         self._change_tx = None
+                    # The change's frees are punched once it is durable, and
+                    # must not be allocated before: the owner thread may scan
+                    # DB_FREE the moment this transaction commits, before
+                    # finish_commit runs.  (Set operations are atomic.)
+                    job.to_punch = sorted(tx.frees[tx.change_frees_from :])
+                    self._punching.update(job.to_punch)
                 self._finish_tx(tx, ep)
         except lmdb.MapFullError:
             job.map_full = True
@@ -1310,17 +1318,20 @@ class Pool:
         true; otherwise they are left in job.to_punch and not allocated
         until the caller has punched them (in any thread, since punching
         can wait on the filesystem's journal for seconds) and called
-        punched()."""
+        punched().  They are kept from the allocator from the moment the
+        job's transaction commits (_run_job)."""
         assert job.done and self._inflight is job.epoch
-        with self._fast():
-            result = self._finish_commit(job)
-        if job.change is not None:
-            freed = sorted(job.tx.frees[job.tx.change_frees_from :])
-            if punch:
-                self.punch_slots(freed)
-            elif freed:
-                self._punching.update(freed)
-                job.to_punch = freed
+        try:
+            with self._fast():
+                result = self._finish_commit(job)
+        except BaseException:
+            self._punching.difference_update(job.to_punch)  # nothing was freed
+            job.to_punch = []
+            raise
+        if punch and job.to_punch:
+            self.punch_slots(job.to_punch)
+            self.punched(job.to_punch)
+            job.to_punch = []
         return result
 
     def punch_slots(self, slots: list[int]) -> None:
