@@ -823,10 +823,12 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
             uint16_t missing = pgs & (uint16_t)~e->have;
             if (missing) {
                 /* pages the partial slot lacks: those written in part get
-                 * the rest of them from the base first */
+                 * the rest of them from the base first; and the request
+                 * keeps the inner mutex, so that no read that sees them in
+                 * have (from now on) reads them before they are written */
                 merge[i] = missing & (uint16_t)~covered(intra, n);
                 nbase[i] = e->base;
-                merging |= merge[i] != 0;
+                merging = 1;
             }
             if (e->lepoch != v->lepoch || missing) {
                 /* first write since the volume's log flush, or pages the
@@ -894,7 +896,7 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
             n = end - pos;
         const unsigned char *data = in;
         if (act[i] == INPLACE) {
-            if (merge[i]) { /* under the inner mutex: no other request writes these pages */
+            if (merge[i]) { /* under the inner mutex: no other request touches these pages */
                 if ((rc = fetch_pages(fm, nbase[i], merge[i], fm->scratch)) < 0 ||
                     (rc = store_pages(fm, base[i], merge[i], fm->scratch)) < 0)
                     return end_io(fm, rc);
