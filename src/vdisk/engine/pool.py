@@ -319,6 +319,10 @@ class Pool:
         self._free_scan: bytes | None = b""  # where to continue scanning DB_FREE
         self._records: dict[str, dict | None] = {}  # staged record puts
         self._kept: set[str] = set()  # staged records that no request failure drops
+        # Records may be staged from another thread (the daemon's control
+        # thread) while the owner freezes the overlay: the swap and every
+        # change to _records and _kept hold this.
+        self._staging = threading.Lock()
         # The C fast path (attach_fast): a cache of the head's mapping that
         # an I/O thread reads and writes through, and the free slots it
         # holds for copy-on-write (neither free nor in _epoch_alloc here).
@@ -985,7 +989,8 @@ class Pool:
     def drop_staged_records(self) -> None:
         """Forget records staged by a request that failed (but those staged
         with keep=True: they stay until a commit makes them durable)."""
-        self._records = {k: v for k, v in self._records.items() if k in self._kept}
+        with self._staging:
+            self._records = {k: v for k, v in self._records.items() if k in self._kept}
 
     def put_record(self, key: str, value: dict | None, keep: bool = False) -> None:
         """Stage a catalogue record (None deletes); durable at the next commit.
@@ -998,9 +1003,10 @@ class Pool:
         if self._change_tx is not None:
             self._change_tx.records[key] = value
         else:
-            self._records[key] = value
-            if keep:
-                self._kept.add(key)
+            with self._staging:  # not into a dict a freeze has just taken
+                self._records[key] = value
+                if keep:
+                    self._kept.add(key)
 
     def get_record(self, key: str):
         if self._change_tx is not None and key in self._change_tx.records:
@@ -1234,8 +1240,9 @@ class Pool:
             beyond = self._committed_hwm
             free_back = list(itertools.takewhile(lambda s: s >= beyond, self._free_cache))
             free_back += self._reserved_beyond
-            ep = Epoch(self._dirty, self._epoch_alloc, self._hwm, free_back, self._records)
-            self._dirty, self._ndirty, self._epoch_alloc, self._records = {}, 0, set(), {}
+            with self._staging:
+                ep = Epoch(self._dirty, self._epoch_alloc, self._hwm, free_back, self._records)
+                self._dirty, self._ndirty, self._epoch_alloc, self._records = {}, 0, set(), {}
             self._unlogged = {}  # the commit makes the log's records obsolete
             self._inflight = ep
             if self._fm is not None:
@@ -1364,7 +1371,8 @@ class Pool:
             self._unfreeze(job.epoch)
             raise job.error
         self._inflight = None
-        self._kept.difference_update(k for k in job.epoch.records if k not in self._records)
+        with self._staging:
+            self._kept.difference_update(k for k in job.epoch.records if k not in self._records)
         self._forget_zeroed(job.epoch)  # before their slots can be reused
         self._after_commit(job.tx, job.epoch)
         if self._fm is not None and (job.tx.vols or job.tx.lins):
@@ -1403,9 +1411,10 @@ class Pool:
                 unlogged.add(block)
         self._epoch_alloc |= ep.alloc
         self._free_cache.sort(reverse=True)
-        merged = dict(ep.records)
-        merged.update(self._records)
-        self._records = merged
+        with self._staging:
+            merged = dict(ep.records)
+            merged.update(self._records)
+            self._records = merged
 
     def _forget_zeroed(self, ep: Epoch) -> None:
         if self._fm is not None and ep.zeroed_at:
