@@ -720,18 +720,23 @@ static inline uint16_t covered(uint64_t intra, uint64_t n)
     return end > first ? (uint16_t)(((1u << end) - 1) & ~((1u << first) - 1)) : 0;
 }
 
+/* The next run of pages in mask at or after *pg: its length (0: none
+ * left), with *pg moved to its first page. */
+static inline int page_run(uint16_t mask, int *pg)
+{
+    while (*pg < BS / PG && !(mask >> *pg & 1))
+        (*pg)++;
+    int run = 0;
+    while (*pg + run < BS / PG && (mask >> (*pg + run) & 1))
+        run++;
+    return run;
+}
+
 /* Copy the pages of mask from slot src (0: zeros) into buf, a block's
  * buffer. */
 static int fetch_pages(struct vd_fastmap *fm, uint64_t src, uint16_t mask, unsigned char *buf)
 {
-    for (int pg = 0; pg < BS / PG;) {
-        if (!(mask >> pg & 1)) {
-            pg++;
-            continue;
-        }
-        int run = 1;
-        while (pg + run < BS / PG && (mask >> (pg + run) & 1))
-            run++;
+    for (int pg = 0, run; (run = page_run(mask, &pg)) > 0; pg += run) {
         if (src == 0)
             memset(buf + (size_t)pg * PG, 0, (size_t)run * PG);
         else {
@@ -739,7 +744,6 @@ static int fetch_pages(struct vd_fastmap *fm, uint64_t src, uint16_t mask, unsig
             if (rc < 0)
                 return rc;
         }
-        pg += run;
     }
     return 0;
 }
@@ -749,18 +753,10 @@ static int store_pages(struct vd_fastmap *fm, uint64_t dst, uint16_t mask, const
 {
     if (mask == FULL)
         return pwrite_full(fm->data_fd, buf, BS, slot_off(dst));
-    for (int pg = 0; pg < BS / PG;) {
-        if (!(mask >> pg & 1)) {
-            pg++;
-            continue;
-        }
-        int run = 1;
-        while (pg + run < BS / PG && (mask >> (pg + run) & 1))
-            run++;
+    for (int pg = 0, run; (run = page_run(mask, &pg)) > 0; pg += run) {
         int rc = pwrite_full(fm->data_fd, buf + (size_t)pg * PG, (size_t)run * PG, slot_off(dst) + (uint64_t)pg * PG);
         if (rc < 0)
             return rc;
-        pg += run;
     }
     return 0;
 }
@@ -1063,18 +1059,10 @@ static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t
         struct ent *e = ents[c];
         put_le(hdr + LOG_ENTRIES_AT + 16 * c, e->block, 8);
         put_le(hdr + LOG_ENTRIES_AT + 16 * c + 8, e->mask, 4);
-        for (int pg = 0; pg < BS / LOG_PG;) { /* runs of pages: one pread each */
-            if (!(e->mask >> pg & 1)) {
-                pg++;
-                continue;
-            }
-            int run = 1;
-            while (pg + run < BS / LOG_PG && (e->mask >> (pg + run) & 1))
-                run++;
+        for (int pg = 0, run; (run = page_run(e->mask, &pg)) > 0; pg += run) { /* one pread per run */
             if (pread_full(fm->data_fd, p, (size_t)run * LOG_PG, slot_off(e->slot) + (uint64_t)pg * LOG_PG) < 0)
                 return -EAGAIN;
             p += (size_t)run * LOG_PG;
-            pg += run;
         }
     }
     memcpy(hdr, "vdlogv2\n", 8);

@@ -91,16 +91,20 @@ def assemble(pool, chain: list[Layer], where: str, out: bytearray | None = None,
         take = mask & need
         if not take:
             continue
-        data = checked(pool, slot, mask, crc, where)
-        if take == FULL_MASK:
-            out[:] = data
-        else:
-            for first, count in mask_runs(take):
-                out[first * PAGE : (first + count) * PAGE] = data[first * PAGE : (first + count) * PAGE]
+        copy_pages(out, checked(pool, slot, mask, crc, where), take)
         need &= ~mask
         if not need:
             break
     return out
+
+
+def copy_pages(out: bytearray, data, mask: int) -> None:
+    """Copy the pages of mask from one block's buffer into another's."""
+    if mask == FULL_MASK:
+        out[:] = data
+        return
+    for first, count in mask_runs(mask):
+        out[first * PAGE : (first + count) * PAGE] = data[first * PAGE : (first + count) * PAGE]
 
 
 def single(chain: list[Layer]) -> int | None:

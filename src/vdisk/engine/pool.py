@@ -621,8 +621,7 @@ class Pool:
         if d.have == FULL_MASK:
             return data
         out = layers.assemble(self, self._base_chain(cur, lid, block), self._where(lid, block), need=FULL_MASK & ~d.have)
-        for first, count in mask_runs(d.have):
-            out[first * PAGE : (first + count) * PAGE] = data[first * PAGE : (first + count) * PAGE]
+        layers.copy_pages(out, data, d.have)
         return out
 
     def _base_chain(self, cur, lid: int, block: int) -> list:
@@ -884,6 +883,7 @@ class Pool:
                 self._tell_fast(vid, lid, block, d)
             return
         own_slot, own_mask = ZERO_SLOT, FULL_MASK  # what the head holds of its own: copied
+        own_data = None  # own_slot's contents, once read
         if d is not None:  # a dirty zero block
             pass
         elif not full:
@@ -897,14 +897,16 @@ class Pool:
                 if state == "own":
                     own_slot, own_mask = oslot, (omask if oslot != ZERO_SLOT else FULL_MASK)
                     if oslot != ZERO_SLOT:
-                        layers.checked(self, oslot, omask, ocrc, self._where(lid, block))
+                        own_data = layers.checked(self, oslot, omask, ocrc, self._where(lid, block))
                 elif state == "shared":
                     own_mask = 0
+        if own_slot != ZERO_SLOT and own_data is None and not full:
+            own_data = self.file.pread(BLOCK_SIZE, slot_offset(own_slot))
         if full or own_mask == FULL_MASK:
             if full:
                 buf = chunk
             else:
-                buf = bytearray(ZERO_BLOCK if own_slot == ZERO_SLOT else self.file.pread(BLOCK_SIZE, slot_offset(own_slot)))
+                buf = bytearray(ZERO_BLOCK if own_slot == ZERO_SLOT else own_data)
                 buf[intra : intra + len(chunk)] = chunk
             if native.is_zero(buf):
                 self._set_zero(vid, lid, dirty, block)
@@ -921,9 +923,7 @@ class Pool:
             # sub-block copy-on-write: the head's own pages and the new ones
             buf = bytearray(BLOCK_SIZE)
             if own_mask:
-                data = self.file.pread(BLOCK_SIZE, slot_offset(own_slot))
-                for first, count in mask_runs(own_mask):
-                    buf[first * PAGE : (first + count) * PAGE] = data[first * PAGE : (first + count) * PAGE]
+                layers.copy_pages(buf, own_data, own_mask)
             edges = wmask & ~own_mask & ~_covered(intra, len(chunk))
             if edges:  # pages written in part: the rest of them as the view before
                 with self.env.begin(db=self._db[DB_MAP]) as txn:

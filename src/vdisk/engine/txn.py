@@ -44,19 +44,19 @@ class Tx:
         return n
 
     def vol(self, vid: int) -> dict:
-        if vid not in self.vols:
-            v = self.pool._volume(vid)
-            self.vols[vid] = None if v is None else dict(v)
-        v = self.vols[vid]
-        if v is None:
-            raise NotFound("volume %d does not exist" % vid)
-        return v
+        return _staged(self.vols, vid, self.pool._volume, "volume")
 
     def snap(self, sid: int) -> dict:
-        if sid not in self.snaps:
-            s = self.pool._snapshot(sid)
-            self.snaps[sid] = None if s is None else dict(s)
-        s = self.snaps[sid]
-        if s is None:
-            raise NotFound("snapshot %d does not exist" % sid)
-        return s
+        return _staged(self.snaps, sid, self.pool._snapshot, "snapshot")
+
+
+def _staged(staged: dict, key: int, load, what: str) -> dict:
+    """The transaction's copy of a record (loaded on first use); NotFound
+    when it does not exist or was deleted in the transaction."""
+    if key not in staged:
+        r = load(key)
+        staged[key] = None if r is None else dict(r)
+    r = staged[key]
+    if r is None:
+        raise NotFound("%s %d does not exist" % (what, key))
+    return r
