@@ -793,7 +793,7 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
     struct vd_fastmap *fm = arg;
     uint64_t first, base[MAX_SPAN], nbase[MAX_SPAN];
     uint16_t own[MAX_SPAN], merge[MAX_SPAN];
-    unsigned char act[MAX_SPAN];
+    unsigned char act[MAX_SPAN], coal[MAX_SPAN];
     size_t nb, need = 0;
     int merging = 0;
     struct vol *v;
@@ -846,13 +846,17 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
                 act[i] = (v->has_points && e->slot && e->have == FULL) ? COMPARE : NEW;
             } else {
                 act[i] = COW;
-                /* what the new slot copies (own) and reads through to
-                 * (nbase): only the pages written when the view is the
-                 * last snapshot point's whole block or zeros */
+                /* what the new slot copies (own) and what it reads the rest
+                 * from (nbase): only the pages written over a whole block,
+                 * the last snapshot point's or the head's own (the engine
+                 * makes it a backed entry at commit), or over zeros the
+                 * point sees too; over the head's own, the whole block once
+                 * the slot would hold more than VD_FM_COALESCE_PAGES */
+                coal[i] = e->slot && !is_shared(e, v);
                 if (e->slot == 0) {
                     own[i] = is_shared(e, v) ? 0 : FULL;
                     nbase[i] = 0;
-                } else if (is_shared(e, v) && e->have == FULL) {
+                } else if (e->have == FULL) {
                     own[i] = 0;
                     nbase[i] = e->slot;
                 } else {
@@ -922,6 +926,8 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
         if (act[i] == COW) {
             uint16_t pgs = pages(intra, n);
             have = own[i] | pgs;
+            if (coal[i] && __builtin_popcount(have) > VD_FM_COALESCE_PAGES)
+                have = FULL;
             uint16_t edges = pgs & (uint16_t)~own[i] & (uint16_t)~covered(intra, n);
             if (have == FULL) /* the whole view: own pages, the rest from nbase */
                 edges = (uint16_t)~own[i] & (uint16_t)~covered(intra, n);

@@ -8,6 +8,12 @@
 
 struct vd_fastmap;
 
+/* A copy-on-write over a whole block the head owns writes only the pages
+ * written, in a slot of their own over it, until that slot would hold more
+ * than this many pages: then the whole block is copied, which frees the
+ * one below at the next commit (the engine's Python writes follow it). */
+enum { VD_FM_COALESCE_PAGES = 8 };
+
 /* Created and driven by the engine (Python) */
 struct vd_fastmap *vd_fm_new(int data_fd, int event_fd, uint32_t low_water);
 void vd_fm_free(struct vd_fastmap *fm);

@@ -12,6 +12,7 @@ subset of what a real power cut may do.  C's log records are written and
 fdatasync()ed by C, so they survive too, except where a rule makes the
 fdatasync fail (crash_in_fast_fsync).
 """
+import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import invariant, precondition, rule
 
@@ -224,6 +225,69 @@ def test_c_copies_only_the_pages_written_after_a_snapshot(tmp_path):
         pool.delete_snapshot(sid)
         assert pool.scrub() == []
         assert pool.read(vid, 0, 3 * BLOCK_SIZE) == want
+    finally:
+        pool.detach_fast()
+        fm.close()
+        pool.close()
+
+
+def test_c_copies_only_the_pages_written_after_a_commit(tmp_path):
+    """Not a model: with no snapshot, C writes 4 KiB into a block the head
+    holds whole and committed by giving it a slot of its own pages over the
+    old one, which the commit keeps as the entry's back slot.  A write of
+    more than COALESCE_PAGES pages copies the block whole instead.  A
+    partial write over a block a commit in flight holds whole reads the
+    rest from it, and takes it into its own slot when that commit fails."""
+    from vdisk.engine.errors import NotFound
+    from vdisk.engine.fastmap import COALESCE_PAGES
+
+    pool = Pool(str(tmp_path))
+    fm = FastMap(pool.file.fd, reservoir=8)
+    try:
+        pool.attach_fast(fm)
+        vid = pool.create_volume(4 * BLOCK_SIZE)
+        want = bytearray(bytes(range(256)) * (3 * BLOCK_SIZE // 256))
+        pool.write(vid, 0, want)
+        pool.commit()
+        assert pool.read(vid, 0, 3 * BLOCK_SIZE) == want  # C learns the blocks (the head's own)
+        before = pool.file.allocated_bytes()
+        assert fm.write(vid, 8192, b"n" * 4096)
+        want[8192:12288] = b"n" * 4096
+        assert fm.read(vid, 0, BLOCK_SIZE) == want[:BLOCK_SIZE]
+        assert pool.file.allocated_bytes() - before <= 2 * 4096
+        assert fm.stats()["copy_on_write"] == 1
+        n = (COALESCE_PAGES + 1) * 4096
+        assert fm.write(vid, BLOCK_SIZE, b"c" * n)  # more than COALESCE_PAGES: whole
+        want[BLOCK_SIZE : BLOCK_SIZE + n] = b"c" * n
+        pool.commit()
+        lid = pool._vols[vid]["lid"]
+        with pool.env.begin(db=pool._db[DB_MAP]) as txn:
+            chains = [pool._lookup(txn.cursor(), lid, pool._lins[lid].gen, b) for b in range(2)]
+        assert [m for _, m, _ in chains[0]] == [0b100, 0xFFFF], chains  # page 2 over its back slot
+        assert [m for _, m, _ in chains[1]] == [0xFFFF], chains
+        assert pool.read(vid, 0, 3 * BLOCK_SIZE) == want
+        assert fm.read(vid, 0, 3 * BLOCK_SIZE) == want
+        assert pool.scrub() == []
+
+        def refuse(tx):
+            raise NotFound("refused on purpose")
+
+        pool.write(vid, 2 * BLOCK_SIZE, b"f" * BLOCK_SIZE)  # a fresh whole block, frozen next
+        want[2 * BLOCK_SIZE :] = b"f" * BLOCK_SIZE
+        job = pool.begin_commit(refuse)
+        assert fm.write(vid, 2 * BLOCK_SIZE + 4096, b"g" * 4096)  # over the frozen block
+        want[2 * BLOCK_SIZE + 4096 : 2 * BLOCK_SIZE + 8192] = b"g" * 4096
+        assert fm.read(vid, 2 * BLOCK_SIZE, BLOCK_SIZE) == want[2 * BLOCK_SIZE :]
+        job.run()
+        with pytest.raises(NotFound):
+            pool.finish_commit(job)
+        if not fm.write(vid, 3 * BLOCK_SIZE, b"r" * BLOCK_SIZE):  # it may take the slot given back
+            pool.write(vid, 3 * BLOCK_SIZE, b"r" * BLOCK_SIZE)
+        want += b"r" * BLOCK_SIZE
+        assert fm.read(vid, 2 * BLOCK_SIZE, 2 * BLOCK_SIZE) == want[2 * BLOCK_SIZE :]
+        pool.commit()
+        assert pool.read(vid, 0, 4 * BLOCK_SIZE) == want
+        assert pool.scrub() == []
     finally:
         pool.detach_fast()
         fm.close()

@@ -27,6 +27,7 @@ DRAIN_BATCH = 4096
 # it to the intent log (VD_FM_FLUSHED in csrc/fastmap.h)
 FLUSHED = (1 << 64) - 1
 FULL = 0xFFFF  # every page of a block (have)
+COALESCE_PAGES = lib.VD_FM_COALESCE_PAGES  # see csrc/fastmap.h
 
 
 class FastMap:

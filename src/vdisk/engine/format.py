@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import struct
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 # versions this vdisk opens: older ones are upgraded in place when opened
-READABLE_VERSIONS = (1, 2, 3)
+READABLE_VERSIONS = (1, 2, 3, 4)
 BLOCK_SIZE = 64 * 1024  # bytes per block (a "slot" in the data file)
 SECTOR = 512
 PAGE = 4096  # the unit of a partial entry's mask and of the intent log
@@ -38,6 +38,7 @@ _Q3 = struct.Struct(">QQQ")
 _Q2 = struct.Struct(">QQ")
 _Q1 = struct.Struct(">Q")
 _MAPVAL = struct.Struct("<QQIH")  # version 3: slot, death, crc32c, page mask
+_MAPVAL4 = struct.Struct("<QQIHQI")  # version 4, a backed entry: ..., back slot, its crc32c
 _MAPVAL2 = struct.Struct("<QQI")  # versions 1 and 2: no mask (the whole block)
 _BIRTH = struct.Struct("<Q")
 
@@ -58,27 +59,43 @@ def map_key_decode(key: bytes) -> tuple[int, int, int]:
     return lid, block, INF - inv
 
 
-def map_val(slot: int, death: int, csum: int, mask: int = FULL_MASK) -> bytes:
-    """mask: the 4 KiB pages of the block the slot holds (a partial entry
-    reads the others as the block was just before its birth)."""
+def map_val(slot: int, death: int, csum: int, mask: int = FULL_MASK, back: int = 0, back_crc: int = 0) -> bytes:
+    """mask: the 4 KiB pages of the block the slot holds.  The others come
+    from slot `back` (a whole block the entry owns, checksum back_crc: a
+    *backed* entry) or, without one, read as the block was just before the
+    entry's birth (a *partial* entry reads through)."""
+    if back:
+        return _MAPVAL4.pack(slot, death, csum, mask, back, back_crc)
     return _MAPVAL.pack(slot, death, csum, mask)
 
 
 def map_val_decode(val: bytes) -> tuple[int, int, int]:
-    """(slot, death, crc) of an entry (see map_val_mask for its pages)."""
+    """(slot, death, crc) of an entry (see map_val_full for the rest)."""
     return _MAPVAL2.unpack_from(val)
 
 
-def map_val_mask(val: bytes) -> int:
-    """The pages an entry holds: a version 2 value (20 bytes) holds all."""
-    return _MAPVAL.unpack(val)[3] if len(val) == _MAPVAL.size else FULL_MASK
+def map_val_full(val: bytes) -> tuple[int, int, int, int, int, int]:
+    """(slot, death, crc, mask, back, back_crc) of an entry: a version 2
+    value (20 bytes) holds the whole block, a version 3 one (22) has no
+    back slot."""
+    n = len(val)
+    if n == _MAPVAL.size:
+        return _MAPVAL.unpack(val) + (0, 0)
+    if n == _MAPVAL4.size:
+        return _MAPVAL4.unpack(val)
+    return _MAPVAL2.unpack(val) + (FULL_MASK, 0, 0)
 
 
-def map_val_full(val: bytes) -> tuple[int, int, int, int]:
-    """(slot, death, crc, mask) of an entry."""
-    if len(val) == _MAPVAL.size:
-        return _MAPVAL.unpack(val)
-    return _MAPVAL2.unpack(val) + (FULL_MASK,)
+def reads_through(val: bytes) -> bool:
+    """Whether an entry reads the pages it lacks through to the entry that
+    died at its birth (partial, and not backed)."""
+    return len(val) == _MAPVAL.size and _MAPVAL.unpack(val)[3] != FULL_MASK
+
+
+def entry_slots(val: bytes) -> list[int]:
+    """The slots an entry owns (none for a tombstone)."""
+    slot, _d, _c, _m, back, _bc = map_val_full(val)
+    return [s for s in (slot, back) if s != ZERO_SLOT]
 
 
 def dead_key(lid: int, death: int, block: int) -> bytes:

@@ -1,9 +1,10 @@
 """A block as the committed map describes it: a chain of entries.
 
-An entry holds the 4 KiB pages of its mask; a *partial* one (mask not full)
-reads the others as the block was just before the entry's birth, which is
-the lookup at (lineage, birth - 1), then the parent point, then zeros
-(docs/format.md, "Partial entries").  `layers()` walks that chain in a read
+An entry holds the 4 KiB pages of its mask; a *backed* one has the others
+in a whole block of its own (its back slot); a *partial* one (mask not full,
+no back slot) reads the others as the block was just before the entry's
+birth, which is the lookup at (lineage, birth - 1), then the parent point,
+then zeros (docs/format.md, "Partial entries").  `layers()` walks that chain in a read
 transaction; `assemble()` reads the pages, verifying each slot's checksum
 once.  Functions of a Pool (its LMDB handles, lineages, data file); they
 change nothing in the map."""
@@ -13,7 +14,8 @@ from . import native
 from .errors import ChecksumError
 from .format import BLOCK_SIZE, FULL_MASK, PAGE, ZERO_SLOT, map_key, map_key_decode, map_val_full, mask_runs, slot_offset
 
-# (slot, mask, crc) of one entry: the slot holds the pages of mask
+# (slot, mask, crc) of one entry, or of its back slot (mask full): the slot
+# holds the pages of mask
 Layer = tuple[int, int, int]
 
 
@@ -26,12 +28,15 @@ def layers(pool, cur, lid: int, gen: int, block: int) -> list[Layer]:
     while True:
         key = map_key(lid, block, gen)
         if cur.set_range(key) and cur.key()[:16] == key[:16]:
-            slot, death, crc, mask = map_val_full(cur.value())
+            slot, death, crc, mask, back, bcrc = map_val_full(cur.value())
             if death <= gen or slot == ZERO_SLOT:
                 return out  # dead, or a tombstone: the rest is zeros
             if mask & need:  # an entry whose pages newer ones all hide adds nothing
                 out.append((slot, mask, crc))
             need &= ~mask
+            if need and back:  # the rest is in its back slot
+                out.append((back, FULL_MASK, bcrc))
+                need = 0
             if not need:
                 return out
             gen = map_key_decode(cur.key())[2] - 1  # just before its birth
@@ -42,29 +47,31 @@ def layers(pool, cur, lid: int, gen: int, block: int) -> list[Layer]:
         lid, gen = lin.parent
 
 
-def head_state(cur, lid: int, gen: int, block: int) -> tuple[str, int, int, int]:
-    """How the head (lid at its generation gen) relates to the view at
-    gen - 1 for one block, in the committed map: ("own", slot, mask, crc)
-    when an entry was born at gen (the head's alone), ("dead", 0, 0, 0) when
-    the head reads zeros where gen - 1 saw an entry that died at gen, or
-    ("shared", 0, 0, 0) when both see the same."""
+def head_state(cur, lid: int, gen: int, last: int, block: int) -> tuple:
+    """How the head (lid at its generation gen, last: its last snapshot
+    point) relates to its points for one block, in the committed map:
+    ("own", slot, mask, crc, back, back_crc) when its entry was born after
+    the last point (no point sees it), ("dead", ...) when the head reads
+    zeros where gen - 1 saw an entry that died at gen, or ("shared", ...)
+    when its last point sees the same (zeros after the state)."""
     key = map_key(lid, block, gen)
     if cur.set_range(key) and cur.key()[:16] == key[:16]:
         birth = map_key_decode(cur.key())[2]
-        slot, death, crc, mask = map_val_full(cur.value())
-        if birth == gen:
-            return "own", slot, mask, crc
+        slot, death, crc, mask, back, bcrc = map_val_full(cur.value())
+        if birth > last and death > gen:
+            return "own", slot, mask, crc, back, bcrc
         if death == gen:
-            return "dead", 0, 0, 0
-    return "shared", 0, 0, 0
+            return "dead", 0, 0, 0, 0, 0
+    return "shared", 0, 0, 0, 0, 0
 
 
 def checked(pool, slot: int, mask: int, crc: int, where: str) -> bytes:
     """A slot's 64 KiB, the pages of mask verified against crc (once per
-    slot since the pool was opened: the page cache serves it after that).
-    Pages outside mask are whatever the slot holds."""
+    slot since the pool was opened: the page cache serves it after that;
+    crc None: an overlay's slot, which has none yet).  Pages outside mask
+    are whatever the slot holds."""
     data = pool.file.pread(BLOCK_SIZE, slot_offset(slot))
-    if slot not in pool._verified:
+    if crc is not None and slot not in pool._verified:
         if page_crc(data, mask) != crc:
             raise ChecksumError("checksum mismatch in slot %d (%s)" % (slot, where))
         pool._note_verified(slot)

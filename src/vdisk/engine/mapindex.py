@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import bisect
 
-from .format import DB_BORN, DB_DEAD, DB_MAP, FULL_MASK, INF, PAGE, ZERO_SLOT, birth_val_decode, born_key, dead_key, lid_prefix, map_key, map_key_decode, map_val_decode, map_val_mask, tri_decode
+from .format import BLOCK_SIZE, DB_BORN, DB_DEAD, DB_MAP, INF, PAGE, ZERO_SLOT, birth_val_decode, born_key, dead_key, lid_prefix, map_key, map_key_decode, map_val_decode, map_val_full, reads_through, tri_decode
 from .lineage import Lineage
 
 
@@ -39,10 +39,10 @@ def seen_by_point(lin: Lineage, birth: int, death: int) -> bool:
 
 
 def needed(pool, txn, lid: int, block: int, death: int) -> bool:
-    """Whether the entry of (lid, block) born at `death` is partial, and so
-    reads through to the entry that died then."""
+    """Whether the entry of (lid, block) born at `death` is partial (not
+    backed), and so reads through to the entry that died then."""
     val = txn.get(map_key(lid, block, death), db=pool._db[DB_MAP])
-    return val is not None and map_val_mask(val) != FULL_MASK
+    return val is not None and reads_through(val)
 
 
 def exclusive(pool, txn, lin: Lineage, s: int):
@@ -62,11 +62,12 @@ def exclusive(pool, txn, lin: Lineage, s: int):
 
 
 def entry_bytes(pool, txn, lid: int, block: int, birth: int) -> int:
-    """Bytes an entry's slot holds: its pages (none for a tombstone)."""
-    val = txn.get(map_key(lid, block, birth), db=pool._db[DB_MAP])
-    if map_val_decode(val)[0] == ZERO_SLOT:
+    """Bytes of data an entry holds: its pages (none for a tombstone); a
+    whole block for a backed one, whose view is all its generation's."""
+    slot, _death, _crc, mask, back, _bcrc = map_val_full(txn.get(map_key(lid, block, birth), db=pool._db[DB_MAP]))
+    if slot == ZERO_SLOT:
         return 0
-    return map_val_mask(val).bit_count() * PAGE
+    return BLOCK_SIZE if back else mask.bit_count() * PAGE
 
 
 def born_between(pool, txn, lid: int, p: int, s: int) -> int:

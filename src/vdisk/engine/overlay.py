@@ -12,9 +12,11 @@ class Dirty:
     pages: the 4 KiB pages this engine wrote since the block's last log flush
     (FULL_MASK: all of them may differ); the C fast path keeps its own.
     have: the pages the slot holds (FULL_MASK for a zero block); the others
-    read as the head's lineage did at its last generation before this one
-    (the committed map at (lid, gen - 1)), and become a partial entry at
-    commit.  crc covers the pages of have.
+    read as the overlay below it has them: an in-flight commit's entry,
+    else the committed head (Pool._under).  At commit they become a backed
+    entry (the head's own whole block below becomes its back slot) or a
+    partial one (reading through to what its last point sees):
+    Pool._apply_dirty.  crc covers the pages of have.
     """
 
     __slots__ = ("slot", "crc", "crc_ok", "fresh", "pages", "have")

@@ -61,7 +61,7 @@ from .intentlog import IntentLog
 from .lineage import Lineage
 from .overlay import Dirty, Epoch
 from .txn import Tx
-from .fastmap import FLUSHED, READ_ONLY, WRITABLE, WRITABLE_REPORT
+from .fastmap import COALESCE_PAGES, FLUSHED, READ_ONLY, WRITABLE, WRITABLE_REPORT
 from .errors import (
     CommitInFlight,
     EngineError,
@@ -611,23 +611,37 @@ class Pool:
     def _inflight_dirty(self, lid: int):
         return self._inflight.dirty.get(lid) if self._inflight is not None else None
 
-    def _dirty_block(self, cur, lid: int, block: int, d: Dirty) -> bytes | None:
+    def _dirty_block(self, cur, lid: int, block: int, d: Dirty, live: bool = True) -> bytes | None:
         """The block an overlay entry stands for (None: zeros): its slot's
-        pages, and for a partial one the rest from the view before the
-        head's generation."""
+        pages, and for a partial one the rest from what it covers
+        (_under).  live: d is the live overlay's (else an in-flight
+        commit's)."""
         if d.slot == ZERO_SLOT:
             return None
         data = self.file.pread(BLOCK_SIZE, slot_offset(d.slot))
         if d.have == FULL_MASK:
             return data
-        out = layers.assemble(self, self._base_chain(cur, lid, block), self._where(lid, block), need=FULL_MASK & ~d.have)
+        out = layers.assemble(self, self._under(cur, lid, block, live), self._where(lid, block), need=FULL_MASK & ~d.have)
         layers.copy_pages(out, data, d.have)
         return out
 
-    def _base_chain(self, cur, lid: int, block: int) -> list:
-        """What a partial overlay entry of lid's head reads through to: the
-        committed view at the generation before the head's."""
-        return layers.layers(self, cur, lid, self._lins[lid].gen - 1, block)
+    def _under(self, cur, lid: int, block: int, live: bool = True) -> list:
+        """What an overlay entry of lid's head reads the pages it lacks
+        from, as a chain of layers (layers.layers): for the live overlay,
+        an in-flight commit's entry over the committed head; for that
+        commit's, the committed head (at the head's generation: its own
+        entry if it has one, else what its last point sees).  The overlay's
+        slots carry no checksum yet (crc None: not verified)."""
+        committed = layers.layers(self, cur, lid, self._lins[lid].gen, block)
+        frozen = self._inflight_dirty(lid) if live else None
+        f = frozen.get(block) if frozen else None
+        if f is None:
+            return committed
+        if f.slot == ZERO_SLOT:
+            return []
+        if f.have == FULL_MASK:
+            return [(f.slot, FULL_MASK, None)]
+        return [(f.slot, f.have, None)] + committed
 
     @staticmethod
     def _where(lid: int, block: int) -> str:
@@ -641,7 +655,7 @@ class Pool:
         with self.env.begin(db=self._db[DB_MAP]) as txn:
             cur = txn.cursor()
             if d is not None:
-                return self._dirty_block(cur, lid, block, d)
+                return self._dirty_block(cur, lid, block, d, live=False)
             return self._chain_block(cur, lid, self._lins[lid].gen, block)
 
     def _chain_block(self, cur, lid: int, gen: int, block: int) -> bytes | None:
@@ -702,7 +716,7 @@ class Pool:
                     elif d.have == FULL_MASK:
                         fm.add(vid, block, d.slot)
                     else:
-                        base = layers.single(self._base_chain(cur, lid, block))
+                        base = layers.single(self._under(cur, lid, block, live=False))
                         if base is not None:
                             fm.add(vid, block, d.slot, d.have, base)
                 if d is not None:
@@ -711,7 +725,7 @@ class Pool:
                     elif d.have == FULL_MASK:
                         out[pos : pos + n] = self.file.pread(n, slot_offset(d.slot) + intra)
                     else:
-                        out[pos : pos + n] = memoryview(self._dirty_block(cur, lid, block, d))[intra : intra + n]
+                        out[pos : pos + n] = memoryview(self._dirty_block(cur, lid, block, d, live))[intra : intra + n]
                 else:
                     chain = layers.layers(self, cur, lid, gen, block)
                     slot = layers.single(chain)
@@ -741,15 +755,16 @@ class Pool:
 
     def _tell_fast(self, vid: int, lid: int, block: int, d: Dirty, cur=None) -> None:
         """Tell C what a live overlay entry holds (with the map's lock held):
-        a partial one with the one slot it reads through to, or nothing
-        when that takes more than one (then C leaves the block to us)."""
+        a partial one with the one slot it reads the rest from (_under), or
+        nothing when that takes more than one (then C leaves the block to
+        us)."""
         if d.have == FULL_MASK:
             self._fm.set(vid, block, d.slot, self._writable(lid, block, d))
             return
         if cur is None:
             with self.env.begin(db=self._db[DB_MAP]) as txn:
                 return self._tell_fast(vid, lid, block, d, txn.cursor())
-        base = layers.single(self._base_chain(cur, lid, block))
+        base = layers.single(self._under(cur, lid, block))
         if base is None:
             d.pages |= self._fm.mask(vid, block)  # what C wrote since the log flush: ours to log now
             self._fm.forget(vid, block)
@@ -758,9 +773,10 @@ class Pool:
 
     def _tell_fast_committed(self, vid: int, lid: int, gen: int, block: int, chain, cur) -> None:
         """Tell C the head's committed view of a block (verified, or zeros)
-        if one or two slots make it, and whether its last snapshot point
-        sees the same (then a copy-on-write in C writes only the pages
-        written)."""
+        if one or two slots make it (an entry over its back slot or over
+        the whole block it reads through to), and whether its last snapshot
+        point sees the same.  A copy-on-write in C writes only the pages
+        written over a whole block, the head's own or its point's."""
         slot = layers.single(chain)
         if slot is not None:
             have, base = FULL_MASK, ZERO_SLOT
@@ -773,7 +789,7 @@ class Pool:
                 return
         else:
             return
-        shared = layers.head_state(cur, lid, gen, block)[0] == "shared"
+        shared = layers.head_state(cur, lid, gen, self._lins[lid].last_point(), block)[0] == "shared"
         self._fm.add(vid, block, slot, have, base, shared)
 
     def _changed(self, vid: int, lid: int, d: Dirty, block: int, pages: int) -> None:
@@ -852,12 +868,15 @@ class Pool:
         computed at commit (_finish_checksums, in the commit's thread when
         the daemon runs commits in a worker), not per write.
 
-        A block the head shares with its last snapshot (or its parent, or
-        that reads as zeros there) gets a fresh slot holding only the pages
-        written: a partial overlay entry (Dirty.have), sub-block
-        copy-on-write.  A block the head already owns in the committed map
-        or in a commit in flight is copied: its pages (all of them for a
-        whole-block entry) and the new ones go to the fresh slot."""
+        Sub-block copy-on-write: a block that reads as a whole block now
+        (the head's own, committed or in a commit in flight, or what its
+        last snapshot point or its parent sees) gets a fresh slot holding
+        only the pages written, a partial overlay entry (Dirty.have) over
+        it.  A block the head owns in part is copied with its pages.  Once
+        a slot over the head's own block would hold more than
+        COALESCE_PAGES, the whole block is copied instead (what was below
+        is freed at commit).  A block that reads as zeros is written
+        whole."""
         d = dirty.get(block)
         full = len(chunk) == BLOCK_SIZE
         wmask = page_mask(intra, len(chunk))
@@ -882,31 +901,39 @@ class Pool:
             if self._fm is not None and grown:  # C must know what the slot holds now
                 self._tell_fast(vid, lid, block, d)
             return
-        own_slot, own_mask = ZERO_SLOT, FULL_MASK  # what the head holds of its own: copied
-        own_data = None  # own_slot's contents, once read
-        if d is not None:  # a dirty zero block
-            pass
-        elif not full:
+        # The new slot holds the pages written and those of the head's own
+        # partial entry (own_mask); the rest reads from below it (_under).
+        # Over a whole block (the head's own, or its last point's) only the
+        # pages written are written.  A block that reads as zeros now is
+        # written whole.
+        zeros = d is not None  # a dirty zero block
+        own_mask = 0
+        may_coalesce = False  # the head owns the block: a whole copy frees what is below at commit
+        if not zeros and not full:
             frozen = self._inflight_dirty(lid)
             f = frozen.get(block) if frozen else None
             if f is not None:
-                own_slot, own_mask = f.slot, (f.have if f.slot != ZERO_SLOT else FULL_MASK)
+                zeros = f.slot == ZERO_SLOT
+                may_coalesce = True
+                own_mask = 0 if f.have == FULL_MASK else f.have
             else:
                 with self.env.begin(db=self._db[DB_MAP]) as txn:
-                    state, oslot, omask, ocrc = layers.head_state(txn.cursor(), lid, self._lins[lid].gen, block)
-                if state == "own":
-                    own_slot, own_mask = oslot, (omask if oslot != ZERO_SLOT else FULL_MASK)
-                    if oslot != ZERO_SLOT:
-                        own_data = layers.checked(self, oslot, omask, ocrc, self._where(lid, block))
-                elif state == "shared":
-                    own_mask = 0
-        if own_slot != ZERO_SLOT and own_data is None and not full:
-            own_data = self.file.pread(BLOCK_SIZE, slot_offset(own_slot))
-        if full or own_mask == FULL_MASK:
+                    lin = self._lins[lid]
+                    state, oslot, omask = layers.head_state(txn.cursor(), lid, lin.gen, lin.last_point(), block)[:3]
+                if state == "dead" or (state == "own" and oslot == ZERO_SLOT):
+                    zeros = True
+                elif state == "own":
+                    may_coalesce = True
+                    own_mask = 0 if omask == FULL_MASK else omask
+        if full or zeros or (may_coalesce and (own_mask | wmask).bit_count() > COALESCE_PAGES):
             if full:
                 buf = chunk
             else:
-                buf = bytearray(ZERO_BLOCK if own_slot == ZERO_SLOT else own_data)
+                if zeros:
+                    buf = bytearray(ZERO_BLOCK)
+                else:  # coalesce: the whole block as it reads now
+                    with self.env.begin(db=self._db[DB_MAP]) as txn:
+                        buf = layers.assemble(self, self._under(txn.cursor(), lid, block), self._where(lid, block))
                 buf[intra : intra + len(chunk)] = chunk
             if native.is_zero(buf):
                 self._set_zero(vid, lid, dirty, block)
@@ -920,15 +947,14 @@ class Pool:
             slot = self._new_slot(buf, FULL_MASK)
             have = FULL_MASK
         else:
-            # sub-block copy-on-write: the head's own pages and the new ones
+            # sub-block copy-on-write: the head's own pages, the rest of the
+            # pages written in part as below, and the new ones
             buf = bytearray(BLOCK_SIZE)
-            if own_mask:
-                layers.copy_pages(buf, own_data, own_mask)
-            edges = wmask & ~own_mask & ~_covered(intra, len(chunk))
-            if edges:  # pages written in part: the rest of them as the view before
+            need = own_mask | (wmask & ~_covered(intra, len(chunk)))
+            if need:
                 with self.env.begin(db=self._db[DB_MAP]) as txn:
-                    layers.assemble(self, self._base_chain(txn.cursor(), lid, block), self._where(lid, block),
-                                    out=buf, need=edges)
+                    layers.assemble(self, self._under(txn.cursor(), lid, block), self._where(lid, block),
+                                    out=buf, need=need)
             buf[intra : intra + len(chunk)] = chunk
             have = own_mask | wmask
             slot = self._new_slot(buf, have)
@@ -969,7 +995,7 @@ class Pool:
         if not edges:
             return
         with self.env.begin(db=self._db[DB_MAP]) as txn:
-            buf = layers.assemble(self, self._base_chain(txn.cursor(), lid, block), self._where(lid, block), need=edges)
+            buf = layers.assemble(self, self._under(txn.cursor(), lid, block), self._where(lid, block), need=edges)
         mv = memoryview(buf)
         for first, count in mask_runs(edges):
             self.file.pwrite(mv[first * PAGE : (first + count) * PAGE], slot_offset(slot) + first * PAGE)
@@ -1402,9 +1428,13 @@ class Pool:
                     # the job checksummed it, but a fresh slot may be written
                     # in place again from now on (by C too)
                     d.crc_ok = d.slot == ZERO_SLOT
-                elif d.slot != ZERO_SLOT and d.fresh:
-                    ep.alloc.discard(d.slot)  # overwritten since: never durable
-                    self._free_cache.append(d.slot)
+                else:
+                    if d.have == FULL_MASK and live[block].have != FULL_MASK:
+                        # the live entry was written over it: it takes the rest now
+                        self._absorb(lid, block, live[block], d)
+                    if d.slot != ZERO_SLOT and d.fresh:
+                        ep.alloc.discard(d.slot)  # overwritten since: never durable
+                        self._free_cache.append(d.slot)
                 # the log's records are still the valid ones, but which pages
                 # changed since them is no longer known: the whole block
                 live[block].pages = FULL_MASK
@@ -1417,11 +1447,30 @@ class Pool:
             self._records = merged
 
     def _forget_zeroed(self, ep: Epoch) -> None:
+        """The commit found these blocks all zeros and frees their slots: C
+        must not read them any more, as a block's slot or as the base of a
+        live entry written over it (which reads zeros there now)."""
         if self._fm is not None and ep.zeroed_at:
             vid_of = {v["lid"]: vid for vid, v in self._vols.items()}
             for lid, block, slot in ep.zeroed_at:
                 if lid in vid_of:
                     self._fm.forget_slot(vid_of[lid], block, slot)
+                    d = self._dirty.get(lid, {}).get(block)
+                    if d is not None and d.have != FULL_MASK:
+                        self._tell_fast(vid_of[lid], lid, block, d)
+
+    def _absorb(self, lid: int, block: int, d: Dirty, f: Dirty) -> None:
+        """A live partial entry written over a whole frozen one that will
+        not be committed takes the pages it lacks from it (zeros if it was
+        found to be zeros), in place: its slot is fresh."""
+        data = ZERO_BLOCK if f.slot == ZERO_SLOT else self.file.pread(BLOCK_SIZE, slot_offset(f.slot))
+        mv = memoryview(data)
+        for first, count in mask_runs(FULL_MASK & ~d.have):
+            self.file.pwrite(mv[first * PAGE : (first + count) * PAGE], slot_offset(d.slot) + first * PAGE)
+        d.have, d.crc_ok = FULL_MASK, False
+        vid = next((v for v, vol in self._vols.items() if vol["lid"] == lid), None)
+        if self._fm is not None and vid is not None:
+            self._tell_fast(vid, lid, block, d)
 
     def _finish_checksums(self, ep: Epoch) -> None:
         """Checksum the blocks written in place since their allocation.  Runs
@@ -1449,7 +1498,9 @@ class Pool:
         """Write the frozen overlay into the map, at each lineage's head
         generation.  The entry it replaces is freed when nothing can read it
         any more: no snapshot point sees it and no partial entry reads
-        through to it (structure.release_base), else it dies here."""
+        through to it (structure.release_base), else it dies here.  A
+        partial entry over the head's own whole block keeps that block as
+        its back slot (a backed entry, docs/format.md)."""
         txn = tx.txn
         mdb = self._db[DB_MAP]
         cur = txn.cursor(db=mdb)
@@ -1462,8 +1513,10 @@ class Pool:
             has_parent = lin.parent is not None
             for block in sorted(dirty):
                 d = dirty[block]
-                if (lid, block) in ep.blank and not layers.layers(self, cur, lid, gen - 1, block):
-                    # zero pages over zeros: the block is zeros (cursor moved: fine, probed below)
+                if (lid, block) in ep.blank and not layers.layers(self, cur, lid, gen, block):
+                    # zero pages over zeros (the committed head, which it
+                    # was written over): the block is zeros (cursor moved:
+                    # fine, probed below)
                     ep.blank.discard((lid, block))
                     ep.zeroed.append(d.slot)
                     ep.zeroed_at.append((lid, block, d.slot))
@@ -1475,35 +1528,48 @@ class Pool:
                 if cur.set_range(probe):
                     k = cur.key()
                     if k[:16] == probe[:16]:
-                        oslot, odeath, ocrc, omask = map_val_full(cur.value())
+                        oslot, odeath, ocrc, omask, oback, obcrc = map_val_full(cur.value())
                         if odeath == INF:
-                            old = (map_key_decode(k)[2], oslot, ocrc, omask)
+                            old = (map_key_decode(k)[2], oslot, ocrc, omask, oback, obcrc)
+                back = back_crc = 0
                 if old is not None:
-                    obirth, oslot, ocrc, omask = old
+                    obirth, oslot, ocrc, omask, oback, obcrc = old
                     if d.slot == ZERO_SLOT and oslot == ZERO_SLOT:
                         continue  # tombstone stays a tombstone
+                    if not whole and obirth > last:
+                        # The head's own entry (no point sees it) is what a
+                        # partial one was written over (_under): a whole
+                        # block becomes its back slot, and so does its back
+                        # slot; a partial one's pages are all in the new
+                        # entry, which reads through to what it read
+                        # through to.
+                        if omask == FULL_MASK:
+                            back, back_crc = oslot, ocrc
+                        elif oback:
+                            back, back_crc = oback, obcrc
                     okey = map_key(lid, block, obirth)
-                    if obirth == gen or (obirth > last and whole):
-                        # nothing will read it: free it now (deferred); a
-                        # partial new entry at gen reads through to what
-                        # the old one read through to
+                    complete = whole or back != ZERO_SLOT  # reads through to nothing
+                    if obirth == gen or (obirth > last and complete):
+                        # nothing will read it: free it now (deferred), but
+                        # for what the new entry keeps as its back slot; a
+                        # partial new entry at gen reads through to what the
+                        # old one read through to
                         txn.delete(okey, db=mdb)
                         txn.delete(born_key(lid, obirth, block), db=self._db[DB_BORN])
-                        if oslot != ZERO_SLOT:
-                            tx.frees.append(oslot)
-                        if whole and omask != FULL_MASK:  # what it read through to
+                        tx.frees.extend(s for s in (oslot, oback) if s != ZERO_SLOT and s != back)
+                        if complete and omask != FULL_MASK and not oback:  # what it read through to
                             structure.release_base(self, tx, lid, block, obirth)
                     else:
                         # a snapshot point sees it, or the new partial
                         # entry reads through to it
-                        txn.put(okey, map_val(oslot, gen, ocrc, omask), db=mdb)
+                        txn.put(okey, map_val(oslot, gen, ocrc, omask, oback, obcrc), db=mdb)
                         txn.delete(born_key(lid, obirth, block), db=self._db[DB_BORN])
                         txn.put(dead_key(lid, gen, block), birth_val(obirth), db=self._db[DB_DEAD])
                 if d.slot == ZERO_SLOT and not has_parent:
                     continue  # absence reads as zeros in a root lineage
                 if d.slot == ZERO_SLOT and old is None and not self._parent_has(cur, lin, block):
                     continue
-                txn.put(map_key(lid, block, gen), map_val(d.slot, INF, d.crc, d.have), db=mdb)
+                txn.put(map_key(lid, block, gen), map_val(d.slot, INF, d.crc, d.have, back, back_crc), db=mdb)
                 txn.put(born_key(lid, gen, block), b"", db=self._db[DB_BORN])
 
     def _parent_has(self, cur, lin: Lineage, block: int) -> bool:

@@ -26,7 +26,7 @@ def check(pool, verify_data: bool = True, progress=None) -> list[str]:
             if progress and i % 4096 == 0:
                 progress(i, total)
             lid, block, birth = map_key_decode(k)
-            slot, death, crc, mask = map_val_full(v)
+            slot, death, crc, mask, back, bcrc = map_val_full(v)
             where = "lineage %d block %d birth %d" % (lid, block, birth)
             lin = pool._lins.get(lid)
             if lin is None:
@@ -46,22 +46,27 @@ def check(pool, verify_data: bool = True, progress=None) -> list[str]:
                 if not seen_by_point(lin, birth, death) and not needed(pool, txn, lid, block, death):
                     problems.append("%s: leaked (no snapshot point sees it, no partial entry reads through to it)" % where)
             if slot == ZERO_SLOT:
-                if mask != FULL_MASK:
-                    problems.append("%s: a partial tombstone" % where)
+                if mask != FULL_MASK or back:
+                    problems.append("%s: a partial or backed tombstone" % where)
                 continue
             if not mask:
                 problems.append("%s: an entry that holds no page" % where)
-            if slot in owner:
-                problems.append("slot %d owned twice: %s and %s" % (slot, owner[slot], where))
-            owner[slot] = where
-            if slot in free:
-                problems.append("slot %d is both free and used by %s" % (slot, where))
-            if slot >= pool._hwm:
-                problems.append("slot %d beyond the high-water mark %d" % (slot, pool._hwm))
-            if verify_data:
-                data = pool.file.pread(BLOCK_SIZE, slot_offset(slot))
-                if page_crc(data, mask) != crc:
-                    problems.append("slot %d (%s): checksum mismatch" % (slot, where))
+            if back and mask == FULL_MASK:
+                problems.append("%s: a whole entry with a back slot" % where)
+            for s_, m_, c_, what in ((slot, mask, crc, where), (back, FULL_MASK, bcrc, where + " (back slot)")):
+                if s_ == ZERO_SLOT:
+                    continue
+                if s_ in owner:
+                    problems.append("slot %d owned twice: %s and %s" % (s_, owner[s_], what))
+                owner[s_] = what
+                if s_ in free:
+                    problems.append("slot %d is both free and used by %s" % (s_, what))
+                if s_ >= pool._hwm:
+                    problems.append("slot %d beyond the high-water mark %d" % (s_, pool._hwm))
+                if verify_data:
+                    data = pool.file.pread(BLOCK_SIZE, slot_offset(s_))
+                    if page_crc(data, m_) != c_:
+                        problems.append("slot %d (%s): checksum mismatch" % (s_, what))
         for k in born:
             problems.append("birth index entry %r has no map entry" % (tri_decode(k),))
         for k in dead:

@@ -7,7 +7,7 @@ model in pool.py's docstring and docs/format.md."""
 from __future__ import annotations
 
 from .errors import EngineError, NotFound
-from .format import DB_BORN, DB_DEAD, DB_MAP, FULL_MASK, INF, ZERO_SLOT, birth_val_decode, born_key, dead_key, map_key, map_val_full
+from .format import DB_BORN, DB_DEAD, DB_MAP, INF, birth_val_decode, born_key, dead_key, entry_slots, map_key, map_val_full, reads_through
 from .lineage import Lineage
 from .mapindex import exclusive, needed, scan_tri, seen_by_point
 from .txn import Tx
@@ -84,20 +84,20 @@ def kill_head(pool, tx: Tx, lid: int) -> None:
 
 
 def free_entry(pool, tx: Tx, lid: int, block: int, birth: int, live: bool) -> None:
-    """Free one entry; if it was partial, what it read through to may be
-    free now too (release_base)."""
+    """Free one entry (its slot, and its back slot if it has one); if it
+    was partial, what it read through to may be free now too
+    (release_base)."""
     txn = tx.txn
     key = map_key(lid, block, birth)
     val = txn.get(key, db=pool._db[DB_MAP])
-    slot, death, _crc, mask = map_val_full(val)
+    death = map_val_full(val)[1]
     txn.delete(key, db=pool._db[DB_MAP])
     if live:
         txn.delete(born_key(lid, birth, block), db=pool._db[DB_BORN])
     else:
         txn.delete(dead_key(lid, death, block), db=pool._db[DB_DEAD])
-    if slot != ZERO_SLOT:
-        tx.frees.append(slot)
-    if mask != FULL_MASK:
+    tx.frees.extend(entry_slots(val))
+    if reads_through(val):
         release_base(pool, tx, lid, block, birth)
 
 
