@@ -228,11 +228,14 @@ def proc_status(pid: int, field: str) -> int:
 
 
 def write_amplification(env: VDiskEnv, t: VdiskTarget, size: str, cwd: str) -> dict:
-    """What the daemon writes per byte of 4 KiB random writes, right after a
-    snapshot of the filled region and again with no snapshot in between."""
+    """What the daemon writes per byte of 4 KiB random writes: over the
+    region written whole and made durable (no snapshot: every block the
+    head's own, the case a copy-on-write engine copies most), then again
+    right after a snapshot of it."""
     pid = env.daemon_pid()
     wa = {}
-    for label, snap in (("after snapshot", True), ("no snapshot", False)):
+    fio(t.dev, ["--rw=write", "--bs=1M", "--iodepth=8", "--end_fsync=1"], size, None, cwd)
+    for label, snap in (("no snapshot", False), ("after snapshot", True)):
         if snap:
             t.snapshot()
         used0 = env.j("pool", "status")["Pool"]["DataFileAllocatedBytes"]
