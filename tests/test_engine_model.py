@@ -113,7 +113,7 @@ class PoolModel(RuleBasedStateMachine):
     @rule()
     def failed_commit(self):
         """A commit whose change fails: its writes go back under the overlay
-        (Pool._unfreeze), nothing becomes durable."""
+        (commit._unfreeze), nothing becomes durable."""
         def boom(tx):
             raise EngineError("the change fails")
 

@@ -357,15 +357,19 @@ def test_io_threads_with_commits_between(tmp_path):
         last = {}
         errors = []
 
+        enough = threading.Event()  # the writers go on until several commits came between
+
         def writer(t):
             try:
-                for r in range(rounds):
+                r = 0
+                while r < rounds or not enough.is_set():
                     for b in range(nblocks):
                         off = (t * nblocks + b) * BLOCK_SIZE + (r % 16) * 4096
-                        data = datas[t][r][b]
+                        data = datas[t][r % rounds][b]
                         while not fm.write(vid, off, data):  # handed back: wait for a refill
                             pass
                         last[off] = data
+                    r += 1
             except BaseException as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
 
@@ -379,13 +383,15 @@ def test_io_threads_with_commits_between(tmp_path):
             job.run()
             pool.finish_commit(job)
             commits += 1
+            if commits > 5:
+                enough.set()
         for th in threads:
             th.join()
         assert not errors, errors
         assert commits > 3 and fm.stats()["copy_on_write"] > nblocks, (commits, fm.stats())
         for off, data in last.items():
-            assert pool.read(vid, off, 4096) == data
-            assert fm.read(vid, off, 4096) == data
+            assert pool.read(vid, off, len(data)) == data
+            assert fm.read(vid, off, len(data)) == data
         pool.commit()
         assert pool.scrub() == []
     finally:

@@ -4,13 +4,13 @@ flush's record is appended, and the records a pool replays when it opens.
 An IntentLog owns the file's state on the Python side: the generation whose
 records are valid, where the next record goes and its sequence number, how
 far the file is written (with zeros at least), whether it is still usable,
-and the counters.  Pool.log_flush decides what a record holds (the pages of
+and the counters.  logflush.flush decides what a record holds (the pages of
 the overlay); this module only writes and reads records.  When a fast path
 is attached, C appends records too, under the log's lock: `pull` takes in
 where C left the log before Python writes.
 
 Concurrency contract: used by the pool's owner thread, with the log's lock
-held when a fast path is attached (Pool._log_lock).
+held when a fast path is attached (logflush.writer_lock).
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ class Dirty:
     else the committed head (Pool._under).  At commit they become a backed
     entry (the head's own whole block below becomes its back slot) or a
     partial one (reading through to what its last point sees):
-    Pool._apply_dirty.  crc covers the pages of have.
+    commit._apply_dirty.  crc covers the pages of have.
     """
 
     __slots__ = ("slot", "crc", "crc_ok", "fresh", "pages", "have")

@@ -1,0 +1,566 @@
+"""Commits: making the overlay durable in one LMDB transaction.
+
+A commit comes in three steps so that its slow part can run in another
+thread while writes go on: `begin()` freezes the overlay into an Epoch (new
+writes start a new overlay, which reads through to the frozen one),
+`CommitJob.run()` checksums what was written, fdatasyncs the data file and
+writes the frozen overlay into the map (`run_job`, in any one thread),
+`finish()` publishes the result in the owner's thread.  `commit()` is the
+three in a row.  Slots freed by a transaction go to DB_FREE in that
+transaction and are allocated again only after it is durable (those a
+structural change freed only after they are punched).
+
+Functions of a Pool.  Concurrency contract: see the Pool's docstring;
+run_job touches only its frozen epoch, the data file's fdatasync and its
+own LMDB write transaction.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+
+import typing
+
+import lmdb
+
+from . import fastbridge, layers, native, structure
+from .lineage import Lineage
+from .overlay import Dirty, Epoch
+from .txn import Tx
+from .errors import (
+    CommitInFlight,
+    NoSpace,
+    PoolFailed,
+)
+from .format import (
+    BLOCK_SIZE,
+    DB_BORN,
+    DB_DEAD,
+    DB_FREE,
+    DB_LINEAGE,
+    DB_MAP,
+    DB_META,
+    DB_RECORD,
+    DB_SNAP,
+    DB_VOLUME,
+    FULL_MASK,
+    INF,
+    ZERO_SLOT,
+    birth_val,
+    born_key,
+    dead_key,
+    jenc,
+    map_key,
+    map_key_decode,
+    map_val,
+    map_val_full,
+    mask_runs,
+    PAGE,
+    slot_offset,
+    u64,
+    u64_decode,
+)
+
+if typing.TYPE_CHECKING:
+    from .pool import Pool
+
+log = logging.getLogger(__name__)
+
+
+class CommitJob:
+    """One commit between begin_commit() and finish_commit().
+
+    run() may be called from another thread (see the module docstring) and
+    never raises: the outcome is kept for finish_commit().
+    """
+
+    def __init__(self, pool: "Pool", epoch: Epoch, change):
+        self.pool = pool
+        self.epoch = epoch
+        self.change = change
+        self.tx: "Tx | None" = None
+        self.result = None
+        self.error: BaseException | None = None
+        self.map_full = False
+        self.done = False
+        self.to_punch: list[int] = []  # freed slots the caller punches (finish_commit)
+
+    def blocks(self) -> int:
+        """How many blocks the job makes durable."""
+        return sum(len(d) for d in self.epoch.dirty.values())
+
+    def run(self) -> None:
+        try:
+            run_job(self.pool, self)
+        except BaseException as exc:  # noqa: BLE001 - handed to finish_commit
+            self.error = exc
+        self.done = True
+
+
+def commit(pool, change=None):
+    """Make every write so far durable, plus `change(tx)` if given.
+
+    change is called inside the LMDB write transaction with a `Tx`; it may
+    raise EngineError to abort (nothing is changed then).  May be called
+    again after a MapFull retry, so it must act only through tx.
+    Returns change's result.  Blocks on fdatasync and LMDB's fsync.
+    Raises CommitInFlight while a job from begin_commit() is unfinished.
+    """
+    if pool.commit_via is not None and threading.get_ident() != pool._owner:
+        return pool.commit_via(change)
+    if pool._failed:
+        raise PoolFailed(pool._failed)
+    if pool._inflight is not None:
+        raise CommitInFlight(
+            "a commit is running in the background; wait for it to finish, then try again"
+        )
+    if change is None and not pool.pending():
+        return None
+    job = begin(pool, change)
+    job.run()
+    return finish(pool, job)
+
+
+def begin(pool, change=None) -> CommitJob:
+    """Freeze the overlay into a job whose run() makes it durable.
+
+    Writes after this go to a new overlay, which reads through to the
+    frozen one; they are made durable by the next commit.  Only one job
+    may be in flight.  Must be called with no LMDB transaction open in
+    this process (it may grow the map).
+    """
+    if pool._failed:
+        raise PoolFailed(pool._failed)
+    if pool._inflight is not None:
+        raise CommitInFlight("a commit is already in flight")
+    with pool._fast():
+        # free slots beyond the durable high-water mark must be recorded
+        # free; the reservoir's count as free for this commit
+        beyond = pool._committed_hwm
+        free_back = list(itertools.takewhile(lambda s: s >= beyond, pool._free_cache))
+        free_back += pool._reserved_beyond
+        with pool.catalogue.lock:
+            ep = Epoch(pool._dirty, pool._epoch_alloc, pool._hwm, free_back, pool.catalogue.freeze())
+            pool._dirty, pool._ndirty, pool._epoch_alloc = {}, 0, set()
+        pool._unlogged = {}  # the commit makes the log's records obsolete
+        pool._inflight = ep
+        if pool._fm is not None:
+            pool._fm.new_epoch()  # the instant of the freeze, for C writes too (all clean)
+            pool._fm.log_inflight(True)
+        try:
+            grow_map_if_needed(pool)
+        except BaseException:
+            _unfreeze(pool, ep)
+            raise
+    return CommitJob(pool, ep, change)
+
+
+def run_job(pool, job: CommitJob) -> None:
+    """The blocking part of a commit: see CommitJob.run()."""
+    ep = job.epoch
+    _finish_checksums(pool, ep)
+    sync_data(pool)
+    pool._punching.difference_update(job.to_punch)  # a retry (MapFull) frees again
+    job.to_punch = []
+    try:
+        with pool.env.begin(write=True) as txn:
+            tx = Tx(pool, txn)
+            _apply_dirty(pool, tx, ep)
+            tx.change_frees_from = len(tx.frees)  # the change's own frees follow
+            result = None
+            if job.change is not None:
+                pool._change_tx = tx
+                try:
+                    result = job.change(tx)
+                finally:
+                    pool._change_tx = None
+                # The change's frees are punched once it is durable, and
+                # must not be allocated before: the owner thread may scan
+                # DB_FREE the moment this transaction commits, before
+                # finish_commit runs.  (Set operations are atomic.)
+                job.to_punch = sorted(tx.frees[tx.change_frees_from :])
+                pool._punching.update(job.to_punch)
+            _finish_tx(pool, tx, ep)
+    except lmdb.MapFullError:
+        job.map_full = True
+        return
+    except lmdb.Error as exc:
+        if "No space" in str(exc) or "ENOSPC" in str(exc):
+            raise NoSpace("the pool's filesystem is full: %s" % exc) from exc
+        raise
+    job.tx, job.result = tx, result
+
+
+def sync_data(pool) -> None:
+    """fdatasync the data file; a failure fails the pool (the kernel
+    reports a lost write once: nothing may sync this file as if all
+    were well after it).  Any thread; raises PoolFailed."""
+    try:
+        pool.file.sync()
+    except OSError as exc:
+        pool._failed = (
+            "syncing %s failed (%s); the pool refuses I/O until the daemon is "
+            "restarted, which recovers the last durable state" % (pool.file.path, exc)
+        )
+        if pool._fm is not None:
+            pool._fm.set_failed(True)
+        raise PoolFailed(pool._failed) from exc
+
+
+def write_out(pool) -> None:
+    """Make what was written to the data file so far durable, without a
+    commit (a background commit's first step, in a worker thread: the
+    commit that follows then has little left to sync, and fsyncs, which
+    wait for a commit in flight, wait less).  Any thread: it touches no
+    pool state but the failure flag.  Raises PoolFailed."""
+    if pool._failed:
+        raise PoolFailed(pool._failed)
+    sync_data(pool)
+
+
+def finish(pool, job: CommitJob, punch: bool = True):
+    """Publish a job that ran (in this thread again); returns change's
+    result or raises its error.  A failed job's writes go back into the
+    overlay (newer writes win), so a later commit retries them.
+
+    The slots a structural change freed go back to the filesystem
+    (punch_slots): here, outside the fast path's lock, when punch is
+    true; otherwise they are left in job.to_punch and not allocated
+    until the caller has punched them (in any thread, since punching
+    can wait on the filesystem's journal for seconds) and called
+    punched().  They are kept from the allocator from the moment the
+    job's transaction commits (_run_job)."""
+    assert job.done and pool._inflight is job.epoch
+    try:
+        with pool._fast():
+            result = _finish(pool, job)
+    except BaseException:
+        pool._punching.difference_update(job.to_punch)  # nothing was freed
+        job.to_punch = []
+        raise
+    if punch and job.to_punch:
+        punch_slots(pool, job.to_punch)
+        punched(pool, job.to_punch)
+        job.to_punch = []
+    return result
+
+
+def punch_slots(pool, slots: list[int]) -> None:
+    """Give freed slots (ascending) back to the filesystem.  Slots freed by
+    overwrites are not punched: the next writes reuse them, and punching
+    would only make the filesystem allocate again.  Any thread: it
+    touches only the data file, and the slots are not allocated meanwhile."""
+    for start, count in _runs(slots):
+        try:
+            pool.file.punch(slot_offset(start), count * BLOCK_SIZE)
+        except OSError as exc:  # space is reused anyway; only du suffers
+            log.warning("punching freed slots %d+%d failed: %s", start, count, exc)
+
+
+def punched(pool, slots: list[int]) -> None:
+    """The slots finish_commit(punch=False) left are punched: they may be
+    allocated from now on."""
+    pool._punching.difference_update(slots)
+    pool._free_scan = b""
+
+
+def _finish(pool, job: CommitJob):
+    for _ in range(8):
+        if not job.map_full:
+            break
+        grow_map(pool, force=True)  # no transaction is open: safe here
+        job.map_full, job.done = False, False
+        job.run()
+    else:  # pragma: no cover
+        job.error = job.error or NoSpace("LMDB map cannot grow enough")
+    if job.error is not None:
+        _unfreeze(pool, job.epoch)
+        raise job.error
+    pool._inflight = None
+    pool.catalogue.committed(job.epoch.records)
+    _forget_zeroed(pool, job.epoch)  # before their slots can be reused
+    _after_commit(pool, job.tx, job.epoch)
+    if pool._fm is not None and (job.tx.vols or job.tx.lins):
+        fastbridge.sync_volumes(pool)
+    return job.result
+
+
+def _unfreeze(pool, ep: Epoch) -> None:
+    """Put a frozen epoch that was not committed back under the overlay."""
+    pool._inflight = None
+    if pool._fm is not None:
+        pool._fm.log_inflight(False)
+        for vid in pool._fm_vids:  # the merged-back blocks are ours
+            fastbridge.set_clean(pool, vid, False)
+    _forget_zeroed(pool, ep)
+    for slot in ep.zeroed:  # never durable: give them back
+        ep.alloc.discard(slot)
+        pool._free_cache.append(slot)
+    ep.zeroed = []
+    ep.zeroed_at = []
+    for lid, frozen in ep.dirty.items():
+        live = pool._dirty.setdefault(lid, {})
+        unlogged = pool._unlogged.setdefault(lid, set())
+        for block, d in frozen.items():
+            if block not in live:
+                live[block] = d
+                pool._ndirty += 1
+                # the job checksummed it, but a fresh slot may be written
+                # in place again from now on (by C too)
+                d.crc_ok = d.slot == ZERO_SLOT
+            else:
+                if d.have == FULL_MASK and live[block].have != FULL_MASK:
+                    # the live entry was written over it: it takes the rest now
+                    _absorb(pool, lid, block, live[block], d)
+                if d.slot != ZERO_SLOT and d.fresh:
+                    ep.alloc.discard(d.slot)  # overwritten since: never durable
+                    pool._free_cache.append(d.slot)
+            # the log's records are still the valid ones, but which pages
+            # changed since them is no longer known: the whole block
+            live[block].pages = FULL_MASK
+            unlogged.add(block)
+    pool._epoch_alloc |= ep.alloc
+    pool._free_cache.sort(reverse=True)
+    pool.catalogue.unfreeze(ep.records)
+
+
+def _forget_zeroed(pool, ep: Epoch) -> None:
+    """The commit found these blocks all zeros and frees their slots: C
+    must not read them any more, as a block's slot or as the base of a
+    live entry written over it (which reads zeros there now)."""
+    if pool._fm is not None and ep.zeroed_at:
+        vid_of = {v["lid"]: vid for vid, v in pool._vols.items()}
+        for lid, block, slot in ep.zeroed_at:
+            if lid in vid_of:
+                pool._fm.forget_slot(vid_of[lid], block, slot)
+                d = pool._dirty.get(lid, {}).get(block)
+                if d is not None and d.have != FULL_MASK:
+                    fastbridge.tell(pool, vid_of[lid], lid, block, d)
+
+
+def _absorb(pool, lid: int, block: int, d: Dirty, f: Dirty) -> None:
+    """A live partial entry written over a whole frozen one that will
+    not be committed takes the pages it lacks from it (zeros if it was
+    found to be zeros), in place: its slot is fresh."""
+    data = bytes(BLOCK_SIZE) if f.slot == ZERO_SLOT else pool.file.pread(BLOCK_SIZE, slot_offset(f.slot))
+    mv = memoryview(data)
+    for first, count in mask_runs(FULL_MASK & ~d.have):
+        pool.file.pwrite(mv[first * PAGE : (first + count) * PAGE], slot_offset(d.slot) + first * PAGE)
+    d.have, d.crc_ok = FULL_MASK, False
+    vid = next((v for v, vol in pool._vols.items() if vol["lid"] == lid), None)
+    if pool._fm is not None and vid is not None:
+        fastbridge.tell(pool, vid, lid, block, d)
+
+
+def _finish_checksums(pool, ep: Epoch) -> None:
+    """Checksum the blocks written in place since their allocation.  Runs
+    in the job's thread: the frozen slots are no longer written.  A
+    partial entry's CRC covers its pages (a whole block's, in C)."""
+    todo, part = [], []
+    for lid, dirty in ep.dirty.items():
+        for block, d in dirty.items():
+            if d.slot != ZERO_SLOT and not d.crc_ok:
+                (todo if d.have == FULL_MASK else part).append((lid, block, d))
+    sums = pool.file.checksum_slots([slot_offset(d.slot) for _, _, d in todo], BLOCK_SIZE)
+    for (lid, block, d), (crc, zero) in zip(todo, sums):
+        if zero:  # ep.alloc keeps it: the other thread's allocator must not see it free yet
+            ep.zeroed.append(d.slot)
+            ep.zeroed_at.append((lid, block, d.slot))
+            d.slot, d.crc, d.fresh = ZERO_SLOT, 0, False
+        d.crc, d.crc_ok = crc, True
+    for lid, block, d in part:
+        data = pool.file.pread(BLOCK_SIZE, slot_offset(d.slot))
+        d.crc, d.crc_ok = layers.page_crc(data, d.have), True
+        if all(native.is_zero(data[f * PAGE : (f + c) * PAGE]) for f, c in mask_runs(d.have)):
+            ep.blank.add((lid, block))
+
+
+def _apply_dirty(pool, tx: Tx, ep: Epoch) -> None:
+    """Write the frozen overlay into the map, at each lineage's head
+    generation.  The entry it replaces is freed when nothing can read it
+    any more: no snapshot point sees it and no partial entry reads
+    through to it (structure.release_base), else it dies here.  A
+    partial entry over the head's own whole block keeps that block as
+    its back slot (a backed entry, docs/format.md)."""
+    txn = tx.txn
+    mdb = pool._db[DB_MAP]
+    cur = txn.cursor(db=mdb)
+    for lid, dirty in ep.dirty.items():
+        if not dirty:
+            continue
+        lin = pool._lins[lid]
+        gen = lin.gen
+        last = lin.last_point()
+        has_parent = lin.parent is not None
+        for block in sorted(dirty):
+            d = dirty[block]
+            if (lid, block) in ep.blank and not layers.layers(pool, cur, lid, gen, block):
+                # zero pages over zeros (the committed head, which it
+                # was written over): the block is zeros (cursor moved:
+                # fine, probed below)
+                ep.blank.discard((lid, block))
+                ep.zeroed.append(d.slot)
+                ep.zeroed_at.append((lid, block, d.slot))
+                d.slot, d.crc, d.fresh, d.have = ZERO_SLOT, 0, False, FULL_MASK
+            whole = d.have == FULL_MASK
+            # the current entry of this block in this lineage, if any
+            old = None
+            probe = map_key(lid, block, gen)
+            if cur.set_range(probe):
+                k = cur.key()
+                if k[:16] == probe[:16]:
+                    oslot, odeath, ocrc, omask, oback, obcrc = map_val_full(cur.value())
+                    if odeath == INF:
+                        old = (map_key_decode(k)[2], oslot, ocrc, omask, oback, obcrc)
+            back = back_crc = 0
+            if old is not None:
+                obirth, oslot, ocrc, omask, oback, obcrc = old
+                if d.slot == ZERO_SLOT and oslot == ZERO_SLOT:
+                    continue  # tombstone stays a tombstone
+                if not whole and obirth > last:
+                    # The head's own entry (no point sees it) is what a
+                    # partial one was written over (_under): a whole
+                    # block becomes its back slot, and so does its back
+                    # slot; a partial one's pages are all in the new
+                    # entry, which reads through to what it read
+                    # through to.
+                    if omask == FULL_MASK:
+                        back, back_crc = oslot, ocrc
+                    elif oback:
+                        back, back_crc = oback, obcrc
+                okey = map_key(lid, block, obirth)
+                complete = whole or back != ZERO_SLOT  # reads through to nothing
+                if obirth == gen or (obirth > last and complete):
+                    # nothing will read it: free it now (deferred), but
+                    # for what the new entry keeps as its back slot; a
+                    # partial new entry at gen reads through to what the
+                    # old one read through to
+                    txn.delete(okey, db=mdb)
+                    txn.delete(born_key(lid, obirth, block), db=pool._db[DB_BORN])
+                    tx.frees.extend(s for s in (oslot, oback) if s != ZERO_SLOT and s != back)
+                    if complete and omask != FULL_MASK and not oback:  # what it read through to
+                        structure.release_base(pool, tx, lid, block, obirth)
+                else:
+                    # a snapshot point sees it, or the new partial
+                    # entry reads through to it
+                    txn.put(okey, map_val(oslot, gen, ocrc, omask, oback, obcrc), db=mdb)
+                    txn.delete(born_key(lid, obirth, block), db=pool._db[DB_BORN])
+                    txn.put(dead_key(lid, gen, block), birth_val(obirth), db=pool._db[DB_DEAD])
+            if d.slot == ZERO_SLOT and not has_parent:
+                continue  # absence reads as zeros in a root lineage
+            if d.slot == ZERO_SLOT and old is None and not _parent_has(pool, cur, lin, block):
+                continue
+            txn.put(map_key(lid, block, gen), map_val(d.slot, INF, d.crc, d.have, back, back_crc), db=mdb)
+            txn.put(born_key(lid, gen, block), b"", db=pool._db[DB_BORN])
+
+
+def _parent_has(pool, cur, lin: Lineage, block: int) -> bool:
+    plid, pgen = lin.parent
+    return bool(pool._lookup(cur, plid, pgen, block))
+
+
+def _finish_tx(pool, tx: Tx, ep: Epoch) -> None:
+    txn = tx.txn
+    meta, free = pool._db[DB_META], pool._db[DB_FREE]
+    committed_hwm = u64_decode(txn.get(b"hwm", db=meta))
+    for slot in ep.alloc:
+        if slot < committed_hwm:
+            txn.delete(u64(slot), db=free)
+    hwm = max(ep.hwm, committed_hwm)
+    for slot in ep.free_back:
+        if slot >= committed_hwm:  # taken from beyond the old hwm, given back
+            txn.put(u64(slot), b"", db=free)
+    for slot in ep.zeroed:  # allocated, then found to hold only zeros: free
+        txn.put(u64(slot), b"", db=free)
+    for slot in tx.frees:
+        txn.put(u64(slot), b"", db=free)
+    txn.put(b"hwm", u64(hwm), db=meta)
+    txn.put(b"log_gen", u64(pool.intent.gen + 1), db=meta)  # the log's records are in here now
+    if tx.counters:
+        c = dict(pool._counters)
+        c.update(tx.counters)
+        txn.put(b"counters", jenc(c), db=meta)
+    for lid, lin in tx.lins.items():
+        if lid in tx.dropped_lins:
+            txn.delete(u64(lid), db=pool._db[DB_LINEAGE])
+        else:
+            txn.put(u64(lid), jenc(lin.to_json()), db=pool._db[DB_LINEAGE])
+    for vid, v in tx.vols.items():
+        if v is None:
+            txn.delete(u64(vid), db=pool._db[DB_VOLUME])
+        else:
+            txn.put(u64(vid), jenc(v), db=pool._db[DB_VOLUME])
+    for sid, s in tx.snaps.items():
+        if s is None:
+            txn.delete(u64(sid), db=pool._db[DB_SNAP])
+        else:
+            txn.put(u64(sid), jenc(s), db=pool._db[DB_SNAP])
+    for k, v in list(ep.records.items()) + list(tx.records.items()):
+        if v is None:
+            txn.delete(k.encode(), db=pool._db[DB_RECORD])
+        else:
+            txn.put(k.encode(), jenc(v), db=pool._db[DB_RECORD])
+
+
+def _after_commit(pool, tx: Tx, ep: Epoch) -> None:
+    """The transaction is durable: publish it and let its frees be reused."""
+    for lid, lin in tx.lins.items():
+        if lid in tx.dropped_lins:
+            pool._lins.pop(lid, None)
+            pool._dirty.pop(lid, None)
+            pool._unlogged.pop(lid, None)
+        else:
+            pool._lins[lid] = lin
+    for vid, v in tx.vols.items():
+        if v is None:
+            pool._vols.pop(vid, None)
+        else:
+            pool._vols[vid] = v
+    for sid, s in tx.snaps.items():
+        if s is None:
+            pool._snaps.pop(sid, None)
+        else:
+            pool._snaps[sid] = s
+    pool._counters.update(tx.counters)
+    gen = pool.intent.retire()
+    if pool._fm is not None:
+        pool._fm.log_reset(gen)  # and no commit in flight
+    pool._committed_hwm = max(pool._committed_hwm, ep.hwm)
+    if pool._reserved_beyond:  # recorded free by this commit, unless taken since
+        pool._reserved_beyond = {s for s in pool._reserved_beyond if s >= pool._committed_hwm}
+    # The free cache keeps what it holds (all of it is free, durable or
+    # beyond the hwm); once it runs dry, DB_FREE is scanned again from the
+    # start, where this commit's frees (ep.zeroed among them) now are.
+    pool._free_scan = b""
+
+
+def grow_map_if_needed(pool) -> None:
+    if pool.defer_map_growth:
+        return
+    info, stat = pool.env.info(), pool.env.stat()
+    used = (info["last_pgno"] + 1) * stat["psize"]
+    if used > info["map_size"] * 0.6:
+        grow_map(pool)
+
+
+def grow_map(pool, force: bool = False) -> None:
+    new = pool.env.info()["map_size"] * 2
+    log.info("growing the LMDB map of %s to %d MiB", pool.path, new >> 20)
+    pool.env.set_mapsize(new)
+
+def _runs(nums: list[int]):
+    """Group sorted numbers (slots, pages) into (start, count) runs."""
+    start = prev = None
+    for s in nums:
+        if start is None:
+            start = prev = s
+        elif s == prev + 1:
+            prev = s
+        else:
+            yield start, prev - start + 1
+            start = prev = s
+    if start is not None:
+        yield start, prev - start + 1
+
+

@@ -1,0 +1,278 @@
+"""The engine's side of the C fast path (fastmap.py, csrc/fastmap.c): what
+the Pool tells C about each block (tell, tell_committed), what it takes in
+from C (drain), and the volumes C serves (sync_volumes).
+
+Functions of a Pool, called with the map's lock held (FastLock) unless they
+say otherwise.  C's table is a cache of the overlay and the committed map:
+never ahead of them, forgotten when unsure.
+"""
+from __future__ import annotations
+
+import logging
+import typing
+
+from . import allocator, intentlog, layers, logflush
+from .overlay import Dirty
+from .fastmap import FLUSHED, READ_ONLY, WRITABLE, WRITABLE_REPORT
+from .errors import (
+    EngineError,
+    NoSpace,
+)
+from .format import (
+    BLOCK_SIZE,
+    DB_MAP,
+    FULL_MASK,
+    ZERO_SLOT,
+    lid_prefix,
+)
+
+if typing.TYPE_CHECKING:
+    from .pool import Pool
+
+log = logging.getLogger(__name__)
+
+# The fast path's map is a cache: emptied when it holds more than this many
+# blocks (about 64 MiB of C memory).
+FAST_MAX_ENTRIES = 900_000
+
+
+class FastLock:
+    """`with pool._fast():` (the pool's one FastLock) holds the fast path's
+    map (if attached) for the duration, taking in what C wrote first.
+    Re-entrant within the owner thread."""
+
+    __slots__ = ("pool",)
+
+    def __init__(self, pool: "Pool"):
+        self.pool = pool
+
+    def __enter__(self):
+        p = self.pool
+        if p._fm_depth:
+            p._fm_depth += 1
+        elif p._fm is not None:
+            p._fm.lock()
+            p._fm_held = p._fm
+            p._fm_depth = 1
+            try:
+                drain(p)
+            except BaseException:
+                self.__exit__()
+                raise
+
+    def __exit__(self, *exc):
+        p = self.pool
+        if p._fm_depth:
+            p._fm_depth -= 1
+            if not p._fm_depth:
+                p._fm_held.unlock()
+                p._fm_held = None
+
+
+def attach(pool, fm) -> None:
+    """Keep a FastMap (vdisk.engine.fastmap) in step with this pool from
+    now on, so that an I/O thread may serve reads and writes through it.
+    From here on every operation that touches the overlay holds the
+    map's lock and first takes in what C wrote (see docs/architecture.md,
+    "The fast path")."""
+    if pool._fm is not None:
+        raise EngineError("a fast path is already attached")
+    pool._fm = fm
+    with pool._fast():
+        pool._fm_vids, pool._fm_gens = {}, {}
+        sync_volumes(pool)
+        il = pool.intent
+        fm.log_setup(pool.log.fd, il.gen, il.pos, il.seq, il.end, il.max, intentlog.FLUSH_MAX)
+        if not il.ok:
+            fm.log_disable()
+        fm.log_inflight(pool._inflight is not None)
+    refill(pool)
+
+
+def detach(pool) -> None:
+    """Stop keeping the FastMap in step: its reservoir comes back, and it
+    serves nothing more.  Call once no I/O thread uses it."""
+    fm = pool._fm
+    if fm is None:
+        return
+    with logflush.writer_lock(pool), pool._fast():
+        pool.intent.pull(fm)
+        for slot in fm.reservoir_take():
+            pool._reserved.discard(slot)
+            pool._reserved_beyond.discard(slot)
+            pool._free_cache.append(slot)
+        pool._free_cache.sort(reverse=True)
+        fm.set_failed(2)
+        fm.clear()
+        pool._fm = None
+
+
+def refill(pool) -> int:
+    """Take in what C wrote and top its reservoir up; returns how many
+    slots were added (fewer when the pool's filesystem is full).
+
+    Runs without the map's lock: it changes only the allocator (this
+    thread's) and the reservoir (under C's inner mutex), so the I/O
+    threads go on meanwhile, even while this thread waits for the GIL."""
+    fm = pool._fm
+    if fm is None or pool._failed:
+        return 0
+    drain_light(pool)
+    if fm.entries() > FAST_MAX_ENTRIES:
+        with pool._fast():
+            fm.clear(keep_writable=True)  # a cache: it fills again as blocks are used
+    want = fm.reservoir_target - fm.reservoir()
+    if want <= 0:
+        return 0
+    # growing the data file for the reservoir must not take the room
+    # LMDB and the writes themselves need: only reused slots then
+    grow = max(0, allocator.spare_bytes(pool) // BLOCK_SIZE)
+    slots = []
+    try:
+        while len(slots) < want:
+            if not pool._free_cache and pool._free_scan is not None:
+                allocator._refill_cache(pool)
+            if not pool._free_cache:
+                if grow <= 0:
+                    break
+                grow -= 1
+            slots.append(allocator.alloc(pool, reserve=True))
+    except NoSpace:
+        pass
+    fm.reservoir_add(slots[::-1])  # C takes from the end: ascending slots
+    return len(slots)
+
+
+def drain_light(pool) -> None:
+    """Take in what C wrote so far without stopping it (for counting:
+    what C writes meanwhile comes in at the next drain)."""
+    if pool._fm is not None and not pool._fm_depth:
+        drain(pool)
+
+
+def drain(pool) -> None:
+    """Put the blocks C gave new slots into the overlay, as write() would
+    have.  Called with the map locked, or by _drain_light: the log is
+    taken under C's inner mutex, and nothing here touches C's table or
+    frees a slot C could still know."""
+    got = pool._fm.drain()
+    for vid, block, slot, have in got:
+        if block == FLUSHED:  # C wrote a log flush of the volume
+            v = pool._vols.get(vid)
+            if v is not None:
+                pool._unlogged.pop(v["lid"], None)  # only C's blocks: the volume was clean
+            continue
+        pool._reserved.discard(slot)
+        pool._reserved_beyond.discard(slot)
+        pool._epoch_alloc.add(slot)
+        v = pool._vols.get(vid)
+        if v is None:  # cannot happen while volumes change only under the lock
+            allocator.release_fresh(pool, slot)
+            continue
+        dirty = pool._dirty.setdefault(v["lid"], {})
+        pool._unlogged.setdefault(v["lid"], set()).add(block)  # C has its pages
+        d = dirty.get(block)
+        if d is None:
+            pool._ndirty += 1
+            dirty[block] = Dirty(slot, 0, False, True, 0, have)
+            continue
+        if d.fresh and d.slot != slot:
+            allocator.release_fresh(pool, d.slot)
+        d.slot, d.crc, d.crc_ok, d.fresh, d.have = slot, 0, False, True, have
+
+
+def sync_volumes(pool) -> None:
+    """Tell the map every volume's head, size and whether a snapshot
+    shares its blocks; a volume whose head changed starts empty, and
+    clean when this engine holds no unlogged change to it (so that its
+    first fsync is served in C too)."""
+    fm = pool._fm
+    for vid, v in pool._vols.items():
+        lid = v["lid"]
+        gen = pool._lins[lid].gen
+        fm.set_volume(vid, lid, v["size"], bool(pool._lins[lid].points))
+        if pool._fm_vids.get(vid) != lid:
+            if not pool._unlogged.get(lid):  # C starts it not clean
+                set_clean(pool, vid, True)
+            if _is_new(pool, lid):  # C may take unknown blocks as zeros
+                fm.set_complete(vid)
+        elif pool._fm_gens.get(vid) != gen:  # a snapshot
+            fm.share(vid)
+    for vid in pool._fm_vids.keys() - pool._vols.keys():
+        fm.drop_volume(vid)
+    pool._fm_vids = {vid: v["lid"] for vid, v in pool._vols.items()}
+    pool._fm_gens = {vid: pool._lins[v["lid"]].gen for vid, v in pool._vols.items()}
+
+
+def _is_new(pool, lid: int) -> bool:
+    """Whether a lineage holds nothing at all: no parent, no block in
+    the committed map, none in the overlay."""
+    if pool._lins[lid].parent is not None or pool._dirty.get(lid) or pool._inflight_dirty(lid):
+        return False
+    with pool.env.begin(db=pool._db[DB_MAP]) as txn:
+        cur = txn.cursor()
+        return not (cur.set_range(lid_prefix(lid)) and cur.key()[:8] == lid_prefix(lid))
+
+
+def _writable(pool, lid: int, block: int, d: Dirty) -> int:
+    """How the fast path may write a dirty block: in place if its slot
+    is fresh, reporting the first write if the block is in the log."""
+    if not d.fresh:
+        return READ_ONLY
+    return WRITABLE if block in pool._unlogged.get(lid, ()) else WRITABLE_REPORT
+
+
+def tell(pool, vid: int, lid: int, block: int, d: Dirty, cur=None) -> None:
+    """Tell C what a live overlay entry holds (with the map's lock held):
+    a partial one with the one slot it reads the rest from (_under), or
+    nothing when that takes more than one (then C leaves the block to
+    us)."""
+    if d.have == FULL_MASK:
+        pool._fm.set(vid, block, d.slot, _writable(pool, lid, block, d))
+        return
+    if cur is None:
+        with pool.env.begin(db=pool._db[DB_MAP]) as txn:
+            return tell(pool, vid, lid, block, d, txn.cursor())
+    base = layers.single(pool._under(cur, lid, block))
+    if base is None:
+        d.pages |= pool._fm.mask(vid, block)  # what C wrote since the log flush: ours to log now
+        pool._fm.forget(vid, block)
+    else:
+        pool._fm.set(vid, block, d.slot, _writable(pool, lid, block, d), d.have, base)
+
+
+def tell_committed(pool, vid: int, lid: int, gen: int, block: int, chain, cur) -> None:
+    """Tell C the head's committed view of a block (verified, or zeros)
+    if one or two slots make it (an entry over its back slot or over
+    the whole block it reads through to), and whether its last snapshot
+    point sees the same.  A copy-on-write in C writes only the pages
+    written over a whole block, the head's own or its point's."""
+    slot = layers.single(chain)
+    if slot is not None:
+        have, base = FULL_MASK, ZERO_SLOT
+    elif len(chain) == 1 or (len(chain) == 2 and chain[1][1] == FULL_MASK):
+        slot, have, crc = chain[0]
+        if slot not in pool._verified:
+            return
+        base = chain[1][0] if len(chain) == 2 else ZERO_SLOT
+        if base != ZERO_SLOT and base not in pool._verified:
+            return
+    else:
+        return
+    shared = layers.head_state(cur, lid, gen, pool._lins[lid].last_point(), block)[0] == "shared"
+    pool._fm.add(vid, block, slot, have, base, shared)
+
+
+def changed(pool, vid: int, lid: int, d: Dirty, block: int, pages: int) -> None:
+    """Note pages of a block this engine changed (for the log flush)."""
+    d.pages |= pages
+    pool._unlogged.setdefault(lid, set()).add(block)
+    set_clean(pool, vid, False)
+
+
+def set_clean(pool, vid: int, clean: bool) -> None:
+    """Tell C whether it may write the volume's next log flush: only
+    while every change to it since its last one came from C (whose table
+    has their pages).  With the map's lock held."""
+    if pool._fm is not None:
+        pool._fm.log_clean(vid, clean)

@@ -1,0 +1,198 @@
+"""Making a volume's writes durable through the intent log, and the
+replay at open: a log flush gathers the pages of the volume changed since
+its last one (the overlay's and C's) into one record that the IntentLog
+appends (intentlog.py holds the file and its format).
+
+Functions of a Pool, run in its owner's thread; they block on the log
+file's fdatasync.  The log's writer lock (C's mutex when a fast path is
+attached, so that C's flushes and these take turns) is taken before the
+map's lock.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from . import allocator, commit, fastbridge, intentlog
+from .errors import (
+    FormatError,
+    NotFound,
+    PoolFailed,
+)
+from .format import (
+    BLOCK_SIZE,
+    DB_MAP,
+    FULL_MASK,
+    LOG_HEADER,
+    LOG_MAX_ENTRIES,
+    LOG_PAGE,
+    ZERO_SLOT,
+    mask_pages,
+    mask_runs,
+    slot_offset,
+)
+
+log = logging.getLogger(__name__)
+
+
+class LogLock:
+    """The intent log's writer lock, C's mutex (see writer_lock)."""
+
+    __slots__ = ("fm",)
+
+    def __init__(self, fm):
+        self.fm = fm
+
+    def __enter__(self):
+        self.fm.log_lock()
+
+    def __exit__(self, *exc):
+        self.fm.log_unlock()
+
+
+def flush(pool, vid: int) -> bool:
+    """Make every write to volume vid so far durable through the intent
+    log: one record of the pages changed since the volume's last log
+    flush, written at the log's end and fdatasync()ed (one device flush,
+    where a commit needs three).  Returns False, having changed nothing
+    that matters, when a commit must do it instead: a commit in flight,
+    more than intentlog.FLUSH_MAX to write, a full log, a filesystem too full
+    to grow it (see _spare_bytes), a log that failed.
+
+    Runs in the owner's thread; blocks on the log file's fdatasync, and
+    on a log flush C is writing (vdisk.engine.fastmap.FastMap.fsync).
+    The fast path's lock is held only while the pages are gathered."""
+    if pool._failed:
+        raise PoolFailed(pool._failed)
+    il = pool.intent
+    with writer_lock(pool):
+        il.pull(pool._fm)
+        if not il.ok or pool._inflight is not None:
+            return False
+        ok = _flush(pool, vid)
+        if pool._fm is not None:
+            if il.ok:
+                pool._fm.log_advance(il.pos, il.seq, il.end)
+            else:
+                pool._fm.log_disable()
+        return ok
+
+
+def writer_lock(pool):
+    """The log's writer lock (C's, when a fast path is attached, so that
+    C's log flushes and ours take turns); taken before the map's lock."""
+    return LogLock(pool._fm) if pool._fm is not None else contextlib.nullcontext()
+
+
+def status(pool) -> dict:
+    """The intent log's counters, with the flushes C wrote counted in."""
+    return pool.intent.status(pool._fm)
+
+
+def _flush(pool, vid: int) -> bool:
+    with pool._fast():
+        vol = pool._vols.get(vid)
+        if vol is None:
+            raise NotFound("volume %d does not exist" % vid)
+        lid = vol["lid"]
+        blocks = pool._unlogged.get(lid)
+        if not blocks:
+            fastbridge.set_clean(pool, vid, True)
+            return True
+        if len(blocks) > LOG_MAX_ENTRIES:
+            pool.intent.stats["commits_instead"] += 1
+            return False
+        dirty = pool._dirty.get(lid, {})
+        entries, pages, npages = [], [], 0
+        for block in sorted(blocks):
+            d = dirty[block]
+            if d.slot == ZERO_SLOT:
+                entries.append((block, 0))
+                continue
+            mask = d.pages | (pool._fm.mask(vid, block) if pool._fm is not None else 0)
+            if not mask:  # a block changed, and no page of it?  The whole is safe
+                pool.intent.stats["pages_unknown"] += 1
+                mask = FULL_MASK
+            entries.append((block, mask))
+            npages += mask.bit_count()
+            if npages * LOG_PAGE > intentlog.FLUSH_MAX:
+                pool.intent.stats["commits_instead"] += 1
+                return False
+            if mask & ~d.have:  # partial: the pages it lacks as the view before
+                with pool.env.begin(db=pool._db[DB_MAP]) as txn:
+                    data = pool._dirty_block(txn.cursor(), lid, block, d)
+                for first, count in mask_runs(mask):
+                    pages.append(data[first * LOG_PAGE : (first + count) * LOG_PAGE])
+                continue
+            for first, count in mask_runs(mask):
+                pages.append(pool.file.pread(count * LOG_PAGE, slot_offset(d.slot) + first * LOG_PAGE))
+        grow = pool.intent.growth(npages, lambda: allocator.spare_bytes(pool))
+        if grow is None:
+            # a full log, or a filesystem too full to grow it: commit
+            pool.intent.stats["commits_instead"] += 1
+            return False
+        # from here on the next write to any of these blocks is news
+        if pool._fm is not None:
+            pool._fm.log_epoch(vid)
+        del pool._unlogged[lid]
+        for block, _ in entries:
+            dirty[block].pages = 0
+        fastbridge.set_clean(pool, vid, True)
+    if not pool.intent.append(vid, entries, pages, grow):
+        # what the record held is still in the overlay: commits make it
+        # durable from now on
+        with pool._fast():
+            unlogged = pool._unlogged.setdefault(lid, set())
+            for block, _ in entries:
+                if block in dirty:
+                    dirty[block].pages = FULL_MASK
+                    unlogged.add(block)
+            fastbridge.set_clean(pool, vid, False)
+        return False
+    return True
+
+
+def replay(pool) -> None:
+    """At open: apply the intent log's valid records (IntentLog.valid_records)
+    to the heads, as the writes they stand for, then commit them, which
+    also retires the log."""
+    seq = nbytes = 0
+    auto, pool.auto_commit = pool.auto_commit, False  # one commit, at the end
+    try:
+        for vid, entries, body in pool.intent.valid_records():
+            _replay_record(pool, vid, entries, body)
+            seq += 1
+            nbytes += LOG_HEADER + len(body)
+    finally:
+        pool.auto_commit = auto
+    if seq:
+        log.info("%s: replayed %d intent log record(s) (%d bytes)", pool.path, seq, nbytes)
+        pool.intent.stats["replayed"] = seq
+    if seq or pool.intent.end:
+        # a generation no record on disk has: the old records are dead
+        commit.commit(pool, change=lambda tx: None)
+
+
+def _replay_record(pool, vid: int, entries, body: bytes) -> None:
+    vol = pool._vols.get(vid)
+    if vol is None:
+        raise FormatError(
+            "%s: the intent log has a record for volume %d, which does not exist; "
+            "move %s aside to open the pool without it (losing what it holds)"
+            % (pool.path, vid, pool.log.path)
+        )
+    size = vol["size"]
+    at = 0
+    for block, mask in entries:
+        base = block * BLOCK_SIZE
+        if base >= size:
+            raise FormatError("%s: the intent log has block %d beyond the end of volume %d"
+                              % (pool.path, block, vid))
+        if mask == 0:
+            pool.discard(vid, base, min(BLOCK_SIZE, size - base))
+            continue
+        for p in mask_pages(mask):
+            off = base + p * LOG_PAGE
+            if off < size:
+                pool.write(vid, off, body[at : at + min(LOG_PAGE, size - off)])
+            at += LOG_PAGE
