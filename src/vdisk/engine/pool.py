@@ -35,6 +35,12 @@ Epoch (new writes start a new overlay, which reads through to the frozen
 one), `CommitJob.run()` does the fdatasync and the LMDB transaction, and
 `finish_commit()` publishes the result.  `commit()` is the three in a row.
 
+The Pool itself holds the state and the write path; the rest lives in
+modules of functions over it: commit.py (commits), allocator.py (free
+slots), fastbridge.py (keeping the C fast path in step), logflush.py (the
+intent log's flushes and replay), catalogue.py (catalogue records),
+structure.py (volumes, snapshots, rollback), reports.py and scrub.py.
+
 Concurrency contract: a Pool is used from one thread, except
 `CommitJob.run()`, which may run in one other thread at a time: it touches
 only its frozen epoch, the data file's fdatasync and its own LMDB write
