@@ -58,11 +58,12 @@
 
 #include "blockops.h"
 #include "fastmap.h"
+#include "logrecord.h"
 
 #define BS (64 * 1024)
 #define MAX_SPAN 32            /* blocks per request served here (2 MiB) */
 #define MAX_ENTRIES (1u << 20) /* 1 Mi entries: 48 MiB of table at most */
-#define LOG_REC 4              /* the drain's records: vid, block, slot, have */
+#define LOG_REC VD_FM_DRAIN_WORDS /* the drain's records (fastmap.h) */
 
 struct ent {
     uint64_t vid, block, slot;
@@ -77,9 +78,9 @@ struct ent {
 };
 #define FULL 0xFFFF
 
-/* blocks a volume's log flush in C can hold: LOG_MAX_ENTRIES of the
- * record format (docs/format.md); a volume with more goes to the engine */
-#define CHG_MAX 252
+/* blocks a volume's log flush in C can hold: a record's entries
+ * (logrecord.h); a volume with more goes to the engine */
+#define CHG_MAX VD_LOG_MAX_ENTRIES
 
 struct vol {
     uint64_t vid, lid, size;
@@ -957,9 +958,17 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
 
 /* ------------------------------------------------------------ intent log */
 
-#define LOG_HDR 4096 /* docs/format.md, "The intent log": header, then pages */
-#define LOG_PG 4096
-#define LOG_ENTRIES_AT 64
+/* the record's layout: logrecord.h */
+#define LOG_HDR VD_LOG_HEADER
+#define LOG_PG VD_LOG_PAGE
+#define LOG_ENTRIES_AT sizeof(struct vd_log_head)
+#define LOG_AT(field) offsetof(struct vd_log_head, field)
+
+const char vd_log_magic[9] = "vdlogv2\n";
+_Static_assert(sizeof(struct vd_log_head) + VD_LOG_MAX_ENTRIES * sizeof(struct vd_log_entry) <= VD_LOG_HEADER,
+               "a record's entries fit in its header");
+_Static_assert(sizeof(struct vd_log_head) + (VD_LOG_MAX_ENTRIES + 1) * sizeof(struct vd_log_entry) > VD_LOG_HEADER,
+               "VD_LOG_MAX_ENTRIES is as many as fit");
 
 void vd_fm_log_setup(struct vd_fastmap *fm, int fd, uint64_t gen, uint64_t pos, uint64_t seq, uint64_t end,
                      uint64_t max, uint64_t flush_max)
@@ -1063,20 +1072,21 @@ static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t
     memset(hdr, 0, LOG_HDR);
     for (uint32_t c = 0; c < count; c++) {
         struct ent *e = ents[c];
-        put_le(hdr + LOG_ENTRIES_AT + 16 * c, e->block, 8);
-        put_le(hdr + LOG_ENTRIES_AT + 16 * c + 8, e->mask, 4);
+        unsigned char *at = hdr + LOG_ENTRIES_AT + sizeof(struct vd_log_entry) * c;
+        put_le(at + offsetof(struct vd_log_entry, block), e->block, 8);
+        put_le(at + offsetof(struct vd_log_entry, mask), e->mask, 4);
         for (int pg = 0, run; (run = page_run(e->mask, &pg)) > 0; pg += run) { /* one pread per run */
             if (pread_full(fm->data_fd, p, (size_t)run * LOG_PG, slot_off(e->slot) + (uint64_t)pg * LOG_PG) < 0)
                 return -EAGAIN;
             p += (size_t)run * LOG_PG;
         }
     }
-    memcpy(hdr, "vdlogv2\n", 8);
-    put_le(hdr + 8, L->gen, 8);
-    put_le(hdr + 16, L->seq, 8);
-    put_le(hdr + 24, vid, 8);
-    put_le(hdr + 32, count, 4);
-    put_le(hdr + 36, vd_crc32c(vd_crc32c(0, hdr, LOG_HDR), L->buf + LOG_HDR, npages * LOG_PG), 4);
+    memcpy(hdr + LOG_AT(magic), vd_log_magic, sizeof(((struct vd_log_head *)0)->magic));
+    put_le(hdr + LOG_AT(gen), L->gen, 8);
+    put_le(hdr + LOG_AT(seq), L->seq, 8);
+    put_le(hdr + LOG_AT(vid), vid, 8);
+    put_le(hdr + LOG_AT(count), count, 4);
+    put_le(hdr + LOG_AT(crc), vd_crc32c(vd_crc32c(0, hdr, LOG_HDR), L->buf + LOG_HDR, npages * LOG_PG), 4);
     /* the engine hears of the flush after the blocks it covers (the drain
      * keeps the order), and forgets them as unlogged */
     pthread_mutex_lock(&fm->io);

@@ -65,8 +65,10 @@ void vd_fm_log_reset(struct vd_fastmap *fm, uint64_t gen);
 void vd_fm_log_clean(struct vd_fastmap *fm, uint64_t vid, int clean);
 void vd_fm_log_fail_next(struct vd_fastmap *fm, int fail); /* tests: the next record written here fails before its fdatasync */
 void vd_fm_log_get(struct vd_fastmap *fm, uint64_t *out5); /* pos, seq, ok, flushes, bytes */
-/* the drain's record (vid, VD_FM_FLUSHED, 0, 0): the volume's changes
- * drained before it are in the log */
+/* the drain's records (vd_fm_drain) are VD_FM_DRAIN_WORDS words each:
+ * (vid, block, slot, have); (vid, VD_FM_FLUSHED, 0, 0): the volume's
+ * changes drained before it are in the log */
+enum { VD_FM_DRAIN_WORDS = 4 };
 #define VD_FM_FLUSHED 0xFFFFFFFFFFFFFFFF
 void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out4);
 

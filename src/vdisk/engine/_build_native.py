@@ -19,10 +19,10 @@ def _declarations(header: str) -> str:
 
 
 ffibuilder = FFI()
-ffibuilder.cdef(_declarations("blockops.h") + _declarations("fastmap.h"))
+ffibuilder.cdef(_declarations("blockops.h") + _declarations("fastmap.h") + _declarations("logrecord.h"))
 ffibuilder.set_source(
     "vdisk.engine._native",
-    '#include "blockops.h"\n#include "fastmap.h"',
+    '#include "blockops.h"\n#include "fastmap.h"\n#include "logrecord.h"',
     sources=[os.path.join(CSRC, "blockops.c"), os.path.join(CSRC, "fastmap.c")],
     include_dirs=[CSRC],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall"],

@@ -23,6 +23,7 @@ from .native import ffi, lib
 EAGAIN = -errno.EAGAIN
 READ_ONLY, WRITABLE, WRITABLE_REPORT = 0, 1, 2
 DRAIN_BATCH = 4096
+DRAIN_WORDS = lib.VD_FM_DRAIN_WORDS  # one drain record (csrc/fastmap.h)
 # the drain's (vid, FLUSHED, 0): C wrote the volume's changes drained before
 # it to the intent log (VD_FM_FLUSHED in csrc/fastmap.h)
 FLUSHED = (1 << 64) - 1
@@ -36,7 +37,7 @@ class FastMap:
         self._fm = lib.vd_fm_new(data_fd, event_fd, reservoir // 2)
         if self._fm == ffi.NULL:
             raise MemoryError("vdisk fast path: cannot allocate its block table")
-        self._out = ffi.new("uint64_t[]", DRAIN_BATCH * 4)
+        self._out = ffi.new("uint64_t[]", DRAIN_BATCH * DRAIN_WORDS)
 
     def close(self) -> None:
         if self._fm is not None:
@@ -122,7 +123,8 @@ class FastMap:
         out = self._out
         while True:
             n = lib.vd_fm_drain(self._fm, out, DRAIN_BATCH)
-            got.extend((out[4 * i], out[4 * i + 1], out[4 * i + 2], out[4 * i + 3]) for i in range(n))
+            w = DRAIN_WORDS
+            got.extend(tuple(out[w * i : w * i + 4]) for i in range(n))
             if n < DRAIN_BATCH:
                 return got
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import struct
 
+from .native import ffi as _ffi, lib as _lib  # csrc/logrecord.h: the log record's layout
+
 FORMAT_VERSION = 4
 # versions this vdisk opens: older ones are upgraded in place when opened
 READABLE_VERSIONS = (1, 2, 3, 4)
@@ -139,15 +141,31 @@ def jdec(b: bytes):
 
 # ---------------------------------------------------------------- intent log
 # A record: a 4096-byte header, then 4096 bytes for each page of its mask,
-# entry by entry, pages in ascending order (see docs/format.md).
-LOG_MAGIC = b"vdlogv2\n"
-LOG_HEADER = 4096
-LOG_PAGE = PAGE
-_LOGHDR = struct.Struct("<8sQQQII")  # magic, gen, seq, vid, count, crc32c
-_LOGENT = struct.Struct("<QI4x")  # block, page mask (0: the block is zeros)
-LOG_ENTRIES_AT = 64
-LOG_MAX_ENTRIES = (LOG_HEADER - LOG_ENTRIES_AT) // _LOGENT.size
-LOG_CRC_AT = 36
+# entry by entry, pages in ascending order (see docs/format.md).  Its layout
+# is written once, in csrc/logrecord.h, which the C writer compiles with and
+# cffi reads: the sizes and offsets here come from there.
+LOG_MAGIC = _ffi.string(_lib.vd_log_magic)
+LOG_HEADER = _lib.VD_LOG_HEADER
+LOG_PAGE = _lib.VD_LOG_PAGE
+LOG_ENTRIES_AT = _ffi.sizeof("struct vd_log_head")
+_LOGENT_SIZE = _ffi.sizeof("struct vd_log_entry")
+LOG_MAX_ENTRIES = _lib.VD_LOG_MAX_ENTRIES
+LOG_CRC_AT = _ffi.offsetof("struct vd_log_head", "crc")
+# (offset, bytes) of the header's integer fields and an entry's (little endian)
+_LOG_FIELDS = {f: (_ffi.offsetof("struct vd_log_head", f), 8 if f in ("gen", "seq", "vid") else 4)
+               for f in ("gen", "seq", "vid", "count", "crc")}
+_ENT_FIELDS = {f: (_ffi.offsetof("struct vd_log_entry", f), 8 if f == "block" else 4) for f in ("block", "mask")}
+assert PAGE == LOG_PAGE and LOG_ENTRIES_AT + LOG_MAX_ENTRIES * _LOGENT_SIZE <= LOG_HEADER
+
+
+def _put(buf, at: int, field: tuple[int, int], value: int) -> None:
+    off, n = field
+    buf[at + off : at + off + n] = value.to_bytes(n, "little")
+
+
+def _get(buf, at: int, field: tuple[int, int]) -> int:
+    off, n = field
+    return int.from_bytes(buf[at + off : at + off + n], "little")
 
 
 def page_mask(intra: int, length: int) -> int:
@@ -182,25 +200,32 @@ def log_header(gen: int, seq: int, vid: int, entries: list[tuple[int, int]]) -> 
     if len(entries) > LOG_MAX_ENTRIES:
         raise ValueError("an intent log record holds at most %d blocks" % LOG_MAX_ENTRIES)
     hdr = bytearray(LOG_HEADER)
-    _LOGHDR.pack_into(hdr, 0, LOG_MAGIC, gen, seq, vid, len(entries), 0)
+    hdr[: len(LOG_MAGIC)] = LOG_MAGIC
+    for f, v in (("gen", gen), ("seq", seq), ("vid", vid), ("count", len(entries))):
+        _put(hdr, 0, _LOG_FIELDS[f], v)
     for i, (block, mask) in enumerate(entries):
-        _LOGENT.pack_into(hdr, LOG_ENTRIES_AT + i * _LOGENT.size, block, mask)
+        at = LOG_ENTRIES_AT + i * _LOGENT_SIZE
+        _put(hdr, at, _ENT_FIELDS["block"], block)
+        _put(hdr, at, _ENT_FIELDS["mask"], mask)
     return hdr
 
 
 def log_set_crc(hdr: bytearray, crc: int) -> None:
-    struct.pack_into("<I", hdr, LOG_CRC_AT, crc)
+    _put(hdr, 0, _LOG_FIELDS["crc"], crc)
 
 
 def log_header_decode(hdr: bytes):
     """(gen, seq, vid, entries, crc) of a header, or None if it is not one;
     the CRC is the caller's to check (over the header with the field zero)."""
-    if len(hdr) < LOG_HEADER:
+    if len(hdr) < LOG_HEADER or bytes(hdr[: len(LOG_MAGIC)]) != LOG_MAGIC:
         return None
-    magic, gen, seq, vid, count, crc = _LOGHDR.unpack_from(hdr, 0)
-    if magic != LOG_MAGIC or count > LOG_MAX_ENTRIES:
+    gen, seq, vid, count, crc = (_get(hdr, 0, _LOG_FIELDS[f]) for f in ("gen", "seq", "vid", "count", "crc"))
+    if count > LOG_MAX_ENTRIES:
         return None
-    entries = [_LOGENT.unpack_from(hdr, LOG_ENTRIES_AT + i * _LOGENT.size) for i in range(count)]
+    entries = []
+    for i in range(count):
+        at = LOG_ENTRIES_AT + i * _LOGENT_SIZE
+        entries.append((_get(hdr, at, _ENT_FIELDS["block"]), _get(hdr, at, _ENT_FIELDS["mask"])))
     if any(m > FULL_MASK for _, m in entries):
         return None
     return gen, seq, vid, entries, crc
