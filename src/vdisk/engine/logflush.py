@@ -57,7 +57,7 @@ def flush(pool, vid: int) -> bool:
     where a commit needs three).  Returns False, having changed nothing
     that matters, when a commit must do it instead: a commit in flight,
     more than intentlog.FLUSH_MAX to write, a full log, a filesystem too full
-    to grow it (see _spare_bytes), a log that failed.
+    to grow it (see allocator.spare_bytes), a log that failed.
 
     Runs in the owner's thread; blocks on the log file's fdatasync, and
     on a log flush C is writing (vdisk.engine.fastmap.FastMap.fsync).

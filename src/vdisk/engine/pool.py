@@ -513,7 +513,7 @@ class Pool:
 
     def _write_block(self, vid: int, lid: int, dirty: dict, block: int, intra: int, chunk: memoryview) -> None:
         """Write into one block.  Checksums of what is written here are
-        computed at commit (_finish_checksums, in the commit's thread when
+        computed at commit (commit._finish_checksums, in the commit's thread when
         the daemon runs commits in a worker), not per write.
 
         Sub-block copy-on-write: a block that reads as a whole block now
