@@ -5,17 +5,22 @@ cffi compiles csrc/blockops.c and csrc/fastmap.c into a real extension module an
 GIL around every call.
 """
 import os
+import re
 
 from cffi import FFI
 
 # setuptools wants paths relative to the project root (where setup.py runs).
 CSRC = "csrc"
 
+_CONSTANT = re.compile(r"#define\s+VD_\w+\s+(0x[0-9A-Fa-f]+|\d+)\s*$")
+
+
 def _declarations(header: str) -> str:
-    """A header's declarations for cffi's cdef (which takes no preprocessor
-    lines), so that the C interface is written once, in csrc/."""
+    """A header's declarations for cffi's cdef, so that the C interface is
+    written once, in csrc/: cdef takes no preprocessor lines but integer
+    constants (`#define VD_... <number>`), which Python reads as lib.VD_..."""
     with open(os.path.join(CSRC, header)) as f:
-        return "".join(line for line in f if not line.lstrip().startswith("#"))
+        return "".join(line for line in f if not line.lstrip().startswith("#") or _CONSTANT.match(line.strip()))
 
 
 ffibuilder = FFI()

@@ -24,9 +24,9 @@ EAGAIN = -errno.EAGAIN
 READ_ONLY, WRITABLE, WRITABLE_REPORT = 0, 1, 2
 DRAIN_BATCH = 4096
 DRAIN_WORDS = lib.VD_FM_DRAIN_WORDS  # one drain record (csrc/fastmap.h)
-# the drain's (vid, FLUSHED, 0): C wrote the volume's changes drained before
-# it to the intent log (VD_FM_FLUSHED in csrc/fastmap.h)
-FLUSHED = (1 << 64) - 1
+# the drain's (vid, FLUSHED, 0, 0): C wrote the volume's changes drained
+# before it to the intent log (csrc/fastmap.h)
+FLUSHED = lib.VD_FM_FLUSHED
 FULL = 0xFFFF  # every page of a block (have)
 COALESCE_PAGES = lib.VD_FM_COALESCE_PAGES  # see csrc/fastmap.h
 
