@@ -11,13 +11,15 @@
  *                                the slot was allocated since the last freeze
  *                                (the overlay's "fresh") and may be written
  *                                in place
- *     have, base                 the pages the slot holds (0xFFFF: all); the
- *                                others read from slot `base` (0: zeros), a
- *                                partial entry (docs/format.md)
+ *     have, b                    the pages the slot holds (0xFFFF: all); the
+ *                                others as `struct below` b says: from slot
+ *                                b.base (b.bhave's pages) or b.base2 (0:
+ *                                zeros), a partial or backed entry
+ *                                (docs/format.md): at most three slots
  *     shared                     the head reads the block as its last
  *                                snapshot point does: a copy-on-write here
- *                                writes only the pages written, over `slot`
- *                                as base (else it copies the pages of have)
+ *                                writes only the pages written, over the
+ *                                entry (else it copies the pages of have)
  *   reservoir                    free slots handed over by the engine; a
  *                                copy-on-write takes one
  *   log                          (vid, block, slot) of every block that got
@@ -65,9 +67,19 @@
 #define MAX_ENTRIES (1u << 20) /* 1 Mi entries: 48 MiB of table at most */
 #define LOG_REC VD_FM_DRAIN_WORDS /* the drain's records (fastmap.h) */
 
+/* Where the pages an entry's slot does not hold read from: those of bhave
+ * from slot base, the others from slot base2 (0: zeros).  bhave is FULL for
+ * a view of two slots (a partial entry over a whole block); a view of three
+ * is a partial entry over the last snapshot point's partial entry. */
+struct below {
+    uint64_t base, base2;
+    uint16_t bhave;
+};
+static const struct below ZEROS = {0, 0, 0xFFFF};
+
 struct ent {
     uint64_t vid, block, slot;
-    uint64_t base;   /* where the pages not in have read from (0: zeros) */
+    struct below b;  /* the pages not in have (have FULL: unused) */
     uint32_t epoch;  /* == fm->epoch: writable in place; 0: read-only */
     uint32_t lepoch; /* == the volume's lepoch: mask is valid */
     uint32_t sepoch; /* fm->epoch when the entry was last set */
@@ -239,8 +251,12 @@ static int rebuild(struct vd_fastmap *fm, size_t cap, int skip, uint64_t vid)
 /* Insert or update; 0 on success, -ENOSPC when the table is at its limit.
  * bits: pages just written (the mask starts over in a new log epoch). */
 static int put(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint32_t epoch,
-               uint32_t lepoch, uint16_t bits, uint16_t have, uint64_t base, int shared)
+               uint32_t lepoch, uint16_t bits, uint16_t have, struct below b, int shared)
 {
+    if (have == FULL)
+        b = ZEROS;
+    else if (b.bhave == FULL)
+        b.base2 = 0;
     struct ent *e = lookup(fm, vid, block);
     if (e != NULL) {
         if (e->lepoch != lepoch)
@@ -250,7 +266,7 @@ static int put(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slo
         e->lepoch = lepoch;
         e->mask |= bits;
         e->have = have;
-        e->base = have == FULL ? 0 : base;
+        e->b = b;
         e->shared = (uint8_t)shared;
         e->sepoch = fm->epoch;
         return 0;
@@ -259,7 +275,7 @@ static int put(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slo
         return -ENOSPC;
     if ((fm->n + 1) * 2 > fm->cap && rebuild(fm, fm->cap * 2, 0, 0) < 0)
         return -ENOMEM;
-    struct ent ne = {.vid = vid, .block = block, .slot = slot, .base = have == FULL ? 0 : base, .epoch = epoch,
+    struct ent ne = {.vid = vid, .block = block, .slot = slot, .b = b, .epoch = epoch,
                      .lepoch = lepoch, .mask = bits, .sepoch = fm->epoch, .have = have, .shared = (uint8_t)shared,
                      .used = 1};
     place(fm->tab, fm->cap, &ne);
@@ -342,12 +358,13 @@ void vd_fm_drop_volume(struct vd_fastmap *fm, uint64_t vid)
  * flush has it already).  If the table is full the entry is forgotten
  * instead: never left stale. */
 int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, int writable, uint16_t have,
-              uint64_t base)
+              uint64_t base, uint16_t bhave, uint64_t base2)
 {
     struct vol *v = find_vol(fm, vid);
     int w = writable && slot && v != NULL;
+    struct below b = {base, base2, bhave};
     int rc = put(fm, vid, block, slot, w ? fm->epoch : 0, (w && writable == 1) ? v->lepoch : 0, 0,
-                 slot ? have : FULL, base, 0);
+                 slot ? have : FULL, b, 0);
     if (rc < 0)
         vd_fm_forget(fm, vid, block);
     return rc;
@@ -356,11 +373,12 @@ int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot
 /* A mapping the engine looked up (read-only); kept only if nothing newer is
  * known and there is room. */
 int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint16_t have, uint64_t base,
-              int shared)
+              int shared, uint16_t bhave, uint64_t base2)
 {
     if (lookup(fm, vid, block) != NULL)
         return 0;
-    return put(fm, vid, block, slot, 0, 0, 0, slot ? have : FULL, base, shared);
+    struct below b = {base, base2, bhave};
+    return put(fm, vid, block, slot, 0, 0, 0, slot ? have : FULL, b, shared);
 }
 
 /* A snapshot of the volume was taken: every block it read so far (all but
@@ -609,20 +627,27 @@ static long span(struct vd_fastmap *fm, uint64_t vid, uint64_t off, uint32_t len
     return 0;
 }
 
+/* The slot page pg of an entry's view comes from (0: zeros). */
+static inline uint64_t source(uint64_t slot, uint16_t have, struct below b, int pg)
+{
+    if (have >> pg & 1)
+        return slot;
+    return (b.bhave >> pg & 1) ? b.base : b.base2;
+}
+
 /* Bytes [intra, intra + n) of a partial block: pages of have from slot, the
  * others from base (0: zeros); one pread per run of pages from one place. */
-static int read_pages(struct vd_fastmap *fm, uint64_t slot, uint16_t have, uint64_t base, uint64_t intra,
+static int read_pages(struct vd_fastmap *fm, uint64_t slot, uint16_t have, struct below b, uint64_t intra,
                       uint64_t n, unsigned char *out)
 {
     uint64_t pos = intra, end = intra + n;
     while (pos < end) {
-        int in = have >> (pos / PG) & 1;
+        uint64_t src = source(slot, have, b, (int)(pos / PG));
         uint64_t stop = (pos / PG + 1) * PG;
-        while (stop < end && (have >> (stop / PG) & 1) == in)
+        while (stop < end && source(slot, have, b, (int)(stop / PG)) == src)
             stop += PG;
         if (stop > end)
             stop = end;
-        uint64_t src = in ? slot : base;
         if (src == 0)
             memset(out + (pos - intra), 0, stop - pos);
         else {
@@ -638,8 +663,9 @@ static int read_pages(struct vd_fastmap *fm, uint64_t slot, uint16_t have, uint6
 long vd_fm_read(void *arg, uint64_t vid, uint64_t off, uint32_t len, void *buf)
 {
     struct vd_fastmap *fm = arg;
-    uint64_t first, slots[MAX_SPAN], bases[MAX_SPAN];
+    uint64_t first, slots[MAX_SPAN];
     uint16_t haves[MAX_SPAN];
+    struct below bs[MAX_SPAN];
     size_t nb;
     struct vol *v;
     begin_io(fm);
@@ -652,7 +678,7 @@ long vd_fm_read(void *arg, uint64_t vid, uint64_t off, uint32_t len, void *buf)
             return end_io(fm, -EAGAIN);
         slots[i] = e ? e->slot : 0;
         haves[i] = e && e->slot ? e->have : FULL;
-        bases[i] = e ? e->base : 0;
+        bs[i] = e ? e->b : ZEROS;
     }
     /* the slots stay valid while the lock is held for reading: only the
      * engine frees or reuses a slot, with the lock held for writing */
@@ -664,7 +690,7 @@ long vd_fm_read(void *arg, uint64_t vid, uint64_t off, uint32_t len, void *buf)
         if (n > end - pos)
             n = end - pos;
         if (haves[i] != FULL) {
-            if ((rc = read_pages(fm, slots[i], haves[i], bases[i], intra, n, out)) < 0)
+            if ((rc = read_pages(fm, slots[i], haves[i], bs[i], intra, n, out)) < 0)
                 return end_shared(fm, rc);
             out += n;
             pos += n;
@@ -749,6 +775,13 @@ static int fetch_pages(struct vd_fastmap *fm, uint64_t src, uint16_t mask, unsig
     return 0;
 }
 
+/* The pages of mask as below an entry: bhave's from base, the rest from base2. */
+static int fetch_below(struct vd_fastmap *fm, struct below b, uint16_t mask, unsigned char *buf)
+{
+    int rc = fetch_pages(fm, b.base, mask & b.bhave, buf);
+    return rc < 0 ? rc : fetch_pages(fm, b.base2, mask & (uint16_t)~b.bhave, buf);
+}
+
 /* Write the pages of mask from buf (a block's buffer) into slot dst. */
 static int store_pages(struct vd_fastmap *fm, uint64_t dst, uint16_t mask, const unsigned char *buf)
 {
@@ -792,7 +825,8 @@ static int log_block(struct vd_fastmap *fm, struct vol *v, uint64_t vid, uint64_
 long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void *buf)
 {
     struct vd_fastmap *fm = arg;
-    uint64_t first, base[MAX_SPAN], nbase[MAX_SPAN];
+    uint64_t first, base[MAX_SPAN];
+    struct below nb_[MAX_SPAN]; /* what a new or merged slot's missing pages read from */
     uint16_t own[MAX_SPAN], merge[MAX_SPAN];
     unsigned char act[MAX_SPAN], coal[MAX_SPAN];
     size_t nb, need = 0;
@@ -824,7 +858,7 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
                  * keeps the inner mutex, so that no read that sees them in
                  * have (from now on) reads them before they are written */
                 merge[i] = missing & (uint16_t)~covered(intra, n);
-                nbase[i] = e->base;
+                nb_[i] = e->b;
                 merging = 1;
             }
             if (e->lepoch != v->lepoch || missing) {
@@ -848,21 +882,25 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
             } else {
                 act[i] = COW;
                 /* what the new slot copies (own) and what it reads the rest
-                 * from (nbase): only the pages written over a whole block,
-                 * the last snapshot point's or the head's own (the engine
-                 * makes it a backed entry at commit), or over zeros the
-                 * point sees too; over the head's own, the whole block once
-                 * the slot would hold more than VD_FM_COALESCE_PAGES */
+                 * from (nb_): only the pages written over a whole block, the
+                 * last snapshot point's or the head's own (the engine makes
+                 * it a backed entry at commit), over the point's entry of
+                 * two slots (a view of three), or over zeros the point sees
+                 * too; over the head's own, the whole block once the slot
+                 * would hold more than VD_FM_COALESCE_PAGES */
                 coal[i] = e->slot && !is_shared(e, v);
                 if (e->slot == 0) {
                     own[i] = is_shared(e, v) ? 0 : FULL;
-                    nbase[i] = 0;
+                    nb_[i] = ZEROS;
                 } else if (e->have == FULL) {
                     own[i] = 0;
-                    nbase[i] = e->slot;
+                    nb_[i] = (struct below){e->slot, 0, FULL};
+                } else if (is_shared(e, v) && e->b.bhave == FULL) {
+                    own[i] = 0;
+                    nb_[i] = (struct below){e->slot, e->b.base, e->have};
                 } else {
                     own[i] = e->have;
-                    nbase[i] = e->base;
+                    nb_[i] = e->b;
                 }
             }
             need++;
@@ -871,7 +909,8 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
             need++;
         } else if (v->complete) { /* zeros, for its snapshot points too: only the pages written */
             act[i] = COW;
-            base[i] = nbase[i] = 0;
+            base[i] = 0;
+            nb_[i] = ZEROS;
             own[i] = 0;
             need++;
         } else {
@@ -898,7 +937,7 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
         const unsigned char *data = in;
         if (act[i] == INPLACE) {
             if (merge[i]) { /* under the inner mutex: no other request touches these pages */
-                if ((rc = fetch_pages(fm, nbase[i], merge[i], fm->scratch)) < 0 ||
+                if ((rc = fetch_below(fm, nb_[i], merge[i], fm->scratch)) < 0 ||
                     (rc = store_pages(fm, base[i], merge[i], fm->scratch)) < 0)
                     return end_io(fm, rc);
             }
@@ -923,21 +962,21 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
                 continue;
         }
         uint16_t have = FULL, bits = 0xFFFF;
-        uint64_t hbase = 0;
+        struct below hb = ZEROS;
         if (act[i] == COW) {
             uint16_t pgs = pages(intra, n);
             have = own[i] | pgs;
             if (coal[i] && __builtin_popcount(have) > VD_FM_COALESCE_PAGES)
                 have = FULL;
             uint16_t edges = pgs & (uint16_t)~own[i] & (uint16_t)~covered(intra, n);
-            if (have == FULL) /* the whole view: own pages, the rest from nbase */
+            if (have == FULL) /* the whole view: own pages, the rest from below */
                 edges = (uint16_t)~own[i] & (uint16_t)~covered(intra, n);
             if ((rc = fetch_pages(fm, base[i], own[i], fm->scratch)) < 0 ||
-                (rc = fetch_pages(fm, nbase[i], edges, fm->scratch)) < 0)
+                (rc = fetch_below(fm, nb_[i], edges, fm->scratch)) < 0)
                 return end_io(fm, rc);
             memcpy(fm->scratch + intra, data, n);
             data = fm->scratch;
-            hbase = nbase[i];
+            hb = nb_[i];
             bits = pgs;
             __atomic_add_fetch(&fm->st_cow, 1, __ATOMIC_RELAXED);
         }
@@ -948,7 +987,7 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
         }
         /* room was checked above; a new slot differs from the log flush's
          * state in the pages written and, for copy-on-write, in none else */
-        put(fm, vid, block, slot, fm->epoch, v->lepoch, bits, have, hbase, 0);
+        put(fm, vid, block, slot, fm->epoch, v->lepoch, bits, have, hb, 0);
     }
     if (!shared && fm->nres < fm->low_water)
         ask_for_slots(fm);

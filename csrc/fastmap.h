@@ -29,9 +29,9 @@ void vd_fm_drop_volume(struct vd_fastmap *fm, uint64_t vid);
  * (0: zeros); shared: the head reads the block as its last snapshot point
  * does (a copy-on-write writes only the pages written) */
 int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, int writable, uint16_t have,
-              uint64_t base);
+              uint64_t base, uint16_t bhave, uint64_t base2);
 int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint16_t have, uint64_t base,
-              int shared);
+              int shared, uint16_t bhave, uint64_t base2);
 void vd_fm_forget(struct vd_fastmap *fm, uint64_t vid, uint64_t block);
 void vd_fm_share(struct vd_fastmap *fm, uint64_t vid);
 /* the volume is new: every block it has is in the table (C clears this when

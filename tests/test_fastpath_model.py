@@ -183,8 +183,8 @@ def test_c_copies_only_the_pages_written_after_a_snapshot(tmp_path):
     over the snapshot's slot), takes more pages into that slot in place
     (one written in part gets the rest from the snapshot), serves reads
     that mix both, and the commit records a partial entry that reads the
-    same.  After a second snapshot, a write copies the pages of that
-    partial entry with the new one, over the same base."""
+    same.  After a second snapshot, a write over that partial entry takes
+    only the page written too: a view of three slots, which C serves."""
     pool = Pool(str(tmp_path))
     fm = FastMap(pool.file.fd, reservoir=8)
     try:
@@ -219,7 +219,8 @@ def test_c_copies_only_the_pages_written_after_a_snapshot(tmp_path):
         pool.commit()
         with pool.env.begin(db=pool._db[DB_MAP]) as txn:
             chain = pool._lookup(txn.cursor(), lid, pool._lins[lid].gen, 0)
-        assert [m for _, m, _ in chain] == [0b101100, 0xFFFF], chain  # the first partial entry adds nothing
+        # only the page written, over the point's partial entry over its block
+        assert [m for _, m, _ in chain] == [0b100000, 0b1100, 0xFFFF], chain
         assert pool.read(vid, 0, BLOCK_SIZE) == want[:BLOCK_SIZE]
         assert fm.read(vid, 0, BLOCK_SIZE) == want[:BLOCK_SIZE]
         pool.delete_snapshot(sid)

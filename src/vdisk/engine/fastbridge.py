@@ -224,43 +224,40 @@ def _writable(pool, lid: int, block: int, d: Dirty) -> int:
 
 def tell(pool, vid: int, lid: int, block: int, d: Dirty, cur=None) -> None:
     """Tell C what a live overlay entry holds (with the map's lock held):
-    a partial one with the one slot it reads the rest from (_under), or
-    nothing when that takes more than one (then C leaves the block to
-    us)."""
+    a partial one with what it reads the rest from (_under) when at most
+    two slots make that (layers.below), or nothing (then C leaves the
+    block to us)."""
     if d.have == FULL_MASK:
         pool._fm.set(vid, block, d.slot, _writable(pool, lid, block, d))
         return
     if cur is None:
         with pool.env.begin(db=pool._db[DB_MAP]) as txn:
             return tell(pool, vid, lid, block, d, txn.cursor())
-    base = layers.single(pool._under(cur, lid, block))
-    if base is None:
+    b = layers.below(pool._under(cur, lid, block))
+    if b is None:
         d.pages |= pool._fm.mask(vid, block)  # what C wrote since the log flush: ours to log now
         pool._fm.forget(vid, block)
     else:
-        pool._fm.set(vid, block, d.slot, _writable(pool, lid, block, d), d.have, base)
+        pool._fm.set(vid, block, d.slot, _writable(pool, lid, block, d), d.have, *b)
 
 
 def tell_committed(pool, vid: int, lid: int, gen: int, block: int, chain, cur) -> None:
     """Tell C the head's committed view of a block (verified, or zeros)
-    if one or two slots make it (an entry over its back slot or over
-    the whole block it reads through to), and whether its last snapshot
-    point sees the same.  A copy-on-write in C writes only the pages
-    written over a whole block, the head's own or its point's."""
+    if at most three slots make it (an entry over its back slot or over
+    what it reads through to: layers.below), and whether its last
+    snapshot point sees the same.  A copy-on-write in C writes only the
+    pages written over a whole block, the head's own or its point's, and
+    over its point's entry of two slots."""
     slot = layers.single(chain)
     if slot is not None:
-        have, base = FULL_MASK, ZERO_SLOT
-    elif len(chain) == 1 or (len(chain) == 2 and chain[1][1] == FULL_MASK):
-        slot, have, crc = chain[0]
-        if slot not in pool._verified:
-            return
-        base = chain[1][0] if len(chain) == 2 else ZERO_SLOT
-        if base != ZERO_SLOT and base not in pool._verified:
-            return
+        have, b = FULL_MASK, (ZERO_SLOT, FULL_MASK, ZERO_SLOT)
     else:
-        return
+        slot, have, _crc = chain[0]
+        b = layers.below(chain[1:])
+        if b is None or any(s != ZERO_SLOT and s not in pool._verified for s in (slot, b[0], b[2])):
+            return
     shared = layers.head_state(cur, lid, gen, pool._lins[lid].last_point(), block)[0] == "shared"
-    pool._fm.add(vid, block, slot, have, base, shared)
+    pool._fm.add(vid, block, slot, have, b[0], shared, b[1], b[2])
 
 
 def changed(pool, vid: int, lid: int, d: Dirty, block: int, pages: int) -> None:

@@ -59,19 +59,22 @@ class FastMap:
     def drop_volume(self, vid: int) -> None:
         lib.vd_fm_drop_volume(self._fm, vid)
 
-    def set(self, vid: int, block: int, slot: int, writable: int, have: int = FULL, base: int = 0) -> None:
+    def set(self, vid: int, block: int, slot: int, writable: int, have: int = FULL, base: int = 0,
+            bhave: int = FULL, base2: int = 0) -> None:
         """The overlay maps the block to slot now (0: zeros).  writable: a
         fresh slot, written in place; READ_ONLY, WRITABLE (the engine knows
         the block changed since its volume's log flush) or WRITABLE_REPORT
         (C reports the next write in the drain).  have: the pages the slot
-        holds; the others read from slot base (0: zeros)."""
-        lib.vd_fm_set(self._fm, vid, block, slot, writable, have, base)
+        holds; the others read from slot base (0: zeros) if in bhave, else
+        from slot base2 (layers.below)."""
+        lib.vd_fm_set(self._fm, vid, block, slot, writable, have, base, bhave, base2)
 
-    def add(self, vid: int, block: int, slot: int, have: int = FULL, base: int = 0, shared: bool = False) -> None:
+    def add(self, vid: int, block: int, slot: int, have: int = FULL, base: int = 0, shared: bool = False,
+            bhave: int = FULL, base2: int = 0) -> None:
         """A mapping looked up in the committed map, kept unless a newer one
         is known.  shared: the head reads the block as its last snapshot
         point does (a copy-on-write may write only the pages written)."""
-        lib.vd_fm_add(self._fm, vid, block, slot, have, base, int(shared))
+        lib.vd_fm_add(self._fm, vid, block, slot, have, base, int(shared), bhave, base2)
 
     def share(self, vid: int) -> None:
         """A snapshot of the volume was taken: the blocks known, but for

@@ -114,6 +114,23 @@ def copy_pages(out: bytearray, data, mask: int) -> None:
         out[first * PAGE : (first + count) * PAGE] = data[first * PAGE : (first + count) * PAGE]
 
 
+def below(chain: list[Layer]) -> tuple[int, int, int] | None:
+    """What the C fast path keeps of the layers under an entry's slot
+    (csrc/fastmap.c, struct below): (base, bhave, base2), the pages of bhave
+    from slot base and the others from slot base2 (ZERO_SLOT: zeros), when
+    at most two slots make them; None otherwise."""
+    if not chain:
+        return ZERO_SLOT, FULL_MASK, ZERO_SLOT
+    slot, mask, _crc = chain[0]
+    if mask == FULL_MASK:
+        return slot, FULL_MASK, ZERO_SLOT
+    if len(chain) == 1:
+        return slot, mask, ZERO_SLOT
+    if len(chain) == 2 and chain[1][1] == FULL_MASK:
+        return slot, mask, chain[1][0]
+    return None
+
+
 def single(chain: list[Layer]) -> int | None:
     """The one slot that holds the whole block (ZERO_SLOT for zeros), or
     None when it takes more than one entry."""

@@ -423,9 +423,9 @@ class Pool:
                     elif d.have == FULL_MASK:
                         fm.add(vid, block, d.slot)
                     else:
-                        base = layers.single(self._under(cur, lid, block, live=False))
-                        if base is not None:
-                            fm.add(vid, block, d.slot, d.have, base)
+                        b = layers.below(self._under(cur, lid, block, live=False))
+                        if b is not None:
+                            fm.add(vid, block, d.slot, d.have, b[0], False, b[1], b[2])
                 if d is not None:
                     if d.slot == ZERO_SLOT:
                         pass
