@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from . import allocator, commit, fastbridge, intentlog
+from . import allocator, fastbridge, intentlog
 from .errors import (
     FormatError,
     NotFound,
@@ -170,7 +170,7 @@ def replay(pool) -> None:
         pool.intent.stats["replayed"] = seq
     if seq or pool.intent.end:
         # a generation no record on disk has: the old records are dead
-        commit.commit(pool, change=lambda tx: None)
+        pool.commit(change=lambda tx: None)
 
 
 def _replay_record(pool, vid: int, entries, body: bytes) -> None:

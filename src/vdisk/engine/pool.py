@@ -243,7 +243,7 @@ class Pool:
             return
         try:
             if self._failed is None:
-                commit.commit(self)
+                self.commit()
         finally:
             self._abandon()
 
@@ -476,7 +476,7 @@ class Pool:
                 self._write_block(vid, lid, dirty, block, intra, mv[pos : pos + n])
                 pos += n
             if self._ndirty >= DIRTY_LIMIT and self.auto_commit and self._inflight is None:
-                commit.commit(self)
+                self.commit()
 
     def discard(self, vid: int, offset: int, length: int) -> None:
         """Make a range read as zeros and free what it held (punch-hole)."""
@@ -776,7 +776,7 @@ class Pool:
         figures are those last made durable and commit_error says why."""
         commit_error = None
         try:
-            commit.commit(self)
+            self.commit()
         except EngineError as exc:
             commit_error = str(exc)
         with self.env.begin() as txn:
