@@ -532,6 +532,21 @@ def test_write_out_syncs_and_a_failure_fails_the_pool(tmp_path):
         p.write(vid, 0, b"z" * 4096)
 
 
+def _one_page_into_eight_blocks(p, v, data: bytearray) -> None:
+    """Write page b of block b for b < 8 (data follows), commit, and check
+    the file grew by at most two pages a block.  (The data file is
+    preallocated in 64 MiB steps, so this bound catches only a pool that
+    grew it; what a write took shows in the map, which the callers check.)"""
+    before = p.file.allocated_bytes()
+    for b in range(8):
+        off = b * BLOCK_SIZE + (b % 16) * 4096
+        p.write(v, off, b"%d" % b * 4096)
+        data[off : off + 4096] = (b"%d" % b * 4096)[:4096]
+    p.commit()
+    grown = p.file.allocated_bytes() - before
+    assert grown <= 8 * 2 * 4096, "8 pages written took %d bytes of new space" % grown
+
+
 def test_writes_after_a_snapshot_copy_only_the_pages_written(tmp_path):
     """Sub-block copy-on-write: 4 KiB written into blocks a snapshot shares
     take 4 KiB of new space each, not a 64 KiB copy; the head reads the
@@ -545,14 +560,7 @@ def test_writes_after_a_snapshot_copy_only_the_pages_written(tmp_path):
     data = bytearray(rnd(nb * BLOCK_SIZE, 3))
     p.write(v, 0, data)
     (s1,) = p.snapshot([v])
-    before = p.file.allocated_bytes()
-    for b in range(8):
-        off = b * BLOCK_SIZE + (b % 16) * 4096
-        p.write(v, off, b"%d" % b * 4096)
-        data[off : off + 4096] = (b"%d" % b * 4096)[:4096]
-    p.commit()
-    grown = p.file.allocated_bytes() - before
-    assert grown <= 8 * 2 * 4096, "8 pages written took %d bytes of new space" % grown
+    _one_page_into_eight_blocks(p, v, data)
     assert p.read(v, 0, nb * BLOCK_SIZE) == data
     assert p.read_snapshot(s1, 0, nb * BLOCK_SIZE) == rnd(nb * BLOCK_SIZE, 3)
     (s2,) = p.snapshot([v])
@@ -614,14 +622,7 @@ def test_writes_after_a_commit_copy_only_the_pages_written(tmp_path):
     data = bytearray(rnd(nb * BLOCK_SIZE, 3))
     p.write(v, 0, data)
     p.commit()
-    before = p.file.allocated_bytes()
-    for b in range(8):
-        off = b * BLOCK_SIZE + (b % 16) * 4096
-        p.write(v, off, b"%d" % b * 4096)
-        data[off : off + 4096] = (b"%d" % b * 4096)[:4096]
-    p.commit()
-    grown = p.file.allocated_bytes() - before
-    assert grown <= 8 * 2 * 4096, "8 pages written took %d bytes of new space" % grown
+    _one_page_into_eight_blocks(p, v, data)
     chain = _chain(p, v, 1)
     assert [m for _, m, _ in chain] == [0b10, FULL_MASK], chain  # page 1 over its back slot
     assert p.read(v, 0, nb * BLOCK_SIZE) == data

@@ -127,7 +127,8 @@ class FastMap:
         while True:
             n = lib.vd_fm_drain(self._fm, out, DRAIN_BATCH)
             w = DRAIN_WORDS
-            got.extend(tuple(out[w * i : w * i + 4]) for i in range(n))
+            words = ffi.unpack(out, n * w)  # one conversion for the batch
+            got.extend(tuple(words[w * i : w * i + 4]) for i in range(n))
             if n < DRAIN_BATCH:
                 return got
 

@@ -339,16 +339,14 @@ class Pool:
         commit's, the committed head (at the head's generation: its own
         entry if it has one, else what its last point sees).  The overlay's
         slots carry no checksum yet (crc None: not verified)."""
-        committed = layers.layers(self, cur, lid, self._lins[lid].gen, block)
         frozen = self._inflight_dirty(lid) if live else None
         f = frozen.get(block) if frozen else None
-        if f is None:
-            return committed
-        if f.slot == ZERO_SLOT:
+        if f is not None and f.slot == ZERO_SLOT:
             return []
-        if f.have == FULL_MASK:
+        if f is not None and f.have == FULL_MASK:
             return [(f.slot, FULL_MASK, None)]
-        return [(f.slot, f.have, None)] + committed
+        committed = layers.layers(self, cur, lid, self._lins[lid].gen, block)  # only when it is read
+        return committed if f is None else [(f.slot, f.have, None)] + committed
 
     @staticmethod
     def _where(lid: int, block: int) -> str:
