@@ -295,6 +295,37 @@ def test_c_copies_only_the_pages_written_after_a_commit(tmp_path):
         pool.close()
 
 
+def test_a_write_over_a_block_a_commit_finds_zeros_reads_zeros_below(tmp_path):
+    """Found by the model test: C writes 512 bytes over a whole block that a
+    commit in flight holds (a partial slot over it); that commit finds the
+    block all zeros and drops it, which also ends what the last snapshot
+    saw of the block in the head.  The partial write must read zeros below
+    it from then on, not the snapshot's data."""
+    pool = Pool(str(tmp_path))
+    fm = FastMap(pool.file.fd, reservoir=8)
+    try:
+        pool.attach_fast(fm)
+        vid = pool.create_volume(4 * BLOCK_SIZE)
+        pool.write(vid, BLOCK_SIZE + 4096, b"x" * 4096)
+        (sid,) = pool.snapshot([vid])
+        pool.write(vid, BLOCK_SIZE, bytes(BLOCK_SIZE - 512))  # all zeros, in a slot of its own
+        job = pool.begin_commit()
+        assert fm.write(vid, BLOCK_SIZE, b"n" * 512)  # over the frozen block
+        job.run()
+        pool.finish_commit(job)  # finds it zeros
+        want = b"n" * 512 + bytes(BLOCK_SIZE - 512)
+        assert fm.read(vid, BLOCK_SIZE, BLOCK_SIZE) == want
+        pool.commit()
+        assert pool.read(vid, BLOCK_SIZE, BLOCK_SIZE) == want
+        assert fm.read(vid, BLOCK_SIZE, BLOCK_SIZE) == want
+        assert pool.read_snapshot(sid, BLOCK_SIZE + 4096, 4096) == b"x" * 4096
+        assert pool.scrub() == []
+    finally:
+        pool.detach_fast()
+        fm.close()
+        pool.close()
+
+
 def test_c_serves_a_new_volume_from_its_first_write(tmp_path):
     """A volume created while the fast path is attached holds nothing: C
     reads its unknown blocks as zeros and writes 4 KiB into one as a

@@ -312,7 +312,7 @@ def _unfreeze(pool, ep: Epoch) -> None:
             else:
                 if d.have == FULL_MASK and live[block].have != FULL_MASK:
                     # the live entry was written over it: it takes the rest now
-                    _absorb(pool, lid, block, live[block], d)
+                    _absorb(pool, lid, block, live[block], d.slot)
                 if d.slot != ZERO_SLOT and d.fresh:
                     ep.alloc.discard(d.slot)  # overwritten since: never durable
                     pool._free_cache.append(d.slot)
@@ -326,24 +326,27 @@ def _unfreeze(pool, ep: Epoch) -> None:
 
 
 def _forget_zeroed(pool, ep: Epoch) -> None:
-    """The commit found these blocks all zeros and frees their slots: C
-    must not read them any more, as a block's slot or as the base of a
-    live entry written over it (which reads zeros there now)."""
-    if pool._fm is not None and ep.zeroed_at:
-        vid_of = {v["lid"]: vid for vid, v in pool._vols.items()}
-        for lid, block, slot in ep.zeroed_at:
-            if lid in vid_of:
-                pool._fm.forget_slot(vid_of[lid], block, slot)
-                d = pool._dirty.get(lid, {}).get(block)
-                if d is not None and d.have != FULL_MASK:
-                    fastbridge.tell(pool, vid_of[lid], lid, block, d)
+    """The commit found these blocks all zeros and frees their slots.  C
+    must not read them any more as a block's slot; and a live partial entry
+    written over one takes zeros for the pages it lacks (_absorb): what it
+    read them from is gone, and what the map holds below may be older (the
+    last snapshot point's block, which the commit ended in the head)."""
+    if not ep.zeroed_at:
+        return
+    vid_of = {v["lid"]: vid for vid, v in pool._vols.items()}
+    for lid, block, slot in ep.zeroed_at:
+        if pool._fm is not None and lid in vid_of:
+            pool._fm.forget_slot(vid_of[lid], block, slot)
+        d = pool._dirty.get(lid, {}).get(block)
+        if d is not None and d.have != FULL_MASK:
+            _absorb(pool, lid, block, d, ZERO_SLOT)
 
 
-def _absorb(pool, lid: int, block: int, d: Dirty, f: Dirty) -> None:
-    """A live partial entry written over a whole frozen one that will
-    not be committed takes the pages it lacks from it (zeros if it was
-    found to be zeros), in place: its slot is fresh."""
-    data = bytes(BLOCK_SIZE) if f.slot == ZERO_SLOT else pool.file.pread(BLOCK_SIZE, slot_offset(f.slot))
+def _absorb(pool, lid: int, block: int, d: Dirty, below: int) -> None:
+    """A live partial entry written over a whole frozen block (slot below;
+    ZERO_SLOT: zeros) that will not be committed as it was takes the pages
+    it lacks from it, in place: its slot is fresh."""
+    data = bytes(BLOCK_SIZE) if below == ZERO_SLOT else pool.file.pread(BLOCK_SIZE, slot_offset(below))
     mv = memoryview(data)
     for first, count in mask_runs(FULL_MASK & ~d.have):
         pool.file.pwrite(mv[first * PAGE : (first + count) * PAGE], slot_offset(d.slot) + first * PAGE)
