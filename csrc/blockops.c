@@ -203,30 +203,64 @@ int vd_punch_hole(int fd, long long offset, long long len)
 
 /* ---- whole slots at commit --------------------------------------------- */
 
-/* For each of n slots of block_size bytes at offsets[i] in fd: crcs[i] and
- * zero[i] as vd_crc32c_is_zero gives them.  Reads past the end of the file
- * count as zeros.  0, or -errno of the first failed pread.  The buffer is
- * the caller's (block_size bytes), so concurrent callers do not share. */
-int vd_checksum_slots(int fd, const uint64_t *offsets, size_t n, size_t block_size, unsigned char *buf,
-                      uint32_t *crcs, unsigned char *zero)
+/* block_size bytes of fd at off (past the end of the file: zeros) into buf */
+static int read_at(int fd, unsigned char *buf, size_t len, uint64_t off)
 {
-    for (size_t i = 0; i < n; i++) {
-        size_t got = 0;
-        while (got < block_size) {
-            ssize_t r = pread(fd, buf + got, block_size - got, (off_t)(offsets[i] + got));
-            if (r < 0) {
-                if (errno == EINTR)
-                    continue;
-                return -errno;
-            }
-            if (r == 0) {
-                memset(buf + got, 0, block_size - got);
-                break;
-            }
-            got += (size_t)r;
+    size_t got = 0;
+    while (got < len) {
+        ssize_t r = pread(fd, buf + got, len - got, (off_t)(off + got));
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
         }
-        int z;
-        crcs[i] = vd_crc32c_is_zero(buf, block_size, &z);
+        if (r == 0) {
+            memset(buf + got, 0, len - got);
+            break;
+        }
+        got += (size_t)r;
+    }
+    return 0;
+}
+
+/* For each of n slots of block_size bytes at offsets[i] in fd: crcs[i] and
+ * zero[i].  masks[i] (masks NULL: all whole) says which of the slot's 16
+ * pages it holds: a whole slot's crc is vd_crc32c_is_zero's (0 when all
+ * zeros); a partial one's is the CRC-32C of its pages in order, and only
+ * they are read (the others may never have been written: reading them
+ * would fill the page cache with zeros).  0, or -errno of the first failed
+ * pread.  The buffer is the caller's (block_size bytes), so concurrent
+ * callers do not share. */
+int vd_checksum_slots(int fd, const uint64_t *offsets, const uint16_t *masks, size_t n, size_t block_size,
+                      unsigned char *buf, uint32_t *crcs, unsigned char *zero)
+{
+    size_t pg = block_size / 16;
+    for (size_t i = 0; i < n; i++) {
+        uint16_t mask = masks ? masks[i] : 0xFFFF;
+        int rc, z = 1;
+        if (mask == 0xFFFF) {
+            if ((rc = read_at(fd, buf, block_size, offsets[i])) < 0)
+                return rc;
+            crcs[i] = vd_crc32c_is_zero(buf, block_size, &z);
+            zero[i] = (unsigned char)z;
+            continue;
+        }
+        uint32_t crc = 0;
+        for (size_t p = 0; p < 16;) {
+            if (!(mask >> p & 1)) {
+                p++;
+                continue;
+            }
+            size_t run = 1;
+            while (p + run < 16 && (mask >> (p + run) & 1))
+                run++;
+            if ((rc = read_at(fd, buf, run * pg, offsets[i] + p * pg)) < 0)
+                return rc;
+            crc = vd_crc32c(crc, buf, run * pg);
+            z = z && vd_is_zero(buf, run * pg);
+            p += run;
+        }
+        crcs[i] = crc;
         zero[i] = (unsigned char)z;
     }
     return 0;

@@ -12,6 +12,6 @@ long vd_diff_sectors(const unsigned char *a, const unsigned char *b, size_t len,
                      size_t sector, unsigned char *bitmap);
 int vd_punch_hole(int fd, long long offset, long long len);
 int vd_start_writeback(int fd);
-int vd_checksum_slots(int fd, const uint64_t *offsets, size_t n, size_t block_size, unsigned char *buf,
-                      uint32_t *crcs, unsigned char *zero);
+int vd_checksum_slots(int fd, const uint64_t *offsets, const uint16_t *masks, size_t n, size_t block_size,
+                      unsigned char *buf, uint32_t *crcs, unsigned char *zero);
 #endif

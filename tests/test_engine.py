@@ -68,6 +68,34 @@ def test_zero_detection_and_diff():
     assert bits == [3, 100]
 
 
+def test_checksum_slots_of_partial_slots_reads_their_pages_only(tmp_path):
+    """A commit checksums a partial slot by its pages (layers.page_crc), in
+    C: the pages it does not hold do not count, for the CRC or for being
+    zeros; a whole slot's CRC is 0 when it is all zeros."""
+    from vdisk.engine.layers import page_crc
+
+    path = str(tmp_path / "slots")
+    junk = rnd(BLOCK_SIZE, 7)
+    zeros_in_0_and_5 = bytearray(junk)
+    for pg in (0, 5):
+        zeros_in_0_and_5[pg * 4096 : (pg + 1) * 4096] = bytes(4096)
+    with open(path, "wb") as f:
+        f.write(junk + bytes(zeros_in_0_and_5) + bytes(BLOCK_SIZE))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        masks = [0b1010_0000_0110, FULL_MASK, 0b10_0001, FULL_MASK, 0b1]
+        offs = [0, 0, BLOCK_SIZE, 2 * BLOCK_SIZE, 3 * BLOCK_SIZE]  # the last one past the end: zeros
+        got = native.checksum_slots(fd, offs, BLOCK_SIZE, masks)
+        assert got[0] == (page_crc(junk, masks[0]), False)
+        assert got[1] == (native.crc32c(junk), False)
+        assert got[2] == (page_crc(zeros_in_0_and_5, masks[2]), True)
+        assert got[3] == (0, True)
+        assert got[4] == (page_crc(bytes(BLOCK_SIZE), 1), True)
+        assert native.checksum_slots(fd, offs[:2], BLOCK_SIZE) == [got[1], got[1]]  # no masks: whole
+    finally:
+        os.close(fd)
+
+
 # ---------------------------------------------------------------- durability
 
 

@@ -264,6 +264,16 @@ class PoolModel(RuleBasedStateMachine):
         assert self.pool.intent.stats["pages_unknown"] == 0
 
     @invariant()
+    def write_cache_is_counted(self):
+        """The write cache's fill, kept up as writes come (in C too), is
+        the data its entries hold (a commit starts on it)."""
+        from vdisk.engine.overlay import held
+
+        got = self.pool.dirty_bytes()
+        want = sum(held(d) for dirty in self.pool._dirty.values() for d in dirty.values()) * 4096
+        assert got == want, "the write cache counts %d bytes, its entries hold %d" % (got, want)
+
+    @invariant()
     def snapshots_read_back(self):
         for sid, data in self.snapdata.items():
             assert self.pool.read_snapshot(sid, 0, SIZE) == data, "snapshot %d differs" % sid

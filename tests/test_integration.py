@@ -1,10 +1,12 @@
 """Integration tests with the real thing: the daemon, its FUSE mount, loop
 devices with direct I/O, mkfs/mount, fio.  Root only; they skip otherwise."""
 import json
+import mmap
 import os
 import random
 import socket
 import stat
+import time
 
 import pytest
 
@@ -123,6 +125,49 @@ def _fio_verify(venv):
     assert job["error"] == 0
     assert job["write"]["io_bytes"] >= 64 << 20
     assert job["read"]["io_bytes"] >= 64 << 20  # the verify pass read everything back
+
+
+def test_write_cache_counts_the_data_written(monkeypatch):
+    """The write cache (VDISK_WRITE_CACHE_MIB) fills with the data written,
+    not with the blocks it lands in: 4 KiB into each of 64 blocks (256 KiB
+    over 4 MiB of blocks) stays in a 1 MiB cache, and 2 MiB more start a
+    background commit."""
+    from vdiskenv import VDiskEnv
+
+    need_root_fuse_loop("dd")
+    monkeypatch.setenv("VDISK_WRITE_CACHE_MIB", "1")
+    monkeypatch.setenv("VDISK_COMMIT_INTERVAL", "600")
+    venv = VDiskEnv()
+    try:
+        venv.start()
+        iid, (disk,) = venv.instance(ndata=1)
+        venv.run("instance", "start", iid)
+        dev = venv.attach(disk)
+        wc = venv.j("daemon", "status")["WriteCache"]
+        assert wc["SizeBytes"] == 1 << 20 and wc["Bytes"] == 0, wc
+        commits = wc["Commits"]
+        page = os.urandom(4096)
+        fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, 2 << 20)  # page-aligned, for O_DIRECT
+            buf[:4096] = page
+            for block in range(64):
+                os.pwritev(fd, [memoryview(buf)[:4096]], block * 65536 + 8192)
+            wc = venv.j("daemon", "status")["WriteCache"]
+            assert (wc["Bytes"], wc["Blocks"], wc["Commits"]) == (64 * 4096, 64, commits), wc
+            buf[:] = os.urandom(2 << 20)
+            os.pwritev(fd, [buf], 8 << 20)
+        finally:
+            os.close(fd)
+        for _ in range(100):
+            wc = venv.j("daemon", "status")["WriteCache"]
+            if wc["Commits"] > commits:
+                break
+            time.sleep(0.1)
+        assert wc["Commits"] > commits, wc
+        assert venv.j("pool", "scrub")["Clean"]
+    finally:
+        venv.close()
 
 
 def test_snapshot_reset_clone_and_delete_through_cli(venv):

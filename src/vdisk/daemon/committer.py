@@ -24,19 +24,23 @@ import time
 import trio
 
 from ..engine.errors import EngineError
-from ..engine.pool import BLOCK_SIZE, Pool
+from ..engine.pool import Pool
 
 log = logging.getLogger(__name__)
 
 # The emulated disk's volatile write cache: a background commit starts once
-# this many blocks were written since the last one (VDISK_WRITE_CACHE_MIB,
-# default 2048 MiB).  What is not flushed may be lost in a crash, as on a
-# disk with a volatile cache; a larger cache rewrites more blocks in place
-# instead of copying them again after every commit.
-DIRTY_LIMIT = max(1, int(os.environ.get("VDISK_WRITE_CACHE_MIB", "2048")) * (1 << 20) // BLOCK_SIZE)
-# A write waits (back-pressure) when this many blocks are dirty while a
-# commit is still running: memory and unflushed data stay bounded.
-HARD_LIMIT = 2 * DIRTY_LIMIT
+# this much data was written since the last one (VDISK_WRITE_CACHE_MIB,
+# default 2048 MiB: the pages the new slots hold, so 4 KiB written to a
+# block counts 4 KiB), or this many blocks were (VDISK_WRITE_CACHE_BLOCKS,
+# default 65536: the daemon keeps about 300 bytes of memory per block
+# written).  What is not flushed may be lost in a crash, as on a disk with
+# a volatile cache; a larger cache rewrites more blocks in place instead of
+# copying them again after every commit.
+CACHE_BYTES = max(1, int(os.environ.get("VDISK_WRITE_CACHE_MIB", "2048"))) << 20
+CACHE_BLOCKS = max(1, int(os.environ.get("VDISK_WRITE_CACHE_BLOCKS", "65536")))
+# A write waits (back-pressure) when twice as much is dirty while a commit
+# is still running: memory and unflushed data stay bounded.
+HARD_FACTOR = 2
 # Seconds after which what was written is committed in the background even
 # below the dirty limit (VDISK_COMMIT_INTERVAL).
 COMMIT_INTERVAL = float(os.environ.get("VDISK_COMMIT_INTERVAL", "30"))
@@ -142,13 +146,28 @@ class Committer:
             else:
                 await self._commit()
 
+    def cache_full(self, factor: int = 1) -> bool:
+        """Whether the write cache holds factor times its size (in data or
+        in blocks)."""
+        pool = self.pool
+        return pool.dirty_bytes() >= factor * CACHE_BYTES or pool.dirty_blocks() >= factor * CACHE_BLOCKS
+
+    def status(self) -> dict:
+        """The write cache as `vdisk daemon status` shows it."""
+        return {
+            "Bytes": self.pool.dirty_bytes(),
+            "Blocks": self.pool.dirty_blocks(),
+            "SizeBytes": CACHE_BYTES,
+            "SizeBlocks": CACHE_BLOCKS,
+            "Commits": self._seq,
+        }
+
     async def after_write(self) -> None:
-        """Called after each write: start a background commit at the dirty
-        limit; wait while far beyond it."""
-        n = self.pool.dirty_blocks()
-        if n >= DIRTY_LIMIT:
+        """Called after each write: start a background commit when the
+        write cache is full; wait while it holds twice its size."""
+        if self.cache_full():
             self._wake.set()
-            while self.pool.dirty_blocks() >= HARD_LIMIT and self.pool.inflight():
+            while self.cache_full(HARD_FACTOR) and self.pool.inflight():
                 await self._idle.wait()
 
     async def _puncher(self) -> None:
@@ -181,7 +200,7 @@ class Committer:
                     except EngineError as exc:
                         log.error("background commit failed: %s", exc)
                 self._last_commit = trio.current_time()
-            while self.pool.dirty_blocks() >= DIRTY_LIMIT:
+            while self.cache_full():
                 if self.pool.inflight() or self._priority:
                     await self._idle.wait()
                     await trio.sleep(0)  # let a waiting structural commit go first

@@ -491,6 +491,7 @@ class Daemon:
                 "Mounted": _is_mounted(self.paths.mountpoint),
                 "FastPath": self._fast_status(),
                 "IntentLog": self._log_status(),
+                "WriteCache": self.committer.status(),
             }
         if isinstance(req, dict) and req.get("Action") == "Shutdown":
             force = req.get("Force", False)

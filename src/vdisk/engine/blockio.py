@@ -63,10 +63,11 @@ class DataFile:
             mv = mv[n:]
             offset += n
 
-    def checksum_slots(self, offsets: list[int], length: int) -> list[tuple[int, bool]]:
-        """(crc32c, all_zero) of length bytes at each offset (thread-safe:
-        preads only)."""
-        return native.checksum_slots(self.fd, offsets, length)
+    def checksum_slots(self, offsets: list[int], length: int, masks: list[int] | None = None) -> list[tuple[int, bool]]:
+        """(crc32c, all_zero) of the slot of length bytes at each offset, or
+        of the pages of its mask (native.checksum_slots; thread-safe: preads
+        only)."""
+        return native.checksum_slots(self.fd, offsets, length, masks)
 
     def sync(self) -> None:
         os.fdatasync(self.fd)

@@ -24,7 +24,7 @@ import typing
 
 import lmdb
 
-from . import fastbridge, layers, native, structure
+from . import fastbridge, layers, structure
 from .lineage import Lineage
 from .overlay import Dirty, Epoch
 from .txn import Tx
@@ -142,7 +142,7 @@ def begin(pool, change=None) -> CommitJob:
         free_back += pool._reserved_beyond
         with pool.catalogue.lock:
             ep = Epoch(pool._dirty, pool._epoch_alloc, pool._hwm, free_back, pool.catalogue.freeze())
-            pool._dirty, pool._ndirty, pool._epoch_alloc = {}, 0, set()
+            pool._dirty, pool._ndirty, pool._dirty_pages, pool._epoch_alloc = {}, 0, 0, set()
         pool._unlogged = {}  # the commit makes the log's records obsolete
         pool._inflight = ep
         if pool._fm is not None:
@@ -323,6 +323,7 @@ def _unfreeze(pool, ep: Epoch) -> None:
     pool._epoch_alloc |= ep.alloc
     pool._free_cache.sort(reverse=True)
     pool.catalogue.unfreeze(ep.records)
+    pool.recount_dirty()
 
 
 def _forget_zeroed(pool, ep: Epoch) -> None:
@@ -340,6 +341,7 @@ def _forget_zeroed(pool, ep: Epoch) -> None:
         d = pool._dirty.get(lid, {}).get(block)
         if d is not None and d.have != FULL_MASK:
             _absorb(pool, lid, block, d, ZERO_SLOT)
+    pool.recount_dirty()
 
 
 def _absorb(pool, lid: int, block: int, d: Dirty, below: int) -> None:
@@ -360,23 +362,18 @@ def _finish_checksums(pool, ep: Epoch) -> None:
     """Checksum the blocks written in place since their allocation.  Runs
     in the job's thread: the frozen slots are no longer written.  A
     partial entry's CRC covers its pages (a whole block's, in C)."""
-    todo, part = [], []
-    for lid, dirty in ep.dirty.items():
-        for block, d in dirty.items():
-            if d.slot != ZERO_SLOT and not d.crc_ok:
-                (todo if d.have == FULL_MASK else part).append((lid, block, d))
-    sums = pool.file.checksum_slots([slot_offset(d.slot) for _, _, d in todo], BLOCK_SIZE)
+    todo = [(lid, block, d) for lid, dirty in ep.dirty.items() for block, d in dirty.items()
+            if d.slot != ZERO_SLOT and not d.crc_ok]
+    sums = pool.file.checksum_slots([slot_offset(d.slot) for _, _, d in todo], BLOCK_SIZE,
+                                    [d.have for _, _, d in todo])
     for (lid, block, d), (crc, zero) in zip(todo, sums):
-        if zero:  # ep.alloc keeps it: the other thread's allocator must not see it free yet
+        if zero and d.have != FULL_MASK:  # zeros altogether if what it reads through to is
+            ep.blank.add((lid, block))
+        elif zero:  # ep.alloc keeps it: the other thread's allocator must not see it free yet
             ep.zeroed.append(d.slot)
             ep.zeroed_at.append((lid, block, d.slot))
             d.slot, d.crc, d.fresh = ZERO_SLOT, 0, False
         d.crc, d.crc_ok = crc, True
-    for lid, block, d in part:
-        data = pool.file.pread(BLOCK_SIZE, slot_offset(d.slot))
-        d.crc, d.crc_ok = layers.page_crc(data, d.have), True
-        if all(native.is_zero(data[f * PAGE : (f + c) * PAGE]) for f, c in mask_runs(d.have)):
-            ep.blank.add((lid, block))
 
 
 def _apply_dirty(pool, tx: Tx, ep: Epoch) -> None:

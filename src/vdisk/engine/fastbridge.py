@@ -12,7 +12,7 @@ import logging
 import typing
 
 from . import allocator, intentlog, layers, logflush
-from .overlay import Dirty
+from .overlay import Dirty, held
 from .fastmap import FLUSHED, READ_ONLY, WRITABLE, WRITABLE_REPORT
 from .errors import (
     EngineError,
@@ -174,10 +174,12 @@ def drain(pool) -> None:
         d = dirty.get(block)
         if d is None:
             pool._ndirty += 1
+            pool._dirty_pages += have.bit_count()
             dirty[block] = Dirty(slot, 0, False, True, 0, have)
             continue
         if d.fresh and d.slot != slot:
             allocator.release_fresh(pool, d.slot)
+        pool._dirty_pages += have.bit_count() - held(d)
         d.slot, d.crc, d.crc_ok, d.fresh, d.have = slot, 0, False, True, have
 
 

@@ -36,17 +36,21 @@ def crc32c_is_zero(buf) -> tuple[int, bool]:
     return crc, bool(zflag[0])
 
 
-def checksum_slots(fd: int, offsets: list[int], block_size: int) -> list[tuple[int, bool]]:
-    """(crc32c, all_zero) of block_size bytes at each offset of fd, read and
-    checksummed in C without the GIL (a commit's many blocks in one call)."""
+def checksum_slots(fd: int, offsets: list[int], block_size: int,
+                   masks: list[int] | None = None) -> list[tuple[int, bool]]:
+    """(crc32c, all_zero) of the slots of block_size bytes at each offset of
+    fd, read and checksummed in C without the GIL (a commit's many blocks
+    in one call).  masks: the 16 pages each slot holds (None: all); a
+    partial slot's CRC is its pages' in order, and only they are read."""
     n = len(offsets)
     if not n:
         return []
     offs = ffi.new("uint64_t[]", offsets)
+    cmasks = ffi.NULL if masks is None else ffi.new("uint16_t[]", masks)
     crcs = ffi.new("uint32_t[]", n)
     zero = ffi.new("unsigned char[]", n)
     buf = ffi.new("unsigned char[]", block_size)
-    rc = lib.vd_checksum_slots(fd, offs, n, block_size, buf, crcs, zero)
+    rc = lib.vd_checksum_slots(fd, offs, cmasks, n, block_size, buf, crcs, zero)
     if rc < 0:
         import os
 

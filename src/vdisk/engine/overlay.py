@@ -2,6 +2,8 @@
 (Dirty), and the overlay frozen for one commit (Epoch)."""
 from __future__ import annotations
 
+from .format import ZERO_SLOT
+
 
 class Dirty:
     """One block written since the last commit.
@@ -28,6 +30,12 @@ class Dirty:
         self.fresh = fresh
         self.pages = pages
         self.have = have
+
+
+def held(d: Dirty) -> int:
+    """The pages of written data an overlay entry holds (none for a block
+    made zeros): what the write cache's size counts."""
+    return 0 if d.slot == ZERO_SLOT else d.have.bit_count()
 
 
 class Epoch:

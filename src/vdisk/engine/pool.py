@@ -64,7 +64,7 @@ from .blockio import DataFile
 from .catalogue import Catalogue
 from .intentlog import IntentLog
 from .lineage import Lineage
-from .overlay import Dirty, Epoch
+from .overlay import Dirty, Epoch, held
 from .txn import Tx
 from .fastmap import COALESCE_PAGES, READ_ONLY
 from .errors import (
@@ -207,6 +207,7 @@ class Pool:
         self._unlogged: dict[int, set[int]] = {}  # lid -> blocks changed since their log flush
         self._dirty: dict[int, dict[int, Dirty]] = {}
         self._ndirty = 0
+        self._dirty_pages = 0  # overlay.held() summed over _dirty: the write cache's fill
         self._inflight: Epoch | None = None  # frozen by begin_commit, not yet finished
         self._change_tx: Tx | None = None  # the transaction whose change is running
         # Committed slots whose checksum was verified since the pool was
@@ -504,6 +505,7 @@ class Pool:
             self._ndirty += 1
             d = dirty[block] = Dirty(ZERO_SLOT, 0, True, False)
         else:
+            self._dirty_pages -= held(d)
             if d.fresh:
                 allocator.release_fresh(self, d.slot)
             d.slot, d.crc, d.crc_ok, d.fresh, d.have = ZERO_SLOT, 0, True, False, FULL_MASK
@@ -542,6 +544,7 @@ class Pool:
                 self.file.pwrite(chunk, slot_offset(d.slot) + intra)
                 d.have |= wmask
             grown = wmask & ~had
+            self._dirty_pages += (d.have & ~had).bit_count()
             d.crc_ok = False
             fastbridge.changed(self, vid, lid, d, block, wmask)
             if self._fm is not None and grown:  # C must know what the slot holds now
@@ -608,7 +611,9 @@ class Pool:
             self._ndirty += 1
             d = dirty[block] = Dirty(slot, 0, False, True, 0, have)
         else:
+            self._dirty_pages -= held(d)
             d.slot, d.crc, d.crc_ok, d.fresh, d.have = slot, 0, False, True, have
+        self._dirty_pages += held(d)
         # the rest of the block is as the log's replay finds it: the head as
         # committed (no record of this generation has it), or zeros that a
         # record has (FULL_MASK until that record is written)
@@ -657,6 +662,17 @@ class Pool:
     def dirty_blocks(self) -> int:
         fastbridge.drain_light(self)
         return self._ndirty
+
+    def dirty_bytes(self) -> int:
+        """The data written since the last commit (the pages its slots
+        hold; what C wrote up to now included)."""
+        fastbridge.drain_light(self)
+        return self._dirty_pages * PAGE
+
+    def recount_dirty(self) -> None:
+        """Count the overlay's pages again, after a change that moved whole
+        entries (a failed commit's put back, say)."""
+        self._dirty_pages = sum(held(d) for dirty in self._dirty.values() for d in dirty.values())
 
     def drop_staged_records(self) -> None:
         """Forget records staged by a request that failed (see Catalogue)."""
