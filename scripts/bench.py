@@ -551,8 +551,9 @@ def print_report(results: dict, a) -> None:
             " ".join("%s=%s" % kv for kv in d["settings"].items()) or "defaults"))
         lg = d.get("intent_log")
         if lg:
-            print("vdisk intent log: %d fsyncs flushed to it (%d MiB), %d done by a commit instead" % (
-                lg["Flushes"], lg["Bytes"] >> 20, lg["CommitsInstead"]))
+            print("vdisk intent log: %d fsyncs flushed to it (%d MiB), %d done by a commit instead "
+                  "(%d because the filesystem was too full for the log to grow)" % (
+                      lg["Flushes"], lg["Bytes"] >> 20, lg["CommitsInstead"], lg.get("RefusedForSpace", 0)))
     print("\nvdisk write amplification, 4 KiB random writes (64 MiB, then fsync):")
     for label, w in results["write_amplification_4k"].items():
         print("  %-15s %5.1fx  (%d MiB written by the daemon for %d MiB, %.0f IOPS, %d MiB more on disk)"

@@ -396,6 +396,31 @@ def test_older_pool_is_upgraded_when_opened(tmp_path, version):
     p.close()
 
 
+def test_a_log_that_may_not_grow_says_so_once(tmp_path, monkeypatch, caplog):
+    """When the filesystem is too full for the intent log to grow, each
+    fsync commits instead (counted), and the daemon's log says so once,
+    then once more when the log grows again."""
+    from vdisk.engine import allocator
+
+    p = Pool(str(tmp_path / "p"))
+    try:
+        v = p.create_volume(4 * BLOCK_SIZE)
+        monkeypatch.setattr(allocator, "spare_bytes", lambda pool: 0)
+        for i in range(3):
+            p.write(v, i * BLOCK_SIZE, rnd(4096, i))
+            assert not p.log_flush(v)  # the caller commits instead
+        assert p.log_status()["low_space"] == 3
+        said = [r.getMessage() for r in caplog.records if "intent log" in r.getMessage()]
+        assert len(said) == 1 and "may not grow" in said[0], said
+        monkeypatch.undo()
+        p.write(v, 0, rnd(4096, 9))
+        assert p.log_flush(v)
+        said = [r.getMessage() for r in caplog.records if "intent log" in r.getMessage()]
+        assert len(said) == 2 and "grows again" in said[1], said
+    finally:
+        p.close()
+
+
 def test_log_replay_stops_at_the_first_bad_record(tmp_path):
     """Three log flushes, then a crash with the second record damaged: the
     first is replayed, the second and third are not (the third could not

@@ -237,16 +237,24 @@ def cmd_daemon_status(app: App) -> int:
         else "off"
     )
     lg = res.get("IntentLog") or {}
+    wc = res.get("WriteCache") or {}
     app.out(
         res,
         "vdisk daemon running (pid %d)\ndata directory  %s\nmount point     %s%s\nECS API         %s\nfast path       %s\n"
-        "intent log      %d flushes (%d in C, %d KiB), %d done by a commit instead; %d records replayed at start"
+        "intent log      %d flushes (%d in C, %d KiB), %d done by a commit instead%s; %d records replayed at start\n"
+        "write cache     %d MiB in %d blocks written since the last commit (commits at %d MiB or %d blocks); "
+        "%d commits"
         % (res["Pid"], res["DataDir"], res["MountPoint"],
            "" if res.get("Mounted", True) else " (unmounted lazily: open files are served until closed, then the daemon stops)",
            "http://%s/ (version 2014-05-26)" % res["Http"] if res.get("Http") else "off (vdisk daemon start --http HOST:PORT)",
            fast, lg.get("Flushes", 0), lg.get("FlushesInC", 0),
            lg.get("Bytes", 0) >> 10,
-           lg.get("CommitsInstead", 0), lg.get("RecordsReplayedAtStart", 0)),
+           lg.get("CommitsInstead", 0),
+           " (%d because the filesystem is too full for the log to grow)" % lg["RefusedForSpace"]
+           if lg.get("RefusedForSpace") else "",
+           lg.get("RecordsReplayedAtStart", 0),
+           wc.get("Bytes", 0) >> 20, wc.get("Blocks", 0), wc.get("SizeBytes", 0) >> 20, wc.get("SizeBlocks", 0),
+           wc.get("Commits", 0)),
     )
     return EXIT_OK
 

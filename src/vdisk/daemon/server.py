@@ -329,6 +329,8 @@ class Daemon:
             "FlushesInC": st.get("flushes_in_c", 0),
             "Bytes": st["bytes"],
             "CommitsInstead": st["commits_instead"],
+            # fsyncs that committed because the filesystem is too full for the log to grow
+            "RefusedForSpace": st["low_space"],
             "RecordsReplayedAtStart": st["replayed"],
         }
 

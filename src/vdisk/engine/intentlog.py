@@ -39,7 +39,9 @@ class IntentLog:
         self.ok = True  # False once a write failed: commits only from then on
         self.end = os.fstat(file.fd).st_size  # written (zeros at least) up to here
         self.max = MAX  # tests make it small
-        self.stats = {"flushes": 0, "bytes": 0, "commits_instead": 0, "replayed": 0, "pages_unknown": 0}
+        self.stats = {"flushes": 0, "bytes": 0, "commits_instead": 0, "replayed": 0, "pages_unknown": 0,
+                      "low_space": 0}
+        self.low_space = False  # growth was refused for want of space, and said so
 
     def pull(self, fm) -> None:
         """Take in where C left the log (with the log's lock held)."""
@@ -66,8 +68,18 @@ class IntentLog:
         (spare_bytes(): what growing may take)."""
         end = self.pos + LOG_HEADER + npages * LOG_PAGE
         grow = max(GROW, end - self.end) if end > self.end else 0
-        if end > self.max or (grow and spare_bytes() < grow):
+        if end > self.max:
             return None
+        if grow and spare_bytes() < grow:
+            self.stats["low_space"] += 1
+            if not self.low_space:
+                log.warning("the intent log %s may not grow: its filesystem has less than a tenth free; "
+                            "every fsync commits instead (slower) until space is freed", self.file.path)
+                self.low_space = True
+            return None
+        if grow and self.low_space:
+            log.warning("the intent log %s grows again: fsyncs go to it", self.file.path)
+            self.low_space = False
         return grow
 
     def append(self, vid: int, entries, pages: list[bytes], grow: int) -> bool:
