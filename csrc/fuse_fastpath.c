@@ -18,10 +18,15 @@
  * engine's read, write and fsync functions come in as pointers (csrc/fastmap.c,
  * vdisk.engine.fastmap): this file knows the FUSE protocol, not blocks.
  *
+ * READ and WRITE of a volume with an I/O limit (csrc/qos.c) that must wait
+ * go to a delay queue instead: the request is copied, and the delay thread
+ * serves it (here, or passes it on) when its time comes, so that a request
+ * thread never sleeps for one volume while others' requests wait.
+ *
  * Concurrency: several request threads (two by default) read /dev/fuse and
  * call the engine's functions at once (the engine locks what it shares);
  * the node table (FUSE node id -> volume) is changed from Python under its
- * own mutex.
+ * own mutex; the delay queue has its own mutex and condition.
  */
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION 32
@@ -41,6 +46,7 @@
 
 #include "fuse_fallocate.h"
 #include "fuse_fastpath.h"
+#include "qos.h"
 
 typedef long (*vd_read_fn)(void *ctx, uint64_t vid, uint64_t off, uint32_t len, void *buf);
 typedef long (*vd_write_fn)(void *ctx, uint64_t vid, uint64_t off, uint32_t len, const void *buf);
@@ -53,6 +59,13 @@ typedef long (*vd_fsync_fn)(void *ctx, uint64_t vid);
 
 struct node {
     uint64_t nodeid, vid;
+};
+
+/* a request that waits for its volume's I/O limit */
+struct delayed {
+    uint64_t due, start, seq;
+    unsigned char *buf;
+    size_t n;
 };
 
 static struct {
@@ -70,8 +83,16 @@ static struct {
     pthread_mutex_t nlock;
     struct node *nodes;
     size_t nnodes, capnodes;
-    uint64_t st_reads, st_writes, st_fsyncs, st_forwarded;
-} fp = {.nlock = PTHREAD_MUTEX_INITIALIZER, .devfd = -1, .sock = -1};
+    uint64_t st_reads, st_writes, st_fsyncs, st_forwarded, st_delayed;
+    /* the delay queue: a binary heap by (due, seq) */
+    pthread_mutex_t dlock;
+    pthread_cond_t dcond;
+    pthread_t delay_thread;
+    volatile int delay_done;
+    struct delayed *dq;
+    size_t ndq, capdq;
+    uint64_t dseq;
+} fp = {.nlock = PTHREAD_MUTEX_INITIALIZER, .dlock = PTHREAD_MUTEX_INITIALIZER, .devfd = -1, .sock = -1};
 
 static uint64_t node_vid(uint64_t nodeid)
 {
@@ -142,8 +163,9 @@ static void reply(uint64_t unique, long rc, const void *data, size_t len)
                 strerror(errno));
 }
 
-/* 1 if served here, 0 to forward */
-static int serve(const unsigned char *buf, size_t n, unsigned char *out)
+/* 1 if served here, 0 to forward; start: when a READ or WRITE was
+ * admitted (csrc/qos.c), for its latency */
+static int serve(const unsigned char *buf, size_t n, unsigned char *out, uint64_t start)
 {
     const struct fuse_in_header *h = (const void *)buf;
     if (h->opcode != FUSE_READ && h->opcode != FUSE_WRITE && h->opcode != FUSE_FSYNC)
@@ -166,6 +188,7 @@ static int serve(const unsigned char *buf, size_t n, unsigned char *out)
         if (rc == -EAGAIN)
             return 0;
         reply(h->unique, rc, out, rc > 0 ? (size_t)rc : 0);
+        vd_qos_done(vid, 0, start, vd_qos_now());
         __atomic_add_fetch(&fp.st_reads, 1, __ATOMIC_RELAXED);
         return 1;
     }
@@ -177,8 +200,151 @@ static int serve(const unsigned char *buf, size_t n, unsigned char *out)
         return 0;
     struct fuse_write_out wo = {.size = rc > 0 ? (uint32_t)rc : 0};
     reply(h->unique, rc, &wo, sizeof(wo));
+    vd_qos_done(vid, 1, start, vd_qos_now());
     __atomic_add_fetch(&fp.st_writes, 1, __ATOMIC_RELAXED);
     return 1;
+}
+
+/* Count a READ or WRITE of a volume and take it from its limit (qos.c):
+ * *start is when; the nanoseconds it must wait (0: serve it now). */
+static uint64_t admit(const unsigned char *buf, size_t n, uint64_t *start)
+{
+    const struct fuse_in_header *h = (const void *)buf;
+    *start = 0;
+    if (h->opcode != FUSE_READ && h->opcode != FUSE_WRITE)
+        return 0;
+    uint32_t size;
+    if (h->opcode == FUSE_READ) {
+        if (n < sizeof(*h) + sizeof(struct fuse_read_in))
+            return 0;
+        size = ((const struct fuse_read_in *)(buf + sizeof(*h)))->size;
+    } else {
+        if (n < sizeof(*h) + sizeof(struct fuse_write_in))
+            return 0;
+        size = ((const struct fuse_write_in *)(buf + sizeof(*h)))->size;
+    }
+    uint64_t vid = node_vid(h->nodeid);
+    if (vid == 0)
+        return 0;
+    *start = vd_qos_now();
+    return vd_qos_admit(vid, h->opcode == FUSE_WRITE, size, *start);
+}
+
+/* Pass a request on to libfuse/pyfuse3; 0, or -1 when the session is gone. */
+static int forward(const unsigned char *buf, size_t n)
+{
+    __atomic_add_fetch(&fp.st_forwarded, 1, __ATOMIC_RELAXED);
+    while (send(fp.sock, buf, n, MSG_NOSIGNAL) < 0) {
+        if (errno == EINTR)
+            continue;
+        const struct fuse_in_header *h = (const void *)buf;
+        if (errno == EPIPE || fp.stopping)
+            return -1;
+        fprintf(stderr, "vdisk fast path: passing request %llu on: %s\n", (unsigned long long)h->unique,
+                strerror(errno));
+        reply(h->unique, -EIO, NULL, 0);
+        break;
+    }
+    return 0;
+}
+
+static int dq_before(const struct delayed *a, const struct delayed *b)
+{
+    return a->due < b->due || (a->due == b->due && a->seq < b->seq);
+}
+
+/* Keep a copy of the request to serve at due; 0, or -errno (the caller
+ * serves it at once then: no memory, or the fast path is stopping). */
+static int delay(const unsigned char *buf, size_t n, uint64_t due, uint64_t start)
+{
+    unsigned char *copy = malloc(n);
+    if (copy == NULL)
+        return -ENOMEM;
+    memcpy(copy, buf, n);
+    pthread_mutex_lock(&fp.dlock);
+    if (fp.stopping) { /* the delay thread may have ended: serve it now */
+        pthread_mutex_unlock(&fp.dlock);
+        free(copy);
+        return -ESHUTDOWN;
+    }
+    if (fp.ndq == fp.capdq) {
+        size_t c = fp.capdq ? fp.capdq * 2 : 64;
+        struct delayed *q = realloc(fp.dq, c * sizeof(*q));
+        if (q == NULL) {
+            pthread_mutex_unlock(&fp.dlock);
+            free(copy);
+            return -ENOMEM;
+        }
+        fp.dq = q;
+        fp.capdq = c;
+    }
+    size_t i = fp.ndq++;
+    struct delayed d = {due, start, fp.dseq++, copy, n};
+    while (i > 0 && dq_before(&d, &fp.dq[(i - 1) / 2])) {
+        fp.dq[i] = fp.dq[(i - 1) / 2];
+        i = (i - 1) / 2;
+    }
+    fp.dq[i] = d;
+    if (i == 0)
+        pthread_cond_signal(&fp.dcond); /* a new earliest */
+    pthread_mutex_unlock(&fp.dlock);
+    __atomic_add_fetch(&fp.st_delayed, 1, __ATOMIC_RELAXED);
+    return 0;
+}
+
+/* the earliest delayed request (with dlock held; the queue not empty) */
+static struct delayed dq_pop(void)
+{
+    struct delayed top = fp.dq[0], last = fp.dq[--fp.ndq];
+    size_t i = 0;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= fp.ndq)
+            break;
+        if (c + 1 < fp.ndq && dq_before(&fp.dq[c + 1], &fp.dq[c]))
+            c++;
+        if (!dq_before(&fp.dq[c], &last))
+            break;
+        fp.dq[i] = fp.dq[c];
+        i = c;
+    }
+    if (fp.ndq)
+        fp.dq[i] = last;
+    return top;
+}
+
+/* The delay thread: serves each delayed request when its time comes, until
+ * the fast path stops (what is left then is passed on, so that pyfuse3
+ * answers it or the kernel's abort does). */
+static void *delay_loop(void *arg)
+{
+    (void)arg;
+    unsigned char *out = aligned_alloc(4096, REPLY_BUF);
+    pthread_mutex_lock(&fp.dlock);
+    for (;;) {
+        if (fp.ndq == 0) {
+            if (fp.stopping)
+                break;
+            pthread_cond_wait(&fp.dcond, &fp.dlock);
+            continue;
+        }
+        if (fp.dq[0].due > vd_qos_now() && !fp.stopping) {
+            /* dcond waits on CLOCK_MONOTONIC, vd_qos_now's clock */
+            struct timespec ts = {(time_t)(fp.dq[0].due / 1000000000u), (long)(fp.dq[0].due % 1000000000u)};
+            pthread_cond_timedwait(&fp.dcond, &fp.dlock, &ts);
+            continue;
+        }
+        struct delayed d = dq_pop();
+        pthread_mutex_unlock(&fp.dlock);
+        if (fp.stopping || out == NULL || !serve(d.buf, d.n, out, d.start))
+            forward(d.buf, d.n);
+        free(d.buf);
+        pthread_mutex_lock(&fp.dlock);
+    }
+    pthread_mutex_unlock(&fp.dlock);
+    free(out);
+    fp.delay_done = 1;
+    return NULL;
 }
 
 static void *request_loop(void *arg)
@@ -200,20 +366,13 @@ static void *request_loop(void *arg)
         }
         if ((size_t)n < sizeof(struct fuse_in_header))
             continue;
-        if (serve(buf, (size_t)n, out))
+        uint64_t start, wait = admit(buf, (size_t)n, &start);
+        if (wait && delay(buf, (size_t)n, start + wait, start) == 0)
             continue;
-        __atomic_add_fetch(&fp.st_forwarded, 1, __ATOMIC_RELAXED);
-        while (send(fp.sock, buf, (size_t)n, MSG_NOSIGNAL) < 0) {
-            if (errno == EINTR)
-                continue;
-            const struct fuse_in_header *h = (const void *)buf;
-            if (errno == EPIPE || fp.stopping)
-                goto done;
-            fprintf(stderr, "vdisk fast path: passing request %llu on: %s\n", (unsigned long long)h->unique,
-                    strerror(errno));
-            reply(h->unique, -EIO, NULL, 0);
-            break;
-        }
+        if (serve(buf, (size_t)n, out, start))
+            continue;
+        if (forward(buf, (size_t)n) < 0)
+            goto done;
     }
     /* the kernel ended the connection (unmounted): end pyfuse3's loop the
      * way libfuse would on ENODEV, unless the daemon is already closing it */
@@ -292,9 +451,19 @@ int vd_fp_start(uintptr_t ctx, uintptr_t rd, uintptr_t wr, uintptr_t fl, int nth
     fp.rd = (vd_read_fn)rd;
     fp.wr = (vd_write_fn)wr;
     fp.fl = (vd_fsync_fn)fl;
-    fp.stopping = fp.reply_done = 0;
+    static int dcond_ready;
+    if (!dcond_ready) {
+        pthread_condattr_t a;
+        pthread_condattr_init(&a);
+        pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+        pthread_cond_init(&fp.dcond, &a);
+        pthread_condattr_destroy(&a);
+        dcond_ready = 1;
+    }
+    fp.stopping = fp.reply_done = fp.delay_done = 0;
     fp.nthreads = nthreads < 1 ? 1 : nthreads > MAX_THREADS ? MAX_THREADS : nthreads;
     pthread_create(&fp.reply_thread, NULL, reply_loop, NULL);
+    pthread_create(&fp.delay_thread, NULL, delay_loop, NULL);
     for (int i = 0; i < fp.nthreads; i++) {
         fp.req_done[i] = 0;
         pthread_create(&fp.req_thread[i], NULL, request_loop, (void *)(intptr_t)i);
@@ -307,8 +476,20 @@ fail:
     return rc;
 }
 
-/* Before pyfuse3.close(): from now on the threads only wind down. */
-void vd_fp_quiesce(void) { fp.stopping = 1; }
+static void wake_delay_thread(void)
+{
+    pthread_mutex_lock(&fp.dlock);
+    pthread_cond_signal(&fp.dcond);
+    pthread_mutex_unlock(&fp.dlock);
+}
+
+/* Before pyfuse3.close(): from now on the threads only wind down (the
+ * delayed requests are passed on to pyfuse3 at once). */
+void vd_fp_quiesce(void)
+{
+    fp.stopping = 1;
+    wake_delay_thread();
+}
 
 static int join_within(pthread_t t, volatile int *done, int ms)
 {
@@ -332,6 +513,8 @@ int vd_fp_stop(void)
     if (!fp.running)
         return 0;
     fp.stopping = 1;
+    wake_delay_thread();
+    int rc3 = join_within(fp.delay_thread, &fp.delay_done, 5000);
     shutdown(fp.sock, SHUT_RDWR);
     int rc = join_within(fp.reply_thread, &fp.reply_done, 5000), rc2 = 0;
     for (int i = 0; i < fp.nthreads; i++)
@@ -344,13 +527,14 @@ int vd_fp_stop(void)
     }
     fp.running = 0;
     vd_shim_no_splice(0);
-    return rc2 ? rc2 : rc;
+    return rc2 ? rc2 : rc ? rc : rc3;
 }
 
-void vd_fp_stats(uint64_t *out4)
+void vd_fp_stats(uint64_t *out5)
 {
-    out4[0] = __atomic_load_n(&fp.st_reads, __ATOMIC_RELAXED);
-    out4[1] = __atomic_load_n(&fp.st_writes, __ATOMIC_RELAXED);
-    out4[2] = __atomic_load_n(&fp.st_forwarded, __ATOMIC_RELAXED);
-    out4[3] = __atomic_load_n(&fp.st_fsyncs, __ATOMIC_RELAXED);
+    out5[0] = __atomic_load_n(&fp.st_reads, __ATOMIC_RELAXED);
+    out5[1] = __atomic_load_n(&fp.st_writes, __ATOMIC_RELAXED);
+    out5[2] = __atomic_load_n(&fp.st_forwarded, __ATOMIC_RELAXED);
+    out5[3] = __atomic_load_n(&fp.st_fsyncs, __ATOMIC_RELAXED);
+    out5[4] = __atomic_load_n(&fp.st_delayed, __ATOMIC_RELAXED);
 }

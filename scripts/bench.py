@@ -6,6 +6,8 @@ Run through scripts/bench (which sets up and installs qemu first).  Every
 target is measured in the same run and every pattern repeated (median
 reported), so only the ratios mean something on a shared, noisy machine.
 Writes bench-results/bench.json; prints a table (or the JSON with --json).
+Its pools run unlimited (vdisk pool set --io-limits unlimited): it measures
+vdisk itself; --levels measures disks at the cloud's I/O limits.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -266,7 +269,7 @@ def barrier_bench(runtime: int, interval: float, cwd: str) -> dict:
     from vdisk.config import Paths
     from vdisk.daemon import client
 
-    env = VDiskEnv(prefix="vdisk-barrier-")
+    env = VDiskEnv(prefix="vdisk-barrier-", io_limits="unlimited")
     try:
         env.start()
         iid, _ = env.instance(ndata=9)  # + the system disk = 10 disks
@@ -333,7 +336,7 @@ def churn_bench(runtime: int, clients: int, cwd: str) -> dict:
     from vdisk.config import Paths
     from vdisk.daemon import client
 
-    env = VDiskEnv(prefix="vdisk-churn-")
+    env = VDiskEnv(prefix="vdisk-churn-", io_limits="unlimited")
     try:
         env.start()
         iid, (disk,) = env.instance(ndata=1, size=2)
@@ -397,7 +400,7 @@ def snapshot_time_by_size(cwd: str) -> dict:
     from vdisk.config import Paths
     from vdisk.daemon import client
 
-    env = VDiskEnv(prefix="vdisk-snaptime-")
+    env = VDiskEnv(prefix="vdisk-snaptime-", io_limits="unlimited")
     try:
         env.start()
         paths = Paths.resolve(env.data, env.mnt)
@@ -430,7 +433,7 @@ def deletion_time(cwd: str) -> dict:
     from vdisk.config import Paths
     from vdisk.daemon import client
 
-    env = VDiskEnv(prefix="vdisk-deltime-")
+    env = VDiskEnv(prefix="vdisk-deltime-", io_limits="unlimited")
     try:
         env.start()
         paths = Paths.resolve(env.data, env.mnt)
@@ -462,7 +465,7 @@ def deletion_time(cwd: str) -> dict:
 def memory_10x1tib(cwd: str, total_gib: int) -> dict:
     """The daemon's resident memory with 10 disks of 1 TiB, total_gib written
     across them (random 1 MiB writes spread over each whole disk)."""
-    env = VDiskEnv(prefix="vdisk-mem-")
+    env = VDiskEnv(prefix="vdisk-mem-", io_limits="unlimited")
     try:
         env.start()
         pid = env.daemon_pid()
@@ -496,6 +499,119 @@ def memory_10x1tib(cwd: str, total_gib: int) -> dict:
 
 
 # --------------------------------------------------------------- report
+
+# --------------------------------------------------------------- I/O limits
+
+# (category, performance level, GiB): each ESSD level, and two sizes of PL1
+LEVEL_DISKS = [("cloud_essd", "PL0", 40), ("cloud_essd", "PL1", 40), ("cloud_essd", "PL1", 400),
+               ("cloud_essd", "PL2", 461), ("cloud_essd", "PL3", 1261)]
+
+
+def _fio_on(devs: list[str], args: list[str], runtime: int, cwd: str, extra: list[str] = ()) -> list[dict]:
+    """fio on several devices at once (a job each): per device IOPS and MB/s."""
+    cmd = ["fio", "--ioengine=libaio", "--direct=1", "--size=1G", "--time_based", "--runtime=%d" % runtime,
+           "--ramp_time=1", "--output-format=json", "--randrepeat=0", *args, *extra]
+    for i, dev in enumerate(devs):
+        cmd += ["--name=d%d" % i, "--filename=" + dev]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    if r.returncode != 0:
+        raise SystemExit("fio failed: %s" % r.stderr)
+    jobs = json.loads(r.stdout[r.stdout.index("{"):])["jobs"]
+    rw = "write" if "write" in " ".join(args) else "read"
+    return [{"iops": j[rw]["iops"], "mb_s": j[rw]["bw_bytes"] / 1e6} for j in jobs]
+
+
+def levels_bench(runtime: int, cwd: str) -> dict:
+    """Disks of each ESSD level (and two sizes of PL1) at the cloud's I/O
+    limits (the pool's default): fio's 4 KiB random reads (qd32) and 1 MiB
+    sequential reads (qd8) on each alone, against the limits; two disks at
+    their limits at once (neither slows the other); and a PL1 disk
+    modified to PL2 (ModifyDiskSpec) under load: how long until fio sees
+    the new rate."""
+    from vdisk.control import categories
+
+    env = VDiskEnv(prefix="vdisk-levels-", io_limits="cloud")
+    try:
+        env.start()
+        args = ["instance", "create", "--name", "levels", "--system-size", 20, "--system-pl", "PL1"]
+        for cat, pl, gib in LEVEL_DISKS:
+            args += ["--data-disk", "%d:%s:%s" % (gib, cat, pl)]
+        iid = env.run(*args).stdout.strip()
+        env.run("instance", "start", iid)
+        disks = env.j("disk", "list", "--instance", iid)["Disks"]["Disk"]
+        data = [d for d in sorted(disks, key=lambda d: d["Device"]) if d["Type"] == "data"]
+        devs = [env.attach(d["DiskId"]) for d in data]
+        out = {"disks": []}
+        for (cat, pl, gib), d, dev in zip(LEVEL_DISKS, data, devs):
+            iops, bps, unit = categories.io_limits(cat, pl, gib)
+            log("levels: %s %s %d GiB (%d IOPS, %d MB/s) ..." % (cat, pl, gib, iops, bps // 1_000_000))
+            rnd = _fio_on([dev], ["--rw=randread", "--bs=4k", "--iodepth=32"], runtime, cwd)[0]
+            seq = _fio_on([dev], ["--rw=read", "--bs=1M", "--iodepth=8"], runtime, cwd)[0]
+            # a 1 MiB request counts as 1 MiB / unit operations: the IOPS limit may come first
+            ops = -(-(1 << 20) // unit) if unit else 1
+            seq_cap = min(bps, iops / ops * (1 << 20)) / 1e6
+            out["disks"].append({"category": cat, "level": pl, "gib": gib, "iops_cap": iops, "mb_s_cap": bps / 1e6,
+                                 "iops": rnd["iops"], "seq_mb_s_cap": seq_cap, "seq_mb_s": seq["mb_s"]})
+        log("levels: two disks at their limits at once ...")
+        pair = _fio_on(devs[:2], ["--rw=randread", "--bs=4k", "--iodepth=32"], runtime, cwd)
+        out["neighbours"] = [{"level": LEVEL_DISKS[i][1], "gib": LEVEL_DISKS[i][2],
+                              "iops_cap": out["disks"][i]["iops_cap"], "iops": pair[i]["iops"]} for i in range(2)]
+        out["modify_under_load"] = _modify_under_load(env, data[1]["DiskId"], devs[1], cwd)
+        return out
+    finally:
+        env.close()
+
+
+def _modify_under_load(env: VDiskEnv, disk: str, dev: str, cwd: str) -> dict:
+    """fio's IOPS every 100 ms on a PL1 disk while ModifyDiskSpec makes it
+    PL2 after 3 s (its size allowing: ResizeDisk to 461 GiB first): how
+    long until the new rate shows."""
+    from vdisk.control import categories
+
+    env.run("disk", "resize", disk, "--size", 461)
+    before = categories.io_limits("cloud_essd", "PL1", 461)[0]
+    after = categories.io_limits("cloud_essd", "PL2", 461)[0]
+    logdir = tempfile.mkdtemp(prefix="vdisk-levels-log-", dir=cwd)
+    try:
+        cmd = ["fio", "--name=m", "--filename=" + dev, "--ioengine=libaio", "--direct=1", "--size=1G",
+               "--rw=randread", "--bs=4k", "--iodepth=32", "--time_based", "--runtime=6", "--randrepeat=0",
+               "--write_iops_log=" + os.path.join(logdir, "m"), "--log_avg_msec=100", "--output-format=json"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+        time.sleep(3)
+        t0 = time.monotonic()
+        env.run("disk", "modify-spec", disk, "--performance-level", "PL2")
+        call_s = time.monotonic() - t0
+        proc.communicate()
+        rows = []
+        for name in os.listdir(logdir):
+            with open(os.path.join(logdir, name)) as f:
+                rows += [(int(r.split(",")[0]), int(r.split(",")[1])) for r in f if r.strip()]
+        rows.sort()
+        # the first 100 ms window past the old rate by half the difference
+        threshold = before + (after - before) / 2
+        changed_ms = next((ms for ms, iops in rows if ms > 2500 and iops > threshold), None)
+        return {"iops_before_cap": before, "iops_after_cap": after, "call_s": call_s,
+                "modify_at_ms": 3000, "new_rate_seen_at_ms": changed_ms,
+                "iops_last_second": statistics.mean([v for ms, v in rows if ms > 5000] or [0])}
+    finally:
+        shutil.rmtree(logdir, ignore_errors=True)
+
+
+def print_levels(r: dict) -> None:
+    print("disks at the cloud's I/O limits (fio, 4 KiB random reads qd32 and 1 MiB sequential reads qd8):")
+    print("%-22s %10s %10s %7s %12s %12s %7s" % ("disk", "IOPS cap", "measured", "ratio", "MB/s cap", "measured",
+                                                "ratio"))
+    for d in r["disks"]:
+        print("%-22s %10d %10.0f %7.2f %12.1f %12.1f %7.2f" % (
+            "%s %s %d GiB" % (d["category"], d["level"], d["gib"]), d["iops_cap"], d["iops"],
+            d["iops"] / d["iops_cap"], d["seq_mb_s_cap"], d["seq_mb_s"], d["seq_mb_s"] / d["seq_mb_s_cap"]))
+    print("two disks at once: " + ", ".join("%s %d GiB %.0f of %d IOPS" % (n["level"], n["gib"], n["iops"], n["iops_cap"])
+                                             for n in r["neighbours"]))
+    m = r["modify_under_load"]
+    print("ModifyDiskSpec PL1 -> PL2 under load (%d -> %d IOPS): called at %d ms (took %.2f s), new rate seen at %s ms; "
+          "last second %.0f IOPS" % (m["iops_before_cap"], m["iops_after_cap"], m["modify_at_ms"], m["call_s"],
+                                     m["new_rate_seen_at_ms"], m["iops_last_second"]))
+
 
 def machine() -> dict:
     cpu = ""
@@ -610,6 +726,9 @@ def main() -> int:
                     help="control clients creating and deleting snapshots in the churn run (default 8)")
     ap.add_argument("--only-churn", action="store_true",
                     help="only the churn run: fio with verification while clients create and delete snapshots")
+    ap.add_argument("--levels", action="store_true",
+                    help="only the I/O limits: disks of each ESSD level at the cloud's limits, fio against the caps; "
+                    "two at once; ModifyDiskSpec under load")
     ap.add_argument("--vm", action="store_true",
                     help="only what a virtual machine costs: boot, stop, memory, guest/host ratios (scripts/bench_vm.py)")
     a = ap.parse_args()
@@ -623,6 +742,15 @@ def main() -> int:
         with open(os.path.join(a.out, "bench-vm.json"), "w") as f:
             json.dump(results, f, indent=2)
         print(json.dumps(results, indent=2)) if a.json else print_vm(results["vm"])
+        return 0
+    if a.levels:
+        if os.geteuid() != 0:
+            raise SystemExit("scripts/bench needs root (loop devices)")
+        results = {"machine": machine(), "levels": levels_bench(a.runtime, tempfile.gettempdir())}
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "bench-levels.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        print(json.dumps(results, indent=2)) if a.json else print_levels(results["levels"])
         return 0
     if a.only_churn:
         if os.geteuid() != 0:
@@ -646,7 +774,7 @@ def main() -> int:
     size = "%dG" % a.size_gib
     results: dict = {"machine": machine(), "runtime_s": a.runtime, "repeat": a.repeat, "region": size}
     cwd = tempfile.gettempdir()
-    env = VDiskEnv(prefix="vdisk-bench-")
+    env = VDiskEnv(prefix="vdisk-bench-", io_limits="unlimited")
     try:
         env.start()
         t = fio_patterns(a, size, cwd, env)

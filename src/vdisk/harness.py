@@ -59,7 +59,14 @@ def sha256_file(path: str) -> str:
 
 
 class VDiskEnv:
-    def __init__(self, prefix: str = "vdisk-test-", parent: str | None = None):
+    def __init__(self, prefix: str = "vdisk-test-", parent: str | None = None, io_limits: str = "unlimited"):
+        """io_limits: the pool's I/O limits, set at the daemon's first start
+        (`vdisk pool set --io-limits`): "unlimited" (the default here) for
+        tests and benchmarks of vdisk itself, "cloud" for disks at their
+        category's speed, as the cloud serves them (and as a pool does by
+        default)."""
+        self.io_limits = io_limits
+        self._limits_set = False
         self.dir = tempfile.mkdtemp(prefix=prefix, dir=parent)
         self.data = os.path.join(self.dir, "data")
         self.mnt = os.path.join(self.dir, "disks")
@@ -86,6 +93,9 @@ class VDiskEnv:
         self.run("daemon", "start", *args)
         pid = self.daemon_pid()
         self.pids.add(pid)
+        if not self._limits_set:
+            self.run("pool", "set", "--io-limits", self.io_limits)
+            self._limits_set = True
         return pid
 
     def daemon_pid(self) -> int:

@@ -183,9 +183,18 @@ def cmd_clock_show(app) -> int:
 
 
 def cmd_pool_set(app) -> int:
-    res = app.call("ModifyPoolAttribute", SnapshotUploadRate=app.args.snapshot_upload_rate)
-    app.out(res, "snapshot upload emulation: %s" % (
-        "%d MB/s" % app.args.snapshot_upload_rate if app.args.snapshot_upload_rate else "off"))
+    req, said = {}, []
+    if app.args.snapshot_upload_rate is not None:
+        req["SnapshotUploadRate"] = app.args.snapshot_upload_rate
+        said.append("snapshot upload emulation: %s" % (
+            "%d MB/s" % app.args.snapshot_upload_rate if app.args.snapshot_upload_rate else "off"))
+    if app.args.io_limits is not None:
+        req["IoLimits"] = {"cloud": "Cloud", "unlimited": "Unlimited"}[app.args.io_limits]
+        said.append("disks' I/O: %s" % ("at their category's speed" if app.args.io_limits == "cloud" else "unlimited"))
+    if not req:
+        raise CLIError("say what to set: --snapshot-upload-rate and/or --io-limits", EXIT_USAGE)
+    res = app.call("ModifyPoolAttribute", **req)
+    app.out(res, "\n".join(said))
     return EXIT_OK
 
 

@@ -495,6 +495,29 @@ def cmd_disk_resize(app: App) -> int:
     return EXIT_OK
 
 
+def cmd_disk_modify_spec(app: App) -> int:
+    req = {"DiskId": app.args.disk}
+    if app.args.performance_level:
+        req["PerformanceLevel"] = app.args.performance_level
+    if app.args.category:
+        req["DiskCategory"] = app.args.category
+    res = app.call("ModifyDiskSpec", **req)
+    d = app.disk(app.args.disk)
+    app.out(res, "%s is now %s%s: %d IOPS, %d MB/s" % (
+        d["DiskId"], d["Category"], " " + d["PerformanceLevel"] if d.get("PerformanceLevel") else "",
+        d["IOPS"], d["Throughput"]))
+    return EXIT_OK
+
+
+def cmd_disk_set(app: App) -> int:
+    mode = {"cloud": "Cloud", "unlimited": "Unlimited", "pool": ""}[app.args.io_limits]
+    res = app.call("ModifyDiskAttribute", DiskId=app.args.disk, IoLimits=mode)
+    d = app.disk(app.args.disk)
+    app.out(res, "%s: I/O %s" % (d["DiskId"], "unlimited" if d["IoLimits"] == "Unlimited" else
+                                  "at its category's speed (%d IOPS, %d MB/s)" % (d["IOPS"], d["Throughput"])))
+    return EXIT_OK
+
+
 def cmd_disk_delete(app: App) -> int:
     res = app.call("DeleteDisk", DiskId=app.args.disk)
     app.out(res, "%s deleted" % app.args.disk)
@@ -983,6 +1006,16 @@ def build_parser() -> argparse.ArgumentParser:
     v = verb(g, "reset", cmd_disk_reset, "roll a disk back to one of its snapshots (instance Stopped)")
     v.add_argument("disk", metavar="DISK_ID")
     v.add_argument("--snapshot", required=True, metavar="SNAPSHOT_ID")
+    v = verb(g, "modify-spec", cmd_disk_modify_spec, "change a disk's performance level or category, online "
+             "(ModifyDiskSpec): its speed changes at once")
+    v.add_argument("disk", metavar="DISK_ID")
+    v.add_argument("--performance-level", metavar="PL", help="PL1-PL3 (a cloud_essd disk; not back to PL0)")
+    v.add_argument("--category", help="cloud_essd, cloud_ssd or cloud_efficiency")
+    v = verb(g, "set", cmd_disk_set, "vdisk's own disk settings (ModifyDiskAttribute)")
+    v.add_argument("disk", metavar="DISK_ID")
+    v.add_argument("--io-limits", required=True, choices=("cloud", "unlimited", "pool"),
+                   help="cloud: its category's IOPS and throughput; unlimited: as fast as the host goes; "
+                   "pool: as the pool says (vdisk pool set --io-limits)")
     verb(g, "delete", cmd_disk_delete, "delete an Available disk").add_argument("disk", metavar="DISK_ID")
 
     g = snap_group = group("snapshot", "create, list, copy and delete disk snapshots")
@@ -1070,9 +1103,12 @@ def build_parser() -> argparse.ArgumentParser:
     v = verb(g, "scrub", cmd_pool_scrub, "verify every block's checksum and the map (exit 4 on problems)")
     v.add_argument("--map-only", action="store_true", help="check the map only, not the data")
     v = verb(g, "set", lifecycle.cmd_pool_set, "pool settings (ModifyPoolAttribute)")
-    v.add_argument("--snapshot-upload-rate", type=int, required=True, metavar="MB/S",
+    v.add_argument("--snapshot-upload-rate", type=int, metavar="MB/S",
                    help="emulate the cloud's snapshot creation time: a snapshot is progressing while its data "
                    "(all of a disk's first, the change after) uploads at this rate; 0 (default) turns it off")
+    v.add_argument("--io-limits", choices=("cloud", "unlimited"),
+                   help="cloud (default): every disk at its category's IOPS and throughput, as in the cloud; "
+                   "unlimited: as fast as the host goes (a disk's own setting wins: vdisk disk set)")
 
     g = group("accesskey", "access keys for the HTTP API (the cloud's AccessKeyId and AccessKeySecret)")
     verb(g, "create", cmd_accesskey_create, "create a key; prints its id and secret (kept in DATA_DIR/accesskeys.json, 0600)")

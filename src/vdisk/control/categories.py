@@ -1,7 +1,10 @@
-"""Disk categories, their size limits and the performance the cloud quotes.
+"""Disk categories, their size limits and the performance the cloud quotes,
+which the daemon enforces (docs/performance.md).
 
-The PL1 formulas are confirmed in the vendor's documentation; PL0/PL2/PL3 are
-as commonly quoted (see shared/reference/cloud-snapshot-facts.md).
+The ESSD PL1 formulas are confirmed in the vendor's documentation;
+PL0/PL2/PL3 are as commonly quoted (shared/reference/cloud-snapshot-facts.md);
+the older categories' as the vendor's "Block storage performance" page
+gives them (not confirmed here: docs/performance.md says so).
 """
 from __future__ import annotations
 
@@ -27,7 +30,15 @@ PERF = {
     "PL1": (1800, 50, 50000, 120, 0.5, 350),
     "PL2": (1800, 50, 100000, 120, 0.5, 750),
     "PL3": (1800, 50, 1000000, 120, 0.5, 4000),
+    "cloud_ssd": (1800, 30, 25000, 120, 0.5, 300),
+    "cloud_efficiency": (1800, 8, 5000, 100, 0.15, 140),
+    "cloud": (300, 0, 300, 30, 0, 30),  # "several hundred IOPS, 30-40 MB/s": the low end
 }
+# The cloud counts an ESSD request of more than this many bytes as several
+# operations for its IOPS limit (the facts: "largest I/O 16 KiB for the IOPS
+# count"); the older categories count each request once.
+ESSD_IO_UNIT = 16 * 1024
+MB = 1000 * 1000  # the cloud's MB/s are decimal
 
 
 def check_disk_spec(category: str, level: str | None, size_gib: int) -> str | None:
@@ -67,7 +78,13 @@ def min_size(category: str, level: str | None) -> int:
 
 
 def performance(category: str, level: str | None, size_gib: int) -> dict:
-    if category != "cloud_essd":
-        return {}
-    b, per, cap, tb, tper, tcap = PERF[level]
+    """IOPS and Throughput (MB/s) as DescribeDisks gives them."""
+    b, per, cap, tb, tper, tcap = PERF[level if category == "cloud_essd" else category]
     return {"IOPS": int(min(b + per * size_gib, cap)), "Throughput": int(min(tb + tper * size_gib, tcap))}
+
+
+def io_limits(category: str, level: str | None, size_gib: int) -> tuple[int, int, int]:
+    """(operations a second, bytes a second, bytes that count as one
+    operation: 0 for any request) that a disk of this kind is served at."""
+    perf = performance(category, level, size_gib)
+    return perf["IOPS"], perf["Throughput"] * MB, ESSD_IO_UNIT if category == "cloud_essd" else 0

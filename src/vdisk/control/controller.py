@@ -26,6 +26,7 @@ from . import categories, schedule
 from .clock import Clock, iso
 from .cloud_params import CLOUD_PARAMS
 from .copies import CopyActions
+from .io_limits import IoLimitActions
 from .direct import DirectActions
 from .errors import CloudError, invalid, not_found
 from .images import ImageActions
@@ -75,7 +76,8 @@ VDISK_PARAMS = {
     "GetSnapshotBlock": ("SnapshotId", "BlockIndex"),
     "DescribeSnapshotUsage": (),
     "DescribeClock": (),
-    "ModifyPoolAttribute": ("SnapshotUploadRate",),
+    "ModifyPoolAttribute": ("SnapshotUploadRate", "IoLimits"),
+    "ModifyDiskAttribute": ("IoLimits",),
     "CreateSnapshotGroup": ("RetentionDays",),
     # the policy actions' lower-camel names, capitalised; and policies on instances
     "CreateAutoSnapshotPolicy": ("AutoSnapshotPolicyName", "TimePoints", "RepeatWeekdays", "RetentionDays"),
@@ -120,10 +122,11 @@ class Host:
     def busy(self, instance_id: str) -> str: ...
     def path(self, instance_id: str, disk_id: str) -> str: ...
     def resized(self, instance_id: str, disk_id: str) -> None: ...
+    def limit(self, volume: int, iops: int, bps: int, io_unit: int = 0) -> None: ...
 
 
 class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActions, PolicyActions, LifecycleActions,
-                 TagActions, CopyActions):
+                 TagActions, CopyActions, IoLimitActions):
     def __init__(self, pool: Pool, host: Host | None = None, settings: dict | None = None, vms=None):
         self.pool = pool
         self.clock = Clock(pool)
@@ -275,6 +278,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
                                                       "AttachedTime": rec["AttachedTime"]}]}
                 out["MountInstanceNum"] = 1
             out.update(categories.performance(rec["Category"], rec.get("PerformanceLevel"), rec["Size"]))
+            out["IoLimits"] = rec.get("IoLimits") or self._pool_io_limits()  # vdisk's own: Unlimited or Cloud
             inst = rec.get("InstanceId")
             if inst and self.host is not None and rec["Status"] == "In_use":
                 irec = self.pool.get_record("instance/" + inst)
@@ -367,6 +371,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
 
         specs = [(d["Size"] * GIB, s["_snap"] if s else None) for d, s in disks]
         self.pool.create_volumes(specs, on_created=stage)
+        self.apply_io_limits([d for d, _s in disks])
 
     def do_CreateDisk(self, p: Params) -> dict:
         snap = self._snapshot(p) if p.str("SnapshotId") else None
@@ -497,6 +502,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
         disk["Size"] = new
         self._put("disk", disk)
         self.pool.commit()
+        self.apply_io_limits([disk])  # the speed grows with the size
         inst = self.pool.get_record("instance/" + disk["InstanceId"]) if disk["InstanceId"] else None
         if inst and inst["Status"] == "Running" and self.host is not None:
             self.host.resized(inst["InstanceId"], disk["DiskId"])
@@ -509,8 +515,11 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
         p.rename(disk, "DiskName")
         if p.req.get("DeleteWithInstance") is not None:
             disk["DeleteWithInstance"] = p.bool("DeleteWithInstance")
+        io = self._set_io_limits(p, disk)  # vdisk's own
         self._put("disk", disk)
         self.pool.commit()
+        if io:
+            self.apply_io_limits([disk])
         return {}
 
     def do_DeleteDisk(self, p: Params) -> dict:
@@ -923,12 +932,19 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
     def do_ModifyPoolAttribute(self, p: Params) -> dict:
         """vdisk's own: SnapshotUploadRate (MB/s of simulated time; 0, the
         default, turns the emulated upload off: snapshots are accomplished
-        at once)."""
-        rate = p.int("SnapshotUploadRate", required=True, lo=0, hi=1_000_000)
-        rec = dict(self.pool.get_record("settings/lifecycle") or {})
-        rec["SnapshotUploadRate"] = rate
-        self.pool.put_record("settings/lifecycle", rec)
+        at once); IoLimits (Cloud, the default: every disk at its
+        category's speed; Unlimited: as fast as the host goes)."""
+        rate = p.int("SnapshotUploadRate", lo=0, hi=1_000_000)
+        io = self._set_io_limits(p)
+        if rate is None and not io:
+            raise CloudError("MissingParameter", "ModifyPoolAttribute needs SnapshotUploadRate or IoLimits.")
+        if rate is not None:
+            rec = dict(self.pool.get_record("settings/lifecycle") or {})
+            rec["SnapshotUploadRate"] = rate
+            self.pool.put_record("settings/lifecycle", rec)
         self.pool.commit()
+        if io:
+            self.apply_io_limits()
         return {}
 
     def do_DescribeClock(self, p: Params) -> dict:

@@ -217,6 +217,7 @@ class Daemon:
         os.close(self._efd)
 
     def _restore_running(self) -> None:
+        self.ctl.apply_io_limits()  # every disk's speed, before any is served
         for inst in self.ctl._all("instance"):
             if self.ctl._is_vm(inst) and inst["Status"] != "Stopped":
                 # its machine died with the previous daemon (as with a host

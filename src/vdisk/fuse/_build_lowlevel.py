@@ -4,6 +4,7 @@ fallocate (csrc/fuse_fallocate.c) and the READ/WRITE fast path
 
 Links against libfuse3 (found with pkg-config, as pyfuse3 itself is built).
 """
+import re
 import shlex
 import subprocess
 
@@ -21,11 +22,15 @@ def _pkg(flag: str) -> list[str]:
     return shlex.split(out)
 
 
+_CONSTANT = re.compile(r"#define\s+VD_\w+\s+(0x[0-9A-Fa-f]+|\d+)\s*$")
+
+
 def _declarations(header: str) -> str:
     """A header's declarations for cffi's cdef (which takes no preprocessor
-    lines), so that the C interface is written once, in csrc/."""
+    lines but integer constants, `#define VD_... <number>`, which Python
+    reads as lib.VD_...), so that the C interface is written once, in csrc/."""
     with open(header) as f:
-        return "".join(line for line in f if not line.lstrip().startswith("#"))
+        return "".join(line for line in f if not line.lstrip().startswith("#") or _CONSTANT.match(line.strip()))
 
 
 ffibuilder = FFI()
@@ -35,12 +40,13 @@ ffibuilder.cdef(
     int vd_fallocate_installed(void);
     """
     + _declarations("csrc/fuse_fastpath.h")
+    + _declarations("csrc/qos.h")
 )
 cflags = _pkg("--cflags")
 ffibuilder.set_source(
     "vdisk.fuse._lowlevel",
-    '#include "fuse_fallocate.h"\n#include "fuse_fastpath.h"',
-    sources=["csrc/fuse_fallocate.c", "csrc/fuse_fastpath.c"],
+    '#include "fuse_fallocate.h"\n#include "fuse_fastpath.h"\n#include "qos.h"',
+    sources=["csrc/fuse_fallocate.c", "csrc/fuse_fastpath.c", "csrc/qos.c"],
     include_dirs=["csrc"] + [f[2:] for f in cflags if f.startswith("-I")],
     extra_compile_args=["-O2"] + [f for f in cflags if not f.startswith("-I")],
     extra_link_args=_pkg("--libs") + ["-ldl", "-lpthread"],

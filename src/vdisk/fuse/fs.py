@@ -17,6 +17,9 @@ other request and to control-plane actions (which run in the same thread).
 With a FastPath attached, most READ and WRITE requests never reach these
 handlers: a C thread serves them through the engine's FastMap, whose lock
 makes each of them atomic with respect to the pool's operations too.
+A volume's I/O limit (`limit`, csrc/qos.c) paces its READ and WRITE
+requests: in C when the fast path is on (it admits every one, including
+those it passes on to these handlers), else here, with trio.sleep.
 Commits go through the `committer` given at construction (the daemon's
 vdisk.daemon.committer.Committer): fsync and the dirty limit run them in a
 worker thread, so write and fsync may wait for one while other requests go on.
@@ -30,10 +33,11 @@ import stat
 import time
 
 import pyfuse3
+import trio
 
 from ..engine.errors import Busy, EngineError
 from ..engine.pool import BLOCK_SIZE, Pool
-from . import discard
+from . import discard, qos
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +126,13 @@ class DiskFS(pyfuse3.Operations):
 
     def path(self, group: str, name: str) -> str:
         return os.path.join(self.mountpoint, group, name) if name else os.path.join(self.mountpoint, group)
+
+    def limit(self, volume: int, iops: int, bps: int, io_unit: int = 0) -> None:
+        """Serve the volume's READ and WRITE at most at iops operations
+        (each io_unit bytes or part of them counting once) and bps bytes a
+        second; 0 and 0: as fast as it goes (vdisk.fuse.qos)."""
+        if discard.shim() is not None:
+            qos.set_limit(volume, iops, bps, io_unit)
 
     def resized(self, group: str, name: str) -> None:
         d = self.nodes[self._root().children[group]]
@@ -279,19 +290,42 @@ class DiskFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         return node.volume
 
+    async def _admit(self, vid: int, is_write: bool, length: int) -> int | None:
+        """Wait for the volume's I/O limit (unless the fast path did, which
+        admits every READ and WRITE it passes on); when the request started,
+        for qos.done (None: no limits here, the shim is not loaded)."""
+        if discard.shim() is None:
+            return None
+        start = qos.now_ns()
+        if self.fast is None:
+            wait = qos.admit(vid, is_write, length, start)
+            if wait:
+                await trio.sleep(wait)
+        return start
+
     async def read(self, fh, off, size):
+        vid = self._vol(fh)
+        start = await self._admit(vid, False, size)
         try:
-            return self.pool.read(self._vol(fh), off, size)
+            return self.pool.read(vid, off, size)
         except EngineError as exc:
             log.error("read of %d bytes at %d failed: %s", size, off, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
+        finally:
+            if start is not None:
+                qos.done(vid, False, start)
 
     async def write(self, fh, off, buf):
+        vid = self._vol(fh)
+        start = await self._admit(vid, True, len(buf))
         try:
-            self.pool.write(self._vol(fh), off, buf)
+            self.pool.write(vid, off, buf)
         except EngineError as exc:
             log.error("write of %d bytes at %d failed: %s", len(buf), off, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
+        finally:
+            if start is not None:
+                qos.done(vid, True, start)
         await self.committer.after_write()
         return len(buf)
 
