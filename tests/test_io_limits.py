@@ -63,3 +63,80 @@ def test_disks_run_at_their_category_speed_and_as_told():
         assert venv.j("pool", "scrub")["Clean"]
     finally:
         venv.close()
+
+
+def _scrape(address: str) -> dict:
+    """GET /metrics, parsed with prometheus_client's own parser:
+    {(name, sorted labels): value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen("http://%s/metrics" % address, timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_metrics_stats_and_monitor_data_follow_the_load(monkeypatch):
+    """Prometheus metrics (their own listener), `vdisk disk stats` and
+    DescribeDiskMonitorData against fio on a disk at its limit."""
+    import datetime
+    import time
+
+    need_root_fuse_loop("fio")
+    monkeypatch.setenv("VDISK_MONITOR_INTERVAL", "1")
+    venv = VDiskEnv(io_limits="cloud")
+    try:
+        venv.start("--metrics", "127.0.0.1:0")
+        address = venv.j("daemon", "status")["Metrics"]
+        iid, (d1,) = venv.instance(ndata=1, size=1, pl="PL0")
+        venv.run("instance", "start", iid)
+        dev = venv.attach(d1)
+        t0 = time.time()
+        labels = (("disk_id", d1), ("instance_id", iid))
+        before = _scrape(address)
+        reads0 = before.get(("vdisk_disk_reads_total", labels), 0)
+        fio = subprocess.Popen(["fio", "--name=m", "--filename=" + dev, "--ioengine=libaio", "--direct=1",
+                                "--rw=randread", "--bs=4k", "--iodepth=16", "--size=1G", "--time_based",
+                                "--runtime=4", "--output-format=json", "--randrepeat=0"],
+                               stdout=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        stats = json.loads(venv.run("--json", "disk", "stats", d1, "--interval", "1").stdout)
+        (row,) = stats["Disks"]
+        assert 0.5 * PL0_1GIB < row["ReadsPerSecond"] < 1.1 * PL0_1GIB, row
+        assert row["WritesPerSecond"] == 0 and 50 < row["PercentOfLimit"] <= 110 and row["ReadAwaitMs"] > 0, row
+        done = json.loads(fio.communicate()[0])["jobs"][0]["read"]["total_ios"]
+        after = _scrape(address)
+        reads = after[("vdisk_disk_reads_total", labels)] - reads0
+        assert done <= reads <= done + 64, (done, reads)  # fio counts what it completed; udev probes the device too
+        assert after[("vdisk_disk_request_duration_seconds_count", labels + (("op", "read"),))] >= reads
+        assert after[("vdisk_disk_iops_limit", labels)] == PL0_1GIB
+        assert after[("vdisk_disk_throttled_requests_total", labels)] > 0
+        assert after[("vdisk_commits_total", ())] >= before[("vdisk_commits_total", ())]
+        assert after[("vdisk_pool_volumes", ())] == 2
+
+        time.sleep(2)  # a sample after the load
+        start = datetime.datetime.fromtimestamp(t0 // 60 * 60, datetime.UTC)
+        end = start + datetime.timedelta(minutes=3)
+        fmt = "%Y-%m-%dT%H:%M:%SZ"
+        res = venv.api("DescribeDiskMonitorData", DiskId=d1, StartTime=start.strftime(fmt),
+                       EndTime=end.strftime(fmt), Period=60)
+        data = res["MonitorData"]["DiskMonitorData"]
+        assert res["TotalCount"] == len(data) >= 1, res
+        assert sum(e["IOPSRead"] for e in data) > 0
+        for e in data:
+            assert e["DiskId"] == d1 and e["IOPSTotal"] == e["IOPSRead"] + e["IOPSWrite"]
+            assert e["BPSRead"] == pytest.approx(4096 * e["IOPSRead"], rel=0.01, abs=4096)
+            assert e["IOPSRead"] < 1.1 * PL0_1GIB and (e["LatencyRead"] > 0) == (e["IOPSRead"] > 0)
+            datetime.datetime.strptime(e["TimeStamp"], fmt)
+        bad = venv.run("api", "DescribeDiskMonitorData", "DiskId=" + d1, "StartTime=" + start.strftime(fmt),
+                       "EndTime=" + end.strftime(fmt), "Period=30", check=False)
+        assert "InvalidPeriod.ValueNotSupported" in bad.stdout + bad.stderr
+        far = (start + datetime.timedelta(minutes=401)).strftime(fmt)
+        bad = venv.run("api", "DescribeDiskMonitorData", "DiskId=" + d1, "StartTime=" + start.strftime(fmt),
+                       "EndTime=" + far, check=False)
+        assert "InvalidParameter.TooManyDataQueried" in bad.stdout + bad.stderr
+    finally:
+        venv.close()

@@ -98,26 +98,28 @@ SNAP_COLS = [("SNAPSHOT", "SnapshotId"), ("NAME", "SnapshotName"), ("DISK", "Sou
 # ---------------------------------------------------------------- daemon
 
 
-def _http_address(app: App) -> tuple[str, int] | None:
-    """--http HOST:PORT (or $VDISK_HTTP): where to serve the cloud's API.
-    Loopback unless --http-allow-remote: anyone who can reach the port and
-    holds an access key drives the disks, and the traffic is plain HTTP."""
-    spec = app.args.http or os.environ.get("VDISK_HTTP")
+def _http_address(app: App, option: str = "http") -> tuple[str, int] | None:
+    """--http HOST:PORT (or $VDISK_HTTP): where to serve the cloud's API;
+    option "metrics": --metrics (or $VDISK_METRICS), where to serve
+    Prometheus metrics alone.  Loopback unless --http-allow-remote: anyone
+    who can reach the port and holds an access key drives the disks, and
+    the traffic is plain HTTP."""
+    spec = getattr(app.args, option) or os.environ.get("VDISK_" + option.upper())
     if not spec:
         return None
     host, sep, port = spec.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise CLIError("--http %r: expected HOST:PORT, such as 127.0.0.1:8080" % spec, EXIT_USAGE)
+        raise CLIError("--%s %r: expected HOST:PORT, such as 127.0.0.1:8080" % (option, spec), EXIT_USAGE)
     import ipaddress
 
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
-        raise CLIError("--http %r: HOST must be an IP address or localhost" % spec, EXIT_USAGE) from None
+        raise CLIError("--%s %r: HOST must be an IP address or localhost" % (option, spec), EXIT_USAGE) from None
     if not loopback and not app.args.http_allow_remote:
-        raise CLIError("--http %s listens beyond this host: add --http-allow-remote if you mean it (plain HTTP; "
-                       "anyone who reaches the port with an access key drives the disks)" % spec, EXIT_USAGE)
+        raise CLIError("--%s %s listens beyond this host: add --http-allow-remote if you mean it (plain HTTP; "
+                       "anyone who reaches the port with an access key drives the disks)" % (option, spec), EXIT_USAGE)
     return host, int(port)
 
 
@@ -129,12 +131,13 @@ def cmd_daemon_run(app: App) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     http = _http_address(app)
+    metrics = _http_address(app, "metrics")
     if app.args.strict:
         os.environ["VDISK_STRICT"] = "1"
     clock = _clock_options(app)
     for note in secure_data_dir(app.paths.data_dir):
         logging.getLogger("vdisk").warning("%s", note)
-    return run(app.paths, http, clock)
+    return run(app.paths, http, clock, metrics)
 
 
 def _clock_options(app: App) -> tuple:
@@ -155,11 +158,14 @@ def cmd_daemon_start(app: App) -> int:
         app.out(res, "vdisk daemon already running (pid %d), disks under %s" % (res["Pid"], res["MountPoint"]))
         return EXIT_OK
     http = _http_address(app)
+    metrics = _http_address(app, "metrics")
     for note in secure_data_dir(app.paths.data_dir):
         print("vdisk: %s" % note, file=sys.stderr)
     cmd = [sys.executable, "-m", "vdisk", "--data-dir", app.paths.data_dir, "--mountpoint", app.paths.mountpoint, "daemon", "run"]
     if http is not None:
         cmd += ["--http", "[%s]:%d" % http, "--http-allow-remote"]
+    if metrics is not None:
+        cmd += ["--metrics", "[%s]:%d" % metrics, "--http-allow-remote"]
     if app.args.strict:
         cmd.append("--strict")
     speed, start = _clock_options(app)
@@ -516,6 +522,57 @@ def cmd_disk_set(app: App) -> int:
     app.out(res, "%s: I/O %s" % (d["DiskId"], "unlimited" if d["IoLimits"] == "Unlimited" else
                                   "at its category's speed (%d IOPS, %d MB/s)" % (d["IOPS"], d["Throughput"])))
     return EXIT_OK
+
+
+def _disk_rates(before: dict, after: dict) -> list[dict]:
+    """iostat's figures for each disk between two DescribeDiskStats answers."""
+    dt = max(1e-9, (after["MonotonicNs"] - before["MonotonicNs"]) / 1e9)
+    old = {d["DiskId"]: d for d in before["Disks"]["Disk"]}
+    rows = []
+    for d in after["Disks"]["Disk"]:
+        o = old.get(d["DiskId"])
+        if o is None:
+            continue
+        reads, writes = d["Reads"] - o["Reads"], d["Writes"] - o["Writes"]
+        rbytes, wbytes = d["ReadBytes"] - o["ReadBytes"], d["WriteBytes"] - o["WriteBytes"]
+        iops, bps = (reads + writes) / dt, (rbytes + wbytes) / dt
+        use = [iops / d["IopsLimit"] if d["IopsLimit"] else 0, bps / d["BpsLimit"] if d["BpsLimit"] else 0]
+        rows.append({
+            "DiskId": d["DiskId"], "InstanceId": d["InstanceId"],
+            "ReadsPerSecond": round(reads / dt, 1), "WritesPerSecond": round(writes / dt, 1),
+            "ReadMBps": round(rbytes / dt / 1e6, 2), "WriteMBps": round(wbytes / dt / 1e6, 2),
+            "ReadAwaitMs": round((d["ReadLatencyNs"] - o["ReadLatencyNs"]) / reads / 1e6, 3) if reads else 0.0,
+            "WriteAwaitMs": round((d["WriteLatencyNs"] - o["WriteLatencyNs"]) / writes / 1e6, 3) if writes else 0.0,
+            "InFlight": d["InFlight"],
+            "PercentOfLimit": round(100 * max(use), 1) if d["IopsLimit"] or d["BpsLimit"] else None,
+        })
+    return rows
+
+
+def cmd_disk_stats(app: App) -> int:
+    req = {"DiskId": app.args.disk} if app.args.disk else {}
+    cols = [("DISK", "DiskId"), ("INSTANCE", "InstanceId"), ("r/s", "ReadsPerSecond"), ("w/s", "WritesPerSecond"),
+            ("rMB/s", "ReadMBps"), ("wMB/s", "WriteMBps"), ("r_await_ms", "ReadAwaitMs"),
+            ("w_await_ms", "WriteAwaitMs"), ("queue", "InFlight"), ("%limit", "PercentOfLimit")]
+    if not app.args.interval > 0:
+        raise CLIError("--interval must be more than 0 seconds", EXIT_USAGE)
+    before = app.call("DescribeDiskStats", **req)
+    n = 0
+    try:
+        while True:
+            time.sleep(app.args.interval)
+            after = app.call("DescribeDiskStats", **req)
+            rows = _disk_rates(before, after)
+            if app.json:
+                app.out({"Disks": rows, "IntervalSeconds": app.args.interval})
+            else:
+                app.out(None, (time.strftime("%H:%M:%S") + "\n" if app.args.watch else "")
+                        + (_table(rows, cols) or "no disk is served (none is In_use on a Running instance)"))
+            before, n = after, n + 1
+            if not app.args.watch or (app.args.count and n >= app.args.count):
+                return EXIT_OK
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def cmd_disk_delete(app: App) -> int:
@@ -912,6 +969,8 @@ def build_parser() -> argparse.ArgumentParser:
         v.add_argument("--http", metavar="HOST:PORT", help="also serve the cloud's ECS API over HTTP here "
                        "(default $VDISK_HTTP, else off; port 0 picks a free one)")
         v.add_argument("--http-allow-remote", action="store_true", help="allow a HOST that is not loopback")
+        v.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics (GET /metrics) here, on a "
+                       "listener of their own (default $VDISK_METRICS, else off; the --http listener serves them too)")
         v.add_argument("--strict", action="store_true", help="refuse parameters an action does not take (typos), "
                        "where the cloud ignores them ($VDISK_STRICT=1)")
         v.add_argument("--clock-speed", metavar="N", default=os.environ.get("VDISK_CLOCK_SPEED"),
@@ -1011,6 +1070,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("disk", metavar="DISK_ID")
     v.add_argument("--performance-level", metavar="PL", help="PL1-PL3 (a cloud_essd disk; not back to PL0)")
     v.add_argument("--category", help="cloud_essd, cloud_ssd or cloud_efficiency")
+    v = verb(g, "stats", cmd_disk_stats, "what the disks are doing, as iostat shows it: IOPS, MB/s, latency, "
+             "queue and %% of the disk's I/O limit (DescribeDiskStats)")
+    v.add_argument("disk", nargs="?", metavar="DISK_ID", help="one disk (default: every disk being served)")
+    v.add_argument("--watch", action="store_true", help="a report every interval until Ctrl-C")
+    v.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds a report covers (default 1)")
+    v.add_argument("--count", type=int, metavar="N", help="with --watch, stop after N reports")
     v = verb(g, "set", cmd_disk_set, "vdisk's own disk settings (ModifyDiskAttribute)")
     v.add_argument("disk", metavar="DISK_ID")
     v.add_argument("--io-limits", required=True, choices=("cloud", "unlimited", "pool"),

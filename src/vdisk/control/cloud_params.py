@@ -327,6 +327,16 @@ CLOUD_PARAMS = {
         'Tag.N.Key',
         'Tag.N.Value',
     ),
+    'DescribeDiskMonitorData': (
+        'DiskId',
+        'EndTime',
+        'OwnerAccount',
+        'OwnerId',
+        'Period',
+        'ResourceOwnerAccount',
+        'ResourceOwnerId',
+        'StartTime',
+    ),
     'DescribeDisks': (
         'AdditionalAttributes',
         'AutoSnapshotPolicyId',

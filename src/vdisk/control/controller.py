@@ -27,6 +27,7 @@ from .clock import Clock, iso
 from .cloud_params import CLOUD_PARAMS
 from .copies import CopyActions
 from .io_limits import IoLimitActions
+from .monitor import MonitorActions
 from .direct import DirectActions
 from .errors import CloudError, invalid, not_found
 from .images import ImageActions
@@ -78,6 +79,7 @@ VDISK_PARAMS = {
     "DescribeClock": (),
     "ModifyPoolAttribute": ("SnapshotUploadRate", "IoLimits"),
     "ModifyDiskAttribute": ("IoLimits",),
+    "DescribeDiskStats": ("DiskId",),
     "CreateSnapshotGroup": ("RetentionDays",),
     # the policy actions' lower-camel names, capitalised; and policies on instances
     "CreateAutoSnapshotPolicy": ("AutoSnapshotPolicyName", "TimePoints", "RepeatWeekdays", "RetentionDays"),
@@ -123,10 +125,12 @@ class Host:
     def path(self, instance_id: str, disk_id: str) -> str: ...
     def resized(self, instance_id: str, disk_id: str) -> None: ...
     def limit(self, volume: int, iops: int, bps: int, io_unit: int = 0) -> None: ...
+    def io_stats(self, volume: int) -> dict | None: ...
+    def io_clock(self) -> int: ...
 
 
 class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActions, PolicyActions, LifecycleActions,
-                 TagActions, CopyActions, IoLimitActions):
+                 TagActions, CopyActions, IoLimitActions, MonitorActions):
     def __init__(self, pool: Pool, host: Host | None = None, settings: dict | None = None, vms=None):
         self.pool = pool
         self.clock = Clock(pool)

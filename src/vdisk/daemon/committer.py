@@ -59,6 +59,8 @@ class Committer:
         self._wake = trio.Event()
         self._priority = 0  # structural commits waiting: background ones hold off
         self._last_commit = 0.0  # trio.current_time() of the last freeze
+        self.commit_count = 0  # commits finished, and the seconds they took (freeze to publish)
+        self.commit_seconds = 0.0
         # slots structural commits freed, to punch in a worker thread (run())
         self._punch_send, self._punch_recv = trio.open_memory_channel(math.inf)
 
@@ -94,6 +96,8 @@ class Committer:
             finally:
                 self._idle.set()
                 t3 = time.monotonic()
+                self.commit_count += 1
+                self.commit_seconds += t3 - t0
                 (log.info if t3 - t0 > 1 else log.debug)(
                     "commit %d (%s, %d blocks): freeze %.1f ms, run %.1f ms, finish %.1f ms",
                     seq, "structural" if change is not None else "writes", job.blocks(),

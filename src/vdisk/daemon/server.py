@@ -107,10 +107,13 @@ def _tune_connection(mountpoint: str) -> None:
 
 
 class Daemon:
-    def __init__(self, paths: Paths, http: tuple[str, int] | None = None, clock: tuple = (None, None)):
+    def __init__(self, paths: Paths, http: tuple[str, int] | None = None, clock: tuple = (None, None),
+                 metrics: tuple[str, int] | None = None):
         self.paths = paths
         self.http = http  # (host, port) to serve the cloud's HTTP API on, or None
         self.http_address = None  # where it listens (the port chosen when 0 was asked)
+        self.metrics = metrics  # (host, port) of a listener of /metrics only, or None
+        self.metrics_address = None
         self.cancel: trio.CancelScope | None = None
         self._stopping = False
         self.stop_reason = "stopped"  # recorded in daemon.exit
@@ -250,8 +253,11 @@ class Daemon:
                 await nursery.start(self.vms.run)
                 await nursery.start(self._serve_control)
                 nursery.start_soon(self._lifecycle)
+                nursery.start_soon(self._sample_io)
                 if self.http is not None:
                     await nursery.start(self._serve_http)
+                if self.metrics is not None:
+                    await nursery.start(self._serve_metrics)
                 log.info("vdisk daemon %d serving %s at %s", os.getpid(), self.paths.data_dir, self.paths.mountpoint)
                 notify(READY=1, MAINPID=os.getpid(), STATUS="serving %s at %s" % (self.paths.data_dir, self.paths.mountpoint))
         notify(STOPPING=1, STATUS=self.stop_reason)
@@ -279,11 +285,42 @@ class Daemon:
             async with self._control:
                 return await self._act(req)
 
-        api = ApiServer(KeyStore(self.paths.access_keys), answer)
+        api = ApiServer(KeyStore(self.paths.access_keys), answer, metrics=self._metrics_text)
         async with trio.open_nursery() as nursery:
             self.http_address = await nursery.start(api.serve, *self.http)
-            log.info("serving the ECS API over HTTP on %s:%d", *self.http_address)
+            log.info("serving the ECS API over HTTP on %s:%d (and /metrics)", *self.http_address)
             task_status.started()
+
+    async def _serve_metrics(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Prometheus metrics on a listener of their own (--metrics)."""
+        from ..http.server import ApiServer
+
+        api = ApiServer(None, None, metrics=self._metrics_text)
+        async with trio.open_nursery() as nursery:
+            self.metrics_address = await nursery.start(api.serve, *self.metrics)
+            log.info("serving Prometheus metrics on http://%s:%d/metrics", *self.metrics_address)
+            task_status.started()
+
+    def _metrics_text(self) -> tuple[str, bytes]:
+        from . import metrics
+
+        if not hasattr(self, "_metrics_registry"):
+            self._metrics_registry = metrics.registry(self)
+        return metrics.render(self._metrics_registry)
+
+    async def _sample_io(self) -> None:
+        """Keep each disk's counters for DescribeDiskMonitorData at every
+        multiple of control.monitor.SAMPLE_S seconds of the control plane's
+        clock (at most once a real second)."""
+        from ..control.monitor import SAMPLE_S
+
+        clock = self.ctl.clock
+        while True:
+            now = clock.now()
+            due = (now // SAMPLE_S + 1) * SAMPLE_S
+            await trio.sleep(max(1.0, clock.seconds_of_real(due - now)))
+            async with self._control:
+                self.ctl.sample_io()
 
     async def _writeback(self) -> None:
         """Start writeback of what was written, so that the next commit's
@@ -495,6 +532,7 @@ class Daemon:
                 "FastPath": self._fast_status(),
                 "IntentLog": self._log_status(),
                 "WriteCache": self.committer.status(),
+                "Metrics": "%s:%d" % tuple(self.metrics_address) if self.metrics_address else None,
             }
         if isinstance(req, dict) and req.get("Action") == "Shutdown":
             force = req.get("Force", False)
@@ -604,6 +642,8 @@ async def _reply(stream, answer: dict) -> None:
     await stream.send_all(json.dumps(answer).encode() + b"\n")
 
 
-def run(paths: Paths, http: tuple[str, int] | None = None, clock: tuple = (None, None)) -> int:
-    """clock: (speed, start) of the control plane's clock (clock.py)."""
-    return Daemon(paths, http, clock).run()
+def run(paths: Paths, http: tuple[str, int] | None = None, clock: tuple = (None, None),
+        metrics: tuple[str, int] | None = None) -> int:
+    """clock: (speed, start) of the control plane's clock (clock.py);
+    metrics: where to serve /metrics on a listener of its own."""
+    return Daemon(paths, http, clock, metrics).run()

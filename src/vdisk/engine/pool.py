@@ -784,13 +784,15 @@ class Pool:
     def scrub(self, verify_data: bool = True, progress=None) -> list[str]:
         return scrub.check(self, verify_data, progress)
 
-    def stats(self) -> dict:
-        """The pool's space figures, as of a commit when one can be made.  A
-        read-only question: when the commit fails (a full filesystem), the
-        figures are those last made durable and commit_error says why."""
+    def stats(self, commit: bool = True) -> dict:
+        """The pool's space figures, as of a commit when one can be made
+        (commit False: as of the last one).  A read-only question: when the
+        commit fails (a full filesystem), the figures are those last made
+        durable and commit_error says why."""
         commit_error = None
         try:
-            self.commit()
+            if commit:
+                self.commit()
         except EngineError as exc:
             commit_error = str(exc)
         with self.env.begin() as txn:

@@ -56,7 +56,8 @@ class FastPath:
             raise TimeoutError("the FUSE fast path's thread did not end: %s" % os.strerror(-rc))
 
     def stats(self) -> dict:
-        """Requests served in C, and passed on to pyfuse3."""
-        out = discard.shim_ffi().new("uint64_t[4]")
+        """Requests served in C, passed on to pyfuse3, and delayed by an
+        I/O limit (csrc/qos.c)."""
+        out = discard.shim_ffi().new("uint64_t[5]")
         self._lib.vd_fp_stats(out)
-        return {"reads": out[0], "writes": out[1], "passed_on": out[2], "fsyncs": out[3]}
+        return {"reads": out[0], "writes": out[1], "passed_on": out[2], "fsyncs": out[3], "delayed": out[4]}

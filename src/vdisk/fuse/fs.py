@@ -134,6 +134,14 @@ class DiskFS(pyfuse3.Operations):
         if discard.shim() is not None:
             qos.set_limit(volume, iops, bps, io_unit)
 
+    def io_stats(self, volume: int) -> dict | None:
+        """The volume's request counters (vdisk.fuse.qos.stats), or None."""
+        return qos.stats(volume) if discard.shim() is not None else None
+
+    def io_clock(self) -> int:
+        """The counters' clock (CLOCK_MONOTONIC, ns)."""
+        return qos.now_ns() if discard.shim() is not None else 0
+
     def resized(self, group: str, name: str) -> None:
         d = self.nodes[self._root().children[group]]
         inode = d.children[name]

@@ -38,10 +38,14 @@ MAX_BODY = 1 << 20
 REQUEST_TIMEOUT = 30.0
 JSON = "application/json;charset=utf-8"
 class ApiServer:
-    def __init__(self, keys: KeyStore, answer, host_id: str = "ecs.vdisk.local"):
+    def __init__(self, keys: KeyStore | None, answer, host_id: str = "ecs.vdisk.local", metrics=None):
+        """answer None: a listener of metrics only (`--metrics`); metrics: a
+        function giving (content type, body) of GET /metrics, unsigned (the
+        Prometheus scraper's), or None."""
         self.keys = keys
         self.answer = answer  # async (request dict) -> answer dict
         self.host_id = host_id
+        self.metrics = metrics
         self.nonces = signature.Nonces()
 
     async def serve(self, host: str, port: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -124,6 +128,11 @@ class ApiServer:
         for name, value in req.headers:
             headers.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
         target = urlsplit(req.target.decode("latin-1"))
+        if self.metrics is not None and target.path == "/metrics" and req.method == b"GET":
+            ctype, body = self.metrics()
+            return 200, ctype, body
+        if self.answer is None:
+            return 404, "text/plain;charset=utf-8", b"this listener serves GET /metrics only\n"
         query = parse_qsl(target.query, keep_blank_values=True)
         form = []
         if (headers.get("content-type") or [""])[0].startswith("application/x-www-form-urlencoded"):
