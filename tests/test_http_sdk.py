@@ -26,8 +26,10 @@ MIB = 1 << 20
 def api():
     need_root_fuse_loop("dd")
     env = VDiskEnv(prefix="vdisk-sdk-")
+    os.environ["VDISK_MONITOR_INTERVAL"] = "1"  # DescribeDiskMonitorData's samples, every second
     try:
         env.start("--http", "127.0.0.1:0")
+        del os.environ["VDISK_MONITOR_INTERVAL"]
         key = env.j("accesskey", "create")
         port = int(env.j("daemon", "status")["Http"].rsplit(":", 1)[1])
         yield env, port, key
@@ -152,6 +154,59 @@ def test_the_official_sdk_drives_instances_disks_and_snapshot_groups(api, v1):
     progress = {p.related_item_set.related_item[0].value: p.operation_status
                 for p in res.operation_progress_set.operation_progress}
     assert progress[sys_snap] != "Success" and set(progress) == {s.snapshot_id for s in members}
+
+
+def test_the_sdk_changes_a_disks_speed_and_reads_what_it_did(api):
+    """ModifyDiskSpec and DescribeDiskMonitorData as the SDK sends and
+    parses them; /metrics beside the API on the same listener."""
+    import datetime
+    import urllib.request
+
+    from Tea.exceptions import TeaException
+
+    env, port, key = api
+    c = client(port, key)
+    iid = c.create_instance(m.CreateInstanceRequest(
+        region_id=REGION, instance_name="sdk-speed",
+        system_disk=m.CreateInstanceRequestSystemDisk(size=1, category="cloud_essd", performance_level="PL0"),
+        data_disk=[m.CreateInstanceRequestDataDisk(size=40, category="cloud_essd", performance_level="PL0")])).body.instance_id
+    c.start_instance(m.StartInstanceRequest(instance_id=iid))
+    disks = c.describe_disks(m.DescribeDisksRequest(region_id=REGION, instance_id=iid)).body.disks.disk
+    data = [d for d in disks if d.type == "data"][0]
+    assert data.iops == 1800 + 12 * 40
+    c.modify_disk_spec(m.ModifyDiskSpecRequest(disk_id=data.disk_id, performance_level="PL1"))
+    d = c.describe_disks(m.DescribeDisksRequest(region_id=REGION, disk_ids=json.dumps([data.disk_id]))).body.disks.disk[0]
+    assert (d.performance_level, d.iops) == ("PL1", 1800 + 50 * 40)
+    for req, code in ((m.ModifyDiskSpecRequest(disk_id=data.disk_id, performance_level="PL0"),
+                       "InvalidPerformanceLevel.ValueNotSupported"),
+                      (m.ModifyDiskSpecRequest(disk_id=data.disk_id, performance_level="PL2"),
+                       "InvalidDiskSize.ValueNotSupported")):
+        with pytest.raises(TeaException) as e:
+            c.modify_disk_spec(req)
+        assert e.value.code == code
+    assert c.describe_disks(m.DescribeDisksRequest(region_id=REGION, disk_ids=json.dumps([data.disk_id]))
+                            ).body.disks.disk[0].performance_level == "PL1"
+
+    t0 = time.time()
+    dev = env.attach(data.disk_id)
+    _dd_write(dev, os.urandom(4 * MIB))
+    assert len(read(dev, 4 * MIB)) == 4 * MIB
+    env.run("loop", "detach", dev)
+    time.sleep(2.5)  # a sample after the I/O
+    start = datetime.datetime.fromtimestamp(t0 // 60 * 60, datetime.UTC)
+    fmt = "%Y-%m-%dT%H:%M:%SZ"
+    body = c.describe_disk_monitor_data(m.DescribeDiskMonitorDataRequest(
+        disk_id=data.disk_id, start_time=start.strftime(fmt),
+        end_time=(start + datetime.timedelta(minutes=2)).strftime(fmt), period=60)).body
+    entries = body.monitor_data.disk_monitor_data
+    assert body.total_count == len(entries) >= 1
+    for e in entries:
+        no_none(e, "disk_id", "iopsread", "iopswrite", "iopstotal", "bpsread", "bpswrite", "bpstotal",
+                "latency_read", "latency_write", "time_stamp")
+    assert sum(e.bpswrite for e in entries) > 0 and sum(e.bpsread for e in entries) > 0
+    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=10) as r:
+        text = r.read().decode()
+    assert 'vdisk_disk_written_bytes_total{disk_id="%s",instance_id="%s"}' % (data.disk_id, iid) in text
 
 
 def test_refused_calls_change_nothing(api):
