@@ -453,7 +453,8 @@ def cmd_disk_create(app: App) -> int:
     res = app.call(
         # the CLI's default category is cloud_essd; the API's is the cloud's, cloud
         "CreateDisk", Size=a.size, DiskCategory=a.category or "cloud_essd", PerformanceLevel=a.performance_level,
-        DiskName=a.name, Description=a.description, SnapshotId=a.snapshot,
+        DiskName=a.name, Description=a.description, SnapshotId=a.snapshot, ProvisionedIops=a.provisioned_iops,
+        BurstingEnabled=True if a.bursting else None,
     )
     app.out(res, res["DiskId"])
     return EXIT_OK
@@ -507,6 +508,8 @@ def cmd_disk_modify_spec(app: App) -> int:
         req["PerformanceLevel"] = app.args.performance_level
     if app.args.category:
         req["DiskCategory"] = app.args.category
+    if app.args.provisioned_iops is not None:
+        req["ProvisionedIops"] = app.args.provisioned_iops
     res = app.call("ModifyDiskSpec", **req)
     d = app.disk(app.args.disk)
     app.out(res, "%s is now %s%s: %d IOPS, %d MB/s" % (
@@ -1043,8 +1046,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = group("disk", "create, attach, detach, resize, reset and delete disks")
     v = verb(g, "create", cmd_disk_create, "create an Available disk, empty or from a snapshot")
     v.add_argument("--size", type=int, metavar="GIB", help="size in GiB (default: the snapshot's source disk size)")
-    v.add_argument("--category", help="cloud_essd (default), cloud_ssd, cloud_efficiency, cloud")
+    v.add_argument("--category", help="cloud_essd (default), cloud_auto (ESSD AutoPL), cloud_essd_entry, cloud_ssd, "
+                   "cloud_efficiency, cloud")
     v.add_argument("--performance-level", metavar="PL", help="PL0-PL3 for cloud_essd (default PL1)")
+    v.add_argument("--provisioned-iops", type=int, metavar="N", help="cloud_auto: IOPS on top of the baseline")
+    v.add_argument("--bursting", action="store_true", help="cloud_auto: performance burst (BurstingEnabled)")
     v.add_argument("--name")
     v.add_argument("--description")
     v.add_argument("--snapshot", metavar="SNAPSHOT_ID", help="create the disk from this snapshot")
@@ -1069,7 +1075,8 @@ def build_parser() -> argparse.ArgumentParser:
              "(ModifyDiskSpec): its speed changes at once")
     v.add_argument("disk", metavar="DISK_ID")
     v.add_argument("--performance-level", metavar="PL", help="PL1-PL3 (a cloud_essd disk; not back to PL0)")
-    v.add_argument("--category", help="cloud_essd, cloud_ssd or cloud_efficiency")
+    v.add_argument("--category", help="cloud_essd, cloud_auto, cloud_essd_entry, cloud_ssd or cloud_efficiency")
+    v.add_argument("--provisioned-iops", type=int, metavar="N", help="a cloud_auto disk's provisioned IOPS")
     v = verb(g, "stats", cmd_disk_stats, "what the disks are doing, as iostat shows it: IOPS, MB/s, latency, "
              "queue and %% of the disk's I/O limit (DescribeDiskStats)")
     v.add_argument("disk", nargs="?", metavar="DISK_ID", help="one disk (default: every disk being served)")

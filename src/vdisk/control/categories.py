@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from .errors import CloudError
 
-CATEGORIES = ("cloud_essd", "cloud_ssd", "cloud_efficiency", "cloud")
+CATEGORIES = ("cloud_essd", "cloud_auto", "cloud_essd_entry", "cloud_ssd", "cloud_efficiency", "cloud")
+ESSDS = ("cloud_essd", "cloud_auto", "cloud_essd_entry")
 LEVELS = ("PL0", "PL1", "PL2", "PL3")
 
 # (min GiB, max GiB)
@@ -19,6 +20,8 @@ SIZE_LIMITS = {
     ("cloud_essd", "PL1"): (20, 65536),
     ("cloud_essd", "PL2"): (461, 65536),
     ("cloud_essd", "PL3"): (1261, 65536),
+    ("cloud_auto", None): (1, 65536),  # ESSD AutoPL: the vendor's page
+    ("cloud_essd_entry", None): (10, 32768),  # ESSD Entry: as commonly quoted
     ("cloud_ssd", None): (20, 32768),
     ("cloud_efficiency", None): (20, 32768),
     ("cloud", None): (5, 2000),
@@ -30,10 +33,18 @@ PERF = {
     "PL1": (1800, 50, 50000, 120, 0.5, 350),
     "PL2": (1800, 50, 100000, 120, 0.5, 750),
     "PL3": (1800, 50, 1000000, 120, 0.5, 4000),
+    "cloud_essd_entry": (1800, 8, 6000, 100, 0.15, 150),
     "cloud_ssd": (1800, 30, 25000, 120, 0.5, 300),
     "cloud_efficiency": (1800, 8, 5000, 100, 0.15, 140),
     "cloud": (300, 0, 300, 30, 0, 30),  # "several hundred IOPS, 30-40 MB/s": the low end
 }
+# ESSD AutoPL (cloud_auto), from the vendor's page: a baseline of
+# max(min(1800 + 50 x GiB, 50000), 3000) IOPS and max(min(120 + 0.5 x GiB,
+# 350), 125) MB/s; plus ProvisionedIops (from 4 GiB: up to min(1000 x GiB -
+# baseline, 50000)), each adding 16 KB/s; with BurstingEnabled (from 4 GiB)
+# up to min(1000000, 1000 x GiB) IOPS and max(min(16 KB x those / 1024,
+# 4000) MB/s, baseline + provisioned).
+AUTO_MAX_PROVISIONED = 50000
 # The cloud counts an ESSD request of more than this many bytes as several
 # operations for its IOPS limit (the facts: "largest I/O 16 KiB for the IOPS
 # count"); the older categories count each request once.
@@ -70,6 +81,23 @@ def check_disk_spec(category: str, level: str | None, size_gib: int) -> str | No
     return level
 
 
+def check_auto(category: str, size_gib: int, provisioned: int | None, burst: bool | None) -> None:
+    """ProvisionedIops and BurstingEnabled: an AutoPL disk's only, within
+    what its size allows."""
+    if category != "cloud_auto":
+        for name, v in (("ProvisionedIops", provisioned), ("BurstingEnabled", burst)):
+            if v:
+                raise CloudError("InvalidParameter", "%s applies only to cloud_auto (ESSD AutoPL) disks, not to %s."
+                                 % (name, category))
+        return
+    if provisioned and not 0 <= provisioned <= max_provisioned(size_gib):
+        raise CloudError("InvalidProvisionedIops.ValueNotSupported",
+                         "ProvisionedIops of a %d GiB ESSD AutoPL disk must be 0 to %d (min(1000 x GiB - baseline, "
+                         "50000); none up to 3 GiB), not %d." % (size_gib, max_provisioned(size_gib), provisioned))
+    if burst and size_gib <= 3:
+        raise CloudError("InvalidParameter", "Performance burst needs an ESSD AutoPL disk of 4 GiB or more.")
+
+
 def min_size(category: str, level: str | None) -> int:
     """The smallest size (GiB) of a category/level; 1 if unknown (checked later)."""
     if category == "cloud_essd":
@@ -77,14 +105,34 @@ def min_size(category: str, level: str | None) -> int:
     return SIZE_LIMITS.get((category, level if category == "cloud_essd" else None), (1, 0))[0]
 
 
-def performance(category: str, level: str | None, size_gib: int) -> dict:
-    """IOPS and Throughput (MB/s) as DescribeDisks gives them."""
+def auto_baseline(size_gib: int) -> tuple[int, float]:
+    """An ESSD AutoPL disk's baseline (IOPS, MB/s)."""
+    return max(min(1800 + 50 * size_gib, 50000), 3000), max(min(120 + 0.5 * size_gib, 350), 125)
+
+
+def max_provisioned(size_gib: int) -> int:
+    """The most ProvisionedIops an AutoPL disk of this size takes (0: none)."""
+    return 0 if size_gib <= 3 else max(0, min(1000 * size_gib - auto_baseline(size_gib)[0], AUTO_MAX_PROVISIONED))
+
+
+def performance(category: str, level: str | None, size_gib: int, provisioned: int = 0) -> dict:
+    """IOPS and Throughput (MB/s) as DescribeDisks gives them (an AutoPL
+    disk's: baseline and provisioned; with its burst in io_limits)."""
+    if category == "cloud_auto":
+        iops, mbs = auto_baseline(size_gib)
+        return {"IOPS": int(iops + provisioned), "Throughput": int(mbs + 16 * provisioned / 1024)}
     b, per, cap, tb, tper, tcap = PERF[level if category == "cloud_essd" else category]
     return {"IOPS": int(min(b + per * size_gib, cap)), "Throughput": int(min(tb + tper * size_gib, tcap))}
 
 
-def io_limits(category: str, level: str | None, size_gib: int) -> tuple[int, int, int]:
+def io_limits(category: str, level: str | None, size_gib: int, provisioned: int = 0,
+              burst: bool = False) -> tuple[int, int, int]:
     """(operations a second, bytes a second, bytes that count as one
-    operation: 0 for any request) that a disk of this kind is served at."""
-    perf = performance(category, level, size_gib)
-    return perf["IOPS"], perf["Throughput"] * MB, ESSD_IO_UNIT if category == "cloud_essd" else 0
+    operation: 0 for any request) that a disk of this kind is served at:
+    what it may reach, its burst included."""
+    perf = performance(category, level, size_gib, provisioned)
+    iops, mbs = perf["IOPS"], perf["Throughput"]
+    if category == "cloud_auto" and burst and size_gib >= 4:
+        iops = min(1_000_000, 1000 * size_gib)
+        mbs = max(min(16 * iops / 1024, 4000), mbs)
+    return iops, int(mbs * MB), ESSD_IO_UNIT if category in ESSDS else 0

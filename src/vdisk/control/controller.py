@@ -281,7 +281,9 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
                 out["Attachments"] = {"Attachment": [{"InstanceId": rec["InstanceId"], "Device": rec["Device"],
                                                       "AttachedTime": rec["AttachedTime"]}]}
                 out["MountInstanceNum"] = 1
-            out.update(categories.performance(rec["Category"], rec.get("PerformanceLevel"), rec["Size"]))
+            out.update(categories.performance(rec["Category"], rec.get("PerformanceLevel"), rec["Size"],
+                                              rec.get("ProvisionedIops", 0)))
+            out["BurstingEnabled"] = rec.get("BurstingEnabled", False)
             out["IoLimits"] = rec.get("IoLimits") or self._pool_io_limits()  # vdisk's own: Unlimited or Cloud
             inst = rec.get("InstanceId")
             if inst and self.host is not None and rec["Status"] == "In_use":
@@ -339,6 +341,9 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
                     % (snapshot["SnapshotId"], src_size, size),
                 )
         level = categories.check_disk_spec(category, level, size)
+        provisioned = p.int("ProvisionedIops", lo=0) if create_disk else None
+        burst = p.bool("BurstingEnabled") if create_disk else False
+        categories.check_auto(category, size, provisioned, burst)
         name = p.name(prefix + "DiskName", "DiskName")
         desc = p.description(prefix + "Description")
         return {
@@ -348,6 +353,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
             "Size": size,
             "Category": category,
             "PerformanceLevel": level,
+            **({"ProvisionedIops": provisioned or 0, "BurstingEnabled": burst} if category == "cloud_auto" else {}),
             "Type": dtype,
             "Status": "Available",
             "InstanceId": "",
@@ -520,6 +526,11 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
         if p.req.get("DeleteWithInstance") is not None:
             disk["DeleteWithInstance"] = p.bool("DeleteWithInstance")
         io = self._set_io_limits(p, disk)  # vdisk's own
+        if p.req.get("BurstingEnabled") is not None:
+            burst = p.bool("BurstingEnabled")
+            categories.check_auto(disk["Category"], disk["Size"], None, burst)
+            disk["BurstingEnabled"] = burst
+            io = True
         self._put("disk", disk)
         self.pool.commit()
         if io:

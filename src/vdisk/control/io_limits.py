@@ -28,7 +28,8 @@ class IoLimitActions:
         served at; (0, 0, 0) when unlimited."""
         if (disk.get("IoLimits") or self._pool_io_limits()) == "Unlimited":
             return 0, 0, 0
-        return categories.io_limits(disk["Category"], disk.get("PerformanceLevel"), disk["Size"])
+        return categories.io_limits(disk["Category"], disk.get("PerformanceLevel"), disk["Size"],
+                                    disk.get("ProvisionedIops", 0), disk.get("BurstingEnabled", False))
 
     def _set_io_limits(self, p: Params, disk: dict | None = None) -> bool:
         """IoLimits of ModifyPoolAttribute (disk None) or ModifyDiskAttribute
@@ -61,16 +62,18 @@ class IoLimitActions:
         In_use or Available and its instance Running or Stopped.  The new
         speed applies at once."""
         disk = self._disk(p)
-        for name in ("ProvisionedIops", "DestinationZoneId", "PerformanceControlOptions."):
+        for name in ("DestinationZoneId", "PerformanceControlOptions."):
             given = [k for k in p.req if k.startswith(name) and p.req[k] not in (None, "")]
             if given:
                 raise CloudError("UnsupportedParameter",
-                                 "The parameter %s is not supported: vdisk emulates neither ESSD AutoPL's provisioned "
-                                 "performance nor other zones (docs/performance.md)." % given[0])
+                                 "The parameter %s is not supported: vdisk emulates neither other zones nor "
+                                 "performance control options (docs/performance.md)." % given[0])
         level = p.str("PerformanceLevel", choices=categories.LEVELS)
         category = p.str("DiskCategory", choices=categories.CATEGORIES)
-        if level is None and category is None:
-            raise CloudError("MissingParameter", "ModifyDiskSpec needs PerformanceLevel or DiskCategory.")
+        provisioned = p.int("ProvisionedIops", lo=0)
+        if level is None and category is None and provisioned is None:
+            raise CloudError("MissingParameter", "ModifyDiskSpec needs PerformanceLevel, DiskCategory or "
+                             "ProvisionedIops.")
         if disk["Status"] not in ("In_use", "Available"):
             raise CloudError("IncorrectDiskStatus", "Disk %s is %s; its spec changes only when it is In_use or "
                              "Available." % (disk["DiskId"], disk["Status"]), 403)
@@ -83,6 +86,9 @@ class IoLimitActions:
         if "cloud" in (new_category, disk["Category"]) and new_category != disk["Category"]:
             raise CloudError("InvalidDiskCategory.ValueNotSupported",
                              "A basic disk (cloud) cannot change category, nor can a disk become one.")
+        if disk["Category"] == "cloud_essd_entry" and new_category not in ("cloud_essd_entry", "cloud_essd", "cloud_auto"):
+            raise CloudError("InvalidDiskCategory.ValueNotSupported",
+                             "An ESSD Entry disk changes only to cloud_essd or cloud_auto, not to %s." % new_category)
         if new_category != "cloud_essd" and level is not None:
             raise CloudError("InvalidPerformanceLevel.ValueNotSupported",
                              "PerformanceLevel applies only to cloud_essd disks, not to %s." % new_category)
@@ -96,9 +102,16 @@ class IoLimitActions:
                              "A %s%s disk must be %d to %d GiB; disk %s has %d GiB (ResizeDisk it first)."
                              % (new_category, " " + new_level if new_level else "", lo, hi, disk["DiskId"],
                                 disk["Size"]))
+        categories.check_auto(new_category, disk["Size"], provisioned, None)
         self._dry_run(p)
         disk["Category"] = new_category
         disk["PerformanceLevel"] = new_level
+        if new_category == "cloud_auto":
+            disk["ProvisionedIops"] = disk.get("ProvisionedIops", 0) if provisioned is None else provisioned
+            disk.setdefault("BurstingEnabled", False)
+        else:
+            disk.pop("ProvisionedIops", None)
+            disk.pop("BurstingEnabled", None)
         self._put("disk", disk)
         self.pool.commit()
         self.apply_io_limits([disk])
