@@ -61,6 +61,11 @@ class HookScenario(Scenario):
         return [] if r.returncode == 0 else ["check command exit %d: %s" % (r.returncode, (r.stdout + r.stderr).strip()[-500:])]
 
 
+# units of work (files, transactions) a guest's workload has acknowledged
+# before a trial's snapshot is taken
+VM_MIN_PROGRESS = 40
+
+
 class Runner:
     def __init__(self, env: VDiskEnv, warmup: float = 1.5, progress=print, staggered_order: str = "random"):
         self.env = env
@@ -198,9 +203,17 @@ class Runner:
             seed = rng.randrange(1 << 30)
             load = self.call("RunCommand", Type="RunShellScript", CommandContent=scen.load_script(seed),
                              InstanceId=[iid], Timeout=86400)["InvokeId"]
-            time.sleep(self.warmup + 1.5)  # the guest starts its writers first
-            # what the daemon had received before the snapshot began was durable before it
-            before = scen.acked(self._invocation(load)["Output"])
+            # the guest starts its writers first; under software emulation a
+            # cold guest may take seconds before its first commits, so wait
+            # for the workload's progress (at most a minute), not a fixed time
+            time.sleep(self.warmup + 1.5)
+            deadline = time.monotonic() + 60
+            while True:
+                # what the daemon had received before the snapshot began was durable before it
+                before = scen.acked(self._invocation(load)["Output"])
+                if scen.durable_count(before) >= VM_MIN_PROGRESS or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
             t0 = time.monotonic_ns()
             snaps = self._snapshot(scen, iid, disks, mode, gap, rng, result)
             result["snapshot_ms"] = (time.monotonic_ns() - t0) / 1e6
