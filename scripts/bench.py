@@ -556,21 +556,19 @@ def levels_bench(runtime: int, cwd: str) -> dict:
         pair = _fio_on(devs[:2], ["--rw=randread", "--bs=4k", "--iodepth=32"], runtime, cwd)
         out["neighbours"] = [{"level": LEVEL_DISKS[i][1], "gib": LEVEL_DISKS[i][2],
                               "iops_cap": out["disks"][i]["iops_cap"], "iops": pair[i]["iops"]} for i in range(2)]
-        out["modify_under_load"] = _modify_under_load(env, data[1]["DiskId"], devs[1], cwd)
+        out["modify_under_load"] = _modify_under_load(env, data[0]["DiskId"], devs[0], cwd)
         return out
     finally:
         env.close()
 
 
 def _modify_under_load(env: VDiskEnv, disk: str, dev: str, cwd: str) -> dict:
-    """fio's IOPS every 100 ms on a PL1 disk while ModifyDiskSpec makes it
-    PL2 after 3 s (its size allowing: ResizeDisk to 461 GiB first): how
-    long until the new rate shows."""
+    """fio's IOPS every 100 ms on the 40 GiB PL0 disk while ModifyDiskSpec
+    makes it PL1 after 3 s: how long until the new rate shows."""
     from vdisk.control import categories
 
-    env.run("disk", "resize", disk, "--size", 461)
-    before = categories.io_limits("cloud_essd", "PL1", 461)[0]
-    after = categories.io_limits("cloud_essd", "PL2", 461)[0]
+    before = categories.io_limits("cloud_essd", "PL0", 40)[0]
+    after = categories.io_limits("cloud_essd", "PL1", 40)[0]
     logdir = tempfile.mkdtemp(prefix="vdisk-levels-log-", dir=cwd)
     try:
         cmd = ["fio", "--name=m", "--filename=" + dev, "--ioengine=libaio", "--direct=1", "--size=1G",
@@ -579,7 +577,7 @@ def _modify_under_load(env: VDiskEnv, disk: str, dev: str, cwd: str) -> dict:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
         time.sleep(3)
         t0 = time.monotonic()
-        env.run("disk", "modify-spec", disk, "--performance-level", "PL2")
+        env.run("disk", "modify-spec", disk, "--performance-level", "PL1")
         call_s = time.monotonic() - t0
         proc.communicate()
         rows = []
@@ -608,7 +606,7 @@ def print_levels(r: dict) -> None:
     print("two disks at once: " + ", ".join("%s %d GiB %.0f of %d IOPS" % (n["level"], n["gib"], n["iops"], n["iops_cap"])
                                              for n in r["neighbours"]))
     m = r["modify_under_load"]
-    print("ModifyDiskSpec PL1 -> PL2 under load (%d -> %d IOPS): called at %d ms (took %.2f s), new rate seen at %s ms; "
+    print("ModifyDiskSpec PL0 -> PL1 under load (%d -> %d IOPS): called at %d ms (took %.2f s), new rate seen at %s ms; "
           "last second %.0f IOPS" % (m["iops_before_cap"], m["iops_after_cap"], m["modify_at_ms"], m["call_s"],
                                      m["new_rate_seen_at_ms"], m["iops_last_second"]))
 
