@@ -51,8 +51,11 @@ class IoLimitActions:
         the daemon does at start and after every change of them."""
         if self.host is None:
             return
+        now = self.clock.now()
         for d in self._all("disk") if disks is None else disks:
             self.host.limit(d["_volume"], *self.io_limits_of(d))
+            # the host counts its requests from now on (control.monitor)
+            self._io_counted_since().setdefault(d["DiskId"], now)
 
     def do_ModifyDiskSpec(self, p: Params) -> dict:
         """The cloud's rules for a pay-as-you-go disk: an ESSD's performance

@@ -11,6 +11,9 @@ which is all vdisk answers for (the cloud keeps 30 days).  A period's rate
 is the counters' difference between the samples at or before its start
 (or the first in it) and its end, over the time between those samples.
 With a sped-up clock (--clock-speed) the rates are per simulated second.
+A disk's history begins with zeros at the time the host began counting its
+requests (apply_io_limits: the daemon's start, or the disk's creation), so
+what it did before its first sample is in the first period, not lost.
 
 A mixin of Controller.
 """
@@ -39,6 +42,13 @@ class MonitorActions:
             self._io_history: dict[str, collections.deque] = {}
         return self._io_history
 
+    def _io_counted_since(self) -> dict:
+        """disk id -> when the host began counting its requests (its counters
+        were all 0 then): the first sample of a disk's history."""
+        if not hasattr(self, "_io_since"):
+            self._io_since: dict[str, float] = {}
+        return self._io_since
+
     def served_disks(self) -> list[tuple[str, str, int]]:
         """(disk id, instance id, volume) of every In_use disk."""
         return [(d["DiskId"], d["InstanceId"], d["_volume"]) for d in self._all("disk") if d["Status"] == "In_use"]
@@ -53,8 +63,13 @@ class MonitorActions:
             st = self.host.io_stats(disk["_volume"]) if disk["Status"] == "In_use" else None
             if st is None:
                 continue
-            hist.setdefault(disk["DiskId"], collections.deque(maxlen=HISTORY)).append(
-                (now,) + tuple(st[f] for f in _FIELDS))
+            h = hist.get(disk["DiskId"])
+            if h is None:  # its first sample: the requests since counting began are in this one
+                h = hist[disk["DiskId"]] = collections.deque(maxlen=HISTORY)
+                since = self._io_counted_since().get(disk["DiskId"])
+                if since is not None and since < now:
+                    h.append((since,) + (0,) * len(_FIELDS))
+            h.append((now,) + tuple(st[f] for f in _FIELDS))
         for gone in hist.keys() - {d["DiskId"] for d in self._all("disk")}:
             del hist[gone]
 
