@@ -267,10 +267,19 @@ def test_fuzz_control_socket(target):
                 target.stats["messages"] += 1
                 return_answers = []
             else:
+                sender = None
                 try:
                     if mode == "bytewise":
-                        for i in range(0, len(payload), 7):
-                            s.sendall(payload[i : i + 7])
+                        # sent from a thread while the answers are read here:
+                        # large answers (GetSnapshotBlock's 64 KiB) fill the
+                        # socket's buffers, and a client that only sends would
+                        # wait on a daemon waiting for it to read
+                        def dribble():
+                            for i in range(0, len(payload), 7):
+                                s.sendall(payload[i : i + 7])
+
+                        sender = threading.Thread(target=dribble)
+                        sender.start()
                     else:
                         s.sendall(payload)
                 except BrokenPipeError:
@@ -280,6 +289,8 @@ def test_fuzz_control_socket(target):
                 target.stats["messages"] += len(msgs)
                 f = s.makefile("rb")
                 return_answers = [json.loads(f.readline()) for _ in range(expected)]
+                if sender is not None:
+                    sender.join()
                 if mode == "big":
                     assert "larger than" in return_answers[0]["Message"], return_answers
         for ans in return_answers:
