@@ -67,7 +67,7 @@ struct node {
 
 /* a request that waits for its volume's I/O limit */
 struct delayed {
-    uint64_t due, start, seq;
+    uint64_t due, start, seq, vid;
     unsigned char *buf;
     size_t n;
 };
@@ -167,14 +167,21 @@ static void reply(uint64_t unique, long rc, const void *data, size_t len)
                 strerror(errno));
 }
 
-/* 1 if served here, 0 to forward; start: when a READ or WRITE was
- * admitted (csrc/qos.c), for its latency */
-static int serve(const unsigned char *buf, size_t n, unsigned char *out, uint64_t start)
+/* The volume a READ, WRITE or FSYNC is for (0: none, or another request:
+ * pyfuse3 serves it). */
+static uint64_t request_vid(const unsigned char *buf)
 {
     const struct fuse_in_header *h = (const void *)buf;
     if (h->opcode != FUSE_READ && h->opcode != FUSE_WRITE && h->opcode != FUSE_FSYNC)
         return 0;
-    uint64_t vid = node_vid(h->nodeid);
+    return node_vid(h->nodeid);
+}
+
+/* 1 if served here, 0 to forward; vid: request_vid's; start: when a READ
+ * or WRITE was admitted (csrc/qos.c), for its latency */
+static int serve(const unsigned char *buf, size_t n, unsigned char *out, uint64_t vid, uint64_t start)
+{
+    const struct fuse_in_header *h = (const void *)buf;
     if (vid == 0)
         return 0;
     if (h->opcode == FUSE_FSYNC) {
@@ -209,13 +216,13 @@ static int serve(const unsigned char *buf, size_t n, unsigned char *out, uint64_
     return 1;
 }
 
-/* Count a READ or WRITE of a volume and take it from its limit (qos.c):
+/* Count a READ or WRITE of volume vid and take it from its limit (qos.c):
  * *start is when; the nanoseconds it must wait (0: serve it now). */
-static uint64_t admit(const unsigned char *buf, size_t n, uint64_t *start)
+static uint64_t admit(const unsigned char *buf, size_t n, uint64_t vid, uint64_t *start)
 {
     const struct fuse_in_header *h = (const void *)buf;
     *start = 0;
-    if (h->opcode != FUSE_READ && h->opcode != FUSE_WRITE)
+    if (vid == 0 || (h->opcode != FUSE_READ && h->opcode != FUSE_WRITE))
         return 0;
     uint32_t size;
     if (h->opcode == FUSE_READ) {
@@ -227,9 +234,6 @@ static uint64_t admit(const unsigned char *buf, size_t n, uint64_t *start)
             return 0;
         size = ((const struct fuse_write_in *)(buf + sizeof(*h)))->size;
     }
-    uint64_t vid = node_vid(h->nodeid);
-    if (vid == 0)
-        return 0;
     *start = vd_qos_now();
     return vd_qos_admit(vid, h->opcode == FUSE_WRITE, size, *start);
 }
@@ -259,7 +263,7 @@ static int dq_before(const struct delayed *a, const struct delayed *b)
 
 /* Keep a copy of the request to serve at due; 0, or -errno (the caller
  * serves it at once then: no memory, or the fast path is stopping). */
-static int delay(const unsigned char *buf, size_t n, uint64_t due, uint64_t start)
+static int delay(const unsigned char *buf, size_t n, uint64_t vid, uint64_t due, uint64_t start)
 {
     unsigned char *copy = malloc(n);
     if (copy == NULL)
@@ -283,7 +287,7 @@ static int delay(const unsigned char *buf, size_t n, uint64_t due, uint64_t star
         fp.capdq = c;
     }
     size_t i = fp.ndq++;
-    struct delayed d = {due, start, fp.dseq++, copy, n};
+    struct delayed d = {due, start, fp.dseq++, vid, copy, n};
     while (i > 0 && dq_before(&d, &fp.dq[(i - 1) / 2])) {
         fp.dq[i] = fp.dq[(i - 1) / 2];
         i = (i - 1) / 2;
@@ -343,7 +347,7 @@ static void *delay_loop(void *arg)
         if (fp.ndq)
             pthread_cond_signal(&fp.dcond); /* the next may be due too: another thread */
         pthread_mutex_unlock(&fp.dlock);
-        if (fp.stopping || out == NULL || !serve(d.buf, d.n, out, d.start))
+        if (fp.stopping || out == NULL || !serve(d.buf, d.n, out, d.vid, d.start))
             forward(d.buf, d.n);
         free(d.buf);
         pthread_mutex_lock(&fp.dlock);
@@ -373,10 +377,10 @@ static void *request_loop(void *arg)
         }
         if ((size_t)n < sizeof(struct fuse_in_header))
             continue;
-        uint64_t start, wait = admit(buf, (size_t)n, &start);
-        if (wait > DELAY_SLACK_NS && delay(buf, (size_t)n, start + wait, start) == 0)
+        uint64_t vid = request_vid(buf), start, wait = admit(buf, (size_t)n, vid, &start);
+        if (wait > DELAY_SLACK_NS && delay(buf, (size_t)n, vid, start + wait, start) == 0)
             continue;
-        if (serve(buf, (size_t)n, out, start))
+        if (serve(buf, (size_t)n, out, vid, start))
             continue;
         if (forward(buf, (size_t)n) < 0)
             goto done;

@@ -34,7 +34,6 @@ struct bucket {
 
 struct qvol {
     uint64_t vid;
-    uint64_t iops, bps;
     uint32_t unit;
     uint64_t last_ns;
     struct bucket ops, bytes;
@@ -42,7 +41,11 @@ struct qvol {
     uint64_t hist[2][VD_QOS_NBUCKETS];
 };
 
-enum { S_READS, S_WRITES, S_RBYTES, S_WBYTES, S_WAITED, S_WAIT_NS, S_RLAT_NS, S_WLAT_NS, S_INFLIGHT };
+/* the counters' places in st (qos.h, vd_qos_stats); the limits are the
+ * buckets' rates, put in the answer there */
+enum { S_READS, S_WRITES, S_RBYTES, S_WBYTES, S_WAITED, S_WAIT_NS, S_RLAT_NS, S_WLAT_NS, S_INFLIGHT, S_IOPS, S_BPS,
+       S_UNIT };
+_Static_assert(S_UNIT + 1 == VD_QOS_NSTATS, "qos.h lists every counter");
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static struct qvol *vols;
@@ -107,8 +110,6 @@ int vd_qos_set(uint64_t vid, uint64_t iops, uint64_t bps, uint32_t io_unit, uint
         return -ENOMEM;
     }
     refill(q, now_ns); /* what the old rates earned so far */
-    q->iops = iops;
-    q->bps = bps;
     q->unit = io_unit;
     /* a bucket that had no limit starts full; a debt run up under the old
      * limit is paid at the new rate (a raised limit applies at once) */
@@ -120,20 +121,8 @@ int vd_qos_set(uint64_t vid, uint64_t iops, uint64_t bps, uint32_t io_unit, uint
             bs[i]->tokens = cap;
         bs[i]->rate = rates[i];
     }
-    q->st[9] = iops;
-    q->st[10] = bps;
-    q->st[11] = io_unit;
     pthread_mutex_unlock(&mu);
     return 0;
-}
-
-void vd_qos_drop(uint64_t vid)
-{
-    pthread_mutex_lock(&mu);
-    struct qvol *q = find(vid);
-    if (q != NULL)
-        *q = vols[--nvols];
-    pthread_mutex_unlock(&mu);
 }
 
 static double wait_for(const struct bucket *b)
@@ -192,6 +181,9 @@ int vd_qos_stats(uint64_t vid, uint64_t *out, uint64_t *hist)
     struct qvol *q = find(vid);
     if (q != NULL) {
         memcpy(out, q->st, sizeof(q->st));
+        out[S_IOPS] = (uint64_t)q->ops.rate;
+        out[S_BPS] = (uint64_t)q->bytes.rate;
+        out[S_UNIT] = q->unit;
         if (hist != NULL)
             memcpy(hist, q->hist, sizeof(q->hist));
     }

@@ -10,8 +10,6 @@
  * once per io_unit bytes or part of them (0: once).  Both 0 lifts the
  * limit.  The volume's counters stay.  0, or -ENOMEM. */
 int vd_qos_set(uint64_t vid, uint64_t iops, uint64_t bps, uint32_t io_unit, uint64_t now_ns);
-/* forget the volume: limit and counters */
-void vd_qos_drop(uint64_t vid);
 /* A request of len bytes to volume vid arrives at now_ns (vd_qos_now's
  * clock): counts it, takes its cost from the buckets and returns how many
  * nanoseconds it must wait before it is served (0: at once).  Requests

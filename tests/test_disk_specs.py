@@ -5,32 +5,11 @@ provisioned IOPS and burst, ESSD Entry, ModifyDiskSpec's rules, the
 IoLimits settings; every refusal changes nothing."""
 import pytest
 
+from test_cloud_conventions import ctl  # noqa: F401 - the fixture: a Controller on a real pool, no host
+from test_lifecycle import ok, refused
 from vdisk.control import categories
-from vdisk.control.controller import Controller
-from vdisk.engine.pool import Pool
 
 MB = 1000 * 1000
-
-
-@pytest.fixture
-def ctl(tmp_path):
-    pool = Pool(str(tmp_path / "pool"))
-    yield Controller(pool, host=None)
-    pool.close()
-
-
-def ok(ctl, action, **params):
-    res = ctl.handle({"Action": action, **params})
-    assert "Code" not in res, res
-    return res
-
-
-def refused(ctl, code, action, **params):
-    before = ctl.pool.records("")
-    res = ctl.handle({"Action": action, **params})
-    assert res.get("Code") == code, res
-    assert ctl.pool.records("") == before, "a refused %s changed something" % action
-    return res
 
 
 def disk(ctl, disk_id):

@@ -153,14 +153,15 @@ class Committer:
     def cache_full(self, factor: int = 1) -> bool:
         """Whether the write cache holds factor times its size (in data or
         in blocks)."""
-        pool = self.pool
-        return pool.dirty_bytes() >= factor * CACHE_BYTES or pool.dirty_blocks() >= factor * CACHE_BLOCKS
+        data, blocks = self.pool.dirty()
+        return data >= factor * CACHE_BYTES or blocks >= factor * CACHE_BLOCKS
 
     def status(self) -> dict:
         """The write cache as `vdisk daemon status` shows it."""
+        data, blocks = self.pool.dirty()
         return {
-            "Bytes": self.pool.dirty_bytes(),
-            "Blocks": self.pool.dirty_blocks(),
+            "Bytes": data,
+            "Blocks": blocks,
             "SizeBytes": CACHE_BYTES,
             "SizeBlocks": CACHE_BLOCKS,
             "Commits": self._seq,

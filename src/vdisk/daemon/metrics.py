@@ -15,13 +15,10 @@ Concurrency: render() runs in the trio thread, as every control action.
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, SummaryMetricFamily
 
 from ..fuse import qos
-
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
 
 class DaemonCollector:
     def __init__(self, daemon):
@@ -116,4 +113,4 @@ def registry(daemon) -> CollectorRegistry:
 
 def render(reg: CollectorRegistry) -> tuple[str, bytes]:
     """The Prometheus text exposition of everything, now."""
-    return CONTENT_TYPE, generate_latest(reg)
+    return CONTENT_TYPE_LATEST, generate_latest(reg)

@@ -666,8 +666,12 @@ class Pool:
     def dirty_bytes(self) -> int:
         """The data written since the last commit (the pages its slots
         hold; what C wrote up to now included)."""
+        return self.dirty()[0]
+
+    def dirty(self) -> tuple[int, int]:
+        """(dirty_bytes, dirty_blocks), taking in what C wrote once."""
         fastbridge.drain_light(self)
-        return self._dirty_pages * PAGE
+        return self._dirty_pages * PAGE, self._ndirty
 
     def recount_dirty(self) -> None:
         """Count the overlay's pages again, after a change that moved whole

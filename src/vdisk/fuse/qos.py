@@ -34,11 +34,6 @@ def set_limit(vid: int, iops: int, bps: int, io_unit: int = 0, now: int | None =
         raise MemoryError("I/O limits: out of memory")
 
 
-def drop(vid: int) -> None:
-    """Forget the volume's limit and counters."""
-    _lib().vd_qos_drop(vid)
-
-
 def now_ns() -> int:
     return _lib().vd_qos_now()
 
