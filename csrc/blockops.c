@@ -203,22 +203,42 @@ int vd_punch_hole(int fd, long long offset, long long len)
 
 /* ---- whole slots at commit --------------------------------------------- */
 
-/* block_size bytes of fd at off (past the end of the file: zeros) into buf */
-static int read_at(int fd, unsigned char *buf, size_t len, uint64_t off)
+/* ---- whole buffers at an offset ------------------------------------------ */
+
+int vd_pread_full(int fd, void *buf, size_t len, uint64_t off)
 {
-    size_t got = 0;
-    while (got < len) {
-        ssize_t r = pread(fd, buf + got, len - got, (off_t)(off + got));
+    unsigned char *p = buf;
+    while (len > 0) {
+        ssize_t r = pread(fd, p, len, (off_t)off);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
             return -errno;
         }
-        if (r == 0) {
-            memset(buf + got, 0, len - got);
-            break;
+        if (r == 0) { /* past the end of a sparse file: zeros */
+            memset(p, 0, len);
+            return 0;
         }
-        got += (size_t)r;
+        p += r;
+        len -= (size_t)r;
+        off += (uint64_t)r;
+    }
+    return 0;
+}
+
+int vd_pwrite_full(int fd, const void *buf, size_t len, uint64_t off)
+{
+    const unsigned char *p = buf;
+    while (len > 0) {
+        ssize_t r = pwrite(fd, p, len, (off_t)off);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        p += r;
+        len -= (size_t)r;
+        off += (uint64_t)r;
     }
     return 0;
 }
@@ -239,7 +259,7 @@ int vd_checksum_slots(int fd, const uint64_t *offsets, const uint16_t *masks, si
         uint16_t mask = masks ? masks[i] : 0xFFFF;
         int rc, z = 1;
         if (mask == 0xFFFF) {
-            if ((rc = read_at(fd, buf, block_size, offsets[i])) < 0)
+            if ((rc = vd_pread_full(fd, buf, block_size, offsets[i])) < 0)
                 return rc;
             crcs[i] = vd_crc32c_is_zero(buf, block_size, &z);
             zero[i] = (unsigned char)z;
@@ -254,7 +274,7 @@ int vd_checksum_slots(int fd, const uint64_t *offsets, const uint16_t *masks, si
             size_t run = 1;
             while (p + run < 16 && (mask >> (p + run) & 1))
                 run++;
-            if ((rc = read_at(fd, buf, run * pg, offsets[i] + p * pg)) < 0)
+            if ((rc = vd_pread_full(fd, buf, run * pg, offsets[i] + p * pg)) < 0)
                 return rc;
             crc = vd_crc32c(crc, buf, run * pg);
             z = z && vd_is_zero(buf, run * pg);

@@ -60,6 +60,7 @@
 
 #include "blockops.h"
 #include "fastmap.h"
+#include "intentlog.h"
 #include "logrecord.h"
 
 #define BS (64 * 1024)
@@ -114,21 +115,6 @@ struct vol {
     uint64_t chg[CHG_MAX]; /* blocks reported in this log epoch (may repeat) */
 };
 
-/* The intent log (docs/format.md, "The intent log"), shared with the engine:
- * the engine owns the file, grows it and retires it at each commit; a log
- * flush of a clean volume may be written here (vd_fm_fsync).  Fields are
- * read and changed with mu held, or - inflight, and the reset at a commit -
- * with the map's lock held for writing, which a flush here also takes while
- * it gathers its record. */
-struct vlog {
-    pthread_mutex_t mu; /* one log writer at a time, from reservation to fdatasync */
-    int fd;             /* -1: no log here, every flush goes to the engine */
-    int ok, inflight, fail_next;
-    uint64_t gen, pos, seq, end, max, flush_max;
-    unsigned char *buf;
-    uint64_t st_flushes, st_bytes;
-};
-
 struct vd_fastmap {
     pthread_rwlock_t lock;
     pthread_mutex_t io; /* one fast request at a time */
@@ -147,7 +133,7 @@ struct vd_fastmap {
     volatile int failed;
     uint64_t st_reads, st_writes, st_again, st_cow;
     unsigned char *scratch;
-    struct vlog lg;
+    struct vd_log *lg; /* the intent log (intentlog.c), or NULL: every fsync goes to the engine */
 };
 
 static inline uint64_t mix(uint64_t vid, uint64_t block)
@@ -168,8 +154,6 @@ struct vd_fastmap *vd_fm_new(int data_fd, int event_fd, uint32_t low_water)
     pthread_rwlock_init(&fm->lock, &a);
     pthread_rwlockattr_destroy(&a);
     pthread_mutex_init(&fm->io, NULL);
-    pthread_mutex_init(&fm->lg.mu, NULL);
-    fm->lg.fd = -1;
     fm->data_fd = data_fd;
     fm->event_fd = event_fd;
     fm->low_water = low_water;
@@ -194,10 +178,8 @@ void vd_fm_free(struct vd_fastmap *fm)
     free(fm->res);
     free(fm->log);
     free(fm->scratch);
-    free(fm->lg.buf);
     pthread_rwlock_destroy(&fm->lock);
     pthread_mutex_destroy(&fm->io);
-    pthread_mutex_destroy(&fm->lg.mu);
     free(fm);
 }
 
@@ -548,44 +530,6 @@ void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out4)
 
 /* ------------------------------------------------------------ I/O side */
 
-static int pread_full(int fd, void *buf, size_t len, uint64_t off)
-{
-    unsigned char *p = buf;
-    while (len > 0) {
-        ssize_t r = pread(fd, p, len, (off_t)off);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (r == 0) { /* past the end of a sparse data file: zeros */
-            memset(p, 0, len);
-            return 0;
-        }
-        p += r;
-        len -= (size_t)r;
-        off += (uint64_t)r;
-    }
-    return 0;
-}
-
-static int pwrite_full(int fd, const void *buf, size_t len, uint64_t off)
-{
-    const unsigned char *p = buf;
-    while (len > 0) {
-        ssize_t r = pwrite(fd, p, len, (off_t)off);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        p += r;
-        len -= (size_t)r;
-        off += (uint64_t)r;
-    }
-    return 0;
-}
-
 static inline uint64_t slot_off(uint64_t slot) { return (slot - 1) * (uint64_t)BS; }
 
 #define PG 4096 /* a page: the unit of have, base and the log's masks */
@@ -651,7 +595,7 @@ static int read_pages(struct vd_fastmap *fm, uint64_t slot, uint16_t have, struc
         if (src == 0)
             memset(out + (pos - intra), 0, stop - pos);
         else {
-            int rc = pread_full(fm->data_fd, out + (pos - intra), stop - pos, slot_off(src) + pos);
+            int rc = vd_pread_full(fm->data_fd, out + (pos - intra), stop - pos, slot_off(src) + pos);
             if (rc < 0)
                 return rc;
         }
@@ -709,7 +653,7 @@ long vd_fm_read(void *arg, uint64_t vid, uint64_t off, uint32_t len, void *buf)
         size_t j = i + 1;
         for (; j < nb && haves[j] == FULL && slots[j] == slots[j - 1] + 1; j++)
             run += (end - pos - run < BS) ? end - pos - run : BS;
-        if ((rc = pread_full(fm->data_fd, out, run, from)) < 0)
+        if ((rc = vd_pread_full(fm->data_fd, out, run, from)) < 0)
             return end_shared(fm, rc);
         out += run;
         pos += run;
@@ -767,7 +711,7 @@ static int fetch_pages(struct vd_fastmap *fm, uint64_t src, uint16_t mask, unsig
         if (src == 0)
             memset(buf + (size_t)pg * PG, 0, (size_t)run * PG);
         else {
-            int rc = pread_full(fm->data_fd, buf + (size_t)pg * PG, (size_t)run * PG, slot_off(src) + (uint64_t)pg * PG);
+            int rc = vd_pread_full(fm->data_fd, buf + (size_t)pg * PG, (size_t)run * PG, slot_off(src) + (uint64_t)pg * PG);
             if (rc < 0)
                 return rc;
         }
@@ -786,9 +730,9 @@ static int fetch_below(struct vd_fastmap *fm, struct below b, uint16_t mask, uns
 static int store_pages(struct vd_fastmap *fm, uint64_t dst, uint16_t mask, const unsigned char *buf)
 {
     if (mask == FULL)
-        return pwrite_full(fm->data_fd, buf, BS, slot_off(dst));
+        return vd_pwrite_full(fm->data_fd, buf, BS, slot_off(dst));
     for (int pg = 0, run; (run = page_run(mask, &pg)) > 0; pg += run) {
-        int rc = pwrite_full(fm->data_fd, buf + (size_t)pg * PG, (size_t)run * PG, slot_off(dst) + (uint64_t)pg * PG);
+        int rc = vd_pwrite_full(fm->data_fd, buf + (size_t)pg * PG, (size_t)run * PG, slot_off(dst) + (uint64_t)pg * PG);
         if (rc < 0)
             return rc;
     }
@@ -947,7 +891,7 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
                 i++;
                 run += (end - pos - run < BS) ? end - pos - run : BS;
             }
-            if ((rc = pwrite_full(fm->data_fd, data, run, from)) < 0)
+            if ((rc = vd_pwrite_full(fm->data_fd, data, run, from)) < 0)
                 return shared ? end_shared(fm, rc) : end_io(fm, rc);
             in += run;
             pos += run;
@@ -956,7 +900,7 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
         in += n;
         pos += n;
         if (act[i] == COMPARE) { /* rewriting what a snapshot shares, unchanged: keep sharing */
-            if ((rc = pread_full(fm->data_fd, fm->scratch, BS, slot_off(base[i]))) < 0)
+            if ((rc = vd_pread_full(fm->data_fd, fm->scratch, BS, slot_off(base[i]))) < 0)
                 return end_io(fm, rc);
             if (memcmp(fm->scratch, data, BS) == 0)
                 continue;
@@ -997,57 +941,7 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
 
 /* ------------------------------------------------------------ intent log */
 
-/* the record's layout: logrecord.h */
-#define LOG_HDR VD_LOG_HEADER
-#define LOG_PG VD_LOG_PAGE
-#define LOG_ENTRIES_AT sizeof(struct vd_log_head)
-#define LOG_AT(field) offsetof(struct vd_log_head, field)
-
-const char vd_log_magic[9] = "vdlogv2\n";
-_Static_assert(sizeof(struct vd_log_head) + VD_LOG_MAX_ENTRIES * sizeof(struct vd_log_entry) <= VD_LOG_HEADER,
-               "a record's entries fit in its header");
-_Static_assert(sizeof(struct vd_log_head) + (VD_LOG_MAX_ENTRIES + 1) * sizeof(struct vd_log_entry) > VD_LOG_HEADER,
-               "VD_LOG_MAX_ENTRIES is as many as fit");
-
-void vd_fm_log_setup(struct vd_fastmap *fm, int fd, uint64_t gen, uint64_t pos, uint64_t seq, uint64_t end,
-                     uint64_t max, uint64_t flush_max)
-{
-    struct vlog *L = &fm->lg;
-    pthread_mutex_lock(&L->mu);
-    free(L->buf);
-    L->buf = aligned_alloc(LOG_PG, LOG_HDR + (flush_max + LOG_PG - 1) / LOG_PG * LOG_PG);
-    L->fd = L->buf != NULL ? fd : -1; /* no buffer: every flush goes to the engine */
-    L->ok = 1;
-    L->gen = gen;
-    L->pos = pos;
-    L->seq = seq;
-    L->end = end;
-    L->max = max;
-    L->flush_max = flush_max;
-    pthread_mutex_unlock(&L->mu);
-}
-
-void vd_fm_log_lock(struct vd_fastmap *fm) { pthread_mutex_lock(&fm->lg.mu); }
-void vd_fm_log_unlock(struct vd_fastmap *fm) { pthread_mutex_unlock(&fm->lg.mu); }
-
-void vd_fm_log_advance(struct vd_fastmap *fm, uint64_t pos, uint64_t seq, uint64_t end)
-{
-    fm->lg.pos = pos;
-    fm->lg.seq = seq;
-    fm->lg.end = end;
-}
-
-void vd_fm_log_disable(struct vd_fastmap *fm) { fm->lg.ok = 0; }
-void vd_fm_log_inflight(struct vd_fastmap *fm, int inflight) { fm->lg.inflight = inflight; }
-void vd_fm_log_fail_next(struct vd_fastmap *fm, int fail) { fm->lg.fail_next = fail; }
-
-/* a commit made every record obsolete: the next one starts at offset 0 */
-void vd_fm_log_reset(struct vd_fastmap *fm, uint64_t gen)
-{
-    fm->lg.gen = gen;
-    fm->lg.pos = fm->lg.seq = 0;
-    fm->lg.inflight = 0;
-}
+void vd_fm_set_log(struct vd_fastmap *fm, struct vd_log *L) { fm->lg = L; }
 
 void vd_fm_log_clean(struct vd_fastmap *fm, uint64_t vid, int clean)
 {
@@ -1056,40 +950,27 @@ void vd_fm_log_clean(struct vd_fastmap *fm, uint64_t vid, int clean)
         v->clean = clean;
 }
 
-void vd_fm_log_get(struct vd_fastmap *fm, uint64_t *out5)
-{
-    out5[0] = fm->lg.pos;
-    out5[1] = fm->lg.seq;
-    out5[2] = (uint64_t)fm->lg.ok;
-    out5[3] = fm->lg.st_flushes;
-    out5[4] = fm->lg.st_bytes;
-}
-
-static void put_le(unsigned char *p, uint64_t x, int n)
-{
-    for (int i = 0; i < n; i++)
-        p[i] = (unsigned char)(x >> (8 * i));
-}
-
 static int cmp_u64(const void *a, const void *b)
 {
     uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
     return x < y ? -1 : x > y;
 }
 
-/* Build the volume's record in the log's buffer and reserve its place: 0
- * (*size 0 when there is nothing to write), or -EAGAIN with nothing
- * changed.  With the log's mutex and the map's lock (for writing) held:
- * no write is half done, and no engine operation runs. */
+/* Gather the volume's record into the log's buffer and reserve its place
+ * there (intentlog.c): 0 (*size 0 when there is nothing to write), or
+ * -EAGAIN with nothing changed.  With the log's mutex and the map's lock
+ * (for writing) held: no write is half done, and no engine operation runs. */
 static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t *at)
 {
-    struct vlog *L = &fm->lg;
+    struct vd_log *L = fm->lg;
     struct vol *v = find_vol(fm, vid);
     struct ent *ents[CHG_MAX];
+    uint64_t blocks[CHG_MAX];
+    uint32_t masks[CHG_MAX];
     uint32_t count = 0;
     uint64_t npages = 0;
     *size = 0;
-    if (L->fd < 0 || !L->ok || L->inflight || fm->failed || v == NULL || !v->clean || v->nchg > CHG_MAX)
+    if (!vd_log_usable(L) || fm->failed || v == NULL || !v->clean || v->nchg > CHG_MAX)
         return -EAGAIN;
     if (v->nchg == 0)
         return 0; /* nothing written since the volume's last log flush or freeze */
@@ -1101,31 +982,22 @@ static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t
         /* a block whose pages are no longer known here: the engine's job */
         if (e == NULL || e->lepoch != v->lepoch || e->mask == 0 || e->slot == 0)
             return -EAGAIN;
-        ents[count++] = e;
+        ents[count] = e;
+        blocks[count] = e->block;
+        masks[count++] = e->mask;
         npages += (uint64_t)__builtin_popcount(e->mask);
     }
-    uint64_t need = LOG_HDR + npages * LOG_PG;
-    if (npages * LOG_PG > L->flush_max || L->pos + need > L->end || L->pos + need > L->max)
+    if (vd_log_room(L, npages) < 0)
         return -EAGAIN; /* the engine grows the log, or commits */
-    unsigned char *hdr = L->buf, *p = L->buf + LOG_HDR;
-    memset(hdr, 0, LOG_HDR);
+    unsigned char *p = vd_log_body(L);
     for (uint32_t c = 0; c < count; c++) {
         struct ent *e = ents[c];
-        unsigned char *at = hdr + LOG_ENTRIES_AT + sizeof(struct vd_log_entry) * c;
-        put_le(at + offsetof(struct vd_log_entry, block), e->block, 8);
-        put_le(at + offsetof(struct vd_log_entry, mask), e->mask, 4);
         for (int pg = 0, run; (run = page_run(e->mask, &pg)) > 0; pg += run) { /* one pread per run */
-            if (pread_full(fm->data_fd, p, (size_t)run * LOG_PG, slot_off(e->slot) + (uint64_t)pg * LOG_PG) < 0)
+            if (vd_pread_full(fm->data_fd, p, (size_t)run * PG, slot_off(e->slot) + (uint64_t)pg * PG) < 0)
                 return -EAGAIN;
-            p += (size_t)run * LOG_PG;
+            p += (size_t)run * PG;
         }
     }
-    memcpy(hdr + LOG_AT(magic), vd_log_magic, sizeof(((struct vd_log_head *)0)->magic));
-    put_le(hdr + LOG_AT(gen), L->gen, 8);
-    put_le(hdr + LOG_AT(seq), L->seq, 8);
-    put_le(hdr + LOG_AT(vid), vid, 8);
-    put_le(hdr + LOG_AT(count), count, 4);
-    put_le(hdr + LOG_AT(crc), vd_crc32c(vd_crc32c(0, hdr, LOG_HDR), L->buf + LOG_HDR, npages * LOG_PG), 4);
     /* the engine hears of the flush after the blocks it covers (the drain
      * keeps the order), and forgets them as unlogged */
     pthread_mutex_lock(&fm->io);
@@ -1133,10 +1005,7 @@ static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t
     pthread_mutex_unlock(&fm->io);
     if (rc < 0)
         return -EAGAIN;
-    *at = L->pos;
-    *size = need;
-    L->pos += need;
-    L->seq++;
+    *size = vd_log_seal(L, vid, blocks, masks, count, npages, at);
     new_log_epoch(fm, v); /* the next write to any block is news again */
     return 0;
 }
@@ -1144,31 +1013,19 @@ static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t
 long vd_fm_fsync(void *arg, uint64_t vid)
 {
     struct vd_fastmap *fm = arg;
-    struct vlog *L = &fm->lg;
+    struct vd_log *L = fm->lg;
     uint64_t size = 0, at = 0;
-    pthread_mutex_lock(&L->mu);
+    if (L == NULL)
+        return -EAGAIN;
+    vd_log_lock(L);
     pthread_rwlock_wrlock(&fm->lock);
     long rc = gather(fm, vid, &size, &at);
     pthread_rwlock_unlock(&fm->lock);
-    if (rc == 0 && size > 0) {
-        /* other requests go on meanwhile; the next log writer waits */
-        rc = pwrite_full(L->fd, L->buf, size, at);
-        if (rc == 0 && L->fail_next)
-            rc = -EIO;
-        else if (rc == 0 && fdatasync(L->fd) < 0)
-            rc = -errno;
-        L->fail_next = 0;
-        if (rc < 0) {
-            /* what the record held is still in the engine's overlay: with
-             * the log off, the engine's flush commits it */
-            fprintf(stderr, "vdisk: writing the intent log failed (%s); flushes commit instead\n", strerror((int)-rc));
-            L->ok = 0;
-            rc = -EAGAIN;
-        } else {
-            L->st_flushes++;
-            L->st_bytes += size;
-        }
-    }
-    pthread_mutex_unlock(&L->mu);
+    /* other requests go on meanwhile; the next log writer waits.  A write
+     * that failed turned the log off: what the record held is still in the
+     * engine's overlay, and the engine's flush commits it */
+    if (rc == 0 && size > 0 && vd_log_write(L, at, size) < 0)
+        rc = -EAGAIN;
+    vd_log_unlock(L);
     return rc;
 }

@@ -50,21 +50,13 @@ int vd_fm_reservoir_add(struct vd_fastmap *fm, const uint64_t *slots, size_t n);
 size_t vd_fm_reservoir_take(struct vd_fastmap *fm, uint64_t *out, size_t max);
 void vd_fm_set_failed(struct vd_fastmap *fm, int failed); /* 1: no writes, 2: nothing */
 
-/* The intent log's state, shared with the engine (fastmap.c, "struct vlog").
- * vd_fm_log_lock/unlock: the log's own mutex (taken before the map's lock);
- * vd_fm_log_advance and vd_fm_log_disable with it held; vd_fm_log_inflight,
- * vd_fm_log_reset and vd_fm_log_clean with the map's lock held. */
-void vd_fm_log_setup(struct vd_fastmap *fm, int fd, uint64_t gen, uint64_t pos, uint64_t seq, uint64_t end,
-                     uint64_t max, uint64_t flush_max);
-void vd_fm_log_lock(struct vd_fastmap *fm);
-void vd_fm_log_unlock(struct vd_fastmap *fm);
-void vd_fm_log_advance(struct vd_fastmap *fm, uint64_t pos, uint64_t seq, uint64_t end);
-void vd_fm_log_disable(struct vd_fastmap *fm);
-void vd_fm_log_inflight(struct vd_fastmap *fm, int inflight);
-void vd_fm_log_reset(struct vd_fastmap *fm, uint64_t gen);
+/* The intent log (intentlog.h) the fast path's fsync writes records to;
+ * NULL: every fsync goes to the engine.  Set while no I/O thread runs. */
+struct vd_log;
+void vd_fm_set_log(struct vd_fastmap *fm, struct vd_log *L);
+/* clean: the engine holds no change of its own to the volume since its
+ * last log flush, so vd_fm_fsync may write the next one (map lock held) */
 void vd_fm_log_clean(struct vd_fastmap *fm, uint64_t vid, int clean);
-void vd_fm_log_fail_next(struct vd_fastmap *fm, int fail); /* tests: the next record written here fails before its fdatasync */
-void vd_fm_log_get(struct vd_fastmap *fm, uint64_t *out5); /* pos, seq, ok, flushes, bytes */
 /* the drain's records (vd_fm_drain) are VD_FM_DRAIN_WORDS words each:
  * (vid, block, slot, have); (vid, VD_FM_FLUSHED, 0, 0): the volume's
  * changes drained before it are in the log */

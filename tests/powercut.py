@@ -25,6 +25,13 @@ class PowerCutFile(DataFile):
     def _remember(self, offset: int, length: int) -> None:
         self._undo.append((offset, os.pread(self.fd, length, offset)))
 
+    def remember(self, offset: int, length: int) -> None:
+        """Undo this range at a power cut, as if written since the last
+        sync, for writes this object does not see (the intent log's C
+        writer's): beyond the file's end it comes back as zeros."""
+        old = os.pread(self.fd, length, offset)
+        self._undo.append((offset, old + bytes(length - len(old))))
+
     def pwrite(self, data, offset: int) -> None:
         self._remember(offset, len(data))
         super().pwrite(data, offset)

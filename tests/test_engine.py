@@ -432,7 +432,7 @@ def test_log_replay_stops_at_the_first_bad_record(tmp_path):
     for i, ch in enumerate(b"abc"):
         p.write(v, i * BLOCK_SIZE + 8192, bytes([ch]) * 4096)
         assert p.log_flush(v)
-    assert p.intent.stats["flushes"] == 3 and p.intent.pos == 3 * 2 * 4096
+    assert p.log_status()["flushes"] == 3 and p.intent.pos == 3 * 2 * 4096
     p._abandon()
     with open(os.path.join(path, LOG_FILE), "r+b") as f:
         f.seek(2 * 4096 + 4096 + 100)  # the page of the second record

@@ -221,11 +221,20 @@ class PoolModel(RuleBasedStateMachine):
         volume reads as before the flush or as after it, nothing else."""
         if vid not in self.model:
             return
-        self.pool.log.fail_next_sync = True
+        self._fail_next_log_sync()
         if self.pool.log_flush(vid):  # nothing to write: it never synced
             self._flushed(vid)
-        self.pool.log.fail_next_sync = False
+        self.pool.intent.fail_next(False)
         self._power_cut(mode, seed, maybe={vid: bytes(self.model[vid])})
+
+    def _fail_next_log_sync(self):
+        """The next record's fdatasync fails (its write was done): what
+        the log file held from the record's place on may come back after
+        a power cut, whole, torn or not at all (PowerCutFile sees the
+        data file's writes; the log's writer is C's)."""
+        il = self.pool.intent
+        self.pool.log.remember(il.pos, il.max - il.pos)
+        il.fail_next()
 
     @rule(mode=st.sampled_from(["drop", "tear", "keep"]), seed=st.integers(0, 1000))
     def power_cut(self, mode, seed):

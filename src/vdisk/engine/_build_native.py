@@ -1,7 +1,7 @@
 """cffi build script for vdisk.engine._native (the C in csrc/).
 
 Run by setup.py at install time (``cffi_modules``).  API (out-of-line) mode:
-cffi compiles csrc/blockops.c and csrc/fastmap.c into a real extension module and releases the
+cffi compiles csrc/blockops.c, intentlog.c and fastmap.c into a real extension module and releases the
 GIL around every call.
 """
 import os
@@ -24,11 +24,13 @@ def _declarations(header: str) -> str:
 
 
 ffibuilder = FFI()
-ffibuilder.cdef(_declarations("blockops.h") + _declarations("fastmap.h") + _declarations("logrecord.h"))
+ffibuilder.cdef(
+    _declarations("blockops.h") + _declarations("intentlog.h") + _declarations("fastmap.h") + _declarations("logrecord.h")
+)
 ffibuilder.set_source(
     "vdisk.engine._native",
-    '#include "blockops.h"\n#include "fastmap.h"\n#include "logrecord.h"',
-    sources=[os.path.join(CSRC, "blockops.c"), os.path.join(CSRC, "fastmap.c")],
+    '#include "blockops.h"\n#include "intentlog.h"\n#include "fastmap.h"\n#include "logrecord.h"',
+    sources=[os.path.join(CSRC, f) for f in ("blockops.c", "intentlog.c", "fastmap.c")],
     include_dirs=[CSRC],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
     libraries=["pthread"],

@@ -147,7 +147,7 @@ def begin(pool, change=None) -> CommitJob:
         pool._inflight = ep
         if pool._fm is not None:
             pool._fm.new_epoch()  # the instant of the freeze, for C writes too (all clean)
-            pool._fm.log_inflight(True)
+        pool.intent.inflight(True)
         try:
             grow_map_if_needed(pool)
         except BaseException:
@@ -289,8 +289,8 @@ def _finish(pool, job: CommitJob):
 def _unfreeze(pool, ep: Epoch) -> None:
     """Put a frozen epoch that was not committed back under the overlay."""
     pool._inflight = None
+    pool.intent.inflight(False)
     if pool._fm is not None:
-        pool._fm.log_inflight(False)
         for vid in pool._fm_vids:  # the merged-back blocks are ours
             fastbridge.set_clean(pool, vid, False)
     _forget_zeroed(pool, ep)
@@ -523,9 +523,7 @@ def _after_commit(pool, tx: Tx, ep: Epoch) -> None:
         else:
             pool._snaps[sid] = s
     pool._counters.update(tx.counters)
-    gen = pool.intent.retire()
-    if pool._fm is not None:
-        pool._fm.log_reset(gen)  # and no commit in flight
+    pool.intent.retire()  # and no commit in flight
     pool._committed_hwm = max(pool._committed_hwm, ep.hwm)
     if pool._reserved_beyond:  # recorded free by this commit, unless taken since
         pool._reserved_beyond = {s for s in pool._reserved_beyond if s >= pool._committed_hwm}

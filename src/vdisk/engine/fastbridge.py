@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import typing
 
-from . import allocator, intentlog, layers, logflush
+from . import allocator, layers
 from .overlay import Dirty, held
 from .fastmap import FLUSHED, READ_ONLY, WRITABLE, WRITABLE_REPORT
 from .errors import (
@@ -81,11 +81,7 @@ def attach(pool, fm) -> None:
     with pool._fast():
         pool._fm_vids, pool._fm_gens = {}, {}
         sync_volumes(pool)
-        il = pool.intent
-        fm.log_setup(pool.log.fd, il.gen, il.pos, il.seq, il.end, il.max, intentlog.FLUSH_MAX)
-        if not il.ok:
-            fm.log_disable()
-        fm.log_inflight(pool._inflight is not None)
+        fm.set_log(pool.intent.handle)
     refill(pool)
 
 
@@ -95,8 +91,8 @@ def detach(pool) -> None:
     fm = pool._fm
     if fm is None:
         return
-    with logflush.writer_lock(pool), pool._fast():
-        pool.intent.pull(fm)
+    with pool.intent, pool._fast():
+        fm.set_log(None)
         for slot in fm.reservoir_take():
             pool._reserved.discard(slot)
             pool._reserved_beyond.discard(slot)

@@ -148,50 +148,16 @@ class FastMap:
 
     # ------------------------------------------------------------ intent log
 
-    def log_setup(self, fd: int, gen: int, pos: int, seq: int, end: int, max_bytes: int, flush_max: int) -> None:
-        """Let C write log flushes of clean volumes into the intent log fd
-        (the Pool's state of it given here; see csrc/fastmap.c, struct vlog)."""
-        lib.vd_fm_log_setup(self._fm, fd, gen, pos, seq, end, max_bytes, flush_max)
-
-    def log_lock(self) -> None:
-        """The log's own mutex (before the map's lock): held by one log
-        writer from its reservation to its fdatasync.  May block on a log
-        flush C is writing."""
-        lib.vd_fm_log_lock(self._fm)
-
-    def log_unlock(self) -> None:
-        lib.vd_fm_log_unlock(self._fm)
-
-    def log_advance(self, pos: int, seq: int, end: int) -> None:
-        """The engine wrote a record (log mutex held)."""
-        lib.vd_fm_log_advance(self._fm, pos, seq, end)
-
-    def log_disable(self) -> None:
-        """A log write failed: flushes commit from now on (log mutex held)."""
-        lib.vd_fm_log_disable(self._fm)
-
-    def log_inflight(self, inflight: bool) -> None:
-        """A commit is in flight (map lock held): no log flush in C."""
-        lib.vd_fm_log_inflight(self._fm, int(inflight))
-
-    def log_reset(self, gen: int) -> None:
-        """A commit retired the log's records (map lock held)."""
-        lib.vd_fm_log_reset(self._fm, gen)
+    def set_log(self, intent_log) -> None:
+        """Let the fast path's fsync write records through this writer
+        (IntentLog.handle), or none (None: every fsync goes to the Pool).
+        With the map's lock held, while no I/O thread runs."""
+        lib.vd_fm_set_log(self._fm, ffi.NULL if intent_log is None else intent_log)
 
     def log_clean(self, vid: int, clean: bool) -> None:
         """clean: the engine holds no change of its own to the volume since
         its last log flush, so C may write the next one (map lock held)."""
         lib.vd_fm_log_clean(self._fm, vid, int(clean))
-
-    def log_fail_next(self, fail: bool = True) -> None:
-        """For tests: the next record C writes fails before its fdatasync
-        (as if the power went then)."""
-        lib.vd_fm_log_fail_next(self._fm, int(fail))
-
-    def log_state(self) -> dict:
-        out = ffi.new("uint64_t[5]")
-        lib.vd_fm_log_get(self._fm, out)
-        return {"pos": out[0], "seq": out[1], "ok": bool(out[2]), "flushes": out[3], "bytes": out[4]}
 
     def fsync(self, vid: int) -> bool:
         """A log flush of the volume in C: True once its writes are durable,

@@ -194,22 +194,6 @@ def mask_runs(mask: int) -> list[tuple[int, int]]:
     return out
 
 
-def log_header(gen: int, seq: int, vid: int, entries: list[tuple[int, int]]) -> bytearray:
-    """A record's header with its crc32c field zero (the writer fills it in
-    with log_set_crc once it has the CRC of this header and the pages)."""
-    if len(entries) > LOG_MAX_ENTRIES:
-        raise ValueError("an intent log record holds at most %d blocks" % LOG_MAX_ENTRIES)
-    hdr = bytearray(LOG_HEADER)
-    hdr[: len(LOG_MAGIC)] = LOG_MAGIC
-    for f, v in (("gen", gen), ("seq", seq), ("vid", vid), ("count", len(entries))):
-        _put(hdr, 0, _LOG_FIELDS[f], v)
-    for i, (block, mask) in enumerate(entries):
-        at = LOG_ENTRIES_AT + i * _LOGENT_SIZE
-        _put(hdr, at, _ENT_FIELDS["block"], block)
-        _put(hdr, at, _ENT_FIELDS["mask"], mask)
-    return hdr
-
-
 def log_set_crc(hdr: bytearray, crc: int) -> None:
     _put(hdr, 0, _LOG_FIELDS["crc"], crc)
 

@@ -1,16 +1,19 @@
-"""The intent log file (docs/format.md, "The intent log"): where a log
-flush's record is appended, and the records a pool replays when it opens.
+"""The intent log file (docs/format.md, "The intent log"): the Python face
+of its writer in C (csrc/intentlog.c), and the records a pool replays when
+it opens.
 
-An IntentLog owns the file's state on the Python side: the generation whose
-records are valid, where the next record goes and its sequence number, how
-far the file is written (with zeros at least), whether it is still usable,
-and the counters.  logflush.flush decides what a record holds (the pages of
-the overlay); this module only writes and reads records.  When a fast path
-is attached, C appends records too, under the log's lock: `pull` takes in
-where C left the log before Python writes.
+The C writer owns the log's state - the generation whose records are valid,
+where the next record goes and its sequence number, how far the file is
+written (with zeros at least), whether it is still usable - and writes every
+record: the engine's log flushes (logflush.flush decides what a record holds,
+then calls append) and the fast path's fsyncs (csrc/fastmap.c, vd_fm_fsync).
+This module adds the engine's policy (when the file may grow) and counters,
+and reads records back.
 
-Concurrency contract: used by the pool's owner thread, with the log's lock
-held when a fast path is attached (logflush.writer_lock).
+Concurrency contract: append, growth and the properties are used by the
+pool's owner thread with the log's lock held (`with intent:`), which C's
+writer takes too, before the fast path's map lock; inflight and retire with
+the map's lock held; status at any time.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import logging
 import os
 
 from . import native
-from .format import LOG_HEADER, LOG_PAGE, log_header, log_header_decode, log_set_crc
+from .format import LOG_HEADER, LOG_PAGE, log_header_decode, log_set_crc
+from .native import ffi, lib
 
 log = logging.getLogger(__name__)
 
@@ -29,46 +33,86 @@ FLUSH_MAX = 4 << 20
 MAX = 64 << 20
 GROW = 1 << 20  # the file grows in zero-filled steps of this size
 
+_STATE = ("gen", "pos", "seq", "end", "ok", "inflight", "flushes", "bytes", "flushes_in_c", "max")
+assert len(_STATE) == lib.VD_LOG_STATE_WORDS
+
 
 class IntentLog:
     def __init__(self, file, gen: int):
         self.file = file
-        self.gen = gen  # records of this generation are valid; every commit moves to the next
-        self.pos = 0  # where the next record goes
-        self.seq = 0  # its sequence number
-        self.ok = True  # False once a write failed: commits only from then on
-        self.end = os.fstat(file.fd).st_size  # written (zeros at least) up to here
-        self.max = MAX  # tests make it small
-        self.stats = {"flushes": 0, "bytes": 0, "commits_instead": 0, "replayed": 0, "pages_unknown": 0,
-                      "low_space": 0}
+        self._log = lib.vd_log_new(file.fd, gen, os.fstat(file.fd).st_size, MAX, FLUSH_MAX)
+        if self._log == ffi.NULL:
+            raise MemoryError("vdisk: cannot allocate the intent log's buffer")
+        self.stats = {"commits_instead": 0, "replayed": 0, "pages_unknown": 0, "low_space": 0}
         self.low_space = False  # growth was refused for want of space, and said so
 
-    def pull(self, fm) -> None:
-        """Take in where C left the log (with the log's lock held)."""
-        if fm is None:
-            return
-        st = fm.log_state()
-        self.pos, self.seq = st["pos"], st["seq"]
-        self.ok = self.ok and st["ok"]
+    def close(self) -> None:
+        """Free the writer (once nothing can write: the fast path let go
+        of it, see Pool._abandon)."""
+        if self._log is not None:
+            lib.vd_log_free(self._log)
+            self._log = None
 
-    def status(self, fm) -> dict:
-        """The counters, with the flushes C wrote counted in."""
-        st = dict(self.stats)
-        if fm is not None:
-            c = fm.log_state()
-            st["flushes"] += c["flushes"]
-            st["bytes"] += c["bytes"]
-            st["flushes_in_c"] = c["flushes"]
-        return st
+    @property
+    def handle(self):
+        """The writer, for the fast path (FastMap.set_log)."""
+        return self._log
+
+    def __enter__(self):
+        lib.vd_log_lock(self._log)
+        return self
+
+    def __exit__(self, *exc):
+        lib.vd_log_unlock(self._log)
+
+    def state(self) -> dict:
+        out = ffi.new("uint64_t[]", lib.VD_LOG_STATE_WORDS)
+        lib.vd_log_get(self._log, out)
+        return dict(zip(_STATE, out))
+
+    gen = property(lambda self: self.state()["gen"])
+    pos = property(lambda self: self.state()["pos"])  # where the next record goes
+    end = property(lambda self: self.state()["end"])  # written (zeros at least) up to here
+    ok = property(lambda self: bool(self.state()["ok"]))  # False once a write failed: commits only
+
+    @property
+    def max(self) -> int:
+        return self.state()["max"]
+
+    @max.setter
+    def max(self, value: int) -> None:  # tests make it small
+        lib.vd_log_set_max(self._log, value)
+
+    def inflight(self, inflight: bool) -> None:
+        """A commit is in flight (or no longer): the fast path writes no
+        record meanwhile."""
+        lib.vd_log_set_inflight(self._log, int(inflight))
+
+    def retire(self) -> int:
+        """A commit made every record durable: the next generation starts at
+        offset 0 (its number, which the commit recorded)."""
+        return lib.vd_log_retire(self._log)
+
+    def fail_next(self, fail: bool = True) -> None:
+        """For tests: the next record written fails before its fdatasync
+        (as if the power went then)."""
+        lib.vd_log_fail_next(self._log, int(fail))
+
+    def status(self) -> dict:
+        """The counters, the writer's (flushes, bytes, and flushes_in_c: those
+        the fast path wrote) and the engine's."""
+        st = self.state()
+        return dict(self.stats, flushes=st["flushes"], bytes=st["bytes"], flushes_in_c=st["flushes_in_c"])
 
     def growth(self, npages: int, spare_bytes) -> int | None:
         """How many zero bytes a record of npages pages needs the file to
         grow by first (0: none), or None when it does not fit: the log
         would pass its maximum, or the filesystem has too little to spare
         (spare_bytes(): what growing may take)."""
-        end = self.pos + LOG_HEADER + npages * LOG_PAGE
-        grow = max(GROW, end - self.end) if end > self.end else 0
-        if end > self.max:
+        st = self.state()
+        end = st["pos"] + LOG_HEADER + npages * LOG_PAGE
+        grow = max(GROW, end - st["end"]) if end > st["end"] else 0
+        if end > st["max"]:
             return None
         if grow and spare_bytes() < grow:
             self.stats["low_space"] += 1
@@ -84,28 +128,15 @@ class IntentLog:
 
     def append(self, vid: int, entries, pages: list[bytes], grow: int) -> bool:
         """Write one record (entries: (block, page mask); pages: their
-        contents in order) at the log's end and fdatasync it.  False when
-        the write failed: the log is unusable from then on (a half-written
-        record is never replayed: its CRC fails, or the next commit makes it
-        obsolete)."""
-        hdr = log_header(self.gen, self.seq, vid, entries)
+        contents in order) at the log's end and fdatasync it, after growing
+        the file by grow zero bytes.  False when it was not written, or
+        the write failed: the log is unusable from then on."""
         body = b"".join(pages)
-        log_set_crc(hdr, native.crc32c(body, native.crc32c(hdr)))
-        try:
-            if grow:  # in zero-filled steps: rewrites are cheaper than growth
-                self.file.pwrite(bytes(grow), self.end)
-                self.end += grow
-            self.file.pwrite(hdr + body, self.pos)
-            self.file.sync()
-        except OSError as exc:
-            log.warning("writing the intent log %s failed (%s); flushes commit instead", self.file.path, exc)
-            self.ok = False
-            return False
-        self.pos += len(hdr) + len(body)
-        self.seq += 1
-        self.stats["flushes"] += 1
-        self.stats["bytes"] += len(hdr) + len(body)
-        return True
+        blocks = ffi.new("uint64_t[]", [b for b, _ in entries] or [0])
+        masks = ffi.new("uint32_t[]", [m for _, m in entries] or [0])
+        rc = lib.vd_log_append(self._log, vid, blocks, masks, len(entries), ffi.from_buffer(body),
+                               len(body) // LOG_PAGE, grow)
+        return rc == 0
 
     def valid_records(self):
         """The records a crash left to replay: this generation's, in sequence
@@ -131,9 +162,3 @@ class IntentLog:
             pos += LOG_HEADER + npages * LOG_PAGE
             seq += 1
 
-    def retire(self) -> int:
-        """A commit made every record durable: the next generation starts at
-        offset 0 (its number, which the commit recorded)."""
-        self.gen += 1
-        self.pos = self.seq = 0
-        return self.gen

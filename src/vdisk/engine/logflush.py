@@ -1,16 +1,14 @@
 """Making a volume's writes durable through the intent log, and the
 replay at open: a log flush gathers the pages of the volume changed since
-its last one (the overlay's and C's) into one record that the IntentLog
-appends (intentlog.py holds the file and its format).
+its last one (the overlay's and C's) into one record that the log's writer
+appends (intentlog.py, csrc/intentlog.c).
 
 Functions of a Pool, run in its owner's thread; they block on the log
-file's fdatasync.  The log's writer lock (C's mutex when a fast path is
-attached, so that C's flushes and these take turns) is taken before the
-map's lock.
+file's fdatasync.  The log's writer lock (which C's flushes take too, so
+that theirs and these take turns) is taken before the map's lock.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 
 from . import allocator, fastbridge, intentlog
@@ -35,21 +33,6 @@ from .format import (
 log = logging.getLogger(__name__)
 
 
-class LogLock:
-    """The intent log's writer lock, C's mutex (see writer_lock)."""
-
-    __slots__ = ("fm",)
-
-    def __init__(self, fm):
-        self.fm = fm
-
-    def __enter__(self):
-        self.fm.log_lock()
-
-    def __exit__(self, *exc):
-        self.fm.log_unlock()
-
-
 def flush(pool, vid: int) -> bool:
     """Make every write to volume vid so far durable through the intent
     log: one record of the pages changed since the volume's last log
@@ -64,29 +47,10 @@ def flush(pool, vid: int) -> bool:
     The fast path's lock is held only while the pages are gathered."""
     if pool._failed:
         raise PoolFailed(pool._failed)
-    il = pool.intent
-    with writer_lock(pool):
-        il.pull(pool._fm)
+    with pool.intent as il:  # the writer's lock: C's log flushes and ours take turns
         if not il.ok or pool._inflight is not None:
             return False
-        ok = _flush(pool, vid)
-        if pool._fm is not None:
-            if il.ok:
-                pool._fm.log_advance(il.pos, il.seq, il.end)
-            else:
-                pool._fm.log_disable()
-        return ok
-
-
-def writer_lock(pool):
-    """The log's writer lock (C's, when a fast path is attached, so that
-    C's log flushes and ours take turns); taken before the map's lock."""
-    return LogLock(pool._fm) if pool._fm is not None else contextlib.nullcontext()
-
-
-def status(pool) -> dict:
-    """The intent log's counters, with the flushes C wrote counted in."""
-    return pool.intent.status(pool._fm)
+        return _flush(pool, vid)
 
 
 def _flush(pool, vid: int) -> bool:

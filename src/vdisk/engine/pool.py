@@ -253,9 +253,11 @@ class Pool:
         if self._fm is not None:  # the data file closes: C must not touch it
             self._fm.lock()
             self._fm.set_failed(2)
+            self._fm.set_log(None)
             self._fm.unlock()
             self._fm = None
         if self.env is not None:
+            self.intent.close()
             self.file.close()
             self.log.close()
             self.env.close()
@@ -738,8 +740,8 @@ class Pool:
         return logflush.flush(self, vid)
 
     def log_status(self) -> dict:
-        """The intent log's counters (logflush.status)."""
-        return logflush.status(self)
+        """The intent log's counters (IntentLog.status)."""
+        return self.intent.status()
 
 
     # ------------------------------------------------------------ structural changes (structure.py)

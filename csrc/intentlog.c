@@ -1,0 +1,215 @@
+/*
+ * intentlog.c - the intent log's only writer (docs/format.md, "The intent
+ * log"; the record's layout is logrecord.h).
+ *
+ * A log flush makes a volume's writes since its last one durable with one
+ * record appended at the log's end and one fdatasync, where a commit needs
+ * three.  Two callers write records, both through here: the engine's log
+ * flush (vdisk.engine.logflush, which gathers the pages from its overlay
+ * and calls vd_log_append) and the fast path's fsync (fastmap.c, which
+ * gathers them from its table into vd_log_body and calls vd_log_seal and
+ * vd_log_write).  This file owns the log's state - the generation whose
+ * records are valid, where the next record goes and its sequence number,
+ * how far the file is written, whether it is still usable - and the
+ * counters; the engine reads it (vd_log_get) and replays records itself.
+ *
+ * Concurrency contract: one writer at a time holds mu from the gathering
+ * of its record to its fdatasync, so records follow each other in the
+ * file in the order of their sequence numbers.  The engine changes the
+ * in-flight flag and retires the log at a commit with the fast path's map
+ * lock held for writing, which a writer in C also holds while it checks
+ * the flag and reserves its record's place: a commit's freeze falls before
+ * or after a whole reservation.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "blockops.h"
+#include "intentlog.h"
+#include "logrecord.h"
+
+#define HDR VD_LOG_HEADER
+#define PG VD_LOG_PAGE
+#define ENTRIES_AT sizeof(struct vd_log_head)
+#define AT(field) offsetof(struct vd_log_head, field)
+#define ZEROS (64 * 1024)
+
+const char vd_log_magic[9] = "vdlogv2\n";
+_Static_assert(sizeof(struct vd_log_head) + VD_LOG_MAX_ENTRIES * sizeof(struct vd_log_entry) <= VD_LOG_HEADER,
+               "a record's entries fit in its header");
+_Static_assert(sizeof(struct vd_log_head) + (VD_LOG_MAX_ENTRIES + 1) * sizeof(struct vd_log_entry) > VD_LOG_HEADER,
+               "VD_LOG_MAX_ENTRIES is as many as fit");
+
+struct vd_log {
+    pthread_mutex_t mu;
+    int fd;
+    int ok;        /* 0 once a write failed: commits only from then on */
+    int inflight;  /* a commit is in flight: no record from the fast path */
+    int fail_next; /* tests */
+    uint64_t gen, pos, seq, end, max, flush_max;
+    unsigned char *buf; /* a record: its header, then up to flush_max of pages */
+    uint64_t st_flushes, st_bytes, st_flushes_c;
+};
+
+struct vd_log *vd_log_new(int fd, uint64_t gen, uint64_t end, uint64_t max, uint64_t flush_max)
+{
+    struct vd_log *L = calloc(1, sizeof(*L));
+    if (L == NULL)
+        return NULL;
+    L->buf = aligned_alloc(PG, HDR + (flush_max + PG - 1) / PG * PG);
+    if (L->buf == NULL) {
+        free(L);
+        return NULL;
+    }
+    pthread_mutex_init(&L->mu, NULL);
+    L->fd = fd;
+    L->ok = 1;
+    L->gen = gen;
+    L->end = end;
+    L->max = max;
+    L->flush_max = flush_max;
+    return L;
+}
+
+void vd_log_free(struct vd_log *L)
+{
+    if (L == NULL)
+        return;
+    pthread_mutex_destroy(&L->mu);
+    free(L->buf);
+    free(L);
+}
+
+void vd_log_lock(struct vd_log *L) { pthread_mutex_lock(&L->mu); }
+void vd_log_unlock(struct vd_log *L) { pthread_mutex_unlock(&L->mu); }
+void vd_log_set_inflight(struct vd_log *L, int inflight) { L->inflight = inflight; }
+void vd_log_set_max(struct vd_log *L, uint64_t max) { L->max = max; }
+void vd_log_fail_next(struct vd_log *L, int fail) { L->fail_next = fail; }
+
+uint64_t vd_log_retire(struct vd_log *L)
+{
+    L->gen++;
+    L->pos = L->seq = 0;
+    L->inflight = 0;
+    return L->gen;
+}
+
+void vd_log_get(struct vd_log *L, uint64_t *out)
+{
+    uint64_t v[VD_LOG_STATE_WORDS] = {L->gen,    L->pos,        L->seq,      L->end,          (uint64_t)L->ok,
+                                      (uint64_t)L->inflight, L->st_flushes, L->st_bytes, L->st_flushes_c, L->max};
+    memcpy(out, v, sizeof(v));
+}
+
+static int fits(struct vd_log *L, uint32_t count, uint64_t npages)
+{
+    uint64_t need = HDR + npages * PG;
+    return count <= VD_LOG_MAX_ENTRIES && npages * PG <= L->flush_max && L->pos + need <= L->end &&
+           L->pos + need <= L->max;
+}
+
+int vd_log_usable(struct vd_log *L) { return L->ok && !L->inflight; }
+
+int vd_log_room(struct vd_log *L, uint64_t npages) { return vd_log_usable(L) && fits(L, 0, npages) ? 0 : -EAGAIN; }
+
+unsigned char *vd_log_body(struct vd_log *L) { return L->buf + HDR; }
+
+static void put_le(unsigned char *p, uint64_t x, int n)
+{
+    for (int i = 0; i < n; i++)
+        p[i] = (unsigned char)(x >> (8 * i));
+}
+
+uint64_t vd_log_seal(struct vd_log *L, uint64_t vid, const uint64_t *blocks, const uint32_t *masks, uint32_t count,
+                     uint64_t npages, uint64_t *at)
+{
+    unsigned char *hdr = L->buf;
+    memset(hdr, 0, HDR);
+    memcpy(hdr + AT(magic), vd_log_magic, sizeof(((struct vd_log_head *)0)->magic));
+    put_le(hdr + AT(gen), L->gen, 8);
+    put_le(hdr + AT(seq), L->seq, 8);
+    put_le(hdr + AT(vid), vid, 8);
+    put_le(hdr + AT(count), count, 4);
+    for (uint32_t i = 0; i < count; i++) {
+        unsigned char *e = hdr + ENTRIES_AT + sizeof(struct vd_log_entry) * i;
+        put_le(e + offsetof(struct vd_log_entry, block), blocks[i], 8);
+        put_le(e + offsetof(struct vd_log_entry, mask), masks[i], 4);
+    }
+    /* CRC-32C of the header with its crc field zero, then of the pages */
+    put_le(hdr + AT(crc), vd_crc32c(vd_crc32c(0, hdr, HDR), L->buf + HDR, npages * PG), 4);
+    uint64_t size = HDR + npages * PG;
+    *at = L->pos;
+    L->pos += size;
+    L->seq++;
+    return size;
+}
+
+static long failed(struct vd_log *L, long rc)
+{
+    fprintf(stderr, "vdisk: writing the intent log failed (%s); flushes commit instead\n", strerror((int)-rc));
+    L->ok = 0;
+    return rc;
+}
+
+static long write_record(struct vd_log *L, uint64_t at, uint64_t size)
+{
+    /* a record sealed before a commit retired the log is obsolete, and
+     * harmless where it lands: written all the same */
+    long rc = vd_pwrite_full(L->fd, L->buf, size, at);
+    if (rc == 0 && L->fail_next)
+        rc = -EIO;
+    else if (rc == 0 && fdatasync(L->fd) < 0)
+        rc = -errno;
+    L->fail_next = 0;
+    if (rc < 0)
+        return failed(L, rc);
+    L->st_flushes++;
+    L->st_bytes += size;
+    return 0;
+}
+
+/* zero bytes at the file's end: a record rewrites them, which costs no
+ * metadata at its fdatasync */
+static long grow_file(struct vd_log *L, uint64_t grow)
+{
+    static const unsigned char zeros[ZEROS];
+    while (grow > 0) {
+        size_t n = grow < ZEROS ? (size_t)grow : ZEROS;
+        int rc = vd_pwrite_full(L->fd, zeros, n, L->end);
+        if (rc < 0)
+            return failed(L, rc);
+        L->end += n;
+        grow -= n;
+    }
+    return 0;
+}
+
+long vd_log_append(struct vd_log *L, uint64_t vid, const uint64_t *blocks, const uint32_t *masks, uint32_t count,
+                   const unsigned char *pages, uint64_t npages, uint64_t grow)
+{
+    if (!L->ok || count > VD_LOG_MAX_ENTRIES || npages * PG > L->flush_max ||
+        L->pos + HDR + npages * PG > L->max)
+        return -EAGAIN;
+    long rc = grow_file(L, grow);
+    if (rc < 0)
+        return rc;
+    if (!fits(L, count, npages))
+        return -EAGAIN;
+    memcpy(L->buf + HDR, pages, npages * PG);
+    uint64_t at;
+    uint64_t size = vd_log_seal(L, vid, blocks, masks, count, npages, &at);
+    return write_record(L, at, size);
+}
+
+long vd_log_write(struct vd_log *L, uint64_t at, uint64_t size)
+{
+    long rc = write_record(L, at, size);
+    if (rc == 0)
+        L->st_flushes_c++; /* counted apart: the flushes the fast path wrote */
+    return rc;
+}

@@ -1,0 +1,65 @@
+/* intentlog.h - the intent log's writer (see intentlog.c and docs/format.md,
+ * "The intent log").  Also cffi declarations of vdisk.engine._native:
+ * _build_native.py reads this file. */
+#ifndef VDISK_INTENTLOG_H
+#define VDISK_INTENTLOG_H
+#include <stdint.h>
+#include <stddef.h>
+
+struct vd_log;
+
+/* Created by the engine (vdisk.engine.intentlog) at open, for every pool:
+ * fd is the log file (the engine's; not closed here), gen the generation
+ * whose records are valid, end how far the file is written (zeros at
+ * least).  A record holds at most flush_max bytes of pages, and the file
+ * grows to at most max bytes. */
+struct vd_log *vd_log_new(int fd, uint64_t gen, uint64_t end, uint64_t max, uint64_t flush_max);
+void vd_log_free(struct vd_log *L);
+
+/* The writer's mutex: held by one log writer (the engine's log flush, or
+ * vd_fm_fsync) from the gathering of its record to its fdatasync.  Taken
+ * before the fast path's map lock. */
+void vd_log_lock(struct vd_log *L);
+void vd_log_unlock(struct vd_log *L);
+
+/* Everything below with the mutex held, except vd_log_get (any time: a
+ * snapshot of the counters) and vd_log_set_inflight/vd_log_retire, which
+ * the engine calls with the fast path's map lock held (a log writer in C
+ * holds it while it reserves its record's place). */
+
+/* Append one record: count entries (blocks[i], masks[i]: the pages of
+ * pages, in order, or 0 for a block that now reads as zeros), npages pages
+ * at pages.  grow zero bytes are first appended at the file's end.  Then
+ * fdatasync.  0, -EAGAIN when the record does not fit (too many entries or
+ * pages, past max, past the file's end after growing) or the log is off,
+ * with nothing written; -errno when a write or the fdatasync failed: the
+ * log is off from then on (a half-written record is never replayed: its
+ * CRC fails, or the next commit makes it obsolete). */
+long vd_log_append(struct vd_log *L, uint64_t vid, const uint64_t *blocks, const uint32_t *masks, uint32_t count,
+                   const unsigned char *pages, uint64_t npages, uint64_t grow);
+/* A commit is in flight (inflight 1): records are the engine's alone. */
+void vd_log_set_inflight(struct vd_log *L, int inflight);
+/* A commit made every record durable: the next generation starts at offset
+ * 0, and no commit is in flight.  Returns the new generation. */
+uint64_t vd_log_retire(struct vd_log *L);
+void vd_log_set_max(struct vd_log *L, uint64_t max); /* tests make the log small */
+void vd_log_fail_next(struct vd_log *L, int fail);   /* tests: the next record fails before its fdatasync */
+/* gen, pos, seq, end, ok, inflight, flushes, bytes, flushes_in_c, max */
+enum { VD_LOG_STATE_WORDS = 10 };
+void vd_log_get(struct vd_log *L, uint64_t *out);
+
+/* For the fast path (fastmap.c), with the mutex held: whether it may write
+ * now (1: the log works and no commit is in flight, whose frozen writes no
+ * record may claim as durable); whether a record of npages pages fits now
+ * without growing the file (0, or -EAGAIN); the
+ * buffer its pages go to (flush_max bytes); and, once they are there,
+ * vd_log_seal fills the header in, reserves the record's place and
+ * returns its size (*at: where it goes), vd_log_write writes it and
+ * fdatasyncs (as vd_log_append). */
+int vd_log_usable(struct vd_log *L);
+int vd_log_room(struct vd_log *L, uint64_t npages);
+unsigned char *vd_log_body(struct vd_log *L);
+uint64_t vd_log_seal(struct vd_log *L, uint64_t vid, const uint64_t *blocks, const uint32_t *masks, uint32_t count,
+                     uint64_t npages, uint64_t *at);
+long vd_log_write(struct vd_log *L, uint64_t at, uint64_t size);
+#endif
