@@ -866,6 +866,17 @@ def cmd_pool_scrub(app: App) -> int:
     return EXIT_OK if res["Clean"] else EXIT_INTERNAL
 
 
+def cmd_pool_trim(app: App) -> int:
+    if not app.json:
+        print("trimming %s (the pages partial blocks do not hold; writes wait meanwhile)..." % app.paths.pool,
+              file=sys.stderr)
+    res = app.call("TrimPool")
+    app.out(res, "%d partial blocks, %s punched in %d holes; on disk %s -> %s (%.1f s)" % (
+        res["PartialSlots"], _human(res["TrimmedBytes"]), res["Holes"], _human(res["DataFileAllocatedBytesBefore"]),
+        _human(res["DataFileAllocatedBytes"]), res["Seconds"]))
+    return EXIT_OK
+
+
 def cmd_service_install(app: App) -> int:
     from ..host import service
 
@@ -1174,6 +1185,7 @@ def build_parser() -> argparse.ArgumentParser:
     verb(g, "status", cmd_pool_status, "space used, free, on disk")
     v = verb(g, "scrub", cmd_pool_scrub, "verify every block's checksum and the map (exit 4 on problems)")
     v.add_argument("--map-only", action="store_true", help="check the map only, not the data")
+    verb(g, "trim", cmd_pool_trim, "give the host's disk back the unused pages of partial blocks (writes wait meanwhile)")
     v = verb(g, "set", lifecycle.cmd_pool_set, "pool settings (ModifyPoolAttribute)")
     v.add_argument("--snapshot-upload-rate", type=int, metavar="MB/S",
                    help="emulate the cloud's snapshot creation time: a snapshot is progressing while its data "

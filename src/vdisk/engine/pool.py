@@ -59,7 +59,7 @@ import threading
 
 import lmdb
 
-from . import allocator, commit, fastbridge, layers, logflush, native, reports, scrub, structure
+from . import allocator, commit, fastbridge, layers, logflush, native, reports, scrub, structure, trim
 from .blockio import DataFile
 from .catalogue import Catalogue
 from .intentlog import IntentLog
@@ -789,6 +789,10 @@ class Pool:
 
     def scrub(self, verify_data: bool = True, progress=None) -> list[str]:
         return scrub.check(self, verify_data, progress)
+
+    def trim(self, progress=None) -> dict:
+        """Give back the pages partial slots do not hold (trim.trim)."""
+        return trim.trim(self, progress)
 
     def stats(self, commit: bool = True) -> dict:
         """The pool's space figures, as of a commit when one can be made
