@@ -202,6 +202,13 @@ def fio_patterns(a, size: str, cwd: str, env: VDiskEnv) -> dict:
                     log("%-34s %-6s run %d/%d" % (pname, t.name, i + 1, a.repeat))
                     if snap:
                         t.snapshot()
+                    # every run starts with no dirty page cache: a pattern
+                    # must not pay for the writeback of the one before it
+                    # (vdisk, qsd and plain-buffered write through the page
+                    # cache; 30 s of 1 MiB writes left the next patterns at
+                    # half their speed, and vdisk's after-snapshot writes at
+                    # a fifth)
+                    os.sync()
                     runs.append(fio(t.dev, args, size, None if snap else a.runtime, cwd))
                 out.setdefault(t.name, {})[pname] = {
                     "iops": statistics.median(r["iops"] for r in runs),
@@ -643,7 +650,7 @@ def print_report(results: dict, a) -> None:
     print("\nmachine: %d x %s, %.0f GiB, Linux %s, Python %s, %s"
           % (m["cpus"], m["cpu"], m["mem_gib"], m["kernel"], m["python"], m["qemu_storage_daemon"]))
     print("fio through loop devices (--direct-io=on), libaio, direct=1; median of %d runs of %ds "
-          "(after-snapshot runs: %s each, a new snapshot first); region %s"
+          "(after-snapshot runs: %s each, a new snapshot first); each run after sync(); region %s"
           % (a.repeat, a.runtime, COW_IO, results["region"]))
     names = [n for n in TARGETS if n in t]
     peers = names[1:]
