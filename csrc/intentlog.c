@@ -106,16 +106,18 @@ void vd_log_get(struct vd_log *L, uint64_t *out)
     memcpy(out, v, sizeof(v));
 }
 
-static int fits(struct vd_log *L, uint32_t count, uint64_t npages)
+/* whether a record fits: its entries and pages, and its end within the
+ * file's written end (end) and the log's maximum */
+static int fits(struct vd_log *L, uint32_t count, uint64_t npages, uint64_t end)
 {
     uint64_t need = HDR + npages * PG;
-    return count <= VD_LOG_MAX_ENTRIES && npages * PG <= L->flush_max && L->pos + need <= L->end &&
+    return count <= VD_LOG_MAX_ENTRIES && npages * PG <= L->flush_max && L->pos + need <= end &&
            L->pos + need <= L->max;
 }
 
 int vd_log_usable(struct vd_log *L) { return L->ok && !L->inflight; }
 
-int vd_log_room(struct vd_log *L, uint64_t npages) { return vd_log_usable(L) && fits(L, 0, npages) ? 0 : -EAGAIN; }
+int vd_log_room(struct vd_log *L, uint64_t npages) { return vd_log_usable(L) && fits(L, 0, npages, L->end) ? 0 : -EAGAIN; }
 
 unsigned char *vd_log_body(struct vd_log *L) { return L->buf + HDR; }
 
@@ -192,14 +194,11 @@ static long grow_file(struct vd_log *L, uint64_t grow)
 long vd_log_append(struct vd_log *L, uint64_t vid, const uint64_t *blocks, const uint32_t *masks, uint32_t count,
                    const unsigned char *pages, uint64_t npages, uint64_t grow)
 {
-    if (!L->ok || count > VD_LOG_MAX_ENTRIES || npages * PG > L->flush_max ||
-        L->pos + HDR + npages * PG > L->max)
+    if (!L->ok || !fits(L, count, npages, L->end + grow))
         return -EAGAIN;
     long rc = grow_file(L, grow);
     if (rc < 0)
         return rc;
-    if (!fits(L, count, npages))
-        return -EAGAIN;
     memcpy(L->buf + HDR, pages, npages * PG);
     uint64_t at;
     uint64_t size = vd_log_seal(L, vid, blocks, masks, count, npages, &at);

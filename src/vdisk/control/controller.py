@@ -974,12 +974,10 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
     def do_TrimPool(self, p: Params) -> dict:
         """vdisk's own: give the host's disk back the pages partial slots do
         not hold (vdisk.engine.trim; writes to the pool wait while it runs)."""
-        before = self.pool.stats(commit=False)["data_file_allocated_bytes"]
         done = self.pool.trim()
-        after = self.pool.stats(commit=False)["data_file_allocated_bytes"]
         return {"PartialSlots": done["partial_slots"], "Holes": done["holes"], "TrimmedBytes": done["bytes"],
-                "DataFileAllocatedBytesBefore": before, "DataFileAllocatedBytes": after,
-                "Seconds": round(done["seconds"], 3)}
+                "DataFileAllocatedBytesBefore": done["allocated_before"],
+                "DataFileAllocatedBytes": done["allocated_after"], "Seconds": round(done["seconds"], 3)}
 
 
 def _instance_status(inst: dict, what: str, need: str) -> CloudError:

@@ -790,9 +790,9 @@ class Pool:
     def scrub(self, verify_data: bool = True, progress=None) -> list[str]:
         return scrub.check(self, verify_data, progress)
 
-    def trim(self, progress=None) -> dict:
+    def trim(self) -> dict:
         """Give back the pages partial slots do not hold (trim.trim)."""
-        return trim.trim(self, progress)
+        return trim.trim(self)
 
     def stats(self, commit: bool = True) -> dict:
         """The pool's space figures, as of a commit when one can be made

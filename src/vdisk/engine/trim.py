@@ -31,25 +31,24 @@ def partial_slots(pool) -> dict[int, int]:
     out: dict[int, int] = {}
     with pool.env.begin(db=pool._db[DB_MAP]) as txn:
         for val in txn.cursor().iternext(keys=False):
-            slot, _death, _crc, mask, back, _bcrc = map_val_full(val)
+            slot, _death, _crc, mask, _back, _bcrc = map_val_full(val)
             if slot != ZERO_SLOT and mask != FULL_MASK:
                 out[slot] = mask
     return out
 
 
-def trim(pool, progress=None) -> dict:
+def trim(pool) -> dict:
     """Punch the pages every committed partial slot does not hold.
-    Returns what it did: partial slots, holes punched and their bytes,
-    seconds.  progress(done, total) is called as it goes.  A slot punched
+    Returns what it did: partial slots, holes punched and their bytes, the
+    data file's allocated bytes before and after, seconds.  A slot punched
     before is punched again (the filesystem then has nothing to free)."""
     t0 = time.monotonic()
     pool.commit()
+    before = pool.file.allocated_bytes()
     slots = partial_slots(pool)
     busy = pool._epoch_alloc | pool._reserved  # fresh: none after a commit, but C's reservoir
     holes = nbytes = 0
-    for i, (slot, mask) in enumerate(sorted(slots.items())):
-        if progress and i % 4096 == 0:
-            progress(i, len(slots))
+    for slot, mask in sorted(slots.items()):
         if slot in busy:
             continue
         for first, count in mask_runs(FULL_MASK & ~mask):
@@ -58,10 +57,9 @@ def trim(pool, progress=None) -> dict:
             except OSError as exc:
                 raise EngineError(
                     "punching a hole in %s failed (%s): its filesystem may not support punch-hole; "
-                    "the pool is unchanged (%d holes were punched before)" % (pool.file.path, exc.strerror, holes)
+                    "no data changed (%d holes were punched before)" % (pool.file.path, exc.strerror, holes)
                 ) from None
             holes += 1
             nbytes += count * PAGE
-    if progress:
-        progress(len(slots), len(slots))
-    return {"partial_slots": len(slots), "holes": holes, "bytes": nbytes, "seconds": time.monotonic() - t0}
+    return {"partial_slots": len(slots), "holes": holes, "bytes": nbytes, "allocated_before": before,
+            "allocated_after": pool.file.allocated_bytes(), "seconds": time.monotonic() - t0}
