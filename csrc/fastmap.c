@@ -87,6 +87,11 @@ struct ent {
     uint16_t mask;   /* pages written since the volume's last log flush */
     uint16_t have;   /* pages the slot holds */
     uint8_t shared;  /* the view is the last snapshot point's: copy only what is written */
+    /* a slot of the view that this engine has not verified against its
+     * checksum since the pool was opened (one taught ahead of reads,
+     * vd_fm_add): nothing is read from it here, neither for a read nor to
+     * fill a copy-on-write; writes that need none of its bytes go on */
+    uint8_t unverified;
     uint8_t used;
 };
 #define FULL 0xFFFF
@@ -233,8 +238,10 @@ static int rebuild(struct vd_fastmap *fm, size_t cap, int skip, uint64_t vid)
 /* Insert or update; 0 on success, -ENOSPC when the table is at its limit.
  * bits: pages just written (the mask starts over in a new log epoch). */
 static int put(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint32_t epoch,
-               uint32_t lepoch, uint16_t bits, uint16_t have, struct below b, int shared)
+               uint32_t lepoch, uint16_t bits, uint16_t have, struct below b, int shared, int unverified)
 {
+    if (have == FULL && epoch == fm->epoch)
+        unverified = 0; /* a fresh whole slot: written here, nothing below it */
     if (have == FULL)
         b = ZEROS;
     else if (b.bhave == FULL)
@@ -250,6 +257,7 @@ static int put(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slo
         e->have = have;
         e->b = b;
         e->shared = (uint8_t)shared;
+        e->unverified = (uint8_t)unverified;
         e->sepoch = fm->epoch;
         return 0;
     }
@@ -259,7 +267,7 @@ static int put(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slo
         return -ENOMEM;
     struct ent ne = {.vid = vid, .block = block, .slot = slot, .b = b, .epoch = epoch,
                      .lepoch = lepoch, .mask = bits, .sepoch = fm->epoch, .have = have, .shared = (uint8_t)shared,
-                     .used = 1};
+                     .unverified = (uint8_t)unverified, .used = 1};
     place(fm->tab, fm->cap, &ne);
     fm->n++;
     return 0;
@@ -340,27 +348,49 @@ void vd_fm_drop_volume(struct vd_fastmap *fm, uint64_t vid)
  * flush has it already).  If the table is full the entry is forgotten
  * instead: never left stale. */
 int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, int writable, uint16_t have,
-              uint64_t base, uint16_t bhave, uint64_t base2)
+              uint64_t base, uint16_t bhave, uint64_t base2, int unverified)
 {
     struct vol *v = find_vol(fm, vid);
     int w = writable && slot && v != NULL;
     struct below b = {base, base2, bhave};
     int rc = put(fm, vid, block, slot, w ? fm->epoch : 0, (w && writable == 1) ? v->lepoch : 0, 0,
-                 slot ? have : FULL, b, 0);
+                 slot ? have : FULL, b, 0, slot && unverified);
     if (rc < 0)
         vd_fm_forget(fm, vid, block);
     return rc;
 }
 
 /* A mapping the engine looked up (read-only); kept only if nothing newer is
- * known and there is room. */
+ * known and there is room.  unverified: a slot of the view has not been
+ * verified yet (the engine taught it ahead of any read); the same mapping
+ * added again verified clears that.  1 when the entry was added. */
 int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint16_t have, uint64_t base,
-              int shared, uint16_t bhave, uint64_t base2)
+              int shared, uint16_t bhave, uint64_t base2, int unverified)
 {
-    if (lookup(fm, vid, block) != NULL)
+    struct ent *e = lookup(fm, vid, block);
+    if (e != NULL) {
+        if (e->unverified && !unverified && e->epoch != fm->epoch && e->slot == slot &&
+            e->have == (slot ? have : FULL) && (e->have == FULL || (e->b.base == base && e->b.bhave == bhave && (bhave == FULL || e->b.base2 == base2))))
+            e->unverified = 0;
         return 0;
+    }
     struct below b = {base, base2, bhave};
-    return put(fm, vid, block, slot, 0, 0, 0, slot ? have : FULL, b, shared);
+    int rc = put(fm, vid, block, slot, 0, 0, 0, slot ? have : FULL, b, shared, slot && unverified);
+    return rc < 0 ? rc : 1;
+}
+
+/* Which of n blocks from first the table does not know: bit i of out[i /
+ * 64] set for block first + i.  Called by the engine's thread (the only
+ * one that changes the table besides the I/O threads) without the lock:
+ * the inner mutex keeps the I/O threads' changes out meanwhile. */
+void vd_fm_unknown(struct vd_fastmap *fm, uint64_t vid, uint64_t first, uint32_t n, uint64_t *out)
+{
+    memset(out, 0, ((n + 63) / 64) * sizeof(uint64_t));
+    pthread_mutex_lock(&fm->io);
+    for (uint32_t i = 0; i < n; i++)
+        if (lookup(fm, vid, first + i) == NULL)
+            out[i / 64] |= 1ull << (i % 64);
+    pthread_mutex_unlock(&fm->io);
 }
 
 /* A snapshot of the volume was taken: every block it read so far (all but
@@ -534,6 +564,21 @@ static inline uint64_t slot_off(uint64_t slot) { return (slot - 1) * (uint64_t)B
 
 #define PG 4096 /* a page: the unit of have, base and the log's masks */
 
+/* the 4 KiB pages of a block that [intra, intra + n) touches */
+static inline uint16_t pages(uint64_t intra, uint64_t n)
+{
+    uint32_t first = (uint32_t)(intra / 4096), last = (uint32_t)((intra + n - 1) / 4096);
+    return (uint16_t)(((2u << last) - 1) & ~((1u << first) - 1));
+}
+
+/* the pages [intra, intra + n) covers whole */
+static inline uint16_t covered(uint64_t intra, uint64_t n)
+{
+    uint32_t first = (uint32_t)((intra + PG - 1) / PG), end = (uint32_t)((intra + n) / PG);
+    return end > first ? (uint16_t)(((1u << end) - 1) & ~((1u << first) - 1)) : 0;
+}
+
+
 static void begin_io(struct vd_fastmap *fm)
 {
     pthread_rwlock_rdlock(&fm->lock);
@@ -620,6 +665,13 @@ long vd_fm_read(void *arg, uint64_t vid, uint64_t off, uint32_t len, void *buf)
         struct ent *e = lookup(fm, vid, first + i);
         if (e == NULL && !v->complete)
             return end_io(fm, -EAGAIN);
+        if (e != NULL && e->unverified) {
+            /* only the pages a fresh slot holds were written here; the
+             * engine verifies the rest when it reads them */
+            uint64_t lo = (i == 0) ? off % BS : 0, hi = (i + 1 == nb) ? (off + len - 1) % BS + 1 : BS;
+            if (e->epoch != fm->epoch || (pages(lo, hi - lo) & (uint16_t)~e->have))
+                return end_io(fm, -EAGAIN);
+        }
         slots[i] = e ? e->slot : 0;
         haves[i] = e && e->slot ? e->have : FULL;
         bs[i] = e ? e->b : ZEROS;
@@ -676,20 +728,6 @@ static void ask_for_slots(struct vd_fastmap *fm)
 }
 
 enum { INPLACE, NEW, COW, COMPARE };
-
-/* the 4 KiB pages of a block that [intra, intra + n) touches */
-static inline uint16_t pages(uint64_t intra, uint64_t n)
-{
-    uint32_t first = (uint32_t)(intra / 4096), last = (uint32_t)((intra + n - 1) / 4096);
-    return (uint16_t)(((2u << last) - 1) & ~((1u << first) - 1));
-}
-
-/* the pages [intra, intra + n) covers whole */
-static inline uint16_t covered(uint64_t intra, uint64_t n)
-{
-    uint32_t first = (uint32_t)((intra + PG - 1) / PG), end = (uint32_t)((intra + n) / PG);
-    return end > first ? (uint16_t)(((1u << end) - 1) & ~((1u << first) - 1)) : 0;
-}
 
 /* The next run of pages in mask at or after *pg: its length (0: none
  * left), with *pg moved to its first page. */
@@ -771,8 +809,9 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
     struct vd_fastmap *fm = arg;
     uint64_t first, base[MAX_SPAN];
     struct below nb_[MAX_SPAN]; /* what a new or merged slot's missing pages read from */
-    uint16_t own[MAX_SPAN], merge[MAX_SPAN];
-    unsigned char act[MAX_SPAN], coal[MAX_SPAN];
+    uint16_t own[MAX_SPAN], merge[MAX_SPAN], missing[MAX_SPAN], nhave[MAX_SPAN], edges[MAX_SPAN];
+    struct ent *ents[MAX_SPAN]; /* valid until the first new entry is put (the table may grow) */
+    unsigned char act[MAX_SPAN], unv[MAX_SPAN];
     size_t nb, need = 0;
     int merging = 0;
     struct vol *v;
@@ -788,66 +827,62 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
         uint64_t intra = pos % BS, n = BS - intra;
         if (n > end - pos)
             n = end - pos;
+        pos += n;
         int full = n == BS;
         uint16_t pgs = pages(intra, n);
-        struct ent *e = lookup(fm, vid, first + i);
-        merge[i] = 0;
+        struct ent *e = ents[i] = lookup(fm, vid, first + i);
+        merge[i] = missing[i] = 0;
+        unv[i] = e != NULL && e->unverified;
         if (e != NULL && e->epoch == fm->epoch) {
             act[i] = INPLACE;
             base[i] = e->slot;
-            uint16_t missing = pgs & (uint16_t)~e->have;
-            if (missing) {
-                /* pages the partial slot lacks: those written in part get
-                 * the rest of them from the base first; and the request
-                 * keeps the inner mutex, so that no read that sees them in
-                 * have (from now on) reads them before they are written */
-                merge[i] = missing & (uint16_t)~covered(intra, n);
-                nb_[i] = e->b;
-                merging = 1;
-            }
-            if (e->lepoch != v->lepoch || missing) {
-                /* first write since the volume's log flush, or pages the
-                 * slot did not hold: the engine must hear of it */
-                if ((rc = log_block(fm, v, vid, first + i, e->slot, e->have | missing)) < 0)
-                    return end_io(fm, rc);
-                if (e->lepoch != v->lepoch) {
-                    e->lepoch = v->lepoch;
-                    e->mask = 0;
-                }
-                e->have |= missing;
-            }
-            /* marked now, under the inner mutex: a shared request must not
-             * touch the table after letting go of it */
-            e->mask |= pgs;
+            /* pages the partial slot lacks: those written in part get the
+             * rest of them from below first (and the request keeps the
+             * inner mutex, so that no read that sees them in have reads
+             * them before they are written) */
+            missing[i] = pgs & (uint16_t)~e->have;
+            merge[i] = missing[i] & (uint16_t)~covered(intra, n);
+            nb_[i] = e->b;
+            merging |= missing[i] != 0;
+            if (merge[i] && e->unverified)
+                return end_io(fm, -EAGAIN);
         } else if (e != NULL) {
             base[i] = e->slot;
+            need++;
             if (full) {
                 act[i] = (v->has_points && e->slot && e->have == FULL) ? COMPARE : NEW;
-            } else {
-                act[i] = COW;
-                /* what the new slot copies (own) and what it reads the rest
-                 * from (nb_): only the pages written over a whole block, the
-                 * last snapshot point's or the head's own (the engine makes
-                 * it a backed entry at commit), over the point's entry of
-                 * two slots (a view of three), or over zeros the point sees
-                 * too; over the head's own, the whole block once the slot
-                 * would hold more than VD_FM_COALESCE_PAGES */
-                coal[i] = e->slot && !is_shared(e, v);
-                if (e->slot == 0) {
-                    own[i] = is_shared(e, v) ? 0 : FULL;
-                    nb_[i] = ZEROS;
-                } else if (e->have == FULL) {
-                    own[i] = 0;
-                    nb_[i] = (struct below){e->slot, 0, FULL};
-                } else if (is_shared(e, v) && e->b.bhave == FULL) {
-                    own[i] = 0;
-                    nb_[i] = (struct below){e->slot, e->b.base, e->have};
-                } else {
-                    own[i] = e->have;
-                    nb_[i] = e->b;
-                }
+                continue;
             }
-            need++;
+            act[i] = COW;
+            /* what the new slot copies (own) and what it reads the rest
+             * from (nb_): only the pages written over a whole block, the
+             * last snapshot point's or the head's own (the engine makes it
+             * a backed entry at commit), over the point's entry of two
+             * slots (a view of three), or over zeros the point sees too;
+             * over the head's own, the whole block once the slot would
+             * hold more than VD_FM_COALESCE_PAGES */
+            int coal = e->slot && !is_shared(e, v);
+            if (e->slot == 0) {
+                own[i] = is_shared(e, v) ? 0 : FULL;
+                nb_[i] = ZEROS;
+            } else if (e->have == FULL) {
+                own[i] = 0;
+                nb_[i] = (struct below){e->slot, 0, FULL};
+            } else if (is_shared(e, v) && e->b.bhave == FULL) {
+                own[i] = 0;
+                nb_[i] = (struct below){e->slot, e->b.base, e->have};
+            } else {
+                own[i] = e->have;
+                nb_[i] = e->b;
+            }
+            nhave[i] = own[i] | pgs;
+            if (coal && __builtin_popcount(nhave[i]) > VD_FM_COALESCE_PAGES)
+                nhave[i] = FULL;
+            /* the pages written in part get the rest from below; a whole
+             * copy takes every page not written from there */
+            edges[i] = (nhave[i] == FULL ? (uint16_t)~own[i] : (uint16_t)(pgs & ~own[i])) & (uint16_t)~covered(intra, n);
+            if (e->unverified && ((own[i] && e->slot) || edges[i]))
+                return end_io(fm, -EAGAIN); /* the engine verifies what it copies */
         } else if (full && (!v->has_points || v->complete)) {
             act[i] = NEW;
             need++;
@@ -856,15 +891,37 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
             base[i] = 0;
             nb_[i] = ZEROS;
             own[i] = 0;
+            nhave[i] = pgs;
+            edges[i] = pgs & (uint16_t)~covered(intra, n);
             need++;
         } else {
             return end_io(fm, -EAGAIN);
         }
-        pos += n;
     }
     if (need > fm->nres || fm->n + need > MAX_ENTRIES) {
         ask_for_slots(fm);
         return end_io(fm, -EAGAIN);
+    }
+    /* the request is served: what the writes in place change in the table */
+    for (size_t i = 0; i < nb; i++) {
+        struct ent *e = ents[i];
+        if (act[i] != INPLACE)
+            continue;
+        uint64_t intra = (i == 0) ? off % BS : 0, hi = (i + 1 == nb) ? (off + len - 1) % BS + 1 : BS;
+        if (e->lepoch != v->lepoch || missing[i]) {
+            /* first write since the volume's log flush, or pages the slot
+             * did not hold: the engine must hear of it */
+            if ((rc = log_block(fm, v, vid, first + i, e->slot, e->have | missing[i])) < 0)
+                return end_io(fm, rc);
+            if (e->lepoch != v->lepoch) {
+                e->lepoch = v->lepoch;
+                e->mask = 0;
+            }
+            e->have |= missing[i];
+        }
+        /* marked now, under the inner mutex: a shared request must not
+         * touch the table after letting go of it */
+        e->mask |= pages(intra, hi - intra);
     }
     /* only writes in place: they need nothing more from the map, and
      * their slots stay fresh until the engine takes the lock for writing
@@ -907,21 +964,18 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
         }
         uint16_t have = FULL, bits = 0xFFFF;
         struct below hb = ZEROS;
+        int unverified = 0;
         if (act[i] == COW) {
-            uint16_t pgs = pages(intra, n);
-            have = own[i] | pgs;
-            if (coal[i] && __builtin_popcount(have) > VD_FM_COALESCE_PAGES)
-                have = FULL;
-            uint16_t edges = pgs & (uint16_t)~own[i] & (uint16_t)~covered(intra, n);
-            if (have == FULL) /* the whole view: own pages, the rest from below */
-                edges = (uint16_t)~own[i] & (uint16_t)~covered(intra, n);
+            have = nhave[i];
             if ((rc = fetch_pages(fm, base[i], own[i], fm->scratch)) < 0 ||
-                (rc = fetch_below(fm, nb_[i], edges, fm->scratch)) < 0)
+                (rc = fetch_below(fm, nb_[i], edges[i], fm->scratch)) < 0)
                 return end_io(fm, rc);
             memcpy(fm->scratch + intra, data, n);
             data = fm->scratch;
             hb = nb_[i];
-            bits = pgs;
+            bits = pages(intra, n);
+            /* the new slot reads the rest from the same unverified slots */
+            unverified = unv[i];
             __atomic_add_fetch(&fm->st_cow, 1, __ATOMIC_RELAXED);
         }
         uint64_t slot = fm->res[--fm->nres];
@@ -931,7 +985,7 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
         }
         /* room was checked above; a new slot differs from the log flush's
          * state in the pages written and, for copy-on-write, in none else */
-        put(fm, vid, block, slot, fm->epoch, v->lepoch, bits, have, hb, 0);
+        put(fm, vid, block, slot, fm->epoch, v->lepoch, bits, have, hb, 0, unverified);
     }
     if (!shared && fm->nres < fm->low_water)
         ask_for_slots(fm);

@@ -28,10 +28,17 @@ void vd_fm_drop_volume(struct vd_fastmap *fm, uint64_t vid);
 /* have: the pages slot holds (0xFFFF: all), the others read from slot base
  * (0: zeros); shared: the head reads the block as its last snapshot point
  * does (a copy-on-write writes only the pages written) */
+/* unverified: a slot of the view has not been verified against its
+ * checksum yet: nothing is read from it in C (reads and copy-on-writes that
+ * need its bytes return -EAGAIN) until the engine adds the mapping again
+ * verified (vd_fm_add, which returns 1 when it added the entry) */
 int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, int writable, uint16_t have,
-              uint64_t base, uint16_t bhave, uint64_t base2);
+              uint64_t base, uint16_t bhave, uint64_t base2, int unverified);
 int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint16_t have, uint64_t base,
-              int shared, uint16_t bhave, uint64_t base2);
+              int shared, uint16_t bhave, uint64_t base2, int unverified);
+/* which of n blocks from first the table does not know (bit i of out[i / 64]);
+ * the engine's thread, without the lock */
+void vd_fm_unknown(struct vd_fastmap *fm, uint64_t vid, uint64_t first, uint32_t n, uint64_t *out);
 void vd_fm_forget(struct vd_fastmap *fm, uint64_t vid, uint64_t block);
 void vd_fm_share(struct vd_fastmap *fm, uint64_t vid);
 /* the volume is new: every block it has is in the table (C clears this when

@@ -12,11 +12,14 @@ subset of what a real power cut may do.  C's log records are written and
 fdatasync()ed by C, so they survive too, except where a rule makes the
 fdatasync fail (crash_in_fast_fsync).
 """
+import os
+
 import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import invariant, precondition, rule
 
 from test_engine_model import SIZE, PoolModel, lengths, model_settings, offsets, pattern
+from vdisk.engine.errors import ChecksumError
 from vdisk.engine.fastmap import FastMap
 from vdisk.engine.format import DB_MAP
 from vdisk.engine.pool import BLOCK_SIZE, Pool
@@ -464,3 +467,111 @@ def test_fsync_in_c_survives_a_crash(tmp_path):
     want[3 * BLOCK_SIZE :] = b"c" * BLOCK_SIZE
     assert got == want
     again.close()
+
+
+def _cold_pool(tmp_path, nblocks, seed=1):
+    """A pool whose volume's blocks were written and committed by another
+    opening (so that no slot is verified yet), with a snapshot of it, and a
+    FastMap that knows none of its blocks: as after a daemon restart."""
+    path = str(tmp_path / "p")
+    pool = Pool(path)
+    vid = pool.create_volume(4 * nblocks * BLOCK_SIZE)
+    old = bytes((i * 7 + seed) % 251 for i in range(nblocks * BLOCK_SIZE))
+    pool.write(vid, 0, old)
+    pool.close()
+    pool = Pool(path)
+    pool.snapshot([vid])
+    fm = FastMap(pool.file.fd, reservoir=64)
+    pool.attach_fast(fm)
+    return pool, fm, vid, bytearray(old)
+
+
+def test_a_write_c_hands_back_teaches_it_the_blocks_around(tmp_path):
+    """Not a model: a write to a block C does not know is taught (the
+    block and the blocks the map has around it), then served in C; the
+    next writes nearby never reach the Pool."""
+    pool, fm, vid, want = _cold_pool(tmp_path, 8)
+    try:
+        assert not fm.write(vid, 4096, b"a" * 4096)  # C knows nothing yet
+        pool.write(vid, 4096, b"a" * 4096)  # what the FUSE layer does then
+        want[4096:8192] = b"a" * 4096
+        assert fm.stats()["writes"] == 1  # served in C after all
+        for b in range(1, 8):  # taught with the first: C serves them at once
+            assert fm.write(vid, b * BLOCK_SIZE + 8192, b"b" * 4096), b
+            want[b * BLOCK_SIZE + 8192 : b * BLOCK_SIZE + 12288] = b"b" * 4096
+        assert fm.read(vid, 4 * BLOCK_SIZE, 4096) is None  # not verified: the Pool reads it
+        assert pool.read(vid, 0, 8 * BLOCK_SIZE) == want
+        assert fm.read(vid, 0, 8 * BLOCK_SIZE) == want  # verified by that read: C serves it
+        pool.commit()
+        assert pool.read(vid, 0, 8 * BLOCK_SIZE) == want
+        assert pool.scrub() == []
+    finally:
+        pool.detach_fast()
+        fm.close()
+        pool.close()
+
+
+def test_c_never_reads_a_slot_the_engine_has_not_verified(tmp_path):
+    """Not a model: C may be taught a block whose slot was never verified
+    since the pool was opened.  It writes whole pages over it, but reads
+    nothing from it, neither for a read nor to fill a page written in
+    part: those go to the Pool, which finds the damage."""
+    pool, fm, vid, want = _cold_pool(tmp_path, 2)
+    try:
+        lid = pool._vols[vid]["lid"]
+        with pool.env.begin(db=pool._db[DB_MAP]) as txn:
+            ((slot, _mask, _crc),) = pool._lookup(txn.cursor(), lid, pool._lins[lid].gen, 0)
+        fd = os.open(pool.file.path, os.O_RDWR)
+        os.pwrite(fd, b"X" * 16, (slot - 1) * BLOCK_SIZE + 20000)  # bit rot in page 4 of block 0
+        os.close(fd)
+        pool.write(vid, 0, b"a" * 4096)  # taught, then written in C: page 0 only
+        assert fm.stats()["writes"] == 1
+        assert fm.read(vid, 0, 4096) == b"a" * 4096  # its own page, from its new slot
+        assert fm.read(vid, 16384, 8192) is None  # pages of the damaged slot: not from C
+        assert not fm.write(vid, 4096 + 100, b"c" * 100)  # a page written in part needs the slot's bytes
+        with pytest.raises(ChecksumError):
+            pool.read(vid, 16384, 8192)
+        with pytest.raises(ChecksumError):
+            pool.write(vid, 4096 + 100, b"c" * 100)
+    finally:
+        pool.detach_fast()
+        fm.close()
+        pool.close()
+
+
+def test_a_write_c_hands_back_changes_nothing_in_c(tmp_path):
+    """Not a model: a write over two blocks, the first written in place
+    (taking in a page it writes in part), the second needing a slot C does
+    not have, is handed back whole: C must not have marked the first
+    block's pages as held before it knew it would serve the request, or
+    the Pool would skip filling that page from below."""
+    pool = Pool(str(tmp_path))
+    fm = FastMap(pool.file.fd, reservoir=8)
+    try:
+        pool.attach_fast(fm)
+        vid = pool.create_volume(4 * BLOCK_SIZE)
+        old = bytes((i * 13 + 5) % 251 for i in range(2 * BLOCK_SIZE))
+        pool.write(vid, 0, old)
+        pool.snapshot([vid])
+        assert pool.read(vid, 0, 2 * BLOCK_SIZE) == old  # C knows both blocks (shared)
+        pool.refill_fast()
+        want = bytearray(old)
+        assert fm.write(vid, 0, b"a" * 4096)  # block 0: a slot holding page 0
+        want[0:4096] = b"a" * 4096
+        for slot in fm.reservoir_take():  # C runs dry (its slots back to the allocator, as detach does)
+            pool._reserved.discard(slot)
+            pool._reserved_beyond.discard(slot)
+            pool._free_cache.append(slot)
+        pool._free_cache.sort(reverse=True)
+        off, n = 4096 + 512, BLOCK_SIZE - 4096 - 512 + 4096  # page 1 in part, then into block 1
+        assert not fm.write(vid, off, b"w" * n)
+        pool.write(vid, off, b"w" * n)
+        want[off : off + n] = b"w" * n
+        assert pool.read(vid, 0, 2 * BLOCK_SIZE) == want
+        pool.commit()
+        assert pool.read(vid, 0, 2 * BLOCK_SIZE) == want
+        assert pool.scrub() == []
+    finally:
+        pool.detach_fast()
+        fm.close()
+        pool.close()

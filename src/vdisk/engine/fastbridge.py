@@ -8,6 +8,7 @@ never ahead of them, forgotten when unsure.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import typing
 
@@ -220,6 +221,13 @@ def _writable(pool, lid: int, block: int, d: Dirty) -> int:
     return WRITABLE if block in pool._unlogged.get(lid, ()) else WRITABLE_REPORT
 
 
+def unverified(pool, chain) -> bool:
+    """Whether a committed slot among these layers has not been verified
+    against its checksum since the pool was opened (the overlay's slots,
+    crc None, were written by this engine)."""
+    return any(crc is not None and slot != ZERO_SLOT and slot not in pool._verified for slot, _m, crc in chain)
+
+
 def tell(pool, vid: int, lid: int, block: int, d: Dirty, cur=None) -> None:
     """Tell C what a live overlay entry holds (with the map's lock held):
     a partial one with what it reads the rest from (_under) when at most
@@ -231,31 +239,122 @@ def tell(pool, vid: int, lid: int, block: int, d: Dirty, cur=None) -> None:
     if cur is None:
         with pool.env.begin(db=pool._db[DB_MAP]) as txn:
             return tell(pool, vid, lid, block, d, txn.cursor())
-    b = layers.below(pool._under(cur, lid, block))
+    chain = pool._under(cur, lid, block)
+    b = layers.below(chain)
     if b is None:
         d.pages |= pool._fm.mask(vid, block)  # what C wrote since the log flush: ours to log now
         pool._fm.forget(vid, block)
     else:
-        pool._fm.set(vid, block, d.slot, _writable(pool, lid, block, d), d.have, *b)
+        pool._fm.set(vid, block, d.slot, _writable(pool, lid, block, d), d.have, *b, unverified(pool, chain[:2]))
 
 
-def tell_committed(pool, vid: int, lid: int, gen: int, block: int, chain, cur) -> None:
-    """Tell C the head's committed view of a block (verified, or zeros)
-    if at most three slots make it (an entry over its back slot or over
-    what it reads through to: layers.below), and whether its last
-    snapshot point sees the same.  A copy-on-write in C writes only the
-    pages written over a whole block, the head's own or its point's, and
-    over its point's entry of two slots."""
+def committed_view(pool, cur, lid: int, gen: int, block: int, chain) -> tuple | None:
+    """What C is told of the head's committed view of a block, as
+    FastMap.add's arguments after (vid, block): (slot, have, base, shared,
+    bhave, base2, unverified), or None when more than three slots make it.
+    shared: the head's last snapshot point sees the same (layers.head_state)."""
     slot = layers.single(chain)
     if slot is not None:
         have, b = FULL_MASK, (ZERO_SLOT, FULL_MASK, ZERO_SLOT)
     else:
         slot, have, _crc = chain[0]
         b = layers.below(chain[1:])
-        if b is None or any(s != ZERO_SLOT and s not in pool._verified for s in (slot, b[0], b[2])):
-            return
+        if b is None:
+            return None
     shared = layers.head_state(cur, lid, gen, pool._lins[lid].last_point(), block)[0] == "shared"
-    pool._fm.add(vid, block, slot, have, b[0], shared, b[1], b[2])
+    return slot, have, b[0], shared, b[1], b[2], unverified(pool, chain[:3])
+
+
+def tell_committed(pool, vid: int, lid: int, gen: int, block: int, chain, cur) -> None:
+    """Tell C the head's committed view of a block (or zeros) if at most
+    three slots make it (an entry over its back slot or over what it
+    reads through to: layers.below), and whether its last snapshot point
+    sees the same.  A copy-on-write in C writes only the pages written
+    over a whole block, the head's own or its point's, and over its
+    point's entry of two slots."""
+    view = committed_view(pool, cur, lid, gen, block, chain)
+    if view is not None:
+        pool._fm.add(vid, block, *view)
+
+
+# A request C hands back for a block it does not know teaches C that block
+# and every block the map has in the aligned window of this many blocks
+# around it (16 MiB), so that the next requests there are served in C.
+TEACH_WINDOW = 256
+MAX_SPAN = 32  # the blocks C serves in one request (csrc/fastmap.c)
+
+
+def teach(pool, vid: int, offset: int, length: int) -> bool:
+    """C handed a request back: tell it the blocks it did not know, the
+    request's and those of the window around them (TEACH_WINDOW) that the
+    committed map or an in-flight commit holds, as the head sees them now.
+    True when C learnt something (the request is worth trying in C
+    again).
+
+    In the owner thread.  The map is looked up without the map's lock, so
+    that the I/O threads go on meanwhile: nothing the lookups depend on
+    changes until the lock is taken, because only this thread changes
+    the overlay, commits and the committed map's view (a commit's LMDB
+    transaction in a worker thread writes what the in-flight epoch,
+    consulted first here, already says), and C cannot write a block it
+    does not know.  Blocks C learnt meanwhile keep what C has
+    (FastMap.add).  A slot not verified yet is taught as such: C writes
+    over it but reads nothing from it until a read by the engine has
+    verified it (_read tells C again)."""
+    fm = pool._fm
+    vol = pool._vols.get(vid)
+    if fm is None or vol is None or pool._failed or length <= 0 or offset + length > vol["size"]:
+        return False
+    first, last = offset // BLOCK_SIZE, (offset + length - 1) // BLOCK_SIZE
+    if last - first >= MAX_SPAN or not fm.unknown(vid, first, last - first + 1):
+        return False  # C handed it back for another reason
+    lo = first - first % TEACH_WINDOW
+    hi = min(-(-vol["size"] // BLOCK_SIZE), max(last + 1, lo + TEACH_WINDOW))
+    lid = vol["lid"]
+    gen = pool._lins[lid].gen
+    dirty = pool._dirty.get(lid) or {}
+    frozen = pool._inflight_dirty(lid) or {}
+    plan = []
+    with pool.env.begin(db=pool._db[DB_MAP]) as txn:
+        cur = txn.cursor()
+        for block in fm.unknown(vid, lo, hi - lo):
+            if block in dirty:
+                continue  # C forgot it: more than three slots make it
+            f = frozen.get(block)
+            if f is not None:  # as _read tells C
+                if f.slot == ZERO_SLOT or f.have == FULL_MASK:
+                    plan.append((block, f.slot))
+                else:
+                    chain = pool._under(cur, lid, block, live=False)
+                    b = layers.below(chain)
+                    if b is not None:
+                        plan.append((block, f.slot, f.have, b[0], False, b[1], b[2], unverified(pool, chain[:2])))
+                continue
+            chain = layers.layers(pool, cur, lid, gen, block)
+            if not chain and not first <= block <= last:
+                continue  # zeros: only the request's (a sparse disk's window would fill C's table)
+            view = committed_view(pool, cur, lid, gen, block, chain)
+            if view is not None:
+                plan.append((block, *view))
+    if not plan:
+        return False
+    added = False
+    with pool._fast():
+        for p in plan:
+            added |= fm.add(vid, *p)
+    return added
+
+
+def write_in_c(pool, vid: int, offset: int, data) -> bool:
+    """Try a write in C again (after teach): True when C served it."""
+    try:
+        return pool._fm.write(vid, offset, data)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace("the pool's filesystem is full (%s)" % pool.path) from exc
+        err = EngineError("a write of %d bytes at %d to volume %d failed: %s" % (len(data), offset, vid, exc))
+        err.errno = exc.errno
+        raise err from exc
 
 
 def changed(pool, vid: int, lid: int, d: Dirty, block: int, pages: int) -> None:

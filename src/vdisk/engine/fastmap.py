@@ -60,21 +60,32 @@ class FastMap:
         lib.vd_fm_drop_volume(self._fm, vid)
 
     def set(self, vid: int, block: int, slot: int, writable: int, have: int = FULL, base: int = 0,
-            bhave: int = FULL, base2: int = 0) -> None:
+            bhave: int = FULL, base2: int = 0, unverified: bool = False) -> None:
         """The overlay maps the block to slot now (0: zeros).  writable: a
         fresh slot, written in place; READ_ONLY, WRITABLE (the engine knows
         the block changed since its volume's log flush) or WRITABLE_REPORT
         (C reports the next write in the drain).  have: the pages the slot
         holds; the others read from slot base (0: zeros) if in bhave, else
-        from slot base2 (layers.below)."""
-        lib.vd_fm_set(self._fm, vid, block, slot, writable, have, base, bhave, base2)
+        from slot base2 (layers.below).  unverified: a committed slot of
+        the view has not been verified since the pool was opened; C reads
+        nothing from it."""
+        lib.vd_fm_set(self._fm, vid, block, slot, writable, have, base, bhave, base2, int(unverified))
 
     def add(self, vid: int, block: int, slot: int, have: int = FULL, base: int = 0, shared: bool = False,
-            bhave: int = FULL, base2: int = 0) -> None:
+            bhave: int = FULL, base2: int = 0, unverified: bool = False) -> bool:
         """A mapping looked up in the committed map, kept unless a newer one
-        is known.  shared: the head reads the block as its last snapshot
-        point does (a copy-on-write may write only the pages written)."""
-        lib.vd_fm_add(self._fm, vid, block, slot, have, base, int(shared), bhave, base2)
+        is known (the same mapping added again verified clears
+        `unverified`).  shared: the head reads the block as its last
+        snapshot point does (a copy-on-write may write only the pages
+        written).  True when the entry was added."""
+        return lib.vd_fm_add(self._fm, vid, block, slot, have, base, int(shared), bhave, base2, int(unverified)) > 0
+
+    def unknown(self, vid: int, first: int, n: int) -> list[int]:
+        """The blocks of [first, first + n) the table does not know (the
+        engine's thread, without the lock)."""
+        words = ffi.new("uint64_t[]", (n + 63) // 64)
+        lib.vd_fm_unknown(self._fm, vid, first, n, words)
+        return [first + i for i in range(n) if words[i // 64] >> (i % 64) & 1]
 
     def share(self, vid: int) -> None:
         """A snapshot of the volume was taken: the blocks known, but for

@@ -418,15 +418,6 @@ class Pool:
                 if txn is None and (d is None or d.have != FULL_MASK):
                     txn = self.env.begin(db=self._db[DB_MAP])
                     cur = txn.cursor()
-                if fm is not None and d is not None:
-                    if live:
-                        fastbridge.tell(self, vid, lid, block, d, cur if d.have != FULL_MASK else None)
-                    elif d.have == FULL_MASK:
-                        fm.add(vid, block, d.slot)
-                    else:
-                        b = layers.below(self._under(cur, lid, block, live=False))
-                        if b is not None:
-                            fm.add(vid, block, d.slot, d.have, b[0], False, b[1], b[2])
                 if d is not None:
                     if d.slot == ZERO_SLOT:
                         pass
@@ -434,6 +425,18 @@ class Pool:
                         out[pos : pos + n] = self.file.pread(n, slot_offset(d.slot) + intra)
                     else:
                         out[pos : pos + n] = memoryview(self._dirty_block(cur, lid, block, d, live))[intra : intra + n]
+                    if fm is None:
+                        pass
+                    elif live:  # after the read, which verified what is below
+                        fastbridge.tell(self, vid, lid, block, d, cur if d.have != FULL_MASK else None)
+                    elif d.have == FULL_MASK:
+                        fm.add(vid, block, d.slot)
+                    else:
+                        under = self._under(cur, lid, block, live=False)
+                        b = layers.below(under)
+                        if b is not None:
+                            fm.add(vid, block, d.slot, d.have, b[0], False, b[1], b[2],
+                                   fastbridge.unverified(self, under[:2]))
                 else:
                     chain = layers.layers(self, cur, lid, gen, block)
                     slot = layers.single(chain)
@@ -462,6 +465,11 @@ class Pool:
         """
         if self._failed:
             raise PoolFailed(self._failed)
+        # a write C handed back for blocks it did not know: teach it them,
+        # and let it serve the write after all
+        if self._fm is not None and fastbridge.teach(self, vid, offset, len(data)):
+            if fastbridge.write_in_c(self, vid, offset, data):
+                return
         with self._fast():
             vol = self._vols.get(vid)
             if vol is None:
