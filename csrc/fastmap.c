@@ -403,6 +403,21 @@ void vd_fm_share(struct vd_fastmap *fm, uint64_t vid)
         v->share_epoch = fm->epoch;
 }
 
+/* The volume's last snapshot point changed other than by a new snapshot
+ * (it was deleted): no known block counts as shared any more (a
+ * copy-on-write then copies the entry's own pages, which is right whatever
+ * the older points see). */
+void vd_fm_unshare(struct vd_fastmap *fm, uint64_t vid)
+{
+    struct vol *v = find_vol(fm, vid);
+    if (v == NULL)
+        return;
+    v->share_epoch = 0;
+    for (size_t i = 0; i < fm->cap; i++)
+        if (fm->tab[i].used && fm->tab[i].vid == vid)
+            fm->tab[i].shared = 0;
+}
+
 static inline int is_shared(const struct ent *e, const struct vol *v)
 {
     return e->shared || e->sepoch < v->share_epoch;

@@ -41,6 +41,8 @@ int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot
 void vd_fm_unknown(struct vd_fastmap *fm, uint64_t vid, uint64_t first, uint32_t n, uint64_t *out);
 void vd_fm_forget(struct vd_fastmap *fm, uint64_t vid, uint64_t block);
 void vd_fm_share(struct vd_fastmap *fm, uint64_t vid);
+/* the volume's last snapshot point was deleted: nothing known is shared */
+void vd_fm_unshare(struct vd_fastmap *fm, uint64_t vid);
 /* the volume is new: every block it has is in the table (C clears this when
  * the table forgets one of its blocks) */
 void vd_fm_set_complete(struct vd_fastmap *fm, uint64_t vid);

@@ -575,3 +575,38 @@ def test_a_write_c_hands_back_changes_nothing_in_c(tmp_path):
         pool.detach_fast()
         fm.close()
         pool.close()
+
+
+def test_c_stops_sharing_when_the_last_snapshot_is_deleted(tmp_path):
+    """Not a model (found by it): once the volume's last snapshot is
+    deleted, the head owns its blocks again.  C must not go on writing
+    only the pages written over an entry of the head's own pages, as for
+    a block a snapshot shares: the commit makes such a slot a backed entry
+    over the block below, and the entry's own pages would be lost."""
+    pool = Pool(str(tmp_path))
+    fm = FastMap(pool.file.fd, reservoir=8)
+    try:
+        pool.attach_fast(fm)
+        vid = pool.create_volume(2 * BLOCK_SIZE)
+        want = bytearray(b"a" * BLOCK_SIZE)
+        pool.write(vid, 0, want)
+        pool.commit()
+        assert pool.read(vid, 0, BLOCK_SIZE) == want  # C knows the block
+        assert fm.write(vid, 4096, b"b" * 4096)  # page 1 over the head's own block
+        want[4096:8192] = b"b" * 4096
+        pool.commit()  # a backed entry: page 1, over the whole block
+        (sid,) = pool.snapshot([vid])
+        assert pool.read(vid, 0, BLOCK_SIZE) == want
+        pool.delete_snapshot(sid)
+        pool.refill_fast()
+        assert fm.write(vid, 0, b"c" * 4096)  # page 0: the head's own entry again
+        want[0:4096] = b"c" * 4096
+        assert pool.read(vid, 0, BLOCK_SIZE) == want
+        pool.commit()
+        assert pool.read(vid, 0, BLOCK_SIZE) == want
+        assert fm.read(vid, 0, BLOCK_SIZE) in (None, want)
+        assert pool.scrub() == []
+    finally:
+        pool.detach_fast()
+        fm.close()
+        pool.close()

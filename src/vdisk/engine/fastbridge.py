@@ -80,7 +80,7 @@ def attach(pool, fm) -> None:
         raise EngineError("a fast path is already attached")
     pool._fm = fm
     with pool._fast():
-        pool._fm_vids, pool._fm_gens = {}, {}
+        pool._fm_vids, pool._fm_gens, pool._fm_points = {}, {}, {}
         sync_volumes(pool)
         fm.set_log(pool.intent.handle)
     refill(pool)
@@ -184,23 +184,27 @@ def sync_volumes(pool) -> None:
     """Tell the map every volume's head, size and whether a snapshot
     shares its blocks; a volume whose head changed starts empty, and
     clean when this engine holds no unlogged change to it (so that its
-    first fsync is served in C too)."""
+    first fsync is served in C too).  A volume whose last snapshot point
+    was deleted shares nothing C knows any more."""
     fm = pool._fm
     for vid, v in pool._vols.items():
         lid = v["lid"]
-        gen = pool._lins[lid].gen
-        fm.set_volume(vid, lid, v["size"], bool(pool._lins[lid].points))
+        lin = pool._lins[lid]
+        fm.set_volume(vid, lid, v["size"], bool(lin.points))
         if pool._fm_vids.get(vid) != lid:
             if not pool._unlogged.get(lid):  # C starts it not clean
                 set_clean(pool, vid, True)
             if _is_new(pool, lid):  # C may take unknown blocks as zeros
                 fm.set_complete(vid)
-        elif pool._fm_gens.get(vid) != gen:  # a snapshot
+        elif pool._fm_gens.get(vid) != lin.gen:  # a snapshot
             fm.share(vid)
+        elif pool._fm_points.get(vid) != lin.last_point():  # its last snapshot was deleted
+            fm.unshare(vid)
     for vid in pool._fm_vids.keys() - pool._vols.keys():
         fm.drop_volume(vid)
     pool._fm_vids = {vid: v["lid"] for vid, v in pool._vols.items()}
     pool._fm_gens = {vid: pool._lins[v["lid"]].gen for vid, v in pool._vols.items()}
+    pool._fm_points = {vid: pool._lins[v["lid"]].last_point() for vid, v in pool._vols.items()}
 
 
 def _is_new(pool, lid: int) -> bool:
@@ -265,6 +269,19 @@ def committed_view(pool, cur, lid: int, gen: int, block: int, chain) -> tuple | 
     return slot, have, b[0], shared, b[1], b[2], unverified(pool, chain[:3])
 
 
+def frozen_view(pool, cur, lid: int, block: int, f: Dirty) -> tuple | None:
+    """What C is told of a block an in-flight commit holds (f, its entry),
+    as FastMap.add's arguments after (vid, block), or None when more than
+    three slots make it.  Never shared: the head's own."""
+    if f.slot == ZERO_SLOT or f.have == FULL_MASK:
+        return (f.slot,)
+    chain = pool._under(cur, lid, block, live=False)
+    b = layers.below(chain)
+    if b is None:
+        return None
+    return f.slot, f.have, b[0], False, b[1], b[2], unverified(pool, chain[:2])
+
+
 def tell_committed(pool, vid: int, lid: int, gen: int, block: int, chain, cur) -> None:
     """Tell C the head's committed view of a block (or zeros) if at most
     three slots make it (an entry over its back slot or over what it
@@ -319,21 +336,15 @@ def teach(pool, vid: int, offset: int, length: int) -> bool:
         cur = txn.cursor()
         for block in fm.unknown(vid, lo, hi - lo):
             if block in dirty:
-                continue  # C forgot it: more than three slots make it
+                continue  # the live overlay's: the Pool tells C of those itself (tell)
             f = frozen.get(block)
-            if f is not None:  # as _read tells C
-                if f.slot == ZERO_SLOT or f.have == FULL_MASK:
-                    plan.append((block, f.slot))
-                else:
-                    chain = pool._under(cur, lid, block, live=False)
-                    b = layers.below(chain)
-                    if b is not None:
-                        plan.append((block, f.slot, f.have, b[0], False, b[1], b[2], unverified(pool, chain[:2])))
-                continue
-            chain = layers.layers(pool, cur, lid, gen, block)
-            if not chain and not first <= block <= last:
-                continue  # zeros: only the request's (a sparse disk's window would fill C's table)
-            view = committed_view(pool, cur, lid, gen, block, chain)
+            if f is not None:
+                view = frozen_view(pool, cur, lid, block, f)
+            else:
+                chain = layers.layers(pool, cur, lid, gen, block)
+                if not chain and not first <= block <= last:
+                    continue  # zeros: only the request's (a sparse disk's window would fill C's table)
+                view = committed_view(pool, cur, lid, gen, block, chain)
             if view is not None:
                 plan.append((block, *view))
     if not plan:

@@ -92,6 +92,12 @@ class FastMap:
         those written since the freeze that took it, are the snapshot's too."""
         lib.vd_fm_share(self._fm, vid)
 
+    def unshare(self, vid: int) -> None:
+        """The volume's last snapshot point was deleted: no known block
+        is shared with a point any more (a copy-on-write copies the
+        entry's own pages)."""
+        lib.vd_fm_unshare(self._fm, vid)
+
     def set_complete(self, vid: int) -> None:
         """The volume is new: a block the table does not know reads as
         zeros (until the table forgets one of its blocks)."""

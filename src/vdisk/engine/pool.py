@@ -429,14 +429,10 @@ class Pool:
                         pass
                     elif live:  # after the read, which verified what is below
                         fastbridge.tell(self, vid, lid, block, d, cur if d.have != FULL_MASK else None)
-                    elif d.have == FULL_MASK:
-                        fm.add(vid, block, d.slot)
                     else:
-                        under = self._under(cur, lid, block, live=False)
-                        b = layers.below(under)
-                        if b is not None:
-                            fm.add(vid, block, d.slot, d.have, b[0], False, b[1], b[2],
-                                   fastbridge.unverified(self, under[:2]))
+                        view = fastbridge.frozen_view(self, cur, lid, block, d)
+                        if view is not None:
+                            fm.add(vid, block, *view)
                 else:
                     chain = layers.layers(self, cur, lid, gen, block)
                     slot = layers.single(chain)
