@@ -120,6 +120,20 @@ struct vol {
     uint64_t chg[CHG_MAX]; /* blocks reported in this log epoch (may repeat) */
 };
 
+/* A committed slot's checksum, which C verifies the slot against before it
+ * reads from it for an unverified entry (vd_fm_expect): the CRC-32C of the
+ * pages of mask, as the commit computed it (vd_checksum_slots).  A table of
+ * fixed size that starts over when it is three quarters full: a slot it
+ * does not know is left to the engine. */
+#define EXP_CAP (1u << 18) /* 262144 slots, 4 MiB */
+enum { EXP_EMPTY, EXP_EXPECTED, EXP_VERIFIED, EXP_BAD };
+struct expect {
+    uint64_t slot;
+    uint32_t crc;
+    uint16_t mask;
+    uint8_t state;
+};
+
 struct vd_fastmap {
     pthread_rwlock_t lock;
     pthread_mutex_t io; /* one fast request at a time */
@@ -136,8 +150,10 @@ struct vd_fastmap {
     uint64_t *log;
     size_t nlog, caplog; /* in records of LOG_REC words */
     volatile int failed;
-    uint64_t st_reads, st_writes, st_again, st_cow;
+    uint64_t st_reads, st_writes, st_again, st_cow, st_verified;
     unsigned char *scratch;
+    struct expect *exp; /* checksums C may verify slots against (vd_fm_expect) */
+    size_t nexp;
     struct vd_log *lg; /* the intent log (intentlog.c), or NULL: every fsync goes to the engine */
 };
 
@@ -167,7 +183,8 @@ struct vd_fastmap *vd_fm_new(int data_fd, int event_fd, uint32_t low_water)
     fm->cap = 1024;
     fm->tab = calloc(fm->cap, sizeof(struct ent));
     fm->scratch = aligned_alloc(4096, BS);
-    if (fm->tab == NULL || fm->scratch == NULL) {
+    fm->exp = calloc(EXP_CAP, sizeof(struct expect));
+    if (fm->tab == NULL || fm->scratch == NULL || fm->exp == NULL) {
         vd_fm_free(fm);
         return NULL;
     }
@@ -183,6 +200,7 @@ void vd_fm_free(struct vd_fastmap *fm)
     free(fm->res);
     free(fm->log);
     free(fm->scratch);
+    free(fm->exp);
     pthread_rwlock_destroy(&fm->lock);
     pthread_mutex_destroy(&fm->io);
     free(fm);
@@ -393,6 +411,31 @@ void vd_fm_unknown(struct vd_fastmap *fm, uint64_t vid, uint64_t first, uint32_t
     pthread_mutex_unlock(&fm->io);
 }
 
+static struct expect *exp_slot(struct vd_fastmap *fm, uint64_t slot)
+{
+    size_t i = (size_t)(mix(slot, 0) & (EXP_CAP - 1));
+    while (fm->exp[i].state != EXP_EMPTY && fm->exp[i].slot != slot)
+        i = (i + 1) & (EXP_CAP - 1);
+    return &fm->exp[i];
+}
+
+/* The checksum of a committed slot an unverified entry reads from: the
+ * CRC-32C of the pages of mask.  A slot C verified against the same sum
+ * stays verified. */
+void vd_fm_expect(struct vd_fastmap *fm, uint64_t slot, uint32_t crc, uint16_t mask)
+{
+    if (fm->nexp >= EXP_CAP / 4 * 3) {
+        memset(fm->exp, 0, EXP_CAP * sizeof(struct expect));
+        fm->nexp = 0;
+    }
+    struct expect *x = exp_slot(fm, slot);
+    if (x->state == EXP_EMPTY)
+        fm->nexp++;
+    else if (x->crc == crc && x->mask == mask)
+        return;
+    *x = (struct expect){.slot = slot, .crc = crc, .mask = mask, .state = EXP_EXPECTED};
+}
+
 /* A snapshot of the volume was taken: every block it read so far (all but
  * the fresh ones, written since the freeze that took the snapshot, whose
  * entries were set in this epoch) is now the snapshot point's too. */
@@ -565,8 +608,10 @@ size_t vd_fm_reservoir_take(struct vd_fastmap *fm, uint64_t *out, size_t max)
 
 void vd_fm_set_failed(struct vd_fastmap *fm, int failed) { fm->failed = failed; }
 
-void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out4)
+void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out5)
 {
+    uint64_t *out4 = out5;
+    out5[4] = __atomic_load_n(&fm->st_verified, __ATOMIC_RELAXED);
     out4[0] = __atomic_load_n(&fm->st_reads, __ATOMIC_RELAXED);
     out4[1] = __atomic_load_n(&fm->st_writes, __ATOMIC_RELAXED);
     out4[2] = __atomic_load_n(&fm->st_again, __ATOMIC_RELAXED);
@@ -593,6 +638,47 @@ static inline uint16_t covered(uint64_t intra, uint64_t n)
     return end > first ? (uint16_t)(((1u << end) - 1) & ~((1u << first) - 1)) : 0;
 }
 
+
+/* Whether slot holds what its checksum says, verified here once (a slot
+ * whose sum C was not given counts as not verified).  With the inner mutex
+ * held; reads the slot's pages into buf. */
+static int slot_verified(struct vd_fastmap *fm, uint64_t slot, unsigned char *buf)
+{
+    struct expect *x = exp_slot(fm, slot);
+    if (x->state == EXP_VERIFIED)
+        return 1;
+    if (x->state != EXP_EXPECTED)
+        return 0;
+    uint64_t off = slot_off(slot);
+    uint32_t crc;
+    unsigned char zero;
+    if (vd_checksum_slots(fm->data_fd, &off, &x->mask, 1, BS, buf, &crc, &zero) < 0)
+        return 0; /* the engine reads it, and reports the error */
+    x->state = crc == x->crc ? EXP_VERIFIED : EXP_BAD;
+    __atomic_add_fetch(&fm->st_verified, 1, __ATOMIC_RELAXED);
+    return x->state == EXP_VERIFIED;
+}
+
+/* Make an unverified entry verified by checking the committed slots of its
+ * view against their checksums: 1 when every one matched (the entry is
+ * then verified), 0 when C must leave the request to the engine (a slot
+ * whose sum it does not know, or one that does not match: the engine
+ * reports that).  With the inner mutex held; uses the scratch buffer. */
+static int verify_entry(struct vd_fastmap *fm, struct ent *e)
+{
+    if (!e->unverified)
+        return 1;
+    if (e->slot && e->epoch != fm->epoch && !slot_verified(fm, e->slot, fm->scratch))
+        return 0; /* a fresh slot was written here: only what is below it counts */
+    if (e->have != FULL) {
+        if (e->b.base && !slot_verified(fm, e->b.base, fm->scratch))
+            return 0;
+        if (e->b.bhave != FULL && e->b.base2 && !slot_verified(fm, e->b.base2, fm->scratch))
+            return 0;
+    }
+    e->unverified = 0;
+    return 1;
+}
 
 static void begin_io(struct vd_fastmap *fm)
 {
@@ -682,9 +768,9 @@ long vd_fm_read(void *arg, uint64_t vid, uint64_t off, uint32_t len, void *buf)
             return end_io(fm, -EAGAIN);
         if (e != NULL && e->unverified) {
             /* only the pages a fresh slot holds were written here; the
-             * engine verifies the rest when it reads them */
+             * rest is read once the slots it comes from are verified */
             uint64_t lo = (i == 0) ? off % BS : 0, hi = (i + 1 == nb) ? (off + len - 1) % BS + 1 : BS;
-            if (e->epoch != fm->epoch || (pages(lo, hi - lo) & (uint16_t)~e->have))
+            if ((e->epoch != fm->epoch || (pages(lo, hi - lo) & (uint16_t)~e->have)) && !verify_entry(fm, e))
                 return end_io(fm, -EAGAIN);
         }
         slots[i] = e ? e->slot : 0;
@@ -847,7 +933,7 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
         uint16_t pgs = pages(intra, n);
         struct ent *e = ents[i] = lookup(fm, vid, first + i);
         merge[i] = missing[i] = 0;
-        unv[i] = e != NULL && e->unverified;
+        unv[i] = 0;
         if (e != NULL && e->epoch == fm->epoch) {
             act[i] = INPLACE;
             base[i] = e->slot;
@@ -859,7 +945,7 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
             merge[i] = missing[i] & (uint16_t)~covered(intra, n);
             nb_[i] = e->b;
             merging |= missing[i] != 0;
-            if (merge[i] && e->unverified)
+            if (merge[i] && !verify_entry(fm, e))
                 return end_io(fm, -EAGAIN);
         } else if (e != NULL) {
             base[i] = e->slot;
@@ -896,8 +982,9 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
             /* the pages written in part get the rest from below; a whole
              * copy takes every page not written from there */
             edges[i] = (nhave[i] == FULL ? (uint16_t)~own[i] : (uint16_t)(pgs & ~own[i])) & (uint16_t)~covered(intra, n);
-            if (e->unverified && ((own[i] && e->slot) || edges[i]))
-                return end_io(fm, -EAGAIN); /* the engine verifies what it copies */
+            if (((own[i] && e->slot) || edges[i]) && !verify_entry(fm, e))
+                return end_io(fm, -EAGAIN); /* nothing unverified is copied */
+            unv[i] = e->unverified; /* the new slot reads the rest from the same slots */
         } else if (full && (!v->has_points || v->complete)) {
             act[i] = NEW;
             need++;
@@ -989,7 +1076,6 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
             data = fm->scratch;
             hb = nb_[i];
             bits = pages(intra, n);
-            /* the new slot reads the rest from the same unverified slots */
             unverified = unv[i];
             __atomic_add_fetch(&fm->st_cow, 1, __ATOMIC_RELAXED);
         }

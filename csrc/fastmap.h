@@ -28,10 +28,12 @@ void vd_fm_drop_volume(struct vd_fastmap *fm, uint64_t vid);
 /* have: the pages slot holds (0xFFFF: all), the others read from slot base
  * (0: zeros); shared: the head reads the block as its last snapshot point
  * does (a copy-on-write writes only the pages written) */
-/* unverified: a slot of the view has not been verified against its
- * checksum yet: nothing is read from it in C (reads and copy-on-writes that
- * need its bytes return -EAGAIN) until the engine adds the mapping again
- * verified (vd_fm_add, which returns 1 when it added the entry) */
+/* unverified: a committed slot of the view has not been verified against
+ * its checksum yet: before C reads from it (a read, a copy-on-write that
+ * needs its bytes) it verifies it against the sum vd_fm_expect gave, or
+ * returns -EAGAIN when it has none or the sum does not match; the engine
+ * adding the mapping again verified clears the flag (vd_fm_add returns 1
+ * when it added the entry) */
 int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, int writable, uint16_t have,
               uint64_t base, uint16_t bhave, uint64_t base2, int unverified);
 int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint16_t have, uint64_t base,
@@ -71,7 +73,12 @@ void vd_fm_log_clean(struct vd_fastmap *fm, uint64_t vid, int clean);
  * changes drained before it are in the log */
 enum { VD_FM_DRAIN_WORDS = 4 };
 #define VD_FM_FLUSHED 0xFFFFFFFFFFFFFFFF
-void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out4);
+/* reads, writes, handed back, copy-on-writes, slots C verified */
+void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out5);
+/* the checksum of a committed slot an unverified entry reads from (the
+ * CRC-32C of the pages of mask, as vd_checksum_slots computes it): C
+ * verifies the slot against it, once, before it reads from it */
+void vd_fm_expect(struct vd_fastmap *fm, uint64_t slot, uint32_t crc, uint16_t mask);
 
 /* The request side: called by the I/O threads (the FUSE fast path) without
  * the GIL.  Return the byte count, -EAGAIN when the engine in Python must

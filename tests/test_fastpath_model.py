@@ -499,9 +499,13 @@ def test_a_write_c_hands_back_teaches_it_the_blocks_around(tmp_path):
         for b in range(1, 8):  # taught with the first: C serves them at once
             assert fm.write(vid, b * BLOCK_SIZE + 8192, b"b" * 4096), b
             want[b * BLOCK_SIZE + 8192 : b * BLOCK_SIZE + 12288] = b"b" * 4096
-        assert fm.read(vid, 4 * BLOCK_SIZE, 4096) is None  # not verified: the Pool reads it
+        assert fm.read(vid, 4 * BLOCK_SIZE, BLOCK_SIZE) == want[4 * BLOCK_SIZE : 5 * BLOCK_SIZE]
+        assert fm.stats()["verified"] == 1  # C checked the slot it read from first
+        assert fm.write(vid, 5 * BLOCK_SIZE + 100, b"c" * 100)  # a page in part: the rest from a slot C verifies
+        want[5 * BLOCK_SIZE + 100 : 5 * BLOCK_SIZE + 200] = b"c" * 100
+        assert fm.stats()["verified"] == 2
         assert pool.read(vid, 0, 8 * BLOCK_SIZE) == want
-        assert fm.read(vid, 0, 8 * BLOCK_SIZE) == want  # verified by that read: C serves it
+        assert fm.read(vid, 0, 8 * BLOCK_SIZE) == want
         pool.commit()
         assert pool.read(vid, 0, 8 * BLOCK_SIZE) == want
         assert pool.scrub() == []
@@ -511,11 +515,13 @@ def test_a_write_c_hands_back_teaches_it_the_blocks_around(tmp_path):
         pool.close()
 
 
-def test_c_never_reads_a_slot_the_engine_has_not_verified(tmp_path):
+def test_c_never_reads_a_slot_that_fails_its_checksum(tmp_path):
     """Not a model: C may be taught a block whose slot was never verified
-    since the pool was opened.  It writes whole pages over it, but reads
-    nothing from it, neither for a read nor to fill a page written in
-    part: those go to the Pool, which finds the damage."""
+    since the pool was opened.  It writes whole pages over it without
+    reading it; before it reads from it, for a read or to fill a page
+    written in part, it checks the slot against its checksum, and when
+    that fails it hands the request to the Pool, which reports the
+    damage."""
     pool, fm, vid, want = _cold_pool(tmp_path, 2)
     try:
         lid = pool._vols[vid]["lid"]
@@ -528,6 +534,7 @@ def test_c_never_reads_a_slot_the_engine_has_not_verified(tmp_path):
         assert fm.stats()["writes"] == 1
         assert fm.read(vid, 0, 4096) == b"a" * 4096  # its own page, from its new slot
         assert fm.read(vid, 16384, 8192) is None  # pages of the damaged slot: not from C
+        assert fm.stats()["verified"] == 1  # it checked, and found the damage
         assert not fm.write(vid, 4096 + 100, b"c" * 100)  # a page written in part needs the slot's bytes
         with pytest.raises(ChecksumError):
             pool.read(vid, 16384, 8192)

@@ -357,6 +357,7 @@ class Daemon:
             "Fsyncs": f["fsyncs"],
             "PassedToPython": f["passed_on"],
             "CopyOnWrite": e["copy_on_write"],
+            "VerifiedInC": e["verified"],
         }
 
     def _log_status(self) -> dict:

@@ -225,11 +225,12 @@ def _writable(pool, lid: int, block: int, d: Dirty) -> int:
     return WRITABLE if block in pool._unlogged.get(lid, ()) else WRITABLE_REPORT
 
 
-def unverified(pool, chain) -> bool:
-    """Whether a committed slot among these layers has not been verified
-    against its checksum since the pool was opened (the overlay's slots,
-    crc None, were written by this engine)."""
-    return any(crc is not None and slot != ZERO_SLOT and slot not in pool._verified for slot, _m, crc in chain)
+def unverified(pool, chain) -> tuple:
+    """The committed slots among these layers not verified against their
+    checksums since the pool was opened (the overlay's slots, crc None,
+    were written by this engine), as (slot, mask, crc): C verifies them
+    itself before it reads from them (FastMap.set, FastMap.add)."""
+    return tuple(l for l in chain if l[2] is not None and l[0] != ZERO_SLOT and l[0] not in pool._verified)
 
 
 def tell(pool, vid: int, lid: int, block: int, d: Dirty, cur=None) -> None:

@@ -60,25 +60,34 @@ class FastMap:
         lib.vd_fm_drop_volume(self._fm, vid)
 
     def set(self, vid: int, block: int, slot: int, writable: int, have: int = FULL, base: int = 0,
-            bhave: int = FULL, base2: int = 0, unverified: bool = False) -> None:
+            bhave: int = FULL, base2: int = 0, unverified=()) -> None:
         """The overlay maps the block to slot now (0: zeros).  writable: a
         fresh slot, written in place; READ_ONLY, WRITABLE (the engine knows
         the block changed since its volume's log flush) or WRITABLE_REPORT
         (C reports the next write in the drain).  have: the pages the slot
         holds; the others read from slot base (0: zeros) if in bhave, else
-        from slot base2 (layers.below).  unverified: a committed slot of
-        the view has not been verified since the pool was opened; C reads
-        nothing from it."""
-        lib.vd_fm_set(self._fm, vid, block, slot, writable, have, base, bhave, base2, int(unverified))
+        from slot base2 (layers.below).  unverified: the committed slots
+        of the view not verified since the pool was opened, as (slot,
+        mask, crc) layers: C verifies each against its checksum before it
+        reads from it."""
+        lib.vd_fm_set(self._fm, vid, block, slot, writable, have, base, bhave, base2, self._expect(unverified))
 
     def add(self, vid: int, block: int, slot: int, have: int = FULL, base: int = 0, shared: bool = False,
-            bhave: int = FULL, base2: int = 0, unverified: bool = False) -> bool:
+            bhave: int = FULL, base2: int = 0, unverified=()) -> bool:
         """A mapping looked up in the committed map, kept unless a newer one
-        is known (the same mapping added again verified clears
-        `unverified`).  shared: the head reads the block as its last
+        is known (the same mapping added again with no unverified layers
+        clears C's flag; see set for `unverified`).  shared: the head reads the block as its last
         snapshot point does (a copy-on-write may write only the pages
         written).  True when the entry was added."""
-        return lib.vd_fm_add(self._fm, vid, block, slot, have, base, int(shared), bhave, base2, int(unverified)) > 0
+        return lib.vd_fm_add(self._fm, vid, block, slot, have, base, int(shared), bhave, base2,
+                             self._expect(unverified)) > 0
+
+    def _expect(self, layers) -> int:
+        """Give C the checksums of the unverified layers ((slot, mask,
+        crc) each) so that it verifies them itself: 1 if there are any."""
+        for slot, mask, crc in layers:
+            lib.vd_fm_expect(self._fm, slot, crc, mask)
+        return int(bool(layers))
 
     def unknown(self, vid: int, first: int, n: int) -> list[int]:
         """The blocks of [first, first + n) the table does not know (the
@@ -186,9 +195,10 @@ class FastMap:
         lib.vd_fm_set_failed(self._fm, int(failed))
 
     def stats(self) -> dict:
-        out = ffi.new("uint64_t[4]")
+        out = ffi.new("uint64_t[5]")
         lib.vd_fm_stats(self._fm, out)
-        return {"reads": out[0], "writes": out[1], "handed_back": out[2], "copy_on_write": out[3]}
+        return {"reads": out[0], "writes": out[1], "handed_back": out[2], "copy_on_write": out[3],
+                "verified": out[4]}
 
     # ------------------------------------------------------------ I/O side
 

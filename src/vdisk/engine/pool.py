@@ -406,7 +406,7 @@ class Pool:
         fm = self._fm if vid is not None else None
         out = bytearray(length)
         pos = 0
-        txn = None
+        txn = cur = None
         try:
             while pos < length:
                 block, intra = divmod(offset + pos, BLOCK_SIZE)
