@@ -515,6 +515,25 @@ def test_a_write_c_hands_back_teaches_it_the_blocks_around(tmp_path):
         pool.close()
 
 
+def test_a_read_c_hands_back_teaches_it_too(tmp_path):
+    """Not a model: the same for reads: the first read C cannot serve
+    teaches it the window, C serves it (verifying the slot it reads), and
+    the next reads there never reach the Pool."""
+    pool, fm, vid, want = _cold_pool(tmp_path, 8)
+    try:
+        assert fm.read(vid, 3 * BLOCK_SIZE, 4096) is None  # C knows nothing yet
+        assert pool.read(vid, 3 * BLOCK_SIZE, 4096) == want[3 * BLOCK_SIZE : 3 * BLOCK_SIZE + 4096]
+        st_ = fm.stats()
+        assert st_["reads"] == 1 and st_["verified"] == 1, st_  # served in C after all
+        assert fm.read(vid, 0, 8 * BLOCK_SIZE) == want  # every block of the window
+        assert fm.read(vid, 8 * BLOCK_SIZE, 4096) is None  # zeros past what was written: not taught ahead
+        assert fm.stats()["verified"] == 8
+    finally:
+        pool.detach_fast()
+        fm.close()
+        pool.close()
+
+
 def test_c_never_reads_a_slot_that_fails_its_checksum(tmp_path):
     """Not a model: C may be taught a block whose slot was never verified
     since the pool was opened.  It writes whole pages over it without

@@ -303,7 +303,7 @@ MAX_SPAN = 32  # the blocks C serves in one request (csrc/fastmap.c)
 
 
 def teach(pool, vid: int, offset: int, length: int) -> bool:
-    """C handed a request back: tell it the blocks it did not know, the
+    """C handed a read or write back: tell it the blocks it did not know, the
     request's and those of the window around them (TEACH_WINDOW) that the
     committed map or an in-flight commit holds, as the head sees them now.
     True when C learnt something (the request is worth trying in C
@@ -362,11 +362,24 @@ def write_in_c(pool, vid: int, offset: int, data) -> bool:
     try:
         return pool._fm.write(vid, offset, data)
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise NoSpace("the pool's filesystem is full (%s)" % pool.path) from exc
-        err = EngineError("a write of %d bytes at %d to volume %d failed: %s" % (len(data), offset, vid, exc))
-        err.errno = exc.errno
-        raise err from exc
+        raise _failed_in_c(pool, "a write of %d bytes at %d to volume %d" % (len(data), offset, vid), exc) from exc
+
+
+def read_in_c(pool, vid: int, offset: int, length: int):
+    """Try a read in C again (after teach): the bytes, or None."""
+    try:
+        return pool._fm.read(vid, offset, length)
+    except OSError as exc:
+        raise _failed_in_c(pool, "a read of %d bytes at %d from volume %d" % (length, offset, vid), exc) from exc
+
+
+def _failed_in_c(pool, what: str, exc: OSError) -> EngineError:
+    """The engine's error for an I/O error C met serving a request."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace("the pool's filesystem is full (%s)" % pool.path)
+    err = EngineError("%s failed: %s" % (what, exc))
+    err.errno = exc.errno
+    return err
 
 
 def changed(pool, vid: int, lid: int, d: Dirty, block: int, pages: int) -> None:

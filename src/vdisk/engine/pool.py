@@ -383,6 +383,12 @@ class Pool:
 
     def read(self, vid: int, offset: int, length: int) -> bytearray:
         """Read from a volume's head.  Reads beyond the end are short (EOF)."""
+        # a read C handed back for blocks it did not know: teach it them
+        # (and the window around them), and let it serve the read after all
+        if self._fm is not None and fastbridge.teach(self, vid, offset, length):
+            got = fastbridge.read_in_c(self, vid, offset, length)
+            if got is not None:
+                return got
         with self._fast():
             vol = self._vols.get(vid)
             if vol is None:
