@@ -1,6 +1,7 @@
 """The engine's side of the C fast path (fastmap.py, csrc/fastmap.c): what
-the Pool tells C about each block (tell, tell_committed), what it takes in
-from C (drain), and the volumes C serves (sync_volumes).
+the Pool tells C about each block (tell, tell_committed, and teach for the
+requests C hands back), what it takes in from C (drain), and the volumes C
+serves (sync_volumes).
 
 Functions of a Pool, called with the map's lock held (FastLock) unless they
 say otherwise.  C's table is a cache of the overlay and the committed map:
@@ -316,9 +317,8 @@ def teach(pool, vid: int, offset: int, length: int) -> bool:
     transaction in a worker thread writes what the in-flight epoch,
     consulted first here, already says), and C cannot write a block it
     does not know.  Blocks C learnt meanwhile keep what C has
-    (FastMap.add).  A slot not verified yet is taught as such: C writes
-    over it but reads nothing from it until a read by the engine has
-    verified it (_read tells C again)."""
+    (FastMap.add).  A slot not verified yet is taught with its checksum:
+    C verifies it before it reads from it (unverified)."""
     fm = pool._fm
     vol = pool._vols.get(vid)
     if fm is None or vol is None or pool._failed or length <= 0 or offset + length > vol["size"]:
