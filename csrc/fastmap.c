@@ -64,7 +64,7 @@
 #include "logrecord.h"
 
 #define BS (64 * 1024)
-#define MAX_SPAN 32            /* blocks per request served here (2 MiB) */
+#define MAX_SPAN VD_FM_MAX_SPAN
 #define MAX_ENTRIES (1u << 20) /* 1 Mi entries: 48 MiB of table at most */
 #define LOG_REC VD_FM_DRAIN_WORDS /* the drain's records (fastmap.h) */
 
@@ -253,6 +253,18 @@ static int rebuild(struct vd_fastmap *fm, size_t cap, int skip, uint64_t vid)
     return 0;
 }
 
+/* What an entry keeps of below: nothing for a whole slot, no base2 when
+ * base holds every page the slot lacks (one form per view, so that views
+ * compare equal). */
+static inline struct below view_below(uint16_t have, struct below b)
+{
+    if (have == FULL)
+        return ZEROS;
+    if (b.bhave == FULL)
+        b.base2 = 0;
+    return b;
+}
+
 /* Insert or update; 0 on success, -ENOSPC when the table is at its limit.
  * bits: pages just written (the mask starts over in a new log epoch). */
 static int put(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint32_t epoch,
@@ -260,10 +272,7 @@ static int put(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slo
 {
     if (have == FULL && epoch == fm->epoch)
         unverified = 0; /* a fresh whole slot: written here, nothing below it */
-    if (have == FULL)
-        b = ZEROS;
-    else if (b.bhave == FULL)
-        b.base2 = 0;
+    b = view_below(have, b);
     struct ent *e = lookup(fm, vid, block);
     if (e != NULL) {
         if (e->lepoch != lepoch)
@@ -386,14 +395,15 @@ int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot
               int shared, uint16_t bhave, uint64_t base2, int unverified)
 {
     struct ent *e = lookup(fm, vid, block);
+    uint16_t h = slot ? have : FULL;
+    struct below b = view_below(h, (struct below){base, base2, bhave});
     if (e != NULL) {
-        if (e->unverified && !unverified && e->epoch != fm->epoch && e->slot == slot &&
-            e->have == (slot ? have : FULL) && (e->have == FULL || (e->b.base == base && e->b.bhave == bhave && (bhave == FULL || e->b.base2 == base2))))
-            e->unverified = 0;
+        if (!unverified && e->epoch != fm->epoch && e->slot == slot && e->have == h && e->b.base == b.base &&
+            e->b.bhave == b.bhave && e->b.base2 == b.base2)
+            e->unverified = 0; /* the same read-only mapping, verified by the engine */
         return 0;
     }
-    struct below b = {base, base2, bhave};
-    int rc = put(fm, vid, block, slot, 0, 0, 0, slot ? have : FULL, b, shared, slot && unverified);
+    int rc = put(fm, vid, block, slot, 0, 0, 0, h, b, shared, slot && unverified);
     return rc < 0 ? rc : 1;
 }
 
@@ -610,12 +620,11 @@ void vd_fm_set_failed(struct vd_fastmap *fm, int failed) { fm->failed = failed; 
 
 void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out5)
 {
-    uint64_t *out4 = out5;
+    out5[0] = __atomic_load_n(&fm->st_reads, __ATOMIC_RELAXED);
+    out5[1] = __atomic_load_n(&fm->st_writes, __ATOMIC_RELAXED);
+    out5[2] = __atomic_load_n(&fm->st_again, __ATOMIC_RELAXED);
+    out5[3] = __atomic_load_n(&fm->st_cow, __ATOMIC_RELAXED);
     out5[4] = __atomic_load_n(&fm->st_verified, __ATOMIC_RELAXED);
-    out4[0] = __atomic_load_n(&fm->st_reads, __ATOMIC_RELAXED);
-    out4[1] = __atomic_load_n(&fm->st_writes, __ATOMIC_RELAXED);
-    out4[2] = __atomic_load_n(&fm->st_again, __ATOMIC_RELAXED);
-    out4[3] = __atomic_load_n(&fm->st_cow, __ATOMIC_RELAXED);
 }
 
 /* ------------------------------------------------------------ I/O side */

@@ -14,6 +14,10 @@ struct vd_fastmap;
  * one below at the next commit (the engine's Python writes follow it). */
 enum { VD_FM_COALESCE_PAGES = 8 };
 
+/* The most blocks one request served here spans (2 MiB); a longer one goes
+ * to the engine (which reads this too). */
+enum { VD_FM_MAX_SPAN = 32 };
+
 /* Created and driven by the engine (Python) */
 struct vd_fastmap *vd_fm_new(int data_fd, int event_fd, uint32_t low_water);
 void vd_fm_free(struct vd_fastmap *fm);

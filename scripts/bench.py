@@ -73,8 +73,8 @@ class VdiskTarget:
 
     def __init__(self, env: VDiskEnv, size_gib: int):
         self.env = env
-        _iid, (self.disk,) = env.instance(ndata=1, size=size_gib + 1)
-        env.run("instance", "start", _iid)
+        self.iid, (self.disk,) = env.instance(ndata=1, size=size_gib + 1)
+        env.run("instance", "start", self.iid)
         self.dev = env.attach(self.disk)
 
     def snapshot(self) -> None:
@@ -633,9 +633,8 @@ def cold_bench(repeat: int, cwd: str) -> dict:
         env = VDiskEnv(prefix="vdisk-bench-cold-", io_limits="unlimited")
         try:
             env.start()
-            iid, (disk,) = env.instance(ndata=1, size=3)
-            env.run("instance", "start", iid)
-            dev = env.attach(disk)
+            t = VdiskTarget(env, 2)
+            iid, disk, dev = t.iid, t.disk, t.dev
             fio(dev, ["--rw=write", "--bs=1M", "--iodepth=8"], "1G", None, cwd)
 
             def measure(case, dev):
@@ -769,6 +768,19 @@ def print_report(results: dict, a) -> None:
     print("\nwritten to %s" % os.path.join(a.out, "bench.json"))
 
 
+def only(a, key: str, measure, printer, **extra) -> int:
+    """One measurement alone (--cold, --vm, --levels, --only-churn): its
+    results under `key` in bench-KEY.json, printed by printer (or as JSON)."""
+    if os.geteuid() != 0:
+        raise SystemExit("scripts/bench needs root (loop devices)")
+    results = {"machine": machine(), **extra, key: measure()}
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "bench-%s.json" % key), "w") as f:
+        json.dump(results, f, indent=2)
+    print(json.dumps(results, indent=2)) if a.json else printer(results[key])
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runtime", type=int, default=10, help="seconds per measurement (default 10)")
@@ -798,43 +810,16 @@ def main() -> int:
                     "snapshot, on a disk created from one, against warm")
     a = ap.parse_args()
     if a.cold:
-        if os.geteuid() != 0:
-            raise SystemExit("scripts/bench needs root (loop devices)")
-        results = {"machine": machine(), "repeat": a.repeat, "cold": cold_bench(a.repeat, tempfile.gettempdir())}
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "bench-cold.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        print(json.dumps(results, indent=2)) if a.json else print_cold(results["cold"])
-        return 0
+        return only(a, "cold", lambda: cold_bench(a.repeat, tempfile.gettempdir()), print_cold, repeat=a.repeat)
     if a.vm:
         from bench_vm import print_vm, vm_costs
 
-        if os.geteuid() != 0:
-            raise SystemExit("scripts/bench needs root (loop devices)")
-        results = {"machine": machine(), "repeat": a.repeat, "vm": vm_costs(a.repeat, log)}
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "bench-vm.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        print(json.dumps(results, indent=2)) if a.json else print_vm(results["vm"])
-        return 0
+        return only(a, "vm", lambda: vm_costs(a.repeat, log), print_vm, repeat=a.repeat)
     if a.levels:
-        if os.geteuid() != 0:
-            raise SystemExit("scripts/bench needs root (loop devices)")
-        results = {"machine": machine(), "levels": levels_bench(a.runtime, tempfile.gettempdir())}
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "bench-levels.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        print(json.dumps(results, indent=2)) if a.json else print_levels(results["levels"])
-        return 0
+        return only(a, "levels", lambda: levels_bench(a.runtime, tempfile.gettempdir()), print_levels)
     if a.only_churn:
-        if os.geteuid() != 0:
-            raise SystemExit("scripts/bench needs root (loop devices)")
-        results = {"machine": machine(), "churn": churn_bench(a.barrier_runtime * 3, a.churn_clients, tempfile.gettempdir())}
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "bench-churn.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        print(json.dumps(results, indent=2)) if a.json else print_churn(results["churn"])
-        return 0
+        return only(a, "churn", lambda: churn_bench(a.barrier_runtime * 3, a.churn_clients, tempfile.gettempdir()),
+                    print_churn)
     a.targets = set(a.targets.split(","))
     wanted = [w for w in a.patterns.split(",") if w]
     a.patterns = [p for p in PATTERNS if not wanted or any(w in p[0] for w in wanted)]

@@ -12,6 +12,7 @@ subset of what a real power cut may do.  C's log records are written and
 fdatasync()ed by C, so they survive too, except where a rule makes the
 fdatasync fail (crash_in_fast_fsync).
 """
+import contextlib
 import os
 
 import pytest
@@ -469,10 +470,25 @@ def test_fsync_in_c_survives_a_crash(tmp_path):
     again.close()
 
 
+@contextlib.contextmanager
+def fast_path(pool, reservoir):
+    """A FastMap attached to pool for the body; then detached, and both
+    closed (the pool too), even when the body fails."""
+    fm = FastMap(pool.file.fd, reservoir=reservoir)
+    try:
+        pool.attach_fast(fm)
+        yield fm
+    finally:
+        pool.detach_fast()
+        fm.close()
+        pool.close()
+
+
 def _cold_pool(tmp_path, nblocks, seed=1):
     """A pool whose volume's blocks were written and committed by another
-    opening (so that no slot is verified yet), with a snapshot of it, and a
-    FastMap that knows none of its blocks: as after a daemon restart."""
+    opening (so that no slot is verified yet), with a snapshot of it, for a
+    FastMap that knows none of its blocks (fast_path): as after a daemon
+    restart."""
     path = str(tmp_path / "p")
     pool = Pool(path)
     vid = pool.create_volume(4 * nblocks * BLOCK_SIZE)
@@ -481,17 +497,15 @@ def _cold_pool(tmp_path, nblocks, seed=1):
     pool.close()
     pool = Pool(path)
     pool.snapshot([vid])
-    fm = FastMap(pool.file.fd, reservoir=64)
-    pool.attach_fast(fm)
-    return pool, fm, vid, bytearray(old)
+    return pool, vid, bytearray(old)
 
 
 def test_a_write_c_hands_back_teaches_it_the_blocks_around(tmp_path):
     """Not a model: a write to a block C does not know is taught (the
     block and the blocks the map has around it), then served in C; the
     next writes nearby never reach the Pool."""
-    pool, fm, vid, want = _cold_pool(tmp_path, 8)
-    try:
+    pool, vid, want = _cold_pool(tmp_path, 8)
+    with fast_path(pool, 64) as fm:
         assert not fm.write(vid, 4096, b"a" * 4096)  # C knows nothing yet
         pool.write(vid, 4096, b"a" * 4096)  # what the FUSE layer does then
         want[4096:8192] = b"a" * 4096
@@ -509,18 +523,14 @@ def test_a_write_c_hands_back_teaches_it_the_blocks_around(tmp_path):
         pool.commit()
         assert pool.read(vid, 0, 8 * BLOCK_SIZE) == want
         assert pool.scrub() == []
-    finally:
-        pool.detach_fast()
-        fm.close()
-        pool.close()
 
 
 def test_a_read_c_hands_back_teaches_it_too(tmp_path):
     """Not a model: the same for reads: the first read C cannot serve
     teaches it the window, C serves it (verifying the slot it reads), and
     the next reads there never reach the Pool."""
-    pool, fm, vid, want = _cold_pool(tmp_path, 8)
-    try:
+    pool, vid, want = _cold_pool(tmp_path, 8)
+    with fast_path(pool, 64) as fm:
         assert fm.read(vid, 3 * BLOCK_SIZE, 4096) is None  # C knows nothing yet
         assert pool.read(vid, 3 * BLOCK_SIZE, 4096) == want[3 * BLOCK_SIZE : 3 * BLOCK_SIZE + 4096]
         st_ = fm.stats()
@@ -528,10 +538,6 @@ def test_a_read_c_hands_back_teaches_it_too(tmp_path):
         assert fm.read(vid, 0, 8 * BLOCK_SIZE) == want  # every block of the window
         assert fm.read(vid, 8 * BLOCK_SIZE, 4096) is None  # zeros past what was written: not taught ahead
         assert fm.stats()["verified"] == 8
-    finally:
-        pool.detach_fast()
-        fm.close()
-        pool.close()
 
 
 def test_c_never_reads_a_slot_that_fails_its_checksum(tmp_path):
@@ -541,8 +547,8 @@ def test_c_never_reads_a_slot_that_fails_its_checksum(tmp_path):
     written in part, it checks the slot against its checksum, and when
     that fails it hands the request to the Pool, which reports the
     damage."""
-    pool, fm, vid, want = _cold_pool(tmp_path, 2)
-    try:
+    pool, vid, want = _cold_pool(tmp_path, 2)
+    with fast_path(pool, 64) as fm:
         lid = pool._vols[vid]["lid"]
         with pool.env.begin(db=pool._db[DB_MAP]) as txn:
             ((slot, _mask, _crc),) = pool._lookup(txn.cursor(), lid, pool._lins[lid].gen, 0)
@@ -559,10 +565,6 @@ def test_c_never_reads_a_slot_that_fails_its_checksum(tmp_path):
             pool.read(vid, 16384, 8192)
         with pytest.raises(ChecksumError):
             pool.write(vid, 4096 + 100, b"c" * 100)
-    finally:
-        pool.detach_fast()
-        fm.close()
-        pool.close()
 
 
 def test_a_write_c_hands_back_changes_nothing_in_c(tmp_path):
@@ -572,9 +574,7 @@ def test_a_write_c_hands_back_changes_nothing_in_c(tmp_path):
     block's pages as held before it knew it would serve the request, or
     the Pool would skip filling that page from below."""
     pool = Pool(str(tmp_path))
-    fm = FastMap(pool.file.fd, reservoir=8)
-    try:
-        pool.attach_fast(fm)
+    with fast_path(pool, 8) as fm:
         vid = pool.create_volume(4 * BLOCK_SIZE)
         old = bytes((i * 13 + 5) % 251 for i in range(2 * BLOCK_SIZE))
         pool.write(vid, 0, old)
@@ -597,10 +597,6 @@ def test_a_write_c_hands_back_changes_nothing_in_c(tmp_path):
         pool.commit()
         assert pool.read(vid, 0, 2 * BLOCK_SIZE) == want
         assert pool.scrub() == []
-    finally:
-        pool.detach_fast()
-        fm.close()
-        pool.close()
 
 
 def test_c_stops_sharing_when_the_last_snapshot_is_deleted(tmp_path):
@@ -610,9 +606,7 @@ def test_c_stops_sharing_when_the_last_snapshot_is_deleted(tmp_path):
     a block a snapshot shares: the commit makes such a slot a backed entry
     over the block below, and the entry's own pages would be lost."""
     pool = Pool(str(tmp_path))
-    fm = FastMap(pool.file.fd, reservoir=8)
-    try:
-        pool.attach_fast(fm)
+    with fast_path(pool, 8) as fm:
         vid = pool.create_volume(2 * BLOCK_SIZE)
         want = bytearray(b"a" * BLOCK_SIZE)
         pool.write(vid, 0, want)
@@ -632,7 +626,3 @@ def test_c_stops_sharing_when_the_last_snapshot_is_deleted(tmp_path):
         assert pool.read(vid, 0, BLOCK_SIZE) == want
         assert fm.read(vid, 0, BLOCK_SIZE) in (None, want)
         assert pool.scrub() == []
-    finally:
-        pool.detach_fast()
-        fm.close()
-        pool.close()

@@ -291,7 +291,7 @@ def _unfreeze(pool, ep: Epoch) -> None:
     pool._inflight = None
     pool.intent.inflight(False)
     if pool._fm is not None:
-        for vid in pool._fm_vids:  # the merged-back blocks are ours
+        for vid in pool._fm_heads:  # the merged-back blocks are ours
             fastbridge.set_clean(pool, vid, False)
     _forget_zeroed(pool, ep)
     for slot in ep.zeroed:  # never durable: give them back

@@ -15,7 +15,7 @@ import typing
 
 from . import allocator, layers
 from .overlay import Dirty, held
-from .fastmap import FLUSHED, READ_ONLY, WRITABLE, WRITABLE_REPORT
+from .fastmap import FLUSHED, MAX_SPAN, READ_ONLY, WRITABLE, WRITABLE_REPORT
 from .errors import (
     EngineError,
     NoSpace,
@@ -81,7 +81,7 @@ def attach(pool, fm) -> None:
         raise EngineError("a fast path is already attached")
     pool._fm = fm
     with pool._fast():
-        pool._fm_vids, pool._fm_gens, pool._fm_points = {}, {}, {}
+        pool._fm_heads = {}
         sync_volumes(pool)
         fm.set_log(pool.intent.handle)
     refill(pool)
@@ -188,24 +188,25 @@ def sync_volumes(pool) -> None:
     first fsync is served in C too).  A volume whose last snapshot point
     was deleted shares nothing C knows any more."""
     fm = pool._fm
+    heads = {}  # vid -> (head lineage, its generation, its last snapshot point), as C was told last
     for vid, v in pool._vols.items():
         lid = v["lid"]
         lin = pool._lins[lid]
+        heads[vid] = (lid, lin.gen, lin.last_point())
         fm.set_volume(vid, lid, v["size"], bool(lin.points))
-        if pool._fm_vids.get(vid) != lid:
+        told = pool._fm_heads.get(vid)
+        if told is None or told[0] != lid:
             if not pool._unlogged.get(lid):  # C starts it not clean
                 set_clean(pool, vid, True)
             if _is_new(pool, lid):  # C may take unknown blocks as zeros
                 fm.set_complete(vid)
-        elif pool._fm_gens.get(vid) != lin.gen:  # a snapshot
+        elif told[1] != lin.gen:  # a snapshot
             fm.share(vid)
-        elif pool._fm_points.get(vid) != lin.last_point():  # its last snapshot was deleted
+        elif told[2] != lin.last_point():  # its last snapshot was deleted
             fm.unshare(vid)
-    for vid in pool._fm_vids.keys() - pool._vols.keys():
+    for vid in pool._fm_heads.keys() - pool._vols.keys():
         fm.drop_volume(vid)
-    pool._fm_vids = {vid: v["lid"] for vid, v in pool._vols.items()}
-    pool._fm_gens = {vid: pool._lins[v["lid"]].gen for vid, v in pool._vols.items()}
-    pool._fm_points = {vid: pool._lins[v["lid"]].last_point() for vid, v in pool._vols.items()}
+    pool._fm_heads = heads
 
 
 def _is_new(pool, lid: int) -> bool:
@@ -300,7 +301,6 @@ def tell_committed(pool, vid: int, lid: int, gen: int, block: int, chain, cur) -
 # and every block the map has in the aligned window of this many blocks
 # around it (16 MiB), so that the next requests there are served in C.
 TEACH_WINDOW = 256
-MAX_SPAN = 32  # the blocks C serves in one request (csrc/fastmap.c)
 
 
 def teach(pool, vid: int, offset: int, length: int) -> bool:

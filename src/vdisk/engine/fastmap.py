@@ -29,6 +29,7 @@ DRAIN_WORDS = lib.VD_FM_DRAIN_WORDS  # one drain record (csrc/fastmap.h)
 FLUSHED = lib.VD_FM_FLUSHED
 FULL = 0xFFFF  # every page of a block (have)
 COALESCE_PAGES = lib.VD_FM_COALESCE_PAGES  # see csrc/fastmap.h
+MAX_SPAN = lib.VD_FM_MAX_SPAN  # the most blocks one request served in C spans
 
 
 class FastMap:
@@ -76,9 +77,9 @@ class FastMap:
             bhave: int = FULL, base2: int = 0, unverified=()) -> bool:
         """A mapping looked up in the committed map, kept unless a newer one
         is known (the same mapping added again with no unverified layers
-        clears C's flag; see set for `unverified`).  shared: the head reads the block as its last
-        snapshot point does (a copy-on-write may write only the pages
-        written).  True when the entry was added."""
+        clears C's flag; see set for `unverified`).  shared: the head reads
+        the block as its last snapshot point does (a copy-on-write may
+        write only the pages written).  True when the entry was added."""
         return lib.vd_fm_add(self._fm, vid, block, slot, have, base, int(shared), bhave, base2,
                              self._expect(unverified)) > 0
 

@@ -233,7 +233,8 @@ class Pool:
         self._fm_held = None  # the map fastbridge.FastLock locked
         self._fast_lock = fastbridge.FastLock(self)  # one for all: its state is _fm_depth
         self._fm_depth = 0
-        self._fm_vids: dict[int, int] = {}  # vid -> the head lineage the map serves
+        # vid -> (head lineage, generation, last snapshot point) as the map was told (fastbridge.sync_volumes)
+        self._fm_heads: dict[int, tuple[int, int, int]] = {}
         self._reserved: set[int] = set()
         self._reserved_beyond: set[int] = set()  # those beyond the durable hwm
         self._punching: set[int] = set()  # freed, being punched: not allocated yet (finish_commit)
@@ -431,11 +432,9 @@ class Pool:
                         out[pos : pos + n] = self.file.pread(n, slot_offset(d.slot) + intra)
                     else:
                         out[pos : pos + n] = memoryview(self._dirty_block(cur, lid, block, d, live))[intra : intra + n]
-                    if fm is None:
-                        pass
-                    elif live:  # after the read, which verified what is below
+                    if fm is not None and live:  # after the read, which verified what is below
                         fastbridge.tell(self, vid, lid, block, d, cur if d.have != FULL_MASK else None)
-                    else:
+                    elif fm is not None:
                         view = fastbridge.frozen_view(self, cur, lid, block, d)
                         if view is not None:
                             fm.add(vid, block, *view)
