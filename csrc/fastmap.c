@@ -45,10 +45,14 @@
  * slot is never reused while a fast request may still touch it, and a
  * freeze (vd_fm_new_epoch) falls between two fast requests.  Several I/O
  * threads may call vd_fm_read/vd_fm_write at once: an inner mutex covers
- * the table, the reservoir, the log and the copy-on-write buffer; reads
- * and writes that only write in place let go of it before their I/O.
+ * the table, the reservoir, the log and the verification buffer, and every
+ * request lets go of it for its data I/O.  Reads and writes only in place
+ * change the table (if at all) before; the other writes (new slots, pages
+ * filled from below) after, as *flights*: until one landed, the table shows
+ * its blocks as they were, and no other write plans them (vd_fm_write).
  * vd_fm_read and vd_fm_write may block on pread/pwrite of the data file
- * (the page cache, normally).
+ * (the page cache, normally), but never while holding the inner mutex,
+ * except verification reads and the rare write beyond MAX_FLIGHTS.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -56,6 +60,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "blockops.h"
@@ -134,9 +139,27 @@ struct expect {
     uint8_t state;
 };
 
+/* A write whose data I/O runs without the inner mutex: its blocks, which no
+ * other write plans until it landed (see vd_fm_write). */
+#define MAX_FLIGHTS 32
+struct flight {
+    uint64_t vid, first;
+    size_t nb;
+    int used;
+};
+
 struct vd_fastmap {
     pthread_rwlock_t lock;
-    pthread_mutex_t io; /* one fast request at a time */
+    pthread_mutex_t io; /* one request plans (or changes the table) at a time */
+    /* requests writing their data without the inner mutex (flights), and
+     * the signal that one landed; see vd_fm_write */
+    pthread_cond_t landed;
+    /* refills: how many times the engine added slots to the reservoir (its
+     * signal: refilled), which an I/O thread that ran dry waits for */
+    pthread_cond_t refilled;
+    uint64_t refills;
+    struct flight fl[MAX_FLIGHTS];
+    size_t pending_new; /* entries the flights will add */
     int data_fd, event_fd;
     uint32_t low_water;
     int signalled;
@@ -175,6 +198,12 @@ struct vd_fastmap *vd_fm_new(int data_fd, int event_fd, uint32_t low_water)
     pthread_rwlock_init(&fm->lock, &a);
     pthread_rwlockattr_destroy(&a);
     pthread_mutex_init(&fm->io, NULL);
+    pthread_cond_init(&fm->landed, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&fm->refilled, &ca);
+    pthread_condattr_destroy(&ca);
     fm->data_fd = data_fd;
     fm->event_fd = event_fd;
     fm->low_water = low_water;
@@ -203,6 +232,8 @@ void vd_fm_free(struct vd_fastmap *fm)
     free(fm->exp);
     pthread_rwlock_destroy(&fm->lock);
     pthread_mutex_destroy(&fm->io);
+    pthread_cond_destroy(&fm->landed);
+    pthread_cond_destroy(&fm->refilled);
     free(fm);
 }
 
@@ -602,6 +633,8 @@ int vd_fm_reservoir_add(struct vd_fastmap *fm, const uint64_t *slots, size_t n)
     fm->nres += n;
     fm->signalled = 0;
 out:
+    fm->refills++; /* even with none added (a full filesystem): waiters give up */
+    pthread_cond_broadcast(&fm->refilled);
     pthread_mutex_unlock(&fm->io);
     return rc;
 }
@@ -616,7 +649,11 @@ size_t vd_fm_reservoir_take(struct vd_fastmap *fm, uint64_t *out, size_t max)
     return n;
 }
 
-void vd_fm_set_failed(struct vd_fastmap *fm, int failed) { fm->failed = failed; }
+void vd_fm_set_failed(struct vd_fastmap *fm, int failed)
+{
+    fm->failed = failed;
+    pthread_cond_broadcast(&fm->refilled); /* writers waiting for slots give up (or time out) */
+}
 
 void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out5)
 {
@@ -914,56 +951,78 @@ static int log_block(struct vd_fastmap *fm, struct vol *v, uint64_t vid, uint64_
     return 0;
 }
 
-long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void *buf)
-{
-    struct vd_fastmap *fm = arg;
-    uint64_t first, base[MAX_SPAN];
+/* What one write does to each block it spans (vd_fm_write): planned under
+ * the inner mutex, carried out by write_data, entered in the table by
+ * book.  Slots are read-only outside the current epoch, and only the
+ * engine frees or reuses one (with the lock held for writing), so every
+ * slot a plan names stays as it is while the request holds the lock for
+ * reading. */
+struct plan {
+    uint64_t vid, off, first;
+    uint32_t len;
+    size_t nb, need;
+    int merging;
+    uint64_t base[MAX_SPAN];   /* the block's slot now (0: zeros) */
+    uint64_t ns[MAX_SPAN];     /* NEW, COW, COMPARE: the new slot, from the reservoir */
     struct below nb_[MAX_SPAN]; /* what a new or merged slot's missing pages read from */
     uint16_t own[MAX_SPAN], merge[MAX_SPAN], missing[MAX_SPAN], nhave[MAX_SPAN], edges[MAX_SPAN];
-    struct ent *ents[MAX_SPAN]; /* valid until the first new entry is put (the table may grow) */
     unsigned char act[MAX_SPAN], unv[MAX_SPAN];
-    size_t nb, need = 0;
-    int merging = 0;
-    struct vol *v;
-    begin_io(fm);
-    if (fm->failed)
-        return end_io(fm, -EAGAIN);
-    long rc = span(fm, vid, off, len, &first, &nb, &v);
-    if (rc < 0)
-        return end_io(fm, rc);
-    /* plan every block before touching any: all or nothing goes to Python */
-    uint64_t pos = off, end = off + len;
-    for (size_t i = 0; i < nb; i++) {
+    unsigned char same[MAX_SPAN]; /* COMPARE: the block held these bytes already */
+};
+
+/* the [intra, hi) bytes block i of the plan writes */
+static inline void block_range(const struct plan *p, size_t i, uint64_t *intra, uint64_t *hi)
+{
+    *intra = (i == 0) ? p->off % BS : 0;
+    *hi = (i + 1 == p->nb) ? (p->off + p->len - 1) % BS + 1 : BS;
+}
+
+static int overlaps_flight(struct vd_fastmap *fm, uint64_t vid, uint64_t first, size_t nb)
+{
+    for (size_t i = 0; i < MAX_FLIGHTS; i++) {
+        struct flight *f = &fm->fl[i];
+        if (f->used && f->vid == vid && first < f->first + f->nb && f->first < first + nb)
+            return 1;
+    }
+    return 0;
+}
+
+/* Plan a write (with the inner mutex held): 0, or -EAGAIN when the engine
+ * must serve it (then nothing was changed). */
+static long plan_write(struct vd_fastmap *fm, struct vol *v, struct plan *p)
+{
+    uint64_t pos = p->off, end = p->off + p->len;
+    p->need = 0;
+    p->merging = 0;
+    for (size_t i = 0; i < p->nb; i++) {
         uint64_t intra = pos % BS, n = BS - intra;
         if (n > end - pos)
             n = end - pos;
         pos += n;
         int full = n == BS;
         uint16_t pgs = pages(intra, n);
-        struct ent *e = ents[i] = lookup(fm, vid, first + i);
-        merge[i] = missing[i] = 0;
-        unv[i] = 0;
+        struct ent *e = lookup(fm, p->vid, p->first + i);
+        p->merge[i] = p->missing[i] = 0;
+        p->unv[i] = p->same[i] = 0;
+        p->base[i] = e ? e->slot : 0;
         if (e != NULL && e->epoch == fm->epoch) {
-            act[i] = INPLACE;
-            base[i] = e->slot;
+            p->act[i] = INPLACE;
             /* pages the partial slot lacks: those written in part get the
-             * rest of them from below first (and the request keeps the
-             * inner mutex, so that no read that sees them in have reads
-             * them before they are written) */
-            missing[i] = pgs & (uint16_t)~e->have;
-            merge[i] = missing[i] & (uint16_t)~covered(intra, n);
-            nb_[i] = e->b;
-            merging |= missing[i] != 0;
-            if (merge[i] && !verify_entry(fm, e))
-                return end_io(fm, -EAGAIN);
+             * rest of them from below first (the table says the slot holds
+             * them only once they are written: book) */
+            p->missing[i] = pgs & (uint16_t)~e->have;
+            p->merge[i] = p->missing[i] & (uint16_t)~covered(intra, n);
+            p->nb_[i] = e->b;
+            p->merging |= p->missing[i] != 0;
+            if (p->merge[i] && !verify_entry(fm, e))
+                return -EAGAIN;
         } else if (e != NULL) {
-            base[i] = e->slot;
-            need++;
+            p->need++;
             if (full) {
-                act[i] = (v->has_points && e->slot && e->have == FULL) ? COMPARE : NEW;
+                p->act[i] = (v->has_points && e->slot && e->have == FULL) ? COMPARE : NEW;
                 continue;
             }
-            act[i] = COW;
+            p->act[i] = COW;
             /* what the new slot copies (own) and what it reads the rest
              * from (nb_): only the pages written over a whole block, the
              * last snapshot point's or the head's own (the engine makes it
@@ -973,134 +1032,259 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
              * hold more than VD_FM_COALESCE_PAGES */
             int coal = e->slot && !is_shared(e, v);
             if (e->slot == 0) {
-                own[i] = is_shared(e, v) ? 0 : FULL;
-                nb_[i] = ZEROS;
+                p->own[i] = is_shared(e, v) ? 0 : FULL;
+                p->nb_[i] = ZEROS;
             } else if (e->have == FULL) {
-                own[i] = 0;
-                nb_[i] = (struct below){e->slot, 0, FULL};
+                p->own[i] = 0;
+                p->nb_[i] = (struct below){e->slot, 0, FULL};
             } else if (is_shared(e, v) && e->b.bhave == FULL) {
-                own[i] = 0;
-                nb_[i] = (struct below){e->slot, e->b.base, e->have};
+                p->own[i] = 0;
+                p->nb_[i] = (struct below){e->slot, e->b.base, e->have};
             } else {
-                own[i] = e->have;
-                nb_[i] = e->b;
+                p->own[i] = e->have;
+                p->nb_[i] = e->b;
             }
-            nhave[i] = own[i] | pgs;
-            if (coal && __builtin_popcount(nhave[i]) > VD_FM_COALESCE_PAGES)
-                nhave[i] = FULL;
+            p->nhave[i] = p->own[i] | pgs;
+            if (coal && __builtin_popcount(p->nhave[i]) > VD_FM_COALESCE_PAGES)
+                p->nhave[i] = FULL;
             /* the pages written in part get the rest from below; a whole
              * copy takes every page not written from there */
-            edges[i] = (nhave[i] == FULL ? (uint16_t)~own[i] : (uint16_t)(pgs & ~own[i])) & (uint16_t)~covered(intra, n);
-            if (((own[i] && e->slot) || edges[i]) && !verify_entry(fm, e))
-                return end_io(fm, -EAGAIN); /* nothing unverified is copied */
-            unv[i] = e->unverified; /* the new slot reads the rest from the same slots */
+            p->edges[i] = (p->nhave[i] == FULL ? (uint16_t)~p->own[i] : (uint16_t)(pgs & ~p->own[i])) &
+                          (uint16_t)~covered(intra, n);
+            if (((p->own[i] && e->slot) || p->edges[i]) && !verify_entry(fm, e))
+                return -EAGAIN; /* nothing unverified is copied */
+            p->unv[i] = e->unverified; /* the new slot reads the rest from the same slots */
         } else if (full && (!v->has_points || v->complete)) {
-            act[i] = NEW;
-            need++;
+            p->act[i] = NEW;
+            p->need++;
         } else if (v->complete) { /* zeros, for its snapshot points too: only the pages written */
-            act[i] = COW;
-            base[i] = 0;
-            nb_[i] = ZEROS;
-            own[i] = 0;
-            nhave[i] = pgs;
-            edges[i] = pgs & (uint16_t)~covered(intra, n);
-            need++;
+            p->act[i] = COW;
+            p->nb_[i] = ZEROS;
+            p->own[i] = 0;
+            p->nhave[i] = pgs;
+            p->edges[i] = pgs & (uint16_t)~covered(intra, n);
+            p->need++;
         } else {
-            return end_io(fm, -EAGAIN);
+            return -EAGAIN;
         }
     }
-    if (need > fm->nres || fm->n + need > MAX_ENTRIES) {
-        ask_for_slots(fm);
-        return end_io(fm, -EAGAIN);
-    }
-    /* the request is served: what the writes in place change in the table */
-    for (size_t i = 0; i < nb; i++) {
-        struct ent *e = ents[i];
-        if (act[i] != INPLACE)
-            continue;
-        uint64_t intra = (i == 0) ? off % BS : 0, hi = (i + 1 == nb) ? (off + len - 1) % BS + 1 : BS;
-        if (e->lepoch != v->lepoch || missing[i]) {
-            /* first write since the volume's log flush, or pages the slot
-             * did not hold: the engine must hear of it */
-            if ((rc = log_block(fm, v, vid, first + i, e->slot, e->have | missing[i])) < 0)
-                return end_io(fm, rc);
-            if (e->lepoch != v->lepoch) {
-                e->lepoch = v->lepoch;
-                e->mask = 0;
-            }
-            e->have |= missing[i];
-        }
-        /* marked now, under the inner mutex: a shared request must not
-         * touch the table after letting go of it */
-        e->mask |= pages(intra, hi - intra);
-    }
-    /* only writes in place: they need nothing more from the map, and
-     * their slots stay fresh until the engine takes the lock for writing
-     * (a freeze), so they go on beside other requests */
-    int shared = need == 0 && !merging;
-    if (shared)
-        pthread_mutex_unlock(&fm->io);
-    const unsigned char *in = buf;
-    pos = off;
-    for (size_t i = 0; i < nb; i++) {
-        uint64_t block = first + i, intra = pos % BS, n = BS - intra;
-        if (n > end - pos)
-            n = end - pos;
+    return 0;
+}
+
+/* Carry a plan's data out: the writes in place, the pages filled from
+ * below, the new slots.  scratch: a block's buffer of the caller's own. */
+static long write_data(struct vd_fastmap *fm, struct plan *p, const unsigned char *in, unsigned char *scratch)
+{
+    long rc;
+    for (size_t i = 0; i < p->nb; i++) {
+        uint64_t intra, hi;
+        block_range(p, i, &intra, &hi);
+        uint64_t n = hi - intra;
         const unsigned char *data = in;
-        if (act[i] == INPLACE) {
-            if (merge[i]) { /* under the inner mutex: no other request touches these pages */
-                if ((rc = fetch_below(fm, nb_[i], merge[i], fm->scratch)) < 0 ||
-                    (rc = store_pages(fm, base[i], merge[i], fm->scratch)) < 0)
-                    return end_io(fm, rc);
-            }
+        if (p->act[i] == INPLACE) {
+            if (p->merge[i] && ((rc = fetch_below(fm, p->nb_[i], p->merge[i], scratch)) < 0 ||
+                                (rc = store_pages(fm, p->base[i], p->merge[i], scratch)) < 0))
+                return rc;
             /* blocks already ours in consecutive slots: one pwrite */
-            uint64_t run = n, from = slot_off(base[i]) + intra;
-            while (i + 1 < nb && act[i + 1] == INPLACE && !merge[i + 1] && base[i + 1] == base[i] + 1) {
-                i++;
-                run += (end - pos - run < BS) ? end - pos - run : BS;
+            uint64_t run = n, from = slot_off(p->base[i]) + intra;
+            while (i + 1 < p->nb && p->act[i + 1] == INPLACE && !p->merge[i + 1] && p->base[i + 1] == p->base[i] + 1) {
+                uint64_t lo, h;
+                block_range(p, ++i, &lo, &h);
+                run += h - lo;
             }
             if ((rc = vd_pwrite_full(fm->data_fd, data, run, from)) < 0)
-                return shared ? end_shared(fm, rc) : end_io(fm, rc);
+                return rc;
             in += run;
-            pos += run;
             continue;
         }
         in += n;
-        pos += n;
-        if (act[i] == COMPARE) { /* rewriting what a snapshot shares, unchanged: keep sharing */
-            if ((rc = vd_pread_full(fm->data_fd, fm->scratch, BS, slot_off(base[i]))) < 0)
-                return end_io(fm, rc);
-            if (memcmp(fm->scratch, data, BS) == 0)
+        if (p->act[i] == COMPARE) { /* rewriting what a snapshot shares, unchanged: keep sharing */
+            if ((rc = vd_pread_full(fm->data_fd, scratch, BS, slot_off(p->base[i]))) < 0)
+                return rc;
+            if (memcmp(scratch, data, BS) == 0) {
+                p->same[i] = 1;
                 continue;
+            }
         }
-        uint16_t have = FULL, bits = 0xFFFF;
-        struct below hb = ZEROS;
-        int unverified = 0;
-        if (act[i] == COW) {
-            have = nhave[i];
-            if ((rc = fetch_pages(fm, base[i], own[i], fm->scratch)) < 0 ||
-                (rc = fetch_below(fm, nb_[i], edges[i], fm->scratch)) < 0)
-                return end_io(fm, rc);
-            memcpy(fm->scratch + intra, data, n);
-            data = fm->scratch;
-            hb = nb_[i];
-            bits = pages(intra, n);
-            unverified = unv[i];
-            __atomic_add_fetch(&fm->st_cow, 1, __ATOMIC_RELAXED);
+        uint16_t have = FULL;
+        if (p->act[i] == COW) {
+            have = p->nhave[i];
+            if ((rc = fetch_pages(fm, p->base[i], p->own[i], scratch)) < 0 ||
+                (rc = fetch_below(fm, p->nb_[i], p->edges[i], scratch)) < 0)
+                return rc;
+            memcpy(scratch + intra, data, n);
+            data = scratch;
         }
-        uint64_t slot = fm->res[--fm->nres];
-        if ((rc = store_pages(fm, slot, have, data)) < 0 || (rc = log_block(fm, v, vid, block, slot, have)) < 0) {
-            fm->res[fm->nres++] = slot;
-            return end_io(fm, rc);
-        }
-        /* room was checked above; a new slot differs from the log flush's
-         * state in the pages written and, for copy-on-write, in none else */
-        put(fm, vid, block, slot, fm->epoch, v->lepoch, bits, have, hb, 0, unverified);
+        if ((rc = store_pages(fm, p->ns[i], have, data)) < 0)
+            return rc;
     }
-    if (!shared && fm->nres < fm->low_water)
+    return 0;
+}
+
+/* Enter a plan whose data was written into the table (inner mutex held):
+ * the pages written in place in their entries' masks, the pages filled
+ * from below in their slots' have, the new slots as entries; the engine
+ * hears of each block through the log.  Entries are looked up again: the
+ * table may have grown since the plan. */
+static long book(struct vd_fastmap *fm, struct vol *v, struct plan *p)
+{
+    long rc;
+    for (size_t i = 0; i < p->nb; i++) {
+        uint64_t block = p->first + i, intra, hi;
+        block_range(p, i, &intra, &hi);
+        uint16_t bits = pages(intra, hi - intra);
+        if (p->act[i] == INPLACE) {
+            struct ent *e = lookup(fm, p->vid, block);
+            if (e->lepoch != v->lepoch || p->missing[i]) {
+                /* first write since the volume's log flush, or pages the
+                 * slot did not hold: the engine must hear of it */
+                if ((rc = log_block(fm, v, p->vid, block, e->slot, e->have | p->missing[i])) < 0)
+                    return rc;
+                if (e->lepoch != v->lepoch) {
+                    e->lepoch = v->lepoch;
+                    e->mask = 0;
+                }
+                e->have |= p->missing[i];
+            }
+            e->mask |= bits;
+            continue;
+        }
+        if (p->same[i])
+            continue; /* its slot goes back (unreserve) */
+        uint16_t have = FULL;
+        struct below hb = ZEROS;
+        if (p->act[i] == COW) {
+            have = p->nhave[i];
+            hb = p->nb_[i];
+            __atomic_add_fetch(&fm->st_cow, 1, __ATOMIC_RELAXED);
+        } else
+            bits = 0xFFFF;
+        if ((rc = log_block(fm, v, p->vid, block, p->ns[i], have)) < 0)
+            return rc;
+        /* room was checked at the plan; a new slot differs from the log
+         * flush's state in the pages written and, for copy-on-write, in
+         * none else */
+        put(fm, p->vid, block, p->ns[i], fm->epoch, v->lepoch, bits, have, hb, 0, p->unv[i]);
+        p->ns[i] = 0; /* entered */
+    }
+    return 0;
+}
+
+/* Give the new slots a plan did not enter (an unchanged COMPARE, a write
+ * that failed) back to the reservoir (inner mutex held). */
+static void unreserve(struct vd_fastmap *fm, struct plan *p)
+{
+    for (size_t i = 0; i < p->nb; i++)
+        if (p->act[i] != INPLACE && p->ns[i])
+            fm->res[fm->nres++] = p->ns[i];
+}
+
+/* A write.  Planned under the inner mutex (all or nothing goes to Python);
+ * its data is then written without it, so that a slow pwrite (the page
+ * cache's writeback, the journal) does not hold other requests up:
+ *  - writes only in place, over pages their slots hold, enter the table
+ *    first (marks of pages written) and go on beside other requests;
+ *  - the others (new slots, pages filled from below) fly: their blocks stay
+ *    as they were in the table, so reads see the data before the write,
+ *    and no other write plans them (it waits for the landing), until the
+ *    data is written and book() enters it.
+ * The lock stays held for reading throughout: the engine's freezes, log
+ * flushes and changes wait for every request in flight. */
+static long write_once(struct vd_fastmap *fm, uint64_t vid, uint64_t off, uint32_t len, const void *buf,
+                       uint64_t *dry)
+{
+    struct plan p = {.vid = vid, .off = off, .len = len};
+    unsigned char scratch[BS] __attribute__((aligned(64)));
+    struct vol *v;
+    begin_io(fm);
+    long rc = span(fm, vid, off, len, &p.first, &p.nb, &v);
+    if (rc < 0)
+        return end_io(fm, rc);
+    while (overlaps_flight(fm, vid, p.first, p.nb))
+        pthread_cond_wait(&fm->landed, &fm->io);
+    if (fm->failed || plan_write(fm, v, &p) < 0)
+        return end_io(fm, -EAGAIN);
+    if (p.need > fm->nres || fm->n + fm->pending_new + p.need > MAX_ENTRIES) {
         ask_for_slots(fm);
+        if (dry != NULL && p.need > fm->nres)
+            *dry = fm->refills;
+        return end_io(fm, -EAGAIN);
+    }
+    if (p.need == 0 && !p.merging) {
+        /* only writes in place: marked now, under the inner mutex (a
+         * shared request must not touch the table after letting go of it);
+         * their slots stay fresh until the engine takes the lock for
+         * writing (a freeze) */
+        if ((rc = book(fm, v, &p)) < 0)
+            return end_io(fm, rc);
+        pthread_mutex_unlock(&fm->io);
+        rc = write_data(fm, &p, buf, scratch);
+        if (rc == 0)
+            __atomic_add_fetch(&fm->st_writes, 1, __ATOMIC_RELAXED);
+        return end_shared(fm, rc < 0 ? rc : (long)len);
+    }
+    for (size_t i = 0; i < p.nb; i++)
+        p.ns[i] = p.act[i] == INPLACE ? 0 : fm->res[--fm->nres];
+    struct flight *f = NULL;
+    for (size_t i = 0; i < MAX_FLIGHTS && f == NULL; i++)
+        if (!fm->fl[i].used)
+            f = &fm->fl[i];
+    if (f != NULL) { /* else (many requests at once) the data is written under the inner mutex */
+        *f = (struct flight){vid, p.first, p.nb, 1};
+        fm->pending_new += p.need;
+        pthread_mutex_unlock(&fm->io);
+    }
+    rc = write_data(fm, &p, buf, scratch);
+    if (f != NULL) {
+        pthread_mutex_lock(&fm->io);
+        f->used = 0;
+        fm->pending_new -= p.need;
+        pthread_cond_broadcast(&fm->landed);
+    }
+    if (rc == 0)
+        rc = book(fm, v, &p);
+    unreserve(fm, &p);
+    if (fm->nres < fm->low_water)
+        ask_for_slots(fm);
+    if (rc < 0)
+        return end_io(fm, rc);
     __atomic_add_fetch(&fm->st_writes, 1, __ATOMIC_RELAXED);
-    return shared ? end_shared(fm, (long)len) : end_io(fm, (long)len);
+    return end_io(fm, (long)len);
+}
+
+long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void *buf)
+{
+    return write_once(arg, vid, off, len, buf, NULL);
+}
+
+/* Wait until the engine refilled the reservoir since refill number gen
+ * (1 s at most): 1 if it did.  Holds only the inner mutex, and only to
+ * wait on it, never the map's lock: the engine may freeze, commit and
+ * refill meanwhile. */
+static int wait_for_refill(struct vd_fastmap *fm, uint64_t gen)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    until.tv_sec += 1;
+    int rc = 0;
+    pthread_mutex_lock(&fm->io);
+    while (fm->refills == gen && !fm->failed && rc != ETIMEDOUT)
+        rc = pthread_cond_timedwait(&fm->refilled, &fm->io, &until);
+    int refilled = fm->refills != gen && !fm->failed;
+    pthread_mutex_unlock(&fm->io);
+    return refilled;
+}
+
+long vd_fm_write_io(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void *buf)
+{
+    struct vd_fastmap *fm = arg;
+    for (int tries = 0;; tries++) {
+        uint64_t dry = UINT64_MAX;
+        long rc = write_once(fm, vid, off, len, buf, &dry);
+        if (rc != -EAGAIN || dry == UINT64_MAX || tries == 4 || !wait_for_refill(fm, dry))
+            return rc;
+        __atomic_sub_fetch(&fm->st_again, 1, __ATOMIC_RELAXED); /* tried again, not handed back */
+    }
 }
 
 /* ------------------------------------------------------------ intent log */

@@ -89,6 +89,12 @@ void vd_fm_expect(struct vd_fastmap *fm, uint64_t slot, uint32_t crc, uint16_t m
  * serve the request instead (nothing was changed then), or -errno. */
 long vd_fm_read(void *fm, uint64_t vid, uint64_t offset, uint32_t len, void *buf);
 long vd_fm_write(void *fm, uint64_t vid, uint64_t offset, uint32_t len, const void *buf);
+/* vd_fm_write for the I/O threads: a write that finds the reservoir short
+ * waits for the engine's refill (letting go of every lock meanwhile), a
+ * second at a time and five times at most, instead of going to the engine
+ * at once: the engine would have to refill first anyway, and serves the
+ * write far slower.  Not for the engine's own thread (it refills). */
+long vd_fm_write_io(void *fm, uint64_t vid, uint64_t offset, uint32_t len, const void *buf);
 /* fsync of a volume: 0 once its writes so far are durable through the
  * intent log; -EAGAIN when the engine must flush instead (a volume that is
  * not clean, a commit in flight, a record too big for the room left, a log

@@ -437,6 +437,121 @@ def test_io_threads_with_commits_between(tmp_path):
         pool.close()
 
 
+def test_io_threads_share_blocks_across_copy_on_writes(tmp_path):
+    """Four threads write 4 KiB pages of the same blocks through C at once,
+    each its own pages, in rounds with a snapshot or a commit between: so
+    the threads copy-on-write the same block at the same time, with their
+    data written outside C's inner mutex.  Afterwards every page holds what
+    its writer wrote last (a copy that raced another would lose the other's
+    page), through C and through the Pool, and scrub is clean."""
+    import sys
+    import threading
+
+    nthreads, nblocks, rounds = 4, 16, 400
+    pool = Pool(str(tmp_path))
+    fm = FastMap(pool.file.fd, reservoir=4 * nthreads * nblocks)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    start = threading.Barrier(nthreads + 1)
+    done = threading.Barrier(nthreads + 1)
+    try:
+        pool.attach_fast(fm)
+        vid = pool.create_volume(nblocks * BLOCK_SIZE)
+        pool.write(vid, 0, bytes(range(256)) * (nblocks * BLOCK_SIZE // 256))
+        pool.commit()
+        pool.read(vid, 0, nblocks * BLOCK_SIZE)  # C learns every block
+        last, errors = {}, []
+
+        def writer(t):
+            try:
+                for r in range(rounds):
+                    start.wait()
+                    page = t + nthreads * (r % (16 // nthreads))  # this thread's pages only
+                    for b in range(nblocks):
+                        off = b * BLOCK_SIZE + page * 4096
+                        data = (b"%d:%d:%d;" % (t, r, b) * 600)[:4096]
+                        while not fm.write(vid, off, data):  # handed back: the reservoir is refilled below
+                            pass
+                        last[off] = data
+                    done.wait()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                start.abort()
+                done.abort()
+
+        threads = [threading.Thread(target=writer, args=(t,)) for t in range(nthreads)]
+        for th in threads:
+            th.start()
+        try:
+            for r in range(rounds):  # every block's first write in a round is a copy-on-write
+                pool.refill_fast()
+                if r % 2:
+                    pool.snapshot([vid])
+                else:
+                    pool.commit()
+                start.wait()
+                done.wait()
+        except threading.BrokenBarrierError:
+            pass
+        for th in threads:
+            th.join()
+        assert not errors, errors
+        assert fm.stats()["copy_on_write"] >= rounds * nblocks, fm.stats()
+        for off, data in last.items():
+            assert fm.read(vid, off, len(data)) in (data, None), "page at %d lost" % off  # None: handed back
+            assert pool.read(vid, off, len(data)) == data, "page at %d lost" % off
+        pool.commit()
+        assert pool.scrub() == []
+    finally:
+        sys.setswitchinterval(switch)
+        start.abort()
+        done.abort()
+        pool.detach_fast()
+        fm.close()
+        pool.close()
+
+
+def test_an_io_thread_waits_for_slots_instead_of_handing_back(tmp_path):
+    """An I/O thread's write that finds the reservoir empty waits for the
+    Pool's refill and is then served in C (not handed back to Python,
+    which would have to refill first anyway and serves writes far slower);
+    when the fast path fails meanwhile, it gives up at once."""
+    import threading
+    import time
+
+    pool = Pool(str(tmp_path))
+    with fast_path(pool, reservoir=4) as fm:
+        vid = pool.create_volume(64 * BLOCK_SIZE)
+        for b in range(4):  # a new volume: each first write takes a slot
+            assert fm.write(vid, b * BLOCK_SIZE, b"x" * 4096)
+        assert fm.reservoir() == 0
+        assert not fm.write(vid, 4 * BLOCK_SIZE, b"y" * 4096)  # the engine's own thread: handed back
+        handed = fm.stats()["handed_back"]
+        result = []
+        writer = threading.Thread(target=lambda: result.append(fm.write(vid, 5 * BLOCK_SIZE, b"z" * 4096,
+                                                                        wait_for_slots=True)))
+        writer.start()
+        time.sleep(0.2)
+        assert writer.is_alive() and not result, "the write did not wait for slots"
+        pool.refill_fast()
+        writer.join(5)
+        assert result == [True]
+        assert fm.stats()["handed_back"] == handed
+        assert pool.read(vid, 5 * BLOCK_SIZE, 4096) == b"z" * 4096
+
+        while fm.reservoir():  # empty again
+            b = 6 + fm.stats()["writes"]
+            assert fm.write(vid, b * BLOCK_SIZE, b"w" * 4096)
+        writer = threading.Thread(target=lambda: result.append(fm.write(vid, 63 * BLOCK_SIZE, b"v" * 4096,
+                                                                        wait_for_slots=True)))
+        t0 = time.monotonic()
+        writer.start()
+        time.sleep(0.1)
+        fm.set_failed(1)
+        writer.join(5)
+        assert result == [True, False] and time.monotonic() - t0 < 0.9
+
+
 def test_fsync_in_c_survives_a_crash(tmp_path):
     """A log flush written by C (the FUSE fast path's FSYNC) is replayed when
     the pool is opened again; a volume the Pool itself wrote to since its

@@ -213,9 +213,13 @@ class FastMap:
             raise OSError(-rc, "fast read failed")
         return buf
 
-    def write(self, vid: int, offset: int, data) -> bool:
-        """Serve a write in C: True, or False when the Pool must."""
-        rc = lib.vd_fm_write(self._fm, vid, offset, len(data), ffi.from_buffer(data))
+    def write(self, vid: int, offset: int, data, wait_for_slots: bool = False) -> bool:
+        """Serve a write in C: True, or False when the Pool must.
+        wait_for_slots: as the I/O threads do (vd_fm_write_io), wait for
+        the Pool's refill when the reservoir runs short, a second at a time
+        and five times at most; never from the thread that refills."""
+        fn = lib.vd_fm_write_io if wait_for_slots else lib.vd_fm_write
+        rc = fn(self._fm, vid, offset, len(data), ffi.from_buffer(data))
         if rc == EAGAIN:
             return False
         if rc < 0:
@@ -228,6 +232,6 @@ class FastMap:
         return (
             int(ffi.cast("uintptr_t", self._fm)),
             int(ffi.cast("uintptr_t", ffi.addressof(lib, "vd_fm_read"))),
-            int(ffi.cast("uintptr_t", ffi.addressof(lib, "vd_fm_write"))),
+            int(ffi.cast("uintptr_t", ffi.addressof(lib, "vd_fm_write_io"))),
             int(ffi.cast("uintptr_t", ffi.addressof(lib, "vd_fm_fsync"))),
         )
