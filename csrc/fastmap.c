@@ -209,7 +209,7 @@ struct vd_fastmap *vd_fm_new(int data_fd, int event_fd, uint32_t low_water)
     fm->low_water = low_water;
     fm->epoch = 1;
     fm->lepoch = 1;
-    fm->cap = 1024;
+    fm->cap = 1 << 16; /* 3 MiB: the first few hundred MiB written need no growth */
     fm->tab = calloc(fm->cap, sizeof(struct ent));
     fm->scratch = aligned_alloc(4096, BS);
     fm->exp = calloc(EXP_CAP, sizeof(struct expect));
@@ -601,6 +601,44 @@ void vd_fm_clear(struct vd_fastmap *fm, int keep_writable)
 }
 
 size_t vd_fm_entries(struct vd_fastmap *fm) { return fm->n; }
+
+/* Grow the table ahead of need once it is more than 3/8 full (put() grows
+ * it at 1/2, under the inner mutex, when nobody did): the new table is
+ * allocated and its pages touched before the mutex is taken, so that the
+ * I/O threads wait only while the entries are copied, not for the page
+ * faults of tens of MiB (a growth in put() held them up to 50 ms), and
+ * not for the requests in flight (as the map's lock would).  Every user of
+ * the table holds the inner mutex (the I/O side, vd_fm_fsync's gather) or
+ * is the engine's thread, which calls this without the map's lock.  1 when
+ * it grew, 0 when there was no need, -ENOMEM. */
+int vd_fm_grow(struct vd_fastmap *fm)
+{
+    pthread_mutex_lock(&fm->io);
+    size_t cap = fm->cap, n = fm->n + fm->pending_new;
+    pthread_mutex_unlock(&fm->io);
+    if (n * 8 <= cap * 3)
+        return 0;
+    size_t ncap = cap * 2;
+    struct ent *tab = malloc(ncap * sizeof(struct ent));
+    if (tab == NULL)
+        return -ENOMEM;
+    memset(tab, 0, ncap * sizeof(struct ent));
+    pthread_mutex_lock(&fm->io);
+    struct ent *old = fm->tab;
+    if (fm->cap != cap) { /* put() grew it meanwhile */
+        pthread_mutex_unlock(&fm->io);
+        free(tab);
+        return 0;
+    }
+    for (size_t i = 0; i < cap; i++)
+        if (old[i].used)
+            place(tab, ncap, &old[i]);
+    fm->tab = tab;
+    fm->cap = ncap;
+    pthread_mutex_unlock(&fm->io);
+    free(old);
+    return 1;
+}
 
 size_t vd_fm_drain(struct vd_fastmap *fm, uint64_t *out, size_t max_records)
 {
@@ -1312,7 +1350,7 @@ static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t
 {
     struct vd_log *L = fm->lg;
     struct vol *v = find_vol(fm, vid);
-    struct ent *ents[CHG_MAX];
+    uint64_t slots[CHG_MAX];
     uint64_t blocks[CHG_MAX];
     uint32_t masks[CHG_MAX];
     uint32_t count = 0;
@@ -1323,25 +1361,30 @@ static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t
     if (v->nchg == 0)
         return 0; /* nothing written since the volume's last log flush or freeze */
     qsort(v->chg, v->nchg, sizeof(uint64_t), cmp_u64);
+    /* the table under the inner mutex (vd_fm_grow may replace it), the
+     * pages without it */
+    pthread_mutex_lock(&fm->io);
     for (uint32_t i = 0; i < v->nchg; i++) {
         if (i > 0 && v->chg[i] == v->chg[i - 1])
             continue;
         struct ent *e = lookup(fm, vid, v->chg[i]);
         /* a block whose pages are no longer known here: the engine's job */
-        if (e == NULL || e->lepoch != v->lepoch || e->mask == 0 || e->slot == 0)
+        if (e == NULL || e->lepoch != v->lepoch || e->mask == 0 || e->slot == 0) {
+            pthread_mutex_unlock(&fm->io);
             return -EAGAIN;
-        ents[count] = e;
+        }
+        slots[count] = e->slot;
         blocks[count] = e->block;
         masks[count++] = e->mask;
         npages += (uint64_t)__builtin_popcount(e->mask);
     }
+    pthread_mutex_unlock(&fm->io);
     if (vd_log_room(L, npages) < 0)
         return -EAGAIN; /* the engine grows the log, or commits */
     unsigned char *p = vd_log_body(L);
     for (uint32_t c = 0; c < count; c++) {
-        struct ent *e = ents[c];
-        for (int pg = 0, run; (run = page_run(e->mask, &pg)) > 0; pg += run) { /* one pread per run */
-            if (vd_pread_full(fm->data_fd, p, (size_t)run * PG, slot_off(e->slot) + (uint64_t)pg * PG) < 0)
+        for (int pg = 0, run; (run = page_run((uint16_t)masks[c], &pg)) > 0; pg += run) { /* one pread per run */
+            if (vd_pread_full(fm->data_fd, p, (size_t)run * PG, slot_off(slots[c]) + (uint64_t)pg * PG) < 0)
                 return -EAGAIN;
             p += (size_t)run * PG;
         }

@@ -552,6 +552,31 @@ def test_an_io_thread_waits_for_slots_instead_of_handing_back(tmp_path):
         assert result == [True, False] and time.monotonic() - t0 < 0.9
 
 
+def test_c_grows_its_table_ahead_of_need(tmp_path):
+    """The Pool's refill grows C's table once it is more than 3/8 full
+    (vd_fm_grow), and every entry is still there after: C serves the same
+    reads without handing any back."""
+    nblocks = 30000  # > 3/8 of the first table (65536)
+    pool = Pool(str(tmp_path))
+    with fast_path(pool, reservoir=64) as fm:
+        vid = pool.create_volume(nblocks * BLOCK_SIZE)
+        written = {b: (b"%d;" % b * 2100)[:4096] for b in range(0, nblocks, 97)}
+        for b, data in written.items():
+            pool.write(vid, b * BLOCK_SIZE + 8192, data)
+        pool.commit()
+        for b in range(0, nblocks, 256):  # C learns every block
+            pool.read(vid, b * BLOCK_SIZE, min(256, nblocks - b) * BLOCK_SIZE)
+        n = fm.entries()
+        assert n >= nblocks
+        assert fm.grow() and not fm.grow()  # grown once; then less than 3/8 full
+        assert fm.entries() == n
+        handed = fm.stats()["handed_back"]
+        for b, data in written.items():
+            assert fm.read(vid, b * BLOCK_SIZE + 8192, 4096) == data
+            assert fm.read(vid, b * BLOCK_SIZE, 4096) == bytes(4096)
+        assert fm.stats()["handed_back"] == handed
+
+
 def test_fsync_in_c_survives_a_crash(tmp_path):
     """A log flush written by C (the FUSE fast path's FSYNC) is replayed when
     the pool is opened again; a volume the Pool itself wrote to since its

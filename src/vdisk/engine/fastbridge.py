@@ -119,6 +119,8 @@ def refill(pool) -> int:
     if fm.entries() > FAST_MAX_ENTRIES:
         with pool._fast():
             fm.clear(keep_writable=True)  # a cache: it fills again as blocks are used
+    else:
+        fm.grow()  # ahead of need, so that no write waits while C's table grows
     want = fm.reservoir_target - fm.reservoir()
     if want <= 0:
         return 0

@@ -35,7 +35,9 @@ MAX_SPAN = lib.VD_FM_MAX_SPAN  # the most blocks one request served in C spans
 class FastMap:
     def __init__(self, data_fd: int, event_fd: int = -1, reservoir: int = 4096):
         self.reservoir_target = reservoir
-        self._fm = lib.vd_fm_new(data_fd, event_fd, reservoir // 2)
+        # C asks for a refill once a quarter of the reservoir is used, so
+        # that the Pool has time to refill before it runs dry
+        self._fm = lib.vd_fm_new(data_fd, event_fd, reservoir * 3 // 4)
         if self._fm == ffi.NULL:
             raise MemoryError("vdisk fast path: cannot allocate its block table")
         self._out = ffi.new("uint64_t[]", DRAIN_BATCH * DRAIN_WORDS)
@@ -143,6 +145,14 @@ class FastMap:
 
     def entries(self) -> int:
         return lib.vd_fm_entries(self._fm)
+
+    def grow(self) -> bool:
+        """Grow C's table ahead of need (vd_fm_grow): True when it grew.
+        The Pool's thread, without the lock."""
+        rc = lib.vd_fm_grow(self._fm)
+        if rc < 0:
+            raise MemoryError("vdisk fast path: cannot grow its block table")
+        return rc == 1
 
     def drain(self) -> list[tuple[int, int, int, int]]:
         """(vid, block, slot, have) of every block given a new slot in C,
