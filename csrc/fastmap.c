@@ -171,7 +171,7 @@ struct vd_fastmap {
     uint64_t *res;
     size_t nres, capres;
     uint64_t *log;
-    size_t nlog, caplog; /* in records of LOG_REC words */
+    size_t loghead, nlog, caplog; /* in records of LOG_REC words: [loghead, nlog) not drained yet */
     volatile int failed;
     uint64_t st_reads, st_writes, st_again, st_cow, st_verified;
     unsigned char *scratch;
@@ -643,10 +643,11 @@ int vd_fm_grow(struct vd_fastmap *fm)
 size_t vd_fm_drain(struct vd_fastmap *fm, uint64_t *out, size_t max_records)
 {
     pthread_mutex_lock(&fm->io);
-    size_t n = fm->nlog < max_records ? fm->nlog : max_records;
-    memcpy(out, fm->log, n * LOG_REC * sizeof(uint64_t));
-    memmove(fm->log, fm->log + n * LOG_REC, (fm->nlog - n) * LOG_REC * sizeof(uint64_t));
-    fm->nlog -= n;
+    size_t left = fm->nlog - fm->loghead, n = left < max_records ? left : max_records;
+    memcpy(out, fm->log + fm->loghead * LOG_REC, n * LOG_REC * sizeof(uint64_t));
+    fm->loghead += n; /* a batch at a time without moving the rest (a drain of 40000 moved it ten times) */
+    if (fm->loghead == fm->nlog)
+        fm->loghead = fm->nlog = 0;
     pthread_mutex_unlock(&fm->io);
     return n;
 }
@@ -971,6 +972,11 @@ static int log_block(struct vd_fastmap *fm, struct vol *v, uint64_t vid, uint64_
         if (v->nchg < CHG_MAX)
             v->chg[v->nchg] = block;
         v->nchg++;
+    }
+    if (fm->nlog == fm->caplog && fm->loghead > 0) { /* room below what is not drained yet */
+        memmove(fm->log, fm->log + fm->loghead * LOG_REC, (fm->nlog - fm->loghead) * LOG_REC * sizeof(uint64_t));
+        fm->nlog -= fm->loghead;
+        fm->loghead = 0;
     }
     if (fm->nlog == fm->caplog) {
         size_t c = fm->caplog ? fm->caplog * 2 : 1024;
