@@ -782,6 +782,12 @@ static long end_io(struct vd_fastmap *fm, long rc)
 {
     pthread_mutex_unlock(&fm->io);
     pthread_rwlock_unlock(&fm->lock);
+    return rc;
+}
+
+/* what a public read or write returns: -EAGAIN counts as handed back */
+static long handed_back(struct vd_fastmap *fm, long rc)
+{
     if (rc == -EAGAIN)
         __atomic_add_fetch(&fm->st_again, 1, __ATOMIC_RELAXED);
     return rc;
@@ -835,9 +841,8 @@ static int read_pages(struct vd_fastmap *fm, uint64_t slot, uint16_t have, struc
     return 0;
 }
 
-long vd_fm_read(void *arg, uint64_t vid, uint64_t off, uint32_t len, void *buf)
+static long read_once(struct vd_fastmap *fm, uint64_t vid, uint64_t off, uint32_t len, void *buf)
 {
-    struct vd_fastmap *fm = arg;
     uint64_t first, slots[MAX_SPAN];
     uint16_t haves[MAX_SPAN];
     struct below bs[MAX_SPAN];
@@ -899,6 +904,11 @@ long vd_fm_read(void *arg, uint64_t vid, uint64_t off, uint32_t len, void *buf)
     }
     __atomic_add_fetch(&fm->st_reads, 1, __ATOMIC_RELAXED);
     return end_shared(fm, (long)len);
+}
+
+long vd_fm_read(void *arg, uint64_t vid, uint64_t off, uint32_t len, void *buf)
+{
+    return handed_back(arg, read_once(arg, vid, off, len, buf));
 }
 
 /* Wake the engine (once until it refills): the reservoir runs low.  With the
@@ -1035,14 +1045,12 @@ static int overlaps_flight(struct vd_fastmap *fm, uint64_t vid, uint64_t first, 
  * must serve it (then nothing was changed). */
 static long plan_write(struct vd_fastmap *fm, struct vol *v, struct plan *p)
 {
-    uint64_t pos = p->off, end = p->off + p->len;
     p->need = 0;
     p->merging = 0;
     for (size_t i = 0; i < p->nb; i++) {
-        uint64_t intra = pos % BS, n = BS - intra;
-        if (n > end - pos)
-            n = end - pos;
-        pos += n;
+        uint64_t intra, hi;
+        block_range(p, i, &intra, &hi);
+        uint64_t n = hi - intra;
         int full = n == BS;
         uint16_t pgs = pages(intra, n);
         struct ent *e = lookup(fm, p->vid, p->first + i);
@@ -1298,7 +1306,7 @@ static long write_once(struct vd_fastmap *fm, uint64_t vid, uint64_t off, uint32
 
 long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void *buf)
 {
-    return write_once(arg, vid, off, len, buf, NULL);
+    return handed_back(arg, write_once(arg, vid, off, len, buf, NULL));
 }
 
 /* Wait until the engine refilled the reservoir since refill number gen
@@ -1326,8 +1334,7 @@ long vd_fm_write_io(void *arg, uint64_t vid, uint64_t off, uint32_t len, const v
         uint64_t dry = UINT64_MAX;
         long rc = write_once(fm, vid, off, len, buf, &dry);
         if (rc != -EAGAIN || dry == UINT64_MAX || tries == 4 || !wait_for_refill(fm, dry))
-            return rc;
-        __atomic_sub_fetch(&fm->st_again, 1, __ATOMIC_RELAXED); /* tried again, not handed back */
+            return handed_back(fm, rc);
     }
 }
 

@@ -237,6 +237,11 @@ def proc_status(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
+def passed_to_python(env: VDiskEnv) -> int:
+    """How many requests the daemon's C fast path handed to Python so far."""
+    return env.j("daemon", "status")["FastPath"]["PassedToPython"]
+
+
 def write_amplification(env: VDiskEnv, t: VdiskTarget, size: str, cwd: str) -> dict:
     """What the daemon writes per byte of 4 KiB random writes: over the
     region written whole and made durable (no snapshot: every block the
@@ -291,7 +296,7 @@ def barrier_bench(runtime: int, interval: float, cwd: str) -> dict:
                    "--output-format=json", "--percentile_list=50:99:99.9", "--randrepeat=0"]
             for i, dev in enumerate(devs):
                 cmd += ["--name=d%d" % i, "--filename=" + dev]
-            passed = env.j("daemon", "status")["FastPath"]["PassedToPython"] if vdisk else 0
+            passed = passed_to_python(env) if vdisk else 0
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
             times = []
             time.sleep(1.5)
@@ -308,7 +313,7 @@ def barrier_bench(runtime: int, interval: float, cwd: str) -> dict:
             res = {"iops": job["iops"], "lat_p50_ms": pct["50.000000"] / 1e6, "lat_p99_ms": pct["99.000000"] / 1e6,
                    "lat_max_ms": job["clat_ns"]["max"] / 1e6}
             if vdisk:  # the requests C handed back to the Python engine
-                res["passed_to_python"] = env.j("daemon", "status")["FastPath"]["PassedToPython"] - passed
+                res["passed_to_python"] = passed_to_python(env) - passed
             if snapshots:
                 times.sort()
                 res.update(snapshots=len(times), create_p50_ms=statistics.median(times), create_max_ms=times[-1])
@@ -641,11 +646,11 @@ def cold_bench(repeat: int, cwd: str) -> dict:
             fio(dev, ["--rw=write", "--bs=1M", "--iodepth=8"], "1G", None, cwd)
 
             def measure(case, dev):
-                passed = env.j("daemon", "status")["FastPath"]["PassedToPython"]
+                passed = passed_to_python(env)
                 os.sync()
                 log("cold: %s, run %d/%d" % (case, r + 1, repeat))
                 res = fio(dev, args, "1G", None, cwd)
-                res["passed_to_python"] = env.j("daemon", "status")["FastPath"]["PassedToPython"] - passed
+                res["passed_to_python"] = passed_to_python(env) - passed
                 runs[case].append(res)
 
             snap = env.run("snapshot", "create", disk).stdout.strip()
