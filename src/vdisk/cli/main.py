@@ -22,7 +22,7 @@ from ..config import DataDirError, Paths, open_private, secure_data_dir
 from ..control.machines import DEFAULT_INSTANCE_TYPE, INSTANCE_TYPES
 from ..daemon import client
 
-from . import lifecycle
+from . import lifecycle, streams
 from .common import EXIT_DAEMON, EXIT_INTERNAL, EXIT_OK, EXIT_REFUSED, EXIT_USAGE, CLIError, _human, _show, _table
 
 # ---------------------------------------------------------------- plumbing
@@ -41,6 +41,21 @@ class App:
             res = client.request(self.paths, req)
         except client.DaemonUnavailable as exc:
             raise CLIError(str(exc), EXIT_DAEMON) from None
+        return self.answer(res)
+
+    def stream(self, action: str, fd: int, progress=None, **params) -> dict:
+        """A stream action (client.stream) with the stream's descriptor."""
+        req = {"Action": action}
+        req.update({k: v for k, v in params.items() if v is not None})
+        try:
+            res = client.stream(self.paths, req, fd, progress)
+        except client.DaemonUnavailable as exc:
+            raise CLIError(str(exc), EXIT_DAEMON) from None
+        return self.answer(res)
+
+    @staticmethod
+    def answer(res: dict) -> dict:
+        """An action's answer, or the CLIError (with its exit code) of its error."""
         if "Code" in res:
             status = res.get("HttpStatus", 400)
             if res["Code"] in ("DaemonNotRunning", "Forbidden"):
@@ -1054,7 +1069,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--suite", default="bookworm", help="Debian suite (default bookworm)")
     v.add_argument("--mirror", default="http://deb.debian.org/debian", help="Debian mirror")
 
-    g = group("disk", "create, attach, detach, resize, reset and delete disks")
+    g = disk_group = group("disk", "create, attach, detach, resize, reset and delete disks")
     v = verb(g, "create", cmd_disk_create, "create an Available disk, empty or from a snapshot")
     v.add_argument("--size", type=int, metavar="GIB", help="size in GiB (default: the snapshot's source disk size)")
     v.add_argument("--category", help="cloud_essd (default), cloud_auto (ESSD AutoPL), cloud_essd_entry, cloud_ssd, "
@@ -1118,6 +1133,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = verb(g, "delete", cmd_snapshot_delete, "delete a snapshot; frees what nothing else uses")
     v.add_argument("snapshot", metavar="SNAPSHOT_ID")
     v.add_argument("--force", action="store_true", help="delete even if disks were created from it")
+    streams.add_commands(verb, disk_group, g)
 
     g = group("snapshot-group", "instance snapshots: several disks of one instance at one point in time")
     v = verb(g, "create", cmd_group_create, "snapshot disks of an instance together (all of its disks by default)")

@@ -35,6 +35,7 @@ from .lifecycle import LifecycleActions
 from .machines import MachineActions
 from .policies import PolicyActions
 from .snapshot_groups import SnapshotGroupActions
+from .streams import STREAM_ACTIONS, StreamActions
 from .tags import TagActions
 from .validate import CLIENT_TOKEN, Params, check_id, check_request, new_id, shown
 
@@ -131,7 +132,7 @@ class Host:
 
 
 class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActions, PolicyActions, LifecycleActions,
-                 TagActions, CopyActions, IoLimitActions, MonitorActions):
+                 TagActions, CopyActions, IoLimitActions, MonitorActions, StreamActions):
     def __init__(self, pool: Pool, host: Host | None = None, settings: dict | None = None, vms=None):
         self.pool = pool
         self.clock = Clock(pool)
@@ -146,6 +147,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
         self.actions = {
             name[len("do_") :]: getattr(self, name) for name in dir(self) if name.startswith("do_")
         }
+        self.recover_imports()
 
     # ------------------------------------------------------------ dispatch
 
@@ -154,6 +156,11 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
         request_id = str(uuid.uuid4()).upper()
         try:
             action = check_request(req)
+            if action in STREAM_ACTIONS:
+                raise CloudError(
+                    "InvalidAction.NeedsStream",
+                    "Action %s reads or writes a byte stream: send it over vdisk's control socket with the stream's "
+                    "file descriptor (vdisk snapshot export, vdisk disk import-diff)." % action, 400)
             if action not in self.actions:
                 raise CloudError(
                     "InvalidAction.NotFound",
@@ -173,20 +180,23 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
                     self._remember(token, result)
             result["RequestId"] = request_id
             return result
-        except CloudError as exc:
-            self.pool.drop_staged_records()
-            d = exc.to_dict()
-        except NoSpace as exc:
-            self.pool.drop_staged_records()
-            d = CloudError("InsufficientStorage", "The pool is out of space: %s" % exc, 507).to_dict()
-        except EngineError as exc:
-            self.pool.drop_staged_records()
-            d = CloudError("InternalError", "The storage engine refused: %s" % exc, 500).to_dict()
         except Exception as exc:  # noqa: BLE001 - the daemon must keep serving
-            log.exception("internal error in %r", req)
-            self.pool.drop_staged_records()
+            return self.error_answer(exc, req, request_id)
+
+    def error_answer(self, exc: Exception, req, request_id: str | None = None) -> dict:
+        """The answer to a request that raised exc (staged records dropped):
+        the cloud's code and message, InternalError for the unexpected."""
+        self.pool.drop_staged_records()
+        if isinstance(exc, CloudError):
+            d = exc.to_dict()
+        elif isinstance(exc, NoSpace):
+            d = CloudError("InsufficientStorage", "The pool is out of space: %s" % exc, 507).to_dict()
+        elif isinstance(exc, EngineError):
+            d = CloudError("InternalError", "The storage engine refused: %s" % exc, 500).to_dict()
+        else:
+            log.error("internal error in %r", req, exc_info=exc)
             d = CloudError("InternalError", "Internal error: %s: %s" % (type(exc).__name__, exc), 500).to_dict()
-        d["RequestId"] = request_id
+        d["RequestId"] = request_id or str(uuid.uuid4()).upper()
         return d
 
     # ------------------------------------------------------------ cloud conventions

@@ -72,14 +72,21 @@ def _owner(path: str) -> str:
         return "?"
 
 
-def call(paths: Paths, req: dict, timeout: float = 600, connect_timeout: float | None = None) -> dict:
+def call(paths: Paths, req: dict, timeout: float | None = 600, connect_timeout: float | None = None,
+         fd: int | None = None) -> dict:
     """Send one request to the running daemon; its answer.  Raises
-    DaemonUnavailable (with what to do) when there is no answer."""
+    DaemonUnavailable (with what to do) when there is no answer.  fd: a file
+    descriptor passed with the request (SCM_RIGHTS), a stream action's."""
     s = _connect(paths, timeout, CONNECT_TIMEOUT if connect_timeout is None else connect_timeout)
     with s:
         buf = b""
         try:
-            s.sendall(json.dumps(req).encode() + b"\n")
+            line = json.dumps(req).encode() + b"\n"
+            if fd is None:
+                s.sendall(line)
+            else:
+                sent = socket.send_fds(s, [line], [fd])
+                s.sendall(line[sent:])
             while not buf.endswith(b"\n"):
                 chunk = s.recv(65536)
                 if not chunk:
@@ -112,6 +119,12 @@ def request(paths: Paths, req: dict) -> dict:
         return call(paths, req)
     except NotRunning:
         pass
+    _need_pool(paths)
+    return _offline(paths, req)
+
+
+def _need_pool(paths: Paths) -> None:
+    """Offline, the data directory must already hold a pool."""
     from ..engine.pool import Pool
 
     if os.path.exists(paths.data_dir) and not os.path.isdir(paths.data_dir):
@@ -121,7 +134,6 @@ def request(paths: Paths, req: dict) -> dict:
             "%s holds no vdisk pool and no daemon answers there: check --data-dir or $VDISK_HOME, or create a pool "
             "with 'vdisk pool create' or 'vdisk daemon start'" % paths.data_dir
         )
-    return _offline(paths, req)
 
 
 def create_pool(paths: Paths) -> bool:
@@ -134,7 +146,26 @@ def create_pool(paths: Paths) -> bool:
     return True
 
 
-def _offline(paths: Paths, req: dict | None) -> dict:
+def stream(paths: Paths, req: dict, fd: int, progress=None) -> dict:
+    """Run a stream action (vdisk.control.streams: ExportSnapshotDiff writes
+    the stream into fd, ImportDiskDiff reads it from fd) through the daemon,
+    or in this process when none runs.  No timeout: a stream takes as long
+    as its data.  progress(done, total): offline exports only."""
+    try:
+        return call(paths, req, timeout=None, fd=fd)
+    except NotRunning:
+        pass
+    _need_pool(paths)
+    from ..control.streams import run_stream
+
+    mode = "wb" if req.get("Action") == "ExportSnapshotDiff" else "rb"
+    with os.fdopen(os.dup(fd), mode, buffering=1 << 20) as f:
+        out = _offline(paths, None, lambda ctl: run_stream(ctl, req, f, progress))
+        f.flush()
+    return out
+
+
+def _offline(paths: Paths, req: dict | None, run=None) -> dict:
     try:
         fd = lock.acquire(paths.lock)
     except lock.Locked as exc:
@@ -148,7 +179,10 @@ def _offline(paths: Paths, req: dict | None) -> dict:
 
         pool = Pool(paths.pool)
         try:
-            return Controller(pool, host=None).handle(req) if req is not None else {}
+            ctl = Controller(pool, host=None)
+            if run is not None:
+                return run(ctl)
+            return ctl.handle(req) if req is not None else {}
         finally:
             pool.close()
     finally:

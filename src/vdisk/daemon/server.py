@@ -33,6 +33,7 @@ import trio
 
 from ..config import Paths, open_private
 from ..control.controller import Controller
+from ..control.streams import STREAM_ACTIONS
 from ..engine.errors import EngineError
 from ..engine.fastmap import FastMap
 from ..engine.pool import Pool
@@ -40,7 +41,7 @@ from ..fuse import discard
 from ..fuse.fastpath import FastPath
 from ..fuse.fs import DiskFS
 from ..vm.supervisor import STOP_TIMEOUT, Machines
-from . import lock
+from . import lock, streams
 from .committer import Committer
 from .notify import notify
 
@@ -491,29 +492,40 @@ class Daemon:
                                   "HttpStatus": 403})
             return
         buf = b""
-        while True:
-            data = await stream.receive_some(65536)
-            if not data:
-                return
-            buf += data
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                try:
-                    answer = await self._answer(line)
-                except Exception as exc:  # noqa: BLE001 - a bug must cost one answer, not the daemon
-                    log.exception("internal error answering a control request")
-                    answer = {"Code": "InternalError", "Message": "Internal error: %s: %s" % (type(exc).__name__, exc),
-                              "HttpStatus": 500}
-                await _reply(stream, answer)
-                if self._stopping:
+        fds: list[int] = []  # passed with the request being read (a stream action's)
+        try:
+            while True:
+                data, got = await _receive(stream)
+                fds += got
+                if not data:
                     return
-            if len(buf) > MAX_REQUEST:
-                await _reply(stream, {"Code": "InvalidParameter", "HttpStatus": 400,
-                                      "Message": "the request is larger than %d bytes without a newline; "
-                                                 "send one JSON object per line" % MAX_REQUEST})
-                return
+                buf += data
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    try:
+                        answer = await self._answer(line, fds[0] if fds else None)
+                    except Exception as exc:  # noqa: BLE001 - a bug must cost one answer, not the daemon
+                        log.exception("internal error answering a control request")
+                        answer = {"Code": "InternalError", "Message": "Internal error: %s: %s" % (type(exc).__name__, exc),
+                                  "HttpStatus": 500}
+                    for fd in fds:
+                        os.close(fd)
+                    fds = []
+                    await _reply(stream, answer)
+                    if self._stopping:
+                        return
+                if len(buf) > MAX_REQUEST:
+                    await _reply(stream, {"Code": "InvalidParameter", "HttpStatus": 400,
+                                          "Message": "the request is larger than %d bytes without a newline; "
+                                                     "send one JSON object per line" % MAX_REQUEST})
+                    return
+        finally:
+            for fd in fds:
+                os.close(fd)
 
-    async def _answer(self, line: bytes) -> dict:
+    async def _answer(self, line: bytes, fd: int | None = None) -> dict:
+        """One request line; fd: the file descriptor passed with it (a
+        stream action's, ExportSnapshotDiff and ImportDiskDiff)."""
         try:
             req = json.loads(line)
         except (ValueError, RecursionError) as exc:
@@ -558,6 +570,11 @@ class Daemon:
             self._stopping = True  # cancelled once the answer is sent
             self.stop_reason = "the Shutdown action (vdisk daemon stop%s)" % (" --force" if force else "")
             return {"ShuttingDown": True}
+        if isinstance(req, dict) and req.get("Action") in STREAM_ACTIONS and fd is not None:
+            self._schedule_changed = True
+            if req["Action"] == "ExportSnapshotDiff":
+                return await streams.export(self, req, fd)
+            return await streams.import_(self, req, fd)
         async with self._control:
             return await self._act(req)
 
@@ -635,6 +652,22 @@ def _forget_last_exit(paths: Paths) -> None:
         os.unlink(paths.exit_record)
     except FileNotFoundError:
         pass
+
+
+# at most this many file descriptors come with one request (a stream action's one)
+MAX_FDS = 4
+
+
+async def _receive(stream) -> tuple[bytes, list[int]]:
+    """Bytes from a control connection, and the file descriptors that came
+    with them (SCM_RIGHTS)."""
+    data, anc, _flags, _addr = await stream.socket.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4))
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            n = len(payload) - len(payload) % 4
+            fds += struct.unpack("%di" % (n // 4), payload[:n])
+    return data, fds
 
 
 async def _reply(stream, answer: dict) -> None:

@@ -796,6 +796,9 @@ class Pool:
     def changed_blocks(self, sid_from: int | None, sid_to: int | None, vid: int | None = None) -> list[int]:
         return reports.changed_blocks(self, sid_from, sid_to, vid)
 
+    def changed_extents(self, sid_from: int | None, sid_to: int | None, vid: int | None = None) -> list[tuple[int, bool]]:
+        return reports.changed_extents(self, sid_from, sid_to, vid)
+
     def scrub(self, verify_data: bool = True, progress=None) -> list[str]:
         return scrub.check(self, verify_data, progress)
 

@@ -28,6 +28,13 @@ def changed_blocks(pool, sid_from: int | None, sid_to: int | None, vid: int | No
     Work is proportional to what changed since sid_from when both are in
     the same lineage; otherwise the visible maps are compared.
     """
+    return [block for block, _zero in changed_extents(pool, sid_from, sid_to, vid)]
+
+
+def changed_extents(pool, sid_from: int | None, sid_to: int | None, vid: int | None = None) -> list[tuple[int, bool]]:
+    """changed_blocks, each as (block, zero): zero when the block reads as
+    zeros at sid_to (no entry holds a page of it), known from the map
+    without reading data."""
     pool.commit()
     if sid_to is None:
         v = pool._vols[vid]
@@ -51,9 +58,12 @@ def changed_blocks(pool, sid_from: int | None, sid_to: int | None, vid: int | No
                     out.add(block)
             # a block written and zeroed again is no change
             cur = txn.cursor(db=pool._db[DB_MAP])
-            return sorted(
-                b for b in out if pool._lookup(cur, lid_a, gen_a, b) != pool._lookup(cur, lid_b, gen_b, b)
-            )
+            changed = []
+            for b in sorted(out):
+                now = pool._lookup(cur, lid_b, gen_b, b)
+                if pool._lookup(cur, lid_a, gen_a, b) != now:
+                    changed.append((b, not now))
+            return changed
         a = visible_map(pool, txn, lid_a, gen_a) if sid_from is not None else {}
         b = visible_map(pool, txn, lid_b, gen_b)
-        return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        return sorted((k, k not in b) for k in set(a) | set(b) if a.get(k) != b.get(k))
