@@ -140,6 +140,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
         self.host = host
         self.vms = vms  # vdisk.vm.supervisor.Machines in the daemon; None offline
         self.invocations = {}
+        self.importing: dict[str, str] = {}  # disk id -> its instance's ("") while an import runs (streams.py)
         self.settings = dict(settings or {})
         # strict: refuse parameters that neither the cloud's API nor vdisk
         # knows for the action (a typo), instead of ignoring them as the cloud does
@@ -161,6 +162,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
                     "InvalidAction.NeedsStream",
                     "Action %s reads or writes a byte stream: send it over vdisk's control socket with the stream's "
                     "file descriptor (vdisk snapshot export, vdisk disk import-diff)." % action, 400)
+            self.check_not_importing(action, req)
             if action not in self.actions:
                 raise CloudError(
                     "InvalidAction.NotFound",
@@ -742,6 +744,9 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
     def _check_can_snapshot(self, disk: dict, manual: bool = True) -> None:
         """Whether disk can be snapshotted now; manual: a user's snapshot
         (counted against the 256 manual snapshots of a disk)."""
+        if disk["DiskId"] in self.importing:
+            raise CloudError("IncorrectDiskStatus", "Disk %s is being imported into (vdisk disk import-diff) and "
+                             "cannot be snapshotted now." % disk["DiskId"], 403)
         if disk["Status"] not in ("In_use", "Available"):
             raise CloudError("IncorrectDiskStatus", "Disk %s is %s and cannot be snapshotted now." % (disk["DiskId"], disk["Status"]), 403)
         if disk["InstanceId"]:

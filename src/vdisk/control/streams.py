@@ -98,6 +98,7 @@ class Import:
 
     def finish(self) -> dict:
         ctl = self.ctl
+        ctl.importing.pop(self.disk["DiskId"], None)
         out = {"DiskId": self.disk["DiskId"], "WrittenBytes": self.written, "ZeroedBytes": self.zeroed}
         if self.name is not None:
             snap = ctl._snapshot_record(self.disk, self.name, "imported from an RBD diff stream", False, None)
@@ -108,13 +109,18 @@ class Import:
                 ctl.pool.put_record("import/" + self.disk["DiskId"], {"_tmp": self.tmp, "_volume": self.disk["_volume"],
                                                                      "Done": True})
 
-            ctl.pool.snapshot([self.disk["_volume"]], change)
+            try:
+                ctl.pool.snapshot([self.disk["_volume"]], change)
+            except BaseException:
+                self.abort()
+                raise
             ctl._begin_progress([snap])
             out["SnapshotId"] = snap["SnapshotId"]
         _drop_hidden(ctl, self.disk["DiskId"], self.tmp)
         return out
 
     def abort(self) -> None:
+        self.ctl.importing.pop(self.disk["DiskId"], None)
         _undo(self.ctl, self.disk["DiskId"], self.disk["_volume"], self.tmp)
 
 
@@ -203,7 +209,7 @@ class StreamActions:
                     "InvalidParameter.SnapshotNameExists",
                     "Disk %s already has a snapshot named %r, the stream's end snapshot." % (disk["DiskId"], name))
             self._check_can_snapshot(disk)
-        if self.pool.get_record("import/" + disk["DiskId"]) is not None:
+        if disk["DiskId"] in self.importing or self.pool.get_record("import/" + disk["DiskId"]) is not None:
             raise CloudError("IncorrectDiskStatus", "Disk %s is being imported into already." % disk["DiskId"], 403)
         rec = {"_volume": disk["_volume"]}
 
@@ -212,7 +218,28 @@ class StreamActions:
             self.pool.put_record("import/" + disk["DiskId"], rec)
 
         self.pool.snapshot([disk["_volume"]], change)
+        self.importing[disk["DiskId"]] = disk["InstanceId"] or ""
         return Import(self, disk, header, name, rec["_tmp"])
+
+    def check_not_importing(self, action: str, req: dict) -> None:
+        """While an import runs, refuse every action but a read that names
+        the disk or its instance (a snapshot, reset, attach or start of a
+        disk half imported would see or change what the import may undo)."""
+        if not self.importing or action.startswith(("Describe", "List", "Get")):
+            return
+        named = set()
+        for v in req.values():
+            if isinstance(v, str):
+                named.add(v)
+            elif isinstance(v, list):
+                named.update(x for x in v if isinstance(x, str))
+            if isinstance(v, str) and v.startswith("["):  # DiskIds as a JSON list
+                named.update(x.strip(' "') for x in v.strip("[]").split(","))
+        for disk_id, inst in self.importing.items():
+            if disk_id in named or (inst and inst in named):
+                raise CloudError("IncorrectDiskStatus",
+                                 "An import into disk %s is in progress (vdisk disk import-diff); try again when it "
+                                 "ends." % disk_id, 403)
 
     def recover_imports(self) -> None:
         """Imports a crash left in the middle go back to where they began;

@@ -6,9 +6,10 @@ socket), so the stream never goes through JSON.
 Concurrency contract: called in the trio thread.  Every pool step (one
 extent read, one record applied, the snapshots taken) runs in the trio
 thread between FUSE requests; every read from or write to the client's
-descriptor, which may block on a pipe, runs in a worker thread.  An import
-holds the daemon's control lock throughout (no other action sees a disk half
-imported); an export holds it only while it is planned.
+descriptor, which may block on a pipe, runs in a worker thread.  Neither
+holds the daemon's control lock while it waits for the client: an export
+takes it while it is planned, an import while it begins and ends (between
+them the control plane refuses what names the disk: Controller.importing).
 """
 from __future__ import annotations
 
@@ -61,28 +62,34 @@ async def export(daemon, req: dict, fd: int) -> dict:
 
 
 async def import_(daemon, req: dict, fd: int) -> dict:
+    """The control lock is held while the import begins and ends, not while
+    it waits for the client's stream: meanwhile the control plane refuses
+    whatever names the disk or its instance (Controller.importing), and
+    answers the rest."""
     ctl = daemon.ctl
     f = os.fdopen(os.dup(fd), "rb", buffering=FLUSH)
     try:
         reader = rbddiff.Reader(f)
+        header = await trio.to_thread.run_sync(streams.read_header, reader)
         async with daemon._control:
-            header = await trio.to_thread.run_sync(streams.read_header, reader)
             await daemon.committer.idle()  # the hidden snapshot is a structural commit
             imp = ctl.import_diff(req, header)
-            records = reader.records()
-            try:
-                while True:
-                    rec = await trio.to_thread.run_sync(next, records, None)
-                    if rec is None:
-                        break
-                    imp.apply(rec)
-            except BaseException as exc:  # cancelled too (the daemon stops): the disk as it was
-                with trio.CancelScope(shield=True):
+        records = reader.records()
+        try:
+            while True:
+                rec = await trio.to_thread.run_sync(next, records, None)
+                if rec is None:
+                    break
+                imp.apply(rec)
+        except BaseException as exc:  # cancelled too (the daemon stops): the disk as it was
+            with trio.CancelScope(shield=True):
+                async with daemon._control:
                     await daemon.committer.idle()
                     imp.abort()
-                if isinstance(exc, rbddiff.StreamError):
-                    raise streams.stream_error(exc) from None
-                raise
+            if isinstance(exc, rbddiff.StreamError):
+                raise streams.stream_error(exc) from None
+            raise
+        async with daemon._control:
             await daemon.committer.idle()
             return imp.finish()
     except Exception as exc:  # noqa: BLE001 - answered, as Controller.handle does
