@@ -295,3 +295,34 @@ def test_round_trip_through_real_rbd(venv, source, ceph):
             assert raw_digest(other, got[name]) == want, name
     finally:
         other.close()
+
+
+def test_snapshots_are_read_only_files_in_the_mount(venv, source):
+    """<mountpoint>/.snapshot/<SnapshotId>: read by dd, losetup -r and
+    qemu-img as the snapshot's image; never written."""
+    disk, snaps, _ = source
+    sid, want = snaps["one"]
+    f = os.path.join(venv.mnt, ".snapshot", sid)
+    assert sid in os.listdir(os.path.join(venv.mnt, ".snapshot"))
+    assert ".snapshot" not in os.listdir(venv.mnt)  # hidden, as ZFS's .zfs
+    assert os.path.getsize(f) == GIB and digest(f) == want
+    for flags in (os.O_WRONLY, os.O_RDWR):
+        with pytest.raises(OSError) as e:
+            os.open(f, flags)
+        assert e.value.errno == 30  # EROFS
+    dev = sh("losetup", "-r", "-f", "--show", f).stdout.strip()
+    try:
+        assert digest(dev) == want
+    finally:
+        sh("losetup", "-d", dev)
+    if shutil.which("qemu-img"):
+        info = json.loads(sh("qemu-img", "info", "--output=json", "-f", "raw", f).stdout)
+        assert info["virtual-size"] == GIB
+    # a snapshot taken now shows up, a deleted one goes
+    s3 = venv.run("snapshot", "create", disk, "--name", "three").stdout.strip()
+    assert os.path.getsize(os.path.join(venv.mnt, ".snapshot", s3)) == GIB
+    venv.run("snapshot", "delete", s3)
+    deadline = time.monotonic() + 5  # the kernel may keep the name for its entry timeout (1 s)
+    while os.path.exists(os.path.join(venv.mnt, ".snapshot", s3)):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)

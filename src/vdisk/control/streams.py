@@ -241,6 +241,11 @@ class StreamActions:
                                  "An import into disk %s is in progress (vdisk disk import-diff); try again when it "
                                  "ends." % disk_id, 403)
 
+    def snapshot_files(self) -> dict[str, int]:
+        """What the mount's .snapshot directory shows: SnapshotId -> the
+        engine's snapshot (a read-only file of the snapshot's image)."""
+        return {s["SnapshotId"]: s["_snap"] for s in self._all("snapshot")}
+
     def recover_imports(self) -> None:
         """Imports a crash left in the middle go back to where they began;
         those that had taken their snapshot only lose their hidden one."""

@@ -153,7 +153,8 @@ class Daemon:
         _clear_stale_mount(mp)
         os.makedirs(mp, mode=0o700, exist_ok=True)
         self.committer = Committer(pool)
-        self.fs = DiskFS(pool, mp, self.committer)
+        # .snapshot in the mount: every snapshot, by its SnapshotId
+        self.fs = DiskFS(pool, mp, self.committer, snapshots=lambda: self.ctl.snapshot_files())
         # the commit thread holds the GIL in stretches; hand it back quickly
         sys.setswitchinterval(0.001)
         self.vms = Machines(self.paths.vm_dir, on_ready=self._vm_ready, on_exit=self._vm_gone)

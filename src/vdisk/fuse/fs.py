@@ -3,6 +3,14 @@
 volume in it.
 
     <mountpoint>/<group>/<name>      mode 0600, size = volume size
+    <mountpoint>/.snapshot/<name>    mode 0400, a snapshot, read-only
+
+The .snapshot directory (as ZFS's .zfs/snapshot; not listed in the root,
+reachable by name) shows what `snapshots()` (given at construction) names:
+name -> engine snapshot id, asked again whenever the directory is read or
+a name in it looked up.  Its files are read through the pool
+(Pool.read_snapshot); opening one for writing is EROFS, reading one whose
+snapshot was deleted meanwhile ESTALE.
 
 Files are opened with FOPEN_DIRECT_IO (no page cache between a loop device
 and the daemon: what the daemon has acknowledged is what the filesystem
@@ -42,26 +50,37 @@ from . import discard, qos
 log = logging.getLogger(__name__)
 
 
-class Node:
-    __slots__ = ("inode", "name", "parent", "volume", "children", "opens")
+SNAPDIR = ".snapshot"
 
-    def __init__(self, inode: int, name: str, parent: int, volume: int | None):
+
+class Node:
+    __slots__ = ("inode", "name", "parent", "volume", "snap", "children", "opens")
+
+    def __init__(self, inode: int, name: str, parent: int, volume: int | None, snap: int | None = None):
         self.inode = inode
         self.name = name
         self.parent = parent
-        self.volume = volume  # None for a directory
+        self.volume = volume  # None for a directory (and a snapshot)
+        self.snap = snap  # a snapshot's file: the engine's snapshot id
         self.children: dict[str, int] = {}
         self.opens = 0
 
+    @property
+    def is_dir(self) -> bool:
+        return self.volume is None and self.snap is None
+
 
 class DiskFS(pyfuse3.Operations):
-    def __init__(self, pool: Pool, mountpoint: str, committer):
+    def __init__(self, pool: Pool, mountpoint: str, committer, snapshots=None):
         super().__init__()
         self.pool = pool
         self.mountpoint = mountpoint
         self.nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: Node(pyfuse3.ROOT_INODE, "", pyfuse3.ROOT_INODE, None)}
         self.handles: dict[int, int] = {}  # fh -> inode
-        self._next_inode = pyfuse3.ROOT_INODE + 1
+        self.snapshots = snapshots or dict  # () -> {name: engine snapshot id}: what .snapshot shows
+        self._snapdir = Node(pyfuse3.ROOT_INODE + 1, SNAPDIR, pyfuse3.ROOT_INODE, None)
+        self.nodes[self._snapdir.inode] = self._snapdir
+        self._next_inode = pyfuse3.ROOT_INODE + 2
         self._next_fh = 1
         self._uid, self._gid = os.getuid(), os.getgid()
         self._t = time.time_ns()
@@ -202,9 +221,16 @@ class DiskFS(pyfuse3.Operations):
     def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.inode
-        if node.volume is None:
+        if node.snap is not None:
+            a.st_mode = stat.S_IFREG | 0o400
+            a.st_nlink = 1
+            try:
+                a.st_size = self.pool.snapshot_info(node.snap)["size"]
+            except EngineError:
+                a.st_size = 0  # deleted meanwhile
+        elif node.volume is None:
             a.st_mode = stat.S_IFDIR | 0o700
-            a.st_nlink = 2 + sum(1 for c in node.children.values() if self.nodes[c].volume is None)
+            a.st_nlink = 2 + sum(1 for c in node.children.values() if self.nodes[c].is_dir)
             a.st_size = 0
         else:
             a.st_mode = stat.S_IFREG | 0o600
@@ -235,6 +261,10 @@ class DiskFS(pyfuse3.Operations):
             return self._attr(parent)
         if name == "..":
             return self._attr(self._node(parent.parent))
+        if parent is self._root() and name == SNAPDIR:
+            return self._attr(self._snapdir)
+        if parent is self._snapdir:
+            self._refresh_snapshots()
         inode = parent.children.get(name)
         if inode is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -242,6 +272,9 @@ class DiskFS(pyfuse3.Operations):
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         node = self._node(inode)
+        if node.snap is not None and (fields.update_size or fields.update_mode or fields.update_uid
+                                      or fields.update_gid):
+            raise pyfuse3.FUSEError(errno.EROFS)
         if fields.update_size:
             if node.volume is None or attr.st_size != self.pool.volume_size(node.volume):
                 # a disk's size changes only through the cloud's ResizeDisk
@@ -262,12 +295,31 @@ class DiskFS(pyfuse3.Operations):
     # ------------------------------------------------------------ directories
 
     async def opendir(self, inode, ctx):
-        if self._node(inode).volume is not None:
+        if not self._node(inode).is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
+    def _refresh_snapshots(self) -> None:
+        """Bring .snapshot's files in step with what snapshots() names now
+        (a file still open stays until it is closed)."""
+        d = self._snapdir
+        now = self.snapshots()
+        for name, inode in list(d.children.items()):
+            node = self.nodes[inode]
+            if now.get(name) != node.snap and not node.opens:
+                del d.children[name]
+                del self.nodes[inode]
+        for name, sid in now.items():
+            if name not in d.children:
+                node = Node(self._next_inode, name, d.inode, None, sid)
+                self._next_inode += 1
+                self.nodes[node.inode] = node
+                d.children[name] = node.inode
+
     async def readdir(self, fh, start_id, token):
         node = self._node(fh)
+        if node is self._snapdir:
+            self._refresh_snapshots()
         entries = sorted(node.children.items(), key=lambda kv: kv[1])
         for name, inode in entries:
             if inode <= start_id:
@@ -282,8 +334,10 @@ class DiskFS(pyfuse3.Operations):
 
     async def open(self, inode, flags, ctx):
         node = self._node(inode)
-        if node.volume is None:
+        if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
+        if node.snap is not None and flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            raise pyfuse3.FUSEError(errno.EROFS)
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = inode
@@ -291,12 +345,27 @@ class DiskFS(pyfuse3.Operations):
         fi = pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
         return fi
 
-    def _vol(self, fh) -> int:
+    def _open_node(self, fh) -> Node:
         inode = self.handles.get(fh)
         node = self.nodes.get(inode) if inode is not None else None
         if node is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        return node
+
+    def _vol(self, fh) -> int:
+        node = self._open_node(fh)
+        if node.snap is not None:
+            raise pyfuse3.FUSEError(errno.EROFS)  # only reads of a snapshot reach here
         return node.volume
+
+    def _read_snapshot(self, sid: int, off: int, size: int):
+        try:
+            return self.pool.read_snapshot(sid, off, size)
+        except EngineError as exc:
+            if exc.errno == errno.ENOENT:  # deleted since it was opened
+                raise pyfuse3.FUSEError(errno.ESTALE) from None
+            log.error("read of %d bytes at %d of snapshot %d failed: %s", size, off, sid, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
 
     async def _admit(self, vid: int, is_write: bool, length: int) -> int | None:
         """Wait for the volume's I/O limit (unless the fast path did, which
@@ -312,6 +381,9 @@ class DiskFS(pyfuse3.Operations):
         return start
 
     async def read(self, fh, off, size):
+        node = self._open_node(fh)
+        if node.snap is not None:
+            return self._read_snapshot(node.snap, off, size)
         vid = self._vol(fh)
         start = await self._admit(vid, False, size)
         try:
@@ -338,6 +410,8 @@ class DiskFS(pyfuse3.Operations):
         return len(buf)
 
     async def fsync(self, fh, datasync):
+        if self._open_node(fh).snap is not None:
+            return  # nothing to make durable: a snapshot is
         vid = self._vol(fh)
         try:
             await self.committer.flush(vid)
@@ -353,6 +427,8 @@ class DiskFS(pyfuse3.Operations):
         node = self.nodes.get(inode) if inode is not None else None
         if node is None:
             return -errno.EBADF
+        if node.snap is not None:
+            return -errno.EROFS
         size = self.pool.volume_size(node.volume)
         if offset < 0 or length <= 0:
             return -errno.EINVAL
@@ -380,3 +456,5 @@ class DiskFS(pyfuse3.Operations):
         node = self.nodes.get(inode) if inode is not None else None
         if node is not None:
             node.opens -= 1
+            if node.snap is not None and not node.opens and node.name not in self._snapdir.children:
+                self.nodes.pop(node.inode, None)
