@@ -381,7 +381,8 @@ def _cli_shapes():
             and s[0][0] != "service"]
 
 
-def test_fuzz_cli_arguments(target):
+def test_fuzz_cli_arguments(target, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # files the commands write (snapshot export -o NAME) land here
     shapes = _cli_shapes()
     values = st.one_of(odd_text, st.sampled_from(target.ids))
     stats = {"commands": 0, "exit_codes": {}}

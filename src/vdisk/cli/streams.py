@@ -110,15 +110,34 @@ def cmd_snapshot_export(app) -> int:
     return EXIT_OK
 
 
+def _std_fd(f, what: str) -> int:
+    """The descriptor behind standard input or output, or a clear error."""
+    try:
+        return f.buffer.fileno()
+    except (AttributeError, OSError, ValueError):
+        raise CLIError("standard %s is not a file or pipe here: %s" % (
+            what, "give -o FILE" if what == "output" else "give a FILE instead of -"), EXIT_USAGE) from None
+
+
+def _temp_beside(out: str) -> str:
+    """A new file beside out (written, then renamed over out only when the
+    export succeeded: a refused export leaves an existing file untouched)."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".vdisk-export-", dir=os.path.dirname(os.path.abspath(out)))
+    except OSError as exc:
+        raise CLIError("cannot write beside %s: %s" % (out, exc.strerror), EXIT_USAGE) from None
+    os.close(fd)
+    return tmp
+
+
 def _export_diff(app, out, params) -> dict:
     progress = Progress("Exporting %s" % params["SnapshotId"], None)
+    tmp = None
     if out in (None, "-"):
-        sink_fd = sys.stdout.buffer.fileno()
-        sys.stdout.flush()
-        keep = True
+        sink_fd = _std_fd(sys.stdout, "output")
     else:
-        sink_fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        keep = False
+        tmp = _temp_beside(out)
+        sink_fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
     ok = False
     try:
         if not progress.on:
@@ -126,13 +145,16 @@ def _export_diff(app, out, params) -> dict:
         else:
             with os.fdopen(os.dup(sink_fd), "wb") as sink:
                 res = _through_pipe(app, "ExportSnapshotDiff", lambda r, errs: _pump(r, sink, progress, errs), **params)
+        if tmp is not None:
+            os.fsync(sink_fd)
+            os.replace(tmp, out)
         ok = True
     finally:
         progress.end(ok)
-        if not keep:
+        if tmp is not None:
             os.close(sink_fd)
             if not ok:
-                _unlink(out)
+                _unlink(tmp)
     return res
 
 
@@ -158,25 +180,23 @@ def _export_image(app, out: str, fmt: str, params: dict) -> dict:
     if fmt == "qcow2" and shutil.which("qemu-img") is None:
         raise CLIError("--format qcow2 needs qemu-img (apt-get install qemu-utils)")
     progress = Progress("Exporting %s" % params["SnapshotId"], None)
-    raw = out if fmt == "raw" else tempfile.mkstemp(prefix=".vdisk-export-", suffix=".raw",
-                                                     dir=os.path.dirname(os.path.abspath(out)))[1]
+    raw = _temp_beside(out)
+    image = raw if fmt == "raw" else _temp_beside(out)
     ok = False
     try:
-        with open(raw, "wb"):
-            pass
         res = _through_pipe(app, "ExportSnapshotDiff", lambda r, errs: _apply_raw(r, raw, progress, errs), **params)
         progress.end(True)
         if fmt == "qcow2":
-            cmd = ["qemu-img", "convert", "-f", "raw", "-O", "qcow2"] + (["-p"] if progress.on else []) + [raw, out]
+            cmd = ["qemu-img", "convert", "-f", "raw", "-O", "qcow2"] + (["-p"] if progress.on else []) + [raw, image]
             if subprocess.run(cmd).returncode != 0:
                 raise CLIError("qemu-img convert to %s failed (its message is above)" % out)
+        os.replace(image, out)
         ok = True
     finally:
         if not ok:
             progress.end(False)
-            _unlink(out)
-        if raw != out:
-            _unlink(raw)
+        _unlink(raw)
+        _unlink(image)
     return {"SnapshotId": params["SnapshotId"], "Format": fmt, "File": out, "ImageSize": res["ImageSize"],
             "DataBytes": res["DataBytes"]}
 
@@ -191,7 +211,7 @@ def _unlink(path: str) -> None:
 def cmd_disk_import_diff(app) -> int:
     a = app.args
     if a.file == "-":
-        fd = sys.stdin.buffer.fileno()
+        fd = _std_fd(sys.stdin, "input")
         close = False
     else:
         try:
