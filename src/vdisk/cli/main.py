@@ -22,7 +22,7 @@ from ..config import DataDirError, Paths, open_private, secure_data_dir
 from ..control.machines import DEFAULT_INSTANCE_TYPE, INSTANCE_TYPES
 from ..daemon import client
 
-from . import lifecycle, streams
+from . import lifecycle, repository, streams
 from .common import EXIT_DAEMON, EXIT_INTERNAL, EXIT_OK, EXIT_REFUSED, EXIT_USAGE, CLIError, _human, _show, _table
 
 # ---------------------------------------------------------------- plumbing
@@ -1134,6 +1134,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("snapshot", metavar="SNAPSHOT_ID")
     v.add_argument("--force", action="store_true", help="delete even if disks were created from it")
     streams.add_commands(verb, disk_group, g)
+
+    repository.add_commands(group, verb)
 
     g = group("snapshot-group", "instance snapshots: several disks of one instance at one point in time")
     v = verb(g, "create", cmd_group_create, "snapshot disks of an instance together (all of its disks by default)")
