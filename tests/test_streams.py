@@ -8,7 +8,6 @@ import os
 import random
 import shutil
 import subprocess
-import tempfile
 import time
 
 import pytest
@@ -19,7 +18,6 @@ pytestmark = pytest.mark.root
 
 GIB = 1 << 30
 BLOCK = 65536
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ZEROS_1G = hashlib.sha256(bytes(GIB)).hexdigest()
 
 
@@ -230,26 +228,6 @@ def test_export_refuses_what_it_cannot_write(venv, source):
 
 
 # ---------------------------------------------------------------- with Ceph
-
-
-@pytest.fixture(scope="module")
-def ceph():
-    """A single-node Ceph cluster (scripts/ceph-local) for this module."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    for tool in ("ceph-mon", "ceph-osd", "rbd"):
-        if shutil.which(tool) is None:
-            pytest.skip("needs Ceph (%s): scripts/ceph-local install" % tool)
-    d = tempfile.mkdtemp(prefix="vdisk-ceph-")
-    try:
-        r = subprocess.run([os.path.join(REPO, "scripts", "ceph-local"), "start", d], capture_output=True, text=True,
-                           timeout=300)
-        if r.returncode != 0:
-            pytest.fail("scripts/ceph-local start failed:\n%s%s" % (r.stdout, r.stderr))
-        yield dict(os.environ, CEPH_CONF=os.path.join(d, "ceph.conf"))
-    finally:
-        subprocess.run([os.path.join(REPO, "scripts", "ceph-local"), "stop", d], timeout=120)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def rbd(env, *args, **kw):

@@ -55,7 +55,7 @@ def _base(repo: Repository, call, snap: dict, source: str):
     return best
 
 
-def _read_stream(stream, args: tuple, kwargs: dict):
+def _read_stream(stream, kwargs: dict):
     """Run an export into a pipe in a thread: (read end, thread, result box)."""
     r, w = os.pipe()
     box: dict = {}
@@ -85,7 +85,7 @@ def archive_snapshot(repo: Repository, call, stream, sid: str, source: str, grou
     blocks: dict[str, str] = dict(base["Blocks"]) if base else {}
     repo.lock_archiving()
     try:
-        r, t, box = _read_stream(stream, (), {"SnapshotId": sid, "FromSnapshotId": base["SnapshotId"] if base else None})
+        r, t, box = _read_stream(stream, {"SnapshotId": sid, "FromSnapshotId": base["SnapshotId"] if base else None})
         sent = [0, 0]  # chunks, bytes
         pending: dict[str, bytes] = {}
 
@@ -153,10 +153,9 @@ def archive_group(repo: Repository, call, stream, group_id: str, source: str, fu
     if not groups:
         raise RepositoryError("snapshot group %s does not exist" % group_id)
     g = groups[0]
-    gid = None
     for ident, m in repo.manifests("group").items():
         if m["SnapshotGroupId"] == group_id and m["Source"] == source:
-            return dict(m, GroupArchiveId=ident, AlreadyArchived=True)
+            return dict(m, GroupArchiveId=ident, ChunksSent=0, BytesSent=0, AlreadyArchived=True)
     gid = new_id("ag")
     members = []
     for s in g["Snapshots"]["Snapshot"]:
