@@ -816,7 +816,15 @@ def main() -> int:
     ap.add_argument("--cold", action="store_true",
                     help="only first writes to blocks the fast path has not seen: after a restart, a reset to a "
                     "snapshot, on a disk created from one, against warm")
+    ap.add_argument("--repository", action="store_true",
+                    help="only snapshots leaving the host: archive, restore and incremental archives on a local Ceph "
+                    "against rados bench, and the change into RBD against rbd export-diff (scripts/bench_repository.py)")
     a = ap.parse_args()
+    if a.repository:
+        from bench_repository import print_repository, repository_bench
+
+        return only(a, "repository", lambda: repository_bench(a.repeat, a.size_gib, log), print_repository,
+                    repeat=a.repeat)
     if a.cold:
         return only(a, "cold", lambda: cold_bench(a.repeat, tempfile.gettempdir()), print_cold, repeat=a.repeat)
     if a.vm:
