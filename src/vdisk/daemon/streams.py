@@ -81,6 +81,7 @@ async def import_(daemon, req: dict, fd: int) -> dict:
                 if rec is None:
                     break
                 imp.apply(rec)
+                await daemon.committer.after_write()  # the write cache's limit, as for FUSE writes
         except BaseException as exc:  # cancelled too (the daemon stops): the disk as it was
             with trio.CancelScope(shield=True):
                 async with daemon._control:
