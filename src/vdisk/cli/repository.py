@@ -19,6 +19,7 @@ from .common import EXIT_OK, EXIT_USAGE, CLIError, _human, _show, _table
 from .streams import Progress
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+POOL = re.compile(r"[A-Za-z0-9_.-]{1,63}")
 
 
 def _file(app) -> str:
@@ -69,13 +70,21 @@ def cmd_add(app) -> int:
     a = app.args
     if not NAME.fullmatch(a.name):
         raise CLIError("a repository's name is a letter, then up to 63 letters, digits, '_', '.' or '-'", EXIT_USAGE)
+    if not POOL.fullmatch(a.pool):
+        raise CLIError("a RADOS pool's name here is 1 to 63 letters, digits, '_', '.' or '-'", EXIT_USAGE)
+    if not os.path.isdir(app.paths.data_dir):
+        raise CLIError("%s is not a vdisk data directory (--data-dir, $VDISK_HOME)" % app.paths.data_dir, EXIT_USAGE)
     reg = _registry(app)
     if a.name in reg:
         raise CLIError("a repository named %r is registered already (%s, pool %s)" % (a.name, reg[a.name]["CephConf"],
                                                                                      reg[a.name]["Pool"]))
-    conf = os.path.realpath(a.ceph_conf)
-    if not os.path.isfile(conf):
-        raise CLIError("%s is not a file: give the cluster's ceph.conf" % a.ceph_conf, EXIT_USAGE)
+    try:
+        conf = os.path.realpath(a.ceph_conf)
+        is_file = os.path.isfile(conf)
+    except ValueError:  # a NUL, or bytes that are no file name
+        is_file = False
+    if not is_file:
+        raise CLIError("%r is not a file: give the cluster's ceph.conf" % a.ceph_conf, EXIT_USAGE)
     try:
         Repository(conf, a.pool).open(create=True).close()
     except RepositoryError as exc:

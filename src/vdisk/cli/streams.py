@@ -126,6 +126,8 @@ def _temp_beside(out: str) -> str:
         fd, tmp = tempfile.mkstemp(prefix=".vdisk-export-", dir=os.path.dirname(os.path.abspath(out)))
     except OSError as exc:
         raise CLIError("cannot write beside %s: %s" % (out, exc.strerror), EXIT_USAGE) from None
+    except ValueError:  # a NUL, or bytes that are no file name (UnicodeEncodeError)
+        raise CLIError("%r is not a file name" % out, EXIT_USAGE) from None
     os.close(fd)
     return tmp
 
@@ -218,6 +220,8 @@ def cmd_disk_import_diff(app) -> int:
             fd = os.open(a.file, os.O_RDONLY)
         except OSError as exc:
             raise CLIError("cannot read %s: %s" % (a.file, exc.strerror), EXIT_USAGE) from None
+        except ValueError:  # a NUL, or bytes that are no file name (UnicodeEncodeError)
+            raise CLIError("%r is not a file name" % a.file, EXIT_USAGE) from None
         close = True
     try:
         res = app.stream("ImportDiskDiff", fd, DiskId=a.disk, SnapshotName=a.snapshot_name)

@@ -662,7 +662,10 @@ MAX_FDS = 4
 async def _receive(stream) -> tuple[bytes, list[int]]:
     """Bytes from a control connection, and the file descriptors that came
     with them (SCM_RIGHTS)."""
-    data, anc, _flags, _addr = await stream.socket.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4))
+    try:
+        data, anc, _flags, _addr = await stream.socket.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4))
+    except (ConnectionResetError, BrokenPipeError) as exc:  # what SocketStream.receive_some would say
+        raise trio.BrokenResourceError(str(exc)) from None
     fds: list[int] = []
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

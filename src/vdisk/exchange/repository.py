@@ -68,8 +68,11 @@ class Repository:
         self.pool = pool
         rados = _rados()
         self._rados = rados
-        self.cluster = rados.Rados(conffile=conffile, conf={
-            "rados_osd_op_timeout": str(int(timeout)), "rados_mon_op_timeout": str(int(timeout))})
+        try:
+            self.cluster = rados.Rados(conffile=conffile, conf={
+                "rados_osd_op_timeout": str(int(timeout)), "rados_mon_op_timeout": str(int(timeout))})
+        except (rados.Error, ValueError) as exc:
+            raise RepositoryError("%r is not a Ceph configuration librados can read: %s" % (conffile, exc)) from None
         try:
             self.cluster.connect(timeout=int(timeout))
         except rados.Error as exc:
