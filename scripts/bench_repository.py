@@ -7,13 +7,17 @@ single-node Ceph started for the run (scripts/ceph-local) on this machine.
 - vdisk repository archive (full) and restore of a disk written whole;
 - incremental archives after changing 1%, 10% and 50% of its blocks (time
   and bytes sent should follow the change);
-- the same 10% change sent into an RBD image: `vdisk snapshot export --from
-  | rbd import-diff -` against `rbd export-diff --from-snap | rbd import-diff -`.
+- the same change sent into an RBD image: `vdisk snapshot export --from
+  | rbd import-diff -` against `rbd export-diff --from-snap | rbd import-diff -`;
+- the two routes to the cluster for a repository's chunks: librados (the
+  one vdisk uses) against S3 through radosgw (boto3), 64 KiB and 4 MiB
+  objects, 16 in flight each.
 
 Every figure is the median of --repeat runs, measured in the same run.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -43,6 +47,62 @@ def _rados_bench(env, pool, seconds, size, threads) -> dict:
     return {"write_MBps": mbps(w), "read_MBps": mbps(r)}
 
 
+def _routes(ceph: dict, d: str, count: int = 1500, window: int = 16) -> dict:
+    """PUT and GET of `count` objects of 64 KiB (and count/16 of 4 MiB)
+    through librados (aio, `window` in flight) and through S3 to radosgw
+    (boto3, `window` threads)."""
+    import concurrent.futures
+
+    import boto3
+    import botocore.config
+    import rados
+
+    out = {}
+    cluster = rados.Rados(conffile=ceph["CEPH_CONF"])
+    cluster.connect()
+    cluster.create_pool("routes")
+    io = cluster.open_ioctx("routes")
+    user = json.loads(subprocess.run(["radosgw-admin", "user", "create", "--uid=bench", "--display-name=bench"],
+                                     env=ceph, capture_output=True, text=True, check=True).stdout)["keys"][0]
+    port = open(os.path.join(d, "rgw.port")).read().strip()
+    s3 = boto3.client("s3", endpoint_url="http://127.0.0.1:%s" % port, aws_access_key_id=user["access_key"],
+                      aws_secret_access_key=user["secret_key"], region_name="default",
+                      config=botocore.config.Config(max_pool_connections=window, retries={"max_attempts": 2}))
+    s3.create_bucket(Bucket="routes")
+    for size, n in ((64 << 10, count), (4 << 20, max(16, count // 16))):
+        data = os.urandom(size)
+        key = "%dK" % (size >> 10)
+
+        def lib_put():
+            for i in range(0, n, window):
+                comps = [io.aio_write_full("o%s.%d" % (key, j), data) for j in range(i, min(n, i + window))]
+                for c in comps:
+                    c.wait_for_complete()
+
+        def lib_get():
+            for i in range(0, n, window):
+                comps = [io.aio_read("o%s.%d" % (key, j), size, 0, lambda c, b: None) for j in range(i, min(n, i + window))]
+                for c in comps:
+                    c.wait_for_complete_and_cb()
+
+        with concurrent.futures.ThreadPoolExecutor(window) as pool:
+            def s3_put():
+                list(pool.map(lambda j: s3.put_object(Bucket="routes", Key="o%s.%d" % (key, j), Body=data), range(n)))
+
+            def s3_get():
+                list(pool.map(lambda j: s3.get_object(Bucket="routes", Key="o%s.%d" % (key, j))["Body"].read(), range(n)))
+
+            r = {}
+            for name, fn in (("librados_put", lib_put), ("librados_get", lib_get), ("s3_put", s3_put), ("s3_get", s3_get)):
+                t, _ = _timed(fn)
+                r[name + "_MBps"] = n * size / 1e6 / t
+                r[name + "_ops"] = n / t
+            out[key] = r
+    io.close()
+    cluster.shutdown()
+    return out
+
+
 def _fill(path: str, blocks, seed: int) -> None:
     r = random.Random(seed)
     fd = os.open(path, os.O_RDWR)
@@ -63,7 +123,7 @@ def _timed(fn):
 def repository_bench(repeat: int, size_gib: int, log) -> dict:
     d = tempfile.mkdtemp(prefix="vdisk-bench-ceph-")
     osd = "%dG" % max(8, 4 * size_gib + 4)
-    subprocess.run([os.path.join(HERE, "ceph-local"), "start", d, "--osd-size", osd], check=True,
+    subprocess.run([os.path.join(HERE, "ceph-local"), "start", d, "--osd-size", osd, "--rgw"], check=True,
                    capture_output=True, text=True)
     ceph = dict(os.environ, CEPH_CONF=os.path.join(d, "ceph.conf"))
     env = VDiskEnv(prefix="vdisk-bench-", io_limits="unlimited")
@@ -73,6 +133,8 @@ def repository_bench(repeat: int, size_gib: int, log) -> dict:
         log("rados bench: 4 MiB objects x8, 64 KiB objects x16 ...")
         out["rados_bench_4M_t8"] = _rados_bench(ceph, "bench", 10, 4 << 20, 8)
         out["rados_bench_64K_t16"] = _rados_bench(ceph, "bench", 10, 64 << 10, 16)
+        log("librados against S3 through radosgw ...")
+        out["routes"] = _routes(ceph, d)
         env.start()
         iid, (disk,) = env.instance(ndata=1, size=size_gib)
         env.run("instance", "start", iid)
@@ -166,6 +228,9 @@ def print_repository(res: dict) -> None:
                                                           mb(res["rados_bench_64K_t16"]["read_MBps"])))
     print("  archive (full): %.1f s, %s" % (res["archive_full"]["seconds"], mb(res["archive_full"]["MBps"])))
     print("  restore:        %.1f s, %s" % (res["restore"]["seconds"], mb(res["restore"]["MBps"])))
+    for key, r in res["routes"].items():
+        print("  %s objects x16: librados put %s get %s; S3 (radosgw, boto3) put %s get %s" % (
+            key, mb(r["librados_put_MBps"]), mb(r["librados_get_MBps"]), mb(r["s3_put_MBps"]), mb(r["s3_get_MBps"])))
     for pct, r in res["incremental"].items():
         print("  incremental after %s changed: %.2f s (%.2fx the full archive), %d chunks sent for %d blocks changed"
               % (pct, r["seconds"], r["vs_full"], r["chunks_sent"], r["blocks_changed"]))
