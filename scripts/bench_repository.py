@@ -99,6 +99,7 @@ def _routes(ceph: dict, d: str, count: int = 1500, window: int = 16) -> dict:
                 r[name + "_ops"] = n / t
             out[key] = r
     io.close()
+    cluster.delete_pool("routes")
     cluster.shutdown()
     return out
 
@@ -122,7 +123,9 @@ def _timed(fn):
 
 def repository_bench(repeat: int, size_gib: int, log) -> dict:
     d = tempfile.mkdtemp(prefix="vdisk-bench-ceph-")
-    osd = "%dG" % max(8, 4 * size_gib + 4)
+    # sparse; what the run keeps at once: a full archive, three incremental
+    # ones, two RBD images with their snapshots (a full cluster hangs its clients)
+    osd = "%dG" % max(24, 12 * size_gib + 8)
     subprocess.run([os.path.join(HERE, "ceph-local"), "start", d, "--osd-size", osd, "--rgw"], check=True,
                    capture_output=True, text=True)
     ceph = dict(os.environ, CEPH_CONF=os.path.join(d, "ceph.conf"))
@@ -154,6 +157,9 @@ def repository_bench(repeat: int, size_gib: int, log) -> dict:
             restore.append(t)
             env.run("snapshot", "delete", got["SnapshotId"])
             env.run("disk", "delete", got["DiskId"])
+            if i:  # the first one stays: the incremental archives go on from it
+                subprocess.run(["ceph", "osd", "pool", "rm", pool, pool, "--yes-i-really-really-mean-it"], env=ceph,
+                               check=True, capture_output=True)
         nbytes = full[0][1]
         out["archive_full"] = {"seconds": statistics.median(t for t, _ in full), "bytes": nbytes,
                                "MBps": nbytes / 1e6 / statistics.median(t for t, _ in full)}
@@ -201,6 +207,9 @@ def repository_bench(repeat: int, size_gib: int, log) -> dict:
             cmd_r = ("rbd --no-progress export-diff --from-snap %s src@%s - | rbd --no-progress import-diff - r%d"
                      % (names[a], names[b], i))
             rb.append(_timed(lambda: subprocess.run(cmd_r, shell=True, env=ceph, check=True))[0])
+            for img in ("v%d" % i, "r%d" % i):
+                subprocess.run("rbd snap purge %s && rbd rm %s" % (img, img), shell=True, env=ceph, check=True,
+                               capture_output=True)
         out["into_rbd"] = {"change": "50%% of the blocks of a %d GiB disk" % size_gib,
                            "stream_bytes": os.path.getsize(incdiff),
                            "vdisk_export_seconds": statistics.median(vd), "rbd_export_seconds": statistics.median(rb),
