@@ -84,12 +84,18 @@ def test_group_archived_then_restored_on_another_host(venv, repo, machine):
     want1 = {d: digest(p) for d, p in zip(disks, paths)}
     a1 = venv.j("repository", "archive", "r", g1)
     assert a1["ChunksSent"] == 600 and a1["BytesSent"] == 600 * BLOCK  # the data disks' blocks; the system disk is empty
-    # the second archive after changing 5 blocks sends those 5 chunks only
-    write_blocks(paths[0], 99, random.Random(10).sample(range(16384), 300)[:5])  # 5 of the blocks written
+    indexes = lambda: {o for o in rados_objects(ceph, pool) if o.startswith("index.")}  # noqa: E731
+    index1 = indexes()
+    assert len(index1) == 8  # 1 GiB disks: 4 ranges of 4096 blocks each, all written in
+    # the second archive after changing 5 blocks sends those 5 chunks only,
+    # and the index objects of the ranges they are in
+    changed = random.Random(10).sample(range(16384), 300)[:5]  # 5 of the blocks written
+    write_blocks(paths[0], 99, changed)
     g2 = venv.j("snapshot-group", "create", iid)["SnapshotGroupId"]
     want2 = {d: digest(p) for d, p in zip(disks, paths)}
     a2 = venv.j("repository", "archive", "r", g2)
     assert a2["ChunksSent"] == 5
+    assert len(indexes() - index1) == len({b // 4096 for b in changed})
     assert venv.j("repository", "archive", "r", g2)["AlreadyArchived"]  # again: nothing to do
     check = venv.j("repository", "check", "r")
     assert check["Problems"] == [] and check["Groups"] == 2 and check["Chunks"] == 605
@@ -110,7 +116,7 @@ def test_group_archived_then_restored_on_another_host(venv, repo, machine):
     assert venv.j("repository", "check", "r")["Problems"] == []
     res = venv.j("repository", "delete", "r", a2["GroupArchiveId"])
     assert res["ChunksReclaimed"] == 600
-    assert not [o for o in rados_objects(ceph, pool) if o.startswith("chunk.")]
+    assert not [o for o in rados_objects(ceph, pool) if o.startswith(("chunk.", "index."))]
 
 
 def test_archive_killed_midway_resumes(venv, repo, machine):

@@ -119,7 +119,7 @@ def cmd_archive(app) -> int:
             ok = True
         finally:
             progress.end(ok)
-    res.pop("Blocks", None)
+    res.pop("Index", None)
     ident = res.get("GroupArchiveId") if a.snapshot.startswith("ssg-") else res["ArchiveId"]
     app.out(res, "%s: %s sent in %d chunk(s)%s" % (ident, _human(res["BytesSent"]), res["ChunksSent"],
                                                    " (already archived)" if res.get("AlreadyArchived") else ""))
@@ -131,7 +131,7 @@ def cmd_archives(app) -> int:
         arch = repo.manifests("archive")
         groups = repo.manifests("group")
     rows = [{"ArchiveId": aid, "SnapshotId": m["SnapshotId"], "SnapshotName": m["SnapshotName"],
-             "DiskId": m["SourceDiskId"], "Size": m["SourceDiskSize"], "Blocks": len(m["Blocks"]),
+             "DiskId": m["SourceDiskId"], "Size": m["SourceDiskSize"], "Blocks": m["BlockCount"],
              "Group": m.get("GroupArchiveId") or "", "Base": m.get("BaseArchiveId") or ""}
             for aid, m in sorted(arch.items(), key=lambda kv: kv[1]["ArchivedAt"])]
     grows = [{"GroupArchiveId": gid, "SnapshotGroupId": g["SnapshotGroupId"], "Archives": g["Archives"]}

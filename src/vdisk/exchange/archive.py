@@ -82,7 +82,7 @@ def archive_snapshot(repo: Repository, call, stream, sid: str, source: str, grou
         if m["SnapshotId"] == sid and m["Source"] == source and m.get("GroupArchiveId") == group:
             return dict(m, ArchiveId=aid, ChunksSent=0, BytesSent=0, AlreadyArchived=True)
     base, base_id = (None, None) if full else _base(repo, call, snap, source)
-    blocks: dict[str, str] = dict(base["Blocks"]) if base else {}
+    blocks = repo.block_map(base)
     repo.lock_archiving()
     try:
         r, t, box = _read_stream(stream, {"SnapshotId": sid, "FromSnapshotId": base["SnapshotId"] if base else None})
@@ -106,16 +106,15 @@ def archive_snapshot(repo: Repository, call, stream, sid: str, source: str, grou
                         raise RepositoryError("the stream's extent at %d is not block-aligned" % off)
                     if kind == "z":
                         for b in range(off // BLOCK, (off + arg) // BLOCK):
-                            blocks.pop(str(b), None)
+                            blocks.set(b, None)
                         continue
                     for i in range(0, len(arg), BLOCK):
                         data = bytes(arg[i : i + BLOCK])
-                        key = str((off + i) // BLOCK)
                         if data == ZERO:
-                            blocks.pop(key, None)
+                            blocks.set((off + i) // BLOCK, None)
                             continue
                         d = hashlib.sha256(data).hexdigest()
-                        blocks[key] = d
+                        blocks.set((off + i) // BLOCK, d)
                         pending[d] = data
                     read += len(arg)
                     if len(pending) >= BATCH:
@@ -131,12 +130,14 @@ def archive_snapshot(repo: Repository, call, stream, sid: str, source: str, grou
         t.join()
         if "error" in box:
             raise box["error"]
+        index = blocks.save()  # after every chunk it names
         aid = new_id("a")
         manifest = {
             "Layout": 1, "SnapshotId": sid, "SnapshotName": snap.get("SnapshotName") or "",
             "SnapshotCreationTime": snap["CreationTime"], "SourceDiskId": snap["SourceDiskId"],
             "SourceDiskSize": snap["SourceDiskSize"], "Source": source, "ArchivedAt": time.time(),
-            "BaseArchiveId": base_id, "GroupArchiveId": group, "Blocks": blocks, "ImageSize": header.size,
+            "BaseArchiveId": base_id, "GroupArchiveId": group, "Index": index, "BlockCount": blocks.count,
+            "ImageSize": header.size,
             **_disk_spec(call, snap["SourceDiskId"]),
         }
         repo.put_manifest("archive", aid, manifest)
@@ -173,14 +174,13 @@ def _write_archive(repo: Repository, m: dict, name: str, w: int, box: dict, prog
     try:
         with os.fdopen(w, "wb", buffering=1 << 20) as out:
             writer = rbddiff.Writer(out, None, name, m["ImageSize"])
-            order = sorted(m["Blocks"].items(), key=lambda kv: int(kv[0]))
+            order = list(repo.block_map(m).items())
             done = 0
             for i in range(0, len(order), BATCH):
                 batch = order[i : i + BATCH]
                 got = repo.get_chunks(sorted({d for _b, d in batch}))
                 run_start, run = None, []
                 for b, d in batch:
-                    b = int(b)
                     if run and b != run_start + len(run):
                         writer.data(run_start * BLOCK, b"".join(run))
                         run = []

@@ -7,10 +7,15 @@ Objects of the RADOS pool (the layout, version 1):
 
     chunk.<sha256 hex>   one 64 KiB block of data (never a block of zeros),
                          named by the SHA-256 of its bytes
+    index.<sha256 hex>   the block map of one range of RANGE blocks (256
+                         MiB of disk): sorted (le32 block within the range,
+                         32-byte chunk digest) pairs, named by their SHA-256;
+                         a range no block of which changed keeps its index
+                         object from one archive to the next
     archive.<id>         an archive's manifest (JSON): what it was taken
-                         from, and block index -> chunk for every block
-                         that is not zeros; written last, so an archive
-                         exists only once all its chunks do
+                         from, and range -> index object for every range
+                         holding a block that is not zeros; written last, so
+                         an archive exists only once all its objects do
     group.<id>           a group archive's manifest: its member archives;
                          written after every member's
     vdisk.repository     the layout's version; the object archives lock
@@ -30,10 +35,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import time
 import uuid
 
 BLOCK = 65536
+RANGE = 4096  # blocks per index object
 LAYOUT = 1
 META = "vdisk.repository"
 LOCK = "vdisk.archives"
@@ -45,8 +52,74 @@ class RepositoryError(Exception):
     """The repository cannot do what was asked (the message says why)."""
 
 
+_ENTRY = struct.Struct("<I32s")
+
+
 def chunk_name(digest: str) -> str:
     return "chunk." + digest
+
+
+def encode_index(entries: dict[int, str]) -> bytes:
+    """One range's block map (block within the range -> chunk digest)."""
+    return b"".join(_ENTRY.pack(b, bytes.fromhex(d)) for b, d in sorted(entries.items()))
+
+
+def decode_index(data: bytes) -> dict[int, str]:
+    if len(data) % _ENTRY.size:
+        raise RepositoryError("an index object of %d bytes is not whole entries" % len(data))
+    return {b: d.hex() for b, d in _ENTRY.iter_unpack(data)}
+
+
+class BlockMap:
+    """An archive's block map (block -> chunk digest), kept as index
+    objects of RANGE blocks: loaded range by range when a block of it is
+    read or set, so that an incremental archive reads and writes the index
+    of the ranges it changes only."""
+
+    def __init__(self, repo: "Repository", index: dict[str, str], count: int = 0):
+        self.repo = repo
+        self.index = dict(index)  # range (as a string: JSON) -> index object digest
+        self.count = count  # blocks mapped
+        self._ranges: dict[int, dict[int, str]] = {}
+        self._changed: set[int] = set()
+
+    def _range(self, r: int) -> dict[int, str]:
+        got = self._ranges.get(r)
+        if got is None:
+            d = self.index.get(str(r))
+            got = self._ranges[r] = decode_index(self.repo.get_index(d)) if d else {}
+        return got
+
+    def set(self, block: int, digest: str | None) -> None:
+        r, rel = divmod(block, RANGE)
+        entries = self._range(r)
+        had = rel in entries
+        if digest is None:
+            if had:
+                del entries[rel]
+                self.count -= 1
+                self._changed.add(r)
+        elif entries.get(rel) != digest:
+            entries[rel] = digest
+            self.count += not had
+            self._changed.add(r)
+
+    def items(self):
+        """(block, digest) of every block mapped, in order."""
+        for r in sorted(int(k) for k in self.index):
+            for rel, d in sorted(self._range(r).items()):
+                yield r * RANGE + rel, d
+
+    def save(self) -> dict[str, str]:
+        """Write the changed ranges' index objects; the new range -> digest."""
+        for r in sorted(self._changed):
+            entries = self._ranges[r]
+            if entries:
+                self.index[str(r)] = self.repo.put_index(encode_index(entries))
+            else:
+                self.index.pop(str(r), None)
+        self._changed.clear()
+        return dict(self.index)
 
 
 def new_id(prefix: str) -> str:
@@ -124,17 +197,20 @@ class Repository:
 
     def missing(self, digests: list[str]) -> set[str]:
         """Which of these chunks the repository lacks (stats in flight)."""
+        return {name[len("chunk.") :] for name in self.missing_objects([chunk_name(d) for d in digests])}
+
+    def missing_objects(self, names: list[str]) -> set[str]:
         lacking = set()
-        for i in range(0, len(digests), WINDOW):
-            comps = [(d, self.ioctx.aio_stat(chunk_name(d), lambda comp, size, mtime: None))
-                     for d in digests[i : i + WINDOW]]
+        for i in range(0, len(names), WINDOW):
+            comps = [(d, self.ioctx.aio_stat(d, lambda comp, size, mtime: None))
+                     for d in names[i : i + WINDOW]]
             for d, c in comps:
                 c.wait_for_complete()
                 rv = c.get_return_value()
                 if rv == -2:  # ENOENT
                     lacking.add(d)
                 elif rv < 0:
-                    raise RepositoryError("stat of chunk %s failed: error %d" % (d, -rv))
+                    raise RepositoryError("stat of %s failed: error %d" % (d, -rv))
         return lacking
 
     def put_chunks(self, chunks: dict[str, bytes]) -> int:
@@ -176,6 +252,30 @@ class Repository:
                                           "(vdisk repository check)" % d)
                 out[d] = data
         return out
+
+    def put_index(self, data: bytes) -> str:
+        d = hashlib.sha256(data).hexdigest()
+        if self.missing_objects(["index." + d]):
+            self.ioctx.write_full("index." + d, data)
+        return d
+
+    def get_index(self, digest: str) -> bytes:
+        rados = self._rados
+        try:
+            size, _mtime = self.ioctx.stat("index." + digest)
+            data = self.ioctx.read("index." + digest, size)
+        except rados.ObjectNotFound:
+            raise RepositoryError("index object %s is missing: the repository is damaged (vdisk repository check)"
+                                  % digest) from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise RepositoryError("index object %s does not match its checksum: the repository is damaged "
+                                  "(vdisk repository check)" % digest)
+        return data
+
+    def block_map(self, manifest: dict | None) -> BlockMap:
+        if manifest is None:
+            return BlockMap(self, {})
+        return BlockMap(self, manifest["Index"], manifest["BlockCount"])
 
     # ------------------------------------------------------------ manifests
 
@@ -234,11 +334,19 @@ class Repository:
 
     # ------------------------------------------------------------ reclaim, check
 
-    def referenced(self) -> set[str]:
-        return {d for m in self.manifests("archive").values() for d in m["Blocks"].values()}
+    def referenced(self) -> tuple[set[str], set[str]]:
+        """(chunks, index objects) the archives name."""
+        indexes = {d for m in self.manifests("archive").values() for d in m["Index"].values()}
+        chunks = set()
+        for d in indexes:
+            chunks.update(decode_index(self.get_index(d)).values())
+        return chunks, indexes
 
     def chunks(self) -> list[str]:
         return [o.key[len("chunk.") :] for o in self.ioctx.list_objects() if o.key.startswith("chunk.")]
+
+    def indexes(self) -> list[str]:
+        return [o.key[len("index.") :] for o in self.ioctx.list_objects() if o.key.startswith("index.")]
 
     def reclaim(self) -> tuple[int, int]:
         """Delete every chunk no archive names: (chunks, bytes) deleted.
@@ -250,10 +358,11 @@ class Repository:
             raise RepositoryError("an archive is in progress in this repository: its chunks are not named by a "
                                   "manifest yet, so nothing is reclaimed now; try again when it ends") from None
         try:
-            keep = self.referenced()
+            keep, keep_index = self.referenced()
             gone = [d for d in self.chunks() if d not in keep]
-            for i in range(0, len(gone), WINDOW):
-                comps = [self.ioctx.aio_remove(chunk_name(d)) for d in gone[i : i + WINDOW]]
+            names = [chunk_name(d) for d in gone] + ["index." + d for d in self.indexes() if d not in keep_index]
+            for i in range(0, len(names), WINDOW):
+                comps = [self.ioctx.aio_remove(n) for n in names[i : i + WINDOW]]
                 self._wait(comps)
             return len(gone), len(gone) * BLOCK
         finally:
@@ -271,9 +380,13 @@ class Repository:
                 if aid not in archives:
                     problems.append("group %s names archive %s, which is missing" % (gid, aid))
         for aid, m in sorted(archives.items()):
-            lost = [b for b, d in m["Blocks"].items() if d not in present]
+            try:
+                lost = [b for b, d in self.block_map(m).items() if d not in present]
+            except RepositoryError as exc:
+                problems.append("archive %s: %s" % (aid, exc))
+                continue
             if lost:
-                problems.append("archive %s lacks %d chunk(s), first for block %s" % (aid, len(lost), min(lost, key=int)))
+                problems.append("archive %s lacks %d chunk(s), first for block %d" % (aid, len(lost), lost[0]))
         bad = 0
         if verify_data:
             names = sorted(present)
