@@ -191,3 +191,43 @@ def test_reclaim_waits_for_an_archive_in_progress(venv, repo):
         archiving.unlock()
         assert other.reclaim() == (1, BLOCK)  # nothing names it: now it goes
         assert other.missing([d]) == {d}
+
+
+def test_copy_snapshot_to_another_region(venv, repo, machine):
+    """CopySnapshot with DestinationRegionId: the repository registered for
+    that region takes the copy, and the pool of that region shows it under
+    the id CopySnapshot answered, with the data of the source."""
+    pool, ceph = repo
+    _iid, disks, paths = machine
+    venv.run("pool", "set", "--region", "cn-source")
+    snap = venv.run("snapshot", "create", disks[0], "--name", "before").stdout.strip()
+    want = digest(paths[0])
+    # no repository stands for cn-far: the cloud's code, nothing recorded
+    r = venv.run("api", "CopySnapshot", "SnapshotId=" + snap, "DestinationRegionId=cn-far", check=False)
+    assert r.returncode == 1 and "InvalidRegionId.NotFound" in r.stderr
+    venv.run("repository", "add", "far", "--ceph-conf", ceph["CEPH_CONF"], "--pool", pool, "--region", "cn-dest")
+    copy = venv.j("snapshot", "copy", snap, "--region", "cn-dest", "--name", "copied")["SnapshotId"]
+    assert not venv.j("snapshot", "list")["Snapshots"]["Snapshot"][1:]  # nothing new here: the copy is there
+    other = VDiskEnv()
+    try:
+        other.start()
+        other.run("pool", "set", "--region", "cn-dest")
+        other.run("repository", "add", "home", "--ceph-conf", ceph["CEPH_CONF"], "--pool", pool, "--region", "cn-dest")
+        deadline = time.monotonic() + 120
+        while True:  # the source's daemon archives, the destination's takes it in
+            got = other.j("api", "DescribeSnapshots", "SnapshotIds=[\"%s\"]" % copy)["Snapshots"]["Snapshot"]
+            if got:
+                break
+            assert time.monotonic() < deadline, "the copy never arrived"
+            time.sleep(1)
+        s = got[0]
+        assert (s["SnapshotName"], s["SourceSnapshotId"], s["SourceRegionId"], s["RegionId"]) == \
+            ("copied", snap, "cn-source", "cn-dest")
+        f = os.path.join(other.dir, "copy.raw")
+        other.run("snapshot", "export", copy, "--format", "raw", "-o", f)
+        assert digest(f) == want
+        # and it makes a disk there like any snapshot
+        d = other.run("disk", "create", "--size", 1, "--performance-level", "PL0", "--snapshot", copy).stdout.strip()
+        assert d.startswith("d-")
+    finally:
+        other.close()

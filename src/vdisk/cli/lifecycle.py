@@ -171,9 +171,8 @@ def cmd_snapshot_copy(app) -> int:
 
 
 def _region(app) -> str:
-    from ..control.controller import REGION
-
-    return REGION
+    """The pool's own region (vdisk pool set --region)."""
+    return app.call("DescribePool")["Pool"]["RegionId"]
 
 
 def cmd_clock_show(app) -> int:
@@ -191,8 +190,11 @@ def cmd_pool_set(app) -> int:
     if app.args.io_limits is not None:
         req["IoLimits"] = {"cloud": "Cloud", "unlimited": "Unlimited"}[app.args.io_limits]
         said.append("disks' I/O: %s" % ("at their category's speed" if app.args.io_limits == "cloud" else "unlimited"))
+    if getattr(app.args, "region", None) is not None:
+        req["PoolRegionId"] = app.args.region
+        said.append("region: %s" % app.args.region)
     if not req:
-        raise CLIError("say what to set: --snapshot-upload-rate and/or --io-limits", EXIT_USAGE)
+        raise CLIError("say what to set: --snapshot-upload-rate, --io-limits and/or --region", EXIT_USAGE)
     res = app.call("ModifyPoolAttribute", **req)
     app.out(res, "\n".join(said))
     return EXIT_OK

@@ -1211,6 +1211,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--io-limits", choices=("cloud", "unlimited"),
                    help="cloud (default): every disk at its category's IOPS and throughput, as in the cloud; "
                    "unlimited: as fast as the host goes (a disk's own setting wins: vdisk disk set)")
+    v.add_argument("--region", metavar="REGION_ID", help="the region this pool stands for (default vdisk-local): "
+                   "RegionId in answers; CopySnapshot to another region goes to the repository registered for it")
 
     g = group("accesskey", "access keys for the HTTP API (the cloud's AccessKeyId and AccessKeySecret)")
     verb(g, "create", cmd_accesskey_create, "create a key; prints its id and secret (kept in DATA_DIR/accesskeys.json, 0600)")

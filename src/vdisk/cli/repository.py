@@ -8,12 +8,12 @@ goes to Ceph through librados.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 
-from ..config import open_private
-from ..exchange import archive
+from ..exchange import archive, registry
 from ..exchange.repository import Repository, RepositoryError
 from .common import EXIT_OK, EXIT_USAGE, CLIError, _human, _show, _table
 from .streams import Progress
@@ -22,26 +22,12 @@ NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
 POOL = re.compile(r"[A-Za-z0-9_.-]{1,63}")
 
 
-def _file(app) -> str:
-    return os.path.join(app.paths.data_dir, "repositories.json")
-
-
 def _registry(app) -> dict:
-    try:
-        with open(_file(app)) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return {}
+    return registry.load(app.paths.data_dir)
 
 
 def _save(app, reg: dict) -> None:
-    tmp = _file(app) + ".tmp"
-    fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    with os.fdopen(fd, "w") as f:
-        json.dump(reg, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, _file(app))
+    registry.save(app.paths.data_dir, reg)
 
 
 def _open(app, name: str) -> Repository:
@@ -114,8 +100,9 @@ def cmd_archive(app) -> int:
                 res = _run(app, archive.archive_group, repo, app.call, app.stream, a.snapshot, _source(app), a.full,
                            progress)
             else:
+                copy = json.loads(a.copy) if a.copy else None
                 res = _run(app, archive.archive_snapshot, repo, app.call, app.stream, a.snapshot, _source(app),
-                           full=a.full, progress=progress)
+                           full=a.full, progress=progress, copy=copy)
             ok = True
         finally:
             progress.end(ok)
@@ -164,6 +151,17 @@ def cmd_restore(app) -> int:
     return EXIT_OK
 
 
+def cmd_pull(app) -> int:
+    """Take in the copies other regions sent to this pool's region."""
+    region = app.call("DescribePool")["Pool"]["RegionId"]
+    with _open(app, app.args.repository) as repo:
+        got = _run(app, archive.pull, repo, app.call, app.stream, region)
+    app.out({"RegionId": region, "Copies": got}, "\n".join("%s from %s (%s)" % (c["SnapshotId"], c["SourceRegionId"],
+                                                                              c["ArchiveId"]) for c in got)
+            or "no new copies for %s" % region)
+    return EXIT_OK
+
+
 def cmd_delete(app) -> int:
     with _open(app, app.args.repository) as repo:
         res = _run(app, archive.delete, repo, app.args.archive)
@@ -199,6 +197,10 @@ def add_commands(group, verb) -> None:
     v.add_argument("snapshot", metavar="SNAPSHOT_ID|SNAPSHOT_GROUP_ID")
     v.add_argument("--full", action="store_true", help="read the whole snapshot, not only the change since the "
                    "disk's last archived snapshot")
+    v.add_argument("--copy", metavar="JSON", help=argparse.SUPPRESS)  # the daemon's: a CopySnapshot to another region
+    v = verb(g, "pull", cmd_pull, "take in the snapshots other regions copied to this pool's region (CopySnapshot "
+             "with DestinationRegionId); the daemon does it every few seconds")
+    v.add_argument("repository", metavar="NAME")
     v = verb(g, "archives", cmd_archives, "list a repository's archives and group archives")
     v.add_argument("repository", metavar="NAME")
     v = verb(g, "restore", cmd_restore, "restore an archive (or a group archive) as new disks with their snapshots")

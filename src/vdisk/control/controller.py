@@ -79,7 +79,7 @@ VDISK_PARAMS = {
     "GetSnapshotBlock": ("SnapshotId", "BlockIndex"),
     "DescribeSnapshotUsage": (),
     "DescribeClock": (),
-    "ModifyPoolAttribute": ("SnapshotUploadRate", "IoLimits"),
+    "ModifyPoolAttribute": ("SnapshotUploadRate", "IoLimits", "PoolRegionId"),
     "ModifyDiskAttribute": ("IoLimits",),
     "DescribeDiskStats": ("DiskId",),
     "CreateSnapshotGroup": ("RetentionDays",),
@@ -109,6 +109,7 @@ UNAPPLIED_FILTERS = {
     "DescribeSnapshotGroups": ("ResourceGroupId",),
 }
 REGION = "vdisk-local"
+REGION_ID = re.compile(r"[a-z][a-z0-9-]{1,63}")
 ZONE = "vdisk-local-a"
 
 
@@ -136,7 +137,9 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
     def __init__(self, pool: Pool, host: Host | None = None, settings: dict | None = None, vms=None):
         self.pool = pool
         self.clock = Clock(pool)
-        self.region = REGION
+        # the region this pool stands for (vdisk's own setting: ModifyPoolAttribute RegionId)
+        self.region = (pool.get_record("settings/region") or {}).get("RegionId", REGION)
+        self.region_copier = None  # the daemon's: starts the archive of a copy to another region (copies.py)
         self.host = host
         self.vms = vms  # vdisk.vm.supervisor.Machines in the daemon; None offline
         self.invocations = {}
@@ -377,7 +380,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
             "DetachedTime": "",
             "DeleteWithInstance": p.bool(prefix + "DeleteWithInstance", default=dtype == "system"),
             "Portable": dtype == "data",
-            "RegionId": REGION,
+            "RegionId": self.region,
             "ZoneId": ZONE,
         }
 
@@ -602,7 +605,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
             "Status": "Stopped",
             "CreationTime": self._now(),
             "StartTime": "",
-            "RegionId": REGION,
+            "RegionId": self.region,
             "ZoneId": ZONE,
             "_tags": self._tags_given(p),
         }
@@ -825,7 +828,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
         """A snapshot as DescribeSnapshots shows it; uses: _snapshot_uses(),
         when many are shown (read once, not once per snapshot)."""
         now = self.clock.now()
-        out = {**SNAPSHOT_FIXED, "RegionId": REGION, "LastModifiedTime": s["CreationTime"], **self._public(s),
+        out = {**SNAPSHOT_FIXED, "RegionId": self.region, "LastModifiedTime": s["CreationTime"], **self._public(s),
                **self._progress_view(s, now)}
         # vdisk's own: when retention and instant access end (the cloud shows the days only)
         created = s.get("_t")
@@ -957,23 +960,34 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
 
     def do_DescribePool(self, p: Params) -> dict:
         st = self.pool.stats()
-        return {"Pool": {"Path": self.pool.path, **{_camel(k): v for k, v in st.items()},
+        return {"Pool": {"Path": self.pool.path, "RegionId": self.region, **{_camel(k): v for k, v in st.items()},
                          "SnapshotUploadRate": self._upload_rate() / 1e6, "Clock": self.clock.describe()}}
 
     def do_ModifyPoolAttribute(self, p: Params) -> dict:
         """vdisk's own: SnapshotUploadRate (MB/s of simulated time; 0, the
         default, turns the emulated upload off: snapshots are accomplished
         at once); IoLimits (Cloud, the default: every disk at its
-        category's speed; Unlimited: as fast as the host goes)."""
+        category's speed; Unlimited: as fast as the host goes);
+        PoolRegionId (the region this pool stands for: RegionId in answers,
+        and where CopySnapshot copies within; vdisk-local by default)."""
         rate = p.int("SnapshotUploadRate", lo=0, hi=1_000_000)
+        # not RegionId: every request of the cloud's API may carry that one (the region it is sent to)
+        region = p.str("PoolRegionId")
+        if region is not None and not REGION_ID.fullmatch(region):
+            raise invalid("PoolRegionId", "a region id is a lowercase letter, then 1 to 63 lowercase letters, digits or "
+                                      "'-' (cn-hangzhou)")
         io = self._set_io_limits(p)
-        if rate is None and not io:
-            raise CloudError("MissingParameter", "ModifyPoolAttribute needs SnapshotUploadRate or IoLimits.")
+        if rate is None and not io and region is None:
+            raise CloudError("MissingParameter", "ModifyPoolAttribute needs SnapshotUploadRate, IoLimits or PoolRegionId.")
         if rate is not None:
             rec = dict(self.pool.get_record("settings/lifecycle") or {})
             rec["SnapshotUploadRate"] = rate
             self.pool.put_record("settings/lifecycle", rec)
+        if region is not None:
+            self.pool.put_record("settings/region", {"RegionId": region})
         self.pool.commit()
+        if region is not None:
+            self.region = region
         if io:
             self.apply_io_limits()
         return {}

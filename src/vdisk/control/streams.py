@@ -25,11 +25,12 @@ A mixin of Controller.
 from __future__ import annotations
 
 import logging
+import re
 
 from ..engine.pool import BLOCK_SIZE
 from ..exchange import rbddiff
 from .errors import CloudError
-from .validate import Params, check_name
+from .validate import Params, check_id, check_name
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ GIB = 1 << 30
 # read from the pool in one call
 EXTENT_MAX = 1 << 20
 STREAM_ACTIONS = ("ExportSnapshotDiff", "ImportDiskDiff")
+SOURCE = re.compile(r"[A-Za-z0-9-]{1,64}")
 
 
 def stream_error(exc: rbddiff.StreamError) -> CloudError:
@@ -77,12 +79,13 @@ class Import:
     the stream, then finish() (the answer), or abort() when anything went
     wrong (the disk goes back to what it held before)."""
 
-    def __init__(self, ctl, disk: dict, header: rbddiff.Header, name: str | None, tmp: int):
+    def __init__(self, ctl, disk: dict, header: rbddiff.Header, name: str | None, tmp: int, snap: dict):
         self.ctl = ctl
         self.disk = disk
         self.header = header
         self.name = name
         self.tmp = tmp
+        self.snap = snap  # the end snapshot's record fields given with the request (a copy's)
         self.written = 0
         self.zeroed = 0
 
@@ -101,7 +104,9 @@ class Import:
         ctl.importing.pop(self.disk["DiskId"], None)
         out = {"DiskId": self.disk["DiskId"], "WrittenBytes": self.written, "ZeroedBytes": self.zeroed}
         if self.name is not None:
-            snap = ctl._snapshot_record(self.disk, self.name, "imported from an RBD diff stream", False, None)
+            snap = ctl._snapshot_record(self.disk, self.name, "imported from an RBD diff stream", False, None,
+                                        self.snap.get("RetentionDays"))
+            snap.update({k: v for k, v in self.snap.items() if v is not None})
 
             def change(tx, sids):
                 snap["_snap"] = sids[0]
@@ -197,6 +202,15 @@ class StreamActions:
                     "one (vdisk snapshot modify)." % (header.from_snap, disk["DiskId"], len(starts),
                                                       ", ".join(s["SnapshotId"] for s in starts)))
         name = p.name("SnapshotName")
+        # a copy from another region (exchange.archive.pull) keeps its id and what it was copied from
+        snap = {"SnapshotId": check_id("s", p.str("SnapshotId"), "SnapshotId") if p.str("SnapshotId") else None,
+                "Description": p.description(), "RetentionDays": p.int("RetentionDays", lo=1, hi=65536),
+                "SourceSnapshotId": p.str("SourceSnapshotId"), "SourceRegionId": p.str("SourceRegionId")}
+        if snap["SnapshotId"] and self.pool.get_record("snapshot/" + snap["SnapshotId"]) is not None:
+            raise CloudError("InvalidParameter.SnapshotIdExists", "Snapshot %s exists already." % snap["SnapshotId"])
+        for k in ("SourceSnapshotId", "SourceRegionId"):
+            if snap[k] is not None and not SOURCE.fullmatch(snap[k]):
+                raise CloudError("InvalidParameter", "The parameter %s is invalid: an id of letters, digits and '-'" % k)
         if name is None and header.to_snap is not None:
             try:
                 name = check_name(header.to_snap, "SnapshotName")
@@ -219,7 +233,7 @@ class StreamActions:
 
         self.pool.snapshot([disk["_volume"]], change)
         self.importing[disk["DiskId"]] = disk["InstanceId"] or ""
-        return Import(self, disk, header, name, rec["_tmp"])
+        return Import(self, disk, header, name, rec["_tmp"], snap)
 
     def check_not_importing(self, action: str, req: dict) -> None:
         """While an import runs, refuse every action but a read that names

@@ -43,6 +43,7 @@ from ..fuse.fs import DiskFS
 from ..vm.supervisor import STOP_TIMEOUT, Machines
 from . import lock, streams
 from .committer import Committer
+from .regions import RegionCopies
 from .notify import notify
 
 import pyfuse3  # noqa: E402 - after vdisk.fuse, which must load the discard shim first
@@ -160,6 +161,8 @@ class Daemon:
         self.vms = Machines(self.paths.vm_dir, on_ready=self._vm_ready, on_exit=self._vm_gone)
         self.ctl = Controller(pool, host=self.fs, vms=self.vms)
         self.ctl.clock.configure(self.clock_speed, self.clock_start)
+        self.regions = RegionCopies(self)
+        self.ctl.region_copier = self.regions.poke
         pool.commit()
         if self.ctl.clock.speed != 1:
             log.info("the control plane's clock runs %g times faster than real time: it is %s now",
@@ -255,6 +258,7 @@ class Daemon:
                 await nursery.start(self.vms.run)
                 await nursery.start(self._serve_control)
                 nursery.start_soon(self._lifecycle)
+                nursery.start_soon(self.regions.run)
                 nursery.start_soon(self._sample_io)
                 if self.http is not None:
                     await nursery.start(self._serve_http)

@@ -74,12 +74,18 @@ def _read_stream(stream, kwargs: dict):
 
 
 def archive_snapshot(repo: Repository, call, stream, sid: str, source: str, group: str | None = None,
-                     full: bool = False, progress=None) -> dict:
+                     full: bool = False, progress=None, copy: dict | None = None) -> dict:
     """Archive one snapshot; its manifest (written last).  An archive of a
-    snapshot already in the repository is that archive (nothing sent)."""
+    snapshot already in the repository is that archive (nothing sent).
+    copy: the record of a CopySnapshot to another region this archive is
+    (vdisk.control.copies), kept in the manifest for that region's pull."""
     snap = _one_snapshot(call, sid)
     for aid, m in repo.manifests("archive").items():
-        if m["SnapshotId"] == sid and m["Source"] == source and m.get("GroupArchiveId") == group:
+        if copy is not None:
+            if (m.get("Copy") or {}).get("CopySnapshotId") == copy["CopySnapshotId"]:
+                return dict(m, ArchiveId=aid, ChunksSent=0, BytesSent=0, AlreadyArchived=True)
+        elif m["SnapshotId"] == sid and m["Source"] == source and m.get("GroupArchiveId") == group \
+                and not m.get("Copy"):
             return dict(m, ArchiveId=aid, ChunksSent=0, BytesSent=0, AlreadyArchived=True)
     base, base_id = (None, None) if full else _base(repo, call, snap, source)
     blocks = repo.block_map(base)
@@ -137,7 +143,7 @@ def archive_snapshot(repo: Repository, call, stream, sid: str, source: str, grou
             "SnapshotCreationTime": snap["CreationTime"], "SourceDiskId": snap["SourceDiskId"],
             "SourceDiskSize": snap["SourceDiskSize"], "Source": source, "ArchivedAt": time.time(),
             "BaseArchiveId": base_id, "GroupArchiveId": group, "Index": index, "BlockCount": blocks.count,
-            "ImageSize": header.size,
+            "ImageSize": header.size, "Copy": copy,
             **_disk_spec(call, snap["SourceDiskId"]),
         }
         repo.put_manifest("archive", aid, manifest)
@@ -197,9 +203,11 @@ def _write_archive(repo: Repository, m: dict, name: str, w: int, box: dict, prog
         box["error"] = exc
 
 
-def restore_archive(repo: Repository, call, stream, aid: str, name: str | None = None, progress=None) -> dict:
+def restore_archive(repo: Repository, call, stream, aid: str, name: str | None = None, progress=None,
+                    snapshot: dict | None = None) -> dict:
     """A new disk holding the archive, with a snapshot of it (named as the
-    archived snapshot, else by the archive's id)."""
+    archived snapshot, else by the archive's id).  snapshot: ImportDiskDiff's
+    parameters for that snapshot (a copy from another region keeps its id)."""
     m = repo.manifest("archive", aid)
     params = {"Size": m["SourceDiskSize"], "DiskCategory": m.get("Category") or "cloud_essd",
               "PerformanceLevel": m.get("PerformanceLevel"), "DiskName": name,
@@ -210,7 +218,7 @@ def restore_archive(repo: Repository, call, stream, aid: str, name: str | None =
     t = threading.Thread(target=_write_archive, args=(repo, m, m["SnapshotName"] or aid, w, box, progress), daemon=True)
     t.start()
     try:
-        res = stream("ImportDiskDiff", r, DiskId=disk)
+        res = stream("ImportDiskDiff", r, DiskId=disk, **(snapshot or {}))
     except BaseException:
         t.join()
         call("DeleteDisk", DiskId=disk)
@@ -263,3 +271,23 @@ def delete(repo: Repository, ident: str) -> dict:
         deleted = [ident]
     chunks, nbytes = repo.reclaim()
     return {"Deleted": deleted, "ChunksReclaimed": chunks, "BytesReclaimed": nbytes}
+
+
+def pull(repo: Repository, call, stream, region: str) -> list[dict]:
+    """Take in the copies to `region` this repository holds and the pool
+    lacks: each is restored into a disk made for it, which is deleted again,
+    leaving the snapshot under the copy's id (DescribeSnapshots shows it)."""
+    out = []
+    for aid, m in sorted(repo.manifests("archive").items(), key=lambda kv: kv[1]["ArchivedAt"]):
+        c = m.get("Copy")
+        if not c or c["DestinationRegionId"] != region:
+            continue
+        if call("DescribeSnapshots", SnapshotIds=[c["CopySnapshotId"]])["Snapshots"]["Snapshot"]:
+            continue  # taken in already
+        params = {"SnapshotId": c["CopySnapshotId"], "SnapshotName": c["SnapshotName"] or None,
+                  "Description": c["Description"] or None, "RetentionDays": c["RetentionDays"],
+                  "SourceSnapshotId": c["SourceSnapshotId"], "SourceRegionId": c["SourceRegionId"]}
+        res = restore_archive(repo, call, stream, aid, snapshot={k: v for k, v in params.items() if v is not None})
+        call("DeleteDisk", DiskId=res["DiskId"])
+        out.append({"ArchiveId": aid, "SnapshotId": res["SnapshotId"], "SourceRegionId": c["SourceRegionId"]})
+    return out
