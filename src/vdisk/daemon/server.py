@@ -59,6 +59,9 @@ MAX_REQUEST = 1 << 20
 # change (Pool.put_record then writes to its transaction), never in the
 # overlay, which the trio thread freezes.
 THREADED_ACTIONS = {"CreateSnapshot", "CreateSnapshotGroup", "DeleteSnapshot", "DeleteSnapshotGroup"}
+# How long an action refused because a disk file is held open is tried
+# again (Daemon._act): the kernel releases a closed file asynchronously.
+RELEASE_GRACE = 2.0
 # Background writeback (Daemon._writeback): blocks newly dirtied that start
 # it at once, and the seconds after which it runs anyway.
 WRITEBACK_GROWTH = int(os.environ.get("VDISK_WRITEBACK_GROWTH", "256"))
@@ -594,7 +597,17 @@ class Daemon:
             await self._flush_before(action)
         await self.committer.idle()
         # no await from here: the action runs between two FUSE requests
-        return self.ctl.handle(req)
+        answer = self.ctl.handle(req)
+        # The kernel sends a file's RELEASE after close() has returned (a
+        # loop device just detached, a umount): a disk refused as held open
+        # may be free a moment later, once that request was served.  The
+        # refusal changed nothing, so the action is tried again for a while.
+        deadline = trio.current_time() + RELEASE_GRACE
+        while answer.get("Code") == "IncorrectDiskStatus.InUse" and trio.current_time() < deadline:
+            await trio.sleep(0.05)
+            await self.committer.idle()
+            answer = self.ctl.handle(req)
+        return answer
 
     async def _flush_before(self, what: str) -> None:
         """Flush in the background first, so that an action's own

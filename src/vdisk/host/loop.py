@@ -11,6 +11,7 @@ import glob
 import os
 import stat
 import subprocess
+import time
 
 
 class LoopError(Exception):
@@ -42,8 +43,21 @@ def attach(path: str, read_only: bool = False) -> str:
     return dev
 
 
+# how long detach() waits for the kernel to let go of the backing file
+DETACH_WAIT = 10.0
+
+
 def detach(dev: str) -> None:
+    """Detach dev, and return once the kernel has let go of its backing
+    file.  `losetup --detach` of a device something still has open (udev
+    probing it after an umount) only marks it to be cleared at the last
+    close, so the file would still count as open for a moment: a StopInstance
+    right after it was refused as "held open"."""
+    backing = backing_file(dev)
     _run(["losetup", "--detach", dev])
+    deadline = time.monotonic() + DETACH_WAIT
+    while backing is not None and backing_file(dev) == backing and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _sysfs(dev: str, what: str) -> str | None:
