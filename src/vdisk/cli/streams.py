@@ -16,10 +16,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-from ..exchange import rbddiff
+from ..exchange import pipe, rbddiff
 from .common import EXIT_OK, EXIT_USAGE, CLIError, _human, _show
 
 
@@ -52,37 +51,27 @@ class Progress:
             sys.stderr.write("\r%s: %s%s\n" % (self.what, "done" if ok else "failed", " " * 30))
 
 
-def _pump(src: int, sink, progress: Progress, errors: list) -> None:
+def _pump(src: int, sink, progress: Progress) -> None:
     """Copy everything from fd src into sink (a file object), counting."""
     done = 0
-    try:
-        while True:
-            b = os.read(src, 1 << 20)
-            if not b:
-                return
-            sink.write(b)
-            done += len(b)
-            progress(done)
-    except BaseException as exc:  # noqa: BLE001 - reported by the caller
-        errors.append(exc)
-    finally:
-        os.close(src)
+    while True:
+        b = os.read(src, 1 << 20)
+        if not b:
+            return
+        sink.write(b)
+        done += len(b)
+        progress(done)
 
 
 def _through_pipe(app, action: str, consume, **params) -> dict:
-    """Run an export with this process reading the stream from a pipe:
-    consume(read_fd, errors) runs in a thread while the daemon writes."""
-    r, w = os.pipe()
-    errors: list = []
-    t = threading.Thread(target=consume, args=(r, errors), daemon=True)
-    t.start()
+    """Run an export with this process reading the stream from a pipe
+    (consume(read_fd)) while the daemon writes it."""
     try:
-        res = app.stream(action, w, **params)
-    finally:
-        os.close(w)  # the reader sees the end
-        t.join()
-    if errors:
-        raise CLIError("writing the export failed: %s" % errors[0])
+        res, _ = pipe.piped(lambda w: app.stream(action, w, **params), consume)
+    except CLIError:
+        raise
+    except (OSError, rbddiff.StreamError) as exc:
+        raise CLIError("writing the export failed: %s" % exc) from None
     return res
 
 
@@ -146,7 +135,7 @@ def _export_diff(app, out, params) -> dict:
             res = app.stream("ExportSnapshotDiff", sink_fd, **params)
         else:
             with os.fdopen(os.dup(sink_fd), "wb") as sink:
-                res = _through_pipe(app, "ExportSnapshotDiff", lambda r, errs: _pump(r, sink, progress, errs), **params)
+                res = _through_pipe(app, "ExportSnapshotDiff", lambda r: _pump(r, sink, progress), **params)
         if tmp is not None:
             os.fsync(sink_fd)
             os.replace(tmp, out)
@@ -160,22 +149,19 @@ def _export_diff(app, out, params) -> dict:
     return res
 
 
-def _apply_raw(r: int, path: str, progress: Progress, errors: list) -> None:
+def _apply_raw(r: int, path: str, progress: Progress) -> None:
     """Apply a full diff stream from fd r to the sparse file path."""
-    try:
-        with os.fdopen(r, "rb", buffering=1 << 20) as inp, open(path, "r+b") as f:
-            reader = rbddiff.Reader(inp)
-            h = reader.header()
-            f.truncate(h.size)
-            for kind, off, arg in reader.records():
-                if kind == "w":
-                    if any(arg):  # what is all zeros stays a hole
-                        os.pwrite(f.fileno(), arg, off)
-                    progress(off + len(arg), h.size)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException as exc:  # noqa: BLE001 - reported by the caller
-        errors.append(exc)
+    with open(r, "rb", buffering=1 << 20, closefd=False) as inp, open(path, "r+b") as f:
+        reader = rbddiff.Reader(inp)
+        h = reader.header()
+        f.truncate(h.size)
+        for kind, off, arg in reader.records():
+            if kind == "w":
+                if any(arg):  # what is all zeros stays a hole
+                    os.pwrite(f.fileno(), arg, off)
+                progress(off + len(arg), h.size)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _export_image(app, out: str, fmt: str, params: dict) -> dict:
@@ -186,7 +172,7 @@ def _export_image(app, out: str, fmt: str, params: dict) -> dict:
     image = raw if fmt == "raw" else _temp_beside(out)
     ok = False
     try:
-        res = _through_pipe(app, "ExportSnapshotDiff", lambda r, errs: _apply_raw(r, raw, progress, errs), **params)
+        res = _through_pipe(app, "ExportSnapshotDiff", lambda r: _apply_raw(r, raw, progress), **params)
         progress.end(True)
         if fmt == "qcow2":
             cmd = ["qemu-img", "convert", "-f", "raw", "-O", "qcow2"] + (["-p"] if progress.on else []) + [raw, image]

@@ -12,11 +12,10 @@ one stream into a new disk (ImportDiskDiff), which takes the snapshot.
 from __future__ import annotations
 
 import hashlib
-import os
-import threading
 import time
 
 from . import rbddiff
+from .pipe import piped
 from .repository import BLOCK, Repository, RepositoryError, new_id
 
 ZERO = bytes(BLOCK)
@@ -55,24 +54,6 @@ def _base(repo: Repository, call, snap: dict, source: str):
     return best
 
 
-def _read_stream(stream, kwargs: dict):
-    """Run an export into a pipe in a thread: (read end, thread, result box)."""
-    r, w = os.pipe()
-    box: dict = {}
-
-    def run():
-        try:
-            box["answer"] = stream("ExportSnapshotDiff", w, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - raised again by the reader
-            box["error"] = exc
-        finally:
-            os.close(w)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return r, t, box
-
-
 def archive_snapshot(repo: Repository, call, stream, sid: str, source: str, group: str | None = None,
                      full: bool = False, progress=None, copy: dict | None = None) -> dict:
     """Archive one snapshot; its manifest (written last).  An archive of a
@@ -91,7 +72,6 @@ def archive_snapshot(repo: Repository, call, stream, sid: str, source: str, grou
     blocks = repo.block_map(base)
     repo.lock_archiving()
     try:
-        r, t, box = _read_stream(stream, {"SnapshotId": sid, "FromSnapshotId": base["SnapshotId"] if base else None})
         sent = [0, 0]  # chunks, bytes
         pending: dict[str, bytes] = {}
 
@@ -102,9 +82,10 @@ def archive_snapshot(repo: Repository, call, stream, sid: str, source: str, grou
                 sent[0] += len(lacking)
                 pending.clear()
 
-        read = 0
-        with os.fdopen(r, "rb", buffering=1 << 20) as inp:
-            try:
+        def take(r: int):
+            """The stream into the block map and chunks: (its header, bytes read)."""
+            read = 0
+            with open(r, "rb", buffering=1 << 20, closefd=False) as inp:
                 reader = rbddiff.Reader(inp)
                 header = reader.header()
                 for kind, off, arg in reader.records():
@@ -128,14 +109,13 @@ def archive_snapshot(repo: Repository, call, stream, sid: str, source: str, grou
                     if progress:
                         progress(read, None)
                 flush()
-            except rbddiff.StreamError as exc:
-                t.join()
-                if "error" in box:
-                    raise box["error"]
-                raise RepositoryError("the snapshot's stream broke: %s" % exc) from None
-        t.join()
-        if "error" in box:
-            raise box["error"]
+            return header, read
+
+        export = {"SnapshotId": sid, "FromSnapshotId": base["SnapshotId"] if base else None}
+        try:
+            _, (header, read) = piped(lambda w: stream("ExportSnapshotDiff", w, **export), take)
+        except rbddiff.StreamError as exc:
+            raise RepositoryError("the snapshot's stream broke: %s" % exc) from None
         index = blocks.save()  # after every chunk it names
         aid = new_id("a")
         manifest = {
@@ -175,32 +155,29 @@ def archive_group(repo: Repository, call, stream, group_id: str, source: str, fu
                 BytesSent=sum(m["BytesSent"] for m in members))
 
 
-def _write_archive(repo: Repository, m: dict, name: str, w: int, box: dict, progress=None) -> None:
-    """Write an archive as one full RBD diff stream into fd w (then close it)."""
-    try:
-        with os.fdopen(w, "wb", buffering=1 << 20) as out:
-            writer = rbddiff.Writer(out, None, name, m["ImageSize"])
-            order = list(repo.block_map(m).items())
-            done = 0
-            for i in range(0, len(order), BATCH):
-                batch = order[i : i + BATCH]
-                got = repo.get_chunks(sorted({d for _b, d in batch}))
-                run_start, run = None, []
-                for b, d in batch:
-                    if run and b != run_start + len(run):
-                        writer.data(run_start * BLOCK, b"".join(run))
-                        run = []
-                    if not run:
-                        run_start = b
-                    run.append(got[d])
-                if run:
+def _write_archive(repo: Repository, m: dict, name: str, w: int, progress=None) -> None:
+    """Write an archive as one full RBD diff stream into fd w."""
+    with open(w, "wb", buffering=1 << 20, closefd=False) as out:
+        writer = rbddiff.Writer(out, None, name, m["ImageSize"])
+        order = list(repo.block_map(m).items())
+        done = 0
+        for i in range(0, len(order), BATCH):
+            batch = order[i : i + BATCH]
+            got = repo.get_chunks(sorted({d for _b, d in batch}))
+            run_start, run = None, []
+            for b, d in batch:
+                if run and b != run_start + len(run):
                     writer.data(run_start * BLOCK, b"".join(run))
-                done += len(batch) * BLOCK
-                if progress:
-                    progress(done, len(order) * BLOCK)
-            writer.end()
-    except BaseException as exc:  # noqa: BLE001 - the import sees a stream cut short; this says why
-        box["error"] = exc
+                    run = []
+                if not run:
+                    run_start = b
+                run.append(got[d])
+            if run:
+                writer.data(run_start * BLOCK, b"".join(run))
+            done += len(batch) * BLOCK
+            if progress:
+                progress(done, len(order) * BLOCK)
+        writer.end()
 
 
 def restore_archive(repo: Repository, call, stream, aid: str, name: str | None = None, progress=None,
@@ -213,21 +190,12 @@ def restore_archive(repo: Repository, call, stream, aid: str, name: str | None =
               "PerformanceLevel": m.get("PerformanceLevel"), "DiskName": name,
               "Description": "restored from archive %s of snapshot %s" % (aid, m["SnapshotId"])}
     disk = call("CreateDisk", **params)["DiskId"]
-    r, w = os.pipe()
-    box: dict = {}
-    t = threading.Thread(target=_write_archive, args=(repo, m, m["SnapshotName"] or aid, w, box, progress), daemon=True)
-    t.start()
     try:
-        res = stream("ImportDiskDiff", r, DiskId=disk, **(snapshot or {}))
+        _, res = piped(lambda w: _write_archive(repo, m, m["SnapshotName"] or aid, w, progress),
+                       lambda r: stream("ImportDiskDiff", r, DiskId=disk, **(snapshot or {})))
     except BaseException:
-        t.join()
-        call("DeleteDisk", DiskId=disk)
-        if "error" in box:
-            raise box["error"] from None
+        call("DeleteDisk", DiskId=disk)  # the import changed nothing: the disk is empty
         raise
-    finally:
-        os.close(r)
-    t.join()
     return {"ArchiveId": aid, "SourceDiskId": m["SourceDiskId"], "DiskId": disk, "SnapshotId": res.get("SnapshotId"),
             "WrittenBytes": res["WrittenBytes"]}
 
