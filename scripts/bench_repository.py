@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 import time
 
-from vdisk.harness import VDiskEnv
+from vdisk.harness import VDiskEnv, write_random_blocks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BLOCK = 65536
@@ -104,17 +104,6 @@ def _routes(ceph: dict, d: str, count: int = 1500, window: int = 16) -> dict:
     return out
 
 
-def _fill(path: str, blocks, seed: int) -> None:
-    r = random.Random(seed)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        for b in blocks:
-            os.pwrite(fd, r.randbytes(BLOCK), b * BLOCK)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _timed(fn):
     t = time.monotonic()
     out = fn()
@@ -144,7 +133,7 @@ def repository_bench(repeat: int, size_gib: int, log) -> dict:
         path = env.run("disk", "path", disk).stdout.strip()
         nblocks = size_gib * (1 << 30) // BLOCK
         log("writing the disk whole (%d GiB) ..." % size_gib)
-        _fill(path, range(nblocks), 1)
+        write_random_blocks(path, range(nblocks), 1)
         base = env.run("snapshot", "create", disk, "--name", "base").stdout.strip()
         full, restore = [], []
         for i in range(repeat):
@@ -170,7 +159,7 @@ def repository_bench(repeat: int, size_gib: int, log) -> dict:
         prev = base
         for pct in (1, 10, 50):
             blocks = r.sample(range(nblocks), nblocks * pct // 100)
-            _fill(path, blocks, 100 + pct)
+            write_random_blocks(path, blocks, 100 + pct)
             snap = env.run("snapshot", "create", disk, "--name", "p%d" % pct).stdout.strip()
             log("incremental archive after changing %d%% ..." % pct)
             t, res = _timed(lambda: env.j("repository", "archive", "full0", snap))

@@ -13,10 +13,7 @@ def stream(from_snap, to_snap, size, records, end=True) -> bytes:
     out = io.BytesIO()
     w = rbddiff.Writer(out, from_snap, to_snap, size)
     for r in records:
-        if r[0] == "w":
-            w.data(r[1], r[2])
-        else:
-            w.zero(r[1], r[2])
+        w.put(r)
     if end:
         w.end()
     return out.getvalue()

@@ -13,30 +13,11 @@ import time
 
 import pytest
 
-from vdiskenv import VDiskEnv
+from vdiskenv import VDiskEnv, sha256_file, write_random_blocks
 
 pytestmark = pytest.mark.root
 
 BLOCK = 65536
-
-
-def digest(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(1 << 22), b""):
-            h.update(b)
-    return h.hexdigest()
-
-
-def write_blocks(path, seed, blocks) -> None:
-    r = random.Random(seed)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        for b in blocks:
-            os.pwrite(fd, r.randbytes(BLOCK), b * BLOCK)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rados_objects(ceph, pool) -> list[str]:
@@ -62,7 +43,7 @@ def machine(venv):
     venv.run("instance", "start", iid)
     paths = [venv.run("disk", "path", d).stdout.strip() for d in disks]
     for i, p in enumerate(paths):
-        write_blocks(p, i, random.Random(10 + i).sample(range(16384), 300))
+        write_random_blocks(p, random.Random(10 + i).sample(range(16384), 300), i)
     return iid, disks, paths
 
 
@@ -72,7 +53,7 @@ def restored_digests(env, res) -> dict:
     for d in res["Disks"]:
         f = os.path.join(env.dir, "r.raw")
         env.run("snapshot", "export", d["SnapshotId"], "--format", "raw", "-o", f)
-        out[d["SourceDiskId"]] = digest(f)
+        out[d["SourceDiskId"]] = sha256_file(f)
         os.unlink(f)
     return out
 
@@ -81,7 +62,7 @@ def test_group_archived_then_restored_on_another_host(venv, repo, machine):
     pool, ceph = repo
     iid, disks, paths = machine
     g1 = venv.j("snapshot-group", "create", iid)["SnapshotGroupId"]
-    want1 = {d: digest(p) for d, p in zip(disks, paths)}
+    want1 = {d: sha256_file(p) for d, p in zip(disks, paths)}
     a1 = venv.j("repository", "archive", "r", g1)
     assert a1["ChunksSent"] == 600 and a1["BytesSent"] == 600 * BLOCK  # the data disks' blocks; the system disk is empty
     indexes = lambda: {o for o in rados_objects(ceph, pool) if o.startswith("index.")}  # noqa: E731
@@ -90,9 +71,9 @@ def test_group_archived_then_restored_on_another_host(venv, repo, machine):
     # the second archive after changing 5 blocks sends those 5 chunks only,
     # and the index objects of the ranges they are in
     changed = random.Random(10).sample(range(16384), 300)[:5]  # 5 of the blocks written
-    write_blocks(paths[0], 99, changed)
+    write_random_blocks(paths[0], changed, 99)
     g2 = venv.j("snapshot-group", "create", iid)["SnapshotGroupId"]
-    want2 = {d: digest(p) for d, p in zip(disks, paths)}
+    want2 = {d: sha256_file(p) for d, p in zip(disks, paths)}
     a2 = venv.j("repository", "archive", "r", g2)
     assert a2["ChunksSent"] == 5
     assert len(indexes() - index1) == len({b // 4096 for b in changed})
@@ -123,7 +104,7 @@ def test_archive_killed_midway_resumes(venv, repo, machine):
     pool, ceph = repo
     iid, disks, paths = machine
     snap = venv.run("snapshot", "create", disks[0]).stdout.strip()
-    want = digest(paths[0])
+    want = sha256_file(paths[0])
     cmd = [sys.executable, "-m", "vdisk", "--data-dir", venv.data, "--mountpoint", venv.mnt,
            "repository", "archive", "r", snap]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -201,7 +182,7 @@ def test_copy_snapshot_to_another_region(venv, repo, machine):
     _iid, disks, paths = machine
     venv.run("pool", "set", "--region", "cn-source")
     snap = venv.run("snapshot", "create", disks[0], "--name", "before").stdout.strip()
-    want = digest(paths[0])
+    want = sha256_file(paths[0])
     # no repository stands for cn-far: the cloud's code, nothing recorded
     r = venv.run("api", "CopySnapshot", "SnapshotId=" + snap, "DestinationRegionId=cn-far", check=False)
     assert r.returncode == 1 and "InvalidRegionId.NotFound" in r.stderr
@@ -225,7 +206,7 @@ def test_copy_snapshot_to_another_region(venv, repo, machine):
             ("copied", snap, "cn-source", "cn-dest")
         f = os.path.join(other.dir, "copy.raw")
         other.run("snapshot", "export", copy, "--format", "raw", "-o", f)
-        assert digest(f) == want
+        assert sha256_file(f) == want
         # and it makes a disk there like any snapshot
         d = other.run("disk", "create", "--size", 1, "--performance-level", "PL0", "--snapshot", copy).stdout.strip()
         assert d.startswith("d-")

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from vdiskenv import sh
+from vdiskenv import sh, sha256_file
 
 pytestmark = pytest.mark.root
 
@@ -42,22 +42,12 @@ def scribble(path, seed, n, punch=None) -> set:
     return touched
 
 
-def digest(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(1 << 22)
-            if not b:
-                return h.hexdigest()
-            h.update(b)
-
-
 def raw_digest(venv, snap) -> str:
     """The snapshot's whole image, through `vdisk snapshot export --format raw`."""
     out = os.path.join(venv.dir, "img-%s.raw" % snap)
     venv.run("snapshot", "export", snap, "--format", "raw", "-o", out)
     try:
-        return digest(out)
+        return sha256_file(out)
     finally:
         os.unlink(out)
 
@@ -72,10 +62,10 @@ def source(venv):
     path = venv.run("disk", "path", disk).stdout.strip()
     scribble(path, 1, 60)
     s1 = venv.run("snapshot", "create", disk, "--name", "one").stdout.strip()
-    d1 = digest(path)
+    d1 = sha256_file(path)
     changed = scribble(path, 2, 15, punch=(64 << 20, 8 << 20))
     s2 = venv.run("snapshot", "create", disk, "--name", "two").stdout.strip()
-    d2 = digest(path)
+    d2 = sha256_file(path)
     assert d1 != d2
     return disk, {"one": (s1, d1), "two": (s2, d2)}, changed
 
@@ -115,7 +105,7 @@ def test_export_then_import_into_another_disk(venv, source):
     # a stream exported from the copy is the same stream
     again = os.path.join(venv.dir, "again.diff")
     venv.run("snapshot", "export", got["two"], "--from", got["one"], "-o", again)
-    assert digest(again) == digest(inc)
+    assert sha256_file(again) == sha256_file(inc)
 
 
 def venv_cmd(venv):
@@ -206,7 +196,7 @@ def test_offline_export_is_the_same_stream(venv, source):
     venv.run("snapshot", "export", snaps["two"][0], "--from", snaps["one"][0], "-o", online)
     venv.stop(force=True)
     venv.run("snapshot", "export", snaps["two"][0], "--from", snaps["one"][0], "-o", offline)
-    assert digest(online) == digest(offline)
+    assert sha256_file(online) == sha256_file(offline)
     target = new_disk(venv)  # offline too: an import needs no daemon
     full = os.path.join(venv.dir, "full.diff")
     venv.run("snapshot", "export", snaps["one"][0], "-o", full)
@@ -283,14 +273,14 @@ def test_snapshots_are_read_only_files_in_the_mount(venv, source):
     f = os.path.join(venv.mnt, ".snapshot", sid)
     assert sid in os.listdir(os.path.join(venv.mnt, ".snapshot"))
     assert ".snapshot" not in os.listdir(venv.mnt)  # hidden, as ZFS's .zfs
-    assert os.path.getsize(f) == GIB and digest(f) == want
+    assert os.path.getsize(f) == GIB and sha256_file(f) == want
     for flags in (os.O_WRONLY, os.O_RDWR):
         with pytest.raises(OSError) as e:
             os.open(f, flags)
         assert e.value.errno == 30  # EROFS
     dev = sh("losetup", "-r", "-f", "--show", f).stdout.strip()
     try:
-        assert digest(dev) == want
+        assert sha256_file(dev) == want
     finally:
         sh("losetup", "-d", dev)
     if shutil.which("qemu-img"):

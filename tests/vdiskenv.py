@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from vdisk.harness import VDiskEnv, sh, sha256_file, wait_exit  # noqa: F401
+from vdisk.harness import VDiskEnv, sh, sha256_file, wait_exit, write_random_blocks  # noqa: F401
 
 
 def need_root_fuse_loop(*tools: str) -> None:

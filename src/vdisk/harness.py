@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -48,6 +49,20 @@ def wait_exit(pid: int, timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def write_random_blocks(path: str, blocks, seed: int, size: int = 65536) -> None:
+    """Write a random block of size bytes (random.Random(seed)) at each of
+    blocks (indexes of size-byte blocks) of the file or device path, then
+    fsync it."""
+    r = random.Random(seed)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for b in blocks:
+            os.pwrite(fd, r.randbytes(size), b * size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: str) -> str:

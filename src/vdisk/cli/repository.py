@@ -90,24 +90,34 @@ def cmd_list(app) -> int:
     return EXIT_OK
 
 
-def cmd_archive(app) -> int:
-    a = app.args
-    progress = Progress("Archiving %s" % a.snapshot, None)
-    with _open(app, a.repository) as repo:
+def _with_progress(app, name: str, what: str, fn):
+    """fn(repository, progress) on repository name, with progress shown on
+    a terminal; a RepositoryError becomes the command's error."""
+    progress = Progress(what, None)
+    with _open(app, name) as repo:
         ok = False
         try:
-            if a.snapshot.startswith("ssg-"):
-                res = _run(app, archive.archive_group, repo, app.call, app.stream, a.snapshot, _source(app), a.full,
-                           progress)
-            else:
-                copy = json.loads(a.copy) if a.copy else None
-                res = _run(app, archive.archive_snapshot, repo, app.call, app.stream, a.snapshot, _source(app),
-                           full=a.full, progress=progress, copy=copy)
+            res = _run(app, fn, repo, progress)
             ok = True
         finally:
             progress.end(ok)
+    return res
+
+
+def cmd_archive(app) -> int:
+    a = app.args
+    group = a.snapshot.startswith("ssg-")
+    copy = json.loads(a.copy) if a.copy else None
+
+    def run(repo, progress):
+        if group:
+            return archive.archive_group(repo, app.call, app.stream, a.snapshot, _source(app), a.full, progress)
+        return archive.archive_snapshot(repo, app.call, app.stream, a.snapshot, _source(app), full=a.full,
+                                        progress=progress, copy=copy)
+
+    res = _with_progress(app, a.repository, "Archiving %s" % a.snapshot, run)
     res.pop("Index", None)
-    ident = res.get("GroupArchiveId") if a.snapshot.startswith("ssg-") else res["ArchiveId"]
+    ident = res["GroupArchiveId"] if group else res["ArchiveId"]
     app.out(res, "%s: %s sent in %d chunk(s)%s" % (ident, _human(res["BytesSent"]), res["ChunksSent"],
                                                    " (already archived)" if res.get("AlreadyArchived") else ""))
     return EXIT_OK
@@ -135,17 +145,13 @@ def cmd_archives(app) -> int:
 
 def cmd_restore(app) -> int:
     a = app.args
-    progress = Progress("Restoring %s" % a.archive, None)
-    with _open(app, a.repository) as repo:
-        ok = False
-        try:
-            if a.archive.startswith("ag-"):
-                res = _run(app, archive.restore_group, repo, app.call, app.stream, a.archive, progress)
-            else:
-                res = _run(app, archive.restore_archive, repo, app.call, app.stream, a.archive, a.name, progress)
-            ok = True
-        finally:
-            progress.end(ok)
+
+    def run(repo, progress):
+        if a.archive.startswith("ag-"):
+            return archive.restore_group(repo, app.call, app.stream, a.archive, progress)
+        return archive.restore_archive(repo, app.call, app.stream, a.archive, a.name, progress)
+
+    res = _with_progress(app, a.repository, "Restoring %s" % a.archive, run)
     disks = res["Disks"] if "Disks" in res else [res]
     app.out(res, "\n".join("%s  %s  snapshot %s" % (d["ArchiveId"], d["DiskId"], d["SnapshotId"]) for d in disks))
     return EXIT_OK

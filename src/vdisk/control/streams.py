@@ -79,10 +79,9 @@ class Import:
     the stream, then finish() (the answer), or abort() when anything went
     wrong (the disk goes back to what it held before)."""
 
-    def __init__(self, ctl, disk: dict, header: rbddiff.Header, name: str | None, tmp: int, snap: dict):
+    def __init__(self, ctl, disk: dict, name: str | None, tmp: int, snap: dict):
         self.ctl = ctl
         self.disk = disk
-        self.header = header
         self.name = name
         self.tmp = tmp
         self.snap = snap  # the end snapshot's record fields given with the request (a copy's)
@@ -127,6 +126,12 @@ class Import:
     def abort(self) -> None:
         self.ctl.importing.pop(self.disk["DiskId"], None)
         _undo(self.ctl, self.disk["DiskId"], self.disk["_volume"], self.tmp)
+
+    def fail(self, exc: BaseException) -> BaseException:
+        """abort() after exc; what to raise: a broken stream as the
+        cloud's error, anything else as it is."""
+        self.abort()
+        return stream_error(exc) if isinstance(exc, rbddiff.StreamError) else exc
 
 
 def _drop_hidden(ctl, disk_id: str, tmp: int) -> None:
@@ -233,7 +238,7 @@ class StreamActions:
 
         self.pool.snapshot([disk["_volume"]], change)
         self.importing[disk["DiskId"]] = disk["InstanceId"] or ""
-        return Import(self, disk, header, name, rec["_tmp"], snap)
+        return Import(self, disk, name, rec["_tmp"], snap)
 
     def check_not_importing(self, action: str, req: dict) -> None:
         """While an import runs, refuse every action but a read that names
@@ -291,15 +296,11 @@ def run_stream(ctl, req: dict, fileobj, progress=None) -> dict:
         try:
             for rec in reader.records():
                 imp.apply(rec)
-        except rbddiff.StreamError as exc:
-            imp.abort()
-            raise stream_error(exc) from None
-        except BaseException:
-            imp.abort()
-            raise
+        except BaseException as exc:
+            raise imp.fail(exc) from None
         return imp.finish()
     except Exception as exc:  # noqa: BLE001 - answered, as handle() does
-        return ctl.error_answer(exc, {k: v for k, v in req.items()})
+        return ctl.error_answer(exc, req)
 
 
 def read_header(reader: rbddiff.Reader) -> rbddiff.Header:
@@ -313,11 +314,9 @@ def export_to(plan: Export, write, progress=None) -> dict:
     w = rbddiff.Writer(_Sink(write), plan.header.from_snap, plan.header.to_snap, plan.header.size)
     done = 0
     for rec in plan.records():
+        w.put(rec)
         if rec[0] == "w":
-            w.data(rec[1], rec[2])
             done += len(rec[2])
-        else:
-            w.zero(rec[1], rec[2])
         if progress is not None:
             progress(done, plan.data_bytes)
     w.end()

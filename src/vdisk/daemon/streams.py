@@ -41,10 +41,7 @@ async def export(daemon, req: dict, fd: int) -> dict:
         buf = io.BytesIO()
         w = rbddiff.Writer(buf, plan.header.from_snap, plan.header.to_snap, plan.header.size)
         for rec in plan.records():  # each step reads one extent from the pool
-            if rec[0] == "w":
-                w.data(rec[1], rec[2])
-            else:
-                w.zero(rec[1], rec[2])
+            w.put(rec)
             if buf.tell() >= FLUSH:
                 await trio.to_thread.run_sync(_write_all, fd, buf.getvalue())
                 buf.seek(0)
@@ -86,10 +83,8 @@ async def import_(daemon, req: dict, fd: int) -> dict:
             with trio.CancelScope(shield=True):
                 async with daemon._control:
                     await daemon.committer.idle()
-                    imp.abort()
-            if isinstance(exc, rbddiff.StreamError):
-                raise streams.stream_error(exc) from None
-            raise
+                    err = imp.fail(exc)
+            raise err from None
         async with daemon._control:
             await daemon.committer.idle()
             return imp.finish()

@@ -85,6 +85,14 @@ class Writer:
         self._extent(offset, length)
         self._put(b"z" + _EXTENT.pack(offset, length))
 
+    def put(self, rec) -> None:
+        """A record as Reader.records() gives it: ("w", offset, data) or
+        ("z", offset, length)."""
+        if rec[0] == "w":
+            self.data(rec[1], rec[2])
+        else:
+            self.zero(rec[1], rec[2])
+
     def end(self) -> None:
         self._put(b"e")
 

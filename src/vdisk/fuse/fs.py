@@ -384,7 +384,7 @@ class DiskFS(pyfuse3.Operations):
         node = self._open_node(fh)
         if node.snap is not None:
             return self._read_snapshot(node.snap, off, size)
-        vid = self._vol(fh)
+        vid = node.volume
         start = await self._admit(vid, False, size)
         try:
             return self.pool.read(vid, off, size)
@@ -410,9 +410,10 @@ class DiskFS(pyfuse3.Operations):
         return len(buf)
 
     async def fsync(self, fh, datasync):
-        if self._open_node(fh).snap is not None:
+        node = self._open_node(fh)
+        if node.snap is not None:
             return  # nothing to make durable: a snapshot is
-        vid = self._vol(fh)
+        vid = node.volume
         try:
             await self.committer.flush(vid)
         except EngineError as exc:
@@ -456,5 +457,3 @@ class DiskFS(pyfuse3.Operations):
         node = self.nodes.get(inode) if inode is not None else None
         if node is not None:
             node.opens -= 1
-            if node.snap is not None and not node.opens and node.name not in self._snapdir.children:
-                self.nodes.pop(node.inode, None)
