@@ -204,6 +204,8 @@ def test_cli_exit_codes_and_messages(venv):
         (["disk", "create", "--size", "20", "--description", "bad \udcff text"], 1, "Unicode"),
         (["instance", "create", "--name", "abc\n"], 1, "InvalidInstanceName.Malformed"),
         (["disk", "create", "--size", "20", "--name", "abc\n"], 1, "InvalidDiskName.Malformed"),
+        # an interval past an hour (9 x 25 was an OverflowError in time.sleep)
+        (["disk", "stats", "--interval", "9" * 25], 2, "at most 3600 seconds"),
     ]
     before = venv.j("disk", "list")["Disks"]
     for args, code, text in cases:

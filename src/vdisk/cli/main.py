@@ -567,13 +567,18 @@ def _disk_rates(before: dict, after: dict) -> list[dict]:
     return rows
 
 
+# `vdisk disk stats --interval`: at most an hour (a larger one was an
+# OverflowError in time.sleep past 2**63 ns, or a command that never returns)
+STATS_INTERVAL_MAX = 3600
+
+
 def cmd_disk_stats(app: App) -> int:
     req = {"DiskId": app.args.disk} if app.args.disk else {}
     cols = [("DISK", "DiskId"), ("INSTANCE", "InstanceId"), ("r/s", "ReadsPerSecond"), ("w/s", "WritesPerSecond"),
             ("rMB/s", "ReadMBps"), ("wMB/s", "WriteMBps"), ("r_await_ms", "ReadAwaitMs"),
             ("w_await_ms", "WriteAwaitMs"), ("queue", "InFlight"), ("%limit", "PercentOfLimit")]
-    if not app.args.interval > 0:
-        raise CLIError("--interval must be more than 0 seconds", EXIT_USAGE)
+    if not 0 < app.args.interval <= STATS_INTERVAL_MAX:
+        raise CLIError("--interval is more than 0 and at most %d seconds" % STATS_INTERVAL_MAX, EXIT_USAGE)
     before = app.call("DescribeDiskStats", **req)
     n = 0
     try:
@@ -1107,7 +1112,7 @@ def build_parser() -> argparse.ArgumentParser:
              "queue and %% of the disk's I/O limit (DescribeDiskStats)")
     v.add_argument("disk", nargs="?", metavar="DISK_ID", help="one disk (default: every disk being served)")
     v.add_argument("--watch", action="store_true", help="a report every interval until Ctrl-C")
-    v.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds a report covers (default 1)")
+    v.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds a report covers (default 1, at most 3600)")
     v.add_argument("--count", type=int, metavar="N", help="with --watch, stop after N reports")
     v = verb(g, "set", cmd_disk_set, "vdisk's own disk settings (ModifyDiskAttribute)")
     v.add_argument("disk", metavar="DISK_ID")
