@@ -215,6 +215,20 @@ def test_export_refuses_what_it_cannot_write(venv, source):
     assert r.returncode == 2 and "--from makes a diff" in r.stderr
     # the cloud's API has no byte streams: over HTTP or without a descriptor it says how to send one
     assert venv.run("api", "ExportSnapshotDiff", "SnapshotId=" + snaps["one"][0], check=False).returncode == 1
+    # a directory is no stream (both were internal errors, found by the fuzzer)
+    r = venv.run("snapshot", "export", snaps["one"][0], "-o", venv.dir, check=False)
+    assert r.returncode == 2 and "is a directory" in r.stderr, r.stderr
+    r = venv.run("disk", "import-diff", new_disk(venv), venv.dir, check=False)
+    assert r.returncode == 2 and "is a directory" in r.stderr, r.stderr
+    from vdisk.config import Paths
+    from vdisk.daemon import client
+
+    fd = os.open(venv.dir, os.O_RDONLY)  # what another client might pass the daemon
+    try:
+        res = client.stream(Paths.resolve(venv.data, venv.mnt), {"Action": "ImportDiskDiff", "DiskId": new_disk(venv)}, fd)
+    finally:
+        os.close(fd)
+    assert res["Code"] == "InvalidParameter.DiffStream" and "Is a directory" in res["Message"], res
 
 
 # ---------------------------------------------------------------- with Ceph

@@ -104,10 +104,28 @@ def _with_progress(app, name: str, what: str, fn):
     return res
 
 
+COPY_FIELDS = ("CopySnapshotId", "SourceSnapshotId", "SourceRegionId", "DestinationRegionId", "SnapshotName",
+               "Description")
+
+
+def _copy_record(text: str) -> dict:
+    """--copy (the daemon's, for a CopySnapshot to another region): the
+    copy's record as JSON, with the fields a pull reads."""
+    try:
+        rec = json.loads(text)
+    except (ValueError, RecursionError):
+        rec = None
+    if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in COPY_FIELDS) \
+            or not isinstance(rec.get("RetentionDays"), (int, type(None))):
+        raise CLIError("--copy takes a copy's record as the daemon writes it (JSON with %s and RetentionDays)"
+                       % ", ".join(COPY_FIELDS), EXIT_USAGE)
+    return rec
+
+
 def cmd_archive(app) -> int:
     a = app.args
     group = a.snapshot.startswith("ssg-")
-    copy = json.loads(a.copy) if a.copy else None
+    copy = _copy_record(a.copy) if a.copy is not None else None
 
     def run(repo, progress):
         if group:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -83,6 +84,8 @@ def cmd_snapshot_export(app) -> int:
     out = a.output
     if fmt != "rbd-diff" and out in (None, "-"):
         raise CLIError("--format %s writes a file: give it with -o FILE" % fmt, EXIT_USAGE)
+    if out not in (None, "-") and os.path.isdir(out):
+        raise CLIError("%s is a directory: give the file to write" % out, EXIT_USAGE)
     if out in (None, "-") and sys.stdout.isatty():
         raise CLIError("refusing to write a binary stream to a terminal: give -o FILE, or pipe it "
                        "(vdisk snapshot export SNAP | rbd import-diff - IMAGE)", EXIT_USAGE)
@@ -138,7 +141,7 @@ def _export_diff(app, out, params) -> dict:
                 res = _through_pipe(app, "ExportSnapshotDiff", lambda r: _pump(r, sink, progress), **params)
         if tmp is not None:
             os.fsync(sink_fd)
-            os.replace(tmp, out)
+            _put_in_place(tmp, out)
         ok = True
     finally:
         progress.end(ok)
@@ -178,7 +181,7 @@ def _export_image(app, out: str, fmt: str, params: dict) -> dict:
             cmd = ["qemu-img", "convert", "-f", "raw", "-O", "qcow2"] + (["-p"] if progress.on else []) + [raw, image]
             if subprocess.run(cmd).returncode != 0:
                 raise CLIError("qemu-img convert to %s failed (its message is above)" % out)
-        os.replace(image, out)
+        _put_in_place(image, out)
         ok = True
     finally:
         if not ok:
@@ -187,6 +190,15 @@ def _export_image(app, out: str, fmt: str, params: dict) -> dict:
         _unlink(image)
     return {"SnapshotId": params["SnapshotId"], "Format": fmt, "File": out, "ImageSize": res["ImageSize"],
             "DataBytes": res["DataBytes"]}
+
+
+def _put_in_place(tmp: str, out: str) -> None:
+    """The finished export under its name (the temporary file stays for
+    the caller to remove when that fails)."""
+    try:
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise CLIError("cannot write %s: %s" % (out, exc.strerror)) from None
 
 
 def _unlink(path: str) -> None:
@@ -209,6 +221,9 @@ def cmd_disk_import_diff(app) -> int:
         except ValueError:  # a NUL, or bytes that are no file name (UnicodeEncodeError)
             raise CLIError("%r is not a file name" % a.file, EXIT_USAGE) from None
         close = True
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CLIError("%s is a directory: give the stream's file, or - for standard input" % a.file, EXIT_USAGE)
     try:
         res = app.stream("ImportDiskDiff", fd, DiskId=a.disk, SnapshotName=a.snapshot_name)
     finally:

@@ -42,7 +42,12 @@ STREAM_ACTIONS = ("ExportSnapshotDiff", "ImportDiskDiff")
 SOURCE = re.compile(r"[A-Za-z0-9-]{1,64}")
 
 
-def stream_error(exc: rbddiff.StreamError) -> CloudError:
+def stream_error(exc: Exception) -> CloudError:
+    """A stream that breaks the format's rules (rbddiff.StreamError), or
+    cannot be read (OSError: a directory given, a pipe gone), as the
+    cloud's error."""
+    if isinstance(exc, OSError):
+        return CloudError("InvalidParameter.DiffStream", "Reading the stream failed: %s." % (exc.strerror or exc))
     return CloudError("InvalidParameter.DiffStream", "The RBD diff stream is invalid: %s." % exc)
 
 
@@ -131,7 +136,7 @@ class Import:
         """abort() after exc; what to raise: a broken stream as the
         cloud's error, anything else as it is."""
         self.abort()
-        return stream_error(exc) if isinstance(exc, rbddiff.StreamError) else exc
+        return stream_error(exc) if isinstance(exc, (rbddiff.StreamError, OSError)) else exc
 
 
 def _drop_hidden(ctl, disk_id: str, tmp: int) -> None:
@@ -306,7 +311,7 @@ def run_stream(ctl, req: dict, fileobj, progress=None) -> dict:
 def read_header(reader: rbddiff.Reader) -> rbddiff.Header:
     try:
         return reader.header()
-    except rbddiff.StreamError as exc:
+    except (rbddiff.StreamError, OSError) as exc:
         raise stream_error(exc) from None
 
 

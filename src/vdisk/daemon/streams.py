@@ -64,7 +64,12 @@ async def import_(daemon, req: dict, fd: int) -> dict:
     whatever names the disk or its instance (Controller.importing), and
     answers the rest."""
     ctl = daemon.ctl
-    f = os.fdopen(os.dup(fd), "rb", buffering=FLUSH)
+    mine = os.dup(fd)
+    try:
+        f = os.fdopen(mine, "rb", buffering=FLUSH)
+    except OSError as exc:  # a directory passed as the stream (fdopen leaves the descriptor open)
+        os.close(mine)
+        return ctl.error_answer(streams.stream_error(exc), req)
     try:
         reader = rbddiff.Reader(f)
         header = await trio.to_thread.run_sync(streams.read_header, reader)
