@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from . import allocator, fastbridge, intentlog
+from . import allocator, fastbridge, intentlog, readpath
 from .errors import (
     FormatError,
     NotFound,
@@ -84,7 +84,7 @@ def _flush(pool, vid: int) -> bool:
                 return False
             if mask & ~d.have:  # partial: the pages it lacks as the view before
                 with pool.env.begin(db=pool._db[DB_MAP]) as txn:
-                    data = pool._dirty_block(txn.cursor(), lid, block, d)
+                    data = readpath.dirty_block(pool, txn.cursor(), lid, block, d)
                 for first, count in mask_runs(mask):
                     pages.append(data[first * LOG_PAGE : (first + count) * LOG_PAGE])
                 continue

@@ -15,7 +15,7 @@ class Dirty:
     (FULL_MASK: all of them may differ); the C fast path keeps its own.
     have: the pages the slot holds (FULL_MASK for a zero block); the others
     read as the overlay below it has them: an in-flight commit's entry,
-    else the committed head (Pool._under).  At commit they become a backed
+    else the committed head (readpath.under).  At commit they become a backed
     entry (the head's own whole block below becomes its back slot) or a
     partial one (reading through to what its last point sees):
     commit._apply_dirty.  crc covers the pages of have.

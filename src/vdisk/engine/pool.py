@@ -35,11 +35,12 @@ Epoch (new writes start a new overlay, which reads through to the frozen
 one), `CommitJob.run()` does the fdatasync and the LMDB transaction, and
 `finish_commit()` publishes the result.  `commit()` is the three in a row.
 
-The Pool itself holds the state and the write path; the rest lives in
-modules of functions over it: commit.py (commits), allocator.py (free
-slots), fastbridge.py (keeping the C fast path in step), logflush.py (the
-intent log's flushes and replay), catalogue.py (catalogue records),
-structure.py (volumes, snapshots, rollback), reports.py and scrub.py.
+The Pool itself holds the state, opens and closes; the rest lives in
+modules of functions over it: readpath.py (reads), writepath.py (writes
+into the overlay), commit.py (commits), allocator.py (free slots),
+fastbridge.py (keeping the C fast path in step), logflush.py (the intent
+log's flushes and replay), catalogue.py (catalogue records), structure.py
+(volumes, snapshots, rollback), reports.py and scrub.py.
 
 Concurrency contract: a Pool is used from one thread, except
 `CommitJob.run()`, which may run in one other thread at a time: it touches
@@ -52,28 +53,23 @@ fsync.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
 
 import lmdb
 
-from . import allocator, commit, fastbridge, layers, logflush, native, reports, scrub, structure, trim
+from . import commit, fastbridge, layers, logflush, readpath, reports, scrub, structure, trim, writepath
 from .blockio import DataFile
 from .catalogue import Catalogue
 from .intentlog import IntentLog
 from .lineage import Lineage
 from .overlay import Dirty, Epoch, held
 from .txn import Tx
-from .fastmap import COALESCE_PAGES, READ_ONLY
 from .errors import (
     EngineError,
     FormatError,
-    NoSpace,
     NotFound,
-    OutOfRange,
-    PoolFailed,
 )
 from .format import (
     BLOCK_SIZE,
@@ -88,28 +84,19 @@ from .format import (
     DB_SNAP,
     DB_VOLUME,
     FORMAT_VERSION,
-    FULL_MASK,
     LMDB_DIR,
     LOG_FILE,
     READABLE_VERSIONS,
-    ZERO_SLOT,
     jdec,
     jenc,
-    mask_runs,
     PAGE,
-    page_mask,
-    slot_offset,
     u64,
     u64_decode,
 )
 
 log = logging.getLogger(__name__)
 
-ZERO_BLOCK = bytes(BLOCK_SIZE)
 INITIAL_MAP_SIZE = 256 << 20
-# Commit on our own once this many blocks are dirty (bounds memory and the
-# amount of unflushed data, like a disk's write cache).
-DIRTY_LIMIT = 1024
 # How many slots the verified-once set remembers (about 64 MiB of memory at
 # most); it starts over when full.
 VERIFIED_MAX = 1 << 20
@@ -214,7 +201,7 @@ class Pool:
         # opened: a partial read of one reads only what it needs.  A slot
         # leaves the set when it is allocated again.
         self._verified: set[int] = set()
-        # write() commits by itself at DIRTY_LIMIT; a daemon that runs commits
+        # write() commits by itself at writepath.DIRTY_LIMIT; a daemon that runs commits
         # in a worker thread turns this off and watches dirty_blocks() itself
         self.auto_commit = True
         self._owner = threading.get_ident()
@@ -322,345 +309,25 @@ class Pool:
     def _inflight_dirty(self, lid: int):
         return self._inflight.dirty.get(lid) if self._inflight is not None else None
 
-    def _dirty_block(self, cur, lid: int, block: int, d: Dirty, live: bool = True) -> bytes | None:
-        """The block an overlay entry stands for (None: zeros): its slot's
-        pages, and for a partial one the rest from what it covers
-        (_under).  live: d is the live overlay's (else an in-flight
-        commit's)."""
-        if d.slot == ZERO_SLOT:
-            return None
-        data = self.file.pread(BLOCK_SIZE, slot_offset(d.slot))
-        if d.have == FULL_MASK:
-            return data
-        out = layers.assemble(self, self._under(cur, lid, block, live), self._where(lid, block), need=FULL_MASK & ~d.have)
-        layers.copy_pages(out, data, d.have)
-        return out
-
-    def _under(self, cur, lid: int, block: int, live: bool = True) -> list:
-        """What an overlay entry of lid's head reads the pages it lacks
-        from, as a chain of layers (layers.layers): for the live overlay,
-        an in-flight commit's entry over the committed head; for that
-        commit's, the committed head (at the head's generation: its own
-        entry if it has one, else what its last point sees).  The overlay's
-        slots carry no checksum yet (crc None: not verified)."""
-        frozen = self._inflight_dirty(lid) if live else None
-        f = frozen.get(block) if frozen else None
-        if f is not None and f.slot == ZERO_SLOT:
-            return []
-        if f is not None and f.have == FULL_MASK:
-            return [(f.slot, FULL_MASK, None)]
-        committed = layers.layers(self, cur, lid, self._lins[lid].gen, block)  # only when it is read
-        return committed if f is None else [(f.slot, f.have, None)] + committed
-
-    @staticmethod
-    def _where(lid: int, block: int) -> str:
-        return "lineage %d block %d" % (lid, block)
-
-    def _head_block(self, lid: int, block: int) -> bytes | None:
-        """A block of a lineage's head as durable or about to be: the frozen
-        overlay of an in-flight commit first, then the committed map."""
-        frozen = self._inflight_dirty(lid)
-        d = frozen.get(block) if frozen else None
-        with self.env.begin(db=self._db[DB_MAP]) as txn:
-            cur = txn.cursor()
-            if d is not None:
-                return self._dirty_block(cur, lid, block, d, live=False)
-            return self._chain_block(cur, lid, self._lins[lid].gen, block)
-
-    def _chain_block(self, cur, lid: int, gen: int, block: int) -> bytes | None:
-        chain = layers.layers(self, cur, lid, gen, block)
-        if not chain:
-            return None
-        return layers.assemble(self, chain, self._where(lid, block))
-
-    # ------------------------------------------------------------ I/O
-
-    def _check_range(self, size: int, offset: int, length: int, what: str) -> None:
-        if offset < 0 or length < 0 or offset + length > size:
-            raise OutOfRange(
-                "%s of %d bytes at offset %d is beyond the end of the volume (%d bytes)"
-                % (what, length, offset, size)
-            )
+    # ------------------------------------------------------------ I/O (readpath.py, writepath.py)
 
     def read(self, vid: int, offset: int, length: int) -> bytearray:
         """Read from a volume's head.  Reads beyond the end are short (EOF)."""
-        # a read C handed back for blocks it did not know: teach it them
-        # (and the window around them), and let it serve the read after all
-        if self._fm is not None and fastbridge.teach(self, vid, offset, length):
-            got = fastbridge.read_in_c(self, vid, offset, length)
-            if got is not None:
-                return got
-        with self._fast():
-            vol = self._vols.get(vid)
-            if vol is None:
-                raise NotFound("volume %d does not exist" % vid)
-            length = max(0, min(length, vol["size"] - offset))
-            lid = vol["lid"]
-            return self._read(
-                lid, self._lins[lid].gen, offset, length, self._dirty.get(lid), self._inflight_dirty(lid), vid
-            )
+        return readpath.read(self, vid, offset, length)
 
     def read_snapshot(self, sid: int, offset: int, length: int) -> bytearray:
-        s = self.snapshot_info(sid)
-        length = max(0, min(length, s["size"] - offset))
-        return self._read(s["lid"], s["gen"], offset, length, None, None)
-
-    def _read(self, lid: int, gen: int, offset: int, length: int, dirty, frozen, vid=None) -> bytearray:
-        """dirty, frozen: the live overlay and an in-flight commit's (or None).
-        Returns the buffer it filled (no copy into bytes: FUSE takes it as is).
-        vid: the head's volume, whose mappings the fast path learns here
-        (whole-block ones only: C knows nothing of partial entries)."""
-        fm = self._fm if vid is not None else None
-        out = bytearray(length)
-        pos = 0
-        txn = cur = None
-        try:
-            while pos < length:
-                block, intra = divmod(offset + pos, BLOCK_SIZE)
-                n = min(BLOCK_SIZE - intra, length - pos)
-                d = dirty.get(block) if dirty else None
-                live = d is not None
-                if not live and frozen:
-                    d = frozen.get(block)
-                if txn is None and (d is None or d.have != FULL_MASK):
-                    txn = self.env.begin(db=self._db[DB_MAP])
-                    cur = txn.cursor()
-                if d is not None:
-                    if d.slot == ZERO_SLOT:
-                        pass
-                    elif d.have == FULL_MASK:
-                        out[pos : pos + n] = self.file.pread(n, slot_offset(d.slot) + intra)
-                    else:
-                        out[pos : pos + n] = memoryview(self._dirty_block(cur, lid, block, d, live))[intra : intra + n]
-                    if fm is not None and live:  # after the read, which verified what is below
-                        fastbridge.tell(self, vid, lid, block, d, cur if d.have != FULL_MASK else None)
-                    elif fm is not None:
-                        view = fastbridge.frozen_view(self, cur, lid, block, d)
-                        if view is not None:
-                            fm.add(vid, block, *view)
-                else:
-                    chain = layers.layers(self, cur, lid, gen, block)
-                    slot = layers.single(chain)
-                    if slot is None:  # partial entries: pages from several slots
-                        data = layers.assemble(self, chain, self._where(lid, block))
-                        out[pos : pos + n] = memoryview(data)[intra : intra + n]
-                    elif slot != ZERO_SLOT:
-                        if n < BLOCK_SIZE and slot in self._verified:
-                            out[pos : pos + n] = self.file.pread(n, slot_offset(slot) + intra)
-                        else:
-                            data = layers.checked(self, slot, FULL_MASK, chain[0][2], self._where(lid, block))
-                            out[pos : pos + n] = memoryview(data)[intra : intra + n]
-                    if fm is not None:  # verified (or zeros): C may serve it from now on
-                        fastbridge.tell_committed(self, vid, lid, gen, block, chain, cur)
-                pos += n
-        finally:
-            if txn is not None:
-                txn.abort()
-        return out
+        """Read from a snapshot.  Reads beyond the end are short (EOF)."""
+        return readpath.read_snapshot(self, sid, offset, length)
 
     def write(self, vid: int, offset: int, data) -> None:
-        """Write to a volume's head.  Durable only after `commit()` or a
-        `log_flush()` of the volume.
-
-        Raises OutOfRange beyond the end, NoSpace when the pool is full.
-        """
-        if self._failed:
-            raise PoolFailed(self._failed)
-        # a write C handed back for blocks it did not know: teach it them,
-        # and let it serve the write after all
-        if self._fm is not None and fastbridge.teach(self, vid, offset, len(data)):
-            if fastbridge.write_in_c(self, vid, offset, data):
-                return
-        with self._fast():
-            vol = self._vols.get(vid)
-            if vol is None:
-                raise NotFound("volume %d does not exist" % vid)
-            mv = memoryview(data)
-            self._check_range(vol["size"], offset, len(mv), "write")
-            lid = vol["lid"]
-            dirty = self._dirty.setdefault(lid, {})
-            pos = 0
-            while pos < len(mv):
-                block, intra = divmod(offset + pos, BLOCK_SIZE)
-                n = min(BLOCK_SIZE - intra, len(mv) - pos)
-                self._write_block(vid, lid, dirty, block, intra, mv[pos : pos + n])
-                pos += n
-            if self._ndirty >= DIRTY_LIMIT and self.auto_commit and self._inflight is None:
-                self.commit()
+        """Write to a volume's head (writepath.write).  Durable only after
+        `commit()` or a `log_flush()` of the volume.  Raises OutOfRange
+        beyond the end, NoSpace when the pool is full."""
+        writepath.write(self, vid, offset, data)
 
     def discard(self, vid: int, offset: int, length: int) -> None:
-        """Make a range read as zeros and free what it held (punch-hole)."""
-        with self._fast():
-            vol = self._vols.get(vid)
-            if vol is None:
-                raise NotFound("volume %d does not exist" % vid)
-            self._check_range(vol["size"], offset, length, "discard")
-            lid = vol["lid"]
-            dirty = self._dirty.setdefault(lid, {})
-            end = offset + length
-            pos = offset
-            while pos < end:
-                block, intra = divmod(pos, BLOCK_SIZE)
-                n = min(BLOCK_SIZE - intra, end - pos)
-                if n == BLOCK_SIZE:
-                    self._set_zero(vid, lid, dirty, block)
-                else:
-                    self._write_block(vid, lid, dirty, block, intra, memoryview(ZERO_BLOCK)[:n])
-                pos += n
-
-    def _set_zero(self, vid: int, lid: int, dirty: dict, block: int) -> None:
-        if self._fm is not None:  # before the slot can be reused
-            self._fm.set(vid, block, ZERO_SLOT, READ_ONLY)
-        d = dirty.get(block)
-        if d is None:
-            self._ndirty += 1
-            d = dirty[block] = Dirty(ZERO_SLOT, 0, True, False)
-        else:
-            self._dirty_pages -= held(d)
-            if d.fresh:
-                allocator.release_fresh(self, d.slot)
-            d.slot, d.crc, d.crc_ok, d.fresh, d.have = ZERO_SLOT, 0, True, False, FULL_MASK
-        fastbridge.changed(self, vid, lid, d, block, FULL_MASK)
-
-    def _write_block(self, vid: int, lid: int, dirty: dict, block: int, intra: int, chunk: memoryview) -> None:
-        """Write into one block.  Checksums of what is written here are
-        computed at commit (commit._finish_checksums, in the commit's thread when
-        the daemon runs commits in a worker), not per write.
-
-        Sub-block copy-on-write: a block that reads as a whole block now
-        (the head's own, committed or in a commit in flight, or what its
-        last snapshot point or its parent sees) gets a fresh slot holding
-        only the pages written, a partial overlay entry (Dirty.have) over
-        it.  A block the head owns in part is copied with its pages.  Once
-        a slot over the head's own block would hold more than
-        COALESCE_PAGES, the whole block is copied instead (what was below
-        is freed at commit).  A block that reads as zeros is written
-        whole."""
-        d = dirty.get(block)
-        full = len(chunk) == BLOCK_SIZE
-        wmask = page_mask(intra, len(chunk))
-        if d is not None and d.fresh:
-            # Allocated since the last commit: nothing durable points here
-            # (the intent log holds copies of what it needs).
-            had = d.have
-            if full:
-                if native.is_zero(chunk):
-                    self._set_zero(vid, lid, dirty, block)
-                    return
-                self.file.pwrite(chunk, slot_offset(d.slot))
-                d.have = FULL_MASK
-            else:
-                if wmask & ~d.have:
-                    self._fill_edges(lid, block, d.slot, d.have, intra, len(chunk))
-                self.file.pwrite(chunk, slot_offset(d.slot) + intra)
-                d.have |= wmask
-            grown = wmask & ~had
-            self._dirty_pages += (d.have & ~had).bit_count()
-            d.crc_ok = False
-            fastbridge.changed(self, vid, lid, d, block, wmask)
-            if self._fm is not None and grown:  # C must know what the slot holds now
-                fastbridge.tell(self, vid, lid, block, d)
-            return
-        # The new slot holds the pages written and those of the head's own
-        # partial entry (own_mask); the rest reads from below it (_under).
-        # Over a whole block (the head's own, or its last point's) only the
-        # pages written are written.  A block that reads as zeros now is
-        # written whole.
-        zeros = d is not None  # a dirty zero block
-        own_mask = 0
-        may_coalesce = False  # the head owns the block: a whole copy frees what is below at commit
-        if not zeros and not full:
-            frozen = self._inflight_dirty(lid)
-            f = frozen.get(block) if frozen else None
-            if f is not None:
-                zeros = f.slot == ZERO_SLOT
-                may_coalesce = True
-                own_mask = 0 if f.have == FULL_MASK else f.have
-            else:
-                with self.env.begin(db=self._db[DB_MAP]) as txn:
-                    lin = self._lins[lid]
-                    state, oslot, omask = layers.head_state(txn.cursor(), lid, lin.gen, lin.last_point(), block)[:3]
-                if state == "dead" or (state == "own" and oslot == ZERO_SLOT):
-                    zeros = True
-                elif state == "own":
-                    may_coalesce = True
-                    own_mask = 0 if omask == FULL_MASK else omask
-        if full or zeros or (may_coalesce and (own_mask | wmask).bit_count() > COALESCE_PAGES):
-            if full:
-                buf = chunk
-            else:
-                if zeros:
-                    buf = bytearray(ZERO_BLOCK)
-                else:  # coalesce: the whole block as it reads now
-                    with self.env.begin(db=self._db[DB_MAP]) as txn:
-                        buf = layers.assemble(self, self._under(txn.cursor(), lid, block), self._where(lid, block))
-                buf[intra : intra + len(chunk)] = chunk
-            if native.is_zero(buf):
-                self._set_zero(vid, lid, dirty, block)
-                return
-            if d is None and full and self._lins[lid].points:
-                # Rewriting a block with what it already holds must not make the
-                # snapshot that shares it diverge (its billed size would grow).
-                old = self._head_block(lid, block)
-                if old is not None and native.diff_sectors(old, buf)[0] == 0:
-                    return
-            slot = self._new_slot(buf, FULL_MASK)
-            have = FULL_MASK
-        else:
-            # sub-block copy-on-write: the head's own pages, the rest of the
-            # pages written in part as below, and the new ones
-            buf = bytearray(BLOCK_SIZE)
-            need = own_mask | (wmask & ~_covered(intra, len(chunk)))
-            if need:
-                with self.env.begin(db=self._db[DB_MAP]) as txn:
-                    layers.assemble(self, self._under(txn.cursor(), lid, block), self._where(lid, block),
-                                    out=buf, need=need)
-            buf[intra : intra + len(chunk)] = chunk
-            have = own_mask | wmask
-            slot = self._new_slot(buf, have)
-        if d is None:
-            self._ndirty += 1
-            d = dirty[block] = Dirty(slot, 0, False, True, 0, have)
-        else:
-            self._dirty_pages -= held(d)
-            d.slot, d.crc, d.crc_ok, d.fresh, d.have = slot, 0, False, True, have
-        self._dirty_pages += held(d)
-        # the rest of the block is as the log's replay finds it: the head as
-        # committed (no record of this generation has it), or zeros that a
-        # record has (FULL_MASK until that record is written)
-        fastbridge.changed(self, vid, lid, d, block, wmask)
-        if self._fm is not None:
-            fastbridge.tell(self, vid, lid, block, d)
-
-    def _new_slot(self, buf, have: int) -> int:
-        """A fresh slot holding the pages of have from buf (a whole block)."""
-        slot = allocator.alloc(self)
-        try:
-            if have == FULL_MASK:
-                self.file.pwrite(buf, slot_offset(slot))
-            else:
-                mv = memoryview(buf)
-                for first, count in mask_runs(have):
-                    self.file.pwrite(mv[first * PAGE : (first + count) * PAGE], slot_offset(slot) + first * PAGE)
-        except OSError as exc:
-            allocator.release_fresh(self, slot)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise NoSpace("the pool's filesystem is full (%s)" % self.path) from exc
-            raise
-        return slot
-
-    def _fill_edges(self, lid: int, block: int, slot: int, have: int, intra: int, length: int) -> None:
-        """Before a write of [intra, intra + length) into a partial fresh
-        slot: the pages it touches in part and the slot lacks get the rest
-        of their contents from the view before the head's generation."""
-        edges = page_mask(intra, length) & ~have & ~_covered(intra, length)
-        if not edges:
-            return
-        with self.env.begin(db=self._db[DB_MAP]) as txn:
-            buf = layers.assemble(self, self._under(txn.cursor(), lid, block), self._where(lid, block), need=edges)
-        mv = memoryview(buf)
-        for first, count in mask_runs(edges):
-            self.file.pwrite(mv[first * PAGE : (first + count) * PAGE], slot_offset(slot) + first * PAGE)
+        """Make a range read as zeros and free what it held (writepath.discard)."""
+        writepath.discard(self, vid, offset, length)
 
     # ------------------------------------------------------------ commit
 
@@ -833,9 +500,3 @@ class Pool:
             "snapshots": sum(1 for s in self._snaps.values() if not s.get("deleted")),
             **({"commit_error": commit_error} if commit_error else {}),
         }
-
-def _covered(intra: int, length: int) -> int:
-    """The pages of a block that bytes [intra, intra + length) cover whole."""
-    first = -(-intra // PAGE)
-    end = (intra + length) // PAGE
-    return ((1 << end) - 1) & ~((1 << first) - 1) if end > first else 0

@@ -1,0 +1,248 @@
+"""Writing a volume's head in the engine (the requests C hands back, and
+every write when no fast path is attached): fresh slots, copy-on-write of
+the pages written, blocks made zeros; the overlay (overlay.Dirty) records
+them until a commit or a log flush makes them durable.
+
+Functions of a Pool, in its owner thread, with the map's lock held
+(Pool._fast) while they change the overlay."""
+from __future__ import annotations
+
+import errno
+
+from . import allocator, fastbridge, layers, native
+from .errors import NoSpace, NotFound, OutOfRange, PoolFailed
+from .fastmap import COALESCE_PAGES, READ_ONLY
+from .format import BLOCK_SIZE, DB_MAP, FULL_MASK, PAGE, ZERO_SLOT, mask_runs, page_mask, slot_offset
+from .overlay import Dirty, held
+from .readpath import head_block, under, where
+
+ZERO_BLOCK = bytes(BLOCK_SIZE)
+# Commit on our own once this many blocks are dirty (bounds memory and the
+# amount of unflushed data, like a disk's write cache).
+DIRTY_LIMIT = 1024
+
+
+def check_range(size: int, offset: int, length: int, what: str) -> None:
+    if offset < 0 or length < 0 or offset + length > size:
+        raise OutOfRange(
+            "%s of %d bytes at offset %d is beyond the end of the volume (%d bytes)"
+            % (what, length, offset, size)
+        )
+
+
+
+def write(pool, vid: int, offset: int, data) -> None:
+    """Write to a volume's head.  Durable only after `commit()` or a
+    `log_flush()` of the volume.
+
+    Raises OutOfRange beyond the end, NoSpace when the pool is full.
+    """
+    if pool._failed:
+        raise PoolFailed(pool._failed)
+    # a write C handed back for blocks it did not know: teach it them,
+    # and let it serve the write after all
+    if pool._fm is not None and fastbridge.teach(pool, vid, offset, len(data)):
+        if fastbridge.write_in_c(pool, vid, offset, data):
+            return
+    with pool._fast():
+        vol = pool._vols.get(vid)
+        if vol is None:
+            raise NotFound("volume %d does not exist" % vid)
+        mv = memoryview(data)
+        check_range(vol["size"], offset, len(mv), "write")
+        lid = vol["lid"]
+        dirty = pool._dirty.setdefault(lid, {})
+        pos = 0
+        while pos < len(mv):
+            block, intra = divmod(offset + pos, BLOCK_SIZE)
+            n = min(BLOCK_SIZE - intra, len(mv) - pos)
+            write_block(pool, vid, lid, dirty, block, intra, mv[pos : pos + n])
+            pos += n
+        if pool._ndirty >= DIRTY_LIMIT and pool.auto_commit and pool._inflight is None:
+            pool.commit()
+
+
+def discard(pool, vid: int, offset: int, length: int) -> None:
+    """Make a range read as zeros and free what it held (punch-hole)."""
+    with pool._fast():
+        vol = pool._vols.get(vid)
+        if vol is None:
+            raise NotFound("volume %d does not exist" % vid)
+        check_range(vol["size"], offset, length, "discard")
+        lid = vol["lid"]
+        dirty = pool._dirty.setdefault(lid, {})
+        end = offset + length
+        pos = offset
+        while pos < end:
+            block, intra = divmod(pos, BLOCK_SIZE)
+            n = min(BLOCK_SIZE - intra, end - pos)
+            if n == BLOCK_SIZE:
+                set_zero(pool, vid, lid, dirty, block)
+            else:
+                write_block(pool, vid, lid, dirty, block, intra, memoryview(ZERO_BLOCK)[:n])
+            pos += n
+
+
+def set_zero(pool, vid: int, lid: int, dirty: dict, block: int) -> None:
+    if pool._fm is not None:  # before the slot can be reused
+        pool._fm.set(vid, block, ZERO_SLOT, READ_ONLY)
+    d = dirty.get(block)
+    if d is None:
+        pool._ndirty += 1
+        d = dirty[block] = Dirty(ZERO_SLOT, 0, True, False)
+    else:
+        pool._dirty_pages -= held(d)
+        if d.fresh:
+            allocator.release_fresh(pool, d.slot)
+        d.slot, d.crc, d.crc_ok, d.fresh, d.have = ZERO_SLOT, 0, True, False, FULL_MASK
+    fastbridge.changed(pool, vid, lid, d, block, FULL_MASK)
+
+
+def write_block(pool, vid: int, lid: int, dirty: dict, block: int, intra: int, chunk: memoryview) -> None:
+    """Write into one block.  Checksums of what is written here are
+    computed at commit (commit._finish_checksums, in the commit's thread when
+    the daemon runs commits in a worker), not per write.
+
+    Sub-block copy-on-write: a block that reads as a whole block now
+    (the head's own, committed or in a commit in flight, or what its
+    last snapshot point or its parent sees) gets a fresh slot holding
+    only the pages written, a partial overlay entry (Dirty.have) over
+    it.  A block the head owns in part is copied with its pages.  Once
+    a slot over the head's own block would hold more than
+    COALESCE_PAGES, the whole block is copied instead (what was below
+    is freed at commit).  A block that reads as zeros is written
+    whole."""
+    d = dirty.get(block)
+    full = len(chunk) == BLOCK_SIZE
+    wmask = page_mask(intra, len(chunk))
+    if d is not None and d.fresh:
+        # Allocated since the last commit: nothing durable points here
+        # (the intent log holds copies of what it needs).
+        had = d.have
+        if full:
+            if native.is_zero(chunk):
+                set_zero(pool, vid, lid, dirty, block)
+                return
+            pool.file.pwrite(chunk, slot_offset(d.slot))
+            d.have = FULL_MASK
+        else:
+            if wmask & ~d.have:
+                fill_edges(pool, lid, block, d.slot, d.have, intra, len(chunk))
+            pool.file.pwrite(chunk, slot_offset(d.slot) + intra)
+            d.have |= wmask
+        grown = wmask & ~had
+        pool._dirty_pages += (d.have & ~had).bit_count()
+        d.crc_ok = False
+        fastbridge.changed(pool, vid, lid, d, block, wmask)
+        if pool._fm is not None and grown:  # C must know what the slot holds now
+            fastbridge.tell(pool, vid, lid, block, d)
+        return
+    # The new slot holds the pages written and those of the head's own
+    # partial entry (own_mask); the rest reads from below it (_under).
+    # Over a whole block (the head's own, or its last point's) only the
+    # pages written are written.  A block that reads as zeros now is
+    # written whole.
+    zeros = d is not None  # a dirty zero block
+    own_mask = 0
+    may_coalesce = False  # the head owns the block: a whole copy frees what is below at commit
+    if not zeros and not full:
+        frozen = pool._inflight_dirty(lid)
+        f = frozen.get(block) if frozen else None
+        if f is not None:
+            zeros = f.slot == ZERO_SLOT
+            may_coalesce = True
+            own_mask = 0 if f.have == FULL_MASK else f.have
+        else:
+            with pool.env.begin(db=pool._db[DB_MAP]) as txn:
+                lin = pool._lins[lid]
+                state, oslot, omask = layers.head_state(txn.cursor(), lid, lin.gen, lin.last_point(), block)[:3]
+            if state == "dead" or (state == "own" and oslot == ZERO_SLOT):
+                zeros = True
+            elif state == "own":
+                may_coalesce = True
+                own_mask = 0 if omask == FULL_MASK else omask
+    if full or zeros or (may_coalesce and (own_mask | wmask).bit_count() > COALESCE_PAGES):
+        if full:
+            buf = chunk
+        else:
+            if zeros:
+                buf = bytearray(ZERO_BLOCK)
+            else:  # coalesce: the whole block as it reads now
+                with pool.env.begin(db=pool._db[DB_MAP]) as txn:
+                    buf = layers.assemble(pool, under(pool, txn.cursor(), lid, block), where(lid, block))
+            buf[intra : intra + len(chunk)] = chunk
+        if native.is_zero(buf):
+            set_zero(pool, vid, lid, dirty, block)
+            return
+        if d is None and full and pool._lins[lid].points:
+            # Rewriting a block with what it already holds must not make the
+            # snapshot that shares it diverge (its billed size would grow).
+            old = head_block(pool, lid, block)
+            if old is not None and native.diff_sectors(old, buf)[0] == 0:
+                return
+        slot = new_slot(pool, buf, FULL_MASK)
+        have = FULL_MASK
+    else:
+        # sub-block copy-on-write: the head's own pages, the rest of the
+        # pages written in part as below, and the new ones
+        buf = bytearray(BLOCK_SIZE)
+        need = own_mask | (wmask & ~_covered(intra, len(chunk)))
+        if need:
+            with pool.env.begin(db=pool._db[DB_MAP]) as txn:
+                layers.assemble(pool, under(pool, txn.cursor(), lid, block), where(lid, block),
+                                out=buf, need=need)
+        buf[intra : intra + len(chunk)] = chunk
+        have = own_mask | wmask
+        slot = new_slot(pool, buf, have)
+    if d is None:
+        pool._ndirty += 1
+        d = dirty[block] = Dirty(slot, 0, False, True, 0, have)
+    else:
+        pool._dirty_pages -= held(d)
+        d.slot, d.crc, d.crc_ok, d.fresh, d.have = slot, 0, False, True, have
+    pool._dirty_pages += held(d)
+    # the rest of the block is as the log's replay finds it: the head as
+    # committed (no record of this generation has it), or zeros that a
+    # record has (FULL_MASK until that record is written)
+    fastbridge.changed(pool, vid, lid, d, block, wmask)
+    if pool._fm is not None:
+        fastbridge.tell(pool, vid, lid, block, d)
+
+
+def new_slot(pool, buf, have: int) -> int:
+    """A fresh slot holding the pages of have from buf (a whole block)."""
+    slot = allocator.alloc(pool)
+    try:
+        if have == FULL_MASK:
+            pool.file.pwrite(buf, slot_offset(slot))
+        else:
+            mv = memoryview(buf)
+            for first, count in mask_runs(have):
+                pool.file.pwrite(mv[first * PAGE : (first + count) * PAGE], slot_offset(slot) + first * PAGE)
+    except OSError as exc:
+        allocator.release_fresh(pool, slot)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace("the pool's filesystem is full (%s)" % pool.path) from exc
+        raise
+    return slot
+
+
+def fill_edges(pool, lid: int, block: int, slot: int, have: int, intra: int, length: int) -> None:
+    """Before a write of [intra, intra + length) into a partial fresh
+    slot: the pages it touches in part and the slot lacks get the rest
+    of their contents from the view before the head's generation."""
+    edges = page_mask(intra, length) & ~have & ~_covered(intra, length)
+    if not edges:
+        return
+    with pool.env.begin(db=pool._db[DB_MAP]) as txn:
+        buf = layers.assemble(pool, under(pool, txn.cursor(), lid, block), where(lid, block), need=edges)
+    mv = memoryview(buf)
+    for first, count in mask_runs(edges):
+        pool.file.pwrite(mv[first * PAGE : (first + count) * PAGE], slot_offset(slot) + first * PAGE)
+
+
+def _covered(intra: int, length: int) -> int:
+    """The pages of a block that bytes [intra, intra + length) cover whole."""
+    first = -(-intra // PAGE)
+    end = (intra + length) // PAGE
+    return ((1 << end) - 1) & ~((1 << first) - 1) if end > first else 0
