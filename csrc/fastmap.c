@@ -1018,6 +1018,7 @@ struct plan {
     int merging;
     uint64_t base[MAX_SPAN];   /* the block's slot now (0: zeros) */
     uint64_t ns[MAX_SPAN];     /* NEW, COW, COMPARE: the new slot, from the reservoir */
+    uint64_t osrc[MAX_SPAN];   /* COW: the slot the pages of own are copied from */
     struct below nb_[MAX_SPAN]; /* what a new or merged slot's missing pages read from */
     uint16_t own[MAX_SPAN], merge[MAX_SPAN], missing[MAX_SPAN], nhave[MAX_SPAN], edges[MAX_SPAN];
     unsigned char act[MAX_SPAN], unv[MAX_SPAN];
@@ -1056,7 +1057,7 @@ static long plan_write(struct vd_fastmap *fm, struct vol *v, struct plan *p)
         struct ent *e = lookup(fm, p->vid, p->first + i);
         p->merge[i] = p->missing[i] = 0;
         p->unv[i] = p->same[i] = 0;
-        p->base[i] = e ? e->slot : 0;
+        p->base[i] = p->osrc[i] = e ? e->slot : 0;
         if (e != NULL && e->epoch == fm->epoch) {
             p->act[i] = INPLACE;
             /* pages the partial slot lacks: those written in part get the
@@ -1092,6 +1093,18 @@ static long plan_write(struct vd_fastmap *fm, struct vol *v, struct plan *p)
             } else if (is_shared(e, v) && e->b.bhave == FULL) {
                 p->own[i] = 0;
                 p->nb_[i] = (struct below){e->slot, e->b.base, e->have};
+            } else if (is_shared(e, v) && __builtin_popcount(e->b.bhave & ~e->have & ~pgs) <
+                                              __builtin_popcount(e->have & ~pgs)) {
+                /* over the point's view of three (top, middle, bottom),
+                 * one of the upper two is copied into the new slot so
+                 * that it reads through two again: the middle's pages
+                 * that show, when fewer than the top's (then the top and
+                 * the bottom stay below: the committed map's chain has
+                 * the middle hidden, layers.layers).  Copying the top's
+                 * every time would copy more with every snapshot. */
+                p->own[i] = e->b.bhave & (uint16_t)~e->have;
+                p->osrc[i] = e->b.base;
+                p->nb_[i] = (struct below){e->slot, e->b.base2, e->have};
             } else {
                 p->own[i] = e->have;
                 p->nb_[i] = e->b;
@@ -1161,7 +1174,7 @@ static long write_data(struct vd_fastmap *fm, struct plan *p, const unsigned cha
         uint16_t have = FULL;
         if (p->act[i] == COW) {
             have = p->nhave[i];
-            if ((rc = fetch_pages(fm, p->base[i], p->own[i], scratch)) < 0 ||
+            if ((rc = fetch_pages(fm, p->osrc[i], p->own[i], scratch)) < 0 ||
                 (rc = fetch_below(fm, p->nb_[i], p->edges[i], scratch)) < 0)
                 return rc;
             memcpy(scratch + intra, data, n);

@@ -28,16 +28,13 @@ log = logging.getLogger(__name__)
 RESERVE_KEEP_FREE = 256 << 20
 
 
-def alloc(pool, reserve: bool = False) -> int:
-    """A slot nobody references, durable map included.  reserve: for the
-    fast path's reservoir (allocated in the epoch only once it is used)."""
+def alloc(pool) -> int:
+    """A slot nobody references, durable map included, allocated in the
+    epoch (the fast path's reservoir takes its own: reserve_many)."""
     if not pool._free_cache and pool._free_scan is not None:
         _refill_cache(pool)
     if pool._free_cache:
         slot = pool._free_cache.pop()
-        if reserve and slot >= pool._committed_hwm:
-            # given back beyond the durable hwm: a commit records it free
-            pool._reserved_beyond.add(slot)
     else:
         slot = pool._hwm
         try:
@@ -45,14 +42,45 @@ def alloc(pool, reserve: bool = False) -> int:
         except OSError as exc:
             raise NoSpace("the pool's filesystem is full (%s): %s" % (pool.path, exc)) from exc
         pool._hwm += 1
-        if reserve:
-            pool._reserved_beyond.add(slot)
-    if reserve:
-        pool._reserved.add(slot)
-    else:
-        pool._epoch_alloc.add(slot)
+    pool._epoch_alloc.add(slot)
     pool._verified.discard(slot)
     return slot
+
+
+def reserve_many(pool, want: int, grow: int) -> list[int]:
+    """Up to want slots for the fast path's reservoir, in the order alloc
+    would give them: free ones first, then at most grow new ones at the
+    high-water mark, the data file reserved for them at once.  What alloc
+    does one slot at a time, for a refill of thousands (fewer when the
+    filesystem is full)."""
+    slots: list[int] = []
+    while len(slots) < want:
+        if not pool._free_cache and pool._free_scan is not None:
+            _refill_cache(pool)
+        if not pool._free_cache:
+            break
+        k = min(want - len(slots), len(pool._free_cache))
+        taken = pool._free_cache[-k:]  # the lowest, descending
+        del pool._free_cache[-k:]
+        slots.extend(reversed(taken))
+        pool._reserved.update(taken)  # before the next scan of DB_FREE, which skips them
+    beyond = [s for s in slots if s >= pool._committed_hwm]  # given back beyond the durable hwm
+    n = min(want - len(slots), grow)
+    while n > 0:
+        try:
+            pool.file.reserve(slot_offset(pool._hwm + n))
+            break
+        except OSError:
+            n //= 2
+    if n > 0:
+        new = range(pool._hwm, pool._hwm + n)
+        pool._hwm += n
+        slots.extend(new)
+        beyond.extend(new)
+        pool._reserved.update(new)
+    pool._reserved_beyond.update(beyond)
+    pool._verified.difference_update(slots)
+    return slots
 
 
 def _refill_cache(pool) -> None:

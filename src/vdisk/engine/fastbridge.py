@@ -127,18 +127,7 @@ def refill(pool) -> int:
     # growing the data file for the reservoir must not take the room
     # LMDB and the writes themselves need: only reused slots then
     grow = max(0, allocator.spare_bytes(pool) // BLOCK_SIZE)
-    slots = []
-    try:
-        while len(slots) < want:
-            if not pool._free_cache and pool._free_scan is not None:
-                allocator._refill_cache(pool)
-            if not pool._free_cache:
-                if grow <= 0:
-                    break
-                grow -= 1
-            slots.append(allocator.alloc(pool, reserve=True))
-    except NoSpace:
-        pass
+    slots = allocator.reserve_many(pool, want, grow)
     fm.reservoir_add(slots[::-1])  # C takes from the end: ascending slots
     return len(slots)
 
@@ -248,7 +237,7 @@ def tell(pool, vid: int, lid: int, block: int, d: Dirty, cur=None) -> None:
     if cur is None:
         with pool.env.begin(db=pool._db[DB_MAP]) as txn:
             return tell(pool, vid, lid, block, d, txn.cursor())
-    chain = readpath.under(pool, cur, lid, block)
+    chain = layers.visible(readpath.under(pool, cur, lid, block), d.have)
     b = layers.below(chain)
     if b is None:
         d.pages |= pool._fm.mask(vid, block)  # what C wrote since the log flush: ours to log now
@@ -280,7 +269,7 @@ def frozen_view(pool, cur, lid: int, block: int, f: Dirty) -> tuple | None:
     three slots make it.  Never shared: the head's own."""
     if f.slot == ZERO_SLOT or f.have == FULL_MASK:
         return (f.slot,)
-    chain = readpath.under(pool, cur, lid, block, live=False)
+    chain = layers.visible(readpath.under(pool, cur, lid, block, live=False), f.have)
     b = layers.below(chain)
     if b is None:
         return None

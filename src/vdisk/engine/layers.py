@@ -114,6 +114,22 @@ def copy_pages(out: bytearray, data, mask: int) -> None:
         out[first * PAGE : (first + count) * PAGE] = data[first * PAGE : (first + count) * PAGE]
 
 
+def visible(chain: list[Layer], have: int) -> list[Layer]:
+    """The layers of a chain under an entry holding the pages of have that
+    add a page to what is above them (as layers() leaves out those
+    newer entries hide): a copy-on-write in C may copy a middle layer's
+    pages into the new slot so that it reads through the others."""
+    need = FULL_MASK & ~have
+    out = []
+    for layer in chain:
+        if not need:
+            break
+        if layer[1] & need:
+            out.append(layer)
+        need &= ~layer[1]
+    return out
+
+
 def below(chain: list[Layer]) -> tuple[int, int, int] | None:
     """What the C fast path keeps of the layers under an entry's slot
     (csrc/fastmap.c, struct below): (base, bhave, base2), the pages of bhave
