@@ -15,7 +15,7 @@ from .overlay import Dirty
 def dirty_block(pool, cur, lid: int, block: int, d: Dirty, live: bool = True) -> bytes | None:
     """The block an overlay entry stands for (None: zeros): its slot's
     pages, and for a partial one the rest from what it covers
-    (_under).  live: d is the live overlay's (else an in-flight
+    (under).  live: d is the live overlay's (else an in-flight
     commit's)."""
     if d.slot == ZERO_SLOT:
         return None
@@ -45,6 +45,7 @@ def under(pool, cur, lid: int, block: int, live: bool = True) -> list:
 
 
 def where(lid: int, block: int) -> str:
+    """Where a block is, for error messages."""
     return "lineage %d block %d" % (lid, block)
 
 
@@ -65,7 +66,6 @@ def chain_block(pool, cur, lid: int, gen: int, block: int) -> bytes | None:
     if not chain:
         return None
     return layers.assemble(pool, chain, where(lid, block))
-
 
 
 def read(pool, vid: int, offset: int, length: int) -> bytearray:

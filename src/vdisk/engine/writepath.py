@@ -30,7 +30,6 @@ def check_range(size: int, offset: int, length: int, what: str) -> None:
         )
 
 
-
 def write(pool, vid: int, offset: int, data) -> None:
     """Write to a volume's head.  Durable only after `commit()` or a
     `log_flush()` of the volume.
@@ -138,7 +137,7 @@ def write_block(pool, vid: int, lid: int, dirty: dict, block: int, intra: int, c
             fastbridge.tell(pool, vid, lid, block, d)
         return
     # The new slot holds the pages written and those of the head's own
-    # partial entry (own_mask); the rest reads from below it (_under).
+    # partial entry (own_mask); the rest reads from below it (readpath.under).
     # Over a whole block (the head's own, or its last point's) only the
     # pages written are written.  A block that reads as zeros now is
     # written whole.
