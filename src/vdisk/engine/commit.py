@@ -420,7 +420,7 @@ def _apply_dirty(pool, tx: Tx, ep: Epoch) -> None:
                     continue  # tombstone stays a tombstone
                 if not whole and obirth > last:
                     # The head's own entry (no point sees it) is what a
-                    # partial one was written over (readpath.under): a whole
+                    # partial one was written over (overlay.under): a whole
                     # block becomes its back slot, and so does its back
                     # slot; a partial one's pages are all in the new
                     # entry, which reads through to what it read

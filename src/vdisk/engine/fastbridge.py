@@ -13,7 +13,7 @@ import errno
 import logging
 import typing
 
-from . import allocator, layers, readpath
+from . import allocator, layers, overlay
 from .overlay import Dirty, held
 from .fastmap import FLUSHED, MAX_SPAN, READ_ONLY, WRITABLE, WRITABLE_REPORT
 from .errors import (
@@ -228,7 +228,7 @@ def unverified(pool, chain) -> tuple:
 
 def tell(pool, vid: int, lid: int, block: int, d: Dirty, cur=None) -> None:
     """Tell C what a live overlay entry holds (with the map's lock held):
-    a partial one with what it reads the rest from (readpath.under) when at most
+    a partial one with what it reads the rest from (overlay.under) when at most
     two slots make that (layers.below), or nothing (then C leaves the
     block to us)."""
     if d.have == FULL_MASK:
@@ -237,7 +237,7 @@ def tell(pool, vid: int, lid: int, block: int, d: Dirty, cur=None) -> None:
     if cur is None:
         with pool.env.begin(db=pool._db[DB_MAP]) as txn:
             return tell(pool, vid, lid, block, d, txn.cursor())
-    chain = layers.visible(readpath.under(pool, cur, lid, block), d.have)
+    chain = layers.visible(overlay.under(pool, cur, lid, block), d.have)
     b = layers.below(chain)
     if b is None:
         d.pages |= pool._fm.mask(vid, block)  # what C wrote since the log flush: ours to log now
@@ -269,7 +269,7 @@ def frozen_view(pool, cur, lid: int, block: int, f: Dirty) -> tuple | None:
     three slots make it.  Never shared: the head's own."""
     if f.slot == ZERO_SLOT or f.have == FULL_MASK:
         return (f.slot,)
-    chain = layers.visible(readpath.under(pool, cur, lid, block, live=False), f.have)
+    chain = layers.visible(overlay.under(pool, cur, lid, block, live=False), f.have)
     b = layers.below(chain)
     if b is None:
         return None

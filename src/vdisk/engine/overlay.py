@@ -1,8 +1,10 @@
 """The write overlay's records: a block written since the last commit
-(Dirty), and the overlay frozen for one commit (Epoch)."""
+(Dirty), the overlay frozen for one commit (Epoch), and what an entry
+reads the pages it lacks from (under)."""
 from __future__ import annotations
 
-from .format import ZERO_SLOT
+from . import layers
+from .format import FULL_MASK, ZERO_SLOT
 
 
 class Dirty:
@@ -15,7 +17,7 @@ class Dirty:
     (FULL_MASK: all of them may differ); the C fast path keeps its own.
     have: the pages the slot holds (FULL_MASK for a zero block); the others
     read as the overlay below it has them: an in-flight commit's entry,
-    else the committed head (readpath.under).  At commit they become a backed
+    else the committed head (under).  At commit they become a backed
     entry (the head's own whole block below becomes its back slot) or a
     partial one (reading through to what its last point sees):
     commit._apply_dirty.  crc covers the pages of have.
@@ -62,3 +64,20 @@ class Epoch:
         # (lid, block) of partial blocks whose pages are all zeros: zeros
         # altogether if what they read through to is
         self.blank: set[tuple[int, int]] = set()
+
+
+def under(pool, cur, lid: int, block: int, live: bool = True) -> list:
+    """What an overlay entry of lid's head reads the pages it lacks
+    from, as a chain of layers (layers.layers): for the live overlay,
+    an in-flight commit's entry over the committed head; for that
+    commit's, the committed head (at the head's generation: its own
+    entry if it has one, else what its last point sees).  The overlay's
+    slots carry no checksum yet (crc None: not verified)."""
+    frozen = pool._inflight_dirty(lid) if live else None
+    f = frozen.get(block) if frozen else None
+    if f is not None and f.slot == ZERO_SLOT:
+        return []
+    if f is not None and f.have == FULL_MASK:
+        return [(f.slot, FULL_MASK, None)]
+    committed = layers.layers(pool, cur, lid, pool._lins[lid].gen, block)  # only when it is read
+    return committed if f is None else [(f.slot, f.have, None)] + committed

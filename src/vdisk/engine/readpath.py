@@ -9,39 +9,23 @@ from __future__ import annotations
 from . import fastbridge, layers
 from .errors import NotFound
 from .format import BLOCK_SIZE, DB_MAP, FULL_MASK, ZERO_SLOT, slot_offset
+from . import overlay
 from .overlay import Dirty
 
 
 def dirty_block(pool, cur, lid: int, block: int, d: Dirty, live: bool = True) -> bytes | None:
     """The block an overlay entry stands for (None: zeros): its slot's
     pages, and for a partial one the rest from what it covers
-    (under).  live: d is the live overlay's (else an in-flight
+    (overlay.under).  live: d is the live overlay's (else an in-flight
     commit's)."""
     if d.slot == ZERO_SLOT:
         return None
     data = pool.file.pread(BLOCK_SIZE, slot_offset(d.slot))
     if d.have == FULL_MASK:
         return data
-    out = layers.assemble(pool, under(pool, cur, lid, block, live), where(lid, block), need=FULL_MASK & ~d.have)
+    out = layers.assemble(pool, overlay.under(pool, cur, lid, block, live), where(lid, block), need=FULL_MASK & ~d.have)
     layers.copy_pages(out, data, d.have)
     return out
-
-
-def under(pool, cur, lid: int, block: int, live: bool = True) -> list:
-    """What an overlay entry of lid's head reads the pages it lacks
-    from, as a chain of layers (layers.layers): for the live overlay,
-    an in-flight commit's entry over the committed head; for that
-    commit's, the committed head (at the head's generation: its own
-    entry if it has one, else what its last point sees).  The overlay's
-    slots carry no checksum yet (crc None: not verified)."""
-    frozen = pool._inflight_dirty(lid) if live else None
-    f = frozen.get(block) if frozen else None
-    if f is not None and f.slot == ZERO_SLOT:
-        return []
-    if f is not None and f.have == FULL_MASK:
-        return [(f.slot, FULL_MASK, None)]
-    committed = layers.layers(pool, cur, lid, pool._lins[lid].gen, block)  # only when it is read
-    return committed if f is None else [(f.slot, f.have, None)] + committed
 
 
 def where(lid: int, block: int) -> str:

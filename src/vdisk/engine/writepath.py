@@ -13,8 +13,8 @@ from . import allocator, fastbridge, layers, native
 from .errors import NoSpace, NotFound, OutOfRange, PoolFailed
 from .fastmap import COALESCE_PAGES, READ_ONLY
 from .format import BLOCK_SIZE, DB_MAP, FULL_MASK, PAGE, ZERO_SLOT, mask_runs, page_mask, slot_offset
-from .overlay import Dirty, held
-from .readpath import head_block, under, where
+from .overlay import Dirty, held, under
+from .readpath import head_block, where
 
 ZERO_BLOCK = bytes(BLOCK_SIZE)
 # Commit on our own once this many blocks are dirty (bounds memory and the
@@ -137,7 +137,7 @@ def write_block(pool, vid: int, lid: int, dirty: dict, block: int, intra: int, c
             fastbridge.tell(pool, vid, lid, block, d)
         return
     # The new slot holds the pages written and those of the head's own
-    # partial entry (own_mask); the rest reads from below it (readpath.under).
+    # partial entry (own_mask); the rest reads from below it (overlay.under).
     # Over a whole block (the head's own, or its last point's) only the
     # pages written are written.  A block that reads as zeros now is
     # written whole.
