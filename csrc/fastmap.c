@@ -13,9 +13,10 @@
  *                                in place
  *     have, b                    the pages the slot holds (0xFFFF: all); the
  *                                others as `struct below` b says: from slot
- *                                b.base (b.bhave's pages) or b.base2 (0:
- *                                zeros), a partial or backed entry
- *                                (docs/format.md): at most three slots
+ *                                b.base (b.bhave's pages), b.base2 (the
+ *                                others of b.bhave2) or b.base3 (0: zeros),
+ *                                a partial or backed entry (docs/format.md):
+ *                                at most four slots
  *     shared                     the head reads the block as its last
  *                                snapshot point does: a copy-on-write here
  *                                writes only the pages written, over the
@@ -74,14 +75,16 @@
 #define LOG_REC VD_FM_DRAIN_WORDS /* the drain's records (fastmap.h) */
 
 /* Where the pages an entry's slot does not hold read from: those of bhave
- * from slot base, the others from slot base2 (0: zeros).  bhave is FULL for
- * a view of two slots (a partial entry over a whole block); a view of three
- * is a partial entry over the last snapshot point's partial entry. */
+ * from slot base, the others of bhave2 from slot base2, the rest from slot
+ * base3 (0: zeros).  bhave is FULL for a view of two slots (a partial entry
+ * over a whole block), bhave2 FULL for a view of three (a partial entry
+ * over the last snapshot point's partial entry); a view of four is a
+ * partial entry over the point's view of three. */
 struct below {
-    uint64_t base, base2;
-    uint16_t bhave;
+    uint64_t base, base2, base3;
+    uint16_t bhave, bhave2;
 };
-static const struct below ZEROS = {0, 0, 0xFFFF};
+static const struct below ZEROS = {0, 0, 0, 0xFFFF, 0xFFFF};
 
 struct ent {
     uint64_t vid, block, slot;
@@ -293,7 +296,16 @@ static inline struct below view_below(uint16_t have, struct below b)
         return ZEROS;
     if (b.bhave == FULL)
         b.base2 = 0;
+    if (b.bhave == FULL || (uint16_t)(b.bhave | b.bhave2) == FULL) {
+        b.bhave2 = FULL;
+        b.base3 = 0;
+    }
     return b;
+}
+
+static inline int same_below(struct below a, struct below b)
+{
+    return a.base == b.base && a.base2 == b.base2 && a.base3 == b.base3 && a.bhave == b.bhave && a.bhave2 == b.bhave2;
 }
 
 /* Insert or update; 0 on success, -ENOSPC when the table is at its limit.
@@ -406,11 +418,11 @@ void vd_fm_drop_volume(struct vd_fastmap *fm, uint64_t vid)
  * flush has it already).  If the table is full the entry is forgotten
  * instead: never left stale. */
 int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, int writable, uint16_t have,
-              uint64_t base, uint16_t bhave, uint64_t base2, int unverified)
+              uint64_t base, uint16_t bhave, uint64_t base2, uint16_t bhave2, uint64_t base3, int unverified)
 {
     struct vol *v = find_vol(fm, vid);
     int w = writable && slot && v != NULL;
-    struct below b = {base, base2, bhave};
+    struct below b = {base, base2, base3, bhave, bhave2};
     int rc = put(fm, vid, block, slot, w ? fm->epoch : 0, (w && writable == 1) ? v->lepoch : 0, 0,
                  slot ? have : FULL, b, 0, slot && unverified);
     if (rc < 0)
@@ -423,14 +435,13 @@ int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot
  * verified yet (the engine taught it ahead of any read); the same mapping
  * added again verified clears that.  1 when the entry was added. */
 int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint16_t have, uint64_t base,
-              int shared, uint16_t bhave, uint64_t base2, int unverified)
+              int shared, uint16_t bhave, uint64_t base2, uint16_t bhave2, uint64_t base3, int unverified)
 {
     struct ent *e = lookup(fm, vid, block);
     uint16_t h = slot ? have : FULL;
-    struct below b = view_below(h, (struct below){base, base2, bhave});
+    struct below b = view_below(h, (struct below){base, base2, base3, bhave, bhave2});
     if (e != NULL) {
-        if (!unverified && e->epoch != fm->epoch && e->slot == slot && e->have == h && e->b.base == b.base &&
-            e->b.bhave == b.bhave && e->b.base2 == b.base2)
+        if (!unverified && e->epoch != fm->epoch && e->slot == slot && e->have == h && same_below(e->b, b))
             e->unverified = 0; /* the same read-only mapping, verified by the engine */
         return 0;
     }
@@ -760,6 +771,8 @@ static int verify_entry(struct vd_fastmap *fm, struct ent *e)
             return 0;
         if (e->b.bhave != FULL && e->b.base2 && !slot_verified(fm, e->b.base2, fm->scratch))
             return 0;
+        if (e->b.bhave != FULL && e->b.bhave2 != FULL && e->b.base3 && !slot_verified(fm, e->b.base3, fm->scratch))
+            return 0;
     }
     e->unverified = 0;
     return 1;
@@ -813,7 +826,9 @@ static inline uint64_t source(uint64_t slot, uint16_t have, struct below b, int 
 {
     if (have >> pg & 1)
         return slot;
-    return (b.bhave >> pg & 1) ? b.base : b.base2;
+    if (b.bhave >> pg & 1)
+        return b.base;
+    return (b.bhave2 >> pg & 1) ? b.base2 : b.base3;
 }
 
 /* Bytes [intra, intra + n) of a partial block: pages of have from slot, the
@@ -953,11 +968,14 @@ static int fetch_pages(struct vd_fastmap *fm, uint64_t src, uint16_t mask, unsig
     return 0;
 }
 
-/* The pages of mask as below an entry: bhave's from base, the rest from base2. */
+/* The pages of mask as below an entry: bhave's from base, the others of
+ * bhave2 from base2, the rest from base3. */
 static int fetch_below(struct vd_fastmap *fm, struct below b, uint16_t mask, unsigned char *buf)
 {
     int rc = fetch_pages(fm, b.base, mask & b.bhave, buf);
-    return rc < 0 ? rc : fetch_pages(fm, b.base2, mask & (uint16_t)~b.bhave, buf);
+    if (rc >= 0)
+        rc = fetch_pages(fm, b.base2, mask & (uint16_t)~b.bhave & b.bhave2, buf);
+    return rc < 0 ? rc : fetch_pages(fm, b.base3, mask & (uint16_t)~b.bhave & (uint16_t)~b.bhave2, buf);
 }
 
 /* Write the pages of mask from buf (a block's buffer) into slot dst. */
@@ -1089,22 +1107,34 @@ static long plan_write(struct vd_fastmap *fm, struct vol *v, struct plan *p)
                 p->nb_[i] = ZEROS;
             } else if (e->have == FULL) {
                 p->own[i] = 0;
-                p->nb_[i] = (struct below){e->slot, 0, FULL};
-            } else if (is_shared(e, v) && e->b.bhave == FULL) {
+                p->nb_[i] = (struct below){e->slot, 0, 0, FULL, FULL};
+            } else if (is_shared(e, v) && e->b.bhave2 == FULL) {
+                /* over the point's view of two or three slots: a view of
+                 * one more, with only the pages written */
                 p->own[i] = 0;
-                p->nb_[i] = (struct below){e->slot, e->b.base, e->have};
-            } else if (is_shared(e, v) && __builtin_popcount(e->b.bhave & ~e->have & ~pgs) <
-                                              __builtin_popcount(e->have & ~pgs)) {
-                /* over the point's view of three (top, middle, bottom),
-                 * one of the upper two is copied into the new slot so
-                 * that it reads through two again: the middle's pages
-                 * that show, when fewer than the top's (then the top and
-                 * the bottom stay below: the committed map's chain has
-                 * the middle hidden, layers.layers).  Copying the top's
-                 * every time would copy more with every snapshot. */
-                p->own[i] = e->b.bhave & (uint16_t)~e->have;
-                p->osrc[i] = e->b.base;
-                p->nb_[i] = (struct below){e->slot, e->b.base2, e->have};
+                p->nb_[i] = (struct below){e->slot, e->b.base, e->b.base2, e->have,
+                                           e->b.bhave == FULL ? FULL : e->b.bhave};
+            } else if (is_shared(e, v)) {
+                /* over the point's view of four (top, two middles,
+                 * bottom): the new slot takes the pages that show of the
+                 * upper layer that shows the fewest beyond those written,
+                 * and reads through the others (the committed map's chain
+                 * then hides the layer copied: layers.layers).  Copying
+                 * the top every time would copy more with every snapshot. */
+                uint16_t t = e->have, m1 = e->b.bhave & (uint16_t)~t, m2 = e->b.bhave2 & (uint16_t)~t & (uint16_t)~e->b.bhave;
+                int ct = __builtin_popcount(t & ~pgs), c1 = __builtin_popcount(m1 & ~pgs), c2 = __builtin_popcount(m2 & ~pgs);
+                if (c2 <= c1 && c2 <= ct) {
+                    p->own[i] = m2;
+                    p->osrc[i] = e->b.base2;
+                    p->nb_[i] = (struct below){e->slot, e->b.base, e->b.base3, t, e->b.bhave};
+                } else if (c1 <= ct) {
+                    p->own[i] = m1;
+                    p->osrc[i] = e->b.base;
+                    p->nb_[i] = (struct below){e->slot, e->b.base2, e->b.base3, t, e->b.bhave2};
+                } else {
+                    p->own[i] = t;
+                    p->nb_[i] = e->b;
+                }
             } else {
                 p->own[i] = e->have;
                 p->nb_[i] = e->b;

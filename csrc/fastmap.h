@@ -30,7 +30,8 @@ void vd_fm_unlock(struct vd_fastmap *fm);
 void vd_fm_set_volume(struct vd_fastmap *fm, uint64_t vid, uint64_t lid, uint64_t size, int has_points);
 void vd_fm_drop_volume(struct vd_fastmap *fm, uint64_t vid);
 /* have: the pages slot holds (0xFFFF: all), the others read from slot base
- * (0: zeros); shared: the head reads the block as its last snapshot point
+ * if in bhave, else from slot base2 if in bhave2, else from slot base3 (0:
+ * zeros); shared: the head reads the block as its last snapshot point
  * does (a copy-on-write writes only the pages written) */
 /* unverified: a committed slot of the view has not been verified against
  * its checksum yet: before C reads from it (a read, a copy-on-write that
@@ -39,9 +40,9 @@ void vd_fm_drop_volume(struct vd_fastmap *fm, uint64_t vid);
  * adding the mapping again verified clears the flag (vd_fm_add returns 1
  * when it added the entry) */
 int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, int writable, uint16_t have,
-              uint64_t base, uint16_t bhave, uint64_t base2, int unverified);
+              uint64_t base, uint16_t bhave, uint64_t base2, uint16_t bhave2, uint64_t base3, int unverified);
 int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint16_t have, uint64_t base,
-              int shared, uint16_t bhave, uint64_t base2, int unverified);
+              int shared, uint16_t bhave, uint64_t base2, uint16_t bhave2, uint64_t base3, int unverified);
 /* which of n blocks from first the table does not know (bit i of out[i / 64]);
  * the engine's thread, without the lock */
 void vd_fm_unknown(struct vd_fastmap *fm, uint64_t vid, uint64_t first, uint32_t n, uint64_t *out);

@@ -236,22 +236,25 @@ def test_c_copies_only_the_pages_written_after_a_snapshot(tmp_path):
         pool.close()
 
 
-def test_c_copies_the_cheaper_layer_over_a_view_of_three(tmp_path):
-    """Not a model: a block written through C after each of three
-    snapshots.  The third write finds the point's view of three slots (top:
-    three pages, middle: one, bottom: the whole block), and copies the
-    middle's one page into the new slot, not the top's three, so that the
-    new slot reads through the top over the bottom.  Every snapshot reads
-    what it held, through the Pool and after a reopening; scrub is clean.
-    Copying the top every time copied more with every snapshot (the bench's
-    after-snapshot runs slowed down run after run)."""
+def test_c_copies_the_layer_that_shows_the_fewest_over_a_view_of_four(tmp_path):
+    """Not a model: a block written through C after each of four
+    snapshots.  The second and third writes take only their pages (views
+    of three and four slots); the fourth finds the point's view of four
+    (top: two pages, middles: three and one, bottom: the whole block) and
+    copies the lower middle's one page into the new slot, not the top's
+    two, so that the new slot reads through the others.  Every snapshot
+    reads what it held, through the Pool and after a reopening; scrub is
+    clean.  Copying the top every time copied more with every snapshot
+    (the bench's after-snapshot runs slowed down run after run)."""
     pool = Pool(str(tmp_path))
+    chains = []
     with fast_path(pool, reservoir=16) as fm:
         vid = pool.create_volume(BLOCK_SIZE)
+        lid = pool._vols[vid]["lid"]
         want = bytearray(bytes(range(256)) * (BLOCK_SIZE // 256))
         pool.write(vid, 0, want)
         views, sids = [], []
-        for pages in ([1], [4, 5, 6], [9]):  # the middle gets one page, the top three
+        for pages in ([1], [4, 5, 6], [9, 10], [12]):
             sids.append(pool.snapshot([vid])[0])
             views.append(bytes(want))
             assert fm.read(vid, 0, BLOCK_SIZE) == want  # C learns the block as the head sees it
@@ -260,12 +263,14 @@ def test_c_copies_the_cheaper_layer_over_a_view_of_three(tmp_path):
                 assert fm.write(vid, pg * 4096, data)
                 want[pg * 4096 : (pg + 1) * 4096] = data
             pool.commit()
-        lid = pool._vols[vid]["lid"]
-        with pool.env.begin(db=pool._db[DB_MAP]) as txn:
-            chain = pool._lookup(txn.cursor(), lid, pool._lins[lid].gen, 0)
-        # the middle's page 1 copied, the middle hidden: the top and the bottom below
-        assert [m for _, m, _ in chain] == [1 << 9 | 1 << 1, 0b1110000, 0xFFFF], chain
-        assert fm.read(vid, 0, BLOCK_SIZE) == want
+            with pool.env.begin(db=pool._db[DB_MAP]) as txn:
+                chains.append([m for _, m, _ in pool._lookup(txn.cursor(), lid, pool._lins[lid].gen, 0)])
+            assert fm.read(vid, 0, BLOCK_SIZE) == want
+        assert chains[1] == [0b1110000, 0b10, 0xFFFF], chains  # only the pages written
+        assert chains[2] == [0b11 << 9, 0b1110000, 0b10, 0xFFFF], chains  # a view of four
+        # page 1 copied up from the lower middle, which the chain now hides
+        assert chains[3] == [1 << 12 | 1 << 1, 0b11 << 9, 0b1110000, 0xFFFF], chains
+        assert fm.stats()["copy_on_write"] == 4, fm.stats()  # one a snapshot: pages 5 and 6 in place
         assert pool.read(vid, 0, BLOCK_SIZE) == want
         for sid, view in zip(sids, views):
             assert pool.read_snapshot(sid, 0, BLOCK_SIZE) == view

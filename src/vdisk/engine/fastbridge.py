@@ -228,9 +228,9 @@ def unverified(pool, chain) -> tuple:
 
 def tell(pool, vid: int, lid: int, block: int, d: Dirty, cur=None) -> None:
     """Tell C what a live overlay entry holds (with the map's lock held):
-    a partial one with what it reads the rest from (overlay.under) when at most
-    two slots make that (layers.below), or nothing (then C leaves the
-    block to us)."""
+    a partial one with what it reads the rest from (overlay.under) when at
+    most three slots make that (layers.below), or nothing (then C leaves
+    the block to us)."""
     if d.have == FULL_MASK:
         pool._fm.set(vid, block, d.slot, _writable(pool, lid, block, d))
         return
@@ -243,46 +243,48 @@ def tell(pool, vid: int, lid: int, block: int, d: Dirty, cur=None) -> None:
         d.pages |= pool._fm.mask(vid, block)  # what C wrote since the log flush: ours to log now
         pool._fm.forget(vid, block)
     else:
-        pool._fm.set(vid, block, d.slot, _writable(pool, lid, block, d), d.have, *b, unverified(pool, chain[:2]))
+        pool._fm.set(vid, block, d.slot, _writable(pool, lid, block, d), d.have, *b, unverified(pool, chain[:3]))
 
 
 def committed_view(pool, cur, lid: int, gen: int, block: int, chain) -> tuple | None:
     """What C is told of the head's committed view of a block, as
     FastMap.add's arguments after (vid, block): (slot, have, base, shared,
-    bhave, base2, unverified), or None when more than three slots make it.
+    bhave, base2, bhave2, base3, unverified), or None when more than four
+    slots make it.
     shared: the head's last snapshot point sees the same (layers.head_state)."""
     slot = layers.single(chain)
     if slot is not None:
-        have, b = FULL_MASK, (ZERO_SLOT, FULL_MASK, ZERO_SLOT)
+        have, b = FULL_MASK, layers.below([])
     else:
         slot, have, _crc = chain[0]
         b = layers.below(chain[1:])
         if b is None:
             return None
     shared = layers.head_state(cur, lid, gen, pool._lins[lid].last_point(), block)[0] == "shared"
-    return slot, have, b[0], shared, b[1], b[2], unverified(pool, chain[:3])
+    return (slot, have, b[0], shared, *b[1:], unverified(pool, chain[:4]))
 
 
 def frozen_view(pool, cur, lid: int, block: int, f: Dirty) -> tuple | None:
     """What C is told of a block an in-flight commit holds (f, its entry),
     as FastMap.add's arguments after (vid, block), or None when more than
-    three slots make it.  Never shared: the head's own."""
+    four slots make it.  Never shared: the head's own."""
     if f.slot == ZERO_SLOT or f.have == FULL_MASK:
         return (f.slot,)
     chain = layers.visible(overlay.under(pool, cur, lid, block, live=False), f.have)
     b = layers.below(chain)
     if b is None:
         return None
-    return f.slot, f.have, b[0], False, b[1], b[2], unverified(pool, chain[:2])
+    return (f.slot, f.have, b[0], False, *b[1:], unverified(pool, chain[:3]))
 
 
 def tell_committed(pool, vid: int, lid: int, gen: int, block: int, chain, cur) -> None:
     """Tell C the head's committed view of a block (or zeros) if at most
-    three slots make it (an entry over its back slot or over what it
+    four slots make it (an entry over its back slot or over what it
     reads through to: layers.below), and whether its last snapshot point
     sees the same.  A copy-on-write in C writes only the pages written
     over a whole block, the head's own or its point's, and over its
-    point's entry of two slots."""
+    point's view of two or three slots; over one of four it copies the
+    pages of the layer that shows the fewest."""
     view = committed_view(pool, cur, lid, gen, block, chain)
     if view is not None:
         pool._fm.add(vid, block, *view)

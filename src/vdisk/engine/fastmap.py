@@ -63,26 +63,28 @@ class FastMap:
         lib.vd_fm_drop_volume(self._fm, vid)
 
     def set(self, vid: int, block: int, slot: int, writable: int, have: int = FULL, base: int = 0,
-            bhave: int = FULL, base2: int = 0, unverified=()) -> None:
+            bhave: int = FULL, base2: int = 0, bhave2: int = FULL, base3: int = 0, unverified=()) -> None:
         """The overlay maps the block to slot now (0: zeros).  writable: a
         fresh slot, written in place; READ_ONLY, WRITABLE (the engine knows
         the block changed since its volume's log flush) or WRITABLE_REPORT
         (C reports the next write in the drain).  have: the pages the slot
         holds; the others read from slot base (0: zeros) if in bhave, else
-        from slot base2 (layers.below).  unverified: the committed slots
+        from slot base2 if in bhave2, else from slot base3 (layers.below).
+        unverified: the committed slots
         of the view not verified since the pool was opened, as (slot,
         mask, crc) layers: C verifies each against its checksum before it
         reads from it."""
-        lib.vd_fm_set(self._fm, vid, block, slot, writable, have, base, bhave, base2, self._expect(unverified))
+        lib.vd_fm_set(self._fm, vid, block, slot, writable, have, base, bhave, base2, bhave2, base3,
+                      self._expect(unverified))
 
     def add(self, vid: int, block: int, slot: int, have: int = FULL, base: int = 0, shared: bool = False,
-            bhave: int = FULL, base2: int = 0, unverified=()) -> bool:
+            bhave: int = FULL, base2: int = 0, bhave2: int = FULL, base3: int = 0, unverified=()) -> bool:
         """A mapping looked up in the committed map, kept unless a newer one
         is known (the same mapping added again with no unverified layers
         clears C's flag; see set for `unverified`).  shared: the head reads
         the block as its last snapshot point does (a copy-on-write may
         write only the pages written).  True when the entry was added."""
-        return lib.vd_fm_add(self._fm, vid, block, slot, have, base, int(shared), bhave, base2,
+        return lib.vd_fm_add(self._fm, vid, block, slot, have, base, int(shared), bhave, base2, bhave2, base3,
                              self._expect(unverified)) > 0
 
     def _expect(self, layers) -> int:

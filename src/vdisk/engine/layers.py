@@ -130,20 +130,26 @@ def visible(chain: list[Layer], have: int) -> list[Layer]:
     return out
 
 
-def below(chain: list[Layer]) -> tuple[int, int, int] | None:
+def below(chain: list[Layer]) -> tuple[int, int, int, int, int] | None:
     """What the C fast path keeps of the layers under an entry's slot
-    (csrc/fastmap.c, struct below): (base, bhave, base2), the pages of bhave
-    from slot base and the others from slot base2 (ZERO_SLOT: zeros), when
-    at most two slots make them; None otherwise."""
+    (csrc/fastmap.c, struct below): (base, bhave, base2, bhave2, base3),
+    the pages of bhave from slot base, the others of bhave2 from slot
+    base2, the rest from slot base3 (ZERO_SLOT: zeros), when at most three
+    slots make them; None otherwise."""
     if not chain:
-        return ZERO_SLOT, FULL_MASK, ZERO_SLOT
+        return ZERO_SLOT, FULL_MASK, ZERO_SLOT, FULL_MASK, ZERO_SLOT
     slot, mask, _crc = chain[0]
     if mask == FULL_MASK:
-        return slot, FULL_MASK, ZERO_SLOT
+        return slot, FULL_MASK, ZERO_SLOT, FULL_MASK, ZERO_SLOT
     if len(chain) == 1:
-        return slot, mask, ZERO_SLOT
-    if len(chain) == 2 and chain[1][1] == FULL_MASK:
-        return slot, mask, chain[1][0]
+        return slot, mask, ZERO_SLOT, FULL_MASK, ZERO_SLOT
+    slot2, mask2, _crc = chain[1]
+    if mask2 == FULL_MASK or (mask | mask2) == FULL_MASK:
+        return slot, mask, slot2, FULL_MASK, ZERO_SLOT
+    if len(chain) == 2:
+        return slot, mask, slot2, mask2, ZERO_SLOT
+    if len(chain) == 3 and (chain[2][1] == FULL_MASK or (mask | mask2 | chain[2][1]) == FULL_MASK):
+        return slot, mask, slot2, mask2, chain[2][0]
     return None
 
 
