@@ -296,7 +296,7 @@ static inline struct below view_below(uint16_t have, struct below b)
         return ZEROS;
     if (b.bhave == FULL)
         b.base2 = 0;
-    if (b.bhave == FULL || (uint16_t)(b.bhave | b.bhave2) == FULL) {
+    if ((uint16_t)(b.bhave | b.bhave2) == FULL) { /* base2 (or base) holds the rest */
         b.bhave2 = FULL;
         b.base3 = 0;
     }
@@ -1112,8 +1112,7 @@ static long plan_write(struct vd_fastmap *fm, struct vol *v, struct plan *p)
                 /* over the point's view of two or three slots: a view of
                  * one more, with only the pages written */
                 p->own[i] = 0;
-                p->nb_[i] = (struct below){e->slot, e->b.base, e->b.base2, e->have,
-                                           e->b.bhave == FULL ? FULL : e->b.bhave};
+                p->nb_[i] = (struct below){e->slot, e->b.base, e->b.base2, e->have, e->b.bhave};
             } else if (is_shared(e, v)) {
                 /* over the point's view of four (top, two middles,
                  * bottom): the new slot takes the pages that show of the

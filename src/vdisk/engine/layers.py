@@ -144,11 +144,11 @@ def below(chain: list[Layer]) -> tuple[int, int, int, int, int] | None:
     if len(chain) == 1:
         return slot, mask, ZERO_SLOT, FULL_MASK, ZERO_SLOT
     slot2, mask2, _crc = chain[1]
-    if mask2 == FULL_MASK or (mask | mask2) == FULL_MASK:
+    if (mask | mask2) == FULL_MASK:  # the second holds the rest
         return slot, mask, slot2, FULL_MASK, ZERO_SLOT
     if len(chain) == 2:
         return slot, mask, slot2, mask2, ZERO_SLOT
-    if len(chain) == 3 and (chain[2][1] == FULL_MASK or (mask | mask2 | chain[2][1]) == FULL_MASK):
+    if len(chain) == 3 and (mask | mask2 | chain[2][1]) == FULL_MASK:
         return slot, mask, slot2, mask2, chain[2][0]
     return None
 
