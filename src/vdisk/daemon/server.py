@@ -41,10 +41,11 @@ from ..fuse import discard
 from ..fuse.fastpath import FastPath
 from ..fuse.fs import DiskFS
 from ..vm.supervisor import STOP_TIMEOUT, Machines
-from . import lock, streams
+from . import lock, streams, writeback
 from .committer import Committer
 from .regions import RegionCopies
 from .notify import notify
+from .writeback import Writeback
 
 import pyfuse3  # noqa: E402 - after vdisk.fuse, which must load the discard shim first
 
@@ -62,10 +63,6 @@ THREADED_ACTIONS = {"CreateSnapshot", "CreateSnapshotGroup", "DeleteSnapshot", "
 # How long an action refused because a disk file is held open is tried
 # again (Daemon._act): the kernel releases a closed file asynchronously.
 RELEASE_GRACE = 2.0
-# Background writeback (Daemon._writeback): blocks newly dirtied that start
-# it at once, and the seconds after which it runs anyway.
-WRITEBACK_GROWTH = int(os.environ.get("VDISK_WRITEBACK_GROWTH", "256"))
-WRITEBACK_IDLE = float(os.environ.get("VDISK_WRITEBACK_IDLE", "5"))
 
 
 def _clear_stale_mount(mountpoint: str) -> None:
@@ -332,26 +329,17 @@ class Daemon:
                 self.ctl.sample_io()
 
     async def _writeback(self) -> None:
-        """Start writeback of what was written, so that the next commit's
-        fdatasync (a snapshot's, say) has less to write: every 50 ms while
-        new blocks are being dirtied (WRITEBACK_GROWTH since the last one),
-        else every WRITEBACK_IDLE seconds.  Blocks rewritten in place (a
-        sequential rewrite, a database's hot pages) would otherwise be
-        written to the device again and again, taking the CPU and the device
-        from the writes themselves (docs/perf/2026-12-01-engine.md, "The write cache").
-        Submitting the I/O can block for milliseconds when the device is
-        busy, so it runs in a thread (sync_file_range on the data file's fd:
-        no pool state)."""
+        """Start writeback of what was written when daemon.writeback says
+        (as writes pause, every WRITEBACK_MIB while they go on), so that
+        the next commit's fdatasync has less to write.  Submitting the I/O
+        can block for milliseconds when the device is busy, so it runs in
+        a thread (sync_file_range on the data file's fd: no pool state)."""
         pool = self.fs.pool
-        last_dirty, last_at = 0, trio.current_time()
+        policy = Writeback(trio.current_time())
         while True:
-            await trio.sleep(0.05)
-            dirty = pool.dirty_blocks()
-            grown = dirty - last_dirty if dirty >= last_dirty else dirty  # less: a commit happened
-            if grown < WRITEBACK_GROWTH and trio.current_time() - last_at < WRITEBACK_IDLE:
-                continue
-            last_dirty, last_at = dirty, trio.current_time()
-            await trio.to_thread.run_sync(pool.start_writeback, thread_name="vdisk-writeback")
+            await trio.sleep(writeback.TICK)
+            if policy.due(pool.dirty()[0], trio.current_time()):
+                await trio.to_thread.run_sync(pool.start_writeback, thread_name="vdisk-writeback")
 
     def _fast_status(self) -> dict:
         """Whether READ/WRITE/FSYNC are served in C, and how many were."""
