@@ -1,6 +1,6 @@
 """When the daemon starts background writeback (vdisk.daemon.writeback):
 pure unit tests of the decision; its effect on speed is measured by
-scripts/bench (docs/perf/2026-12-03-writeback.md)."""
+scripts/bench (docs/perf/2026-12-02-writeback.md)."""
 from vdisk.daemon.writeback import Writeback
 
 MIB = 1 << 20

@@ -6,7 +6,7 @@ waits while a burst of writes goes on: it converts the data file's
 unwritten extents under the inode's extent lock, which the writes of new
 slots wait for, and on a small host it takes the CPU from them (a 64 MiB
 burst of 4 KiB writes after a snapshot ran at about 0.65x the speed it
-reaches when writeback waits, docs/perf/2026-12-03-writeback.md).  fsyncs
+reaches when writeback waits, docs/perf/2026-12-02-writeback.md).  fsyncs
 do not wait for it: a log flush copies its pages into the intent log.
 
 Pure bookkeeping, no I/O: the trio thread asks it at every tick.
