@@ -53,6 +53,9 @@ class FastLock:
         if p._fm_depth:
             p._fm_depth += 1
         elif p._fm is not None:
+            # take in most of what C wrote while the I/O threads go on, so
+            # that the drain under the lock has only the last moments' left
+            drain(p)
             p._fm.lock()
             p._fm_held = p._fm
             p._fm_depth = 1
