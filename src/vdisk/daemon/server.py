@@ -45,7 +45,6 @@ from . import lock, streams, writeback
 from .committer import Committer
 from .regions import RegionCopies
 from .notify import notify
-from .writeback import Writeback
 
 import pyfuse3  # noqa: E402 - after vdisk.fuse, which must load the discard shim first
 
@@ -335,7 +334,7 @@ class Daemon:
         can block for milliseconds when the device is busy, so it runs in
         a thread (sync_file_range on the data file's fd: no pool state)."""
         pool = self.fs.pool
-        policy = Writeback(trio.current_time())
+        policy = writeback.Writeback(trio.current_time())
         while True:
             await trio.sleep(writeback.TICK)
             if policy.due(pool.dirty()[0], trio.current_time()):
