@@ -10,7 +10,8 @@
  *                                |  else, or -EAGAIN from the engine
  *                                v
  *                       socketpair (SEQPACKET) --> libfuse/pyfuse3
- *     kernel <--/dev/fuse-- reply thread <-- replies and notifications
+ *     kernel <--/dev/fuse-- reply thread <-- replies
+ *     kernel <--/dev/fuse-- notify thread <-- notifications
  *
  * The session's fd number is taken over with dup2(): libfuse keeps reading
  * requests and writing replies through the same number, now one end of a
@@ -65,6 +66,18 @@ struct node {
     uint64_t nodeid, vid;
 };
 
+/* A notification libfuse sent (its header's unique is 0: pyfuse3's
+ * invalidate_entry/invalidate_inode), written to the kernel by the notify
+ * thread.  The reply thread must never write one: the kernel's
+ * inval_entry takes the directory's lock, which a LOOKUP in that
+ * directory holds until its reply arrives - a reply queued behind the
+ * notification in the reply thread, which then waits for ever. */
+struct note {
+    struct note *next;
+    size_t n;
+    unsigned char buf[];
+};
+
 /* a request that waits for its volume's I/O limit */
 struct delayed {
     uint64_t due, start, seq, vid;
@@ -80,10 +93,15 @@ static struct {
     vd_read_fn rd;
     vd_write_fn wr;
     vd_fsync_fn fl;
-    pthread_t req_thread[MAX_THREADS], reply_thread;
+    pthread_t req_thread[MAX_THREADS], reply_thread, note_thread;
     int nthreads;
     volatile int stopping;
-    volatile int req_done[MAX_THREADS], reply_done;
+    volatile int req_done[MAX_THREADS], reply_done, note_done;
+    /* the notify thread's queue (struct note), in order */
+    pthread_mutex_t qlock;
+    pthread_cond_t qcond;
+    struct note *qhead, *qtail;
+    int qclosed;
     pthread_mutex_t nlock;
     struct node *nodes;
     size_t nnodes, capnodes;
@@ -96,7 +114,8 @@ static struct {
     struct delayed *dq;
     size_t ndq, capdq;
     uint64_t dseq;
-} fp = {.nlock = PTHREAD_MUTEX_INITIALIZER, .dlock = PTHREAD_MUTEX_INITIALIZER, .devfd = -1, .sock = -1};
+} fp = {.nlock = PTHREAD_MUTEX_INITIALIZER, .dlock = PTHREAD_MUTEX_INITIALIZER, .qlock = PTHREAD_MUTEX_INITIALIZER,
+       .qcond = PTHREAD_COND_INITIALIZER, .devfd = -1, .sock = -1};
 
 static uint64_t node_vid(uint64_t nodeid)
 {
@@ -397,6 +416,38 @@ done:
     return NULL;
 }
 
+/* No more notifications will come: the notify thread ends once it wrote
+ * those queued. */
+static void close_notes(void)
+{
+    pthread_mutex_lock(&fp.qlock);
+    fp.qclosed = 1;
+    pthread_cond_broadcast(&fp.qcond);
+    pthread_mutex_unlock(&fp.qlock);
+}
+
+/* Hand a notification to the notify thread (dropped if memory is short:
+ * it is only a hint to the kernel's caches). */
+static void queue_note(const unsigned char *buf, size_t n)
+{
+    struct note *m = malloc(sizeof(*m) + n);
+    if (m == NULL) {
+        fprintf(stderr, "vdisk fast path: a cache invalidation dropped (out of memory)\n");
+        return;
+    }
+    m->next = NULL;
+    m->n = n;
+    memcpy(m->buf, buf, n);
+    pthread_mutex_lock(&fp.qlock);
+    if (fp.qtail != NULL)
+        fp.qtail->next = m;
+    else
+        fp.qhead = m;
+    fp.qtail = m;
+    pthread_cond_signal(&fp.qcond);
+    pthread_mutex_unlock(&fp.qlock);
+}
+
 static void *reply_loop(void *arg)
 {
     (void)arg;
@@ -407,11 +458,38 @@ static void *reply_loop(void *arg)
             continue;
         if (n <= 0)
             break; /* libfuse closed its end (fuse_session_destroy) */
+        const struct fuse_out_header *oh = (const void *)buf;
+        if ((size_t)n >= sizeof(*oh) && oh->unique == 0) {
+            queue_note(buf, (size_t)n); /* may block in the kernel: not here (struct note) */
+            continue;
+        }
         if (write(fp.devfd, buf, (size_t)n) < 0 && errno != ENOENT && errno != ENODEV)
             fprintf(stderr, "vdisk fast path: passing a reply on: %s\n", strerror(errno));
     }
     free(buf);
+    close_notes();
     fp.reply_done = 1;
+    return NULL;
+}
+
+static void *note_loop(void *arg)
+{
+    (void)arg;
+    for (;;) {
+        pthread_mutex_lock(&fp.qlock);
+        while (fp.qhead == NULL && !fp.qclosed)
+            pthread_cond_wait(&fp.qcond, &fp.qlock);
+        struct note *m = fp.qhead;
+        if (m != NULL && (fp.qhead = m->next) == NULL)
+            fp.qtail = NULL;
+        pthread_mutex_unlock(&fp.qlock);
+        if (m == NULL)
+            break;
+        if (write(fp.devfd, m->buf, m->n) < 0 && errno != ENOENT && errno != ENODEV)
+            fprintf(stderr, "vdisk fast path: passing a notification on: %s\n", strerror(errno));
+        free(m);
+    }
+    fp.note_done = 1;
     return NULL;
 }
 
@@ -471,8 +549,9 @@ int vd_fp_start(uintptr_t ctx, uintptr_t rd, uintptr_t wr, uintptr_t fl, int nth
         pthread_condattr_destroy(&a);
         dcond_ready = 1;
     }
-    fp.stopping = fp.reply_done = 0;
+    fp.stopping = fp.reply_done = fp.note_done = fp.qclosed = 0;
     fp.nthreads = nthreads < 1 ? 1 : nthreads > MAX_THREADS ? MAX_THREADS : nthreads;
+    pthread_create(&fp.note_thread, NULL, note_loop, NULL);
     pthread_create(&fp.reply_thread, NULL, reply_loop, NULL);
     for (int i = 0; i < fp.nthreads; i++) {
         fp.delay_done[i] = 0;
@@ -534,6 +613,9 @@ int vd_fp_stop(void)
             rc3 = -ETIMEDOUT;
     shutdown(fp.sock, SHUT_RDWR);
     int rc = join_within(fp.reply_thread, &fp.reply_done, 5000), rc2 = 0;
+    close_notes();
+    if (join_within(fp.note_thread, &fp.note_done, 5000) < 0)
+        rc2 = -ETIMEDOUT; /* still writing to devfd: keep it open */
     for (int i = 0; i < fp.nthreads; i++)
         if (join_within(fp.req_thread[i], &fp.req_done[i], 5000) < 0)
             rc2 = -ETIMEDOUT;
