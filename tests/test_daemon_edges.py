@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -481,8 +482,6 @@ def test_lookups_racing_cache_invalidations_are_answered(venv):
     invalidation in that same thread.  The mount then hung for ever (CI's
     losetup did, in the consistency suite).  Fails so within a few cycles
     without the notify thread (csrc/fuse_fastpath.c)."""
-    import threading
-
     env = venv
     iid, _ = env.instance(ndata=1)
     env.run("instance", "start", iid)

@@ -6,10 +6,9 @@ Functions of a Pool, in its owner thread; the head's reads hold the map's
 lock (Pool._fast) while they look at the overlay."""
 from __future__ import annotations
 
-from . import fastbridge, layers
+from . import fastbridge, layers, overlay
 from .errors import NotFound
 from .format import BLOCK_SIZE, DB_MAP, FULL_MASK, ZERO_SLOT, slot_offset
-from . import overlay
 from .overlay import Dirty
 
 
