@@ -59,9 +59,10 @@ void vd_fm_log_epoch(struct vd_fastmap *fm, uint64_t vid);
 uint32_t vd_fm_mask(struct vd_fastmap *fm, uint64_t vid, uint64_t block);
 void vd_fm_clear(struct vd_fastmap *fm, int keep_writable);
 size_t vd_fm_entries(struct vd_fastmap *fm);
-/* grow the table ahead of need (the engine's thread, without the lock;
- * called at each refill): 1 grown, 0 no need, -ENOMEM */
-int vd_fm_grow(struct vd_fastmap *fm);
+/* grow the table ahead of need and move at most budget of the old table's
+ * positions (the engine's thread, without the lock; called at each
+ * refill): 1 grown or moved, 0 nothing to do, -ENOMEM */
+int vd_fm_grow(struct vd_fastmap *fm, size_t budget);
 /* records of 4 words: vid, block, slot, have (the pages the slot holds) */
 size_t vd_fm_drain(struct vd_fastmap *fm, uint64_t *out, size_t max_records);
 size_t vd_fm_reservoir(struct vd_fastmap *fm);

@@ -343,9 +343,22 @@ static struct delayed dq_pop(void)
 /* A delay thread (as many as request threads): serves each delayed request
  * when its time comes, until the fast path stops (what is left then is
  * passed on, so that pyfuse3 answers it or the kernel's abort does). */
+/* Name the calling thread (what top -H, ps -L and /proc/PID/task/TID/comm
+ * show): vdisk-io0, vdisk-delay0, vdisk-reply, vdisk-notify. */
+static void name_self(const char *base, int i)
+{
+    char name[16];
+    if (i < 0)
+        snprintf(name, sizeof name, "vdisk-%s", base);
+    else
+        snprintf(name, sizeof name, "vdisk-%s%d", base, i);
+    pthread_setname_np(pthread_self(), name);
+}
+
 static void *delay_loop(void *arg)
 {
     int me = (int)(intptr_t)arg;
+    name_self("delay", me);
     unsigned char *out = aligned_alloc(4096, REPLY_BUF);
     pthread_mutex_lock(&fp.dlock);
     for (;;) {
@@ -380,6 +393,7 @@ static void *delay_loop(void *arg)
 static void *request_loop(void *arg)
 {
     int me = (int)(intptr_t)arg;
+    name_self("io", me);
     unsigned char *buf = aligned_alloc(4096, REQ_BUF), *out = aligned_alloc(4096, REPLY_BUF);
     if (buf == NULL || out == NULL) {
         fprintf(stderr, "vdisk fast path: out of memory\n");
@@ -451,6 +465,7 @@ static void queue_note(const unsigned char *buf, size_t n)
 static void *reply_loop(void *arg)
 {
     (void)arg;
+    name_self("reply", -1);
     unsigned char *buf = malloc(REPLY_BUF);
     while (buf != NULL) {
         ssize_t n = recv(fp.sock, buf, REPLY_BUF, 0);
@@ -475,6 +490,7 @@ static void *reply_loop(void *arg)
 static void *note_loop(void *arg)
 {
     (void)arg;
+    name_self("notify", -1);
     for (;;) {
         pthread_mutex_lock(&fp.qlock);
         while (fp.qhead == NULL && !fp.qclosed)

@@ -625,6 +625,74 @@ def test_c_grows_its_table_ahead_of_need(tmp_path):
         assert fm.stats()["handed_back"] == handed
 
 
+def test_c_moves_its_outgrown_table_a_chunk_at_a_time(tmp_path):
+    """A growth moves the old table's entries over in steps (the I/O
+    threads wait for a chunk, never for the whole table): between the
+    steps, C still finds every block - in the old table or the new - for
+    reads and for writes, in place and copy-on-write, and nothing is lost
+    or found twice once the move is done."""
+    nblocks = 30000  # > 3/8 of the first table (65536 positions)
+    pool = Pool(str(tmp_path))
+    with fast_path(pool, reservoir=4096) as fm:
+        vid = pool.create_volume(nblocks * BLOCK_SIZE)
+        written = {b: (b"%d;" % b * 2100)[:4096] for b in range(0, nblocks, 97)}
+        for b, data in written.items():
+            pool.write(vid, b * BLOCK_SIZE + 8192, data)
+        pool.commit()
+        for b in range(0, nblocks, 256):  # C learns every block
+            pool.read(vid, b * BLOCK_SIZE, min(256, nblocks - b) * BLOCK_SIZE)
+        pool.refill_fast()  # fills the reservoir; grows the table at once (a whole step)
+        while fm.grow():
+            pass
+        n = fm.entries()
+        assert n >= nblocks
+        # now the second growth, a step of 4096 positions of 131072 at a time
+        more = 24000  # with the 30000: > 3/8 of 131072, < the half at which a write grows it
+        vid2 = pool.create_volume(more * BLOCK_SIZE)
+        for b in range(0, more, 256):
+            pool.read(vid2, b * BLOCK_SIZE, min(256, more - b) * BLOCK_SIZE)
+        n = fm.entries()
+        assert fm.grow(4096) and fm.grow(0)  # grown, and still moving
+        handed = fm.stats()["handed_back"]
+        for b, data in written.items():  # most are still in the old table
+            assert fm.read(vid, b * BLOCK_SIZE + 8192, 4096) == data
+            assert fm.read(vid, b * BLOCK_SIZE, 4096) == bytes(4096)
+        news = {}
+        for i, b in enumerate(list(written)[::2]):  # copy-on-write (committed blocks), then in place
+            news[b] = (b"new %d;" % b * 700)[:4096]
+            assert fm.write(vid, b * BLOCK_SIZE + (i % 4) * 4096, news[b])
+            assert fm.write(vid, b * BLOCK_SIZE + (i % 4) * 4096, news[b][::-1])
+            news[b] = (i % 4, news[b][::-1])
+        for b in range(1, more, 61):
+            assert fm.write(vid2, b * BLOCK_SIZE + 4096, b"%08d" % b * 512)
+        assert fm.stats()["handed_back"] == handed
+        assert fm.grow(0)  # the move is still under way
+        steps = 0
+        while fm.grow(4096):
+            steps += 1
+        assert steps >= 20 and not fm.grow(0)
+        assert fm.entries() == n
+        for b, data in written.items():
+            pg, new = news.get(b, (None, None))
+            want = bytearray(BLOCK_SIZE)
+            want[8192:12288] = data
+            if new is not None:
+                want[pg * 4096 : pg * 4096 + 4096] = new
+            assert fm.read(vid, b * BLOCK_SIZE, BLOCK_SIZE) == bytes(want)
+            assert pool.read(vid, b * BLOCK_SIZE, BLOCK_SIZE) == bytes(want)
+        for b in range(1, more, 61):
+            assert fm.read(vid2, b * BLOCK_SIZE + 4096, 4096) == b"%08d" % b * 512
+        assert fm.stats()["handed_back"] == handed
+        # each block is in the table once: forgotten, C no longer knows it
+        with pool._fast():
+            for b in written:
+                fm.forget(vid, b)
+        for b in written:
+            assert fm.read(vid, b * BLOCK_SIZE + 8192, 4096) is None
+        pool.commit()
+        assert pool.scrub() == []
+
+
 def test_fsync_in_c_survives_a_crash(tmp_path):
     """A log flush written by C (the FUSE fast path's FSYNC) is replayed when
     the pool is opened again; a volume the Pool itself wrote to since its

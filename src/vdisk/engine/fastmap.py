@@ -30,6 +30,9 @@ FLUSHED = lib.VD_FM_FLUSHED
 FULL = 0xFFFF  # every page of a block (have)
 COALESCE_PAGES = lib.VD_FM_COALESCE_PAGES  # see csrc/fastmap.h
 MAX_SPAN = lib.VD_FM_MAX_SPAN  # the most blocks one request served in C spans
+# positions of the table C outgrew that one grow() moves (in chunks of 4096,
+# between which the I/O threads go on): the rest at the next refill
+GROW_BUDGET = 1 << 16
 
 
 class FastMap:
@@ -148,12 +151,13 @@ class FastMap:
     def entries(self) -> int:
         return lib.vd_fm_entries(self._fm)
 
-    def grow(self) -> bool:
-        """Grow C's table ahead of need (vd_fm_grow): True when it grew.
-        False also when memory is short: the table then grows when a
-        write needs it (or that write goes to the Pool).  The Pool's
-        thread, without the lock."""
-        return lib.vd_fm_grow(self._fm) == 1
+    def grow(self, budget: int = GROW_BUDGET) -> bool:
+        """Grow C's table ahead of need, and move at most budget positions
+        of the table it outgrew (vd_fm_grow): True when it grew or moved
+        some, False when there was nothing to do.  False also when memory
+        is short: the table then grows when a write needs it (or that
+        write goes to the Pool).  The Pool's thread, without the lock."""
+        return lib.vd_fm_grow(self._fm, budget) == 1
 
     def drain(self) -> list[tuple[int, int, int, int]]:
         """(vid, block, slot, have) of every block given a new slot in C,
