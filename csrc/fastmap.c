@@ -262,7 +262,8 @@ void vd_fm_unlock(struct vd_fastmap *fm) { pthread_rwlock_unlock(&fm->lock); }
  * exactly one of the two tables, and lookup() always returns it in tab,
  * so that every other function knows only tab.  A moved entry leaves a
  * MOVED mark in otab, which keeps the probe chains of those after it
- * whole (nothing is inserted into or deleted from otab).  Scans of the
+ * whole (nothing is inserted into or deleted from otab; find_old skips
+ * the run of marks the chunks leave).  Scans of the
  * whole table (rebuilds, clear, unshare: structural changes, under the
  * map's lock) first finish the move. */
 
@@ -275,7 +276,7 @@ static struct ent *find(struct ent *tab, size_t cap, uint64_t vid, uint64_t bloc
         struct ent *e = &tab[i];
         if (!e->used)
             return NULL;
-        if (e->used == 1 && e->vid == vid && e->block == block)
+        if (e->vid == vid && e->block == block)
             return e;
         i = (i + 1) & mask;
     }
@@ -313,12 +314,38 @@ static int move_old(struct vd_fastmap *fm, size_t budget)
 
 static void finish_growth(struct vd_fastmap *fm) { move_old(fm, SIZE_MAX); }
 
+/* find() in the old table.  Its positions [0, opos) hold only MOVED marks,
+ * which neither match nor end a probe chain, so the probe skips them: from
+ * the key's home to opos at once, and past the end back to opos.  That is
+ * both the speed (a miss does not walk the moved part) and the end (once
+ * the unmoved part is full, a chain has no free position left: the probe
+ * stops when it comes back to where it started). */
+static struct ent *find_old(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
+{
+    size_t start = mix(vid, block) & (fm->ocap - 1), i;
+    if (start < fm->opos)
+        start = fm->opos;
+    if (start >= fm->ocap)
+        return NULL;
+    i = start;
+    do {
+        struct ent *e = &fm->otab[i];
+        if (!e->used)
+            return NULL;
+        if (e->used == 1 && e->vid == vid && e->block == block)
+            return e;
+        if (++i == fm->ocap)
+            i = fm->opos;
+    } while (i != start);
+    return NULL;
+}
+
 static struct ent *lookup(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
 {
     struct ent *e = find(fm->tab, fm->cap, vid, block);
     if (e != NULL || fm->otab == NULL)
         return e;
-    struct ent *o = find(fm->otab, fm->ocap, vid, block);
+    struct ent *o = find_old(fm, vid, block);
     if (o == NULL)
         return NULL;
     e = place(fm->tab, fm->cap, o); /* its turn, now */
