@@ -340,9 +340,6 @@ static struct delayed dq_pop(void)
     return top;
 }
 
-/* A delay thread (as many as request threads): serves each delayed request
- * when its time comes, until the fast path stops (what is left then is
- * passed on, so that pyfuse3 answers it or the kernel's abort does). */
 /* Name the calling thread (what top -H, ps -L and /proc/PID/task/TID/comm
  * show): vdisk-io0, vdisk-delay0, vdisk-reply, vdisk-notify. */
 static void name_self(const char *base, int i)
@@ -355,6 +352,9 @@ static void name_self(const char *base, int i)
     pthread_setname_np(pthread_self(), name);
 }
 
+/* A delay thread (as many as request threads): serves each delayed request
+ * when its time comes, until the fast path stops (what is left then is
+ * passed on, so that pyfuse3 answers it or the kernel's abort does). */
 static void *delay_loop(void *arg)
 {
     int me = (int)(intptr_t)arg;
