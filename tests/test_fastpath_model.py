@@ -600,6 +600,25 @@ def test_an_io_thread_waits_for_slots_instead_of_handing_back(tmp_path):
         assert result == [True, False] and time.monotonic() - t0 < 0.9
 
 
+def _learn(pool, vid, nblocks):
+    """Read the volume's first nblocks blocks through the Pool, so that C's
+    table learns every one of them."""
+    for b in range(0, nblocks, 256):
+        pool.read(vid, b * BLOCK_SIZE, min(256, nblocks - b) * BLOCK_SIZE)
+
+
+def _learned_volume(pool, nblocks):
+    """A volume of nblocks blocks, one page written every 97 blocks and
+    committed, every block known to C: (vid, {block: the page at 8192})."""
+    vid = pool.create_volume(nblocks * BLOCK_SIZE)
+    written = {b: (b"%d;" % b * 2100)[:4096] for b in range(0, nblocks, 97)}
+    for b, data in written.items():
+        pool.write(vid, b * BLOCK_SIZE + 8192, data)
+    pool.commit()
+    _learn(pool, vid, nblocks)
+    return vid, written
+
+
 def test_c_grows_its_table_ahead_of_need(tmp_path):
     """The Pool's refill grows C's table once it is more than 3/8 full
     (vd_fm_grow), and every entry is still there after: C serves the same
@@ -607,13 +626,7 @@ def test_c_grows_its_table_ahead_of_need(tmp_path):
     nblocks = 30000  # > 3/8 of the first table (65536)
     pool = Pool(str(tmp_path))
     with fast_path(pool, reservoir=64) as fm:
-        vid = pool.create_volume(nblocks * BLOCK_SIZE)
-        written = {b: (b"%d;" % b * 2100)[:4096] for b in range(0, nblocks, 97)}
-        for b, data in written.items():
-            pool.write(vid, b * BLOCK_SIZE + 8192, data)
-        pool.commit()
-        for b in range(0, nblocks, 256):  # C learns every block
-            pool.read(vid, b * BLOCK_SIZE, min(256, nblocks - b) * BLOCK_SIZE)
+        vid, written = _learned_volume(pool, nblocks)
         n = fm.entries()
         assert n >= nblocks
         assert fm.grow() and not fm.grow()  # grown once; then less than 3/8 full
@@ -646,13 +659,7 @@ def test_c_moves_its_outgrown_table_a_chunk_at_a_time(tmp_path):
     nblocks = 30000  # > 3/8 of the first table (65536 positions)
     pool = Pool(str(tmp_path))
     with fast_path(pool, reservoir=4096) as fm:
-        vid = pool.create_volume(nblocks * BLOCK_SIZE)
-        written = {b: (b"%d;" % b * 2100)[:4096] for b in range(0, nblocks, 97)}
-        for b, data in written.items():
-            pool.write(vid, b * BLOCK_SIZE + 8192, data)
-        pool.commit()
-        for b in range(0, nblocks, 256):  # C learns every block
-            pool.read(vid, b * BLOCK_SIZE, min(256, nblocks - b) * BLOCK_SIZE)
+        vid, written = _learned_volume(pool, nblocks)
         pool.refill_fast()  # fills the reservoir; grows the table at once (a whole step)
         while fm.grow():
             pass
@@ -661,8 +668,7 @@ def test_c_moves_its_outgrown_table_a_chunk_at_a_time(tmp_path):
         # now the second growth, a step of 4096 positions of 131072 at a time
         more = 24000  # with the 30000: > 3/8 of 131072, < the half at which a write grows it
         vid2 = pool.create_volume(more * BLOCK_SIZE)
-        for b in range(0, more, 256):
-            pool.read(vid2, b * BLOCK_SIZE, min(256, more - b) * BLOCK_SIZE)
+        _learn(pool, vid2, more)
         # a block whose home is the old table's last position: that position
         # is taken, so once it is the only one left to move, every position
         # not moved yet is taken (see the lookups at the end)
