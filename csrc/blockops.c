@@ -12,7 +12,7 @@
  *   vd_crc32c_is_zero(buf,len,*z) both in one pass (used at commit)
  *   vd_diff_sectors(a,b,len,sector,bitmap) per-sector difference bitmap
  *   vd_punch_hole(fd, off, len)   fallocate(PUNCH_HOLE|KEEP_SIZE)
- *   vd_start_writeback(fd)        sync_file_range(SYNC_FILE_RANGE_WRITE)
+ *   vd_start_writeback(fd)        sync_file_range(SYNC_FILE_RANGE_WRITE), 4 MiB a call
  *   vd_checksum_slots(...)        vd_crc32c_is_zero of many slots read from a file
  */
 #define _GNU_SOURCE
@@ -23,6 +23,7 @@
 #include <unistd.h>
 #include <errno.h>
 #include <linux/falloc.h>
+#include <sys/stat.h>
 
 #include "blockops.h"
 
@@ -182,12 +183,28 @@ long vd_diff_sectors(const unsigned char *a, const unsigned char *b, size_t len,
 
 /* ---- early writeback -------------------------------------------------------- */
 
+/* The range one sync_file_range call covers.  Writing back the dirty pages
+ * of a range runs in the kernel without a point where the scheduler can
+ * switch tasks: on ext4, each page written to a preallocated (unwritten)
+ * extent splits the extent tree there, so a whole-file call on a pool's
+ * data file ran the CPU for 10-56 ms at a time, and every I/O thread,
+ * loop worker and block completion queued behind it on that CPU waited as
+ * long (docs/perf/2026-12-03-writeback-chunks.md).  A call per 4 MiB (64
+ * blocks) returns to user space, where the scheduler may run them, after
+ * a fraction of a millisecond. */
+#define WRITEBACK_CHUNK (4LL << 20)
+
 int vd_start_writeback(int fd)
 {
     /* Start writing dirty pages back without waiting, so that the fdatasync
-     * of the next commit finds little left to do. */
-    if (sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE) < 0)
+     * of the next commit finds little left to do.  A clean range costs a
+     * lookup of the page cache's dirty tags. */
+    struct stat st;
+    if (fstat(fd, &st) < 0)
         return -errno;
+    for (off_t off = 0; off < st.st_size; off += WRITEBACK_CHUNK)
+        if (sync_file_range(fd, off, WRITEBACK_CHUNK, SYNC_FILE_RANGE_WRITE) < 0)
+            return -errno;
     return 0;
 }
 

@@ -185,6 +185,9 @@ struct vd_fastmap {
     size_t loghead, nlog, caplog; /* in records of LOG_REC words: [loghead, nlog) not drained yet */
     volatile int failed;
     uint64_t st_reads, st_writes, st_again, st_cow, st_verified;
+    /* writes that found the reservoir dry and waited for a refill: how
+     * many, and their waits' total and longest (ns; under the inner mutex) */
+    uint64_t st_dry, st_dry_ns, st_dry_max_ns;
     unsigned char *scratch;
     struct expect *exp; /* checksums C may verify slots against (vd_fm_expect) */
     size_t nexp;
@@ -809,13 +812,18 @@ void vd_fm_set_failed(struct vd_fastmap *fm, int failed)
     pthread_cond_broadcast(&fm->refilled); /* writers waiting for slots give up (or time out) */
 }
 
-void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out5)
+void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out8)
 {
-    out5[0] = __atomic_load_n(&fm->st_reads, __ATOMIC_RELAXED);
-    out5[1] = __atomic_load_n(&fm->st_writes, __ATOMIC_RELAXED);
-    out5[2] = __atomic_load_n(&fm->st_again, __ATOMIC_RELAXED);
-    out5[3] = __atomic_load_n(&fm->st_cow, __ATOMIC_RELAXED);
-    out5[4] = __atomic_load_n(&fm->st_verified, __ATOMIC_RELAXED);
+    out8[0] = __atomic_load_n(&fm->st_reads, __ATOMIC_RELAXED);
+    out8[1] = __atomic_load_n(&fm->st_writes, __ATOMIC_RELAXED);
+    out8[2] = __atomic_load_n(&fm->st_again, __ATOMIC_RELAXED);
+    out8[3] = __atomic_load_n(&fm->st_cow, __ATOMIC_RELAXED);
+    out8[4] = __atomic_load_n(&fm->st_verified, __ATOMIC_RELAXED);
+    pthread_mutex_lock(&fm->io);
+    out8[5] = fm->st_dry;
+    out8[6] = fm->st_dry_ns;
+    out8[7] = fm->st_dry_max_ns;
+    pthread_mutex_unlock(&fm->io);
 }
 
 /* ------------------------------------------------------------ I/O side */
@@ -1461,14 +1469,21 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
  * refill meanwhile. */
 static int wait_for_refill(struct vd_fastmap *fm, uint64_t gen)
 {
-    struct timespec until;
-    clock_gettime(CLOCK_MONOTONIC, &until);
+    struct timespec t0, until, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    until = t0;
     until.tv_sec += 1;
     int rc = 0;
     pthread_mutex_lock(&fm->io);
     while (fm->refills == gen && !fm->failed && rc != ETIMEDOUT)
         rc = pthread_cond_timedwait(&fm->refilled, &fm->io, &until);
     int refilled = fm->refills != gen && !fm->failed;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    uint64_t ns = (uint64_t)(t1.tv_sec - t0.tv_sec) * 1000000000u + (uint64_t)t1.tv_nsec - (uint64_t)t0.tv_nsec;
+    fm->st_dry++;
+    fm->st_dry_ns += ns;
+    if (ns > fm->st_dry_max_ns)
+        fm->st_dry_max_ns = ns;
     pthread_mutex_unlock(&fm->io);
     return refilled;
 }

@@ -83,7 +83,9 @@ void vd_fm_log_clean(struct vd_fastmap *fm, uint64_t vid, int clean);
 enum { VD_FM_DRAIN_WORDS = 4 };
 #define VD_FM_FLUSHED 0xFFFFFFFFFFFFFFFF
 /* reads, writes, handed back, copy-on-writes, slots C verified */
-void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out5);
+/* reads, writes, handed back, copies on write, verified; writes that waited
+ * for a refill, their total and longest wait (ns) */
+void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out8);
 /* the checksum of a committed slot an unverified entry reads from (the
  * CRC-32C of the pages of mask, as vd_checksum_slots computes it): C
  * verifies the slot against it, once, before it reads from it */

@@ -302,7 +302,7 @@ def barrier_bench(runtime: int, interval: float, cwd: str) -> dict:
                    "--output-format=json", "--percentile_list=50:99:99.9", "--randrepeat=0"]
             for i, dev in enumerate(devs):
                 cmd += ["--name=d%d" % i, "--filename=" + dev]
-            passed = passed_to_python(env) if vdisk else 0
+            before = env.j("daemon", "status")["FastPath"] if vdisk else None
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
             times = []
             time.sleep(1.5)
@@ -318,8 +318,12 @@ def barrier_bench(runtime: int, interval: float, cwd: str) -> dict:
             pct = job["clat_ns"]["percentile"]
             res = {"iops": job["iops"], "lat_p50_ms": pct["50.000000"] / 1e6, "lat_p99_ms": pct["99.000000"] / 1e6,
                    "lat_max_ms": job["clat_ns"]["max"] / 1e6}
-            if vdisk:  # the requests C handed back to the Python engine
-                res["passed_to_python"] = passed_to_python(env) - passed
+            if vdisk:  # the requests C handed back to the Python engine, and the
+                # writes that waited for the engine to refill C's free slots
+                after = env.j("daemon", "status")["FastPath"]
+                res["passed_to_python"] = after["PassedToPython"] - before["PassedToPython"]
+                res["reservoir_waits"] = after["ReservoirWaits"] - before["ReservoirWaits"]
+                res["reservoir_wait_max_ms_so_far"] = after["ReservoirWaitMaxMs"]
             if snapshots:
                 times.sort()
                 res.update(snapshots=len(times), create_p50_ms=statistics.median(times), create_max_ms=times[-1])

@@ -584,7 +584,11 @@ def test_an_io_thread_waits_for_slots_instead_of_handing_back(tmp_path):
         pool.refill_fast()
         writer.join(5)
         assert result == [True]
-        assert fm.stats()["handed_back"] == handed
+        st = fm.stats()
+        assert st["handed_back"] == handed
+        # counted for `vdisk daemon status`: one wait, as long as the sleep at least
+        assert st["reservoir_waits"] == 1
+        assert 0.2e9 <= st["reservoir_wait_ns"] == st["reservoir_wait_max_ns"] < 5e9
         assert pool.read(vid, 5 * BLOCK_SIZE, 4096) == b"z" * 4096
 
         while fm.reservoir():  # empty again

@@ -354,6 +354,11 @@ class Daemon:
             "PassedToPython": f["passed_on"],
             "CopyOnWrite": e["copy_on_write"],
             "VerifiedInC": e["verified"],
+            # writes that found the reservoir of free slots dry and waited
+            # for the engine's refill, and how long
+            "ReservoirWaits": e["reservoir_waits"],
+            "ReservoirWaitMs": round(e["reservoir_wait_ns"] / 1e6, 3),
+            "ReservoirWaitMaxMs": round(e["reservoir_wait_max_ns"] / 1e6, 3),
         }
 
     def _log_status(self) -> dict:

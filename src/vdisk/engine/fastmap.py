@@ -211,10 +211,11 @@ class FastMap:
         lib.vd_fm_set_failed(self._fm, int(failed))
 
     def stats(self) -> dict:
-        out = ffi.new("uint64_t[5]")
+        out = ffi.new("uint64_t[8]")
         lib.vd_fm_stats(self._fm, out)
         return {"reads": out[0], "writes": out[1], "handed_back": out[2], "copy_on_write": out[3],
-                "verified": out[4]}
+                "verified": out[4], "reservoir_waits": out[5], "reservoir_wait_ns": out[6],
+                "reservoir_wait_max_ns": out[7]}
 
     # ------------------------------------------------------------ I/O side
 

@@ -84,7 +84,8 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
 
 
 def start_writeback(fd: int) -> None:
-    """sync_file_range(WRITE): begin writeback of dirty pages, do not wait."""
+    """sync_file_range(WRITE), 4 MiB at a time: begin writeback of dirty
+    pages, do not wait."""
     lib.vd_start_writeback(fd)
 
 
