@@ -82,7 +82,6 @@ void vd_fm_log_clean(struct vd_fastmap *fm, uint64_t vid, int clean);
  * changes drained before it are in the log */
 enum { VD_FM_DRAIN_WORDS = 4 };
 #define VD_FM_FLUSHED 0xFFFFFFFFFFFFFFFF
-/* reads, writes, handed back, copy-on-writes, slots C verified */
 /* reads, writes, handed back, copies on write, verified; writes that waited
  * for a refill, their total and longest wait (ns) */
 void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out8);

@@ -115,6 +115,8 @@ def test_metrics_stats_and_monitor_data_follow_the_load(monkeypatch):
         assert after[("vdisk_disk_iops_limit", labels)] == PL0_1GIB
         assert after[("vdisk_disk_throttled_requests_total", labels)] > 0
         assert after[("vdisk_commits_total", ())] >= before[("vdisk_commits_total", ())]
+        # reads take no slots: no write waited for C's reservoir
+        assert after[("vdisk_fastpath_reservoir_wait_seconds_count", ())] == 0
         assert after[("vdisk_pool_volumes", ())] == 2
 
         time.sleep(2)  # a sample after the load

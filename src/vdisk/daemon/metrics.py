@@ -103,6 +103,11 @@ class DaemonCollector:
             for op in ("reads", "writes", "fsyncs", "passed_on", "delayed"):
                 fp.add_metric([op.removesuffix("s") if op != "passed_on" else op], f[op])
             yield fp
+            e = d._fm.stats()
+            yield SummaryMetricFamily("vdisk_fastpath_reservoir_wait_seconds",
+                                      "Writes that found C's reservoir of free slots empty and waited for the "
+                                      "engine's refill, and how long",
+                                      count_value=e["reservoir_waits"], sum_value=e["reservoir_wait_ns"] / 1e9)
 
 
 def registry(daemon) -> CollectorRegistry:
