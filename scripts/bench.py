@@ -237,9 +237,14 @@ def proc_status(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
+def fast_path(env: VDiskEnv) -> dict:
+    """The daemon's fast-path counters so far (`vdisk daemon status`)."""
+    return env.j("daemon", "status")["FastPath"]
+
+
 def passed_to_python(env: VDiskEnv) -> int:
     """How many requests the daemon's C fast path handed to Python so far."""
-    return env.j("daemon", "status")["FastPath"]["PassedToPython"]
+    return fast_path(env)["PassedToPython"]
 
 
 def write_amplification(env: VDiskEnv, t: VdiskTarget, size: str, cwd: str) -> dict:
@@ -302,7 +307,7 @@ def barrier_bench(runtime: int, interval: float, cwd: str) -> dict:
                    "--output-format=json", "--percentile_list=50:99:99.9", "--randrepeat=0"]
             for i, dev in enumerate(devs):
                 cmd += ["--name=d%d" % i, "--filename=" + dev]
-            before = env.j("daemon", "status")["FastPath"] if vdisk else None
+            before = fast_path(env) if vdisk else None
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
             times = []
             time.sleep(1.5)
@@ -320,7 +325,7 @@ def barrier_bench(runtime: int, interval: float, cwd: str) -> dict:
                    "lat_max_ms": job["clat_ns"]["max"] / 1e6}
             if vdisk:  # the requests C handed back to the Python engine, and the
                 # writes that waited for the engine to refill C's free slots
-                after = env.j("daemon", "status")["FastPath"]
+                after = fast_path(env)
                 res["passed_to_python"] = after["PassedToPython"] - before["PassedToPython"]
                 res["reservoir_waits"] = after["ReservoirWaits"] - before["ReservoirWaits"]
                 res["reservoir_wait_max_ms_so_far"] = after["ReservoirWaitMaxMs"]

@@ -1,7 +1,14 @@
 """When the daemon starts background writeback (vdisk.daemon.writeback):
 pure unit tests of the decision; its effect on speed is measured by
 scripts/bench (docs/perf/2026-12-02-writeback.md)."""
+import ctypes
+import os
+import platform
+
+import pytest
+
 from vdisk.daemon.writeback import Writeback
+from vdisk.engine import native
 
 MIB = 1 << 20
 
@@ -40,12 +47,9 @@ def test_a_commit_that_took_the_cache_starts_the_count_again():
 
 # ------------------------------------------------- the writeback itself (a real file)
 
-def _cachestat(fd: int, size: int):
-    """(dirty, under writeback) pages of the file's first size bytes, by
-    the cachestat syscall (Linux 6.5); None where the kernel lacks it."""
-    import ctypes
-    import platform
-
+def _dirty_pages(fd: int, size: int):
+    """The dirty pages of the file's first size bytes, by the cachestat
+    syscall (Linux 6.5); None where the kernel lacks it."""
     if platform.machine() != "x86_64":
         return None
     libc = ctypes.CDLL(None, use_errno=True)
@@ -53,36 +57,30 @@ def _cachestat(fd: int, size: int):
     out = (ctypes.c_uint64 * 5)()
     if libc.syscall(451, fd, rng, out, 0) != 0:
         return None
-    return out[1], out[2]
+    return out[1]  # nr_dirty
 
 
 def test_writeback_starts_on_the_whole_file_a_range_at_a_time(tmp_path):
     """native.start_writeback covers the data file in 4 MiB calls (one
     whole-file call held a CPU for tens of milliseconds): every range must
     be started, the last one too, not only the first."""
-    import os
-
-    import pytest
-
-    from vdisk.engine import native
-
     path = tmp_path / "data"
     size = 24 * MIB + 64 * 1024  # six ranges and a piece of a seventh
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         os.ftruncate(fd, size)
-        if _cachestat(fd, size) is None:
+        if _dirty_pages(fd, size) is None:
             pytest.skip("the kernel has no cachestat syscall (Linux 6.5+): cannot see dirty pages")
         page = b"\x5a" * 4096
         offsets = list(range(0, size, 256 * 1024)) + [size - 4096]  # a page in every 256 KiB, and the last
         for off in offsets:
             os.pwrite(fd, page, off)
-        dirty, _ = _cachestat(fd, size)
+        dirty = _dirty_pages(fd, size)
         if dirty < len(offsets):
             pytest.skip("the filesystem under %s keeps no dirty pages (tmpfs?)" % tmp_path)
         native.start_writeback(fd)
         # started, not waited for: what is still dirty is what no call covered
-        dirty, _ = _cachestat(fd, size)
+        dirty = _dirty_pages(fd, size)
         assert dirty == 0, "%d of %d pages written were not put under writeback" % (dirty, len(offsets))
     finally:
         os.close(fd)
