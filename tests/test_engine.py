@@ -12,7 +12,7 @@ from powercut import PowerCutFile
 from vdisk.engine import native, trim
 from vdisk.engine.blockio import DataFile
 from vdisk.engine.errors import ChecksumError, FormatError, NoSpace, NotFound, OutOfRange, PoolFailed
-from vdisk.engine.format import DB_MAP, DB_META, FORMAT_VERSION, FULL_MASK, LMDB_DIR, LOG_FILE, map_val_full, u64, u64_decode
+from vdisk.engine.format import DATA_FILE, DB_MAP, DB_META, FORMAT_VERSION, FULL_MASK, LMDB_DIR, LOG_FILE, map_val_full, u64, u64_decode
 from vdisk.engine.pool import BLOCK_SIZE, Pool
 
 MIB = 1 << 20
@@ -146,13 +146,20 @@ def test_freed_slots_not_reused_before_commit(pool):
 
 
 def test_checksum_mismatch_is_detected(tmp_path):
-    p = Pool(str(tmp_path / "p"))
+    """A slot damaged on disk is found by its first read after the pool is
+    opened (the write cache in C verifies a committed slot before it reads
+    it and hands the read to the Pool, which reports the damage), and by
+    scrub."""
+    path = str(tmp_path / "p")
+    p = Pool(path)
     v = p.create_volume(4 * BLOCK_SIZE)
     p.write(v, 0, rnd(BLOCK_SIZE, 1))
-    p.commit()
-    fd = os.open(p.file.path, os.O_RDWR)
+    p.close()
+    fd = os.open(os.path.join(path, DATA_FILE), os.O_RDWR)
     os.pwrite(fd, b"X", 1000)
     os.close(fd)
+    p = Pool(path)
+    assert p.fast_map is not None
     with pytest.raises(ChecksumError):
         p.read(v, 0, 4096)
     problems = p.scrub()
@@ -853,7 +860,7 @@ def test_trim_leaves_slots_the_fast_path_holds_alone(tmp_path):
     commit; the check is the last line of defence)."""
     from vdisk.engine.fastmap import FastMap
 
-    p = Pool(str(tmp_path / "p"))
+    p = Pool(str(tmp_path / "p"), fast=False)
     fm = FastMap(p.file.fd, reservoir=8)
     p.attach_fast(fm)
     try:

@@ -155,7 +155,7 @@ TestCFlushModel = CFlushModel.TestCase
 def test_fast_path_serves_in_c(tmp_path):
     """Not a model: once a block is known, C serves reads and writes of it,
     copies on write after a commit, and hands back what it cannot serve."""
-    pool = Pool(str(tmp_path))
+    pool = Pool(str(tmp_path), fast=False)
     fm = FastMap(pool.file.fd, reservoir=8)
     try:
         pool.attach_fast(fm)
@@ -189,7 +189,7 @@ def test_c_copies_only_the_pages_written_after_a_snapshot(tmp_path):
     that mix both, and the commit records a partial entry that reads the
     same.  After a second snapshot, a write over that partial entry takes
     only the page written too: a view of three slots, which C serves."""
-    pool = Pool(str(tmp_path))
+    pool = Pool(str(tmp_path), fast=False)
     fm = FastMap(pool.file.fd, reservoir=8)
     try:
         pool.attach_fast(fm)
@@ -246,7 +246,7 @@ def test_c_copies_the_layer_that_shows_the_fewest_over_a_view_of_four(tmp_path):
     reads what it held, through the Pool and after a reopening; scrub is
     clean.  Copying the top every time copied more with every snapshot
     (the bench's after-snapshot runs slowed down run after run)."""
-    pool = Pool(str(tmp_path))
+    pool = Pool(str(tmp_path), fast=False)
     chains = []
     with fast_path(pool, reservoir=16) as fm:
         vid = pool.create_volume(BLOCK_SIZE)
@@ -275,7 +275,7 @@ def test_c_copies_the_layer_that_shows_the_fewest_over_a_view_of_four(tmp_path):
         for sid, view in zip(sids, views):
             assert pool.read_snapshot(sid, 0, BLOCK_SIZE) == view
         assert pool.scrub() == []
-    again = Pool(str(tmp_path))
+    again = Pool(str(tmp_path), fast=False)
     try:
         assert again.read(vid, 0, BLOCK_SIZE) == want
         for sid, view in zip(sids, views):
@@ -294,7 +294,7 @@ def test_c_copies_only_the_pages_written_after_a_commit(tmp_path):
     from vdisk.engine.errors import NotFound
     from vdisk.engine.fastmap import COALESCE_PAGES
 
-    pool = Pool(str(tmp_path))
+    pool = Pool(str(tmp_path), fast=False)
     fm = FastMap(pool.file.fd, reservoir=8)
     try:
         pool.attach_fast(fm)
@@ -353,7 +353,7 @@ def test_a_write_over_a_block_a_commit_finds_zeros_reads_zeros_below(tmp_path):
     block all zeros and drops it, which also ends what the last snapshot
     saw of the block in the head.  The partial write must read zeros below
     it from then on, not the snapshot's data."""
-    pool = Pool(str(tmp_path))
+    pool = Pool(str(tmp_path), fast=False)
     fm = FastMap(pool.file.fd, reservoir=8)
     try:
         pool.attach_fast(fm)
@@ -383,7 +383,7 @@ def test_c_serves_a_new_volume_from_its_first_write(tmp_path):
     reads its unknown blocks as zeros and writes 4 KiB into one as a
     partial slot of its own, from the first request on; once the table
     forgets one of its blocks, unknown blocks go back to the Pool."""
-    pool = Pool(str(tmp_path))
+    pool = Pool(str(tmp_path), fast=False)
     fm = FastMap(pool.file.fd, reservoir=8)
     try:
         pool.attach_fast(fm)
@@ -428,7 +428,7 @@ def test_io_threads_with_commits_between(tmp_path):
 
     import sys
 
-    pool = Pool(str(tmp_path))
+    pool = Pool(str(tmp_path), fast=False)
     fm = FastMap(pool.file.fd, reservoir=256)
     nblocks, rounds = 16, 400
     datas = [[[(b"%d:%d:%d;" % (t, r, b) * 600)[:4096] for b in range(nblocks)] for r in range(rounds)] for t in (0, 1)]
@@ -496,7 +496,7 @@ def test_io_threads_share_blocks_across_copy_on_writes(tmp_path):
     import threading
 
     nthreads, nblocks, rounds = 4, 16, 400
-    pool = Pool(str(tmp_path))
+    pool = Pool(str(tmp_path), fast=False)
     fm = FastMap(pool.file.fd, reservoir=4 * nthreads * nblocks)
     switch = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
@@ -567,7 +567,7 @@ def test_an_io_thread_waits_for_slots_instead_of_handing_back(tmp_path):
     import threading
     import time
 
-    pool = Pool(str(tmp_path))
+    pool = Pool(str(tmp_path), fast=False)
     with fast_path(pool, reservoir=4) as fm:
         vid = pool.create_volume(64 * BLOCK_SIZE)
         for b in range(4):  # a new volume: each first write takes a slot
@@ -628,7 +628,7 @@ def test_c_grows_its_table_ahead_of_need(tmp_path):
     (vd_fm_grow), and every entry is still there after: C serves the same
     reads without handing any back."""
     nblocks = 30000  # > 3/8 of the first table (65536)
-    pool = Pool(str(tmp_path))
+    pool = Pool(str(tmp_path), fast=False)
     with fast_path(pool, reservoir=64) as fm:
         vid, written = _learned_volume(pool, nblocks)
         n = fm.entries()
@@ -661,7 +661,7 @@ def test_c_moves_its_outgrown_table_a_chunk_at_a_time(tmp_path):
     that walked the moved positions as a probe chain went round for ever
     there, holding the inner mutex: this test hangs on such a build)."""
     nblocks = 30000  # > 3/8 of the first table (65536 positions)
-    pool = Pool(str(tmp_path))
+    pool = Pool(str(tmp_path), fast=False)
     with fast_path(pool, reservoir=4096) as fm:
         vid, written = _learned_volume(pool, nblocks)
         pool.refill_fast()  # fills the reservoir; grows the table at once (a whole step)
@@ -732,7 +732,7 @@ def test_fsync_in_c_survives_a_crash(tmp_path):
     """A log flush written by C (the FUSE fast path's FSYNC) is replayed when
     the pool is opened again; a volume the Pool itself wrote to since its
     last log flush is left to the Pool (C declines it)."""
-    pool = Pool(str(tmp_path))
+    pool = Pool(str(tmp_path), fast=False)
     vid = pool.create_volume(1 << 20)
     fm = FastMap(pool.file.fd, reservoir=16)
     pool.attach_fast(fm)
@@ -750,7 +750,7 @@ def test_fsync_in_c_survives_a_crash(tmp_path):
     fm.close()
     pool.env.close()  # a crash: nothing committed since the volume was created
     pool.env = None
-    again = Pool(str(tmp_path))
+    again = Pool(str(tmp_path), fast=False)
     assert again.intent.stats["replayed"] == 2
     got = again.read(vid, 0, 4 * BLOCK_SIZE)
     want = bytearray(4 * BLOCK_SIZE)
@@ -781,12 +781,12 @@ def _cold_pool(tmp_path, nblocks, seed=1):
     FastMap that knows none of its blocks (fast_path): as after a daemon
     restart."""
     path = str(tmp_path / "p")
-    pool = Pool(path)
+    pool = Pool(path, fast=False)
     vid = pool.create_volume(4 * nblocks * BLOCK_SIZE)
     old = bytes((i * 7 + seed) % 251 for i in range(nblocks * BLOCK_SIZE))
     pool.write(vid, 0, old)
     pool.close()
-    pool = Pool(path)
+    pool = Pool(path, fast=False)
     pool.snapshot([vid])
     return pool, vid, bytearray(old)
 
@@ -858,13 +858,51 @@ def test_c_never_reads_a_slot_that_fails_its_checksum(tmp_path):
             pool.write(vid, 4096 + 100, b"c" * 100)
 
 
+def test_a_failed_commit_gives_c_its_blocks_back_to_write_in_place(tmp_path):
+    """Not a model: a commit that fails puts its frozen blocks back in the
+    overlay.  C took them as frozen (read-only) at the freeze; if it still
+    did, its next write would copy one into a new slot reading the rest
+    from the old one, which the overlay gives back when it drains that
+    write: the commit after it then records a block that lost its other
+    pages.  Found by the CFlushModel once the Pool's own reads went through
+    C (it fails when commit._unfreeze does not tell C the blocks)."""
+    path = str(tmp_path / "p")
+    pool = Pool(path)  # the write cache in C: every write below is C's
+    fm = pool.fast_map
+    vid = pool.create_volume(4 * BLOCK_SIZE)
+    want = bytearray(4 * BLOCK_SIZE)
+    want[4096:BLOCK_SIZE] = b"a" * (BLOCK_SIZE - 4096)
+    pool.write(vid, 4096, want[4096:BLOCK_SIZE])
+    pool.commit()
+    pool.write(vid, 0, b"b" * 512)  # copies the block (more pages than a partial slot takes)
+    want[0:512] = b"b" * 512
+
+    def boom(tx):
+        raise RuntimeError("the change fails")
+
+    with pytest.raises(RuntimeError):
+        pool.commit(change=boom)
+    pool.write(vid, 0, b"c" * 512)  # the slot of the failed commit's: in place
+    want[0:512] = b"c" * 512
+    assert fm.stats()["writes"] == 3
+    assert pool.read(vid, 0, 4 * BLOCK_SIZE) == want
+    pool.commit()
+    pool.close()
+    pool = Pool(path)
+    try:
+        assert pool.read(vid, 0, 4 * BLOCK_SIZE) == want
+        assert pool.scrub() == []
+    finally:
+        pool.close()
+
+
 def test_a_write_c_hands_back_changes_nothing_in_c(tmp_path):
     """Not a model: a write over two blocks, the first written in place
     (taking in a page it writes in part), the second needing a slot C does
     not have, is handed back whole: C must not have marked the first
     block's pages as held before it knew it would serve the request, or
     the Pool would skip filling that page from below."""
-    pool = Pool(str(tmp_path))
+    pool = Pool(str(tmp_path), fast=False)
     with fast_path(pool, 8) as fm:
         vid = pool.create_volume(4 * BLOCK_SIZE)
         old = bytes((i * 13 + 5) % 251 for i in range(2 * BLOCK_SIZE))
@@ -896,7 +934,7 @@ def test_c_stops_sharing_when_the_last_snapshot_is_deleted(tmp_path):
     only the pages written over an entry of the head's own pages, as for
     a block a snapshot shares: the commit makes such a slot a backed entry
     over the block below, and the entry's own pages would be lost."""
-    pool = Pool(str(tmp_path))
+    pool = Pool(str(tmp_path), fast=False)
     with fast_path(pool, 8) as fm:
         vid = pool.create_volume(2 * BLOCK_SIZE)
         want = bytearray(b"a" * BLOCK_SIZE)

@@ -21,6 +21,13 @@ def default_data_dir() -> str:
     return os.path.join(base, "vdisk")
 
 
+def fast_path_on() -> bool:
+    """Whether the write cache lives in C and the daemon's C threads serve
+    READ and WRITE ($VDISK_FASTPATH, 1 unless 0: everything in Python then,
+    slower, same results)."""
+    return os.environ.get("VDISK_FASTPATH", "1") != "0"
+
+
 @dataclass(frozen=True)
 class Paths:
     data_dir: str

@@ -11,7 +11,7 @@ import os
 import socket
 import time
 
-from ..config import Paths
+from ..config import Paths, fast_path_on
 from . import lock
 
 # How long a client waits for a daemon whose listen queue is full (busy, or
@@ -177,7 +177,7 @@ def _offline(paths: Paths, req: dict | None, run=None) -> dict:
         from ..control.controller import Controller
         from ..engine.pool import Pool
 
-        pool = Pool(paths.pool)
+        pool = Pool(paths.pool, fast=fast_path_on())
         try:
             ctl = Controller(pool, host=None)
             if run is not None:

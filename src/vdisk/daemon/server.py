@@ -31,11 +31,10 @@ import time
 
 import trio
 
-from ..config import Paths, open_private
+from ..config import Paths, fast_path_on, open_private
 from ..control.controller import Controller
 from ..control.streams import STREAM_ACTIONS
 from ..engine.errors import EngineError
-from ..engine.fastmap import FastMap
 from ..engine.pool import Pool
 from ..fuse import discard
 from ..fuse.fastpath import FastPath
@@ -131,7 +130,7 @@ class Daemon:
             return 3
         try:
             _forget_last_exit(self.paths)
-            pool = Pool(self.paths.pool, commit_via=self._commit_from_thread)
+            pool = Pool(self.paths.pool, commit_via=self._commit_from_thread, fast=fast_path_on())
             try:
                 rc = self._serve(pool)
             finally:
@@ -189,25 +188,20 @@ class Daemon:
         return 0
 
     def _start_fast(self, pool: Pool):
-        """Serve READ and WRITE in C (vdisk.fuse.fastpath over the engine's
-        FastMap) unless VDISK_FASTPATH=0; None when off."""
+        """Serve READ and WRITE in C (vdisk.fuse.fastpath over the pool's
+        FastMap) unless the pool has none (VDISK_FASTPATH=0); None when off."""
+        fm = pool.fast_map
         self._efd = None
-        if os.environ.get("VDISK_FASTPATH", "1") == "0":
+        if fm is None:
             log.info("the fast path is off (VDISK_FASTPATH=0): pyfuse3 serves every request")
             return None
-        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        fm = FastMap(pool.file.fd, efd)
-        pool.attach_fast(fm)
         try:
             fast = FastPath(fm.io_functions(), threads=int(os.environ.get("VDISK_FAST_THREADS", "2")))
         except OSError as exc:
-            log.warning("the fast path is off (%s): pyfuse3 serves every request", exc)
-            pool.detach_fast()
-            fm.close()
-            os.close(efd)
+            log.warning("the fast path is off (%s): pyfuse3 serves every request, the write cache stays in C", exc)
             return None
         self.fs.attach_fast(fast)
-        self._fm, self._efd = fm, efd
+        self._efd = pool.fast_event_fd
         log.info("fast path on: READ and WRITE of disk files are served in C")
         return fast
 
@@ -218,10 +212,7 @@ class Daemon:
             log.error("%s", exc)
             pool.detach_fast()
             return
-        log.info("fast path: %s; engine: %s", fast.stats(), self._fm.stats())
-        pool.detach_fast()
-        self._fm.close()
-        os.close(self._efd)
+        log.info("fast path: %s; engine: %s", fast.stats(), pool.fast_map.stats())
 
     def _restore_running(self) -> None:
         self.ctl.apply_io_limits()  # every disk's speed, before any is served
@@ -345,7 +336,7 @@ class Daemon:
         fast = self.fs.fast
         if fast is None:
             return {"Enabled": False}
-        f, e = fast.stats(), self._fm.stats()
+        f, e = fast.stats(), self.fs.pool.fast_map.stats()
         return {
             "Enabled": True,
             "Reads": f["reads"],

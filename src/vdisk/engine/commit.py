@@ -299,9 +299,11 @@ def _unfreeze(pool, ep: Epoch) -> None:
         pool._free_cache.append(slot)
     ep.zeroed = []
     ep.zeroed_at = []
+    vid_of = {v["lid"]: vid for vid, v in pool._vols.items()} if pool._fm is not None else {}
     for lid, frozen in ep.dirty.items():
         live = pool._dirty.setdefault(lid, {})
         unlogged = pool._unlogged.setdefault(lid, set())
+        vid = vid_of.get(lid)
         for block, d in frozen.items():
             if block not in live:
                 live[block] = d
@@ -309,6 +311,11 @@ def _unfreeze(pool, ep: Epoch) -> None:
                 # the job checksummed it, but a fresh slot may be written
                 # in place again from now on (by C too)
                 d.crc_ok = d.slot == ZERO_SLOT
+                if vid is not None:
+                    # C took it as frozen (read-only) at the freeze: a copy
+                    # of it on write would read through to a slot that the
+                    # overlay, once it drains that copy, holds no more
+                    fastbridge.tell(pool, vid, lid, block, d)
             else:
                 if d.have == FULL_MASK and live[block].have != FULL_MASK:
                     # the live entry was written over it: it takes the rest now

@@ -353,6 +353,32 @@ def teach(pool, vid: int, offset: int, length: int) -> bool:
     return added
 
 
+def write(pool, vid: int, offset: int, data) -> bool:
+    """Serve a write of the owner thread's in C, as the I/O threads'
+    are (the write cache has one owner): True when C took it.  When C
+    hands it back, teach C the blocks it did not know, or refill its
+    reservoir, and try once more; False leaves the write to the Pool
+    (writepath).  Not with the map's lock held (C would wait for it)."""
+    if pool._fm is None or pool._fm_depth or pool._failed:
+        return False
+    if write_in_c(pool, vid, offset, data):
+        return True
+    if teach(pool, vid, offset, len(data)) or refill(pool):
+        return write_in_c(pool, vid, offset, data)
+    return False
+
+
+def read(pool, vid: int, offset: int, length: int):
+    """Serve a read of the owner thread's in C (see write): the bytes,
+    or None when the Pool must."""
+    if pool._fm is None or pool._fm_depth or pool._failed:
+        return None
+    got = read_in_c(pool, vid, offset, length)
+    if got is None and teach(pool, vid, offset, length):
+        got = read_in_c(pool, vid, offset, length)
+    return got
+
+
 def write_in_c(pool, vid: int, offset: int, data) -> bool:
     """Try a write in C again (after teach): True when C served it."""
     try:

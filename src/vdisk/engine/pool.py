@@ -61,6 +61,7 @@ import lmdb
 
 from . import commit, fastbridge, layers, logflush, readpath, reports, scrub, structure, trim, writepath
 from .blockio import DataFile
+from .fastmap import FastMap
 from .catalogue import Catalogue
 from .intentlog import IntentLog
 from .lineage import Lineage
@@ -110,7 +111,8 @@ class Pool:
         """Whether path holds a pool (opening one that does not creates it)."""
         return os.path.exists(os.path.join(path, LMDB_DIR, "data.mdb"))
 
-    def __init__(self, path: str, datafile_factory=DataFile, map_size: int | None = None, commit_via=None):
+    def __init__(self, path: str, datafile_factory=DataFile, map_size: int | None = None, commit_via=None,
+                 fast: bool = True):
         self.path = path
         # commit_via(change) -> result: how a commit asked for from another
         # thread than the owner's (the one that opened the pool) is run; the
@@ -145,6 +147,12 @@ class Pool:
         self.log = datafile_factory(os.path.join(path, LOG_FILE))
         self._load()
         logflush.replay(self)
+        # fast: the write cache lives in C (fastmap.py) for every write,
+        # this thread's and the I/O threads' (fast_map); not over a data file
+        # of the tests' that simulates what a power cut loses, which C would
+        # bypass
+        if fast and datafile_factory is DataFile:
+            self._open_fast()
 
     # ------------------------------------------------------------ open/close
 
@@ -217,6 +225,7 @@ class Pool:
         # an I/O thread reads and writes through, and the free slots it
         # holds for copy-on-write (neither free nor in _epoch_alloc here).
         self._fm = None
+        self._fm_own = None  # (FastMap, eventfd) this pool made (_open_fast) and frees
         self._fm_held = None  # the map fastbridge.FastLock locked
         self._fast_lock = fastbridge.FastLock(self)  # one for all: its state is _fm_depth
         self._fm_depth = 0
@@ -244,6 +253,11 @@ class Pool:
             self._fm.set_log(None)
             self._fm.unlock()
             self._fm = None
+        if self._fm_own is not None:
+            fm, efd = self._fm_own
+            self._fm_own = None
+            fm.close()
+            os.close(efd)
         if self.env is not None:
             self.intent.close()
             self.file.close()
@@ -279,13 +293,44 @@ class Pool:
 
     # ------------------------------------------------------------ fast path (fastbridge.py)
 
+    def _open_fast(self, reservoir: int = 4096) -> None:
+        """Own a FastMap, the write cache in C, and keep it in step.  Its
+        eventfd (fast_event_fd) is signalled when C wants its reservoir of
+        free slots refilled (refill_fast); this thread's writes refill it
+        themselves."""
+        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            fm = FastMap(self.file.fd, efd, reservoir)
+        except MemoryError as exc:
+            os.close(efd)
+            log.warning("the write cache is in Python (%s)", exc)
+            return
+        self._fm_own = (fm, efd)
+        fastbridge.attach(self, fm)
+
+    @property
+    def fast_map(self):
+        """The FastMap this pool keeps in step (None: every request is
+        the Pool's), for an I/O layer to serve requests through
+        (FastMap.io_functions), falling back to read() and write()."""
+        return self._fm
+
+    @property
+    def fast_event_fd(self) -> int | None:
+        """Readable when the FastMap wants refill_fast() (None: none)."""
+        return self._fm_own[1] if self._fm_own is not None and self._fm is not None else None
+
     def attach_fast(self, fm) -> None:
-        """Keep a FastMap in step with this pool from now on (fastbridge.attach)."""
+        """Keep a FastMap of the caller's in step from now on
+        (fastbridge.attach): a pool opened with fast=False."""
         fastbridge.attach(self, fm)
 
     def detach_fast(self) -> None:
-        """Stop keeping the FastMap in step (fastbridge.detach)."""
+        """Stop keeping the FastMap in step (fastbridge.detach).  One the
+        pool owns is then never freed: call this when an I/O thread may
+        still use it."""
         fastbridge.detach(self)
+        self._fm_own = None
 
     def refill_fast(self) -> int:
         """Take in what C wrote and top its reservoir up (fastbridge.refill)."""

@@ -53,12 +53,9 @@ def chain_block(pool, cur, lid: int, gen: int, block: int) -> bytes | None:
 
 def read(pool, vid: int, offset: int, length: int) -> bytearray:
     """Read from a volume's head.  Reads beyond the end are short (EOF)."""
-    # a read C handed back for blocks it did not know: teach it them
-    # (and the window around them), and let it serve the read after all
-    if pool._fm is not None and fastbridge.teach(pool, vid, offset, length):
-        got = fastbridge.read_in_c(pool, vid, offset, length)
-        if got is not None:
-            return got
+    got = fastbridge.read(pool, vid, offset, length)  # C, taught what it did not know
+    if got is not None:
+        return got
     with pool._fast():
         vol = pool._vols.get(vid)
         if vol is None:

@@ -1,5 +1,5 @@
-"""Writing a volume's head in the engine (the requests C hands back, and
-every write when no fast path is attached): fresh slots, copy-on-write of
+"""Writing a volume's head in the engine, for the writes C hands back (or
+every write when no FastMap is attached): fresh slots, copy-on-write of
 the pages written, blocks made zeros; the overlay (overlay.Dirty) records
 them until a commit or a log flush makes them durable.
 
@@ -38,11 +38,10 @@ def write(pool, vid: int, offset: int, data) -> None:
     """
     if pool._failed:
         raise PoolFailed(pool._failed)
-    # a write C handed back for blocks it did not know: teach it them,
-    # and let it serve the write after all
-    if pool._fm is not None and fastbridge.teach(pool, vid, offset, len(data)):
-        if fastbridge.write_in_c(pool, vid, offset, data):
-            return
+    if fastbridge.write(pool, vid, offset, data):  # the write cache's owner took it
+        if pool.auto_commit and pool._inflight is None and pool.dirty_blocks() >= DIRTY_LIMIT:
+            pool.commit()
+        return
     with pool._fast():
         vol = pool._vols.get(vid)
         if vol is None:
