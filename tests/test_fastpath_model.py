@@ -858,6 +858,45 @@ def test_c_never_reads_a_slot_that_fails_its_checksum(tmp_path):
             pool.write(vid, 4096 + 100, b"c" * 100)
 
 
+def test_the_pools_own_writes_are_served_by_the_write_cache_in_c(tmp_path):
+    """Not a model: a pool opened the usual way owns its FastMap, and the
+    writes it is given itself (the offline CLI's, a stream import's) go to
+    C, in runs of at most MAX_SPAN blocks, after an out-of-range check
+    that changes nothing; reads too.  Fails when Pool.write serves them
+    in Python (no C write counted) or gives C more than it serves (the
+    write goes to Python whole)."""
+    from vdisk.engine.errors import OutOfRange
+    from vdisk.engine.fastmap import MAX_SPAN
+
+    path = str(tmp_path / "p")
+    pool = Pool(path)
+    try:
+        fm = pool.fast_map
+        assert fm is not None and pool.fast_event_fd is not None
+        span = MAX_SPAN * BLOCK_SIZE
+        vid = pool.create_volume(3 * span)
+        data = bytes((i * 7 + 3) % 251 for i in range(2 * span + 3 * BLOCK_SIZE))
+        pool.write(vid, span // 2, data)  # 3 runs: to the span's end, a whole span, the rest
+        assert fm.stats()["writes"] == 3, fm.stats()
+        with pytest.raises(OutOfRange):
+            pool.write(vid, 3 * span - 4096, bytes(8192))
+        assert fm.stats()["writes"] == 3
+        reads = fm.stats()["reads"]
+        assert pool.read(vid, span // 2, len(data)) == data  # more than C serves: Python
+        assert pool.read(vid, span, 4096) == data[span // 2 : span // 2 + 4096]
+        assert fm.stats()["reads"] == reads + 1
+        pool.commit()
+        assert pool.scrub() == []
+    finally:
+        pool.close()
+    pool = Pool(path, fast=False)
+    try:
+        assert pool.fast_map is None
+        assert pool.read(vid, span // 2, len(data)) == data
+    finally:
+        pool.close()
+
+
 def test_a_failed_commit_gives_c_its_blocks_back_to_write_in_place(tmp_path):
     """Not a model: a commit that fails puts its frozen blocks back in the
     overlay.  C took them as frozen (read-only) at the freeze; if it still

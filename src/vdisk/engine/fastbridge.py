@@ -359,7 +359,7 @@ def write(pool, vid: int, offset: int, data) -> bool:
     hands it back, teach C the blocks it did not know, or refill its
     reservoir, and try once more; False leaves the write to the Pool
     (writepath).  Not with the map's lock held (C would wait for it)."""
-    if pool._fm is None or pool._fm_depth or pool._failed:
+    if not _for_c(pool, offset, len(data)):
         return False
     if write_in_c(pool, vid, offset, data):
         return True
@@ -371,12 +371,21 @@ def write(pool, vid: int, offset: int, data) -> bool:
 def read(pool, vid: int, offset: int, length: int):
     """Serve a read of the owner thread's in C (see write): the bytes,
     or None when the Pool must."""
-    if pool._fm is None or pool._fm_depth or pool._failed:
+    if not _for_c(pool, offset, length):
         return None
     got = read_in_c(pool, vid, offset, length)
     if got is None and teach(pool, vid, offset, length):
         got = read_in_c(pool, vid, offset, length)
     return got
+
+
+def _for_c(pool, offset: int, length: int) -> bool:
+    """Whether C may be asked to serve a request of the Pool's: a map to
+    ask, not locked by this thread, a pool that has not failed, and a
+    request C could serve (the rest, and bad arguments, get the Pool's
+    own answer)."""
+    return (pool._fm is not None and not pool._fm_depth and not pool._failed
+            and offset >= 0 and 0 < length <= MAX_SPAN * BLOCK_SIZE)
 
 
 def write_in_c(pool, vid: int, offset: int, data) -> bool:

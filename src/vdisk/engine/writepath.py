@@ -11,12 +11,15 @@ import errno
 
 from . import allocator, fastbridge, layers, native
 from .errors import NoSpace, NotFound, OutOfRange, PoolFailed
-from .fastmap import COALESCE_PAGES, READ_ONLY
+from .fastmap import COALESCE_PAGES, MAX_SPAN, READ_ONLY
 from .format import BLOCK_SIZE, DB_MAP, FULL_MASK, PAGE, ZERO_SLOT, mask_runs, page_mask, slot_offset
 from .overlay import Dirty, held, under
 from .readpath import head_block, where
 
 ZERO_BLOCK = bytes(BLOCK_SIZE)
+# The most bytes of a write the write cache in C is asked to serve at once
+# (aligned runs of this size).
+C_SPAN = MAX_SPAN * BLOCK_SIZE
 # Commit on our own once this many blocks are dirty (bounds memory and the
 # amount of unflushed data, like a disk's write cache).
 DIRTY_LIMIT = 1024
@@ -32,23 +35,34 @@ def check_range(size: int, offset: int, length: int, what: str) -> None:
 
 def write(pool, vid: int, offset: int, data) -> None:
     """Write to a volume's head.  Durable only after `commit()` or a
-    `log_flush()` of the volume.
+    `log_flush()` of the volume.  The write cache in C serves what it can
+    (fastbridge.write, at most C_SPAN bytes at a time), this module the
+    rest.
 
     Raises OutOfRange beyond the end, NoSpace when the pool is full.
     """
     if pool._failed:
         raise PoolFailed(pool._failed)
-    if fastbridge.write(pool, vid, offset, data):  # the write cache's owner took it
-        if pool.auto_commit and pool._inflight is None and pool.dirty_blocks() >= DIRTY_LIMIT:
-            pool.commit()
-        return
+    vol = pool._vols.get(vid)
+    if vol is None:
+        raise NotFound("volume %d does not exist" % vid)
+    mv = memoryview(data)
+    check_range(vol["size"], offset, len(mv), "write")
+    pos = 0
+    while pos < len(mv):
+        at = offset + pos
+        end = min(len(mv), at - at % C_SPAN + C_SPAN - offset)
+        if not fastbridge.write(pool, vid, at, mv[pos:end]):
+            _write_here(pool, vid, at, mv[pos:end])
+        pos = end
+    if pool.auto_commit and pool._inflight is None and pool.dirty_blocks() >= DIRTY_LIMIT:
+        pool.commit()
+
+
+def _write_here(pool, vid: int, offset: int, mv: memoryview) -> None:
+    """Write into the overlay in Python, with the map's lock held."""
     with pool._fast():
-        vol = pool._vols.get(vid)
-        if vol is None:
-            raise NotFound("volume %d does not exist" % vid)
-        mv = memoryview(data)
-        check_range(vol["size"], offset, len(mv), "write")
-        lid = vol["lid"]
+        lid = pool._vols[vid]["lid"]
         dirty = pool._dirty.setdefault(lid, {})
         pos = 0
         while pos < len(mv):
@@ -56,8 +70,6 @@ def write(pool, vid: int, offset: int, data) -> None:
             n = min(BLOCK_SIZE - intra, len(mv) - pos)
             write_block(pool, vid, lid, dirty, block, intra, mv[pos : pos + n])
             pos += n
-        if pool._ndirty >= DIRTY_LIMIT and pool.auto_commit and pool._inflight is None:
-            pool.commit()
 
 
 def discard(pool, vid: int, offset: int, length: int) -> None:
