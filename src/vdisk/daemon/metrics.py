@@ -103,7 +103,7 @@ class DaemonCollector:
             for op in ("reads", "writes", "fsyncs", "passed_on", "delayed"):
                 fp.add_metric([op.removesuffix("s") if op != "passed_on" else op], f[op])
             yield fp
-            e = d._fm.stats()
+            e = d.fs.pool.fast_map.stats()
             yield SummaryMetricFamily("vdisk_fastpath_reservoir_wait_seconds",
                                       "Writes that found C's reservoir of free slots empty and waited for the "
                                       "engine's refill, and how long",
