@@ -604,6 +604,42 @@ def test_an_io_thread_waits_for_slots_instead_of_handing_back(tmp_path):
         assert result == [True, False] and time.monotonic() - t0 < 0.9
 
 
+def test_a_refill_that_finds_no_room_sends_the_waiting_write_to_the_pool(tmp_path, monkeypatch):
+    """When the pool's filesystem has no room to spare for C's reservoir
+    (allocator.spare_bytes), a refill adds no slot; it must still wake the
+    I/O thread waiting for one, which then hands its write to the Pool at
+    once after its five tries (the Pool writes it, or answers ENOSPC),
+    instead of waiting out a second for every write.  Fails when an empty
+    refill is not told to C: the wait then ends by its one-second timeout."""
+    import threading
+    import time
+
+    from vdisk.engine import allocator
+
+    pool = Pool(str(tmp_path), fast=False)
+    with fast_path(pool, reservoir=4) as fm:
+        vid = pool.create_volume(64 * BLOCK_SIZE)
+        for b in range(4):
+            assert fm.write(vid, b * BLOCK_SIZE, b"x" * 4096)
+        assert fm.reservoir() == 0
+        monkeypatch.setattr(allocator, "spare_bytes", lambda pool: 0)  # nothing to grow into
+        result = []
+        writer = threading.Thread(target=lambda: result.append(fm.write(vid, 5 * BLOCK_SIZE, b"z" * 4096,
+                                                                        wait_for_slots=True)))
+        writer.start()
+        deadline = time.monotonic() + 10
+        while writer.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+            assert pool.refill_fast() == 0  # no room: no slot
+        writer.join(1)
+        assert result == [False], "the write was not handed back"
+        st = fm.stats()
+        assert st["reservoir_waits"] == 4, st  # it tried five times
+        assert st["reservoir_wait_max_ns"] < 0.9e9, "a wait ran into its timeout: %s" % st
+        pool.write(vid, 5 * BLOCK_SIZE, b"z" * 4096)  # the Pool's own thread writes it (Python)
+        assert pool.read(vid, 5 * BLOCK_SIZE, 4096) == b"z" * 4096
+
+
 def _learn(pool, vid, nblocks):
     """Read the volume's first nblocks blocks through the Pool, so that C's
     table learns every one of them."""

@@ -130,7 +130,9 @@ class Daemon:
             return 3
         try:
             _forget_last_exit(self.paths)
-            pool = Pool(self.paths.pool, commit_via=self._commit_from_thread, fast=fast_path_on())
+            # a reservoir of 256 MiB of free slots, so that C goes on
+            # copying on write through a commit's busy moments
+            pool = Pool(self.paths.pool, commit_via=self._commit_from_thread, fast=fast_path_on(), reservoir=4096)
             try:
                 rc = self._serve(pool)
             finally:

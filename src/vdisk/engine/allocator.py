@@ -23,9 +23,13 @@ from .format import (
 
 log = logging.getLogger(__name__)
 
-# The fast path's reservoir grows the data file only while the pool's
-# filesystem keeps this much (or a tenth of itself) free.
+# The fast path's reservoir and the intent log grow their files only while
+# the pool's filesystem keeps a tenth of itself free, but never less than
+# RESERVE_KEEP_FREE nor more than RESERVE_KEEP_FREE_MAX (a tenth of a large
+# host disk, 25 GiB of 252, left vdisk writing everything the slow way with
+# plenty of room left).
 RESERVE_KEEP_FREE = 256 << 20
+RESERVE_KEEP_FREE_MAX = 4 << 30
 
 
 def alloc(pool) -> int:
@@ -121,7 +125,13 @@ def release_fresh(pool, slot: int) -> None:
 
 def spare_bytes(pool) -> int:
     """Room on the pool's filesystem beyond what must stay free for LMDB
-    and the writes themselves (a tenth of it, and RESERVE_KEEP_FREE at
-    least): what the reservoir and the intent log may grow into."""
+    and the writes themselves (a tenth of it, between RESERVE_KEEP_FREE and
+    RESERVE_KEEP_FREE_MAX): what the reservoir and the intent log may grow
+    into."""
     st = os.statvfs(pool.path)
-    return st.f_bavail * st.f_frsize - max(RESERVE_KEEP_FREE, st.f_blocks * st.f_frsize // 10)
+    return st.f_bavail * st.f_frsize - keep_free(st.f_blocks * st.f_frsize)
+
+
+def keep_free(size: int) -> int:
+    """What must stay free on a filesystem of size bytes (spare_bytes)."""
+    return max(RESERVE_KEEP_FREE, min(RESERVE_KEEP_FREE_MAX, size // 10))

@@ -117,7 +117,7 @@ class IntentLog:
         if grow and spare_bytes() < grow:
             self.stats["low_space"] += 1
             if not self.low_space:
-                log.warning("the intent log %s may not grow: its filesystem has less than a tenth free; "
+                log.warning("the intent log %s may not grow: its filesystem has less than a tenth (at most 4 GiB) free; "
                             "every fsync commits instead (slower) until space is freed", self.file.path)
                 self.low_space = True
             return None

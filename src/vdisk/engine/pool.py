@@ -112,7 +112,7 @@ class Pool:
         return os.path.exists(os.path.join(path, LMDB_DIR, "data.mdb"))
 
     def __init__(self, path: str, datafile_factory=DataFile, map_size: int | None = None, commit_via=None,
-                 fast: bool = True):
+                 fast: bool = True, reservoir: int = 256):
         self.path = path
         # commit_via(change) -> result: how a commit asked for from another
         # thread than the owner's (the one that opened the pool) is run; the
@@ -150,9 +150,11 @@ class Pool:
         # fast: the write cache lives in C (fastmap.py) for every write,
         # this thread's and the I/O threads' (fast_map); not over a data file
         # of the tests' that simulates what a power cut loses, which C would
-        # bypass
+        # bypass.  reservoir: the free slots C holds for new blocks (each
+        # takes 64 KiB of the data file until the pool closes, when the
+        # unused ones are recorded free)
         if fast and datafile_factory is DataFile:
-            self._open_fast()
+            self._open_fast(reservoir)
 
     # ------------------------------------------------------------ open/close
 
@@ -293,7 +295,7 @@ class Pool:
 
     # ------------------------------------------------------------ fast path (fastbridge.py)
 
-    def _open_fast(self, reservoir: int = 4096) -> None:
+    def _open_fast(self, reservoir: int) -> None:
         """Own a FastMap, the write cache in C, and keep it in step.  Its
         eventfd (fast_event_fd) is signalled when C wants its reservoir of
         free slots refilled (refill_fast); this thread's writes refill it
