@@ -882,3 +882,16 @@ def test_trim_leaves_slots_the_fast_path_holds_alone(tmp_path):
         p.detach_fast()
         fm.close()
         p.close()
+
+
+def test_what_stays_free_is_a_tenth_of_the_filesystem_within_bounds():
+    """The reservoir and the intent log leave a tenth of the pool's
+    filesystem free, never less than 256 MiB (a small one) nor more than
+    4 GiB (a large host disk with tens of GiB free must not send every
+    write down the slow path)."""
+    from vdisk.engine.allocator import keep_free
+
+    GiB = 1 << 30
+    assert keep_free(1 * GiB) == 256 << 20
+    assert keep_free(20 * GiB) == 2 * GiB
+    assert keep_free(252 * GiB) == 4 * GiB
