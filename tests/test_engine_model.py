@@ -245,6 +245,7 @@ class PoolModel(RuleBasedStateMachine):
             self._job_durable()
         self.job = None
         files = (self.pool.file, self.pool.log)
+        self.pool.intent.close()  # its C writer's 4 MiB buffer, which a dropped pool would keep
         self.pool.env.close()
         self.pool.env = None
         for f in files:

@@ -29,8 +29,12 @@ from vdisk.engine.pool import BLOCK_SIZE, Pool
 class FastPoolModel(PoolModel):
     RESERVOIR = 4  # tiny: C runs dry often
 
+    fm = None
+
     def _opened(self):
         super()._opened()
+        if self.fm is not None:  # the map of the pool a power cut dropped
+            self.fm.close()
         self.fm = FastMap(self.pool.file.fd, reservoir=self.RESERVOIR)
         self.pool.attach_fast(self.fm)
 
