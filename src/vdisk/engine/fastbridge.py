@@ -357,8 +357,9 @@ def write(pool, vid: int, offset: int, data) -> bool:
     """Serve a write of the owner thread's in C, as the I/O threads'
     are (the write cache has one owner): True when C took it.  When C
     hands it back, teach C the blocks it did not know and refill its
-    reservoir, and try once more if either did something; False leaves the write to the Pool
-    (writepath).  Not with the map's lock held (C would wait for it)."""
+    reservoir, and try once more if either did something; False leaves
+    the write to the Pool (writepath).  Not with the map's lock held (C
+    would wait for it)."""
     if not _for_c(pool, offset, len(data)):
         return False
     if write_in_c(pool, vid, offset, data):

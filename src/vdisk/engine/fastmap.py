@@ -180,8 +180,8 @@ class FastMap:
     def reservoir_add(self, slots: list[int]) -> None:
         """Hand free slots over (any time: C's inner mutex covers it).
         None at all still counts as a refill: the I/O threads waiting for
-        one give up and hand their writes to the Pool (a full filesystem)
-        instead of waiting out their five seconds."""
+        one stop waiting and, after their five tries, hand their writes to
+        the Pool (a full filesystem) instead of waiting out a second."""
         if lib.vd_fm_reservoir_add(self._fm, ffi.new("uint64_t[]", slots), len(slots)) < 0:
             raise MemoryError("vdisk fast path: cannot grow the reservoir")
 
