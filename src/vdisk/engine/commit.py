@@ -299,7 +299,7 @@ def _unfreeze(pool, ep: Epoch) -> None:
         pool._free_cache.append(slot)
     ep.zeroed = []
     ep.zeroed_at = []
-    vid_of = {v["lid"]: vid for vid, v in pool._vols.items()} if pool._fm is not None else {}
+    vid_of = _served(pool)
     for lid, frozen in ep.dirty.items():
         live = pool._dirty.setdefault(lid, {})
         unlogged = pool._unlogged.setdefault(lid, set())
@@ -319,7 +319,7 @@ def _unfreeze(pool, ep: Epoch) -> None:
             else:
                 if d.have == FULL_MASK and live[block].have != FULL_MASK:
                     # the live entry was written over it: it takes the rest now
-                    _absorb(pool, lid, block, live[block], d.slot)
+                    _absorb(pool, vid, lid, block, live[block], d.slot)
                 if d.slot != ZERO_SLOT and d.fresh:
                     ep.alloc.discard(d.slot)  # overwritten since: never durable
                     pool._free_cache.append(d.slot)
@@ -341,27 +341,34 @@ def _forget_zeroed(pool, ep: Epoch) -> None:
     last snapshot point's block, which the commit ended in the head)."""
     if not ep.zeroed_at:
         return
-    vid_of = {v["lid"]: vid for vid, v in pool._vols.items()}
+    vid_of = _served(pool)
     for lid, block, slot in ep.zeroed_at:
-        if pool._fm is not None and lid in vid_of:
-            pool._fm.forget_slot(vid_of[lid], block, slot)
+        vid = vid_of.get(lid)
+        if vid is not None:
+            pool._fm.forget_slot(vid, block, slot)
         d = pool._dirty.get(lid, {}).get(block)
         if d is not None and d.have != FULL_MASK:
-            _absorb(pool, lid, block, d, ZERO_SLOT)
+            _absorb(pool, vid, lid, block, d, ZERO_SLOT)
     pool.recount_dirty()
 
 
-def _absorb(pool, lid: int, block: int, d: Dirty, below: int) -> None:
+def _served(pool) -> dict[int, int]:
+    """lid -> vid of every volume head C serves (none without a FastMap):
+    whom to tell about a block the commit changed back."""
+    return {v["lid"]: vid for vid, v in pool._vols.items()} if pool._fm is not None else {}
+
+
+def _absorb(pool, vid: int | None, lid: int, block: int, d: Dirty, below: int) -> None:
     """A live partial entry written over a whole frozen block (slot below;
     ZERO_SLOT: zeros) that will not be committed as it was takes the pages
-    it lacks from it, in place: its slot is fresh."""
+    it lacks from it, in place: its slot is fresh.  vid: the head's volume
+    as C serves it (_served), told the entry; None: C is not told."""
     data = bytes(BLOCK_SIZE) if below == ZERO_SLOT else pool.file.pread(BLOCK_SIZE, slot_offset(below))
     mv = memoryview(data)
     for first, count in mask_runs(FULL_MASK & ~d.have):
         pool.file.pwrite(mv[first * PAGE : (first + count) * PAGE], slot_offset(d.slot) + first * PAGE)
     d.have, d.crc_ok = FULL_MASK, False
-    vid = next((v for v, vol in pool._vols.items() if vol["lid"] == lid), None)
-    if pool._fm is not None and vid is not None:
+    if vid is not None:
         fastbridge.tell(pool, vid, lid, block, d)
 
 
