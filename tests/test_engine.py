@@ -195,6 +195,53 @@ def test_thin_provisioning_zero_blocks_and_discard(pool):
     assert pool.read(v, 100, 200) == bytes(200)
 
 
+def test_a_discard_of_a_whole_large_disk_touches_only_the_blocks_that_hold_data(tmp_path):
+    """mkfs and blkdiscard discard the whole disk first: that must cost what
+    the disk holds, not its size (a 64 GiB disk is a million blocks; before,
+    each got an overlay entry, seconds of work and hundreds of MiB).  The
+    blocks that held data read zeros after it, durably; the volume it was
+    cloned from keeps them."""
+    size = 64 << 30
+    p = Pool(str(tmp_path / "pool"))  # a real data file: C serves the writes
+    try:
+        assert p.fast_map is not None
+        v = p.create_volume(size)
+        p.write(v, 0, rnd(BLOCK_SIZE, 1))  # committed, then snapshotted
+        p.write(v, size - BLOCK_SIZE, rnd(BLOCK_SIZE, 2))
+        (s,) = p.snapshot([v])
+        c = p.create_volume(size, parent_snapshot=s)  # reads both from its parent
+        p.write(v, 5 * BLOCK_SIZE, rnd(4096, 3))  # in the overlay only
+        p.write(c, 7 * BLOCK_SIZE, rnd(2 * BLOCK_SIZE, 4))
+        p.commit()
+        p.write(v, 9 * BLOCK_SIZE + 512, rnd(1024, 5))  # uncommitted, partial
+        p.write(c, 1000 * BLOCK_SIZE, rnd(BLOCK_SIZE, 6))
+        assert p.dirty_blocks() == 2
+        p.discard(v, 0, size)
+        p.discard(c, 4096, size - 8192)  # from inside the first block to inside the last
+        # at most an entry per volume for each block written in either
+        # lineage (0, 5, 7, 8, 9, 1000 and the last), not a million
+        assert 9 <= p.dirty_blocks() <= 2 * 7
+        assert p.read(v, 0, 10 * BLOCK_SIZE) == bytes(10 * BLOCK_SIZE)
+        assert p.read(v, size - BLOCK_SIZE, BLOCK_SIZE) == bytes(BLOCK_SIZE)
+        assert p.read(c, 4096, 2 * BLOCK_SIZE) == bytes(2 * BLOCK_SIZE)
+        assert p.read(c, 0, 4096) == rnd(BLOCK_SIZE, 1)[:4096]  # outside the range
+        assert p.read(c, size - 4096, 4096) == rnd(BLOCK_SIZE, 2)[-4096:]
+        assert p.read(c, 1000 * BLOCK_SIZE, BLOCK_SIZE) == bytes(BLOCK_SIZE)
+        p.commit()
+        assert p.read_snapshot(s, 0, BLOCK_SIZE) == rnd(BLOCK_SIZE, 1)
+        assert p.read_snapshot(s, size - BLOCK_SIZE, BLOCK_SIZE) == rnd(BLOCK_SIZE, 2)
+    finally:
+        p.close()
+    p = Pool(str(tmp_path / "pool"))
+    try:
+        assert p.read(v, 0, 10 * BLOCK_SIZE) == bytes(10 * BLOCK_SIZE)
+        assert p.read(c, 4096, 8 * BLOCK_SIZE) == bytes(8 * BLOCK_SIZE)
+        assert p.read(c, size - 4096, 4096) == rnd(BLOCK_SIZE, 2)[-4096:]
+        assert p.scrub() == []
+    finally:
+        p.close()
+
+
 def test_snapshot_delete_frees_exactly_its_blocks(pool):
     v = pool.create_volume(64 * BLOCK_SIZE)
     pool.write(v, 0, rnd(10 * BLOCK_SIZE, 1))

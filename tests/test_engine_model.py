@@ -25,6 +25,8 @@ NBLOCKS = 3
 SIZE = NBLOCKS * BLOCK_SIZE
 offsets = st.integers(0, SIZE // 4096 - 1).map(lambda s: s * 4096)
 lengths = st.sampled_from([512, 4096, 8192, BLOCK_SIZE - 512, BLOCK_SIZE, BLOCK_SIZE + 4096, 2 * BLOCK_SIZE])
+# a discard may also cover the whole volume (mkfs, blkdiscard)
+discard_lengths = st.one_of(lengths, st.just(SIZE))
 
 
 def pattern(seed: int, n: int) -> bytes:
@@ -95,7 +97,7 @@ class PoolModel(RuleBasedStateMachine):
     def write_more(self, vid, off, n, seed):
         self._write(vid, off, n, seed)
 
-    @rule(vid=vols, off=offsets, n=lengths)
+    @rule(vid=vols, off=offsets, n=discard_lengths)
     def discard(self, vid, off, n):
         if vid not in self.model:
             return

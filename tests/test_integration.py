@@ -308,6 +308,49 @@ def test_discard_frees_space(venv):
     assert venv.j("pool", "scrub")["Clean"]
 
 
+def test_discarding_a_whole_large_disk_costs_what_it_holds(venv, tmp_path):
+    """mkfs.ext4 and blkdiscard discard the whole disk first.  On a new
+    32 TiB disk that is half a billion blocks: the discard must cost what
+    the disk holds (before, an overlay entry per block: about 40 minutes
+    and gigabytes of memory; here a timeout of 5 minutes stands for "it
+    hangs").  What was written reads zeros after it and its room is
+    given back; the disk then takes a filesystem."""
+    need_root_fuse_loop("blkdiscard", "mkfs.ext4")
+    size = 32768 << 30  # the cloud's ESSDs go to 65,536 GiB
+    iid = venv.run("instance", "create", "--name", "big", "--system-size", 20,
+                   "--data-disk", "32768:cloud_essd:PL0").stdout.strip()
+    (disk,) = [d["DiskId"] for d in venv.j("disk", "list", "--instance", iid)["Disks"]["Disk"] if d["Type"] == "data"]
+    venv.run("instance", "start", iid)
+    path = venv.run("disk", "path", disk).stdout.strip()
+    assert os.path.getsize(path) == size
+    with open(path, "r+b", buffering=0) as f:
+        for off in (0, 20 << 40, size - (1 << 20)):
+            f.seek(off)
+            f.write(os.urandom(1 << 20))
+        os.fsync(f.fileno())
+    assert venv.j("pool", "status")["Pool"]["UsedBytes"] >= 3 << 20
+    dev = venv.attach(disk)
+    sh("timeout", 300, "blkdiscard", dev)
+    # the write cache holds at most the 48 blocks written, not 512 million
+    assert venv.j("daemon", "status")["WriteCache"]["Blocks"] <= 48
+    venv.run("loop", "detach", dev)
+    with open(path, "rb") as f:
+        for off in (0, 20 << 40, size - (1 << 20)):
+            f.seek(off)
+            assert f.read(1 << 20) == bytes(1 << 20), off
+    assert venv.j("pool", "status")["Pool"]["UsedBytes"] == 0
+    dev = venv.attach(disk)
+    sh("timeout", 300, "mkfs.ext4", "-q", dev)  # discards the whole disk again
+    mnt = venv.mount(dev, str(tmp_path / "mnt"))
+    sums = write_files(mnt, n=4)
+    venv.umount(mnt)
+    mnt = venv.mount(dev, mnt)
+    check_files(mnt, sums)
+    venv.umount(mnt)
+    venv.run("loop", "detach", dev)
+    assert venv.j("pool", "scrub")["Clean"]
+
+
 def test_pool_trim_gives_back_space_and_keeps_every_byte(venv):
     """4 KiB random writes after a snapshot take a preallocated 64 KiB
     slot each; `vdisk pool trim` gives back what those slots do not hold,
