@@ -194,11 +194,15 @@ def fio_patterns(a, size: str, cwd: str, env: VDiskEnv) -> dict:
             log("filling %s on %s ..." % (size, t.name))
             fio(t.dev, ["--rw=write", "--bs=1M", "--iodepth=8"], size, None, cwd)
         for pname, args, _, snap in a.patterns:
-            for t in targets:
-                if snap and t.snapshot is None:
-                    continue
-                runs = []
-                for i in range(a.repeat):
+            runs: dict = {t.name: [] for t in targets if not snap or t.snapshot is not None}
+            # the targets take turns, run by run: a drift of the machine
+            # (this VM's device flushes vary by 40% over minutes) then
+            # weighs on every target's median alike, not on whichever ran
+            # last
+            for i in range(a.repeat):
+                for t in targets:
+                    if t.name not in runs:
+                        continue
                     log("%-34s %-6s run %d/%d" % (pname, t.name, i + 1, a.repeat))
                     if snap:
                         t.snapshot()
@@ -209,12 +213,16 @@ def fio_patterns(a, size: str, cwd: str, env: VDiskEnv) -> dict:
                     # half their speed, and vdisk's after-snapshot writes at
                     # a fifth)
                     os.sync()
-                    runs.append(fio(t.dev, args, size, None if snap else a.runtime, cwd))
+                    runs[t.name].append(fio(t.dev, args, size, None if snap else a.runtime, cwd))
+            for t in targets:
+                if t.name not in runs:
+                    continue
+                mine = runs[t.name]
                 out.setdefault(t.name, {})[pname] = {
-                    "iops": statistics.median(r["iops"] for r in runs),
-                    "bw_mib": statistics.median(r["bw_mib"] for r in runs),
-                    "p99_us": statistics.median(r["p99_us"] for r in runs),
-                    "runs": runs,
+                    "iops": statistics.median(r["iops"] for r in mine),
+                    "bw_mib": statistics.median(r["bw_mib"] for r in mine),
+                    "p99_us": statistics.median(r["p99_us"] for r in mine),
+                    "runs": mine,
                 }
         out["_write_amplification_4k"] = write_amplification(env, targets[0], size, cwd)
     finally:
@@ -728,7 +736,8 @@ def print_report(results: dict, a) -> None:
     m = results["machine"]
     print("\nmachine: %d x %s, %.0f GiB, Linux %s, Python %s, %s"
           % (m["cpus"], m["cpu"], m["mem_gib"], m["kernel"], m["python"], m["qemu_storage_daemon"]))
-    print("fio through loop devices (--direct-io=on), libaio, direct=1; median of %d runs of %ds "
+    print("fio through loop devices (--direct-io=on), libaio, direct=1; median of %d runs of %ds, the targets "
+          "taking turns run by run "
           "(after-snapshot runs: %s each, a new snapshot first); each run after sync(); region %s"
           % (a.repeat, a.runtime, COW_IO, results["region"]))
     names = [n for n in TARGETS if n in t]
