@@ -195,12 +195,15 @@ def fio_patterns(a, size: str, cwd: str, env: VDiskEnv) -> dict:
             fio(t.dev, ["--rw=write", "--bs=1M", "--iodepth=8"], size, None, cwd)
         for pname, args, _, snap in a.patterns:
             runs: dict = {t.name: [] for t in targets if not snap or t.snapshot is not None}
-            # the targets take turns, run by run: a drift of the machine
-            # (this VM's device flushes vary by 40% over minutes) then
-            # weighs on every target's median alike, not on whichever ran
-            # last
+            # the targets take turns, run by run, forwards then backwards
+            # (A B B A): a drift of the machine (this VM's device flushes
+            # vary by 40% over minutes) then weighs on every target's
+            # median alike, and no target always runs right after the
+            # same one (with forwards only, vdisk's 1 MiB writes, each
+            # run right after plain-buffered's, were 35% below the same
+            # build's against qsd alone: 2026-12-03-engine-v14.md)
             for i in range(a.repeat):
-                for t in targets:
+                for t in (targets if i % 2 == 0 else targets[::-1]):
                     if t.name not in runs:
                         continue
                     log("%-34s %-6s run %d/%d" % (pname, t.name, i + 1, a.repeat))
@@ -737,7 +740,7 @@ def print_report(results: dict, a) -> None:
     print("\nmachine: %d x %s, %.0f GiB, Linux %s, Python %s, %s"
           % (m["cpus"], m["cpu"], m["mem_gib"], m["kernel"], m["python"], m["qemu_storage_daemon"]))
     print("fio through loop devices (--direct-io=on), libaio, direct=1; median of %d runs of %ds, the targets "
-          "taking turns run by run "
+          "taking turns run by run, forwards then backwards "
           "(after-snapshot runs: %s each, a new snapshot first); each run after sync(); region %s"
           % (a.repeat, a.runtime, COW_IO, results["region"]))
     names = [n for n in TARGETS if n in t]

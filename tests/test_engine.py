@@ -195,6 +195,33 @@ def test_thin_provisioning_zero_blocks_and_discard(pool):
     assert pool.read(v, 100, 200) == bytes(200)
 
 
+def test_an_overlay_lists_the_blocks_of_a_range_as_a_scan_would():
+    """Overlay.blocks_in, which a discard asks once per request, against
+    the plain scan: ranges smaller and larger than the overlay, within a
+    region, across regions, over none."""
+    from vdisk.engine.overlay import REGION_SHIFT, Dirty, Overlay, overlay_of
+
+    r = random.Random(7)
+    region = 1 << REGION_SHIFT
+    overlays: dict = {}
+    o = overlay_of(overlays, 3)
+    assert overlay_of(overlays, 3) is o and isinstance(o, Overlay)
+    blocks = {r.randrange(0, 1 << 29) for _ in range(3000)}  # 32 TiB of blocks
+    blocks |= {5 * region - 1, 5 * region, 7 * region + 3}
+    for b in blocks:
+        o[b] = Dirty(0, 0, True, False)
+    o[5 * region] = Dirty(1, 0, True, False)  # set again: noted once
+    ranges = [(0, 1 << 29), (5 * region - 1, 5 * region + 1), (5 * region, 5 * region + 1),
+              (7 * region, 8 * region), (6 * region, 7 * region), (1, 2)]
+    ranges += [sorted((r.randrange(0, 1 << 29), r.randrange(0, 1 << 29))) for _ in range(200)]
+    ranges += [(b, b + r.choice([1, 100, 5000, region * 3])) for b in r.sample(sorted(blocks), 50)]
+    for first, last in ranges:
+        got = o.blocks_in(first, last)
+        assert sorted(got) == sorted(b for b in blocks if first <= b < last), (first, last)
+    with pytest.raises(TypeError):
+        o.setdefault(1, None)  # would not note its region
+
+
 def test_a_discard_of_a_whole_large_disk_touches_only_the_blocks_that_hold_data(tmp_path):
     """mkfs and blkdiscard discard the whole disk first: that must cost what
     the disk holds, not its size (a 64 GiB disk is a million blocks; before,

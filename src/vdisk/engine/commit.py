@@ -26,7 +26,7 @@ import lmdb
 
 from . import fastbridge, layers, structure
 from .lineage import Lineage
-from .overlay import Dirty, Epoch
+from .overlay import Dirty, Epoch, overlay_of
 from .txn import Tx
 from .errors import (
     CommitInFlight,
@@ -301,7 +301,7 @@ def _unfreeze(pool, ep: Epoch) -> None:
     ep.zeroed_at = []
     vid_of = _served(pool)
     for lid, frozen in ep.dirty.items():
-        live = pool._dirty.setdefault(lid, {})
+        live = overlay_of(pool._dirty, lid)
         unlogged = pool._unlogged.setdefault(lid, set())
         vid = vid_of.get(lid)
         for block, d in frozen.items():

@@ -14,7 +14,7 @@ import logging
 import typing
 
 from . import allocator, layers, overlay
-from .overlay import Dirty, held
+from .overlay import Dirty, held, overlay_of
 from .fastmap import FLUSHED, MAX_SPAN, READ_ONLY, WRITABLE, WRITABLE_REPORT
 from .errors import (
     EngineError,
@@ -161,7 +161,7 @@ def drain(pool) -> None:
         if v is None:  # cannot happen while volumes change only under the lock
             allocator.release_fresh(pool, slot)
             continue
-        dirty = pool._dirty.setdefault(v["lid"], {})
+        dirty = overlay_of(pool._dirty, v["lid"])
         pool._unlogged.setdefault(v["lid"], set()).add(block)  # C has its pages
         d = dirty.get(block)
         if d is None:

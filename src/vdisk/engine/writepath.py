@@ -13,7 +13,7 @@ from . import allocator, fastbridge, layers, native
 from .errors import NoSpace, NotFound, OutOfRange, PoolFailed
 from .fastmap import COALESCE_PAGES, MAX_SPAN, READ_ONLY
 from .format import BLOCK_SIZE, DB_MAP, FULL_MASK, PAGE, ZERO_SLOT, mask_runs, page_mask, slot_offset
-from .overlay import Dirty, held, under
+from .overlay import Dirty, Overlay, held, overlay_of, under
 from .readpath import head_block, where
 
 ZERO_BLOCK = bytes(BLOCK_SIZE)
@@ -63,7 +63,7 @@ def _write_here(pool, vid: int, offset: int, mv: memoryview) -> None:
     """Write into the overlay in Python, with the map's lock held."""
     with pool._fast():
         lid = pool._vols[vid]["lid"]
-        dirty = pool._dirty.setdefault(lid, {})
+        dirty = overlay_of(pool._dirty, lid)
         pos = 0
         while pos < len(mv):
             block, intra = divmod(offset + pos, BLOCK_SIZE)
@@ -89,7 +89,7 @@ def discard(pool, vid: int, offset: int, length: int) -> None:
         if length == 0:
             return
         lid = vol["lid"]
-        dirty = pool._dirty.setdefault(lid, {})
+        dirty = overlay_of(pool._dirty, lid)
         end = offset + length
         for block in sorted(_holding(pool, lid, dirty, offset // BLOCK_SIZE, -(-end // BLOCK_SIZE))):
             start = max(offset, block * BLOCK_SIZE)
@@ -100,17 +100,15 @@ def discard(pool, vid: int, offset: int, length: int) -> None:
                 write_block(pool, vid, lid, dirty, block, start % BLOCK_SIZE, memoryview(ZERO_BLOCK)[:n])
 
 
-def _holding(pool, lid: int, dirty: dict, first: int, last: int) -> set[int]:
+def _holding(pool, lid: int, dirty: Overlay, first: int, last: int) -> set[int]:
     """The blocks of [first, last) of lineage lid's head that may not read
     as zeros: in the overlay, in a commit in flight, or in the committed
     map (layers.mapped_blocks).  C's writes are in the overlay: the
     caller holds the map's lock, which drained them."""
-    found: set[int] = set()
-    for over in (dirty, pool._inflight_dirty(lid) or {}):
-        if last - first <= len(over):
-            found.update(b for b in range(first, last) if b in over)
-        else:
-            found.update(b for b in over if first <= b < last)
+    found = set(dirty.blocks_in(first, last))
+    frozen = pool._inflight_dirty(lid)
+    if frozen:
+        found.update(frozen.blocks_in(first, last))
     with pool.env.begin(db=pool._db[DB_MAP]) as txn:
         found |= layers.mapped_blocks(pool, txn.cursor(), lid, first, last)
     return found
