@@ -312,8 +312,8 @@ def test_discarding_a_whole_large_disk_costs_what_it_holds(venv, tmp_path):
     """mkfs.ext4 and blkdiscard discard the whole disk first.  On a new
     32 TiB disk that is half a billion blocks: the discard must cost what
     the disk holds (before, an overlay entry per block: about 40 minutes
-    and gigabytes of memory; here a timeout of 5 minutes stands for "it
-    hangs").  What was written reads zeros after it and its room is
+    by extrapolation, and a few hundred MiB of daemon memory; here a
+    timeout of 5 minutes stands for "it hangs").  What was written reads zeros after it and its room is
     given back; the disk then takes a filesystem."""
     need_root_fuse_loop("blkdiscard", "mkfs.ext4")
     size = 32768 << 30  # the cloud's ESSDs go to 65,536 GiB
