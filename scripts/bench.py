@@ -194,7 +194,8 @@ def fio_patterns(a, size: str, cwd: str, env: VDiskEnv) -> dict:
             log("filling %s on %s ..." % (size, t.name))
             fio(t.dev, ["--rw=write", "--bs=1M", "--iodepth=8"], size, None, cwd)
         for pname, args, _, snap in a.patterns:
-            runs: dict = {t.name: [] for t in targets if not snap or t.snapshot is not None}
+            ran = [t for t in targets if not snap or t.snapshot is not None]
+            runs: dict = {t.name: [] for t in ran}
             # the targets take turns, run by run, forwards then backwards
             # (A B B A): a drift of the machine (this VM's device flushes
             # vary by 40% over minutes) then weighs on every target's
@@ -203,9 +204,7 @@ def fio_patterns(a, size: str, cwd: str, env: VDiskEnv) -> dict:
             # run right after plain-buffered's, were 35% below the same
             # build's against qsd alone: 2026-12-03-engine-v14.md)
             for i in range(a.repeat):
-                for t in (targets if i % 2 == 0 else targets[::-1]):
-                    if t.name not in runs:
-                        continue
+                for t in (ran if i % 2 == 0 else ran[::-1]):
                     log("%-34s %-6s run %d/%d" % (pname, t.name, i + 1, a.repeat))
                     if snap:
                         t.snapshot()
@@ -217,9 +216,7 @@ def fio_patterns(a, size: str, cwd: str, env: VDiskEnv) -> dict:
                     # a fifth)
                     os.sync()
                     runs[t.name].append(fio(t.dev, args, size, None if snap else a.runtime, cwd))
-            for t in targets:
-                if t.name not in runs:
-                    continue
+            for t in ran:
                 mine = runs[t.name]
                 out.setdefault(t.name, {})[pname] = {
                     "iops": statistics.median(r["iops"] for r in mine),

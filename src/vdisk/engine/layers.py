@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from . import native
 from .errors import ChecksumError
-from .format import BLOCK_SIZE, FULL_MASK, INF, PAGE, ZERO_SLOT, map_key, map_key_decode, map_val_full, mask_runs, slot_offset
+from .format import BLOCK_SIZE, FULL_MASK, PAGE, ZERO_SLOT, map_key, map_key_decode, map_val_full, mask_runs, slot_offset
 
 # (slot, mask, crc) of one entry, or of its back slot (mask full): the slot
 # holds the pages of mask
@@ -45,27 +45,6 @@ def layers(pool, cur, lid: int, gen: int, block: int) -> list[Layer]:
         if lin.parent is None:
             return out
         lid, gen = lin.parent
-
-
-def mapped_blocks(pool, cur, lid: int, first: int, last: int) -> set[int]:
-    """The blocks of [first, last) that have an entry in the committed map
-    in lineage lid or a lineage it was made from, at any generation: a
-    superset of the blocks of the range that do not read as zeros there.
-    One seek per block found, so a range that holds nothing costs one
-    seek per lineage however large it is (a discard of a whole disk)."""
-    found: set[int] = set()
-    while True:
-        block = first
-        while block < last and cur.set_range(map_key(lid, block, INF)):
-            klid, kblock, _ = map_key_decode(cur.key())
-            if klid != lid or kblock >= last:
-                break
-            found.add(kblock)
-            block = kblock + 1
-        lin = pool._lins[lid]
-        if lin.parent is None:
-            return found
-        lid = lin.parent[0]
 
 
 def head_state(cur, lid: int, gen: int, last: int, block: int) -> tuple:

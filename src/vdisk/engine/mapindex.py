@@ -1,5 +1,6 @@
 """Reading the block map's indexes: which entries a snapshot point alone
-sees, what was born between two points, everything visible at a point.
+sees, what was born between two points, everything visible at a point,
+the blocks a range has.
 
 Functions of a Pool (its LMDB handles and lineages) and a read transaction;
 they change nothing.  See docs/format.md for the keys."""
@@ -82,18 +83,42 @@ def born_between(pool, txn, lid: int, p: int, s: int) -> int:
     return n
 
 
-def visible_map(pool, txn, lid: int, gen: int) -> dict[int, int]:
-    """block -> slot of every non-zero block visible at (lid, gen)."""
+def lineage_chain(pool, lid: int, gen: int) -> list[tuple[int, int]]:
+    """(lid, gen), then the point each lineage was made from, up to a
+    root lineage: where a block missing at (lid, gen) is looked up next."""
     chain = []
     while True:
         chain.append((lid, gen))
         lin = pool._lins[lid]
         if lin.parent is None:
-            break
+            return chain
         lid, gen = lin.parent
+
+
+def mapped_blocks(pool, txn, lid: int, first: int, last: int) -> set[int]:
+    """The blocks of [first, last) that have an entry in the committed map
+    in lineage lid or a lineage it was made from, at any generation: a
+    superset of those that may not read as zeros in lid's head.  One seek
+    per block found, so a range that holds nothing costs one seek per
+    lineage however large it is (a discard of a whole disk)."""
+    found: set[int] = set()
+    cur = txn.cursor(db=pool._db[DB_MAP])
+    for clid, _ in lineage_chain(pool, lid, pool._lins[lid].gen):
+        block = first
+        while block < last and cur.set_range(map_key(clid, block, INF)):
+            klid, kblock, _ = map_key_decode(cur.key())
+            if klid != clid or kblock >= last:
+                break
+            found.add(kblock)
+            block = kblock + 1
+    return found
+
+
+def visible_map(pool, txn, lid: int, gen: int) -> dict[int, int]:
+    """block -> slot of every non-zero block visible at (lid, gen)."""
     out: dict[int, int] = {}
     seen: set[int] = set()
-    for clid, cgen in chain:
+    for clid, cgen in lineage_chain(pool, lid, gen):
         cur = txn.cursor(db=pool._db[DB_MAP])
         if not cur.set_range(lid_prefix(clid)):
             continue

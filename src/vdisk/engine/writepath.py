@@ -13,6 +13,7 @@ from . import allocator, fastbridge, layers, native
 from .errors import NoSpace, NotFound, OutOfRange, PoolFailed
 from .fastmap import COALESCE_PAGES, MAX_SPAN, READ_ONLY
 from .format import BLOCK_SIZE, DB_MAP, FULL_MASK, PAGE, ZERO_SLOT, mask_runs, page_mask, slot_offset
+from .mapindex import mapped_blocks
 from .overlay import Dirty, Overlay, held, overlay_of, under
 from .readpath import head_block, where
 
@@ -103,14 +104,14 @@ def discard(pool, vid: int, offset: int, length: int) -> None:
 def _holding(pool, lid: int, dirty: Overlay, first: int, last: int) -> set[int]:
     """The blocks of [first, last) of lineage lid's head that may not read
     as zeros: in the overlay, in a commit in flight, or in the committed
-    map (layers.mapped_blocks).  C's writes are in the overlay: the
+    map (mapindex.mapped_blocks).  C's writes are in the overlay: the
     caller holds the map's lock, which drained them."""
     found = set(dirty.blocks_in(first, last))
     frozen = pool._inflight_dirty(lid)
     if frozen:
         found.update(frozen.blocks_in(first, last))
-    with pool.env.begin(db=pool._db[DB_MAP]) as txn:
-        found |= layers.mapped_blocks(pool, txn.cursor(), lid, first, last)
+    with pool.env.begin() as txn:
+        found |= mapped_blocks(pool, txn, lid, first, last)
     return found
 
 
