@@ -291,76 +291,101 @@ def write_amplification(env: VDiskEnv, t: VdiskTarget, size: str, cwd: str) -> d
 
 # --------------------------------------------------------------- snapshot costs
 
-def barrier_bench(runtime: int, interval: float, cwd: str) -> dict:
+def barrier_bench(runtime: int, interval: float, cwd: str, rounds: int = 3) -> dict:
     """Ten disks under fio 4 KiB random writes; an instance snapshot of all
     ten every `interval` seconds.  Reports how long each snapshot took and
     the writers' latency (p50/p99/max), against the same load without
     snapshots (the baseline) and the same load on ten plain sparse files
-    through loop devices (what this machine itself gives), in the same run."""
+    through loop devices (what this machine itself gives), in the same run.
+
+    A load's maximum is one completion out of about a million, and this
+    VM's own (the plain files') moved between 4 and 120 ms from run to run
+    (docs/perf/2026-12-03-writeback-chunks.md), so the loads run in
+    `rounds` rounds and each figure is the median over them, every round's
+    kept beside it.  Each round has a new pool and daemon (the baseline
+    writes to fresh disks, then the snapshots load to the same disks: on
+    a pool that had been through a round already, the baseline ran at 0.6x)
+    and new plain files; vdisk's two loads and the plain files take turns,
+    forwards then backwards, and every load starts after a sync(), as the
+    fio patterns do: none pays for the writeback that the one before left
+    (with the plain files always right after vdisk's snapshots, their
+    maximum was 15-48 ms in runs where it was 5-8 ms otherwise)."""
     from vdisk.config import Paths
     from vdisk.daemon import client
 
-    env = VDiskEnv(prefix="vdisk-barrier-", io_limits="unlimited")
-    try:
-        env.start()
-        iid, _ = env.instance(ndata=9)  # + the system disk = 10 disks
-        disks = [d["DiskId"] for d in env.j("disk", "list", "--instance", iid)["Disks"]["Disk"]]
-        env.run("instance", "start", iid)
-        devs = [env.attach(d) for d in disks]
-        paths = Paths.resolve(env.data, env.mnt)
+    def load(env: VDiskEnv, devs: list, vdisk: bool, iid: str | None = None) -> dict:
+        """fio on devs; with iid, an instance snapshot of it every interval."""
+        cmd = ["fio", "--ioengine=libaio", "--direct=1", "--rw=randwrite", "--bs=4k", "--iodepth=4",
+               "--size=256M", "--time_based", "--runtime=%d" % runtime, "--group_reporting",
+               "--output-format=json", "--percentile_list=50:99:99.9", "--randrepeat=0"]
+        for i, dev in enumerate(devs):
+            cmd += ["--name=d%d" % i, "--filename=" + dev]
+        os.sync()
+        before = fast_path(env) if vdisk else None
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+        times = []
+        time.sleep(1.5)
+        while iid and proc.poll() is None:
+            t0 = time.monotonic()
+            r = client.call(Paths.resolve(env.data, env.mnt), {"Action": "CreateSnapshotGroup", "InstanceId": iid})
+            if "Code" in r:
+                raise SystemExit("snapshot group failed: %s" % r)
+            times.append((time.monotonic() - t0) * 1000)
+            time.sleep(interval)
+        out, err = proc.communicate()
+        job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+        pct = job["clat_ns"]["percentile"]
+        res = {"iops": job["iops"], "lat_p50_ms": pct["50.000000"] / 1e6, "lat_p99_ms": pct["99.000000"] / 1e6,
+               "lat_max_ms": job["clat_ns"]["max"] / 1e6}
+        if vdisk:  # the requests C handed back to the Python engine, and the
+            # writes that waited for the engine to refill C's free slots
+            after = fast_path(env)
+            res["passed_to_python"] = after["PassedToPython"] - before["PassedToPython"]
+            res["reservoir_waits"] = after["ReservoirWaits"] - before["ReservoirWaits"]
+        if iid:
+            times.sort()
+            res.update(snapshots=len(times), create_p50_ms=statistics.median(times), create_max_ms=times[-1])
+        return res
 
-        def load(snapshots: bool, devs=devs, vdisk=True) -> dict:
-            cmd = ["fio", "--ioengine=libaio", "--direct=1", "--rw=randwrite", "--bs=4k", "--iodepth=4",
-                   "--size=256M", "--time_based", "--runtime=%d" % runtime, "--group_reporting",
-                   "--output-format=json", "--percentile_list=50:99:99.9", "--randrepeat=0"]
-            for i, dev in enumerate(devs):
-                cmd += ["--name=d%d" % i, "--filename=" + dev]
-            before = fast_path(env) if vdisk else None
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
-            times = []
-            time.sleep(1.5)
-            while snapshots and proc.poll() is None:
-                t0 = time.monotonic()
-                r = client.call(paths, {"Action": "CreateSnapshotGroup", "InstanceId": iid})
-                if "Code" in r:
-                    raise SystemExit("snapshot group failed: %s" % r)
-                times.append((time.monotonic() - t0) * 1000)
-                time.sleep(interval)
-            out, err = proc.communicate()
-            job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
-            pct = job["clat_ns"]["percentile"]
-            res = {"iops": job["iops"], "lat_p50_ms": pct["50.000000"] / 1e6, "lat_p99_ms": pct["99.000000"] / 1e6,
-                   "lat_max_ms": job["clat_ns"]["max"] / 1e6}
-            if vdisk:  # the requests C handed back to the Python engine, and the
-                # writes that waited for the engine to refill C's free slots
-                after = fast_path(env)
-                res["passed_to_python"] = after["PassedToPython"] - before["PassedToPython"]
-                res["reservoir_waits"] = after["ReservoirWaits"] - before["ReservoirWaits"]
-                res["reservoir_wait_max_ms_so_far"] = after["ReservoirWaitMaxMs"]
-            if snapshots:
-                times.sort()
-                res.update(snapshots=len(times), create_p50_ms=statistics.median(times), create_max_ms=times[-1])
-            return res
-
-        log("barrier: 10 disks under fio, no snapshots (baseline) ...")
-        base = load(False)
-        log("barrier: 10 disks under fio, an instance snapshot every %.1fs ..." % interval)
-        with_snaps = load(True)
-        log("barrier: the same load on 10 plain files (the machine's floor) ...")
-        plain_devs = []
+    def vdisk_loads(r: int, runs: dict) -> None:
+        env = VDiskEnv(prefix="vdisk-barrier-", io_limits="unlimited")
         try:
-            for i in range(len(devs)):
-                path = os.path.join(env.dir, "plain%d.img" % i)
-                with open(path, "wb") as f:
-                    f.truncate(GIB)
-                plain_devs.append(sh("losetup", "--find", "--show", "--direct-io=on", path).stdout.strip())
-            plain = load(False, plain_devs, vdisk=False)
+            env.start()
+            iid, _ = env.instance(ndata=9)  # + the system disk = 10 disks
+            disks = [d["DiskId"] for d in env.j("disk", "list", "--instance", iid)["Disks"]["Disk"]]
+            env.run("instance", "start", iid)
+            devs = [env.attach(d) for d in disks]
+            log("barrier round %d: 10 disks under fio, no snapshots (baseline) ..." % (r + 1))
+            runs["baseline"].append(load(env, devs, True))
+            log("barrier round %d: the same disks, an instance snapshot every %.1fs ..." % (r + 1, interval))
+            runs["with_snapshots"].append(load(env, devs, True, iid))
         finally:
-            for dev in plain_devs:
-                sh("losetup", "-d", dev, check=False)
-        return {"baseline": base, "with_snapshots": with_snaps, "plain_floor": plain}
-    finally:
-        env.close()
+            env.close()
+
+    def plain_load(r: int, runs: dict) -> None:
+        log("barrier round %d: the same load on 10 plain files (the machine's floor) ..." % (r + 1))
+        devs = []
+        with tempfile.TemporaryDirectory(prefix="vdisk-barrier-plain-") as d:
+            try:
+                for i in range(10):
+                    path = os.path.join(d, "plain%d.img" % i)
+                    with open(path, "wb") as f:
+                        f.truncate(GIB)
+                    devs.append(sh("losetup", "--find", "--show", "--direct-io=on", path).stdout.strip())
+                runs["plain_floor"].append(load(None, devs, False))
+            finally:
+                for dev in devs:
+                    sh("losetup", "-d", dev, check=False)
+
+    runs: dict = {"baseline": [], "with_snapshots": [], "plain_floor": []}
+    for r in range(rounds):
+        for part in ((vdisk_loads, plain_load) if r % 2 == 0 else (plain_load, vdisk_loads)):
+            part(r, runs)
+    out = {}
+    for name, mine in runs.items():
+        out[name] = {k: statistics.median(m[k] for m in mine) for k in mine[0]}
+        out[name]["rounds"] = mine
+    return out
 
 
 def churn_bench(runtime: int, clients: int, cwd: str) -> dict:
@@ -731,6 +756,17 @@ def print_churn(c: dict) -> None:
         print("  %d calls refused: %s" % (c["refused_n"], "; ".join(c["refused"])))
 
 
+def paired_ratio(v: dict, r: dict, key: str) -> float:
+    """vdisk's figure over a peer's: the median of the rounds' ratios.
+    Within a round the two ran next to each other (the targets take turns),
+    so a drift of the machine from round to round (this VM's device
+    flushes vary by 40% over minutes) cancels out of each round's ratio; the
+    ratio of the two medians may pair vdisk's run of one round with the
+    peer's of another (in v14, fsync: rounds of 1.02x, 0.93x and 1.07x, but
+    0.93x for the medians, the machine having slowed by 20% meanwhile)."""
+    return statistics.median(x[key] / y[key] for x, y in zip(v["runs"], r["runs"]) if y[key])
+
+
 def print_report(results: dict, a) -> None:
     t = results["targets"]
     m = results["machine"]
@@ -738,7 +774,8 @@ def print_report(results: dict, a) -> None:
           % (m["cpus"], m["cpu"], m["mem_gib"], m["kernel"], m["python"], m["qemu_storage_daemon"]))
     print("fio through loop devices (--direct-io=on), libaio, direct=1; median of %d runs of %ds, the targets "
           "taking turns run by run, forwards then backwards "
-          "(after-snapshot runs: %s each, a new snapshot first); each run after sync(); region %s"
+          "(after-snapshot runs: %s each, a new snapshot first); each run after sync(); region %s; "
+          "vdisk/peer: the median of the rounds' ratios"
           % (a.repeat, a.runtime, COW_IO, results["region"]))
     names = [n for n in TARGETS if n in t]
     peers = names[1:]
@@ -748,7 +785,7 @@ def print_report(results: dict, a) -> None:
         key, unit = ("iops", "IOPS") if what == "iops" else ("bw_mib", "MiB/s")
         v = t["vdisk"].get(pname)
         cell = lambda r: "%8.0f %-5s" % (r[key], unit) if r else "%14s" % "-"  # noqa: E731
-        ratio = lambda r: "%14.2f" % (v[key] / r[key]) if r and r[key] else "%14s" % "-"  # noqa: E731
+        ratio = lambda r: "%14.2f" % paired_ratio(v, r, key) if r and r[key] else "%14s" % "-"  # noqa: E731
         print("%-34s %s %s %7.0f us" % (pname, " ".join(cell(t[n].get(pname)) for n in names),
                                          " ".join(ratio(t[n].get(pname)) for n in peers), v["p99_us"]))
     d = results.get("vdisk_daemon")
@@ -771,18 +808,7 @@ def print_report(results: dict, a) -> None:
     if "churn" in results:
         print_churn(results["churn"])
     if "barrier" in results:
-        b, base = results["barrier"]["with_snapshots"], results["barrier"]["baseline"]
-        print("\ninstance snapshot of 10 disks under fio (4 KiB randwrite, qd4 each), one a second:")
-        print("  %d snapshots: create p50 %.1f ms, max %.1f ms" % (b["snapshots"], b["create_p50_ms"], b["create_max_ms"]))
-        pf = results["barrier"]["plain_floor"]
-        print("  writers' latency     p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  (%.0f IOPS)   max %.1fx the plain"
-              " files' (target: at most 3x)"
-              % (b["lat_p50_ms"], b["lat_p99_ms"], b["lat_max_ms"], b["iops"], b["lat_max_ms"] / pf["lat_max_ms"]))
-        print("  baseline, no snaps   p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  (%.0f IOPS)"
-              % (base["lat_p50_ms"], base["lat_p99_ms"], base["lat_max_ms"], base["iops"]))
-        print("  10 plain files       p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  (%.0f IOPS: the machine's own floor;"
-              " vdisk without snapshots %.2fx of it, target at least 0.5x)"
-              % (pf["lat_p50_ms"], pf["lat_p99_ms"], pf["lat_max_ms"], pf["iops"], base["iops"] / pf["iops"]))
+        print_barrier(results["barrier"])
     if "snapshot_time_by_size" in results:
         print("snapshot creation time by disk size (sparse, 64 blocks written, median of 7):")
         for k, v in results["snapshot_time_by_size"].items():
@@ -800,8 +826,27 @@ def print_report(results: dict, a) -> None:
     print("\nwritten to %s" % os.path.join(a.out, "bench.json"))
 
 
+def print_barrier(r: dict) -> None:
+    b, base, pf = r["with_snapshots"], r["baseline"], r["plain_floor"]
+    print("\ninstance snapshot of 10 disks under fio (4 KiB randwrite, qd4 each), one a second; medians of %d rounds:"
+          % len(b["rounds"]))
+    print("  snapshots: create p50 %.1f ms, max %.1f ms (%d a round)" % (b["create_p50_ms"], b["create_max_ms"],
+                                                                        b["snapshots"]))
+    print("  writers' latency     p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  (%.0f IOPS)   max %.1fx the plain"
+          " files' (target: at most 3x)"
+          % (b["lat_p50_ms"], b["lat_p99_ms"], b["lat_max_ms"], b["iops"], b["lat_max_ms"] / pf["lat_max_ms"]))
+    print("  baseline, no snaps   p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  (%.0f IOPS)"
+          % (base["lat_p50_ms"], base["lat_p99_ms"], base["lat_max_ms"], base["iops"]))
+    print("  10 plain files       p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  (%.0f IOPS: the machine's own floor;"
+          " vdisk without snapshots %.2fx of it, target at least 0.5x)"
+          % (pf["lat_p50_ms"], pf["lat_p99_ms"], pf["lat_max_ms"], pf["iops"], base["iops"] / pf["iops"]))
+    print("  each round's maxima (with snapshots / baseline / plain files, ms): " + ", ".join(
+        "%.1f / %.1f / %.1f" % (w["lat_max_ms"], o["lat_max_ms"], p["lat_max_ms"])
+        for w, o, p in zip(b["rounds"], base["rounds"], pf["rounds"])))
+
+
 def only(a, key: str, measure, printer, **extra) -> int:
-    """One measurement alone (--cold, --vm, --levels, --only-churn): its
+    """One measurement alone (--cold, --vm, --levels, --only-churn, --only-barrier): its
     results under `key` in bench-KEY.json, printed by printer (or as JSON)."""
     if os.geteuid() != 0:
         raise SystemExit("scripts/bench needs root (loop devices)")
@@ -827,11 +872,16 @@ def main() -> int:
     ap.add_argument("--patterns", default="",
                     help="comma-separated parts of fio pattern names to run (say 'fsync'); default all")
     ap.add_argument("--barrier-runtime", type=int, default=20, help="seconds of load per barrier run (default 20)")
+    ap.add_argument("--barrier-rounds", type=int, default=3,
+                    help="rounds of the barrier's three loads, medians reported (default 3)")
     ap.add_argument("--memory-gib", type=int, default=10, help="GiB written for the memory figure (default 10)")
     ap.add_argument("--churn-clients", type=int, default=8,
                     help="control clients creating and deleting snapshots in the churn run (default 8)")
     ap.add_argument("--only-churn", action="store_true",
                     help="only the churn run: fio with verification while clients create and delete snapshots")
+    ap.add_argument("--only-barrier", action="store_true",
+                    help="only the barrier run: ten disks under fio with an instance snapshot a second, against "
+                    "no snapshots and ten plain files")
     ap.add_argument("--levels", action="store_true",
                     help="only the I/O limits: disks of each ESSD level at the cloud's limits, fio against the caps; "
                     "two at once; ModifyDiskSpec under load")
@@ -860,6 +910,9 @@ def main() -> int:
     if a.only_churn:
         return only(a, "churn", lambda: churn_bench(a.barrier_runtime * 3, a.churn_clients, tempfile.gettempdir()),
                     print_churn)
+    if a.only_barrier:
+        return only(a, "barrier", lambda: barrier_bench(a.barrier_runtime, 1.0, tempfile.gettempdir(),
+                                                        a.barrier_rounds), print_barrier)
     a.targets = set(a.targets.split(","))
     wanted = [w for w in a.patterns.split(",") if w]
     a.patterns = [p for p in PATTERNS if not wanted or any(w in p[0] for w in wanted)]
@@ -890,7 +943,7 @@ def main() -> int:
     if not a.no_snapshot_costs:
         log("churn: fio with verification under %d clients creating and deleting snapshots ..." % a.churn_clients)
         results["churn"] = churn_bench(a.barrier_runtime * 3, a.churn_clients, cwd)
-        results["barrier"] = barrier_bench(a.barrier_runtime, 1.0, cwd)
+        results["barrier"] = barrier_bench(a.barrier_runtime, 1.0, cwd, a.barrier_rounds)
         results["snapshot_time_by_size"] = snapshot_time_by_size(cwd)
         results["deletion_time"] = deletion_time(cwd)
         results["memory"] = memory_10x1tib(cwd, a.memory_gib)
