@@ -67,10 +67,6 @@ if typing.TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A commit of more blocks than this starts the writeback of its data a
-# range at a time before its fdatasync (sync_data).
-CHUNKED_SYNC_BLOCKS = 1024
-
 
 class CommitJob:
     """One commit between begin_commit() and finish_commit().
@@ -164,7 +160,7 @@ def run_job(pool, job: CommitJob) -> None:
     """The blocking part of a commit: see CommitJob.run()."""
     ep = job.epoch
     _finish_checksums(pool, ep)
-    sync_data(pool, chunked=sum(map(len, ep.dirty.values())) > CHUNKED_SYNC_BLOCKS)
+    sync_data(pool)
     pool._punching.difference_update(job.to_punch)  # a retry (MapFull) frees again
     job.to_punch = []
     try:
@@ -196,23 +192,11 @@ def run_job(pool, job: CommitJob) -> None:
     job.tx, job.result = tx, result
 
 
-def sync_data(pool, chunked: bool = True) -> None:
+def sync_data(pool) -> None:
     """fdatasync the data file; a failure fails the pool (the kernel
     reports a lost write once: nothing may sync this file as if all
-    were well after it).  Any thread; raises PoolFailed.
-
-    chunked: start the writeback of the dirty pages a range at a time
-    first (native.start_writeback), so that the fdatasync finds them
-    written or under way.  One fdatasync over tens of MiB of pages written
-    into preallocated extents ran the CPU in ext4 for 10-56 ms without a
-    switch, and every I/O thread and block completion queued on that CPU
-    waited as long: the largest source of the writers' maximum latency
-    while instance snapshots are taken (docs/perf/2026-12-03-barrier-rounds.md).
-    The pass costs about 2.3 ms per 64 GiB of data file when it is clean,
-    so small commits skip it."""
+    were well after it).  Any thread; raises PoolFailed."""
     try:
-        if chunked:
-            pool.file.start_writeback()
         pool.file.sync()
     except OSError as exc:
         pool._failed = (
