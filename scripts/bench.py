@@ -176,6 +176,13 @@ class PlainTarget:
         sh("losetup", "-d", self.dev, check=False)
 
 
+def in_turn(items, i: int) -> list:
+    """The order things take turns in at round i: forwards in even rounds,
+    backwards in odd ones (A B B A), so that a drift of the machine weighs
+    on each alike and none always runs right after the same one."""
+    return list(items) if i % 2 == 0 else list(items)[::-1]
+
+
 def fio_patterns(a, size: str, cwd: str, env: VDiskEnv) -> dict:
     """The fio table: every pattern on every target, a.repeat times."""
     out: dict = {}
@@ -204,7 +211,7 @@ def fio_patterns(a, size: str, cwd: str, env: VDiskEnv) -> dict:
             # run right after plain-buffered's, were 35% below the same
             # build's against qsd alone: 2026-12-03-engine-v14.md)
             for i in range(a.repeat):
-                for t in (ran if i % 2 == 0 else ran[::-1]):
+                for t in in_turn(ran, i):
                     log("%-34s %-6s run %d/%d" % (pname, t.name, i + 1, a.repeat))
                     if snap:
                         t.snapshot()
@@ -379,7 +386,7 @@ def barrier_bench(runtime: int, interval: float, cwd: str, rounds: int = 3) -> d
 
     runs: dict = {"baseline": [], "with_snapshots": [], "plain_floor": []}
     for r in range(rounds):
-        for part in ((vdisk_loads, plain_load) if r % 2 == 0 else (plain_load, vdisk_loads)):
+        for part in in_turn((vdisk_loads, plain_load), r):
             part(r, runs)
     out = {}
     for name, mine in runs.items():
