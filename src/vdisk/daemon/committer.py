@@ -25,6 +25,7 @@ import trio
 
 from ..engine.errors import EngineError
 from ..engine.pool import Pool
+from .background import Worker
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,10 @@ class Committer:
         self.commit_seconds = 0.0
         # slots structural commits freed, to punch in a worker thread (run())
         self._punch_send, self._punch_recv = trio.open_memory_channel(math.inf)
+        # the slow parts, in threads of lower priority than the I/O's
+        self._commit_thread = Worker("vdisk-commit")
+        self._write_out_thread = Worker("vdisk-write-out")
+        self._punch_thread = Worker("vdisk-punch")
 
     async def _commit(self, change=None):
         """Begin a commit, run it in a worker thread, finish it; returns the
@@ -83,7 +88,7 @@ class Committer:
                 job.run()
             else:
                 # not cancellable: the job must finish before the pool is touched
-                await trio.to_thread.run_sync(job.run, thread_name="vdisk-commit")
+                await self._commit_thread.run(job.run)
         finally:
             t2 = time.monotonic()
             try:
@@ -109,7 +114,7 @@ class Committer:
         worker thread and before the freeze, so that the commit itself -
         during which fsyncs wait for it, the intent log being closed to them
         - has only the last moments' writes left to sync."""
-        await trio.to_thread.run_sync(self.pool.write_out, thread_name="vdisk-write-out")
+        await self._write_out_thread.run(self.pool.write_out)
         if not self.pool.inflight() and not self._priority:  # a structural commit may have come first
             await self._commit()
 
@@ -179,7 +184,7 @@ class Committer:
         """Give the slots structural commits freed back to the filesystem, in
         a worker thread; the pool allocates them only once that is done."""
         async for slots in self._punch_recv:
-            await trio.to_thread.run_sync(self.pool.punch_slots, slots, thread_name="vdisk-punch")
+            await self._punch_thread.run(self.pool.punch_slots, slots)
             self.pool.punched(slots)
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -187,10 +192,14 @@ class Committer:
         what was written at least COMMIT_INTERVAL seconds ago (like ext4's
         commit= or ZFS's txg timeout: a crash loses at most that much); and
         the puncher of freed slots."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._puncher)
-            task_status.started()
-            await self._loop()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._puncher)
+                task_status.started()
+                await self._loop()
+        finally:  # no job runs: every run() waits for its own
+            for w in (self._commit_thread, self._write_out_thread, self._punch_thread):
+                w.close()
 
     async def _loop(self) -> None:
         self._last_commit = trio.current_time()

@@ -41,6 +41,7 @@ from ..fuse.fastpath import FastPath
 from ..fuse.fs import DiskFS
 from ..vm.supervisor import STOP_TIMEOUT, Machines
 from . import lock, streams, writeback
+from .background import Worker
 from .committer import Committer
 from .regions import RegionCopies
 from .notify import notify
@@ -328,10 +329,14 @@ class Daemon:
         a thread (sync_file_range on the data file's fd: no pool state)."""
         pool = self.fs.pool
         policy = writeback.Writeback(trio.current_time())
-        while True:
-            await trio.sleep(writeback.TICK)
-            if policy.due(pool.dirty()[0], trio.current_time()):
-                await trio.to_thread.run_sync(pool.start_writeback, thread_name="vdisk-writeback")
+        thread = Worker("vdisk-writeback")  # of lower priority than the I/O's
+        try:
+            while True:
+                await trio.sleep(writeback.TICK)
+                if policy.due(pool.dirty()[0], trio.current_time()):
+                    await thread.run(pool.start_writeback)
+        finally:
+            thread.close()
 
     def _fast_status(self) -> dict:
         """Whether READ/WRITE/FSYNC are served in C, and how many were."""
