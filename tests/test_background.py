@@ -3,6 +3,8 @@ under a real trio loop, then the running daemon's commit thread.  Their
 effect on the writers' latency is measured by scripts/bench
 (docs/perf/2026-12-03-background-nice.md), not here."""
 import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -111,3 +113,12 @@ def test_the_daemons_commits_run_in_a_thread_of_lower_priority(tmp_path):
         assert io and set(io) == {0}, threads
     finally:
         env.close()
+
+
+@pytest.mark.parametrize("value", ["abc", "-3", "20", ""])
+def test_a_bad_nice_setting_is_refused_by_name(value):
+    env = dict(os.environ, VDISK_BACKGROUND_NICE=value)
+    r = subprocess.run([sys.executable, "-c", "import vdisk.daemon.background"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "VDISK_BACKGROUND_NICE must be a nice value from 0 to 19, not %r" % value in r.stderr

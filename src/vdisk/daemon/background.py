@@ -37,9 +37,10 @@ log = logging.getLogger(__name__)
 
 # The nice value of the background threads (VDISK_BACKGROUND_NICE; 0:
 # as the threads serving I/O).
-NICE = int(os.environ.get("VDISK_BACKGROUND_NICE", "10"))
-if not 0 <= NICE <= 19:
-    raise SystemExit("VDISK_BACKGROUND_NICE must be a nice value from 0 to 19, not %d" % NICE)
+_nice = os.environ.get("VDISK_BACKGROUND_NICE", "10")
+if not (_nice.isdigit() and 0 <= int(_nice) <= 19):
+    raise SystemExit("VDISK_BACKGROUND_NICE must be a nice value from 0 to 19, not %r" % _nice)
+NICE = int(_nice)
 
 _PR_SET_NAME = 15
 
