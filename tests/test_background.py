@@ -96,8 +96,9 @@ def test_cancelling_the_caller_waits_for_the_job():
 
 
 @pytest.mark.root
-def test_the_daemons_commits_run_in_a_thread_of_lower_priority(tmp_path):
+def test_the_daemons_commits_run_in_a_thread_of_lower_priority(tmp_path, monkeypatch):
     need_root_fuse_loop()
+    monkeypatch.setenv("VDISK_BACKGROUND_NICE", "10")  # the daemon's, set at its start
     env = VDiskEnv(parent=str(tmp_path))
     try:
         pid = env.start()

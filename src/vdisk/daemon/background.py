@@ -4,13 +4,14 @@ the data file's write-out and writeback, punching freed slots.
 That work does not wait on the disks' requests, and they should not
 wait on it.  On a host of few CPUs they did: a commit's Python part (about
 350 ms for 16384 blocks) and the kernel's writeback that its fdatasync
-and sync_file_range do in the calling thread took the CPUs the threads
-serving I/O needed.  With a snapshot a second under load, the writers'
-worst latency fell from 51 to 30 ms (medians of 6 rounds) once that work
-ran at nice 10 (docs/perf/2026-12-03-background-nice.md).  A commit that
-an fsync or a snapshot waits for runs at that priority too: it yields
-only to busy CPUs (snapshot groups under that load took longer), and
-with a free CPU it runs as fast as before.
+and sync_file_range do in the calling thread take the CPUs the threads
+serving I/O need.  At nice 10 (VDISK_BACKGROUND_NICE=10), the writers'
+worst latency with a snapshot a second fell from 51 to 30 ms in four
+barrier-only runs, but read 127 ms in the full bench that followed, with
+two rounds of 127 and 192 ms (docs/perf/2026-12-03-background-nice.md):
+perhaps a niced thread holding the filesystem's journal open while
+normal-priority tasks keep the CPUs busy (priority inversion).  Until
+that is settled the default is 0, the I/O threads' own priority.
 
 Linux's nice is per thread, and an unprivileged thread may not lower its
 nice again.  So each Worker is one long-lived thread niced once, that
@@ -35,9 +36,9 @@ import trio
 
 log = logging.getLogger(__name__)
 
-# The nice value of the background threads (VDISK_BACKGROUND_NICE; 0:
-# as the threads serving I/O).
-_nice = os.environ.get("VDISK_BACKGROUND_NICE", "10")
+# The nice value of the background threads (VDISK_BACKGROUND_NICE; 0, the
+# default: as the threads serving I/O).
+_nice = os.environ.get("VDISK_BACKGROUND_NICE", "0")
 if not (_nice.isdigit() and 0 <= int(_nice) <= 19):
     raise SystemExit("VDISK_BACKGROUND_NICE must be a nice value from 0 to 19, not %r" % _nice)
 NICE = int(_nice)
