@@ -50,15 +50,20 @@ import pyfuse3  # noqa: E402 - after vdisk.fuse, which must load the discard shi
 
 log = logging.getLogger(__name__)
 MAX_REQUEST = 1 << 20
-# Actions run in a control thread: their commit (the snapshot itself) runs
-# through the Committer, so FUSE I/O goes on while it is made durable.  They
-# only read the catalogue and the pool besides; see docs/architecture.md.
 # Actions run in the control thread: their structural commit goes through
 # the Committer (frozen between two FUSE requests, made durable in a worker)
 # while I/O goes on.  They stage catalogue records only inside that commit's
 # change (Pool.put_record then writes to its transaction), never in the
 # overlay, which the trio thread freezes.
 THREADED_ACTIONS = {"CreateSnapshot", "CreateSnapshotGroup", "DeleteSnapshot", "DeleteSnapshotGroup"}
+# Free slots held ready for C's copy-on-write (1 GiB of the data file,
+# preallocated).  C asks for more once a quarter is used; the trio thread
+# that refills it shares the GIL with a commit's Python, and answered 100-300
+# ms late during the commits of an instance snapshot a second, while ten
+# disks copied on write at about 17000 slots a second: with 4096 slots the
+# writes waited up to 90 ms for slots, with 16384 none waited
+# (docs/perf/2026-12-03-reservoir.md).
+RESERVOIR_SLOTS = 16384
 # How long an action refused because a disk file is held open is tried
 # again (Daemon._act): the kernel releases a closed file asynchronously.
 RELEASE_GRACE = 2.0
@@ -131,9 +136,8 @@ class Daemon:
             return 3
         try:
             _forget_last_exit(self.paths)
-            # a reservoir of 256 MiB of free slots, so that C goes on
-            # copying on write through a commit's busy moments
-            pool = Pool(self.paths.pool, commit_via=self._commit_from_thread, fast=fast_path_on(), reservoir=4096)
+            pool = Pool(self.paths.pool, commit_via=self._commit_from_thread, fast=fast_path_on(),
+                        reservoir=RESERVOIR_SLOTS)
             try:
                 rc = self._serve(pool)
             finally:
