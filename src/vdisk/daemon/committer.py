@@ -64,7 +64,7 @@ class Committer:
         self.commit_seconds = 0.0
         # slots structural commits freed, to punch in a worker thread (run())
         self._punch_send, self._punch_recv = trio.open_memory_channel(math.inf)
-        # the slow parts, in threads of lower priority than the I/O's
+        # the slow parts, each in a thread of its own (VDISK_BACKGROUND_NICE)
         self._commit_thread = Worker("vdisk-commit")
         self._write_out_thread = Worker("vdisk-write-out")
         self._punch_thread = Worker("vdisk-punch")

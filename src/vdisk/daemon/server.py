@@ -333,7 +333,7 @@ class Daemon:
         a thread (sync_file_range on the data file's fd: no pool state)."""
         pool = self.fs.pool
         policy = writeback.Writeback(trio.current_time())
-        thread = Worker("vdisk-writeback")  # of lower priority than the I/O's
+        thread = Worker("vdisk-writeback")  # at VDISK_BACKGROUND_NICE
         try:
             while True:
                 await trio.sleep(writeback.TICK)
