@@ -188,6 +188,12 @@ struct vd_fastmap {
     /* writes that found the reservoir dry and waited for a refill: how
      * many, and their waits' total and longest (ns; under the inner mutex) */
     uint64_t st_dry, st_dry_ns, st_dry_max_ns;
+    /* the engine's holds of the map's lock (vd_fm_lock): how many, their
+     * total and longest (ns; written by the holder), and when this one
+     * began; requests that found the lock taken and waited for it: how
+     * many, their waits' total and longest (ns; under the inner mutex) */
+    uint64_t st_held, st_held_ns, st_held_max_ns, held_since;
+    uint64_t st_blocked, st_blocked_ns, st_blocked_max_ns;
     unsigned char *scratch;
     struct expect *exp; /* checksums C may verify slots against (vd_fm_expect) */
     size_t nexp;
@@ -252,8 +258,28 @@ void vd_fm_free(struct vd_fastmap *fm)
     free(fm);
 }
 
-void vd_fm_lock(struct vd_fastmap *fm) { pthread_rwlock_wrlock(&fm->lock); }
-void vd_fm_unlock(struct vd_fastmap *fm) { pthread_rwlock_unlock(&fm->lock); }
+static uint64_t mono_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+void vd_fm_lock(struct vd_fastmap *fm)
+{
+    pthread_rwlock_wrlock(&fm->lock);
+    fm->held_since = mono_ns();
+}
+
+void vd_fm_unlock(struct vd_fastmap *fm)
+{
+    uint64_t ns = mono_ns() - fm->held_since;
+    __atomic_store_n(&fm->st_held, fm->st_held + 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&fm->st_held_ns, fm->st_held_ns + ns, __ATOMIC_RELAXED);
+    if (ns > fm->st_held_max_ns)
+        __atomic_store_n(&fm->st_held_max_ns, ns, __ATOMIC_RELAXED);
+    pthread_rwlock_unlock(&fm->lock);
+}
 
 /* ------------------------------------------------------------ the table
  *
@@ -812,18 +838,24 @@ void vd_fm_set_failed(struct vd_fastmap *fm, int failed)
     pthread_cond_broadcast(&fm->refilled); /* writers waiting for slots give up (or time out) */
 }
 
-void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out8)
+void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out)
 {
-    out8[0] = __atomic_load_n(&fm->st_reads, __ATOMIC_RELAXED);
-    out8[1] = __atomic_load_n(&fm->st_writes, __ATOMIC_RELAXED);
-    out8[2] = __atomic_load_n(&fm->st_again, __ATOMIC_RELAXED);
-    out8[3] = __atomic_load_n(&fm->st_cow, __ATOMIC_RELAXED);
-    out8[4] = __atomic_load_n(&fm->st_verified, __ATOMIC_RELAXED);
+    out[0] = __atomic_load_n(&fm->st_reads, __ATOMIC_RELAXED);
+    out[1] = __atomic_load_n(&fm->st_writes, __ATOMIC_RELAXED);
+    out[2] = __atomic_load_n(&fm->st_again, __ATOMIC_RELAXED);
+    out[3] = __atomic_load_n(&fm->st_cow, __ATOMIC_RELAXED);
+    out[4] = __atomic_load_n(&fm->st_verified, __ATOMIC_RELAXED);
     pthread_mutex_lock(&fm->io);
-    out8[5] = fm->st_dry;
-    out8[6] = fm->st_dry_ns;
-    out8[7] = fm->st_dry_max_ns;
+    out[5] = fm->st_dry;
+    out[6] = fm->st_dry_ns;
+    out[7] = fm->st_dry_max_ns;
+    out[8] = fm->st_blocked;
+    out[9] = fm->st_blocked_ns;
+    out[10] = fm->st_blocked_max_ns;
     pthread_mutex_unlock(&fm->io);
+    out[11] = __atomic_load_n(&fm->st_held, __ATOMIC_RELAXED);
+    out[12] = __atomic_load_n(&fm->st_held_ns, __ATOMIC_RELAXED);
+    out[13] = __atomic_load_n(&fm->st_held_max_ns, __ATOMIC_RELAXED);
 }
 
 /* ------------------------------------------------------------ I/O side */
@@ -892,8 +924,20 @@ static int verify_entry(struct vd_fastmap *fm, struct ent *e)
 
 static void begin_io(struct vd_fastmap *fm)
 {
+    if (pthread_rwlock_tryrdlock(&fm->lock) == 0) {
+        pthread_mutex_lock(&fm->io);
+        return;
+    }
+    /* the engine holds the map (or waits for it): count how long this
+     * request waits, as daemon status reports it */
+    uint64_t t0 = mono_ns();
     pthread_rwlock_rdlock(&fm->lock);
+    uint64_t ns = mono_ns() - t0;
     pthread_mutex_lock(&fm->io);
+    fm->st_blocked++;
+    fm->st_blocked_ns += ns;
+    if (ns > fm->st_blocked_max_ns)
+        fm->st_blocked_max_ns = ns;
 }
 
 /* end of a request that already let go of the inner mutex */

@@ -82,9 +82,13 @@ void vd_fm_log_clean(struct vd_fastmap *fm, uint64_t vid, int clean);
  * changes drained before it are in the log */
 enum { VD_FM_DRAIN_WORDS = 4 };
 #define VD_FM_FLUSHED 0xFFFFFFFFFFFFFFFF
-/* reads, writes, handed back, copies on write, verified; writes that waited
- * for a refill, their total and longest wait (ns) */
-void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out8);
+/* VD_FM_STATS counters: reads, writes, handed back, copies on write,
+ * verified; writes that waited for a refill, their total and longest wait
+ * (ns); requests that waited for the map's lock while the engine held it,
+ * their total and longest wait (ns); the engine's holds of the lock
+ * (vd_fm_lock), their total and longest (ns) */
+enum { VD_FM_STATS = 14 };
+void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out);
 /* the checksum of a committed slot an unverified entry reads from (the
  * CRC-32C of the pages of mask, as vd_checksum_slots computes it): C
  * verifies the slot against it, once, before it reads from it */

@@ -344,11 +344,15 @@ def barrier_bench(runtime: int, interval: float, cwd: str, rounds: int = 3) -> d
         pct = job["clat_ns"]["percentile"]
         res = {"iops": job["iops"], "lat_p50_ms": pct["50.000000"] / 1e6, "lat_p99_ms": pct["99.000000"] / 1e6,
                "lat_max_ms": job["clat_ns"]["max"] / 1e6}
-        if vdisk:  # the requests C handed back to the Python engine, and the
-            # writes that waited for the engine to refill C's free slots
+        if vdisk:  # the requests C handed back to the Python engine, the
+            # writes that waited for the engine to refill C's free slots,
+            # and the requests that waited while the engine held the map
             after = fast_path(env)
             res["passed_to_python"] = after["PassedToPython"] - before["PassedToPython"]
             res["reservoir_waits"] = after["ReservoirWaits"] - before["ReservoirWaits"]
+            res["lock_waits"] = after["LockWaits"] - before["LockWaits"]
+            res["lock_wait_max_ms"] = after["LockWaitMaxMs"]  # since the daemon started
+            res["engine_lock_hold_max_ms"] = after["EngineLockHoldMaxMs"]
         if iid:
             times.sort()
             res.update(snapshots=len(times), create_p50_ms=statistics.median(times), create_max_ms=times[-1])

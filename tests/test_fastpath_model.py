@@ -1034,3 +1034,34 @@ def test_c_stops_sharing_when_the_last_snapshot_is_deleted(tmp_path):
         assert pool.read(vid, 0, BLOCK_SIZE) == want
         assert fm.read(vid, 0, BLOCK_SIZE) in (None, want)
         assert pool.scrub() == []
+
+
+def test_c_counts_the_engines_holds_of_the_map_and_the_requests_that_waited(tmp_path):
+    """Not a model: while the engine holds the map's lock (Python, `with
+    pool._fast()`), a C write waits for it; the map counts the engine's
+    holds and their longest, and the requests that waited and their
+    longest wait (`vdisk daemon status`: FastPath.EngineLockHold*,
+    LockWait*).  A request that finds the lock free counts no wait."""
+    import threading
+    import time
+
+    pool = Pool(str(tmp_path), fast=False)
+    with fast_path(pool, reservoir=16) as fm:
+        vid = pool.create_volume(BLOCK_SIZE * 4)
+        assert fm.write(vid, 0, b"a" * 4096)  # the lock is free: no wait
+        st0 = fm.stats()
+        assert st0["lock_waits"] == 0, st0
+        served = []
+        with pool._fast():
+            writer = threading.Thread(target=lambda: served.append(fm.write(vid, 8192, b"b" * 4096)))
+            writer.start()
+            time.sleep(0.2)
+            assert served == []  # it waits for the engine
+        writer.join()
+        assert served == [True]
+        st = fm.stats()
+        assert st["lock_waits"] == 1, st
+        assert 0.15e9 <= st["lock_wait_max_ns"] <= st["lock_wait_ns"], st
+        assert st["lock_holds"] > st0["lock_holds"], st
+        assert st["lock_hold_max_ns"] >= 0.2e9, st
+        assert pool.read(vid, 8192, 4096) == b"b" * 4096

@@ -361,6 +361,15 @@ class Daemon:
             "ReservoirWaits": e["reservoir_waits"],
             "ReservoirWaitMs": round(e["reservoir_wait_ns"] / 1e6, 3),
             "ReservoirWaitMaxMs": round(e["reservoir_wait_max_ns"] / 1e6, 3),
+            # the engine's holds of the map's lock (Python, in the owner
+            # thread: a freeze, a commit's end, a write or discard C
+            # handed back, ...), and the requests that waited for one
+            "EngineLockHolds": e["lock_holds"],
+            "EngineLockHoldMs": round(e["lock_hold_ns"] / 1e6, 3),
+            "EngineLockHoldMaxMs": round(e["lock_hold_max_ns"] / 1e6, 3),
+            "LockWaits": e["lock_waits"],
+            "LockWaitMs": round(e["lock_wait_ns"] / 1e6, 3),
+            "LockWaitMaxMs": round(e["lock_wait_max_ns"] / 1e6, 3),
         }
 
     def _log_status(self) -> dict:

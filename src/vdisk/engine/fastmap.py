@@ -214,11 +214,13 @@ class FastMap:
         lib.vd_fm_set_failed(self._fm, int(failed))
 
     def stats(self) -> dict:
-        out = ffi.new("uint64_t[8]")
+        out = ffi.new("uint64_t[]", lib.VD_FM_STATS)
         lib.vd_fm_stats(self._fm, out)
         return {"reads": out[0], "writes": out[1], "handed_back": out[2], "copy_on_write": out[3],
                 "verified": out[4], "reservoir_waits": out[5], "reservoir_wait_ns": out[6],
-                "reservoir_wait_max_ns": out[7]}
+                "reservoir_wait_max_ns": out[7], "lock_waits": out[8], "lock_wait_ns": out[9],
+                "lock_wait_max_ns": out[10], "lock_holds": out[11], "lock_hold_ns": out[12],
+                "lock_hold_max_ns": out[13]}
 
     # ------------------------------------------------------------ I/O side
 
