@@ -190,7 +190,8 @@ struct vd_fastmap {
     uint64_t st_dry, st_dry_ns, st_dry_max_ns;
     /* the engine's holds of the map's lock (vd_fm_lock): how many, their
      * total and longest (ns; written by the holder), and when this one
-     * began; requests that found the lock taken and waited for it: how
+     * began; requests that found the lock taken (by the engine, or by an
+     * fsync in C gathering its record) and waited for it: how
      * many, their waits' total and longest (ns; under the inner mutex) */
     uint64_t st_held, st_held_ns, st_held_max_ns, held_since;
     uint64_t st_blocked, st_blocked_ns, st_blocked_max_ns;
@@ -928,8 +929,9 @@ static void begin_io(struct vd_fastmap *fm)
         pthread_mutex_lock(&fm->io);
         return;
     }
-    /* the engine holds the map (or waits for it): count how long this
-     * request waits, as daemon status reports it */
+    /* the engine (or an fsync gathering its record) holds the map, or
+     * waits for it: count how long this request waits, as daemon status
+     * reports it */
     uint64_t t0 = mono_ns();
     pthread_rwlock_rdlock(&fm->lock);
     uint64_t ns = mono_ns() - t0;

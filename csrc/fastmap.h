@@ -84,8 +84,9 @@ enum { VD_FM_DRAIN_WORDS = 4 };
 #define VD_FM_FLUSHED 0xFFFFFFFFFFFFFFFF
 /* VD_FM_STATS counters: reads, writes, handed back, copies on write,
  * verified; writes that waited for a refill, their total and longest wait
- * (ns); requests that waited for the map's lock while the engine held it,
- * their total and longest wait (ns); the engine's holds of the lock
+ * (ns); requests that found the map's lock taken (by the engine, or by an
+ * fsync gathering its log record) and waited, their total and longest wait
+ * (ns); the engine's holds of the lock
  * (vd_fm_lock), their total and longest (ns) */
 enum { VD_FM_STATS = 14 };
 void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out);

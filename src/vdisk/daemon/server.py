@@ -363,7 +363,9 @@ class Daemon:
             "ReservoirWaitMaxMs": round(e["reservoir_wait_max_ns"] / 1e6, 3),
             # the engine's holds of the map's lock (Python, in the owner
             # thread: a freeze, a commit's end, a write or discard C
-            # handed back, ...), and the requests that waited for one
+            # handed back, ...), and the requests that found the lock
+            # taken (by the engine, or by an fsync in C gathering its log
+            # record) and waited
             "EngineLockHolds": e["lock_holds"],
             "EngineLockHoldMs": round(e["lock_hold_ns"] / 1e6, 3),
             "EngineLockHoldMaxMs": round(e["lock_hold_max_ns"] / 1e6, 3),
