@@ -154,6 +154,28 @@ struct flight {
     int used;
 };
 
+/* how many times something waited (or held a lock), and the total and
+ * longest of those spans (ns); read by vd_fm_stats without the writer's
+ * lock, hence the atomic stores */
+struct spans {
+    uint64_t n, ns, max_ns;
+};
+
+static void spans_add(struct spans *s, uint64_t ns)
+{
+    __atomic_store_n(&s->n, s->n + 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&s->ns, s->ns + ns, __ATOMIC_RELAXED);
+    if (ns > s->max_ns)
+        __atomic_store_n(&s->max_ns, ns, __ATOMIC_RELAXED);
+}
+
+static void spans_get(struct spans *s, uint64_t *out3)
+{
+    out3[0] = __atomic_load_n(&s->n, __ATOMIC_RELAXED);
+    out3[1] = __atomic_load_n(&s->ns, __ATOMIC_RELAXED);
+    out3[2] = __atomic_load_n(&s->max_ns, __ATOMIC_RELAXED);
+}
+
 struct vd_fastmap {
     pthread_rwlock_t lock;
     pthread_mutex_t io; /* one request plans (or changes the table) at a time */
@@ -187,14 +209,15 @@ struct vd_fastmap {
     uint64_t st_reads, st_writes, st_again, st_cow, st_verified;
     /* writes that found the reservoir dry and waited for a refill: how
      * many, and their waits' total and longest (ns; under the inner mutex) */
-    uint64_t st_dry, st_dry_ns, st_dry_max_ns;
-    /* the engine's holds of the map's lock (vd_fm_lock): how many, their
-     * total and longest (ns; written by the holder), and when this one
-     * began; requests that found the lock taken (by the engine, or by an
-     * fsync in C gathering its record) and waited for it: how
-     * many, their waits' total and longest (ns; under the inner mutex) */
-    uint64_t st_held, st_held_ns, st_held_max_ns, held_since;
-    uint64_t st_blocked, st_blocked_ns, st_blocked_max_ns;
+    struct spans dry;
+    /* the engine's holds of the map's lock (vd_fm_lock; written by the
+     * holder), and when this one began */
+    struct spans held;
+    uint64_t held_since;
+    /* requests that found the map's lock taken (by the engine, or by an
+     * fsync in C gathering its record) and waited for it (under the inner
+     * mutex) */
+    struct spans blocked;
     unsigned char *scratch;
     struct expect *exp; /* checksums C may verify slots against (vd_fm_expect) */
     size_t nexp;
@@ -274,11 +297,7 @@ void vd_fm_lock(struct vd_fastmap *fm)
 
 void vd_fm_unlock(struct vd_fastmap *fm)
 {
-    uint64_t ns = mono_ns() - fm->held_since;
-    __atomic_store_n(&fm->st_held, fm->st_held + 1, __ATOMIC_RELAXED);
-    __atomic_store_n(&fm->st_held_ns, fm->st_held_ns + ns, __ATOMIC_RELAXED);
-    if (ns > fm->st_held_max_ns)
-        __atomic_store_n(&fm->st_held_max_ns, ns, __ATOMIC_RELAXED);
+    spans_add(&fm->held, mono_ns() - fm->held_since);
     pthread_rwlock_unlock(&fm->lock);
 }
 
@@ -846,17 +865,9 @@ void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out)
     out[2] = __atomic_load_n(&fm->st_again, __ATOMIC_RELAXED);
     out[3] = __atomic_load_n(&fm->st_cow, __ATOMIC_RELAXED);
     out[4] = __atomic_load_n(&fm->st_verified, __ATOMIC_RELAXED);
-    pthread_mutex_lock(&fm->io);
-    out[5] = fm->st_dry;
-    out[6] = fm->st_dry_ns;
-    out[7] = fm->st_dry_max_ns;
-    out[8] = fm->st_blocked;
-    out[9] = fm->st_blocked_ns;
-    out[10] = fm->st_blocked_max_ns;
-    pthread_mutex_unlock(&fm->io);
-    out[11] = __atomic_load_n(&fm->st_held, __ATOMIC_RELAXED);
-    out[12] = __atomic_load_n(&fm->st_held_ns, __ATOMIC_RELAXED);
-    out[13] = __atomic_load_n(&fm->st_held_max_ns, __ATOMIC_RELAXED);
+    spans_get(&fm->dry, out + 5);
+    spans_get(&fm->blocked, out + 8);
+    spans_get(&fm->held, out + 11);
 }
 
 /* ------------------------------------------------------------ I/O side */
@@ -936,10 +947,7 @@ static void begin_io(struct vd_fastmap *fm)
     pthread_rwlock_rdlock(&fm->lock);
     uint64_t ns = mono_ns() - t0;
     pthread_mutex_lock(&fm->io);
-    fm->st_blocked++;
-    fm->st_blocked_ns += ns;
-    if (ns > fm->st_blocked_max_ns)
-        fm->st_blocked_max_ns = ns;
+    spans_add(&fm->blocked, ns);
 }
 
 /* end of a request that already let go of the inner mutex */
@@ -1515,21 +1523,16 @@ long vd_fm_write(void *arg, uint64_t vid, uint64_t off, uint32_t len, const void
  * refill meanwhile. */
 static int wait_for_refill(struct vd_fastmap *fm, uint64_t gen)
 {
-    struct timespec t0, until, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    until = t0;
+    uint64_t t0 = mono_ns();
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
     until.tv_sec += 1;
     int rc = 0;
     pthread_mutex_lock(&fm->io);
     while (fm->refills == gen && !fm->failed && rc != ETIMEDOUT)
         rc = pthread_cond_timedwait(&fm->refilled, &fm->io, &until);
     int refilled = fm->refills != gen && !fm->failed;
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    uint64_t ns = (uint64_t)(t1.tv_sec - t0.tv_sec) * 1000000000u + (uint64_t)t1.tv_nsec - (uint64_t)t0.tv_nsec;
-    fm->st_dry++;
-    fm->st_dry_ns += ns;
-    if (ns > fm->st_dry_max_ns)
-        fm->st_dry_max_ns = ns;
+    spans_add(&fm->dry, mono_ns() - t0);
     pthread_mutex_unlock(&fm->io);
     return refilled;
 }
