@@ -9,7 +9,7 @@ import lmdb
 import pytest
 
 from powercut import PowerCutFile
-from vdisk.engine import native, trim
+from vdisk.engine import allocator, native, trim
 from vdisk.engine.blockio import DataFile
 from vdisk.engine.errors import ChecksumError, FormatError, NoSpace, NotFound, OutOfRange, PoolFailed
 from vdisk.engine.format import DATA_FILE, DB_MAP, DB_META, FORMAT_VERSION, FULL_MASK, LMDB_DIR, LOG_FILE, map_val_full, u64, u64_decode
@@ -368,6 +368,62 @@ def test_full_pool_gives_enospc_and_keeps_data(tmp_path):
     assert p.read(v, 0, 3 * BLOCK_SIZE) == first
     assert p.scrub() == []
     p.close()
+
+
+def _roomy_or_skip(path: str) -> None:
+    st = os.statvfs(path)
+    room = st.f_bavail * st.f_frsize - allocator.keep_free(st.f_blocks * st.f_frsize)
+    if room <= allocator.SPARSE_ROOM:
+        pytest.skip("the test directory's filesystem has %d MiB to spare, not the %d MiB "
+                    "for which the data file grows sparse" % (room >> 20, allocator.SPARSE_ROOM >> 20))
+
+
+def test_data_file_grows_sparse_and_a_copy_on_write_takes_only_its_pages(tmp_path):
+    """With room on the filesystem the data file grows sparse: a page
+    written over a block a snapshot holds takes 4 KiB of the filesystem,
+    not its slot's 64 KiB, and not a 64 MiB step of preallocation."""
+    _roomy_or_skip(str(tmp_path))
+    p = Pool(str(tmp_path / "p"))
+    try:
+        v = p.create_volume(16 * BLOCK_SIZE)
+        data = bytearray(rnd(16 * BLOCK_SIZE, 1))
+        p.write(v, 0, bytes(data))
+        (s1,) = p.snapshot([v])
+        before = p.file.allocated_bytes()
+        assert before < 4 << 20, before  # the blocks written, not 64 MiB preallocated
+        for b in range(16):
+            off = b * BLOCK_SIZE + b * 4096
+            data[off : off + 4096] = page = rnd(4096, 100 + b)
+            p.write(v, off, page)
+        p.commit()
+        assert os.fstat(p.file.fd).st_size >= 32 * BLOCK_SIZE
+        grown = p.file.allocated_bytes() - before
+        assert 16 * 4096 <= grown <= 16 * 4096 + (1 << 20), grown  # not 16 slots of 64 KiB
+        assert p.read(v, 0, 16 * BLOCK_SIZE) == bytes(data)
+        assert p.scrub() == []
+    finally:
+        p.close()
+
+
+def test_close_to_full_the_slots_handed_out_are_allocated_first(tmp_path, monkeypatch):
+    """With little room to spare (SPARSE_ROOM), the data file is
+    preallocated and a reused slot that is a hole (punched when it was
+    freed) is allocated before it is handed out, so that a write into it
+    cannot meet a full filesystem."""
+    monkeypatch.setattr(allocator, "SPARSE_ROOM", 1 << 62)
+    p = Pool(str(tmp_path / "p"))
+    try:
+        v = p.create_volume(32 * BLOCK_SIZE)
+        p.write(v, 0, rnd(32 * BLOCK_SIZE, 1))
+        p.commit()
+        assert p.file.allocated_bytes() >= 64 << 20  # preallocated in 64 MiB steps
+        p.delete_volume(v)  # its slots are freed and punched
+        punched = p.file.allocated_bytes()
+        slots = allocator.reserve_many(p, 8, 0)
+        assert len(slots) == 8
+        assert p.file.allocated_bytes() - punched >= 8 * BLOCK_SIZE
+    finally:
+        p.close()
 
 
 def test_format_version_is_checked(tmp_path):
@@ -886,11 +942,13 @@ def test_slots_a_deletion_frees_are_not_reused_before_they_are_punched(tmp_path)
         p.close()
 
 
-def test_trim_gives_back_the_pages_partial_slots_do_not_hold(tmp_path):
+def test_trim_gives_back_the_pages_partial_slots_do_not_hold(tmp_path, monkeypatch):
     """A page written over a block a snapshot holds takes a slot of its own,
-    preallocated whole; trim punches the pages that slot does not hold,
+    preallocated whole (a filesystem close to full: the data file does not
+    grow sparse); trim punches the pages that slot does not hold,
     and every block, the snapshot's and the head's, still reads right (and
     after more writes, another snapshot and a reopen)."""
+    monkeypatch.setattr(allocator, "SPARSE_ROOM", 1 << 62)
     p = Pool(str(tmp_path / "p"))
     try:
         v = p.create_volume(16 * BLOCK_SIZE)

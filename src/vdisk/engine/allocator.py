@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 
 from .errors import (
     NoSpace,
 )
 from .format import (
+    BLOCK_SIZE,
     DB_FREE,
     slot_offset,
     u64,
@@ -31,6 +33,60 @@ log = logging.getLogger(__name__)
 RESERVE_KEEP_FREE = 256 << 20
 RESERVE_KEEP_FREE_MAX = 4 << 30
 
+# The data file grows sparse while the pool's filesystem has more than this
+# to spare (spare_bytes); closer to full, the slots it hands out are
+# allocated first (DataFile.reserve, allocate), so that a write cannot take
+# the room LMDB needs to commit.  Writes into sparse slots the allocator
+# handed out earlier may still take room: at most the reservoir and the
+# write cache's fresh slots (1 GiB and 4 GiB of slots by default), which
+# this margin covers.  VDISK_SPARSE_ROOM_MIB sets it (a huge value
+# preallocates always, as vdisk before 2026-12-04 did).
+SPARSE_ROOM = max(0, int(os.environ.get("VDISK_SPARSE_ROOM_MIB", "8192"))) << 20
+ROOM_CHECK_S = 1.0  # how long a look at the filesystem's free space holds
+
+
+def roomy(pool) -> bool:
+    """Whether the data file may grow sparse (SPARSE_ROOM), looked up at
+    most once every ROOM_CHECK_S."""
+    now = time.monotonic()
+    until, answer = pool._room_checked
+    if now >= until:
+        answer = spare_bytes(pool) > SPARSE_ROOM
+        pool._room_checked = (now + ROOM_CHECK_S, answer)
+    return answer
+
+
+def _allocate_reused(pool, slots: list[int]) -> int:
+    """Allocate reused slots (ascending) on the filesystem unless it is
+    roomy: they may be holes (a sparse stretch, a punched slot).  Returns
+    how many of them, from the first, are ready (fewer: ENOSPC)."""
+    if not slots or roomy(pool):
+        return len(slots)
+    ready = 0
+    for start, count in runs(slots):
+        try:
+            pool.file.allocate(slot_offset(start), count * BLOCK_SIZE)
+        except OSError as exc:
+            log.warning("allocating %d reused slots failed: %s", count, exc)
+            break
+        ready += count
+    return ready
+
+
+def runs(nums: list[int]):
+    """Group sorted numbers (slots) into (start, count) runs."""
+    start = prev = None
+    for s in nums:
+        if start is None:
+            start = prev = s
+        elif s == prev + 1:
+            prev = s
+        else:
+            yield start, prev - start + 1
+            start = prev = s
+    if start is not None:
+        yield start, prev - start + 1
+
 
 def alloc(pool) -> int:
     """A slot nobody references, durable map included, allocated in the
@@ -38,11 +94,14 @@ def alloc(pool) -> int:
     if not pool._free_cache and pool._free_scan is not None:
         _refill_cache(pool)
     if pool._free_cache:
-        slot = pool._free_cache.pop()
+        slot = pool._free_cache[-1]
+        if not _allocate_reused(pool, [slot]):
+            raise NoSpace("the pool's filesystem is full (%s)" % pool.path)
+        pool._free_cache.pop()
     else:
         slot = pool._hwm
         try:
-            pool.file.reserve(slot_offset(slot + 1))
+            _reserve(pool, slot_offset(slot + 1))
         except OSError as exc:
             raise NoSpace("the pool's filesystem is full (%s): %s" % (pool.path, exc)) from exc
         pool._hwm += 1
@@ -64,15 +123,19 @@ def reserve_many(pool, want: int, grow: int) -> list[int]:
         if not pool._free_cache:
             break
         k = min(want - len(slots), len(pool._free_cache))
-        taken = pool._free_cache[-k:]  # the lowest, descending
-        del pool._free_cache[-k:]
-        slots.extend(reversed(taken))
-        pool._reserved.update(taken)  # before the next scan of DB_FREE, which skips them
+        taken = pool._free_cache[-k:][::-1]  # the lowest, ascending
+        ready = _allocate_reused(pool, taken)
+        del pool._free_cache[len(pool._free_cache) - ready :]
+        slots.extend(taken[:ready])
+        pool._reserved.update(taken[:ready])  # before the next scan of DB_FREE, which skips them
+        if ready < k:  # the filesystem is full: the rest stay free
+            grow = 0
+            break
     beyond = [s for s in slots if s >= pool._committed_hwm]  # given back beyond the durable hwm
     n = min(want - len(slots), grow)
     while n > 0:
         try:
-            pool.file.reserve(slot_offset(pool._hwm + n))
+            _reserve(pool, slot_offset(pool._hwm + n))
             break
         except OSError:
             n //= 2
@@ -85,6 +148,12 @@ def reserve_many(pool, want: int, grow: int) -> list[int]:
     pool._reserved_beyond.update(beyond)
     pool._verified.difference_update(slots)
     return slots
+
+
+def _reserve(pool, end: int) -> None:
+    """Grow the data file to end: sparse while the filesystem is roomy."""
+    if end > pool.file.reserved():
+        pool.file.reserve(end, sparse=roomy(pool))
 
 
 def _refill_cache(pool) -> None:

@@ -28,16 +28,30 @@ class DataFile:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._reserved = os.fstat(self.fd).st_size
 
-    def reserve(self, end: int) -> None:
-        """Make sure the file is allocated up to end, in 64 MiB steps.
+    def reserve(self, end: int, sparse: bool = False) -> None:
+        """Make the file reach end, in 64 MiB steps: sparse (ftruncate)
+        when the caller says the filesystem has room to spare, else
+        allocated (fallocate), so that a full filesystem shows up here as
+        ENOSPC and writes into the range cannot meet it.
 
-        Writing into a preallocated range costs the filesystem far less than
-        growing the file one block at a time (about 20 against 130 us for
-        64 KiB on ext4), and a full filesystem shows up here as ENOSPC.
+        Writing into either costs the filesystem far less than growing the
+        file one block at a time (about 20 against 130 us for 64 KiB on
+        ext4).  A sparse range costs far less at writeback when its slots
+        are written a page here and a page there (a copy on write after a
+        snapshot writes 4 KiB of a slot's 64): ext4 allocates the pages
+        written, where a preallocated range has its unwritten extent split
+        around each page, in one long stretch of kernel time on a CPU
+        (docs/perf/2026-12-04-sparse-data-file.md).  It also takes from the
+        filesystem only the pages written.
         """
         if end <= self._reserved:
             return
         new = max(end, self._reserved + PREALLOCATE)
+        if sparse:
+            if new > os.fstat(self.fd).st_size:
+                os.ftruncate(self.fd, new)
+            self._reserved = new
+            return
         try:
             os.posix_fallocate(self.fd, self._reserved, new - self._reserved)
         except OSError as exc:
@@ -49,6 +63,20 @@ class DataFile:
             elif exc.errno == errno.ENOSPC:
                 raise
         self._reserved = new
+
+    def reserved(self) -> int:
+        """Where the file is reserved up to (reserve)."""
+        return self._reserved
+
+    def allocate(self, offset: int, length: int) -> None:
+        """Allocate a range inside the reserved end (slots reused from a
+        sparse stretch or a punched one), so that writes into it cannot
+        meet ENOSPC; raises OSError(ENOSPC) when the filesystem is full."""
+        try:
+            os.posix_fallocate(self.fd, offset, length)
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise
 
     def pread(self, length: int, offset: int) -> bytes:
         data = os.pread(self.fd, length, offset)

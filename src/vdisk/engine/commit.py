@@ -24,7 +24,7 @@ import typing
 
 import lmdb
 
-from . import fastbridge, layers, structure
+from . import allocator, fastbridge, layers, structure
 from .lineage import Lineage
 from .overlay import Dirty, Epoch, overlay_of
 from .txn import Tx
@@ -251,7 +251,7 @@ def punch_slots(pool, slots: list[int]) -> None:
     overwrites are not punched: the next writes reuse them, and punching
     would only make the filesystem allocate again.  Any thread: it
     touches only the data file, and the slots are not allocated meanwhile."""
-    for start, count in _runs(slots):
+    for start, count in allocator.runs(slots):
         try:
             pool.file.punch(slot_offset(start), count * BLOCK_SIZE)
         except OSError as exc:  # space is reused anyway; only du suffers
@@ -560,19 +560,5 @@ def grow_map(pool, force: bool = False) -> None:
     new = pool.env.info()["map_size"] * 2
     log.info("growing the LMDB map of %s to %d MiB", pool.path, new >> 20)
     pool.env.set_mapsize(new)
-
-def _runs(nums: list[int]):
-    """Group sorted numbers (slots, pages) into (start, count) runs."""
-    start = prev = None
-    for s in nums:
-        if start is None:
-            start = prev = s
-        elif s == prev + 1:
-            prev = s
-        else:
-            yield start, prev - start + 1
-            start = prev = s
-    if start is not None:
-        yield start, prev - start + 1
 
 

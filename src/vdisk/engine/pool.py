@@ -236,6 +236,7 @@ class Pool:
         self._reserved: set[int] = set()
         self._reserved_beyond: set[int] = set()  # those beyond the durable hwm
         self._punching: set[int] = set()  # freed, being punched: not allocated yet (finish_commit)
+        self._room_checked = (0.0, False)  # (until when, whether the data file may grow sparse): allocator.roomy
 
     def close(self) -> None:
         """Commit everything and close.  May block on fsync."""
