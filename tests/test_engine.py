@@ -370,6 +370,25 @@ def test_full_pool_gives_enospc_and_keeps_data(tmp_path):
     p.close()
 
 
+def _snapshot_then_a_page_per_block(p, before_pages=None):
+    """A volume of 16 blocks written whole, a snapshot of it, then one
+    4 KiB page written into each block (a copy on write each):
+    (volume, snapshot, its data now, the snapshot's data).
+    before_pages(), if given, runs between the snapshot and the pages."""
+    v = p.create_volume(16 * BLOCK_SIZE)
+    data = bytearray(rnd(16 * BLOCK_SIZE, 1))
+    p.write(v, 0, bytes(data))
+    (s1,) = p.snapshot([v])
+    old = bytes(data)
+    if before_pages is not None:
+        before_pages()
+    for b in range(16):
+        off = b * BLOCK_SIZE + b * 4096
+        data[off : off + 4096] = page = rnd(4096, 100 + b)
+        p.write(v, off, page)
+    return v, s1, data, old
+
+
 def _roomy_or_skip(path: str) -> None:
     st = os.statvfs(path)
     room = st.f_bavail * st.f_frsize - allocator.keep_free(st.f_blocks * st.f_frsize)
@@ -385,16 +404,10 @@ def test_data_file_grows_sparse_and_a_copy_on_write_takes_only_its_pages(tmp_pat
     _roomy_or_skip(str(tmp_path))
     p = Pool(str(tmp_path / "p"))
     try:
-        v = p.create_volume(16 * BLOCK_SIZE)
-        data = bytearray(rnd(16 * BLOCK_SIZE, 1))
-        p.write(v, 0, bytes(data))
-        (s1,) = p.snapshot([v])
-        before = p.file.allocated_bytes()
+        at = []
+        v, _, data, _ = _snapshot_then_a_page_per_block(p, lambda: at.append(p.file.allocated_bytes()))
+        before = at[0]
         assert before < 4 << 20, before  # the blocks written, not 64 MiB preallocated
-        for b in range(16):
-            off = b * BLOCK_SIZE + b * 4096
-            data[off : off + 4096] = page = rnd(4096, 100 + b)
-            p.write(v, off, page)
         p.commit()
         assert os.fstat(p.file.fd).st_size >= 32 * BLOCK_SIZE
         grown = p.file.allocated_bytes() - before
@@ -951,16 +964,7 @@ def test_trim_gives_back_the_pages_partial_slots_do_not_hold(tmp_path, monkeypat
     monkeypatch.setattr(allocator, "SPARSE_ROOM", 1 << 62)
     p = Pool(str(tmp_path / "p"))
     try:
-        v = p.create_volume(16 * BLOCK_SIZE)
-        data = bytearray(rnd(16 * BLOCK_SIZE, 1))
-        p.write(v, 0, bytes(data))
-        (s1,) = p.snapshot([v])
-        old = bytes(data)
-        for b in range(16):
-            off = b * BLOCK_SIZE + (b % 16) * 4096
-            page = rnd(4096, 100 + b)
-            p.write(v, off, page)
-            data[off : off + 4096] = page
+        v, s1, data, old = _snapshot_then_a_page_per_block(p)
         p.commit()
         partial = trim.partial_slots(p)
         assert len(partial) == 16 and all(m.bit_count() == 1 for m in partial.values()), partial
