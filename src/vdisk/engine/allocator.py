@@ -40,7 +40,7 @@ RESERVE_KEEP_FREE_MAX = 4 << 30
 # handed out earlier may still take room: at most the reservoir and the
 # write cache's fresh slots (1 GiB and 4 GiB of slots by default), which
 # this margin covers.  VDISK_SPARSE_ROOM_MIB sets it (a huge value
-# preallocates always, as vdisk before 2026-12-04 did).
+# preallocates always, as vdisk did before 947fe7e).
 SPARSE_ROOM = max(0, int(os.environ.get("VDISK_SPARSE_ROOM_MIB", "8192"))) << 20
 ROOM_CHECK_S = 1.0  # how long a look at the filesystem's free space holds
 

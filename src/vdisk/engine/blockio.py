@@ -41,7 +41,7 @@ class DataFile:
         snapshot writes 4 KiB of a slot's 64): ext4 allocates the pages
         written, where a preallocated range has its unwritten extent split
         around each page, in one long stretch of kernel time on a CPU
-        (docs/perf/2026-12-04-sparse-data-file.md).  It also takes from the
+        (docs/perf/2026-12-03-sparse-data-file.md).  It also takes from the
         filesystem only the pages written.
         """
         if end <= self._reserved:
