@@ -439,6 +439,27 @@ def test_close_to_full_the_slots_handed_out_are_allocated_first(tmp_path, monkey
         p.close()
 
 
+def test_filling_up_the_slots_a_sparse_growth_left_are_allocated_first(tmp_path, monkeypatch):
+    """The data file grew sparse while there was room; once there is
+    not, new slots from that sparse stretch are allocated before they are
+    handed out."""
+    _roomy_or_skip(str(tmp_path))
+    p = Pool(str(tmp_path / "p"))
+    try:
+        v = p.create_volume(BLOCK_SIZE)
+        p.write(v, 0, rnd(BLOCK_SIZE, 1))
+        p.commit()
+        assert os.fstat(p.file.fd).st_size >= 64 << 20 and p.file.allocated_bytes() < 4 << 20
+        monkeypatch.setattr(allocator, "SPARSE_ROOM", 1 << 62)
+        p._room_checked = (0.0, False)  # look again now, not in a second
+        before = p.file.allocated_bytes()
+        slots = allocator.reserve_many(p, 8, 8)
+        assert len(slots) == 8 and p.file.reserved() < 128 << 20  # from the sparse stretch
+        assert p.file.allocated_bytes() - before >= 8 * BLOCK_SIZE
+    finally:
+        p.close()
+
+
 def test_format_version_is_checked(tmp_path):
     path = str(tmp_path / "p")
     Pool(path).close()

@@ -101,7 +101,7 @@ def alloc(pool) -> int:
     else:
         slot = pool._hwm
         try:
-            _reserve(pool, slot_offset(slot + 1))
+            _reserve(pool, slot, 1)
         except OSError as exc:
             raise NoSpace("the pool's filesystem is full (%s): %s" % (pool.path, exc)) from exc
         pool._hwm += 1
@@ -135,7 +135,7 @@ def reserve_many(pool, want: int, grow: int) -> list[int]:
     n = min(want - len(slots), grow)
     while n > 0:
         try:
-            _reserve(pool, slot_offset(pool._hwm + n))
+            _reserve(pool, pool._hwm, n)
             break
         except OSError:
             n //= 2
@@ -150,10 +150,18 @@ def reserve_many(pool, want: int, grow: int) -> list[int]:
     return slots
 
 
-def _reserve(pool, end: int) -> None:
-    """Grow the data file to end: sparse while the filesystem is roomy."""
+def _reserve(pool, first: int, count: int) -> None:
+    """Make room in the data file for count new slots from first (at the
+    high-water mark): the file grows sparse while the filesystem is roomy;
+    otherwise the slots are allocated, also where an earlier growth left
+    them sparse (the filesystem filled up since, or the pool was opened
+    close to full).  Raises OSError (ENOSPC)."""
+    end = slot_offset(first + count)
+    sparse = roomy(pool)
     if end > pool.file.reserved():
-        pool.file.reserve(end, sparse=roomy(pool))
+        pool.file.reserve(end, sparse=sparse)
+    if not sparse:
+        pool.file.allocate(slot_offset(first), count * BLOCK_SIZE)
 
 
 def _refill_cache(pool) -> None:
