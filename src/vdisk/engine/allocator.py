@@ -156,12 +156,12 @@ def _reserve(pool, first: int, count: int) -> None:
     otherwise the slots are allocated, also where an earlier growth left
     them sparse (the filesystem filled up since, or the pool was opened
     close to full).  Raises OSError (ENOSPC)."""
-    end = slot_offset(first + count)
-    sparse = roomy(pool)
-    if end > pool.file.reserved():
+    start, end = slot_offset(first), slot_offset(first + count)
+    sparse, grown_from = roomy(pool), pool.file.reserved()
+    if end > grown_from:
         pool.file.reserve(end, sparse=sparse)
-    if not sparse:
-        pool.file.allocate(slot_offset(first), count * BLOCK_SIZE)
+    if not sparse and start < grown_from:  # reserve() allocated what lies beyond
+        pool.file.allocate(start, min(end, grown_from) - start)
 
 
 def _refill_cache(pool) -> None:
