@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+from vdisk.config import Paths
+from vdisk.engine.format import DATA_FILE
 from vdisk.harness import VDiskEnv, sh, stop_process
 
 GIB = 1 << 30
@@ -74,7 +76,7 @@ class VdiskTarget:
     def __init__(self, env: VDiskEnv, size_gib: int):
         self.env = env
         self.iid, (self.disk,) = env.instance(ndata=1, size=size_gib + 1)
-        self.cached = os.path.join(env.data, "pool", "blocks.dat")  # the data file (engine/format.py)
+        self.cached = os.path.join(Paths(env.data, env.mnt).pool, DATA_FILE)  # the data file
         env.run("instance", "start", self.iid)
         self.dev = env.attach(self.disk)
 
