@@ -343,10 +343,17 @@ def barrier_bench(runtime: int, interval: float, cwd: str, rounds: int = 3) -> d
     VM's own (the plain files') moved between 4 and 120 ms from run to run
     (docs/perf/2026-12-03-writeback-chunks.md), so the loads run in
     `rounds` rounds and each figure is the median over them, every round's
-    kept beside it.  Each round has a new pool and daemon (the baseline
-    writes to fresh disks, then the snapshots load to the same disks: on
-    a pool that had been through a round already, the baseline ran at 0.6x)
-    and new plain files; vdisk's two loads and the plain files take turns,
+    kept beside it.  Every vdisk load writes to fresh disks of a new pool
+    and daemon, as the target says ("10 fresh disks"): on a pool that had
+    been through a round already the baseline ran at 0.6x, and a second
+    pass over disks that random writes filled is the pass that copies
+    their blocks whole once (the same load without snapshots then ran at
+    a third to a half of the first pass, its maximum 77-116 ms;
+    docs/perf/2026-12-04-engine-v20.md), which the snapshots load used to
+    pay as it ran second on the baseline's disks.  That second pass is
+    measured too (`second_pass`: the baseline's disks again, no
+    snapshots), so its cost stays in view.  The plain files are new each
+    round; vdisk's loads and the plain files take turns,
     forwards then backwards, and every load starts after a sync(), as the
     fio patterns do: none pays for the writeback that the one before left
     (with the plain files always right after vdisk's snapshots, their
@@ -392,7 +399,10 @@ def barrier_bench(runtime: int, interval: float, cwd: str, rounds: int = 3) -> d
             res.update(snapshots=len(times), create_p50_ms=statistics.median(times), create_max_ms=times[-1])
         return res
 
-    def vdisk_loads(r: int, runs: dict) -> None:
+    def fresh_disks(snapshots: bool, runs: dict, r: int) -> None:
+        """A new pool and daemon, one instance of 10 fresh disks under
+        the load: with an instance snapshot every interval, or without
+        (the baseline, then the same disks once more: second_pass)."""
         env = VDiskEnv(prefix="vdisk-barrier-", io_limits="unlimited")
         try:
             env.start()
@@ -400,12 +410,22 @@ def barrier_bench(runtime: int, interval: float, cwd: str, rounds: int = 3) -> d
             disks = [d["DiskId"] for d in env.j("disk", "list", "--instance", iid)["Disks"]["Disk"]]
             env.run("instance", "start", iid)
             devs = [env.attach(d) for d in disks]
-            log("barrier round %d: 10 disks under fio, no snapshots (baseline) ..." % (r + 1))
+            if snapshots:
+                log("barrier round %d: 10 fresh disks, an instance snapshot every %.1fs ..." % (r + 1, interval))
+                runs["with_snapshots"].append(load(env, devs, True, iid))
+                return
+            log("barrier round %d: 10 fresh disks under fio, no snapshots (baseline) ..." % (r + 1))
             runs["baseline"].append(load(env, devs, True))
-            log("barrier round %d: the same disks, an instance snapshot every %.1fs ..." % (r + 1, interval))
-            runs["with_snapshots"].append(load(env, devs, True, iid))
+            log("barrier round %d: the same disks again, no snapshots (second pass) ..." % (r + 1))
+            runs["second_pass"].append(load(env, devs, True))
         finally:
             env.close()
+
+    def baseline_loads(r: int, runs: dict) -> None:
+        fresh_disks(False, runs, r)
+
+    def snapshot_load(r: int, runs: dict) -> None:
+        fresh_disks(True, runs, r)
 
     def plain_load(r: int, runs: dict) -> None:
         log("barrier round %d: the same load on 10 plain files (the machine's floor) ..." % (r + 1))
@@ -422,9 +442,9 @@ def barrier_bench(runtime: int, interval: float, cwd: str, rounds: int = 3) -> d
                 for dev in devs:
                     sh("losetup", "-d", dev, check=False)
 
-    runs: dict = {"baseline": [], "with_snapshots": [], "plain_floor": []}
+    runs: dict = {"baseline": [], "second_pass": [], "with_snapshots": [], "plain_floor": []}
     for r in range(rounds):
-        for part in in_turn((vdisk_loads, plain_load), r):
+        for part in in_turn((baseline_loads, snapshot_load, plain_load), r):
             part(r, runs)
     out = {}
     for name, mine in runs.items():
@@ -873,7 +893,7 @@ def print_report(results: dict, a) -> None:
 
 def print_barrier(r: dict) -> None:
     b, base, pf = r["with_snapshots"], r["baseline"], r["plain_floor"]
-    print("\ninstance snapshot of 10 disks under fio (4 KiB randwrite, qd4 each), one a second; medians of %d rounds:"
+    print("\ninstance snapshot of 10 disks under fio (4 KiB randwrite, qd4 each), the next 1 s after each answer; medians of %d rounds:"
           % len(b["rounds"]))
     print("  snapshots: create p50 %.1f ms, max %.1f ms (%d a round)" % (b["create_p50_ms"], b["create_max_ms"],
                                                                         b["snapshots"]))
@@ -882,6 +902,11 @@ def print_barrier(r: dict) -> None:
           % (b["lat_p50_ms"], b["lat_p99_ms"], b["lat_max_ms"], b["iops"], b["lat_max_ms"] / pf["lat_max_ms"]))
     print("  baseline, no snaps   p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  (%.0f IOPS)"
           % (base["lat_p50_ms"], base["lat_p99_ms"], base["lat_max_ms"], base["iops"]))
+    if "second_pass" in r:  # bench.json files before 2026-12-04 ran the snapshots on the baseline's disks
+        sp = r["second_pass"]
+        print("  same disks again     p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  (%.0f IOPS: the pass that copies whole,"
+              " once, the blocks random writes left partial)"
+              % (sp["lat_p50_ms"], sp["lat_p99_ms"], sp["lat_max_ms"], sp["iops"]))
     print("  10 plain files       p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  (%.0f IOPS: the machine's own floor;"
           " vdisk without snapshots %.2fx of it, target at least 0.5x)"
           % (pf["lat_p50_ms"], pf["lat_p99_ms"], pf["lat_max_ms"], pf["iops"], base["iops"] / pf["iops"]))
@@ -918,7 +943,7 @@ def main() -> int:
                     help="comma-separated parts of fio pattern names to run (say 'fsync'); default all")
     ap.add_argument("--barrier-runtime", type=int, default=20, help="seconds of load per barrier run (default 20)")
     ap.add_argument("--barrier-rounds", type=int, default=3,
-                    help="rounds of the barrier's three loads, medians reported (default 3)")
+                    help="rounds of the barrier's four loads, medians reported (default 3)")
     ap.add_argument("--memory-gib", type=int, default=10, help="GiB written for the memory figure (default 10)")
     ap.add_argument("--churn-clients", type=int, default=8,
                     help="control clients creating and deleting snapshots in the churn run (default 8)")
