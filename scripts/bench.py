@@ -893,8 +893,8 @@ def print_report(results: dict, a) -> None:
 
 def print_barrier(r: dict) -> None:
     b, base, pf = r["with_snapshots"], r["baseline"], r["plain_floor"]
-    print("\ninstance snapshot of 10 disks under fio (4 KiB randwrite, qd4 each), the next 1 s after each answer; medians of %d rounds:"
-          % len(b["rounds"]))
+    print("\ninstance snapshot of 10 disks under fio (4 KiB randwrite, qd4 each), the next 1 s after each answer;"
+          " medians of %d rounds:" % len(b["rounds"]))
     print("  snapshots: create p50 %.1f ms, max %.1f ms (%d a round)" % (b["create_p50_ms"], b["create_max_ms"],
                                                                         b["snapshots"]))
     print("  writers' latency     p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  (%.0f IOPS)   max %.1fx the plain"
