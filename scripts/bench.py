@@ -330,6 +330,46 @@ def write_amplification(env: VDiskEnv, t: VdiskTarget, size: str, cwd: str) -> d
     return wa
 
 
+def wa_across_commits(size_gib: int, cwd: str, cycles: int = 10) -> dict:
+    """What the daemon writes per byte of 4 KiB random writes that live
+    through many commits, no snapshot: a disk's region written whole, then
+    `cycles` rounds of one 4 KiB write per 64 KiB block of it (fio, random
+    offsets, then fsync), a commit between rounds.  The one-pass figure
+    above sees each block's first copy on write only; here a block that
+    gathers pages over the commits is copied again and again
+    (docs/perf/2026-12-04-engine-v20.md, "Write amplification across
+    commits").  Its own daemon commits every second
+    (VDISK_COMMIT_INTERVAL=1, not the default 30) so that the rounds take
+    a minute, not five."""
+    saved = os.environ.get("VDISK_COMMIT_INTERVAL")
+    os.environ["VDISK_COMMIT_INTERVAL"] = "1"
+    env = VDiskEnv(prefix="vdisk-wa-", io_limits="unlimited")
+    try:
+        env.start()
+    finally:
+        if saved is None:
+            del os.environ["VDISK_COMMIT_INTERVAL"]
+        else:
+            os.environ["VDISK_COMMIT_INTERVAL"] = saved
+    try:
+        t = VdiskTarget(env, size_gib)
+        size = "%dG" % size_gib
+        fio(t.dev, ["--rw=write", "--bs=1M", "--iodepth=8", "--end_fsync=1"], size, None, cwd)
+        per_block = ["--rw=randwrite", "--bs=4k", "--iodepth=32", "--io_size=%dM" % (size_gib * 1024 // 16),
+                     "--end_fsync=1"]
+        pid = env.daemon_pid()
+        rounds = []
+        for _ in range(cycles):
+            time.sleep(2.5)  # a commit takes what the round before wrote
+            w0 = proc_wchar(pid)
+            r = fio(t.dev, per_block, size, None, cwd)
+            rounds.append((proc_wchar(pid) - w0) / r["bytes"])
+        return {"rounds": rounds, "last_three_median": statistics.median(rounds[-3:]),
+                "commit_interval_s": 1, "writes_per_block_per_round": 1}
+    finally:
+        env.close()
+
+
 # --------------------------------------------------------------- snapshot costs
 
 def barrier_bench(runtime: int, interval: float, cwd: str, rounds: int = 3) -> dict:
@@ -870,6 +910,11 @@ def print_report(results: dict, a) -> None:
         print("  %-22s %5.1fx  (%d MiB written by the daemon for %d MiB, %.0f IOPS, %d MiB more on disk)"
               % (label, w["write_amplification"], w["daemon_bytes_written"] >> 20, w["fio_bytes"] >> 20, w["iops"],
                  w["new_space_bytes"] >> 20))
+    wc = results.get("write_amplification_across_commits")
+    if wc:
+        print("  across %d commits (one 4 KiB write per block between commits, no snapshot): %s; settles at %.1fx"
+              "   target: <= 2x" % (len(wc["rounds"]), " ".join("%.1f" % x for x in wc["rounds"]),
+                                   wc["last_three_median"]))
     if "churn" in results:
         print_churn(results["churn"])
     if "barrier" in results:
@@ -1010,6 +1055,8 @@ def main() -> int:
         }
     finally:
         env.close()
+    log("write amplification across commits ...")
+    results["write_amplification_across_commits"] = wa_across_commits(a.size_gib, cwd)
     if not a.no_snapshot_costs:
         log("churn: fio with verification under %d clients creating and deleting snapshots ..." % a.churn_clients)
         results["churn"] = churn_bench(a.barrier_runtime * 3, a.churn_clients, cwd)
