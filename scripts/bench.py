@@ -12,6 +12,7 @@ vdisk itself; --levels measures disks at the cloud's I/O limits.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -22,12 +23,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import unittest.mock
 
 from vdisk.config import Paths
 from vdisk.engine.format import DATA_FILE
 from vdisk.harness import VDiskEnv, sh, stop_process
 
 GIB = 1 << 30
+# fio writing a region whole in 1 MiB writes (a disk's data before it is measured)
+FILL = ["--rw=write", "--bs=1M", "--iodepth=8"]
 # the fio table's columns, vdisk first (see the classes below)
 TARGETS = ["vdisk", "qsd", "qsd-sub", "plain", "plain-buffered"]
 COW_IO = "64M"  # how much the after-snapshot pattern writes (not time based)
@@ -227,7 +231,7 @@ def fio_patterns(a, size: str, cwd: str, env: VDiskEnv) -> dict:
             targets.append(PlainTarget(env.dir, a.size_gib, direct=False))
         for t in targets:  # fill the region so reads read data and snapshots share it
             log("filling %s on %s ..." % (size, t.name))
-            fio(t.dev, ["--rw=write", "--bs=1M", "--iodepth=8"], size, None, cwd)
+            fio(t.dev, FILL, size, None, cwd)
         for pname, args, _, snap in a.patterns:
             ran = [t for t in targets if not snap or t.snapshot is not None]
             runs: dict = {t.name: [] for t in ran}
@@ -307,7 +311,7 @@ def write_amplification(env: VDiskEnv, t: VdiskTarget, size: str, cwd: str) -> d
     pid = env.daemon_pid()
     wa = {}
     args = ["--rw=randwrite", "--bs=4k", "--iodepth=32", "--io_size=64M", "--end_fsync=1"]
-    fio(t.dev, ["--rw=write", "--bs=1M", "--iodepth=8", "--end_fsync=1"], size, None, cwd)
+    fio(t.dev, FILL + ["--end_fsync=1"], size, None, cwd)
     for label, snaps in (("no snapshot", 0), ("after snapshot", 1), ("after the 5th snapshot", 4)):
         for i in range(snaps):
             if i:  # the same writes after each snapshot before the one measured
@@ -341,20 +345,13 @@ def wa_across_commits(size_gib: int, cwd: str, cycles: int = 10) -> dict:
     commits").  Its own daemon commits every second
     (VDISK_COMMIT_INTERVAL=1, not the default 30) so that the rounds take
     a minute, not five."""
-    saved = os.environ.get("VDISK_COMMIT_INTERVAL")
-    os.environ["VDISK_COMMIT_INTERVAL"] = "1"
     env = VDiskEnv(prefix="vdisk-wa-", io_limits="unlimited")
-    try:
+    with unittest.mock.patch.dict(os.environ, {"VDISK_COMMIT_INTERVAL": "1"}):  # the daemon reads it at start
         env.start()
-    finally:
-        if saved is None:
-            del os.environ["VDISK_COMMIT_INTERVAL"]
-        else:
-            os.environ["VDISK_COMMIT_INTERVAL"] = saved
     try:
         t = VdiskTarget(env, size_gib)
         size = "%dG" % size_gib
-        fio(t.dev, ["--rw=write", "--bs=1M", "--iodepth=8", "--end_fsync=1"], size, None, cwd)
+        fio(t.dev, FILL + ["--end_fsync=1"], size, None, cwd)
         per_block = ["--rw=randwrite", "--bs=4k", "--iodepth=32", "--io_size=%dM" % (size_gib * 1024 // 16),
                      "--end_fsync=1"]
         pid = env.daemon_pid()
@@ -439,7 +436,7 @@ def barrier_bench(runtime: int, interval: float, cwd: str, rounds: int = 3) -> d
             res.update(snapshots=len(times), create_p50_ms=statistics.median(times), create_max_ms=times[-1])
         return res
 
-    def fresh_disks(snapshots: bool, runs: dict, r: int) -> None:
+    def fresh_disks(snapshots: bool, r: int, runs: dict) -> None:
         """A new pool and daemon, one instance of 10 fresh disks under
         the load: with an instance snapshot every interval, or without
         (the baseline, then the same disks once more: second_pass)."""
@@ -461,12 +458,6 @@ def barrier_bench(runtime: int, interval: float, cwd: str, rounds: int = 3) -> d
         finally:
             env.close()
 
-    def baseline_loads(r: int, runs: dict) -> None:
-        fresh_disks(False, runs, r)
-
-    def snapshot_load(r: int, runs: dict) -> None:
-        fresh_disks(True, runs, r)
-
     def plain_load(r: int, runs: dict) -> None:
         log("barrier round %d: the same load on 10 plain files (the machine's floor) ..." % (r + 1))
         devs = []
@@ -484,7 +475,8 @@ def barrier_bench(runtime: int, interval: float, cwd: str, rounds: int = 3) -> d
 
     runs: dict = {"baseline": [], "second_pass": [], "with_snapshots": [], "plain_floor": []}
     for r in range(rounds):
-        for part in in_turn((baseline_loads, snapshot_load, plain_load), r):
+        loads = (functools.partial(fresh_disks, False), functools.partial(fresh_disks, True), plain_load)
+        for part in in_turn(loads, r):
             part(r, runs)
     out = {}
     for name, mine in runs.items():
@@ -608,7 +600,7 @@ def deletion_time(cwd: str) -> dict:
         iid, (disk,) = env.instance(ndata=1, size=2)
         env.run("instance", "start", iid)
         dev = env.attach(disk)
-        fio(dev, ["--rw=write", "--bs=1M", "--iodepth=8"], "1G", None, cwd)
+        fio(dev, FILL, "1G", None, cwd)
         out = {}
         for mib in (0, 16, 128, 1024):
             log("snapshot deletion time, %d MiB changed ..." % mib)
@@ -796,7 +788,7 @@ def cold_bench(repeat: int, cwd: str) -> dict:
             env.start()
             t = VdiskTarget(env, 2)
             iid, disk, dev = t.iid, t.disk, t.dev
-            fio(dev, ["--rw=write", "--bs=1M", "--iodepth=8"], "1G", None, cwd)
+            fio(dev, FILL, "1G", None, cwd)
 
             def measure(case, dev):
                 passed = passed_to_python(env)
