@@ -473,7 +473,7 @@ def test_format_version_is_checked(tmp_path):
 
 def test_version_1_pool_is_upgraded_when_opened(tmp_path):
     """A pool of format version 1 (no intent log) opens, is marked version
-    4, and keeps its data; log flushes work on it."""
+    5, and keeps its data; log flushes work on it."""
     path = str(tmp_path / "p")
     p = Pool(path)
     v = p.create_volume(4 * BLOCK_SIZE)
@@ -495,7 +495,7 @@ def test_version_1_pool_is_upgraded_when_opened(tmp_path):
         p._abandon()  # a crash: the record must carry the write
     p = Pool(path)
     with p.env.begin(db=p._db[DB_META]) as txn:
-        assert u64_decode(txn.get(b"format_version")) == FORMAT_VERSION == 4
+        assert u64_decode(txn.get(b"format_version")) == FORMAT_VERSION == 5
     assert p.read(v, 0, 4096) == b"x" * 4096
     assert p.intent.stats["replayed"] == 1
     p.close()
@@ -526,7 +526,7 @@ def _as_version(path: str, version: int) -> int:
 @pytest.mark.parametrize("version", [2, 3])
 def test_older_pool_is_upgraded_when_opened(tmp_path, version):
     """A version 2 pool (whole-block entries of 20 bytes) or 3 (22 bytes,
-    no back slot) opens as version 4 without rewriting its map.  Snapshots,
+    no back slot) opens as version 5 without rewriting its map.  Snapshots,
     partial writes over its entries (backed ones over the head's own) and
     deletions then work, and scrub finds nothing wrong at any step."""
     path = str(tmp_path / "p")
@@ -542,7 +542,7 @@ def test_older_pool_is_upgraded_when_opened(tmp_path, version):
     p = Pool(path)
     try:
         with p.env.begin(db=p._db[DB_META]) as txn:
-            assert u64_decode(txn.get(b"format_version")) == 4
+            assert u64_decode(txn.get(b"format_version")) == 5
         assert p.read(v, 0, 3 * BLOCK_SIZE) == data
         assert p.scrub() == []
         (s2,) = p.snapshot([v])
@@ -565,6 +565,50 @@ def test_older_pool_is_upgraded_when_opened(tmp_path, version):
     p = Pool(path)
     assert p.read(v, 0, 3 * BLOCK_SIZE) == data
     p.close()
+
+
+def test_version_4_pool_gets_its_back_slots_checksummed_again(tmp_path):
+    """Version 4 checksummed a backed entry's back slot whole (64 KiB);
+    version 5 checksums only its pages not in the entry's mask, since the
+    others may be written in place.  A version 4 pool's backed entries
+    are checksummed again when it is opened: it reads, scrubs clean and
+    keeps its data.  Without the upgrade, scrub finds the old sums wrong."""
+    from vdisk.engine.layers import page_crc
+    from vdisk.engine.format import map_val, slot_offset
+
+    path = str(tmp_path / "p")
+    p = Pool(path, fast=False)
+    v = p.create_volume(4 * BLOCK_SIZE)
+    data = bytearray(rnd(3 * BLOCK_SIZE, 3))
+    p.write(v, 0, data)
+    p.commit()
+    p.write(v, 4096, b"b" * 4096)  # over the head's own whole block: backed
+    data[4096:8192] = b"b" * 4096
+    p.commit()
+    p.close()
+    env = lmdb.open(os.path.join(path, LMDB_DIR), max_dbs=16)
+    mdb, meta = env.open_db(DB_MAP), env.open_db(DB_META)
+    backed = 0
+    with open(os.path.join(path, DATA_FILE), "rb") as f:
+        with env.begin(write=True) as txn:
+            for k, val in list(txn.cursor(db=mdb)):
+                slot, death, crc, mask, back, _bcrc = map_val_full(val)
+                if back:
+                    f.seek(slot_offset(back))
+                    whole = page_crc(f.read(BLOCK_SIZE), FULL_MASK)  # as version 4 summed it
+                    txn.put(k, map_val(slot, death, crc, mask, back, whole), db=mdb)
+                    backed += 1
+            txn.put(b"format_version", u64(4), db=meta)
+    env.close()
+    assert backed == 1
+    p = Pool(path, fast=False)
+    try:
+        with p.env.begin(db=p._db[DB_META]) as txn:
+            assert u64_decode(txn.get(b"format_version")) == 5
+        assert p.scrub() == []
+        assert p.read(v, 0, 3 * BLOCK_SIZE) == data
+    finally:
+        p.close()
 
 
 def test_a_log_that_may_not_grow_says_so_once(tmp_path, monkeypatch, caplog):
@@ -848,7 +892,7 @@ def test_writes_after_a_commit_copy_only_the_pages_written(tmp_path):
     p.commit()
     _one_page_into_eight_blocks(p, v, data)
     chain = _chain(p, v, 1)
-    assert [m for _, m, _ in chain] == [0b10, FULL_MASK], chain  # page 1 over its back slot
+    assert [m for _, m, _ in chain] == [0b10, FULL_MASK & ~0b10], chain  # page 1 over its back slot
     assert p.read(v, 0, nb * BLOCK_SIZE) == data
     assert p.scrub() == []
     # another commit's write copies the pages, keeps the back slot
@@ -857,7 +901,7 @@ def test_writes_after_a_commit_copy_only_the_pages_written(tmp_path):
     p.commit()
     back = chain[1][0]
     chain = _chain(p, v, 1)
-    assert [m for _, m, _ in chain] == [0b100010, FULL_MASK] and chain[1][0] == back, chain
+    assert [m for _, m, _ in chain] == [0b100010, FULL_MASK & ~0b100010] and chain[1][0] == back, chain
     assert p.read(v, 0, nb * BLOCK_SIZE) == data
     # a snapshot sees it whole; the head writes over it through to it
     (s1,) = p.snapshot([v])

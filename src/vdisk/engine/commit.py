@@ -465,6 +465,8 @@ def _apply_dirty(pool, tx: Tx, ep: Epoch) -> None:
                 continue  # absence reads as zeros in a root lineage
             if d.slot == ZERO_SLOT and old is None and not _parent_has(pool, cur, lin, block):
                 continue
+            if back:  # of its pages the new entry does not hold
+                back_crc = layers.back_crc(pool, back, d.have)
             txn.put(map_key(lid, block, gen), map_val(d.slot, INF, d.crc, d.have, back, back_crc), db=mdb)
             txn.put(born_key(lid, gen, block), b"", db=pool._db[DB_BORN])
 

@@ -10,9 +10,9 @@ import struct
 
 from .native import ffi as _ffi, lib as _lib  # csrc/logrecord.h: the log record's layout
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # versions this vdisk opens: older ones are upgraded in place when opened
-READABLE_VERSIONS = (1, 2, 3, 4)
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 BLOCK_SIZE = 64 * 1024  # bytes per block (a "slot" in the data file)
 SECTOR = 512
 PAGE = 4096  # the unit of a partial entry's mask and of the intent log
@@ -63,9 +63,10 @@ def map_key_decode(key: bytes) -> tuple[int, int, int]:
 
 def map_val(slot: int, death: int, csum: int, mask: int = FULL_MASK, back: int = 0, back_crc: int = 0) -> bytes:
     """mask: the 4 KiB pages of the block the slot holds.  The others come
-    from slot `back` (a whole block the entry owns, checksum back_crc: a
-    *backed* entry) or, without one, read as the block was just before the
-    entry's birth (a *partial* entry reads through)."""
+    from slot `back` (a slot the entry owns, back_crc the checksum of its
+    pages not in mask since version 5: a *backed* entry) or, without one,
+    read as the block was just before the entry's birth (a *partial* entry
+    reads through)."""
     if back:
         return _MAPVAL4.pack(slot, death, csum, mask, back, back_crc)
     return _MAPVAL.pack(slot, death, csum, mask)

@@ -14,8 +14,8 @@ from . import native
 from .errors import ChecksumError
 from .format import BLOCK_SIZE, FULL_MASK, PAGE, ZERO_SLOT, map_key, map_key_decode, map_val_full, mask_runs, slot_offset
 
-# (slot, mask, crc) of one entry, or of its back slot (mask full): the slot
-# holds the pages of mask
+# (slot, mask, crc) of one entry, or of its back slot (the pages not in the
+# entry's mask): the slot holds the pages of mask
 Layer = tuple[int, int, int]
 
 
@@ -35,7 +35,7 @@ def layers(pool, cur, lid: int, gen: int, block: int) -> list[Layer]:
                 out.append((slot, mask, crc))
             need &= ~mask
             if need and back:  # the rest is in its back slot
-                out.append((back, FULL_MASK, bcrc))
+                out.append((back, FULL_MASK & ~mask, bcrc))
                 need = 0
             if not need:
                 return out
@@ -88,6 +88,12 @@ def page_crc(data, mask: int) -> int:
     for first, count in mask_runs(mask):
         crc = native.crc32c(mv[first * PAGE : (first + count) * PAGE], crc)
     return crc
+
+
+def back_crc(pool, back: int, mask: int) -> int:
+    """The checksum a backed entry of mask keeps of its back slot: of the
+    pages not in mask (docs/format.md, version 5)."""
+    return page_crc(pool.file.pread(BLOCK_SIZE, slot_offset(back)), FULL_MASK & ~mask)
 
 
 def assemble(pool, chain: list[Layer], where: str, out: bytearray | None = None, need: int = FULL_MASK) -> bytearray:

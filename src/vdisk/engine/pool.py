@@ -89,6 +89,8 @@ from .format import (
     LOG_FILE,
     READABLE_VERSIONS,
     jdec,
+    map_val,
+    map_val_full,
     jenc,
     PAGE,
     u64,
@@ -142,8 +144,9 @@ class Pool:
             name: self.env.open_db(name)
             for name in (DB_META, DB_MAP, DB_DEAD, DB_BORN, DB_FREE, DB_LINEAGE, DB_VOLUME, DB_SNAP, DB_RECORD)
         }
-        self._check_format(existing)
+        ver = self._check_format(existing)
         self.file = datafile_factory(os.path.join(path, DATA_FILE))
+        self._upgrade(ver)
         self.log = datafile_factory(os.path.join(path, LOG_FILE))
         self._load()
         logflush.replay(self)
@@ -179,13 +182,27 @@ class Pool:
             bs = u64_decode(txn.get(b"block_size"))
             if bs != BLOCK_SIZE:
                 raise FormatError("%s: block size %d, this vdisk uses %d" % (self.path, bs, BLOCK_SIZE))
-            if ver < FORMAT_VERSION:
-                # 1 -> 2 adds the intent log, whose generation starts at 0
-                # (absent); 2 -> 3 partial entries, whose mask a 20-byte
-                # value lacks (whole).  An older vdisk refuses the pool from
-                # now on.
-                log.info("upgrading %s from format version %d to %d", self.path, ver, FORMAT_VERSION)
-                txn.put(b"format_version", u64(FORMAT_VERSION))
+            return ver
+        return FORMAT_VERSION
+
+    def _upgrade(self, ver: int) -> None:
+        """Bring a pool of an older format version up to this one, in one
+        transaction (an older vdisk refuses the pool from then on): 1 -> 2
+        adds the intent log, whose generation starts at 0 (absent); 2 -> 3
+        partial entries, whose mask a 20-byte value lacks (whole); 3 -> 4
+        backed entries, which no older pool has; 4 -> 5 checksums a back
+        slot's pages not in its entry's mask instead of its 64 KiB."""
+        if ver == FORMAT_VERSION:
+            return
+        log.info("upgrading %s from format version %d to %d", self.path, ver, FORMAT_VERSION)
+        with self.env.begin(write=True) as txn:
+            if ver == 4:
+                mdb = self._db[DB_MAP]
+                for k, v in list(txn.cursor(db=mdb)):
+                    slot, death, crc, mask, back, _bcrc = map_val_full(v)
+                    if back:
+                        txn.put(k, map_val(slot, death, crc, mask, back, layers.back_crc(self, back, mask)), db=mdb)
+            txn.put(b"format_version", u64(FORMAT_VERSION), db=self._db[DB_META])
 
     def _load(self) -> None:
         with self.env.begin() as txn:

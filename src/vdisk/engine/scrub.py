@@ -49,11 +49,9 @@ def check(pool, verify_data: bool = True, progress=None) -> list[str]:
                 if mask != FULL_MASK or back:
                     problems.append("%s: a partial or backed tombstone" % where)
                 continue
-            if not mask:
+            if not mask and not back:
                 problems.append("%s: an entry that holds no page" % where)
-            if back and mask == FULL_MASK:
-                problems.append("%s: a whole entry with a back slot" % where)
-            for s_, m_, c_, what in ((slot, mask, crc, where), (back, FULL_MASK, bcrc, where + " (back slot)")):
+            for s_, m_, c_, what in ((slot, mask, crc, where), (back, FULL_MASK & ~mask, bcrc, where + " (back slot)")):
                 if s_ == ZERO_SLOT:
                     continue
                 if s_ in owner:

@@ -15,7 +15,10 @@ runs), and this is asked for instead, at a quiet time.
 Runs in the pool's owner thread, after a commit: the slots it punches are
 committed and no writer touches them (a write to their block copies on
 write), and no commit or allocation runs meanwhile, so none of them can be
-freed and handed out again before its punch.
+freed and handed out again before its punch.  Backed entries are left
+alone: a write to one the head owns goes into the pages its two slots do
+not hold (the C fast path's flip, docs/format.md), so those pages are
+about to be written anyway.
 """
 from __future__ import annotations
 
@@ -26,13 +29,13 @@ from .format import DB_MAP, FULL_MASK, PAGE, ZERO_SLOT, map_val_full, mask_runs,
 
 
 def partial_slots(pool) -> dict[int, int]:
-    """slot -> the pages it holds, of every committed partial entry
-    (from the map alone)."""
+    """slot -> the pages it holds, of every committed partial entry that
+    is not backed (from the map alone)."""
     out: dict[int, int] = {}
     with pool.env.begin(db=pool._db[DB_MAP]) as txn:
         for val in txn.cursor().iternext(keys=False):
-            slot, _death, _crc, mask, _back, _bcrc = map_val_full(val)
-            if slot != ZERO_SLOT and mask != FULL_MASK:
+            slot, _death, _crc, mask, back, _bcrc = map_val_full(val)
+            if slot != ZERO_SLOT and mask != FULL_MASK and not back:
                 out[slot] = mask
     return out
 
