@@ -21,6 +21,16 @@
  *                                snapshot point does: a copy-on-write here
  *                                writes only the pages written, over the
  *                                entry (else it copies the pages of have)
+ *     back, flip, pflip          a committed backed entry the head owns
+ *                                (its back slot, as the engine said): a
+ *                                write *flips* each page into the place of
+ *                                slot and back that the durable map does
+ *                                not use for it (docs/format.md, "Writing a
+ *                                backed entry in place"); flip: the pages
+ *                                flipped in this epoch (written where they
+ *                                are now), pflip: in the one before, not
+ *                                flipped again while its commit is in
+ *                                flight
  *   reservoir                    free slots handed over by the engine; a
  *                                copy-on-write takes one
  *   log                          (vid, block, slot) of every block that got
@@ -73,7 +83,7 @@
 
 #define BS (64 * 1024)
 #define MAX_SPAN VD_FM_MAX_SPAN
-#define MAX_ENTRIES (1u << 20) /* 1 Mi entries: 48 MiB of table at most */
+#define MAX_ENTRIES (1u << 20) /* 1 Mi entries (88 bytes each; the table is at most half full) */
 #define LOG_REC VD_FM_DRAIN_WORDS /* the drain's records (fastmap.h) */
 
 /* Where the pages an entry's slot does not hold read from: those of bhave
@@ -96,6 +106,11 @@ struct ent {
     uint32_t sepoch; /* fm->epoch when the entry was last set */
     uint16_t mask;   /* pages written since the volume's last log flush */
     uint16_t have;   /* pages the slot holds */
+    uint16_t flip;   /* back: pages flipped in the entry's epoch (now in place) */
+    /* back: pages flipped in the epoch before, kept when the entry flips
+     * in this one while that epoch's commit is in flight: both places of
+     * each are in use then (the durable map's and the commit's) */
+    uint16_t pflip;
     uint8_t shared;  /* the view is the last snapshot point's: copy only what is written */
     /* a slot of the view that this engine has not verified against its
      * checksum since the pool was opened (one taught ahead of reads,
@@ -103,6 +118,14 @@ struct ent {
      * fill a copy-on-write; writes that need none of its bytes go on */
     uint8_t unverified;
     uint8_t used; /* 0 free, 1 an entry, MOVED (in otab only): moved to tab */
+    /* the head's own back slot (0: none known): the committed entry is a
+     * backed one (docs/format.md) that no snapshot point sees, with the
+     * pages not in have in this slot, so that a write here goes into the
+     * page position of slot or back that the durable map does not use
+     * (a flip) instead of a copy-on-write.  Set by the engine only (at
+     * the commit that made the entry backed, or teaching it), never while
+     * a structural change is in flight; cleared when sharing is unsure */
+    uint64_t back;
 };
 #define MOVED 2
 #define FULL 0xFFFF
@@ -192,6 +215,11 @@ struct vd_fastmap {
     uint32_t low_water;
     int signalled;
     uint32_t epoch, lepoch; /* lepoch: the last log epoch handed out */
+    /* the epoch a commit in flight makes durable (0: none), and whether
+     * that commit changes structure (a snapshot, say): then nothing flips,
+     * since what the head owns may change with it (vd_fm_commit_state) */
+    uint32_t inflight;
+    int hold;
     struct ent *tab;
     size_t cap, n; /* n: entries in tab and otab */
     /* while the table grows: the old table, whose entries move to tab a
@@ -206,7 +234,7 @@ struct vd_fastmap {
     uint64_t *log;
     size_t loghead, nlog, caplog; /* in records of LOG_REC words: [loghead, nlog) not drained yet */
     volatile int failed;
-    uint64_t st_reads, st_writes, st_again, st_cow, st_verified;
+    uint64_t st_reads, st_writes, st_again, st_cow, st_verified, st_flips;
     /* writes that found the reservoir dry and waited for a refill: how
      * many, and their waits' total and longest (ns; under the inner mutex) */
     struct spans dry;
@@ -448,7 +476,8 @@ static inline int same_below(struct below a, struct below b)
 /* Insert or update; 0 on success, -ENOSPC when the table is at its limit.
  * bits: pages just written (the mask starts over in a new log epoch). */
 static int put(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint32_t epoch,
-               uint32_t lepoch, uint16_t bits, uint16_t have, struct below b, int shared, int unverified)
+               uint32_t lepoch, uint16_t bits, uint16_t have, struct below b, int shared, int unverified,
+               uint64_t back, uint16_t flip, uint16_t pflip)
 {
     if (have == FULL && epoch == fm->epoch)
         unverified = 0; /* a fresh whole slot: written here, nothing below it */
@@ -466,6 +495,9 @@ static int put(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slo
         e->shared = (uint8_t)shared;
         e->unverified = (uint8_t)unverified;
         e->sepoch = fm->epoch;
+        e->back = back;
+        e->flip = flip;
+        e->pflip = pflip;
         return 0;
     }
     if (fm->n >= MAX_ENTRIES)
@@ -474,7 +506,8 @@ static int put(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slo
         return -ENOMEM;
     struct ent ne = {.vid = vid, .block = block, .slot = slot, .b = b, .epoch = epoch,
                      .lepoch = lepoch, .mask = bits, .sepoch = fm->epoch, .have = have, .shared = (uint8_t)shared,
-                     .unverified = (uint8_t)unverified, .used = 1};
+                     .unverified = (uint8_t)unverified, .used = 1, .back = back, .flip = flip,
+                     .pflip = pflip};
     place(fm->tab, fm->cap, &ne);
     fm->n++;
     return 0;
@@ -555,13 +588,23 @@ void vd_fm_drop_volume(struct vd_fastmap *fm, uint64_t vid)
  * flush has it already).  If the table is full the entry is forgotten
  * instead: never left stale. */
 int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, int writable, uint16_t have,
-              uint64_t base, uint16_t bhave, uint64_t base2, uint16_t bhave2, uint64_t base3, int unverified)
+              uint64_t base, uint16_t bhave, uint64_t base2, uint16_t bhave2, uint64_t base3, int unverified,
+              uint64_t back, uint16_t flip, uint16_t pflip)
 {
     struct vol *v = find_vol(fm, vid);
-    int w = writable && slot && v != NULL;
-    struct below b = {base, base2, base3, bhave, bhave2};
+    if (back && (!slot || v == NULL || fm->hold)) {
+        /* a flipped block C may not flip now: the engine serves it */
+        vd_fm_forget(fm, vid, block);
+        return 0;
+    }
+    if (!back)
+        flip = 0;
+    /* a flipped block is in this epoch (its flips in place), never written
+     * in place as a fresh slot is */
+    int w = (writable || flip) && slot && v != NULL;
+    struct below b = back ? (struct below){back, 0, 0, FULL, FULL} : (struct below){base, base2, base3, bhave, bhave2};
     int rc = put(fm, vid, block, slot, w ? fm->epoch : 0, (w && writable == 1) ? v->lepoch : 0, 0,
-                 slot ? have : FULL, b, 0, slot && unverified);
+                 slot ? have : FULL, b, 0, slot && unverified, back, flip, back ? pflip : 0);
     if (rc < 0)
         vd_fm_forget(fm, vid, block);
     return rc;
@@ -572,7 +615,8 @@ int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot
  * verified yet (the engine taught it ahead of any read); the same mapping
  * added again verified clears that.  1 when the entry was added. */
 int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint16_t have, uint64_t base,
-              int shared, uint16_t bhave, uint64_t base2, uint16_t bhave2, uint64_t base3, int unverified)
+              int shared, uint16_t bhave, uint64_t base2, uint16_t bhave2, uint64_t base3, int unverified,
+              uint64_t back)
 {
     struct ent *e = lookup(fm, vid, block);
     uint16_t h = slot ? have : FULL;
@@ -582,8 +626,28 @@ int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot
             e->unverified = 0; /* the same read-only mapping, verified by the engine */
         return 0;
     }
-    int rc = put(fm, vid, block, slot, 0, 0, 0, h, b, shared, slot && unverified);
+    if (shared || fm->hold || !slot || h == FULL || b.base != back || (uint16_t)(h | b.bhave) != FULL)
+        back = 0;
+    int rc = put(fm, vid, block, slot, 0, 0, 0, h, b, shared, slot && unverified, back, 0, 0);
     return rc < 0 ? rc : 1;
+}
+
+/* The commit that just became durable wrote (vid, block) as a backed entry
+ * of slot over its back slot back, the head's own: C may flip it from now
+ * on, if its entry is still that one (a later write may have replaced it)
+ * and no structural change is in flight. */
+void vd_fm_mark_backed(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint64_t back)
+{
+    struct ent *e = lookup(fm, vid, block);
+    if (e != NULL && !fm->hold && e->slot == slot && e->have != FULL && e->b.base == back &&
+        (uint16_t)(e->have | e->b.bhave) == FULL && e->epoch != fm->epoch)
+        e->back = back;
+}
+
+void vd_fm_commit_state(struct vd_fastmap *fm, int state)
+{
+    fm->inflight = state ? fm->epoch - 1 : 0;
+    fm->hold = state == 2;
 }
 
 /* Which of n blocks from first the table does not know: bit i of out[i /
@@ -647,8 +711,15 @@ void vd_fm_unshare(struct vd_fastmap *fm, uint64_t vid)
     v->share_epoch = 0;
     finish_growth(fm);
     for (size_t i = 0; i < fm->cap; i++)
-        if (fm->tab[i].used && fm->tab[i].vid == vid)
-            fm->tab[i].shared = 0;
+        if (fm->tab[i].used && fm->tab[i].vid == vid) {
+            struct ent *e = &fm->tab[i];
+            e->shared = 0;
+            /* an older point may see a committed block marked the head's
+             * own before it (only the engine knows); a block flipped in
+             * this epoch is the head's own, and stays so */
+            if (!(e->epoch == fm->epoch && e->flip))
+                e->back = 0;
+        }
 }
 
 static inline int is_shared(const struct ent *e, const struct vol *v)
@@ -868,6 +939,7 @@ void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out)
     spans_get(&fm->dry, out + 5);
     spans_get(&fm->blocked, out + 8);
     spans_get(&fm->held, out + 11);
+    out[14] = __atomic_load_n(&fm->st_flips, __ATOMIC_RELAXED);
 }
 
 /* ------------------------------------------------------------ I/O side */
@@ -1104,7 +1176,7 @@ static void ask_for_slots(struct vd_fastmap *fm)
     }
 }
 
-enum { INPLACE, NEW, COW, COMPARE };
+enum { INPLACE, NEW, COW, COMPARE, FLIP };
 
 /* The next run of pages in mask at or after *pg: its length (0: none
  * left), with *pg moved to its first page. */
@@ -1157,10 +1229,12 @@ static int store_pages(struct vd_fastmap *fm, uint64_t dst, uint16_t mask, const
     return 0;
 }
 
-/* Append (vid, block, slot, have) to the log, and the block to v's changed
+/* Append (vid, block, slot, have, back, flip) to the log (back, flip: a
+ * flipped block's back slot and pages flipped since its commit; 0 for a
+ * fresh slot), and the block to v's changed
  * list (v: the volume; NULL for a FLUSHED marker); with the inner mutex held. */
 static int log_block(struct vd_fastmap *fm, struct vol *v, uint64_t vid, uint64_t block, uint64_t slot,
-                     uint16_t have)
+                     uint16_t have, uint64_t back, uint16_t flip)
 {
     if (v != NULL && v->nchg <= CHG_MAX) { /* for a log flush here */
         if (v->nchg < CHG_MAX)
@@ -1185,6 +1259,8 @@ static int log_block(struct vd_fastmap *fm, struct vol *v, uint64_t vid, uint64_
     r[1] = block;
     r[2] = slot;
     r[3] = have;
+    r[4] = back;
+    r[5] = flip;
     fm->nlog++;
     return 0;
 }
@@ -1205,6 +1281,7 @@ struct plan {
     uint64_t osrc[MAX_SPAN];   /* COW: the slot the pages of own are copied from */
     struct below nb_[MAX_SPAN]; /* what a new or merged slot's missing pages read from */
     uint16_t own[MAX_SPAN], merge[MAX_SPAN], missing[MAX_SPAN], nhave[MAX_SPAN], edges[MAX_SPAN];
+    uint16_t ohave[MAX_SPAN]; /* FLIP: the pages base holds now (the others are in osrc, the back slot) */
     unsigned char act[MAX_SPAN], unv[MAX_SPAN];
     unsigned char same[MAX_SPAN]; /* COMPARE: the block held these bytes already */
 };
@@ -1242,7 +1319,28 @@ static long plan_write(struct vd_fastmap *fm, struct vol *v, struct plan *p)
         p->merge[i] = p->missing[i] = 0;
         p->unv[i] = p->same[i] = 0;
         p->base[i] = p->osrc[i] = e ? e->slot : 0;
-        if (e != NULL && e->epoch == fm->epoch) {
+        if (e != NULL && e->back && e->slot && !full && !is_shared(e, v) && !fm->hold &&
+            !(e->epoch == fm->inflight && (pgs & e->flip)) &&
+            !(fm->inflight && e->epoch == fm->epoch && (pgs & e->pflip))) {
+            /* a flip: each page goes to the place (slot or back slot) the
+             * durable map does not use for it, once per epoch (own: the
+             * pages already flipped in this epoch, written where they are
+             * now); not while a commit in flight holds a page flipped in
+             * its epoch (both places are in use then: a copy-on-write) */
+            uint16_t f = e->epoch == fm->epoch ? e->flip : 0;
+            p->act[i] = FLIP;
+            p->own[i] = f;
+            p->ohave[i] = e->have;
+            p->osrc[i] = e->back;
+            p->nhave[i] = e->have ^ (pgs & (uint16_t)~f);
+            /* pages moved but written in part: the rest from where they are */
+            p->edges[i] = pgs & (uint16_t)~f & (uint16_t)~covered(intra, n);
+            p->merging = 1; /* flies: the table changes once the data is written */
+            if (e->epoch != fm->epoch && !verify_entry(fm, e))
+                return -EAGAIN;
+            continue;
+        }
+        if (e != NULL && e->epoch == fm->epoch && !e->back) { /* never a flipped block's: both slots are committed */
             p->act[i] = INPLACE;
             /* pages the partial slot lacks: those written in part get the
              * rest of them from below first (the table says the slot holds
@@ -1331,6 +1429,49 @@ static long plan_write(struct vd_fastmap *fm, struct vol *v, struct plan *p)
     return 0;
 }
 
+/* Where page pg of a flipped block goes (FLIP): where it is now if it was
+ * flipped in this epoch already, else the other of slot and back slot. */
+static inline uint64_t flip_dst(const struct plan *p, size_t i, int pg)
+{
+    uint64_t cur = (p->ohave[i] >> pg & 1) ? p->base[i] : p->osrc[i];
+    if (p->own[i] >> pg & 1)
+        return cur;
+    return cur == p->base[i] ? p->osrc[i] : p->base[i];
+}
+
+/* A FLIP's data: bytes [intra, intra + n) of block i from data, each page
+ * into its place (flip_dst), one pwrite per run of pages with the same
+ * place; a page moved but written in part gets the rest of it from where
+ * it is now first. */
+static long flip_data(struct vd_fastmap *fm, const struct plan *p, size_t i, uint64_t intra, uint64_t n,
+                      const unsigned char *data, unsigned char *scratch)
+{
+    uint64_t hi = intra + n, at = intra;
+    long rc;
+    while (at < hi) {
+        int pg = (int)(at / PG);
+        uint64_t dst = flip_dst(p, i, pg), end = (uint64_t)(pg + 1) * PG < hi ? (uint64_t)(pg + 1) * PG : hi;
+        if (p->edges[i] >> pg & 1) {
+            uint64_t cur = (p->ohave[i] >> pg & 1) ? p->base[i] : p->osrc[i];
+            unsigned char *page = scratch + (size_t)pg * PG;
+            if ((rc = vd_pread_full(fm->data_fd, page, PG, slot_off(cur) + (uint64_t)pg * PG)) < 0)
+                return rc;
+            memcpy(scratch + at, data + (at - intra), end - at);
+            if ((rc = vd_pwrite_full(fm->data_fd, page, PG, slot_off(dst) + (uint64_t)pg * PG)) < 0)
+                return rc;
+            at = end;
+            continue;
+        }
+        /* whole pages (or in place) with the same place: one run */
+        while (end < hi && !(p->edges[i] >> (end / PG) & 1) && flip_dst(p, i, (int)(end / PG)) == dst)
+            end = (end + PG < hi) ? end + PG : hi;
+        if ((rc = vd_pwrite_full(fm->data_fd, data + (at - intra), end - at, slot_off(dst) + at)) < 0)
+            return rc;
+        at = end;
+    }
+    return 0;
+}
+
 /* Carry a plan's data out: the writes in place, the pages filled from
  * below, the new slots.  scratch: a block's buffer of the caller's own. */
 static long write_data(struct vd_fastmap *fm, struct plan *p, const unsigned char *in, unsigned char *scratch)
@@ -1355,6 +1496,12 @@ static long write_data(struct vd_fastmap *fm, struct plan *p, const unsigned cha
             if ((rc = vd_pwrite_full(fm->data_fd, data, run, from)) < 0)
                 return rc;
             in += run;
+            continue;
+        }
+        if (p->act[i] == FLIP) {
+            if ((rc = flip_data(fm, p, i, intra, n, data, scratch)) < 0)
+                return rc;
+            in += n;
             continue;
         }
         in += n;
@@ -1398,7 +1545,7 @@ static long book(struct vd_fastmap *fm, struct vol *v, struct plan *p)
             if (e->lepoch != v->lepoch || p->missing[i]) {
                 /* first write since the volume's log flush, or pages the
                  * slot did not hold: the engine must hear of it */
-                if ((rc = log_block(fm, v, p->vid, block, e->slot, e->have | p->missing[i])) < 0)
+                if ((rc = log_block(fm, v, p->vid, block, e->slot, e->have | p->missing[i], 0, 0)) < 0)
                     return rc;
                 if (e->lepoch != v->lepoch) {
                     e->lepoch = v->lepoch;
@@ -1407,6 +1554,27 @@ static long book(struct vd_fastmap *fm, struct vol *v, struct plan *p)
                 e->have |= p->missing[i];
             }
             e->mask |= bits;
+            continue;
+        }
+        if (p->act[i] == FLIP) {
+            struct ent *e = lookup(fm, p->vid, block);
+            uint16_t moved = bits & (uint16_t)~p->own[i];
+            int news = e->lepoch != v->lepoch;
+            if (e->epoch != fm->epoch) /* its first flip in this epoch */
+                e->pflip = e->epoch == fm->inflight ? e->flip : 0;
+            if (news) {
+                e->lepoch = v->lepoch;
+                e->mask = 0;
+            }
+            if ((moved || news) &&
+                (rc = log_block(fm, v, p->vid, block, e->slot, p->nhave[i], e->back, p->own[i] | bits)) < 0)
+                return rc;
+            e->have = p->nhave[i];
+            e->flip = p->own[i] | bits;
+            e->epoch = fm->epoch;
+            e->b = view_below(e->have, (struct below){e->back, 0, 0, FULL, FULL});
+            e->mask |= bits;
+            __atomic_add_fetch(&fm->st_flips, 1, __ATOMIC_RELAXED);
             continue;
         }
         if (p->same[i])
@@ -1419,12 +1587,12 @@ static long book(struct vd_fastmap *fm, struct vol *v, struct plan *p)
             __atomic_add_fetch(&fm->st_cow, 1, __ATOMIC_RELAXED);
         } else
             bits = 0xFFFF;
-        if ((rc = log_block(fm, v, p->vid, block, p->ns[i], have)) < 0)
+        if ((rc = log_block(fm, v, p->vid, block, p->ns[i], have, 0, 0)) < 0)
             return rc;
         /* room was checked at the plan; a new slot differs from the log
          * flush's state in the pages written and, for copy-on-write, in
          * none else */
-        put(fm, p->vid, block, p->ns[i], fm->epoch, v->lepoch, bits, have, hb, 0, p->unv[i]);
+        put(fm, p->vid, block, p->ns[i], fm->epoch, v->lepoch, bits, have, hb, 0, p->unv[i], 0, 0, 0);
         p->ns[i] = 0; /* entered */
     }
     return 0;
@@ -1484,7 +1652,7 @@ static long write_once(struct vd_fastmap *fm, uint64_t vid, uint64_t off, uint32
         return end_shared(fm, rc < 0 ? rc : (long)len);
     }
     for (size_t i = 0; i < p.nb; i++)
-        p.ns[i] = p.act[i] == INPLACE ? 0 : fm->res[--fm->nres];
+        p.ns[i] = (p.act[i] == INPLACE || p.act[i] == FLIP) ? 0 : fm->res[--fm->nres];
     struct flight *f = NULL;
     for (size_t i = 0; i < MAX_FLIGHTS && f == NULL; i++)
         if (!fm->fl[i].used)
@@ -1573,9 +1741,10 @@ static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t
 {
     struct vd_log *L = fm->lg;
     struct vol *v = find_vol(fm, vid);
-    uint64_t slots[CHG_MAX];
+    uint64_t slots[CHG_MAX], backs[CHG_MAX];
     uint64_t blocks[CHG_MAX];
     uint32_t masks[CHG_MAX];
+    uint16_t haves[CHG_MAX];
     uint32_t count = 0;
     uint64_t npages = 0;
     *size = 0;
@@ -1597,6 +1766,8 @@ static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t
             return -EAGAIN;
         }
         slots[count] = e->slot;
+        backs[count] = e->back;
+        haves[count] = e->have;
         blocks[count] = e->block;
         masks[count++] = e->mask;
         npages += (uint64_t)__builtin_popcount(e->mask);
@@ -1606,16 +1777,24 @@ static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t
         return -EAGAIN; /* the engine grows the log, or commits */
     unsigned char *p = vd_log_body(L);
     for (uint32_t c = 0; c < count; c++) {
-        for (int pg = 0, run; (run = page_run((uint16_t)masks[c], &pg)) > 0; pg += run) { /* one pread per run */
-            if (vd_pread_full(fm->data_fd, p, (size_t)run * PG, slot_off(slots[c]) + (uint64_t)pg * PG) < 0)
-                return -EAGAIN;
-            p += (size_t)run * PG;
+        /* one pread per run of pages in one slot (a flipped block's pages
+         * not in have are in its back slot) */
+        for (int pg = 0, run; (run = page_run((uint16_t)masks[c], &pg)) > 0; pg += run) {
+            for (int q = pg, r; q < pg + run; q += r) {
+                int in_back = backs[c] && !(haves[c] >> q & 1);
+                for (r = 1; q + r < pg + run && (backs[c] && !(haves[c] >> (q + r) & 1)) == in_back; r++)
+                    ;
+                uint64_t src = in_back ? backs[c] : slots[c];
+                if (vd_pread_full(fm->data_fd, p, (size_t)r * PG, slot_off(src) + (uint64_t)q * PG) < 0)
+                    return -EAGAIN;
+                p += (size_t)r * PG;
+            }
         }
     }
     /* the engine hears of the flush after the blocks it covers (the drain
      * keeps the order), and forgets them as unlogged */
     pthread_mutex_lock(&fm->io);
-    int rc = log_block(fm, NULL, vid, VD_FM_FLUSHED, 0, 0);
+    int rc = log_block(fm, NULL, vid, VD_FM_FLUSHED, 0, 0, 0, 0);
     pthread_mutex_unlock(&fm->io);
     if (rc < 0)
         return -EAGAIN;

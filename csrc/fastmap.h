@@ -11,7 +11,8 @@ struct vd_fastmap;
 /* A copy-on-write over a whole block the head owns writes only the pages
  * written, in a slot of their own over it, until that slot would hold more
  * than this many pages: then the whole block is copied, which frees the
- * one below at the next commit (the engine's Python writes follow it). */
+ * one below at the next commit (the engine's Python writes follow it).
+ * Once committed, that pair (a backed entry) is written by flips: no copy. */
 enum { VD_FM_COALESCE_PAGES = 8 };
 
 /* The most blocks one request served here spans (2 MiB); a longer one goes
@@ -39,10 +40,27 @@ void vd_fm_drop_volume(struct vd_fastmap *fm, uint64_t vid);
  * returns -EAGAIN when it has none or the sum does not match; the engine
  * adding the mapping again verified clears the flag (vd_fm_add returns 1
  * when it added the entry) */
+/* back, flip (vd_fm_set): a flipped block (the engine's overlay holds it
+ * with a back slot): its pages not in have are in slot back, and those of
+ * flip were flipped since its commit (written where they are from now on);
+ * pflip: those flipped in the epoch of the commit in flight, which may not
+ * flip again until it is durable.
+ * back (vd_fm_add): the committed entry is backed with that back slot and
+ * the head's own (no snapshot point sees it), so that a write to it may
+ * flip its pages (0: not, or not known) */
 int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, int writable, uint16_t have,
-              uint64_t base, uint16_t bhave, uint64_t base2, uint16_t bhave2, uint64_t base3, int unverified);
+              uint64_t base, uint16_t bhave, uint64_t base2, uint16_t bhave2, uint64_t base3, int unverified,
+              uint64_t back, uint16_t flip, uint16_t pflip);
 int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint16_t have, uint64_t base,
-              int shared, uint16_t bhave, uint64_t base2, uint16_t bhave2, uint64_t base3, int unverified);
+              int shared, uint16_t bhave, uint64_t base2, uint16_t bhave2, uint64_t base3, int unverified,
+              uint64_t back);
+/* the commit that became durable made (vid, block) a backed entry of slot
+ * over back, the head's own: flips may start (if C's entry is that one) */
+void vd_fm_mark_backed(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint64_t back);
+/* after a freeze: 1 a commit of the frozen epoch is in flight, 2 one that
+ * changes structure (no flips at all meanwhile), 0 none (it finished or
+ * failed); with the lock held */
+void vd_fm_commit_state(struct vd_fastmap *fm, int state);
 /* which of n blocks from first the table does not know (bit i of out[i / 64]);
  * the engine's thread, without the lock */
 void vd_fm_unknown(struct vd_fastmap *fm, uint64_t vid, uint64_t first, uint32_t n, uint64_t *out);
@@ -78,17 +96,18 @@ void vd_fm_set_log(struct vd_fastmap *fm, struct vd_log *L);
  * last log flush, so vd_fm_fsync may write the next one (map lock held) */
 void vd_fm_log_clean(struct vd_fastmap *fm, uint64_t vid, int clean);
 /* the drain's records (vd_fm_drain) are VD_FM_DRAIN_WORDS words each:
- * (vid, block, slot, have); (vid, VD_FM_FLUSHED, 0, 0): the volume's
- * changes drained before it are in the log */
-enum { VD_FM_DRAIN_WORDS = 4 };
+ * (vid, block, slot, have, back, flip): back 0 for a new or fresh slot,
+ * else a flipped block (vd_fm_set); (vid, VD_FM_FLUSHED, 0, ...): the
+ * volume's changes drained before it are in the log */
+enum { VD_FM_DRAIN_WORDS = 6 };
 #define VD_FM_FLUSHED 0xFFFFFFFFFFFFFFFF
 /* VD_FM_STATS counters: reads, writes, handed back, copies on write,
  * verified; writes that waited for a refill, their total and longest wait
  * (ns); requests that found the map's lock taken (by the engine, or by an
  * fsync gathering its log record) and waited, their total and longest wait
  * (ns); the engine's holds of the lock
- * (vd_fm_lock), their total and longest (ns) */
-enum { VD_FM_STATS = 14 };
+ * (vd_fm_lock), their total and longest (ns); block writes that flipped */
+enum { VD_FM_STATS = 15 };
 void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out);
 /* the checksum of a committed slot an unverified entry reads from (the
  * CRC-32C of the pages of mask, as vd_checksum_slots computes it): C

@@ -124,8 +124,8 @@ class PoolModel(RuleBasedStateMachine):
 
     @precondition(lambda self: self.job is None)
     @rule()
-    def begin_commit(self):
-        self.job = self.pool.begin_commit()
+    def begin_commit(self, change=None):
+        self.job = self.pool.begin_commit(change)
         self.job_model = {v: bytes(d) for v, d in self.model.items()}
         self.flushed_after_freeze = {}
 

@@ -20,10 +20,16 @@ from hypothesis import strategies as st
 from hypothesis.stateful import invariant, precondition, rule
 
 from test_engine_model import SIZE, PoolModel, lengths, model_settings, offsets, pattern
+from vdisk.engine import structure
 from vdisk.engine.errors import ChecksumError
 from vdisk.engine.fastmap import FastMap
 from vdisk.engine.format import DB_MAP
 from vdisk.engine.pool import BLOCK_SIZE, Pool
+
+
+# writes of a few pages or less, at any sector: what flips a backed block
+small_offsets = st.integers(0, SIZE // 512 - 1).map(lambda s: s * 512)
+small_lengths = st.sampled_from([512, 4096, 8192, 3 * 4096 + 512])
 
 
 class FastPoolModel(PoolModel):
@@ -58,6 +64,25 @@ class FastPoolModel(PoolModel):
 
     @rule(vid=PoolModel.vols, off=offsets, n=lengths, seed=st.integers(0, 5))
     def fast_write_more(self, vid, off, n, seed):
+        self._fast_write(vid, off, n, seed)
+
+    @precondition(lambda self: self.job is None)
+    @rule(vid=PoolModel.vols, seed=st.integers(1, 5))
+    def fill_and_commit(self, vid, seed):
+        """A volume written whole and committed: its blocks are the head's
+        own and whole, so that small writes then make backed entries, and
+        small writes after their commit flip (csrc/fastmap.c, FLIP)."""
+        if vid in self.model:
+            self._fast_write(vid, 0, SIZE, seed)
+            self.pool.commit()
+            self._durable_now()
+
+    @rule(vid=PoolModel.vols, off=small_offsets, n=small_lengths, seed=st.integers(0, 5))
+    def small_fast_write(self, vid, off, n, seed):
+        self._fast_write(vid, off, n, seed)
+
+    @rule(vid=PoolModel.vols, off=small_offsets, n=small_lengths, seed=st.integers(0, 5))
+    def small_fast_write_more(self, vid, off, n, seed):
         self._fast_write(vid, off, n, seed)
 
     @rule(vid=PoolModel.vols, off=offsets, n=lengths)
@@ -110,33 +135,32 @@ FastPoolModel.TestCase.settings = model_settings(50)
 TestFastPoolModel = FastPoolModel.TestCase
 
 
+def without_rules(*names):
+    """A class decorator: the named rules of a state machine become plain
+    methods that do nothing, which hypothesis leaves out of the subclass."""
+    def nothing(self, *args, **kwargs):
+        pass
+
+    def apply(cls):
+        for name in names:
+            setattr(cls, name, nothing)
+        return cls
+    return apply
+
+
+@without_rules("snapshot", "rollback", "clone", "delete_snapshot", "delete_volume")
 class LogModel(FastPoolModel):
     """The same machine without snapshots, clones, rollbacks and deletions,
     so that its steps are mostly writes through both paths, reads, log
     flushes, commits that succeed or fail, and crashes: the intent log's
     interleavings come up far more often than among all the rules."""
 
-    # plain methods instead of rules: hypothesis leaves them out
-    def snapshot(self, vid):
-        pass
-
-    def rollback(self, vid, sid):
-        pass
-
-    def clone(self, sid):
-        pass
-
-    def delete_snapshot(self, sid):
-        pass
-
-    def delete_volume(self, vid):
-        pass
-
 
 LogModel.TestCase.settings = model_settings(50)
 TestLogModel = LogModel.TestCase
 
 
+@without_rules("write_more", "log_flush_more")
 class CFlushModel(LogModel):
     """LogModel with most writes served in C (a larger reservoir, fewer
     Python-side writes), so that volumes stay "clean" and C writes their
@@ -145,15 +169,83 @@ class CFlushModel(LogModel):
 
     RESERVOIR = 64
 
-    def write_more(self, vid, off, n, seed):
-        pass
-
-    def log_flush_more(self, vid):
-        pass
-
 
 CFlushModel.TestCase.settings = model_settings(50)
 TestCFlushModel = CFlushModel.TestCase
+
+
+@without_rules("write_more", "fast_write_more", "log_flush_more", "fill_and_commit", "rollback", "clone",
+               "delete_volume")
+class FlipModel(FastPoolModel):
+    """FastPoolModel over one volume written whole and committed first,
+    with mostly small writes served in C: its blocks become backed
+    entries at the next commit, and writes after that flip them (each
+    page into the place of the block's two slots the durable map does not
+    use, csrc/fastmap.c).  Commits in flight (whose flipped pages must not
+    flip again until durable), failed ones (whose flips go back under the
+    overlay), snapshots and their deletion (which stop and restart the
+    flips), log flushes in C and crashes come between."""
+
+    RESERVOIR = 64
+
+    def create(self):  # once (first_volume): a plain method, not a rule here
+        vid = self.pool.create_volume(SIZE)
+        data = pattern(3, SIZE)
+        if not self.fm.write(vid, 0, data):
+            self.pool.write(vid, 0, data)
+        self.pool.commit()
+        self.model[vid] = bytearray(data)
+        self._durable_now()
+        return vid
+
+    @precondition(lambda self: self.job is None)
+    @rule(vid=PoolModel.vols,
+          writes=st.lists(st.tuples(small_offsets, small_lengths, st.integers(0, 5)), min_size=1, max_size=6))
+    def commit_then_small_writes(self, vid, writes):
+        """A commit and small writes after it: the commonest way to flips."""
+        self.commit()
+        for off, n, seed in writes:
+            self._fast_write(vid, off, n, seed)
+
+    @precondition(lambda self: self.job is None)
+    @rule(vid=PoolModel.vols,
+          writes=st.lists(st.tuples(small_offsets, small_lengths, st.integers(0, 5)), min_size=1, max_size=6))
+    def commit_then_small_writes_more(self, vid, writes):
+        self.commit_then_small_writes(vid, writes)
+
+    job_snap = None  # (vid, its data) of a snapshot whose commit is in flight
+
+    @precondition(lambda self: self.job is None)
+    @rule(vid=PoolModel.vols)
+    def begin_snapshot(self, vid):
+        """A snapshot whose commit is in flight while writes go on, as the
+        daemon runs it (in a worker): nothing may flip meanwhile, since the
+        snapshot point will see the blocks.  finish_commit ends it."""
+        if vid not in self.model:
+            return
+        changes = []
+        self.pool.commit = changes.append  # structure.snapshot's change, not committed here
+        try:
+            structure.snapshot(self.pool, [vid])
+        finally:
+            del self.pool.commit
+        self.begin_commit(changes[0])
+        self.job_snap = (vid, bytes(self.model[vid]))
+
+    def _opened(self):
+        super()._opened()
+        self.job_snap = None  # a power cut dropped the job
+
+    def _job_durable(self):
+        super()._job_durable()
+        if self.job_snap is not None:
+            (sid,) = self.job.result
+            self.snapdata[sid] = self.job_snap[1]
+            self.job_snap = None
+
+
+FlipModel.TestCase.settings = model_settings(50)
+TestFlipModel = FlipModel.TestCase
 
 
 def test_fast_path_serves_in_c(tmp_path):
@@ -348,6 +440,77 @@ def test_c_copies_only_the_pages_written_after_a_commit(tmp_path):
     finally:
         pool.detach_fast()
         fm.close()
+        pool.close()
+
+
+def test_c_flips_a_committed_backed_block_instead_of_copying(tmp_path):
+    """Not a model: once a block is a committed backed entry the head owns
+    (a slot of the pages written over its own whole block), C writes each
+    page into the place of the two slots the durable map does not use for
+    it (a flip): no slot is taken and nothing is copied, commit after
+    commit.  A page flipped in the epoch of a commit in flight is copied
+    on write instead (both its places are in use until that commit is
+    durable); a snapshot stops the flips.  Reads through C and the Pool,
+    scrub and a reopening agree at every step."""
+    path = str(tmp_path / "p")
+    pool = Pool(path, fast=False)
+    with fast_path(pool, reservoir=16) as fm:
+        vid = pool.create_volume(2 * BLOCK_SIZE)
+        lid = pool._vols[vid]["lid"]
+        want = bytearray(bytes(range(256)) * (2 * BLOCK_SIZE // 256))
+        assert fm.write(vid, 0, want)
+        pool.commit()
+        assert fm.write(vid, 4096, b"a" * 4096)  # a copy-on-write of that page only
+        want[4096:8192] = b"a" * 4096
+        pool.commit()  # a backed entry: page 1 over the whole block
+        with pool.env.begin(db=pool._db[DB_MAP]) as txn:
+            (slot, _, _), (back, _, _) = pool._lookup(txn.cursor(), lid, pool._lins[lid].gen, 0)
+        cow = fm.stats()["copy_on_write"]
+        for rnd in range(3):  # page 1 in the slot, page 2 in the back slot, half of page 3
+            for off, n in ((4096, 4096), (8192, 4096), (3 * 4096 + 1024, 512)):
+                data = bytes([rnd * 16 + off // 4096]) * n
+                assert fm.write(vid, off, data)
+                want[off : off + n] = data
+                assert fm.read(vid, 0, BLOCK_SIZE) == want[:BLOCK_SIZE]
+            assert pool.read(vid, 0, 2 * BLOCK_SIZE) == want
+            pool.commit()
+            with pool.env.begin(db=pool._db[DB_MAP]) as txn:
+                chain = pool._lookup(txn.cursor(), lid, pool._lins[lid].gen, 0)
+            assert [s for s, _, _ in chain] == [slot, back], chain  # the same two slots
+            assert pool.scrub() == []
+        st_ = fm.stats()
+        assert st_["copy_on_write"] == cow and st_["flips"] == 9, st_
+        # a commit in flight holds page 1 flipped in its epoch
+        assert fm.write(vid, 4096, b"b" * 4096)
+        want[4096:8192] = b"b" * 4096
+        job = pool.begin_commit()
+        assert fm.write(vid, 8192, b"c" * 4096)  # not flipped in that epoch: flips
+        assert fm.write(vid, 4096, b"d" * 4096)  # flipped in it: copied instead
+        want[8192:12288], want[4096:8192] = b"c" * 4096, b"d" * 4096
+        assert fm.stats()["copy_on_write"] == cow + 1 and fm.stats()["flips"] == 11, fm.stats()
+        assert fm.read(vid, 0, BLOCK_SIZE) == want[:BLOCK_SIZE]
+        job.run()
+        pool.finish_commit(job)
+        pool.commit()
+        assert pool.read(vid, 0, 2 * BLOCK_SIZE) == want
+        assert pool.scrub() == []
+        (sid,) = pool.snapshot([vid])
+        old = bytes(want)
+        pool.commit()
+        flips = fm.stats()["flips"]
+        assert fm.write(vid, BLOCK_SIZE + 4096, b"e" * 4096)  # block 1: a copy-on-write over the point's
+        assert fm.write(vid, 4096, b"f" * 4096)
+        want[BLOCK_SIZE + 4096 : BLOCK_SIZE + 8192], want[4096:8192] = b"e" * 4096, b"f" * 4096
+        assert fm.stats()["flips"] == flips, fm.stats()  # the point sees both blocks
+        pool.commit()
+        assert pool.read_snapshot(sid, 0, 2 * BLOCK_SIZE) == old
+        assert pool.read(vid, 0, 2 * BLOCK_SIZE) == want
+        assert pool.scrub() == []
+    pool = Pool(path)  # fast_path closed it
+    try:
+        assert pool.read(vid, 0, 2 * BLOCK_SIZE) == want
+        assert pool.read_snapshot(sid, 0, 2 * BLOCK_SIZE) == old
+    finally:
         pool.close()
 
 
@@ -799,6 +962,53 @@ def test_fsync_in_c_survives_a_crash(tmp_path):
     want[3 * BLOCK_SIZE :] = b"c" * BLOCK_SIZE
     assert got == want
     again.close()
+
+
+def test_a_crash_after_flips_finds_the_last_commit_and_the_fsynced_flips(tmp_path):
+    """Flips write only places the durable map does not use: a crash
+    before the next commit finds the committed block, checksums right,
+    plus what an fsync made durable (C's log record gathers a flipped
+    block's pages from both of its slots).  A flip written over the
+    durable place would show here (new data, a checksum mismatch)."""
+    pool = Pool(str(tmp_path), fast=False)
+    vid = pool.create_volume(BLOCK_SIZE)
+    fm = FastMap(pool.file.fd, reservoir=16)
+    pool.attach_fast(fm)
+    committed = bytearray(bytes(range(256)) * (BLOCK_SIZE // 256))
+    assert fm.write(vid, 0, committed)
+    pool.commit()
+    assert fm.write(vid, 4096, b"a" * 4096)
+    committed[4096:8192] = b"a" * 4096
+    pool.commit()  # backed: page 1 in the slot, the others in the back slot
+    want = bytearray(committed)
+    assert fm.write(vid, 10 * 4096, b"g" * 4096)  # into the slot
+    want[10 * 4096 : 11 * 4096] = b"g" * 4096
+    assert pool.log_flush(vid)  # the Pool's record (it grows the log, which C only writes into)
+    for off, n, byte in ((4096, 4096, b"b"), (8192, 4096, b"c"), (3 * 4096 + 100, 200, b"d")):
+        assert fm.write(vid, off, byte * n)
+        want[off : off + n] = byte * n
+    assert fm.stats()["flips"] == 4, fm.stats()
+    assert fm.fsync(vid)  # C's record of pages 1 (now in the back slot), 2 and 3 (now in the slot)
+    assert pool.log_status()["flushes_in_c"] == 1
+    synced = bytes(want)
+    assert fm.write(vid, 5 * 4096, b"e" * 4096)  # flipped, never synced
+    assert fm.write(vid, 4096, b"f" * 4096)  # flipped in this epoch already: in place
+    want[5 * 4096 : 6 * 4096], want[4096:8192] = b"e" * 4096, b"f" * 4096
+    assert fm.read(vid, 0, BLOCK_SIZE) == want
+    pool.detach_fast()
+    fm.close()
+    pool.env.close()  # a crash: the data file keeps every write, LMDB its last commit
+    pool.env = None
+    again = Pool(str(tmp_path), fast=False)
+    try:
+        assert again.intent.stats["replayed"] == 2
+        got = again.read(vid, 0, BLOCK_SIZE)
+        assert got[: 5 * 4096] == synced[: 5 * 4096], "the fsynced flips"
+        assert got[6 * 4096 :] == synced[6 * 4096 :]
+        assert got[5 * 4096 : 6 * 4096] in (synced[5 * 4096 : 6 * 4096], b"e" * 4096)
+        assert again.scrub() == []
+    finally:
+        again.close()
 
 
 @contextlib.contextmanager

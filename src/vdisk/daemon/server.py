@@ -355,6 +355,9 @@ class Daemon:
             "Fsyncs": f["fsyncs"],
             "PassedToPython": f["passed_on"],
             "CopyOnWrite": e["copy_on_write"],
+            # writes into a committed backed block's own two slots, each
+            # page where the durable map does not use it (no copy)
+            "Flips": e["flips"],
             "VerifiedInC": e["verified"],
             # writes that found the reservoir of free slots dry and waited
             # for the engine's refill, and how long

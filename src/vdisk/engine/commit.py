@@ -24,12 +24,14 @@ import typing
 
 import lmdb
 
-from . import allocator, fastbridge, layers, structure
+from . import allocator, fastbridge, layers, readpath, structure
+from .fastmap import COMMIT_NONE, COMMIT_PLAIN, COMMIT_STRUCTURAL
 from .lineage import Lineage
 from .overlay import Dirty, Epoch, overlay_of
 from .txn import Tx
 from .errors import (
     CommitInFlight,
+    EngineError,
     NoSpace,
     PoolFailed,
 )
@@ -147,6 +149,7 @@ def begin(pool, change=None) -> CommitJob:
         pool._inflight = ep
         if pool._fm is not None:
             pool._fm.new_epoch()  # the instant of the freeze, for C writes too (all clean)
+            pool._fm.commit_state(COMMIT_PLAIN if change is None else COMMIT_STRUCTURAL)
         pool.intent.inflight(True)
         try:
             grow_map_if_needed(pool)
@@ -281,8 +284,15 @@ def _finish(pool, job: CommitJob):
     pool.catalogue.committed(job.epoch.records)
     _forget_zeroed(pool, job.epoch)  # before their slots can be reused
     _after_commit(pool, job.tx, job.epoch)
-    if pool._fm is not None and (job.tx.vols or job.tx.lins):
-        fastbridge.sync_volumes(pool)
+    if pool._fm is not None:
+        if job.tx.vols or job.tx.lins:
+            fastbridge.sync_volumes(pool)
+        vid_of = _served(pool)
+        for lid, block, slot, back in job.epoch.backed:
+            vid = vid_of.get(lid)
+            if vid is not None:
+                pool._fm.mark_backed(vid, block, slot, back)
+        pool._fm.commit_state(COMMIT_NONE)
     return job.result
 
 
@@ -291,6 +301,7 @@ def _unfreeze(pool, ep: Epoch) -> None:
     pool._inflight = None
     pool.intent.inflight(False)
     if pool._fm is not None:
+        pool._fm.commit_state(COMMIT_NONE)  # the blocks told below are told as not durable
         for vid in pool._fm_heads:  # the merged-back blocks are ours
             fastbridge.set_clean(pool, vid, False)
     _forget_zeroed(pool, ep)
@@ -317,9 +328,23 @@ def _unfreeze(pool, ep: Epoch) -> None:
                     # overlay, once it drains that copy, holds no more
                     fastbridge.tell(pool, vid, lid, block, d)
             else:
-                if d.have == FULL_MASK and live[block].have != FULL_MASK:
+                ld = live[block]
+                if ld.back:
+                    # C flipped it again (pages it had not flipped in the
+                    # frozen epoch): all the flips are since the commit now
+                    ld.flip |= d.flip
+                    if vid is not None:
+                        fastbridge.tell(pool, vid, lid, block, ld)
+                elif d.back and ld.slot != ZERO_SLOT and ld.have != FULL_MASK:
+                    # a partial entry over the flipped block: it takes the
+                    # rest as the flips left it (the committed map holds
+                    # older pages in those places)
+                    with pool.env.begin(db=pool._db[DB_MAP]) as txn:
+                        data = readpath.dirty_block(pool, txn.cursor(), lid, block, d, live=False)
+                    _absorb(pool, vid, lid, block, ld, data)
+                elif d.have == FULL_MASK and ld.have != FULL_MASK:
                     # the live entry was written over it: it takes the rest now
-                    _absorb(pool, vid, lid, block, live[block], d.slot)
+                    _absorb(pool, vid, lid, block, ld, d.slot)
                 if d.slot != ZERO_SLOT and d.fresh:
                     ep.alloc.discard(d.slot)  # overwritten since: never durable
                     pool._free_cache.append(d.slot)
@@ -358,12 +383,16 @@ def _served(pool) -> dict[int, int]:
     return {v["lid"]: vid for vid, v in pool._vols.items()} if pool._fm is not None else {}
 
 
-def _absorb(pool, vid: int | None, lid: int, block: int, d: Dirty, below: int) -> None:
+def _absorb(pool, vid: int | None, lid: int, block: int, d: Dirty, below) -> None:
     """A live partial entry written over a whole frozen block (slot below;
-    ZERO_SLOT: zeros) that will not be committed as it was takes the pages
-    it lacks from it, in place: its slot is fresh.  vid: the head's volume
-    as C serves it (_served), told the entry; None: C is not told."""
-    data = bytes(BLOCK_SIZE) if below == ZERO_SLOT else pool.file.pread(BLOCK_SIZE, slot_offset(below))
+    ZERO_SLOT: zeros; or the block's bytes) that will not be committed as
+    it was takes the pages it lacks from it, in place: its slot is fresh.
+    vid: the head's volume as C serves it (_served), told the entry; None:
+    C is not told."""
+    if isinstance(below, int):
+        data = bytes(BLOCK_SIZE) if below == ZERO_SLOT else pool.file.pread(BLOCK_SIZE, slot_offset(below))
+    else:
+        data = below
     mv = memoryview(data)
     for first, count in mask_runs(FULL_MASK & ~d.have):
         pool.file.pwrite(mv[first * PAGE : (first + count) * PAGE], slot_offset(d.slot) + first * PAGE)
@@ -381,7 +410,9 @@ def _finish_checksums(pool, ep: Epoch) -> None:
     sums = pool.file.checksum_slots([slot_offset(d.slot) for _, _, d in todo], BLOCK_SIZE,
                                     [d.have for _, _, d in todo])
     for (lid, block, d), (crc, zero) in zip(todo, sums):
-        if zero and d.have != FULL_MASK:  # zeros altogether if what it reads through to is
+        if d.back:  # flipped: its slots stay the committed entry's, zeros or not
+            pass
+        elif zero and d.have != FULL_MASK:  # zeros altogether if what it reads through to is
             ep.blank.add((lid, block))
         elif zero:  # ep.alloc keeps it: the other thread's allocator must not see it free yet
             ep.zeroed.append(d.slot)
@@ -428,11 +459,17 @@ def _apply_dirty(pool, tx: Tx, ep: Epoch) -> None:
                     if odeath == INF:
                         old = (map_key_decode(k)[2], oslot, ocrc, omask, oback, obcrc)
             back = back_crc = 0
+            if d.back:  # flipped: the committed entry's two slots, kept
+                back = d.back
+                if old is None or old[1] != d.slot or old[4] != d.back or old[0] <= last:
+                    raise EngineError(
+                        "lineage %d block %d: a flipped block whose committed entry is not the head's own "
+                        "backed one (%r); the commit is refused, nothing changed" % (lid, block, old))
             if old is not None:
                 obirth, oslot, ocrc, omask, oback, obcrc = old
                 if d.slot == ZERO_SLOT and oslot == ZERO_SLOT:
                     continue  # tombstone stays a tombstone
-                if not whole and obirth > last:
+                if not whole and obirth > last and not d.back:
                     # The head's own entry (no point sees it) is what a
                     # partial one was written over (overlay.under): a whole
                     # block becomes its back slot, and so does its back
@@ -452,7 +489,7 @@ def _apply_dirty(pool, tx: Tx, ep: Epoch) -> None:
                     # old one read through to
                     txn.delete(okey, db=mdb)
                     txn.delete(born_key(lid, obirth, block), db=pool._db[DB_BORN])
-                    tx.frees.extend(s for s in (oslot, oback) if s != ZERO_SLOT and s != back)
+                    tx.frees.extend(s for s in (oslot, oback) if s != ZERO_SLOT and s != back and s != d.slot)
                     if complete and omask != FULL_MASK and not oback:  # what it read through to
                         structure.release_base(pool, tx, lid, block, obirth)
                 else:
@@ -467,6 +504,7 @@ def _apply_dirty(pool, tx: Tx, ep: Epoch) -> None:
                 continue
             if back:  # of its pages the new entry does not hold
                 back_crc = layers.back_crc(pool, back, d.have)
+                ep.backed.append((lid, block, d.slot, back))
             txn.put(map_key(lid, block, gen), map_val(d.slot, INF, d.crc, d.have, back, back_crc), db=mdb)
             txn.put(born_key(lid, gen, block), b"", db=pool._db[DB_BORN])
 

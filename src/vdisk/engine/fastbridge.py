@@ -148,11 +148,14 @@ def drain(pool) -> None:
     taken under C's inner mutex, and nothing here touches C's table or
     frees a slot C could still know."""
     got = pool._fm.drain()
-    for vid, block, slot, have in got:
+    for vid, block, slot, have, back, flip in got:
         if block == FLUSHED:  # C wrote a log flush of the volume
             v = pool._vols.get(vid)
             if v is not None:
                 pool._unlogged.pop(v["lid"], None)  # only C's blocks: the volume was clean
+            continue
+        if back:
+            _flipped(pool, vid, block, slot, have, back, flip)
             continue
         pool._reserved.discard(slot)
         pool._reserved_beyond.discard(slot)
@@ -172,7 +175,28 @@ def drain(pool) -> None:
         if d.fresh and d.slot != slot:
             allocator.release_fresh(pool, d.slot)
         pool._dirty_pages += have.bit_count() - held(d)
-        d.slot, d.crc, d.crc_ok, d.fresh, d.have = slot, 0, False, True, have
+        d.slot, d.crc, d.crc_ok, d.fresh, d.have, d.back, d.flip = slot, 0, False, True, have, 0, 0
+
+
+def _flipped(pool, vid: int, block: int, slot: int, have: int, back: int, flip: int) -> None:
+    """C flipped pages of a committed backed entry (slot over back): the
+    overlay holds the block as a flipped one (overlay.Dirty.back).  No slot
+    is new: both are the committed entry's."""
+    v = pool._vols.get(vid)
+    if v is None:
+        return
+    lid = v["lid"]
+    dirty = overlay_of(pool._dirty, lid)
+    pool._unlogged.setdefault(lid, set()).add(block)  # C has its pages
+    d = dirty.get(block)
+    if d is None:
+        pool._ndirty += 1
+        d = dirty[block] = Dirty(slot, 0, False, False, 0, have, back, flip)
+    else:  # flipped again (C knew it flipped: the overlay's entry is that one)
+        assert d.slot == slot and not d.fresh, (block, d.slot, slot)
+        pool._dirty_pages -= held(d)
+        d.crc, d.crc_ok, d.have, d.back, d.flip = 0, False, have, back, flip
+    pool._dirty_pages += held(d)
 
 
 def sync_volumes(pool) -> None:
@@ -233,7 +257,13 @@ def tell(pool, vid: int, lid: int, block: int, d: Dirty, cur=None) -> None:
     """Tell C what a live overlay entry holds (with the map's lock held):
     a partial one with what it reads the rest from (overlay.under) when at
     most three slots make that (layers.below), or nothing (then C leaves
-    the block to us)."""
+    the block to us).  A flipped one with its back slot and flips."""
+    if d.back:
+        frozen = pool._inflight_dirty(lid)
+        f = frozen.get(block) if frozen else None
+        pool._fm.set(vid, block, d.slot, WRITABLE if block in pool._unlogged.get(lid, ()) else WRITABLE_REPORT,
+                     d.have, d.back, back=d.back, flip=d.flip, held=f.flip if f is not None and f.back else 0)
+        return
     if d.have == FULL_MASK:
         pool._fm.set(vid, block, d.slot, _writable(pool, lid, block, d))
         return
@@ -254,7 +284,9 @@ def committed_view(pool, cur, lid: int, gen: int, block: int, chain) -> tuple | 
     FastMap.add's arguments after (vid, block): (slot, have, base, shared,
     bhave, base2, bhave2, base3, unverified), or None when more than four
     slots make it.
-    shared: the head's last snapshot point sees the same (layers.head_state)."""
+    shared: the head's last snapshot point sees the same (layers.head_state).
+    back: the head's own backed entry's back slot, which C may flip (0:
+    not one; C leaves it out while a structural change is in flight)."""
     slot = layers.single(chain)
     if slot is not None:
         have, b = FULL_MASK, layers.below([])
@@ -263,16 +295,21 @@ def committed_view(pool, cur, lid: int, gen: int, block: int, chain) -> tuple | 
         b = layers.below(chain[1:])
         if b is None:
             return None
-    shared = layers.head_state(cur, lid, gen, pool._lins[lid].last_point(), block)[0] == "shared"
-    return (slot, have, b[0], shared, *b[1:], unverified(pool, chain[:4]))
+    state = layers.head_state(cur, lid, gen, pool._lins[lid].last_point(), block)
+    back = state[4] if state[0] == "own" and state[1] == slot else 0
+    return (slot, have, b[0], state[0] == "shared", *b[1:], unverified(pool, chain[:4]), back)
 
 
 def frozen_view(pool, cur, lid: int, block: int, f: Dirty) -> tuple | None:
     """What C is told of a block an in-flight commit holds (f, its entry),
     as FastMap.add's arguments after (vid, block), or None when more than
-    four slots make it.  Never shared: the head's own."""
+    four slots make it.  Never shared: the head's own.  Never flipped
+    either (a page flipped in its epoch has both places in use until it
+    is durable)."""
     if f.slot == ZERO_SLOT or f.have == FULL_MASK:
         return (f.slot,)
+    if f.back:
+        return (f.slot, f.have, f.back, False)
     chain = layers.visible(overlay.under(pool, cur, lid, block, live=False), f.have)
     b = layers.below(chain)
     if b is None:

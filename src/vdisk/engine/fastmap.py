@@ -29,6 +29,8 @@ DRAIN_WORDS = lib.VD_FM_DRAIN_WORDS  # one drain record (csrc/fastmap.h)
 FLUSHED = lib.VD_FM_FLUSHED
 FULL = 0xFFFF  # every page of a block (have)
 COALESCE_PAGES = lib.VD_FM_COALESCE_PAGES  # see csrc/fastmap.h
+# FastMap.commit_state: no commit in flight, a plain one, one with a structural change
+COMMIT_NONE, COMMIT_PLAIN, COMMIT_STRUCTURAL = 0, 1, 2
 MAX_SPAN = lib.VD_FM_MAX_SPAN  # the most blocks one request served in C spans
 # positions of the table C outgrew that one grow() moves (in chunks of 4096,
 # between which the I/O threads go on): the rest at the next refill
@@ -66,7 +68,8 @@ class FastMap:
         lib.vd_fm_drop_volume(self._fm, vid)
 
     def set(self, vid: int, block: int, slot: int, writable: int, have: int = FULL, base: int = 0,
-            bhave: int = FULL, base2: int = 0, bhave2: int = FULL, base3: int = 0, unverified=()) -> None:
+            bhave: int = FULL, base2: int = 0, bhave2: int = FULL, base3: int = 0, unverified=(),
+            back: int = 0, flip: int = 0, held: int = 0) -> None:
         """The overlay maps the block to slot now (0: zeros).  writable: a
         fresh slot, written in place; READ_ONLY, WRITABLE (the engine knows
         the block changed since its volume's log flush) or WRITABLE_REPORT
@@ -76,19 +79,35 @@ class FastMap:
         unverified: the committed slots
         of the view not verified since the pool was opened, as (slot,
         mask, crc) layers: C verifies each against its checksum before it
-        reads from it."""
+        reads from it.  back, flip: a flipped block (Dirty.back, Dirty.flip):
+        the pages not in have are in slot back, those of flip were flipped
+        since its commit, those of held in the epoch of the commit in
+        flight (C flips them again only once it is durable)."""
         lib.vd_fm_set(self._fm, vid, block, slot, writable, have, base, bhave, base2, bhave2, base3,
-                      self._expect(unverified))
+                      self._expect(unverified), back, flip, held)
 
     def add(self, vid: int, block: int, slot: int, have: int = FULL, base: int = 0, shared: bool = False,
-            bhave: int = FULL, base2: int = 0, bhave2: int = FULL, base3: int = 0, unverified=()) -> bool:
+            bhave: int = FULL, base2: int = 0, bhave2: int = FULL, base3: int = 0, unverified=(),
+            back: int = 0) -> bool:
         """A mapping looked up in the committed map, kept unless a newer one
         is known (the same mapping added again with no unverified layers
         clears C's flag; see set for `unverified`).  shared: the head reads
         the block as its last snapshot point does (a copy-on-write may
-        write only the pages written).  True when the entry was added."""
+        write only the pages written).  back: the entry is a backed one the
+        head owns, over that back slot (base): C may flip it.  True when
+        the entry was added."""
         return lib.vd_fm_add(self._fm, vid, block, slot, have, base, int(shared), bhave, base2, bhave2, base3,
-                             self._expect(unverified)) > 0
+                             self._expect(unverified), back) > 0
+
+    def mark_backed(self, vid: int, block: int, slot: int, back: int) -> None:
+        """The commit that just became durable made the block a backed entry
+        of slot over back, the head's own: C may flip it from now on."""
+        lib.vd_fm_mark_backed(self._fm, vid, block, slot, back)
+
+    def commit_state(self, state: int) -> None:
+        """After a freeze: COMMIT_PLAIN or COMMIT_STRUCTURAL is in flight;
+        COMMIT_NONE once it finished or failed (csrc/fastmap.h)."""
+        lib.vd_fm_commit_state(self._fm, state)
 
     def _expect(self, layers) -> int:
         """Give C the checksums of the unverified layers ((slot, mask,
@@ -159,10 +178,11 @@ class FastMap:
         write goes to the Pool).  The Pool's thread, without the lock."""
         return lib.vd_fm_grow(self._fm, budget) == 1
 
-    def drain(self) -> list[tuple[int, int, int, int]]:
-        """(vid, block, slot, have) of every block given a new slot in C,
-        written for the first time since its volume's log flush, or whose
-        slot now holds more pages (have), and (vid, FLUSHED, 0, 0) for a log
+    def drain(self) -> list[tuple[int, int, int, int, int, int]]:
+        """(vid, block, slot, have, back, flip) of every block given a new
+        slot in C, written for the first time since its volume's log
+        flush, or whose slot now holds more pages (have), or flipped
+        (back: its back slot, else 0), and (vid, FLUSHED, 0, ...) for a log
         flush C wrote; oldest first."""
         got = []
         out = self._out
@@ -170,7 +190,7 @@ class FastMap:
             n = lib.vd_fm_drain(self._fm, out, DRAIN_BATCH)
             w = DRAIN_WORDS
             words = ffi.unpack(out, n * w)  # one conversion for the batch
-            got.extend(tuple(words[w * i : w * i + 4]) for i in range(n))
+            got.extend(tuple(words[w * i : w * i + w]) for i in range(n))
             if n < DRAIN_BATCH:
                 return got
 
@@ -220,7 +240,7 @@ class FastMap:
                 "verified": out[4], "reservoir_waits": out[5], "reservoir_wait_ns": out[6],
                 "reservoir_wait_max_ns": out[7], "lock_waits": out[8], "lock_wait_ns": out[9],
                 "lock_wait_max_ns": out[10], "lock_holds": out[11], "lock_hold_ns": out[12],
-                "lock_hold_max_ns": out[13]}
+                "lock_hold_max_ns": out[13], "flips": out[14]}
 
     # ------------------------------------------------------------ I/O side
 

@@ -21,17 +21,27 @@ class Dirty:
     entry (the head's own whole block below becomes its back slot) or a
     partial one (reading through to what its last point sees):
     commit._apply_dirty.  crc covers the pages of have.
+
+    back: a *flipped* block (never fresh): the C fast path wrote it into
+    the committed backed entry's own two slots, each page into the place
+    the durable map does not use for it (csrc/fastmap.c, FLIP).  Its pages
+    not in have are in slot back (the entry's back slot; both slots are
+    the committed entry's, so the commit frees neither), and flip names the
+    pages flipped since the commit (the writes the overlay holds).
     """
 
-    __slots__ = ("slot", "crc", "crc_ok", "fresh", "pages", "have")
+    __slots__ = ("slot", "crc", "crc_ok", "fresh", "pages", "have", "back", "flip")
 
-    def __init__(self, slot: int, crc: int, crc_ok: bool, fresh: bool, pages: int = 0, have: int = 0xFFFF):
+    def __init__(self, slot: int, crc: int, crc_ok: bool, fresh: bool, pages: int = 0, have: int = 0xFFFF,
+                 back: int = 0, flip: int = 0):
         self.slot = slot
         self.crc = crc
         self.crc_ok = crc_ok
         self.fresh = fresh
         self.pages = pages
         self.have = have
+        self.back = back
+        self.flip = flip
 
 
 # An Overlay notes its blocks by region of 2**REGION_SHIFT blocks (256 MiB).
@@ -95,7 +105,10 @@ def overlay_of(overlays: dict, lid: int) -> Overlay:
 
 def held(d: Dirty) -> int:
     """The pages of written data an overlay entry holds (none for a block
-    made zeros): what the write cache's size counts."""
+    made zeros; those flipped for a flipped one): what the write cache's
+    size counts."""
+    if d.back:
+        return d.flip.bit_count()
     return 0 if d.slot == ZERO_SLOT else d.have.bit_count()
 
 
@@ -107,10 +120,10 @@ class Epoch:
     free_back: free slots not allocated (those beyond the durable hwm go to
     DB_FREE).  records: staged catalogue records.  zeroed: slots whose block
     turned out all zeros when the checksums were finished; they are freed by
-    the commit.
+    the commit.  backed: the entries it wrote backed.
     """
 
-    __slots__ = ("dirty", "alloc", "hwm", "free_back", "records", "zeroed", "zeroed_at", "blank")
+    __slots__ = ("dirty", "alloc", "hwm", "free_back", "records", "zeroed", "zeroed_at", "blank", "backed")
 
     def __init__(self, dirty, alloc, hwm, free_back, records):
         self.dirty = dirty
@@ -123,6 +136,9 @@ class Epoch:
         # (lid, block) of partial blocks whose pages are all zeros: zeros
         # altogether if what they read through to is
         self.blank: set[tuple[int, int]] = set()
+        # (lid, block, slot, back) of every entry the commit wrote backed:
+        # C may flip them once it is durable (FastMap.mark_backed)
+        self.backed: list[tuple[int, int, int, int]] = []
 
 
 def under(pool, cur, lid: int, block: int, live: bool = True) -> list:
@@ -138,5 +154,7 @@ def under(pool, cur, lid: int, block: int, live: bool = True) -> list:
         return []
     if f is not None and f.have == FULL_MASK:
         return [(f.slot, FULL_MASK, None)]
+    if f is not None and f.back:  # flipped: its two slots hold the block
+        return [(f.slot, f.have, None), (f.back, FULL_MASK & ~f.have, None)]
     committed = layers.layers(pool, cur, lid, pool._lins[lid].gen, block)  # only when it is read
     return committed if f is None else [(f.slot, f.have, None)] + committed

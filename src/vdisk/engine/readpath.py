@@ -22,6 +22,10 @@ def dirty_block(pool, cur, lid: int, block: int, d: Dirty, live: bool = True) ->
     data = pool.file.pread(BLOCK_SIZE, slot_offset(d.slot))
     if d.have == FULL_MASK:
         return data
+    if d.back:  # flipped: the rest is in its back slot
+        out = bytearray(pool.file.pread(BLOCK_SIZE, slot_offset(d.back)))
+        layers.copy_pages(out, data, d.have)
+        return out
     out = layers.assemble(pool, overlay.under(pool, cur, lid, block, live), where(lid, block), need=FULL_MASK & ~d.have)
     layers.copy_pages(out, data, d.have)
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 
-from . import allocator, fastbridge, layers, native
+from . import allocator, fastbridge, layers, native, readpath
 from .errors import NoSpace, NotFound, OutOfRange, PoolFailed
 from .fastmap import COALESCE_PAGES, MAX_SPAN, READ_ONLY
 from .format import BLOCK_SIZE, DB_MAP, FULL_MASK, PAGE, ZERO_SLOT, mask_runs, page_mask, slot_offset
@@ -126,7 +126,7 @@ def set_zero(pool, vid: int, lid: int, dirty: dict, block: int) -> None:
         pool._dirty_pages -= held(d)
         if d.fresh:
             allocator.release_fresh(pool, d.slot)
-        d.slot, d.crc, d.crc_ok, d.fresh, d.have = ZERO_SLOT, 0, True, False, FULL_MASK
+        d.slot, d.crc, d.crc_ok, d.fresh, d.have, d.back, d.flip = ZERO_SLOT, 0, True, False, FULL_MASK, 0, 0
     fastbridge.changed(pool, vid, lid, d, block, FULL_MASK)
 
 
@@ -145,6 +145,8 @@ def write_block(pool, vid: int, lid: int, dirty: dict, block: int, intra: int, c
     is freed at commit).  A block that reads as zeros is written
     whole."""
     d = dirty.get(block)
+    if d is not None and d.back:
+        d = _unflip(pool, vid, lid, dirty, block, d)
     full = len(chunk) == BLOCK_SIZE
     wmask = page_mask(intra, len(chunk))
     if d is not None and d.fresh:
@@ -239,6 +241,24 @@ def write_block(pool, vid: int, lid: int, dirty: dict, block: int, intra: int, c
     fastbridge.changed(pool, vid, lid, d, block, wmask)
     if pool._fm is not None:
         fastbridge.tell(pool, vid, lid, block, d)
+
+
+def _unflip(pool, vid: int, lid: int, dirty: dict, block: int, d: Dirty) -> Dirty:
+    """A block C flipped (Dirty.back), written here: it becomes a fresh
+    whole copy (the commit then frees both of the committed entry's
+    slots).  Flips are C's alone: this path is rare (C handed the write
+    back)."""
+    with pool.env.begin(db=pool._db[DB_MAP]) as txn:
+        buf = readpath.dirty_block(pool, txn.cursor(), lid, block, d)
+    slot = new_slot(pool, buf, FULL_MASK)
+    pool._dirty_pages -= held(d)
+    d.slot, d.crc, d.crc_ok, d.fresh, d.have, d.back, d.flip = slot, 0, False, True, FULL_MASK, 0, 0
+    d.pages = FULL_MASK  # its log record must carry what the flips wrote too
+    pool._dirty_pages += held(d)
+    fastbridge.changed(pool, vid, lid, d, block, FULL_MASK)
+    if pool._fm is not None:
+        fastbridge.tell(pool, vid, lid, block, d)
+    return d
 
 
 def new_slot(pool, buf, have: int) -> int:
