@@ -161,7 +161,9 @@ class Pool:
 
     # ------------------------------------------------------------ open/close
 
-    def _check_format(self, existing: bool) -> None:
+    def _check_format(self, existing: bool) -> int:
+        """The pool's format version (a new pool's is this vdisk's), after
+        checking that this vdisk reads it (FormatError otherwise)."""
         with self.env.begin(write=True, db=self._db[DB_META]) as txn:
             v = txn.get(b"format_version")
             if v is None:
@@ -171,7 +173,7 @@ class Pool:
                 txn.put(b"block_size", u64(BLOCK_SIZE))
                 txn.put(b"hwm", u64(1))
                 txn.put(b"counters", jenc({}))
-                return
+                return FORMAT_VERSION
             ver = u64_decode(v)
             if ver not in READABLE_VERSIONS:
                 raise FormatError(
