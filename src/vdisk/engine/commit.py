@@ -419,6 +419,11 @@ def _finish_checksums(pool, ep: Epoch) -> None:
             ep.zeroed_at.append((lid, block, d.slot))
             d.slot, d.crc, d.fresh = ZERO_SLOT, 0, False
         d.crc, d.crc_ok = crc, True
+    # a flipped block's back slot: of the pages not in its mask (format 5)
+    flipped = [(lid, block, d) for lid, dirty in ep.dirty.items() for block, d in dirty.items() if d.back]
+    sums = pool.file.checksum_slots([slot_offset(d.back) for _, _, d in flipped], BLOCK_SIZE,
+                                    [FULL_MASK & ~d.have for _, _, d in flipped])
+    ep.back_sums = {(lid, block): crc for (lid, block, _), (crc, _zero) in zip(flipped, sums)}
 
 
 def _apply_dirty(pool, tx: Tx, ep: Epoch) -> None:
@@ -503,7 +508,7 @@ def _apply_dirty(pool, tx: Tx, ep: Epoch) -> None:
             if d.slot == ZERO_SLOT and old is None and not _parent_has(pool, cur, lin, block):
                 continue
             if back:  # of its pages the new entry does not hold
-                back_crc = layers.back_crc(pool, back, d.have)
+                back_crc = ep.back_sums[(lid, block)] if d.back else layers.back_crc(pool, back, d.have)
                 ep.backed.append((lid, block, d.slot, back))
             txn.put(map_key(lid, block, gen), map_val(d.slot, INF, d.crc, d.have, back, back_crc), db=mdb)
             txn.put(born_key(lid, gen, block), b"", db=pool._db[DB_BORN])

@@ -123,7 +123,8 @@ class Epoch:
     the commit.  backed: the entries it wrote backed.
     """
 
-    __slots__ = ("dirty", "alloc", "hwm", "free_back", "records", "zeroed", "zeroed_at", "blank", "backed")
+    __slots__ = ("dirty", "alloc", "hwm", "free_back", "records", "zeroed", "zeroed_at", "blank", "backed",
+                 "back_sums")
 
     def __init__(self, dirty, alloc, hwm, free_back, records):
         self.dirty = dirty
@@ -139,6 +140,9 @@ class Epoch:
         # (lid, block, slot, back) of every entry the commit wrote backed:
         # C may flip them once it is durable (FastMap.mark_backed)
         self.backed: list[tuple[int, int, int, int]] = []
+        # (lid, block) -> the checksum of a flipped block's back slot
+        # (commit._finish_checksums)
+        self.back_sums: dict[tuple[int, int], int] = {}
 
 
 def under(pool, cur, lid: int, block: int, live: bool = True) -> list:
