@@ -1335,7 +1335,9 @@ static long plan_write(struct vd_fastmap *fm, struct vol *v, struct plan *p)
             p->nhave[i] = e->have ^ (pgs & (uint16_t)~f);
             /* pages moved but written in part: the rest from where they are */
             p->edges[i] = pgs & (uint16_t)~f & (uint16_t)~covered(intra, n);
-            p->merging = 1; /* flies: the table changes once the data is written */
+            /* pages that move fly: the table changes once they are written;
+             * a write only in place goes on as INPLACE's do */
+            p->merging |= (pgs & (uint16_t)~f) != 0;
             if (e->epoch != fm->epoch && !verify_entry(fm, e))
                 return -EAGAIN;
             continue;
@@ -1429,11 +1431,17 @@ static long plan_write(struct vd_fastmap *fm, struct vol *v, struct plan *p)
     return 0;
 }
 
+/* Where page pg of a flipped block is now (FLIP): its slot or back slot. */
+static inline uint64_t flip_cur(const struct plan *p, size_t i, int pg)
+{
+    return (p->ohave[i] >> pg & 1) ? p->base[i] : p->osrc[i];
+}
+
 /* Where page pg of a flipped block goes (FLIP): where it is now if it was
  * flipped in this epoch already, else the other of slot and back slot. */
 static inline uint64_t flip_dst(const struct plan *p, size_t i, int pg)
 {
-    uint64_t cur = (p->ohave[i] >> pg & 1) ? p->base[i] : p->osrc[i];
+    uint64_t cur = flip_cur(p, i, pg);
     if (p->own[i] >> pg & 1)
         return cur;
     return cur == p->base[i] ? p->osrc[i] : p->base[i];
@@ -1452,9 +1460,8 @@ static long flip_data(struct vd_fastmap *fm, const struct plan *p, size_t i, uin
         int pg = (int)(at / PG);
         uint64_t dst = flip_dst(p, i, pg), end = (uint64_t)(pg + 1) * PG < hi ? (uint64_t)(pg + 1) * PG : hi;
         if (p->edges[i] >> pg & 1) {
-            uint64_t cur = (p->ohave[i] >> pg & 1) ? p->base[i] : p->osrc[i];
             unsigned char *page = scratch + (size_t)pg * PG;
-            if ((rc = vd_pread_full(fm->data_fd, page, PG, slot_off(cur) + (uint64_t)pg * PG)) < 0)
+            if ((rc = vd_pread_full(fm->data_fd, page, PG, slot_off(flip_cur(p, i, pg)) + (uint64_t)pg * PG)) < 0)
                 return rc;
             memcpy(scratch + at, data + (at - intra), end - at);
             if ((rc = vd_pwrite_full(fm->data_fd, page, PG, slot_off(dst) + (uint64_t)pg * PG)) < 0)
@@ -1741,10 +1748,11 @@ static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t
 {
     struct vd_log *L = fm->lg;
     struct vol *v = find_vol(fm, vid);
-    uint64_t slots[CHG_MAX], backs[CHG_MAX];
+    uint64_t slots[CHG_MAX];
     uint64_t blocks[CHG_MAX];
     uint32_t masks[CHG_MAX];
     uint16_t haves[CHG_MAX];
+    struct below bs[CHG_MAX];
     uint32_t count = 0;
     uint64_t npages = 0;
     *size = 0;
@@ -1766,8 +1774,8 @@ static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t
             return -EAGAIN;
         }
         slots[count] = e->slot;
-        backs[count] = e->back;
         haves[count] = e->have;
+        bs[count] = e->b;
         blocks[count] = e->block;
         masks[count++] = e->mask;
         npages += (uint64_t)__builtin_popcount(e->mask);
@@ -1777,14 +1785,13 @@ static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t
         return -EAGAIN; /* the engine grows the log, or commits */
     unsigned char *p = vd_log_body(L);
     for (uint32_t c = 0; c < count; c++) {
-        /* one pread per run of pages in one slot (a flipped block's pages
-         * not in have are in its back slot) */
+        /* one pread per run of pages from one slot of the view (a flipped
+         * block's pages not in have are in its back slot) */
         for (int pg = 0, run; (run = page_run((uint16_t)masks[c], &pg)) > 0; pg += run) {
             for (int q = pg, r; q < pg + run; q += r) {
-                int in_back = backs[c] && !(haves[c] >> q & 1);
-                for (r = 1; q + r < pg + run && (backs[c] && !(haves[c] >> (q + r) & 1)) == in_back; r++)
+                uint64_t src = source(slots[c], haves[c], bs[c], q);
+                for (r = 1; q + r < pg + run && source(slots[c], haves[c], bs[c], q + r) == src; r++)
                     ;
-                uint64_t src = in_back ? backs[c] : slots[c];
                 if (vd_pread_full(fm->data_fd, p, (size_t)r * PG, slot_off(src) + (uint64_t)q * PG) < 0)
                     return -EAGAIN;
                 p += (size_t)r * PG;

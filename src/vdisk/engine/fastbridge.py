@@ -154,49 +154,31 @@ def drain(pool) -> None:
             if v is not None:
                 pool._unlogged.pop(v["lid"], None)  # only C's blocks: the volume was clean
             continue
-        if back:
-            _flipped(pool, vid, block, slot, have, back, flip)
-            continue
-        pool._reserved.discard(slot)
-        pool._reserved_beyond.discard(slot)
-        pool._epoch_alloc.add(slot)
+        fresh = not back  # else C flipped a committed backed entry: no slot is new
+        if fresh:
+            pool._reserved.discard(slot)
+            pool._reserved_beyond.discard(slot)
+            pool._epoch_alloc.add(slot)
         v = pool._vols.get(vid)
         if v is None:  # cannot happen while volumes change only under the lock
-            allocator.release_fresh(pool, slot)
+            if fresh:
+                allocator.release_fresh(pool, slot)
             continue
         dirty = overlay_of(pool._dirty, v["lid"])
         pool._unlogged.setdefault(v["lid"], set()).add(block)  # C has its pages
         d = dirty.get(block)
         if d is None:
             pool._ndirty += 1
-            pool._dirty_pages += have.bit_count()
-            dirty[block] = Dirty(slot, 0, False, True, 0, have)
+            d = dirty[block] = Dirty(slot, 0, False, fresh, 0, have, back, flip)
+            pool._dirty_pages += held(d)
             continue
-        if d.fresh and d.slot != slot:
+        if not fresh:  # flipped again: the overlay's entry is that flipped one
+            assert d.slot == slot and not d.fresh, (block, d.slot, slot)
+        elif d.fresh and d.slot != slot:
             allocator.release_fresh(pool, d.slot)
-        pool._dirty_pages += have.bit_count() - held(d)
-        d.slot, d.crc, d.crc_ok, d.fresh, d.have, d.back, d.flip = slot, 0, False, True, have, 0, 0
-
-
-def _flipped(pool, vid: int, block: int, slot: int, have: int, back: int, flip: int) -> None:
-    """C flipped pages of a committed backed entry (slot over back): the
-    overlay holds the block as a flipped one (overlay.Dirty.back).  No slot
-    is new: both are the committed entry's."""
-    v = pool._vols.get(vid)
-    if v is None:
-        return
-    lid = v["lid"]
-    dirty = overlay_of(pool._dirty, lid)
-    pool._unlogged.setdefault(lid, set()).add(block)  # C has its pages
-    d = dirty.get(block)
-    if d is None:
-        pool._ndirty += 1
-        d = dirty[block] = Dirty(slot, 0, False, False, 0, have, back, flip)
-    else:  # flipped again (C knew it flipped: the overlay's entry is that one)
-        assert d.slot == slot and not d.fresh, (block, d.slot, slot)
         pool._dirty_pages -= held(d)
-        d.crc, d.crc_ok, d.have, d.back, d.flip = 0, False, have, back, flip
-    pool._dirty_pages += held(d)
+        d.slot, d.crc, d.crc_ok, d.fresh, d.have, d.back, d.flip = slot, 0, False, fresh, have, back, flip
+        pool._dirty_pages += held(d)
 
 
 def sync_volumes(pool) -> None:
@@ -239,8 +221,9 @@ def _is_new(pool, lid: int) -> bool:
 
 def _writable(pool, lid: int, block: int, d: Dirty) -> int:
     """How the fast path may write a dirty block: in place if its slot
-    is fresh, reporting the first write if the block is in the log."""
-    if not d.fresh:
+    is fresh (or the places it flipped to, if flipped), reporting the
+    first write if the block is in the log."""
+    if not d.fresh and not d.back:
         return READ_ONLY
     return WRITABLE if block in pool._unlogged.get(lid, ()) else WRITABLE_REPORT
 
@@ -261,8 +244,8 @@ def tell(pool, vid: int, lid: int, block: int, d: Dirty, cur=None) -> None:
     if d.back:
         frozen = pool._inflight_dirty(lid)
         f = frozen.get(block) if frozen else None
-        pool._fm.set(vid, block, d.slot, WRITABLE if block in pool._unlogged.get(lid, ()) else WRITABLE_REPORT,
-                     d.have, d.back, back=d.back, flip=d.flip, held=f.flip if f is not None and f.back else 0)
+        pool._fm.set(vid, block, d.slot, _writable(pool, lid, block, d), d.have, d.back, back=d.back, flip=d.flip,
+                     held=f.flip if f is not None and f.back else 0)
         return
     if d.have == FULL_MASK:
         pool._fm.set(vid, block, d.slot, _writable(pool, lid, block, d))
