@@ -13,13 +13,18 @@
  * how far the file is written, whether it is still usable - and the
  * counters; the engine reads it (vd_log_get) and replays records itself.
  *
+ * Two files take turns by generation (even, odd).  A commit's freeze
+ * moves the writer to the next generation in the other file, so fsyncs go
+ * on while the commit runs: their records follow the freeze, and the
+ * records before it stay in their file until the commit is durable.
+ *
  * Concurrency contract: one writer at a time holds mu from the gathering
- * of its record to its fdatasync, so records follow each other in the
- * file in the order of their sequence numbers.  The engine changes the
- * in-flight flag and retires the log at a commit with the fast path's map
- * lock held for writing, which a writer in C also holds while it checks
- * the flag and reserves its record's place: a commit's freeze falls before
- * or after a whole reservation.
+ * of its record to its fdatasync, so records follow each other in their
+ * file in the order of their sequence numbers.  The engine freezes, thaws
+ * and retires the log with the fast path's map lock held for writing,
+ * which a writer in C also holds while it checks whether it may write and
+ * reserves its record's place: a commit's freeze falls before or after a
+ * whole reservation, and a record goes to the file it was sealed for.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -47,16 +52,23 @@ _Static_assert(sizeof(struct vd_log_head) + (VD_LOG_MAX_ENTRIES + 1) * sizeof(st
 
 struct vd_log {
     pthread_mutex_t mu;
-    int fd;
+    int fd[2];     /* the files of even and of odd generations */
+    int sealed_fd; /* the file the record sealed last goes to */
     int ok;        /* 0 once a write failed: commits only from then on */
-    int inflight;  /* a commit is in flight: no record from the fast path */
+    int inflight;  /* no record may be written now (see vd_log_freeze) */
+    int stale;     /* the written generation's file may hold records of a
+                    * crash: none is written before a commit retires them */
     int fail_next; /* tests */
-    uint64_t gen, pos, seq, end, max, flush_max;
+    uint64_t gen;  /* the generation the durable map names (log_gen) */
+    uint64_t wgen; /* the generation records are written in: gen, or gen + 1
+                    * once a commit froze (its records follow its freeze) */
+    uint64_t pos, seq, end[2], max, flush_max;
     unsigned char *buf; /* a record: its header, then up to flush_max of pages */
     uint64_t st_flushes, st_bytes, st_flushes_c;
 };
 
-struct vd_log *vd_log_new(int fd, uint64_t gen, uint64_t end, uint64_t max, uint64_t flush_max)
+struct vd_log *vd_log_new(int fd0, int fd1, uint64_t gen, uint64_t end0, uint64_t end1, uint64_t max,
+                          uint64_t flush_max)
 {
     struct vd_log *L = calloc(1, sizeof(*L));
     if (L == NULL)
@@ -67,12 +79,21 @@ struct vd_log *vd_log_new(int fd, uint64_t gen, uint64_t end, uint64_t max, uint
         return NULL;
     }
     pthread_mutex_init(&L->mu, NULL);
-    L->fd = fd;
+    L->fd[0] = fd0;
+    L->fd[1] = fd1;
     L->ok = 1;
-    L->gen = gen;
-    L->end = end;
+    L->gen = L->wgen = gen;
+    L->end[0] = end0;
+    L->end[1] = end1;
     L->max = max;
     L->flush_max = flush_max;
+    if (end0 > 0 || end1 > 0) {
+        /* records of gen and gen + 1 may be there, the engine replays them:
+         * none is written before the commit that follows, which moves on
+         * to gen + 2 */
+        L->wgen = gen + 1;
+        L->stale = L->inflight = 1;
+    }
     return L;
 }
 
@@ -87,22 +108,42 @@ void vd_log_free(struct vd_log *L)
 
 void vd_log_lock(struct vd_log *L) { pthread_mutex_lock(&L->mu); }
 void vd_log_unlock(struct vd_log *L) { pthread_mutex_unlock(&L->mu); }
-void vd_log_set_inflight(struct vd_log *L, int inflight) { L->inflight = inflight; }
 void vd_log_set_max(struct vd_log *L, uint64_t max) { L->max = max; }
 void vd_log_fail_next(struct vd_log *L, int fail) { L->fail_next = fail; }
 
-uint64_t vd_log_retire(struct vd_log *L)
+uint64_t vd_log_freeze(struct vd_log *L, int records)
 {
-    L->gen++;
-    L->pos = L->seq = 0;
-    L->inflight = 0;
-    return L->gen;
+    if (records && !L->inflight && L->wgen == L->gen) {
+        /* the other file, from its start: the records of gen stay where
+         * they are until the commit is durable */
+        L->wgen = L->gen + 1;
+        L->pos = L->seq = 0;
+        return L->wgen;
+    }
+    /* gen + 1's file may hold records already (a commit that failed after
+     * its freeze, or a crash's): this commit's generation is past them,
+     * and nothing is written until it is durable */
+    L->inflight = 1;
+    return L->wgen + 1;
+}
+
+void vd_log_thaw(struct vd_log *L) { L->inflight = L->stale; }
+
+void vd_log_retire(struct vd_log *L, uint64_t gen)
+{
+    L->gen = gen;
+    if (L->wgen != gen) {
+        L->wgen = gen;
+        L->pos = L->seq = 0;
+    }
+    L->inflight = L->stale = 0;
 }
 
 void vd_log_get(struct vd_log *L, uint64_t *out)
 {
-    uint64_t v[VD_LOG_STATE_WORDS] = {L->gen,    L->pos,        L->seq,      L->end,          (uint64_t)L->ok,
-                                      (uint64_t)L->inflight, L->st_flushes, L->st_bytes, L->st_flushes_c, L->max};
+    uint64_t v[VD_LOG_STATE_WORDS] = {L->gen,          L->pos,      L->seq,          L->end[L->wgen & 1],
+                                      (uint64_t)L->ok, (uint64_t)L->inflight, L->st_flushes, L->st_bytes,
+                                      L->st_flushes_c, L->max,     L->wgen};
     memcpy(out, v, sizeof(v));
 }
 
@@ -117,7 +158,10 @@ static int fits(struct vd_log *L, uint32_t count, uint64_t npages, uint64_t end)
 
 int vd_log_usable(struct vd_log *L) { return L->ok && !L->inflight; }
 
-int vd_log_room(struct vd_log *L, uint64_t npages) { return vd_log_usable(L) && fits(L, 0, npages, L->end) ? 0 : -EAGAIN; }
+int vd_log_room(struct vd_log *L, uint64_t npages)
+{
+    return vd_log_usable(L) && fits(L, 0, npages, L->end[L->wgen & 1]) ? 0 : -EAGAIN;
+}
 
 unsigned char *vd_log_body(struct vd_log *L) { return L->buf + HDR; }
 
@@ -133,7 +177,7 @@ uint64_t vd_log_seal(struct vd_log *L, uint64_t vid, const uint64_t *blocks, con
     unsigned char *hdr = L->buf;
     memset(hdr, 0, HDR);
     memcpy(hdr + AT(magic), vd_log_magic, sizeof(((struct vd_log_head *)0)->magic));
-    put_le(hdr + AT(gen), L->gen, 8);
+    put_le(hdr + AT(gen), L->wgen, 8);
     put_le(hdr + AT(seq), L->seq, 8);
     put_le(hdr + AT(vid), vid, 8);
     put_le(hdr + AT(count), count, 4);
@@ -146,6 +190,7 @@ uint64_t vd_log_seal(struct vd_log *L, uint64_t vid, const uint64_t *blocks, con
     put_le(hdr + AT(crc), vd_crc32c(vd_crc32c(0, hdr, HDR), L->buf + HDR, npages * PG), 4);
     uint64_t size = HDR + npages * PG;
     *at = L->pos;
+    L->sealed_fd = L->fd[L->wgen & 1];
     L->pos += size;
     L->seq++;
     return size;
@@ -162,10 +207,10 @@ static long write_record(struct vd_log *L, uint64_t at, uint64_t size)
 {
     /* a record sealed before a commit retired the log is obsolete, and
      * harmless where it lands: written all the same */
-    long rc = vd_pwrite_full(L->fd, L->buf, size, at);
+    long rc = vd_pwrite_full(L->sealed_fd, L->buf, size, at);
     if (rc == 0 && L->fail_next)
         rc = -EIO;
-    else if (rc == 0 && fdatasync(L->fd) < 0)
+    else if (rc == 0 && fdatasync(L->sealed_fd) < 0)
         rc = -errno;
     L->fail_next = 0;
     if (rc < 0)
@@ -182,10 +227,11 @@ static long grow_file(struct vd_log *L, uint64_t grow)
     static const unsigned char zeros[ZEROS];
     while (grow > 0) {
         size_t n = grow < ZEROS ? (size_t)grow : ZEROS;
-        int rc = vd_pwrite_full(L->fd, zeros, n, L->end);
+        uint64_t *end = &L->end[L->wgen & 1];
+        int rc = vd_pwrite_full(L->fd[L->wgen & 1], zeros, n, *end);
         if (rc < 0)
             return failed(L, rc);
-        L->end += n;
+        *end += n;
         grow -= n;
     }
     return 0;
@@ -194,7 +240,7 @@ static long grow_file(struct vd_log *L, uint64_t grow)
 long vd_log_append(struct vd_log *L, uint64_t vid, const uint64_t *blocks, const uint32_t *masks, uint32_t count,
                    const unsigned char *pages, uint64_t npages, uint64_t grow)
 {
-    if (!L->ok || !fits(L, count, npages, L->end + grow))
+    if (!vd_log_usable(L) || !fits(L, count, npages, L->end[L->wgen & 1] + grow))
         return -EAGAIN;
     long rc = grow_file(L, grow);
     if (rc < 0)

@@ -9,11 +9,14 @@
 struct vd_log;
 
 /* Created by the engine (vdisk.engine.intentlog) at open, for every pool:
- * fd is the log file (the engine's; not closed here), gen the generation
- * whose records are valid, end how far the file is written (zeros at
- * least).  A record holds at most flush_max bytes of pages, and the file
- * grows to at most max bytes. */
-struct vd_log *vd_log_new(int fd, uint64_t gen, uint64_t end, uint64_t max, uint64_t flush_max);
+ * fd0 and fd1 are the log files of even and of odd generations (the
+ * engine's; not closed here), gen the generation the durable map names,
+ * end0 and end1 how far each file is written (zeros at least).  A record
+ * holds at most flush_max bytes of pages, and a file grows to at most max
+ * bytes.  When either file holds anything, no record is written before the
+ * first commit (which follows the replay of what they hold). */
+struct vd_log *vd_log_new(int fd0, int fd1, uint64_t gen, uint64_t end0, uint64_t end1, uint64_t max,
+                          uint64_t flush_max);
 void vd_log_free(struct vd_log *L);
 
 /* The writer's mutex: held by one log writer (the engine's log flush, or
@@ -23,9 +26,9 @@ void vd_log_lock(struct vd_log *L);
 void vd_log_unlock(struct vd_log *L);
 
 /* Everything below with the mutex held, except vd_log_get (any time: a
- * snapshot of the counters) and vd_log_set_inflight/vd_log_retire, which
- * the engine calls with the fast path's map lock held (a log writer in C
- * holds it while it reserves its record's place). */
+ * snapshot of the counters) and vd_log_freeze/vd_log_thaw/vd_log_retire,
+ * which the engine calls with the fast path's map lock held (a log writer
+ * in C holds it while it reserves its record's place). */
 
 /* Append one record: count entries (blocks[i], masks[i]: the pages of
  * pages, in order, or 0 for a block that now reads as zeros), npages pages
@@ -37,20 +40,27 @@ void vd_log_unlock(struct vd_log *L);
  * CRC fails, or the next commit makes it obsolete). */
 long vd_log_append(struct vd_log *L, uint64_t vid, const uint64_t *blocks, const uint32_t *masks, uint32_t count,
                    const unsigned char *pages, uint64_t npages, uint64_t grow);
-/* A commit is in flight (inflight 1): records are the engine's alone. */
-void vd_log_set_inflight(struct vd_log *L, int inflight);
-/* A commit made every record durable: the next generation starts at offset
- * 0, and no commit is in flight.  Returns the new generation. */
-uint64_t vd_log_retire(struct vd_log *L);
+/* A commit froze the writes so far: returns the generation its transaction
+ * records (log_gen).  With records 1 (a commit that changes no volume's
+ * existence, size or contents) and no record of the next generation yet,
+ * records go on during the commit, in that generation, from the start of
+ * the other file; otherwise none is written until the commit is durable
+ * (vd_log_retire) or failed (vd_log_thaw). */
+uint64_t vd_log_freeze(struct vd_log *L, int records);
+/* The commit failed: records go on in the generation they were in. */
+void vd_log_thaw(struct vd_log *L);
+/* The commit that recorded gen is durable: the records before its freeze
+ * are obsolete, and those after it are gen's. */
+void vd_log_retire(struct vd_log *L, uint64_t gen);
 void vd_log_set_max(struct vd_log *L, uint64_t max); /* tests make the log small */
 void vd_log_fail_next(struct vd_log *L, int fail);   /* tests: the next record fails before its fdatasync */
-/* gen, pos, seq, end, ok, inflight, flushes, bytes, flushes_in_c, max */
-enum { VD_LOG_STATE_WORDS = 10 };
+/* gen, pos, seq, end (of wgen's file), ok, inflight, flushes, bytes,
+ * flushes_in_c, max, wgen */
+enum { VD_LOG_STATE_WORDS = 11 };
 void vd_log_get(struct vd_log *L, uint64_t *out);
 
 /* For the fast path (fastmap.c), with the mutex held: whether it may write
- * now (1: the log works and no commit is in flight, whose frozen writes no
- * record may claim as durable); whether a record of npages pages fits now
+ * now (1: the log works and no commit blocks it, see vd_log_freeze); whether a record of npages pages fits now
  * without growing the file (0, or -EAGAIN); the
  * buffer its pages go to (flush_max bytes); and, once they are there,
  * vd_log_seal fills the header in, reserves the record's place and

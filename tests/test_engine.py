@@ -12,7 +12,8 @@ from powercut import PowerCutFile
 from vdisk.engine import allocator, native, trim
 from vdisk.engine.blockio import DataFile
 from vdisk.engine.errors import ChecksumError, FormatError, NoSpace, NotFound, OutOfRange, PoolFailed
-from vdisk.engine.format import DATA_FILE, DB_MAP, DB_META, FORMAT_VERSION, FULL_MASK, LMDB_DIR, LOG_FILE, map_val_full, u64, u64_decode
+from vdisk.engine.format import (DATA_FILE, DB_MAP, DB_META, FORMAT_VERSION, FULL_MASK, LMDB_DIR, LOG_FILE, LOG_FILE_ODD,
+                                 map_val_full, u64, u64_decode)
 from vdisk.engine.pool import BLOCK_SIZE, Pool
 
 MIB = 1 << 20
@@ -472,8 +473,8 @@ def test_format_version_is_checked(tmp_path):
 
 
 def test_version_1_pool_is_upgraded_when_opened(tmp_path):
-    """A pool of format version 1 (no intent log) opens, is marked version
-    5, and keeps its data; log flushes work on it."""
+    """A pool of format version 1 (no intent log) opens, is marked this
+    version, and keeps its data; log flushes work on it."""
     path = str(tmp_path / "p")
     p = Pool(path)
     v = p.create_volume(4 * BLOCK_SIZE)
@@ -495,7 +496,7 @@ def test_version_1_pool_is_upgraded_when_opened(tmp_path):
         p._abandon()  # a crash: the record must carry the write
     p = Pool(path)
     with p.env.begin(db=p._db[DB_META]) as txn:
-        assert u64_decode(txn.get(b"format_version")) == FORMAT_VERSION == 5
+        assert u64_decode(txn.get(b"format_version")) == FORMAT_VERSION == 6
     assert p.read(v, 0, 4096) == b"x" * 4096
     assert p.intent.stats["replayed"] == 1
     p.close()
@@ -526,7 +527,7 @@ def _as_version(path: str, version: int) -> int:
 @pytest.mark.parametrize("version", [2, 3])
 def test_older_pool_is_upgraded_when_opened(tmp_path, version):
     """A version 2 pool (whole-block entries of 20 bytes) or 3 (22 bytes,
-    no back slot) opens as version 5 without rewriting its map.  Snapshots,
+    no back slot) opens as this version without rewriting its map.  Snapshots,
     partial writes over its entries (backed ones over the head's own) and
     deletions then work, and scrub finds nothing wrong at any step."""
     path = str(tmp_path / "p")
@@ -542,7 +543,7 @@ def test_older_pool_is_upgraded_when_opened(tmp_path, version):
     p = Pool(path)
     try:
         with p.env.begin(db=p._db[DB_META]) as txn:
-            assert u64_decode(txn.get(b"format_version")) == 5
+            assert u64_decode(txn.get(b"format_version")) == FORMAT_VERSION
         assert p.read(v, 0, 3 * BLOCK_SIZE) == data
         assert p.scrub() == []
         (s2,) = p.snapshot([v])
@@ -604,9 +605,45 @@ def test_version_4_pool_gets_its_back_slots_checksummed_again(tmp_path):
     p = Pool(path, fast=False)
     try:
         with p.env.begin(db=p._db[DB_META]) as txn:
-            assert u64_decode(txn.get(b"format_version")) == 5
+            assert u64_decode(txn.get(b"format_version")) == FORMAT_VERSION
         assert p.scrub() == []
         assert p.read(v, 0, 3 * BLOCK_SIZE) == data
+    finally:
+        p.close()
+
+
+def test_version_5_pool_replays_its_log_from_the_one_file(tmp_path):
+    """Version 5 wrote every generation's records to intent.log; version
+    6 writes odd generations to intent-odd.log.  A version 5 pool that
+    crashed at an odd generation with records to replay has them replayed
+    from intent.log when opened (without that, the fsynced write is
+    lost), and is version 6 from then on."""
+    path = str(tmp_path / "p")
+    p = Pool(path, fast=False)
+    v = p.create_volume(4 * BLOCK_SIZE)  # a commit: generation 1
+    p.write(v, 0, b"a" * 4096)
+    assert p.log_flush(v)
+    assert p.intent.gen % 2 == 1
+    p._abandon()  # a crash, the record in intent-odd.log
+    os.replace(os.path.join(path, LOG_FILE_ODD), os.path.join(path, LOG_FILE))  # where version 5 put it
+    env = lmdb.open(os.path.join(path, LMDB_DIR), max_dbs=16)
+    with env.begin(write=True, db=env.open_db(DB_META)) as txn:
+        txn.put(b"format_version", u64(5))
+    env.close()
+    p = Pool(path, fast=False)
+    try:
+        assert p.intent.stats["replayed"] == 1
+        assert p.read(v, 0, 4096) == b"a" * 4096
+        with p.env.begin(db=p._db[DB_META]) as txn:
+            assert u64_decode(txn.get(b"format_version")) == FORMAT_VERSION == 6
+        p.write(v, 4096, b"b" * 4096)
+        assert p.log_flush(v)
+    finally:
+        p._abandon()
+    p = Pool(path, fast=False)
+    try:
+        assert p.intent.stats["replayed"] == 1  # the new record only
+        assert p.read(v, 0, 8192) == b"a" * 4096 + b"b" * 4096
     finally:
         p.close()
 
@@ -648,8 +685,9 @@ def test_log_replay_stops_at_the_first_bad_record(tmp_path):
         p.write(v, i * BLOCK_SIZE + 8192, bytes([ch]) * 4096)
         assert p.log_flush(v)
     assert p.log_status()["flushes"] == 3 and p.intent.pos == 3 * 2 * 4096
+    records = p.intent.file.path  # the file of the generation they are in
     p._abandon()
-    with open(os.path.join(path, LOG_FILE), "r+b") as f:
+    with open(records, "r+b") as f:
         f.seek(2 * 4096 + 4096 + 100)  # the page of the second record
         f.write(b"?")
     p = Pool(path)

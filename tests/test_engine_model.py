@@ -235,7 +235,7 @@ class PoolModel(RuleBasedStateMachine):
         a power cut, whole, torn or not at all (PowerCutFile sees the
         data file's writes; the log's writer is C's)."""
         il = self.pool.intent
-        self.pool.log.remember(il.pos, il.max - il.pos)
+        il.file.remember(il.pos, il.max - il.pos)
         il.fail_next()
 
     @rule(mode=st.sampled_from(["drop", "tear", "keep"]), seed=st.integers(0, 1000))
@@ -246,7 +246,7 @@ class PoolModel(RuleBasedStateMachine):
         if self.job is not None and self.job.done:  # its transaction is durable
             self._job_durable()
         self.job = None
-        files = (self.pool.file, self.pool.log)
+        files = (self.pool.file, *self.pool.logs)
         self.pool.intent.close()  # its C writer's 4 MiB buffer, which a dropped pool would keep
         self.pool.env.close()
         self.pool.env = None

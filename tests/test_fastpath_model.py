@@ -21,7 +21,7 @@ from hypothesis.stateful import invariant, precondition, rule
 
 from test_engine_model import SIZE, PoolModel, lengths, model_settings, offsets, pattern
 from vdisk.engine import structure
-from vdisk.engine.errors import ChecksumError
+from vdisk.engine.errors import ChecksumError, EngineError
 from vdisk.engine.fastmap import FastMap
 from vdisk.engine.format import DB_MAP
 from vdisk.engine.pool import BLOCK_SIZE, Pool
@@ -1275,3 +1275,139 @@ def test_c_counts_the_engines_holds_of_the_map_and_the_requests_that_waited(tmp_
         assert st["lock_holds"] > st0["lock_holds"], st
         assert st["lock_hold_max_ns"] >= 0.2e9, st
         assert pool.read(vid, 8192, 4096) == b"b" * 4096
+
+
+def _crash(pool, fm):
+    """What a power cut leaves: the data file keeps every write (this one
+    is not PowerCutFile's), LMDB its last commit, the log what was synced."""
+    pool.detach_fast()
+    fm.close()
+    pool.env.close()
+    pool.env = None
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_fsyncs_go_on_during_a_commit_and_survive_a_crash(tmp_path, durable):
+    """While a commit that changes no volume is in flight, fsyncs are log
+    flushes (in the log's next generation, the other file) instead of
+    waiting for it.  The first record of a volume after the freeze carries
+    its blocks written before the freeze that no record held (C declines
+    it: its table knows only the pages since the freeze); after that C
+    writes them.  A crash before the commit is durable replays both
+    generations over the map as it was; one after it replays the new
+    generation over the new map.  Either way every write before the last
+    fsync is there."""
+    pool = Pool(str(tmp_path), fast=False)
+    vid = pool.create_volume(8 * BLOCK_SIZE)
+    fm = FastMap(pool.file.fd, reservoir=16)
+    pool.attach_fast(fm)
+    want = bytearray(8 * BLOCK_SIZE)
+    # a commit with a record during it first: both files have room for C
+    # (which writes only into room the Pool's records grew)
+    assert fm.write(vid, 7 * BLOCK_SIZE, b"z" * 4096)
+    assert pool.log_flush(vid)
+    job = pool.begin_commit()
+    assert fm.write(vid, 7 * BLOCK_SIZE + 4096, b"y" * 4096)
+    assert pool.log_flush(vid)
+    job.run()
+    pool.finish_commit(job)
+    want[7 * BLOCK_SIZE : 7 * BLOCK_SIZE + 8192] = b"z" * 4096 + b"y" * 4096
+    for off, n, byte in ((0, BLOCK_SIZE, b"a"), (BLOCK_SIZE + 4096, 4096, b"b")):
+        assert fm.write(vid, off, byte * n)
+        want[off : off + n] = byte * n
+    assert pool.log_flush(vid)  # gen g
+    assert fm.write(vid, BLOCK_SIZE + 8192, b"b" * 4096)
+    want[BLOCK_SIZE + 8192 : BLOCK_SIZE + 3 * 4096] = b"b" * 4096
+    assert fm.fsync(vid)  # C's, in gen g
+    assert fm.write(vid, 2 * BLOCK_SIZE, b"c" * 8192)  # before the freeze, in no record
+    want[2 * BLOCK_SIZE : 2 * BLOCK_SIZE + 8192] = b"c" * 8192
+    gen = pool.intent.gen
+    job = pool.begin_commit()
+    assert pool.intent.usable and pool.intent.wgen == gen + 1
+    assert fm.write(vid, 3 * BLOCK_SIZE, b"d" * 4096)  # after the freeze
+    want[3 * BLOCK_SIZE : 3 * BLOCK_SIZE + 4096] = b"d" * 4096
+    assert not fm.fsync(vid), "C's record would lack the block written before the freeze"
+    assert pool.log_flush(vid)  # carries blocks 2 (whole) and 3
+    assert fm.write(vid, 4 * BLOCK_SIZE + 8192, b"e" * 4096)
+    want[4 * BLOCK_SIZE + 8192 : 4 * BLOCK_SIZE + 3 * 4096] = b"e" * 4096
+    assert fm.fsync(vid)  # C's, in gen g + 1
+    assert pool.log_status()["flushes_in_c"] == 2
+    assert fm.write(vid, 5 * BLOCK_SIZE, b"f" * 4096)  # never synced
+    if durable:
+        job.run()
+        pool.finish_commit(job)
+        assert pool.intent.gen == gen + 1
+    _crash(pool, fm)
+    again = Pool(str(tmp_path), fast=False)
+    try:
+        assert again.intent.stats["replayed"] == (2 if durable else 5)
+        got = again.read(vid, 0, 8 * BLOCK_SIZE)
+        assert got[: 5 * BLOCK_SIZE] == want[: 5 * BLOCK_SIZE]
+        assert got[5 * BLOCK_SIZE : 5 * BLOCK_SIZE + 4096] in (bytes(4096), b"f" * 4096)
+        assert got[7 * BLOCK_SIZE :] == want[7 * BLOCK_SIZE :]
+        assert again.scrub() == []
+        # the open's commit moved past both generations: no record of
+        # them is replayed again, and new ones are
+        again.write(vid, 6 * BLOCK_SIZE, b"g" * 4096)
+        assert again.log_flush(vid)
+    finally:
+        again._abandon()
+    third = Pool(str(tmp_path), fast=False)
+    try:
+        assert third.intent.stats["replayed"] == 1
+        assert third.read(vid, 0, 5 * BLOCK_SIZE) == got[: 5 * BLOCK_SIZE]
+        assert third.read(vid, 6 * BLOCK_SIZE, 4096) == b"g" * 4096
+    finally:
+        third.close()
+
+
+def test_a_structural_commit_holds_fsyncs_until_it_is_durable(tmp_path):
+    """A commit that changes volumes (here: a new one) lets no record be
+    written while it is in flight (replayed over the map as it was, a
+    record could name what does not exist yet); a commit that failed
+    after records went on leaves them valid, and the next commit moves
+    past their generation."""
+    pool = Pool(str(tmp_path), fast=False)
+    vid = pool.create_volume(2 * BLOCK_SIZE)
+    fm = FastMap(pool.file.fd, reservoir=16)
+    pool.attach_fast(fm)
+    assert fm.write(vid, 0, b"a" * 4096)
+    job = pool.begin_commit(lambda tx: None)
+    assert not pool.intent.usable
+    assert fm.write(vid, 4096, b"b" * 4096)
+    assert not fm.fsync(vid) and not pool.log_flush(vid)
+    job.run()
+    pool.finish_commit(job)
+    assert pool.log_flush(vid)  # the Pool's: the other file may need room first
+    gen = pool.intent.gen
+
+    def boom(tx):
+        raise EngineError("the commit fails")
+
+    job = pool.begin_commit()  # a plain one: records go on
+    assert fm.write(vid, BLOCK_SIZE, b"c" * 4096)
+    assert pool.log_flush(vid) and pool.intent.wgen == gen + 1  # the other file, grown by the Pool
+    job.change = boom  # as if its transaction failed
+    job.run()
+    with pytest.raises(EngineError, match="the commit fails"):
+        pool.finish_commit(job)
+    assert pool.intent.gen == gen and pool.intent.wgen == gen + 1
+    assert fm.write(vid, BLOCK_SIZE + 4096, b"d" * 4096)
+    assert fm.fsync(vid) or pool.log_flush(vid)  # still in gen + 1, after the first
+    job = pool.begin_commit()  # gen + 1's file holds records: it moves to gen + 2
+    assert not pool.intent.usable
+    job.run()
+    pool.finish_commit(job)
+    assert pool.intent.gen == gen + 2 and pool.intent.usable
+    assert fm.write(vid, 8192, b"e" * 4096)
+    assert fm.fsync(vid)
+    _crash(pool, fm)
+    again = Pool(str(tmp_path), fast=False)
+    try:
+        assert again.intent.stats["replayed"] == 1
+        want = b"a" * 4096 + b"b" * 4096 + b"e" * 4096
+        assert again.read(vid, 0, 3 * 4096) == want
+        assert again.read(vid, BLOCK_SIZE, 8192) == b"c" * 4096 + b"d" * 4096
+        assert again.scrub() == []
+    finally:
+        again.close()

@@ -10,7 +10,8 @@ meantime into a new overlay.
 Concurrency contract: every method is called from the trio thread.  At most
 one commit is in flight.  `flush()` blocks the calling task (only) until
 every write acknowledged before the call is durable (`flush(vid)`: every
-write to that volume, by a log flush in the trio thread when it can);
+write to that volume, by a log flush in the trio thread when it can, even
+while a commit that changes no volume is in flight);
 `idle()` until no commit is in flight, after which the caller may run
 synchronous structural changes (snapshots, rollbacks) before its next await.
 """
@@ -147,6 +148,9 @@ class Committer:
         target = self._seq + 1 if self.pool.pending() else self._seq
         while self._ok < target:
             if self.pool.inflight():
+                # a commit that changes no volume lets log flushes go on
+                if vid is not None and self.pool.log_flush(vid):
+                    return
                 await self._idle.wait()
             elif not self.pool.pending() and self._ok >= self._seq:
                 return

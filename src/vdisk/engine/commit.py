@@ -145,12 +145,21 @@ def begin(pool, change=None) -> CommitJob:
         with pool.catalogue.lock:
             ep = Epoch(pool._dirty, pool._epoch_alloc, pool._hwm, free_back, pool.catalogue.freeze())
             pool._dirty, pool._ndirty, pool._dirty_pages, pool._epoch_alloc = {}, 0, 0, set()
-        pool._unlogged = {}  # the commit makes the log's records obsolete
+        # fsyncs go on during a commit that changes no volume (their records
+        # in the log's next generation); a record of a volume must then
+        # carry the blocks written before the freeze that no record holds
+        # yet, which the commit makes durable only once it is
+        ep.log_gen = pool.intent.freeze(records=change is None)
+        pool._unlogged_frozen = pool._unlogged if pool.intent.usable else {}
+        pool._unlogged = {}
         pool._inflight = ep
         if pool._fm is not None:
             pool._fm.new_epoch()  # the instant of the freeze, for C writes too (all clean)
             pool._fm.commit_state(COMMIT_PLAIN if change is None else COMMIT_STRUCTURAL)
-        pool.intent.inflight(True)
+            vid_of = _served(pool)
+            for lid in pool._unlogged_frozen:  # C's records would lack those blocks
+                if lid in vid_of:
+                    fastbridge.set_clean(pool, vid_of[lid], False)
         try:
             grow_map_if_needed(pool)
         except BaseException:
@@ -299,7 +308,8 @@ def _finish(pool, job: CommitJob):
 def _unfreeze(pool, ep: Epoch) -> None:
     """Put a frozen epoch that was not committed back under the overlay."""
     pool._inflight = None
-    pool.intent.inflight(False)
+    pool.intent.thaw()
+    pool._unlogged_frozen = {}  # its blocks are all unlogged again (below)
     if pool._fm is not None:
         pool._fm.commit_state(COMMIT_NONE)  # the blocks told below are told as not durable
         for vid in pool._fm_heads:  # the merged-back blocks are ours
@@ -535,7 +545,7 @@ def _finish_tx(pool, tx: Tx, ep: Epoch) -> None:
     for slot in tx.frees:
         txn.put(u64(slot), b"", db=free)
     txn.put(b"hwm", u64(hwm), db=meta)
-    txn.put(b"log_gen", u64(pool.intent.gen + 1), db=meta)  # the log's records are in here now
+    txn.put(b"log_gen", u64(ep.log_gen), db=meta)  # the log's records before the freeze are in here now
     if tx.counters:
         c = dict(pool._counters)
         c.update(tx.counters)
@@ -582,7 +592,12 @@ def _after_commit(pool, tx: Tx, ep: Epoch) -> None:
         else:
             pool._snaps[sid] = s
     pool._counters.update(tx.counters)
-    pool.intent.retire()  # and no commit in flight
+    pool.intent.retire(ep.log_gen)  # and no commit in flight
+    frozen, pool._unlogged_frozen = pool._unlogged_frozen, {}
+    vid_of = _served(pool) if pool._fm is not None else {}
+    for lid in frozen:  # durable now: C may log the volume again if nothing else is unlogged
+        if lid in vid_of and not pool._unlogged.get(lid):
+            fastbridge.set_clean(pool, vid_of[lid], True)
     pool._committed_hwm = max(pool._committed_hwm, ep.hwm)
     if pool._reserved_beyond:  # recorded free by this commit, unless taken since
         pool._reserved_beyond = {s for s in pool._reserved_beyond if s >= pool._committed_hwm}

@@ -10,9 +10,9 @@ import struct
 
 from .native import ffi as _ffi, lib as _lib  # csrc/logrecord.h: the log record's layout
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 # versions this vdisk opens: older ones are upgraded in place when opened
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 BLOCK_SIZE = 64 * 1024  # bytes per block (a "slot" in the data file)
 SECTOR = 512
 PAGE = 4096  # the unit of a partial entry's mask and of the intent log
@@ -23,7 +23,8 @@ ZERO_SLOT = 0  # slot number meaning "all zeros" (tombstone); slots start at 1
 
 DATA_FILE = "blocks.dat"
 LMDB_DIR = "meta.lmdb"
-LOG_FILE = "intent.log"
+LOG_FILE = "intent.log"  # the intent log's records of even generations
+LOG_FILE_ODD = "intent-odd.log"  # ... and of odd ones (version 6)
 
 # LMDB named databases
 DB_META = b"meta"

@@ -10,10 +10,14 @@ then calls append) and the fast path's fsyncs (csrc/fastmap.c, vd_fm_fsync).
 This module adds the engine's policy (when the file may grow) and counters,
 and reads records back.
 
+Two files take turns by generation (even, odd): a commit's freeze moves
+the writer on to the next generation in the other file, so that fsyncs go
+on while the commit runs.
+
 Concurrency contract: append, growth and the properties are used by the
 pool's owner thread with the log's lock held (`with intent:`), which C's
-writer takes too, before the fast path's map lock; inflight and retire with
-the map's lock held; status at any time.
+writer takes too, before the fast path's map lock; freeze, thaw and retire
+with the map's lock held; status at any time.
 """
 from __future__ import annotations
 
@@ -33,18 +37,29 @@ FLUSH_MAX = 4 << 20
 MAX = 64 << 20
 GROW = 1 << 20  # the file grows in zero-filled steps of this size
 
-_STATE = ("gen", "pos", "seq", "end", "ok", "inflight", "flushes", "bytes", "flushes_in_c", "max")
+_STATE = ("gen", "pos", "seq", "end", "ok", "inflight", "flushes", "bytes", "flushes_in_c", "max", "wgen")
 assert len(_STATE) == lib.VD_LOG_STATE_WORDS
 
 
 class IntentLog:
-    def __init__(self, file, gen: int):
-        self.file = file
-        self._log = lib.vd_log_new(file.fd, gen, os.fstat(file.fd).st_size, MAX, FLUSH_MAX)
+    """files: the log files of even and of odd generations; gen: the
+    generation the durable map names (log_gen); legacy: the pool was of
+    format version 5 or older when opened, whose records are all in the
+    first file (they are replayed as such once; the commit that follows
+    moves to this version's rule)."""
+
+    def __init__(self, files, gen: int, legacy: bool = False):
+        self.files = tuple(files)
+        self.legacy = legacy
+        ends = [os.fstat(f.fd).st_size for f in self.files]
+        self._log = lib.vd_log_new(self.files[0].fd, self.files[1].fd, gen, ends[0], ends[1], MAX, FLUSH_MAX)
         if self._log == ffi.NULL:
             raise MemoryError("vdisk: cannot allocate the intent log's buffer")
         self.stats = {"commits_instead": 0, "replayed": 0, "pages_unknown": 0, "low_space": 0}
         self.low_space = False  # growth was refused for want of space, and said so
+        # what a crash may have left: no record is written before a commit
+        # (the one after the replay) moves past it
+        self.had_records = any(ends)
 
     def close(self) -> None:
         """Free the writer (once nothing can write: the fast path let go
@@ -70,10 +85,23 @@ class IntentLog:
         lib.vd_log_get(self._log, out)
         return dict(zip(_STATE, out))
 
-    gen = property(lambda self: self.state()["gen"])
-    pos = property(lambda self: self.state()["pos"])  # where the next record goes
-    end = property(lambda self: self.state()["end"])  # written (zeros at least) up to here
+    gen = property(lambda self: self.state()["gen"])  # the generation the durable map names
+    wgen = property(lambda self: self.state()["wgen"])  # the one records are written in now
+    pos = property(lambda self: self.state()["pos"])  # where the next record goes in wgen's file
+    end = property(lambda self: self.state()["end"])  # wgen's file is written (zeros at least) up to here
     ok = property(lambda self: bool(self.state()["ok"]))  # False once a write failed: commits only
+
+    @property
+    def usable(self) -> bool:
+        """Whether a record may be written now: the log works and no
+        commit in flight holds it (IntentLog.freeze)."""
+        st = self.state()
+        return bool(st["ok"]) and not st["inflight"]
+
+    @property
+    def file(self):
+        """The file records are written to now."""
+        return self.files[self.wgen & 1]
 
     @property
     def max(self) -> int:
@@ -83,15 +111,21 @@ class IntentLog:
     def max(self, value: int) -> None:  # tests make it small
         lib.vd_log_set_max(self._log, value)
 
-    def inflight(self, inflight: bool) -> None:
-        """A commit is in flight (or no longer): the fast path writes no
-        record meanwhile."""
-        lib.vd_log_set_inflight(self._log, int(inflight))
+    def freeze(self, records: bool) -> int:
+        """A commit froze the writes so far: the generation its transaction
+        records (log_gen).  records: it changes no volume's existence,
+        size or contents, so fsyncs may go on meanwhile, in that
+        generation's file (csrc/intentlog.h, vd_log_freeze)."""
+        return lib.vd_log_freeze(self._log, int(records))
 
-    def retire(self) -> int:
-        """A commit made every record durable: the next generation starts at
-        offset 0 (its number, which the commit recorded)."""
-        return lib.vd_log_retire(self._log)
+    def thaw(self) -> None:
+        """The commit failed: records go on in the generation they were in."""
+        lib.vd_log_thaw(self._log)
+
+    def retire(self, gen: int) -> None:
+        """The commit that recorded gen is durable: the records before its
+        freeze are obsolete."""
+        lib.vd_log_retire(self._log, gen)
 
     def fail_next(self, fail: bool = True) -> None:
         """For tests: the next record written fails before its fdatasync
@@ -139,26 +173,35 @@ class IntentLog:
         return rc == 0
 
     def valid_records(self):
-        """The records a crash left to replay: this generation's, in sequence
-        from offset 0, each with a good CRC, as (vid, entries, body).  A
-        record that fails a check ends the log: it was being written when the
-        flush that wrote it was interrupted, so nothing after it was ever
-        acknowledged."""
+        """The records a crash left to replay, as (vid, entries, body): the
+        durable generation's, then the next one's (written while a commit
+        that had not become durable was in flight), each in sequence from
+        its file's start with a good CRC.  A record that fails a check ends
+        its generation: it was being written when the flush that wrote it
+        was interrupted, so nothing after it was ever acknowledged."""
+        gen = self.gen
+        if self.legacy:
+            yield from self._records(self.files[0], gen)
+            return
+        for g in (gen, gen + 1):
+            yield from self._records(self.files[g & 1], g)
+
+    @staticmethod
+    def _records(file, gen: int):
         pos = seq = 0
         while True:
-            hdr = bytearray(self.file.pread(LOG_HEADER, pos))
+            hdr = bytearray(file.pread(LOG_HEADER, pos))
             got = log_header_decode(hdr)
             if got is None:
                 break
-            gen, rseq, vid, entries, crc = got
-            if gen != self.gen or rseq != seq:
+            rgen, rseq, vid, entries, crc = got
+            if rgen != gen or rseq != seq:
                 break
             npages = sum(m.bit_count() for _, m in entries)
-            body = self.file.pread(npages * LOG_PAGE, pos + LOG_HEADER)
+            body = file.pread(npages * LOG_PAGE, pos + LOG_HEADER)
             log_set_crc(hdr, 0)
             if native.crc32c(body, native.crc32c(hdr)) != crc:
                 break
             yield vid, entries, body
             pos += LOG_HEADER + npages * LOG_PAGE
             seq += 1
-

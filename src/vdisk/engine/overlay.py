@@ -120,11 +120,12 @@ class Epoch:
     free_back: free slots not allocated (those beyond the durable hwm go to
     DB_FREE).  records: staged catalogue records.  zeroed: slots whose block
     turned out all zeros when the checksums were finished; they are freed by
-    the commit.  backed: the entries it wrote backed.
+    the commit.  backed: the entries it wrote backed.  log_gen: the intent
+    log's generation the commit records (IntentLog.freeze).
     """
 
     __slots__ = ("dirty", "alloc", "hwm", "free_back", "records", "zeroed", "zeroed_at", "blank", "backed",
-                 "back_sums")
+                 "back_sums", "log_gen")
 
     def __init__(self, dirty, alloc, hwm, free_back, records):
         self.dirty = dirty
@@ -132,6 +133,7 @@ class Epoch:
         self.hwm = hwm
         self.free_back = free_back
         self.records = records
+        self.log_gen = 0
         self.zeroed: list[int] = []
         self.zeroed_at: list[tuple[int, int, int]] = []  # (lid, block, slot) of each
         # (lid, block) of partial blocks whose pages are all zeros: zeros

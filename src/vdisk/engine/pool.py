@@ -87,6 +87,7 @@ from .format import (
     FORMAT_VERSION,
     LMDB_DIR,
     LOG_FILE,
+    LOG_FILE_ODD,
     READABLE_VERSIONS,
     jdec,
     map_val,
@@ -147,8 +148,9 @@ class Pool:
         ver = self._check_format(existing)
         self.file = datafile_factory(os.path.join(path, DATA_FILE))
         self._upgrade(ver)
-        self.log = datafile_factory(os.path.join(path, LOG_FILE))
-        self._load()
+        # the intent log's files, of even and of odd generations
+        self.logs = tuple(datafile_factory(os.path.join(path, name)) for name in (LOG_FILE, LOG_FILE_ODD))
+        self._load(legacy_log=ver < 6)
         logflush.replay(self)
         # fast: the write cache lives in C (fastmap.py) for every write,
         # this thread's and the I/O threads' (fast_map); not over a data file
@@ -193,7 +195,11 @@ class Pool:
         adds the intent log, whose generation starts at 0 (absent); 2 -> 3
         partial entries, whose mask a 20-byte value lacks (whole); 3 -> 4
         backed entries, which no older pool has; 4 -> 5 checksums a back
-        slot's pages not in its entry's mask instead of its 64 KiB."""
+        slot's pages not in its entry's mask instead of its 64 KiB; 5 -> 6
+        the intent log's second file (odd generations), which opening
+        creates: the records of a version 5 log are replayed from the
+        first file (IntentLog's legacy) and the commit after the replay
+        moves on to version 6's rule."""
         if ver == FORMAT_VERSION:
             return
         log.info("upgrading %s from format version %d to %d", self.path, ver, FORMAT_VERSION)
@@ -206,7 +212,7 @@ class Pool:
                         txn.put(k, map_val(slot, death, crc, mask, back, layers.back_crc(self, back, mask)), db=mdb)
             txn.put(b"format_version", u64(FORMAT_VERSION), db=self._db[DB_META])
 
-    def _load(self) -> None:
+    def _load(self, legacy_log: bool = False) -> None:
         with self.env.begin() as txn:
             self._hwm = u64_decode(txn.get(b"hwm", db=self._db[DB_META]))
             self._committed_hwm = self._hwm
@@ -219,8 +225,11 @@ class Pool:
             self._snaps = {u64_decode(k): jdec(v) for k, v in txn.cursor(db=self._db[DB_SNAP])}
             g = txn.get(b"log_gen", db=self._db[DB_META])
         # The intent log (see log_flush and intentlog.py)
-        self.intent = IntentLog(self.log, u64_decode(g) if g is not None else 0)
+        self.intent = IntentLog(self.logs, u64_decode(g) if g is not None else 0, legacy_log)
         self._unlogged: dict[int, set[int]] = {}  # lid -> blocks changed since their log flush
+        # ... and those of them frozen by the commit in flight (which the
+        # next record of the volume carries too: logflush)
+        self._unlogged_frozen: dict[int, set[int]] = {}
         self._dirty: dict[int, dict[int, Dirty]] = {}
         self._ndirty = 0
         self._dirty_pages = 0  # overlay.held() summed over _dirty: the write cache's fill
@@ -283,7 +292,8 @@ class Pool:
         if self.env is not None:
             self.intent.close()
             self.file.close()
-            self.log.close()
+            for f in self.logs:
+                f.close()
             self.env.close()
             self.env = None
 
