@@ -46,6 +46,13 @@ HARD_FACTOR = 2
 # Seconds after which what was written is committed in the background even
 # below the dirty limit (VDISK_COMMIT_INTERVAL).
 COMMIT_INTERVAL = float(os.environ.get("VDISK_COMMIT_INTERVAL", "30"))
+# A background commit starts once the intent log's file being written is
+# this full (of its 64 MiB): the commit moves the log on to its other file,
+# so fsyncs find room there while it runs instead of waiting for it (a
+# full log makes every fsync a commit of its own).  How often the daemon
+# looks, at most (C writes the records without telling it).
+LOG_FILL = 0.5
+LOG_LOOK = 0.1
 # Commits of at most this many blocks run in the trio thread itself.
 INLINE_BLOCKS = 16
 
@@ -165,6 +172,10 @@ class Committer:
         data, blocks = self.pool.dirty()
         return data >= factor * CACHE_BYTES or blocks >= factor * CACHE_BLOCKS
 
+    def log_filling(self) -> bool:
+        """Whether the intent log's file being written is LOG_FILL full."""
+        return self.pool.log_fill() >= LOG_FILL
+
     def status(self) -> dict:
         """The write cache as `vdisk daemon status` shows it."""
         data, blocks = self.pool.dirty()
@@ -192,8 +203,9 @@ class Committer:
             self.pool.punched(slots)
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """The background task: commits whenever the dirty limit is hit, and
-        what was written at least COMMIT_INTERVAL seconds ago (like ext4's
+        """The background task: commits whenever the dirty limit is hit or
+        the intent log is half full, and what was written at least
+        COMMIT_INTERVAL seconds ago (like ext4's
         commit= or ZFS's txg timeout: a crash loses at most that much); and
         the puncher of freed slots."""
         try:
@@ -208,7 +220,7 @@ class Committer:
     async def _loop(self) -> None:
         self._last_commit = trio.current_time()
         while True:
-            with trio.move_on_after(COMMIT_INTERVAL):
+            with trio.move_on_after(min(COMMIT_INTERVAL, LOG_LOOK)):
                 await self._wake.wait()
             self._wake = trio.Event()
             if trio.current_time() - self._last_commit >= COMMIT_INTERVAL and not self.pool.inflight():
@@ -218,7 +230,7 @@ class Committer:
                     except EngineError as exc:
                         log.error("background commit failed: %s", exc)
                 self._last_commit = trio.current_time()
-            while self.cache_full():
+            while self.cache_full() or self.log_filling():
                 if self.pool.inflight() or self._priority:
                     await self._idle.wait()
                     await trio.sleep(0)  # let a waiting structural commit go first
