@@ -1411,3 +1411,47 @@ def test_a_structural_commit_holds_fsyncs_until_it_is_durable(tmp_path):
         assert again.scrub() == []
     finally:
         again.close()
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_fsyncs_go_on_during_a_snapshot_and_stay_out_of_it(tmp_path, durable):
+    """A snapshot changes no volume, so fsyncs go on while its commit runs
+    (structure.snapshot marks its change keeps_volumes).  What they made
+    durable survives a crash before the snapshot is durable (the snapshot
+    is lost: it was never acknowledged) and after it (the snapshot holds
+    what was written before its freeze, not the fsynced writes after)."""
+    pool = Pool(str(tmp_path), fast=False)
+    vid = pool.create_volume(4 * BLOCK_SIZE)
+    fm = FastMap(pool.file.fd, reservoir=16)
+    pool.attach_fast(fm)
+    before = bytearray(pattern(5, 4 * BLOCK_SIZE))
+    assert fm.write(vid, 0, bytes(before))
+    assert pool.log_flush(vid)
+    assert fm.write(vid, BLOCK_SIZE, b"p" * 4096)  # before the freeze, in no record
+    before[BLOCK_SIZE : BLOCK_SIZE + 4096] = b"p" * 4096
+    changes = []
+    pool.commit = changes.append  # structure.snapshot's change, run as the daemon does
+    try:
+        structure.snapshot(pool, [vid])
+    finally:
+        del pool.commit
+    job = pool.begin_commit(changes[0])
+    assert pool.intent.usable
+    after = bytearray(before)
+    assert fm.write(vid, 2 * BLOCK_SIZE + 4096, b"q" * 4096)
+    after[2 * BLOCK_SIZE + 4096 : 2 * BLOCK_SIZE + 8192] = b"q" * 4096
+    assert pool.log_flush(vid)  # carries block 1 whole, and block 2
+    if durable:
+        job.run()
+        (sid,) = pool.finish_commit(job)
+    _crash(pool, fm)
+    again = Pool(str(tmp_path), fast=False)
+    try:
+        assert again.read(vid, 0, 4 * BLOCK_SIZE) == after
+        if durable:
+            assert again.read_snapshot(sid, 0, 4 * BLOCK_SIZE) == before
+        else:
+            assert again._snaps == {}, "a snapshot that was never durable"
+        assert again.scrub() == []
+    finally:
+        again.close()

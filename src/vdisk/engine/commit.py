@@ -28,7 +28,7 @@ from . import allocator, fastbridge, layers, readpath, structure
 from .fastmap import COMMIT_NONE, COMMIT_PLAIN, COMMIT_STRUCTURAL
 from .lineage import Lineage
 from .overlay import Dirty, Epoch, overlay_of
-from .txn import Tx
+from .txn import Tx, volumes_kept
 from .errors import (
     CommitInFlight,
     EngineError,
@@ -149,7 +149,7 @@ def begin(pool, change=None) -> CommitJob:
         # in the log's next generation); a record of a volume must then
         # carry the blocks written before the freeze that no record holds
         # yet, which the commit makes durable only once it is
-        ep.log_gen = pool.intent.freeze(records=change is None)
+        ep.log_gen = pool.intent.freeze(records=volumes_kept(change))
         pool._unlogged_frozen = pool._unlogged if pool.intent.usable else {}
         pool._unlogged = {}
         pool._inflight = ep

@@ -10,7 +10,7 @@ from .errors import EngineError, NotFound
 from .format import DB_BORN, DB_DEAD, DB_MAP, INF, birth_val_decode, born_key, dead_key, entry_slots, map_key, map_val_full, reads_through
 from .lineage import Lineage
 from .mapindex import exclusive, needed, scan_tri, seen_by_point
-from .txn import Tx
+from .txn import Tx, keeps_volumes
 
 
 def create_volumes(pool, specs: list[tuple[int, int | None]], on_created=None) -> list[int]:
@@ -164,7 +164,7 @@ def snapshot(pool, vids: list[int], change=None) -> list[int]:
             change(tx, sids)
         return sids
 
-    return pool.commit(_change)
+    return pool.commit(keeps_volumes(_change))
 
 
 def copy_snapshot(pool, sid: int, change=None) -> int:
@@ -190,7 +190,7 @@ def copy_snapshot(pool, sid: int, change=None) -> int:
             change(tx, nsid)
         return nsid
 
-    return pool.commit(_change)
+    return pool.commit(keeps_volumes(_change))
 
 
 def delete_snapshots(pool, sids: list[int], change=None) -> None:
@@ -213,7 +213,7 @@ def delete_snapshots(pool, sids: list[int], change=None) -> None:
         if change is not None:
             change(tx)
 
-    pool.commit(_change)
+    pool.commit(keeps_volumes(_change))
 
 
 def delete_point(pool, tx: Tx, lid: int, s: int) -> None:

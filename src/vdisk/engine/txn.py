@@ -12,6 +12,22 @@ if TYPE_CHECKING:
     from .pool import Pool
 
 
+def keeps_volumes(change):
+    """Mark a change(tx) that changes no volume's existence, size or
+    contents (a snapshot's creation or deletion, say): fsyncs go on
+    through the intent log while its commit runs, as during a commit of
+    writes alone (commit.begin, docs/format.md "Generations and commits").
+    Returns change."""
+    change.keeps_volumes = True
+    return change
+
+
+def volumes_kept(change) -> bool:
+    """Whether a commit of change (None: writes alone) leaves every
+    volume as its writes make it."""
+    return change is None or getattr(change, "keeps_volumes", False)
+
+
 class Tx:
     """Staging area of one structural change, applied in one LMDB txn.
 
