@@ -119,9 +119,10 @@ class Committer:
 
     async def _background_commit(self) -> None:
         """A commit nobody waits for.  The data file is synced first, in a
-        worker thread and before the freeze, so that the commit itself -
-        during which fsyncs wait for it, the intent log being closed to them
-        - has only the last moments' writes left to sync."""
+        worker thread and before the freeze, so that the commit itself has
+        only the last moments' writes left to sync (fsyncs go on meanwhile
+        through the log's other file, but a commit that changes volumes
+        waits for this one)."""
         await self._write_out_thread.run(self.pool.write_out)
         if not self.pool.inflight() and not self._priority:  # a structural commit may have come first
             await self._commit()
