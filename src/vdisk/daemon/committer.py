@@ -49,10 +49,10 @@ COMMIT_INTERVAL = float(os.environ.get("VDISK_COMMIT_INTERVAL", "30"))
 # A background commit starts once the intent log's file being written is
 # this full (of its 64 MiB): the commit moves the log on to its other file,
 # so fsyncs find room there while it runs instead of waiting for it (a
-# full log makes every fsync a commit of its own).  How often the daemon
-# looks, at most (C writes the records without telling it).
+# full log makes every fsync a commit of its own).  C writes the records
+# without telling anyone: after_write looks, which the daemon calls every
+# 100 ms as it feeds the fast path.
 LOG_FILL = 0.5
-LOG_LOOK = 0.1
 # Commits of at most this many blocks run in the trio thread itself.
 INLINE_BLOCKS = 16
 
@@ -190,8 +190,9 @@ class Committer:
 
     async def after_write(self) -> None:
         """Called after each write: start a background commit when the
-        write cache is full; wait while it holds twice its size."""
-        if self.cache_full():
+        write cache is full or the intent log half full; wait while the
+        cache holds twice its size."""
+        if self.cache_full() or self.log_filling():
             self._wake.set()
             while self.cache_full(HARD_FACTOR) and self.pool.inflight():
                 await self._idle.wait()
@@ -221,7 +222,7 @@ class Committer:
     async def _loop(self) -> None:
         self._last_commit = trio.current_time()
         while True:
-            with trio.move_on_after(min(COMMIT_INTERVAL, LOG_LOOK)):
+            with trio.move_on_after(COMMIT_INTERVAL):
                 await self._wake.wait()
             self._wake = trio.Event()
             if trio.current_time() - self._last_commit >= COMMIT_INTERVAL and not self.pool.inflight():
