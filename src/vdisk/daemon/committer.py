@@ -155,14 +155,12 @@ class Committer:
         (one device flush instead of a commit's three)."""
         target = self._seq + 1 if self.pool.pending() else self._seq
         while self._ok < target:
+            # the log first, even while a commit that changes no volume runs
+            if vid is not None and self.pool.log_flush(vid):
+                return
             if self.pool.inflight():
-                # a commit that changes no volume lets log flushes go on
-                if vid is not None and self.pool.log_flush(vid):
-                    return
                 await self._idle.wait()
             elif not self.pool.pending() and self._ok >= self._seq:
-                return
-            elif vid is not None and self.pool.log_flush(vid):
                 return
             else:
                 await self._commit()

@@ -594,7 +594,7 @@ def _after_commit(pool, tx: Tx, ep: Epoch) -> None:
     pool._counters.update(tx.counters)
     pool.intent.retire(ep.log_gen)  # and no commit in flight
     frozen, pool._unlogged_frozen = pool._unlogged_frozen, {}
-    vid_of = _served(pool) if pool._fm is not None else {}
+    vid_of = _served(pool)
     for lid in frozen:  # durable now: C may log the volume again if nothing else is unlogged
         if lid in vid_of and not pool._unlogged.get(lid):
             fastbridge.set_clean(pool, vid_of[lid], True)

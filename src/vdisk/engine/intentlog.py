@@ -41,6 +41,10 @@ _STATE = ("gen", "pos", "seq", "end", "ok", "inflight", "flushes", "bytes", "flu
 assert len(_STATE) == lib.VD_LOG_STATE_WORDS
 
 
+def _usable(st: dict) -> bool:
+    return bool(st["ok"]) and not st["inflight"]
+
+
 class IntentLog:
     """files: the log files of even and of odd generations; gen: the
     generation the durable map names (log_gen); legacy: the pool was of
@@ -95,8 +99,14 @@ class IntentLog:
     def usable(self) -> bool:
         """Whether a record may be written now: the log works and no
         commit in flight holds it (IntentLog.freeze)."""
+        return _usable(self.state())
+
+    @property
+    def fill(self) -> float:
+        """How full the file being written is (0 to 1; 0 while no record
+        may be written)."""
         st = self.state()
-        return bool(st["ok"]) and not st["inflight"]
+        return st["pos"] / st["max"] if _usable(st) else 0.0
 
     @property
     def file(self):

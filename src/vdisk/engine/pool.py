@@ -489,10 +489,8 @@ class Pool:
     # ------------------------------------------------------------ intent log (logflush.py)
 
     def log_fill(self) -> float:
-        """How full the intent log's file being written is (0 to 1; 0 while
-        no record may be written)."""
-        st = self.intent.state()
-        return st["pos"] / st["max"] if st["ok"] and not st["inflight"] else 0.0
+        """How full the intent log's file being written is (IntentLog.fill)."""
+        return self.intent.fill
 
     def log_flush(self, vid: int) -> bool:
         """Make every write to volume vid durable through the intent log (logflush.flush)."""
