@@ -54,6 +54,8 @@ struct vd_log {
     pthread_mutex_t mu;
     int fd[2];     /* the files of even and of odd generations */
     int sealed_fd; /* the file the record sealed last goes to */
+    int sealed_ahead; /* ... and it is of the generation a commit in flight
+                       * moved to (wgen != gen when it was sealed) */
     int ok;        /* 0 once a write failed: commits only from then on */
     int inflight;  /* no record may be written now (see vd_log_freeze) */
     int stale;     /* the written generation's file may hold records of a
@@ -64,7 +66,7 @@ struct vd_log {
                     * once a commit froze (its records follow its freeze) */
     uint64_t pos, seq, end[2], max, flush_max;
     unsigned char *buf; /* a record: its header, then up to flush_max of pages */
-    uint64_t st_flushes, st_bytes, st_flushes_c;
+    uint64_t st_flushes, st_bytes, st_flushes_c, st_flushes_during;
 };
 
 struct vd_log *vd_log_new(int fd0, int fd1, uint64_t gen, uint64_t end0, uint64_t end1, uint64_t max,
@@ -143,7 +145,7 @@ void vd_log_get(struct vd_log *L, uint64_t *out)
 {
     uint64_t v[VD_LOG_STATE_WORDS] = {L->gen,          L->pos,      L->seq,          L->end[L->wgen & 1],
                                       (uint64_t)L->ok, (uint64_t)L->inflight, L->st_flushes, L->st_bytes,
-                                      L->st_flushes_c, L->max,     L->wgen};
+                                      L->st_flushes_c, L->max,     L->wgen,         L->st_flushes_during};
     memcpy(out, v, sizeof(v));
 }
 
@@ -191,6 +193,7 @@ uint64_t vd_log_seal(struct vd_log *L, uint64_t vid, const uint64_t *blocks, con
     uint64_t size = HDR + npages * PG;
     *at = L->pos;
     L->sealed_fd = L->fd[L->wgen & 1];
+    L->sealed_ahead = L->wgen != L->gen;
     L->pos += size;
     L->seq++;
     return size;
@@ -216,6 +219,7 @@ static long write_record(struct vd_log *L, uint64_t at, uint64_t size)
     if (rc < 0)
         return failed(L, rc);
     L->st_flushes++;
+    L->st_flushes_during += L->sealed_ahead; /* while a commit ran: it did not wait for it */
     L->st_bytes += size;
     return 0;
 }

@@ -55,8 +55,9 @@ void vd_log_retire(struct vd_log *L, uint64_t gen);
 void vd_log_set_max(struct vd_log *L, uint64_t max); /* tests make the log small */
 void vd_log_fail_next(struct vd_log *L, int fail);   /* tests: the next record fails before its fdatasync */
 /* gen, pos, seq, end (of wgen's file), ok, inflight, flushes, bytes,
- * flushes_in_c, max, wgen */
-enum { VD_LOG_STATE_WORDS = 11 };
+ * flushes_in_c, max, wgen, flushes_during_commit (records written while a
+ * commit was in flight, in the generation it moved to) */
+enum { VD_LOG_STATE_WORDS = 12 };
 void vd_log_get(struct vd_log *L, uint64_t *out);
 
 /* For the fast path (fastmap.c), with the mutex held: whether it may write

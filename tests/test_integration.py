@@ -85,6 +85,90 @@ def test_filesystem_survives_clean_restart_and_sigkill(venv, fstype, monkeypatch
     assert venv.j("pool", "scrub")["Clean"]
 
 
+def test_fsyncs_go_on_while_background_commits_run_and_survive_sigkill(monkeypatch):
+    """A database's fsyncs do not wait for the background commit: through
+    the disk files, a thread writes 1 MiB at a time to one disk without
+    fsync (data each commit must sync) while this one writes 4 KiB records
+    to the other and fsyncs each; a commit starts every second
+    (VDISK_COMMIT_INTERVAL=1).  The daemon counts the fsyncs the intent log
+    made durable while a commit ran (FlushesDuringCommits), and after a
+    SIGKILL every fsynced record reads back."""
+    import threading
+    from vdiskenv import VDiskEnv
+
+    need_root_fuse_loop()
+    monkeypatch.setenv("VDISK_COMMIT_INTERVAL", "1")
+    env = VDiskEnv()
+    stop = threading.Event()
+    bulk_error = []
+
+    def bulk(path):
+        buf = mmap.mmap(-1, 1 << 20)  # O_DIRECT wants aligned buffers
+        fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+        try:
+            for n in range(1 << 30):
+                if stop.is_set():
+                    return
+                buf[:16] = n.to_bytes(16, "little")
+                os.pwrite(fd, buf, (256 << 20) + (n % 768 << 20))
+        except OSError as exc:
+            bulk_error.append(exc)
+        finally:
+            os.close(fd)
+
+    try:
+        env.start()
+        iid, (db_disk, bulk_disk) = env.instance(ndata=2)
+        env.run("instance", "start", iid)
+        db_path, bulk_path = (env.run("disk", "path", d).stdout.strip() for d in (db_disk, bulk_disk))
+        before = env.j("daemon", "status")
+        writer = threading.Thread(target=bulk, args=(bulk_path,))
+        writer.start()
+        r = random.Random(7)
+        buf = mmap.mmap(-1, 4096)
+        records = {}  # page -> what was written there last, fsynced
+        written = 0
+        fd = os.open(db_path, os.O_RDWR | os.O_DIRECT)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                for _ in range(50):
+                    page, at = r.randbytes(4096), written % 16384  # over the first 64 MiB, again and again
+                    buf[:] = page
+                    os.pwrite(fd, buf, at * 4096)
+                    os.fsync(fd)
+                    records[at] = page
+                    written += 1
+                st = env.j("daemon", "status")
+                during = st["IntentLog"]["FlushesDuringCommits"] - before["IntentLog"]["FlushesDuringCommits"]
+                commits = st["WriteCache"]["Commits"] - before["WriteCache"]["Commits"]
+                if during >= 20 and commits >= 3 or time.monotonic() > deadline:
+                    break
+        finally:
+            os.close(fd)
+            stop.set()
+            writer.join()
+        assert not bulk_error
+        assert commits >= 3, "the background commits did not run (%d in 60 s)" % commits
+        assert during >= 20, (
+            "fsyncs waited for the commits: %d of %d fsyncs written while one of %d commits ran"
+            % (during, written, commits))
+
+        env.kill9()
+        env.start()
+        db_path = env.run("disk", "path", db_disk).stdout.strip()
+        fd = os.open(db_path, os.O_RDONLY)
+        try:
+            lost = [i for i, page in records.items() if os.pread(fd, 4096, i * 4096) != page]
+        finally:
+            os.close(fd)
+        assert not lost, "%d of %d fsynced records lost, the first at page %d" % (len(lost), len(records), lost[0])
+        assert env.j("pool", "scrub")["Clean"]
+    finally:
+        stop.set()
+        env.close()
+
+
 @pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "pyfuse3-only"])
 def test_fio_verify_on_loop_device(fast, monkeypatch):
     """fio writes 64 MiB of 4 KiB random blocks and reads every one back,

@@ -91,6 +91,9 @@ class DaemonCollector:
         lg = d.fs.pool.log_status()
         yield CounterMetricFamily("vdisk_intent_log_flushes", "fsyncs made durable by the intent log",
                                   value=lg["flushes"])
+        yield CounterMetricFamily("vdisk_intent_log_flushes_during_commits",
+                                  "fsyncs the intent log made durable while a commit ran, without waiting for it",
+                                  value=lg["flushes_during_commit"])
         yield CounterMetricFamily("vdisk_intent_log_written_bytes", "Bytes written to the intent log",
                                   value=lg["bytes"])
         yield CounterMetricFamily("vdisk_intent_log_commits_instead", "fsyncs made durable by a commit instead",

@@ -383,6 +383,8 @@ class Daemon:
         return {
             "Flushes": st["flushes"],
             "FlushesInC": st.get("flushes_in_c", 0),
+            # fsyncs the log made durable while a commit ran, without waiting for it
+            "FlushesDuringCommits": st.get("flushes_during_commit", 0),
             "Bytes": st["bytes"],
             "CommitsInstead": st["commits_instead"],
             # fsyncs that committed because the filesystem is too full for the log to grow

@@ -37,7 +37,8 @@ FLUSH_MAX = 4 << 20
 MAX = 64 << 20
 GROW = 1 << 20  # the file grows in zero-filled steps of this size
 
-_STATE = ("gen", "pos", "seq", "end", "ok", "inflight", "flushes", "bytes", "flushes_in_c", "max", "wgen")
+_STATE = ("gen", "pos", "seq", "end", "ok", "inflight", "flushes", "bytes", "flushes_in_c", "max", "wgen",
+          "flushes_during_commit")
 assert len(_STATE) == lib.VD_LOG_STATE_WORDS
 
 
@@ -143,10 +144,11 @@ class IntentLog:
         lib.vd_log_fail_next(self._log, int(fail))
 
     def status(self) -> dict:
-        """The counters, the writer's (flushes, bytes, and flushes_in_c: those
-        the fast path wrote) and the engine's."""
+        """The counters, the writer's (flushes, bytes, flushes_in_c: those
+        the fast path wrote, flushes_during_commit: those written while a
+        commit was in flight, which did not wait for it) and the engine's."""
         st = self.state()
-        return dict(self.stats, flushes=st["flushes"], bytes=st["bytes"], flushes_in_c=st["flushes_in_c"])
+        return dict(self.stats, **{k: st[k] for k in ("flushes", "bytes", "flushes_in_c", "flushes_during_commit")})
 
     def growth(self, npages: int, spare_bytes) -> int | None:
         """How many zero bytes a record of npages pages needs the file to
