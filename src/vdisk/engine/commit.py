@@ -223,8 +223,8 @@ def sync_data(pool) -> None:
 def write_out(pool) -> None:
     """Make what was written to the data file so far durable, without a
     commit (a background commit's first step, in a worker thread: the
-    commit that follows then has little left to sync, and fsyncs, which
-    wait for a commit in flight, wait less).  Any thread: it touches no
+    commit that follows then has little left to sync, and a structural
+    one, which fsyncs wait for, holds them less).  Any thread: it touches no
     pool state but the failure flag.  Raises PoolFailed."""
     if pool._failed:
         raise PoolFailed(pool._failed)
