@@ -118,6 +118,9 @@ struct ent {
      * fill a copy-on-write; writes that need none of its bytes go on */
     uint8_t unverified;
     uint8_t used; /* 0 free, 1 an entry, MOVED (in otab only): moved to tab */
+    /* the engine was told the slot's checksum (the drain's crc word): the
+     * next write into the slot in place tells it that it no longer holds */
+    uint8_t crc_live;
     /* the head's own back slot (0: none known): the committed entry is a
      * backed one (docs/format.md) that no snapshot point sees, with the
      * pages not in have in this slot, so that a write here goes into the
@@ -128,6 +131,7 @@ struct ent {
     uint64_t back;
 };
 #define MOVED 2
+_Static_assert(sizeof(struct ent) == 88, "an entry stays 88 bytes (crc_live takes padding)");
 #define FULL 0xFFFF
 
 /* blocks a volume's log flush in C can hold: a record's entries
@@ -498,6 +502,7 @@ static int put(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slo
         e->back = back;
         e->flip = flip;
         e->pflip = pflip;
+        e->crc_live = 0;
         return 0;
     }
     if (fm->n >= MAX_ENTRIES)
@@ -1234,7 +1239,7 @@ static int store_pages(struct vd_fastmap *fm, uint64_t dst, uint16_t mask, const
  * fresh slot), and the block to v's changed
  * list (v: the volume; NULL for a FLUSHED marker); with the inner mutex held. */
 static int log_block(struct vd_fastmap *fm, struct vol *v, uint64_t vid, uint64_t block, uint64_t slot,
-                     uint16_t have, uint64_t back, uint16_t flip)
+                     uint16_t have, uint64_t back, uint16_t flip, uint64_t crcw)
 {
     if (v != NULL && v->nchg <= CHG_MAX) { /* for a log flush here */
         if (v->nchg < CHG_MAX)
@@ -1261,6 +1266,7 @@ static int log_block(struct vd_fastmap *fm, struct vol *v, uint64_t vid, uint64_
     r[3] = have;
     r[4] = back;
     r[5] = flip;
+    r[6] = crcw;
     fm->nlog++;
     return 0;
 }
@@ -1284,6 +1290,7 @@ struct plan {
     uint16_t ohave[MAX_SPAN]; /* FLIP: the pages base holds now (the others are in osrc, the back slot) */
     unsigned char act[MAX_SPAN], unv[MAX_SPAN];
     unsigned char same[MAX_SPAN]; /* COMPARE: the block held these bytes already */
+    uint64_t crcw[MAX_SPAN];      /* COW: the new partial slot's checksum, as the drain gives it (0: not known) */
 };
 
 /* the [intra, hi) bytes block i of the plan writes */
@@ -1481,6 +1488,22 @@ static long flip_data(struct vd_fastmap *fm, const struct plan *p, size_t i, uin
 
 /* Carry a plan's data out: the writes in place, the pages filled from
  * below, the new slots.  scratch: a block's buffer of the caller's own. */
+/* A partial slot's checksum as the drain gives it (fastmap.h): the CRC-32C
+ * of the pages of have in buf (a block's image), in order, as
+ * vd_checksum_slots computes it, with VD_FM_CRC_KNOWN; 0 (not known: the
+ * commit reads the slot back) when every page is zeros, so that the
+ * commit finds such a block as before. */
+static uint64_t partial_crc(const unsigned char *buf, uint16_t have)
+{
+    uint32_t crc = 0;
+    int zero = 1;
+    for (int pg = 0, run; (run = page_run(have, &pg)) > 0; pg += run) {
+        crc = vd_crc32c(crc, buf + (size_t)pg * PG, (size_t)run * PG);
+        zero = zero && vd_is_zero(buf + (size_t)pg * PG, (size_t)run * PG);
+    }
+    return zero ? 0 : VD_FM_CRC_KNOWN | crc;
+}
+
 static long write_data(struct vd_fastmap *fm, struct plan *p, const unsigned char *in, unsigned char *scratch)
 {
     long rc;
@@ -1528,6 +1551,8 @@ static long write_data(struct vd_fastmap *fm, struct plan *p, const unsigned cha
                 return rc;
             memcpy(scratch + intra, data, n);
             data = scratch;
+            if (have != FULL)
+                p->crcw[i] = partial_crc(scratch, have);
         }
         if ((rc = store_pages(fm, p->ns[i], have, data)) < 0)
             return rc;
@@ -1549,11 +1574,13 @@ static long book(struct vd_fastmap *fm, struct vol *v, struct plan *p)
         uint16_t bits = pages(intra, hi - intra);
         if (p->act[i] == INPLACE) {
             struct ent *e = lookup(fm, p->vid, block);
-            if (e->lepoch != v->lepoch || p->missing[i]) {
+            if (e->lepoch != v->lepoch || p->missing[i] || e->crc_live) {
                 /* first write since the volume's log flush, or pages the
-                 * slot did not hold: the engine must hear of it */
-                if ((rc = log_block(fm, v, p->vid, block, e->slot, e->have | p->missing[i], 0, 0)) < 0)
+                 * slot did not hold, or a slot whose checksum the engine
+                 * was told: the engine must hear of it */
+                if ((rc = log_block(fm, v, p->vid, block, e->slot, e->have | p->missing[i], 0, 0, 0)) < 0)
                     return rc;
+                e->crc_live = 0;
                 if (e->lepoch != v->lepoch) {
                     e->lepoch = v->lepoch;
                     e->mask = 0;
@@ -1573,9 +1600,10 @@ static long book(struct vd_fastmap *fm, struct vol *v, struct plan *p)
                 e->lepoch = v->lepoch;
                 e->mask = 0;
             }
-            if ((moved || news) &&
-                (rc = log_block(fm, v, p->vid, block, e->slot, p->nhave[i], e->back, p->own[i] | bits)) < 0)
+            if ((moved || news || e->crc_live) &&
+                (rc = log_block(fm, v, p->vid, block, e->slot, p->nhave[i], e->back, p->own[i] | bits, 0)) < 0)
                 return rc;
+            e->crc_live = 0;
             e->have = p->nhave[i];
             e->flip = p->own[i] | bits;
             e->epoch = fm->epoch;
@@ -1594,12 +1622,14 @@ static long book(struct vd_fastmap *fm, struct vol *v, struct plan *p)
             __atomic_add_fetch(&fm->st_cow, 1, __ATOMIC_RELAXED);
         } else
             bits = 0xFFFF;
-        if ((rc = log_block(fm, v, p->vid, block, p->ns[i], have, 0, 0)) < 0)
+        if ((rc = log_block(fm, v, p->vid, block, p->ns[i], have, 0, 0, p->crcw[i])) < 0)
             return rc;
         /* room was checked at the plan; a new slot differs from the log
          * flush's state in the pages written and, for copy-on-write, in
          * none else */
         put(fm, p->vid, block, p->ns[i], fm->epoch, v->lepoch, bits, have, hb, 0, p->unv[i], 0, 0, 0);
+        if (p->crcw[i])
+            lookup(fm, p->vid, block)->crc_live = 1;
         p->ns[i] = 0; /* entered */
     }
     return 0;
@@ -1801,7 +1831,7 @@ static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t
     /* the engine hears of the flush after the blocks it covers (the drain
      * keeps the order), and forgets them as unlogged */
     pthread_mutex_lock(&fm->io);
-    int rc = log_block(fm, NULL, vid, VD_FM_FLUSHED, 0, 0, 0, 0);
+    int rc = log_block(fm, NULL, vid, VD_FM_FLUSHED, 0, 0, 0, 0, 0);
     pthread_mutex_unlock(&fm->io);
     if (rc < 0)
         return -EAGAIN;

@@ -96,10 +96,15 @@ void vd_fm_set_log(struct vd_fastmap *fm, struct vd_log *L);
  * last log flush, so vd_fm_fsync may write the next one (map lock held) */
 void vd_fm_log_clean(struct vd_fastmap *fm, uint64_t vid, int clean);
 /* the drain's records (vd_fm_drain) are VD_FM_DRAIN_WORDS words each:
- * (vid, block, slot, have, back, flip): back 0 for a new or fresh slot,
- * else a flipped block (vd_fm_set); (vid, VD_FM_FLUSHED, 0, ...): the
- * volume's changes drained before it are in the log */
-enum { VD_FM_DRAIN_WORDS = 6 };
+ * (vid, block, slot, have, back, flip, crc): back 0 for a new or fresh
+ * slot, else a flipped block (vd_fm_set); crc, for a new partial slot
+ * (have not every page) written here, VD_FM_CRC_KNOWN | its checksum (the
+ * CRC-32C of the pages of have, as vd_checksum_slots computes it), which
+ * holds until a record of the same block says otherwise (0: not known);
+ * (vid, VD_FM_FLUSHED, 0, ...): the volume's changes drained before it
+ * are in the log */
+enum { VD_FM_DRAIN_WORDS = 7 };
+#define VD_FM_CRC_KNOWN 0x100000000
 #define VD_FM_FLUSHED 0xFFFFFFFFFFFFFFFF
 /* VD_FM_STATS counters: reads, writes, handed back, copies on write,
  * verified; writes that waited for a refill, their total and longest wait

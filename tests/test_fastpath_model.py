@@ -545,6 +545,56 @@ def test_a_write_over_a_block_a_commit_finds_zeros_reads_zeros_below(tmp_path):
         pool.close()
 
 
+def test_c_checksums_the_partial_slots_it_writes(tmp_path):
+    """C gives the engine the checksum of each new partial slot it writes
+    (the drain's crc word), so that the commit need not read those slots
+    back: the overlay takes it as the slot's checksum, the commit records
+    it, and the data reads back and scrubs clean.  A slot of zeros pages
+    gets none (the commit still finds such blocks), nor does a slot
+    written in place after its record: the engine hears that its checksum
+    no longer holds (fails when C keeps telling a stale one: a wrong
+    checksum in the map)."""
+    from vdisk.engine import native
+
+    pool = Pool(str(tmp_path), fast=False)
+    fm = FastMap(pool.file.fd, reservoir=8)
+    try:
+        pool.attach_fast(fm)
+        vid = pool.create_volume(16 * BLOCK_SIZE)
+        lid = pool._vols[vid]["lid"]
+        a, c, d = b"a" * 4096, bytes(range(256)) * 16, b"d" * 10
+        assert fm.write(vid, BLOCK_SIZE + 4096, a)  # a page of block 1: its slot's checksum known
+        assert fm.write(vid, 2 * BLOCK_SIZE + 8192, bytes(4096))  # zeros in block 2: not known
+        assert fm.write(vid, 3 * BLOCK_SIZE, c)  # block 3, then in place: known, then not
+        with pool._fast():  # takes C's records in
+            ov = pool._dirty[lid]
+            assert (ov[1].crc_ok, ov[1].crc, ov[1].have) == (True, native.crc32c(a), 0b10)
+            assert (ov[3].crc_ok, ov[3].crc) == (True, native.crc32c(c))
+            assert not ov[2].crc_ok
+        assert fm.write(vid, 3 * BLOCK_SIZE + 100, d)
+        with pool._fast():
+            assert not pool._dirty[lid][3].crc_ok, "C wrote block 3 in place after telling its checksum"
+        want = bytearray(4 * BLOCK_SIZE)
+        want[BLOCK_SIZE + 4096 : BLOCK_SIZE + 8192] = a
+        want[3 * BLOCK_SIZE : 3 * BLOCK_SIZE + 4096] = c
+        want[3 * BLOCK_SIZE + 100 : 3 * BLOCK_SIZE + 110] = d
+        pool.commit()
+        with pool.env.begin(db=pool._db[DB_MAP]) as txn:
+            chain = pool._lookup(txn.cursor(), lid, pool._lins[lid].gen, 1)
+        assert [(slot_mask, crc) for _, slot_mask, crc in chain][:1] == [(0b10, native.crc32c(a))], chain
+        assert pool.read(vid, 0, 4 * BLOCK_SIZE) == want
+        assert pool.scrub() == []
+        pool.close()
+        pool = Pool(str(tmp_path))  # read back by a pool that verifies what it reads
+        assert pool.read(vid, 0, 4 * BLOCK_SIZE) == want
+        assert pool.scrub() == []
+    finally:
+        if pool._fm is fm:
+            pool.detach_fast()
+        fm.close()
+        pool.close()
+
+
 def test_c_serves_a_new_volume_from_its_first_write(tmp_path):
     """A volume created while the fast path is attached holds nothing: C
     reads its unknown blocks as zeros and writes 4 KiB into one as a

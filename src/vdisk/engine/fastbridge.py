@@ -15,7 +15,7 @@ import typing
 
 from . import allocator, layers, overlay
 from .overlay import Dirty, held, overlay_of
-from .fastmap import FLUSHED, MAX_SPAN, READ_ONLY, WRITABLE, WRITABLE_REPORT
+from .fastmap import CRC_KNOWN, FLUSHED, MAX_SPAN, READ_ONLY, WRITABLE, WRITABLE_REPORT
 from .errors import (
     EngineError,
     NoSpace,
@@ -148,7 +148,7 @@ def drain(pool) -> None:
     taken under C's inner mutex, and nothing here touches C's table or
     frees a slot C could still know."""
     got = pool._fm.drain()
-    for vid, block, slot, have, back, flip in got:
+    for vid, block, slot, have, back, flip, crcw in got:
         if block == FLUSHED:  # C wrote a log flush of the volume
             v = pool._vols.get(vid)
             if v is not None:
@@ -166,10 +166,13 @@ def drain(pool) -> None:
             continue
         dirty = overlay_of(pool._dirty, v["lid"])
         pool._unlogged.setdefault(v["lid"], set()).add(block)  # C has its pages
+        # C checksummed a new partial slot as it wrote it: the commit need
+        # not read it back (a later record of the block says 0 again)
+        crc, crc_ok = crcw & 0xFFFFFFFF, bool(crcw & CRC_KNOWN)
         d = dirty.get(block)
         if d is None:
             pool._ndirty += 1
-            d = dirty[block] = Dirty(slot, 0, False, fresh, 0, have, back, flip)
+            d = dirty[block] = Dirty(slot, crc, crc_ok, fresh, 0, have, back, flip)
             pool._dirty_pages += held(d)
             continue
         if not fresh:  # flipped again: the overlay's entry is that flipped one
@@ -177,7 +180,7 @@ def drain(pool) -> None:
         elif d.fresh and d.slot != slot:
             allocator.release_fresh(pool, d.slot)
         pool._dirty_pages -= held(d)
-        d.slot, d.crc, d.crc_ok, d.fresh, d.have, d.back, d.flip = slot, 0, False, fresh, have, back, flip
+        d.slot, d.crc, d.crc_ok, d.fresh, d.have, d.back, d.flip = slot, crc, crc_ok, fresh, have, back, flip
         pool._dirty_pages += held(d)
 
 

@@ -27,6 +27,8 @@ DRAIN_WORDS = lib.VD_FM_DRAIN_WORDS  # one drain record (csrc/fastmap.h)
 # the drain's (vid, FLUSHED, 0, 0): C wrote the volume's changes drained
 # before it to the intent log (csrc/fastmap.h)
 FLUSHED = lib.VD_FM_FLUSHED
+# the drain's crc word: this bit, and the new partial slot's checksum below it
+CRC_KNOWN = lib.VD_FM_CRC_KNOWN
 FULL = 0xFFFF  # every page of a block (have)
 COALESCE_PAGES = lib.VD_FM_COALESCE_PAGES  # see csrc/fastmap.h
 # FastMap.commit_state: no commit in flight, a plain one, one with a structural change
@@ -178,12 +180,14 @@ class FastMap:
         write goes to the Pool).  The Pool's thread, without the lock."""
         return lib.vd_fm_grow(self._fm, budget) == 1
 
-    def drain(self) -> list[tuple[int, int, int, int, int, int]]:
-        """(vid, block, slot, have, back, flip) of every block given a new
-        slot in C, written for the first time since its volume's log
+    def drain(self) -> list[tuple[int, int, int, int, int, int, int]]:
+        """(vid, block, slot, have, back, flip, crc) of every block given a
+        new slot in C, written for the first time since its volume's log
         flush, or whose slot now holds more pages (have), or flipped
-        (back: its back slot, else 0), and (vid, FLUSHED, 0, ...) for a log
-        flush C wrote; oldest first."""
+        (back: its back slot, else 0), or written in place after a record
+        that gave its checksum (crc: CRC_KNOWN | the checksum of a new
+        partial slot, else 0), and (vid, FLUSHED, 0, ...) for a log flush
+        C wrote; oldest first."""
         got = []
         out = self._out
         while True:
