@@ -1486,8 +1486,6 @@ static long flip_data(struct vd_fastmap *fm, const struct plan *p, size_t i, uin
     return 0;
 }
 
-/* Carry a plan's data out: the writes in place, the pages filled from
- * below, the new slots.  scratch: a block's buffer of the caller's own. */
 /* A partial slot's checksum as the drain gives it (fastmap.h): the CRC-32C
  * of the pages of have in buf (a block's image), in order, as
  * vd_checksum_slots computes it, with VD_FM_CRC_KNOWN; 0 (not known: the
@@ -1504,6 +1502,8 @@ static uint64_t partial_crc(const unsigned char *buf, uint16_t have)
     return zero ? 0 : VD_FM_CRC_KNOWN | crc;
 }
 
+/* Carry a plan's data out: the writes in place, the pages filled from
+ * below, the new slots.  scratch: a block's buffer of the caller's own. */
 static long write_data(struct vd_fastmap *fm, struct plan *p, const unsigned char *in, unsigned char *scratch)
 {
     long rc;
