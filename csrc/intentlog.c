@@ -32,6 +32,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "blockops.h"
@@ -53,7 +54,9 @@ _Static_assert(sizeof(struct vd_log_head) + (VD_LOG_MAX_ENTRIES + 1) * sizeof(st
 struct vd_log {
     pthread_mutex_t mu;
     int fd[2];     /* the files of even and of odd generations */
+    int dfd[2];    /* the same files opened O_DIRECT (-1: none; see write_record) */
     int sealed_fd; /* the file the record sealed last goes to */
+    int sealed_dfd;
     int sealed_ahead; /* ... and it is of the generation a commit in flight
                        * moved to (wgen != gen when it was sealed) */
     int ok;        /* 0 once a write failed: commits only from then on */
@@ -83,6 +86,7 @@ struct vd_log *vd_log_new(int fd0, int fd1, uint64_t gen, uint64_t end0, uint64_
     pthread_mutex_init(&L->mu, NULL);
     L->fd[0] = fd0;
     L->fd[1] = fd1;
+    L->dfd[0] = L->dfd[1] = -1;
     L->ok = 1;
     L->gen = L->wgen = gen;
     L->end[0] = end0;
@@ -112,6 +116,11 @@ void vd_log_lock(struct vd_log *L) { pthread_mutex_lock(&L->mu); }
 void vd_log_unlock(struct vd_log *L) { pthread_mutex_unlock(&L->mu); }
 void vd_log_set_max(struct vd_log *L, uint64_t max) { L->max = max; }
 void vd_log_fail_next(struct vd_log *L, int fail) { L->fail_next = fail; }
+void vd_log_set_direct(struct vd_log *L, int dfd0, int dfd1)
+{
+    L->dfd[0] = dfd0;
+    L->dfd[1] = dfd1;
+}
 
 uint64_t vd_log_freeze(struct vd_log *L, int records)
 {
@@ -193,6 +202,7 @@ uint64_t vd_log_seal(struct vd_log *L, uint64_t vid, const uint64_t *blocks, con
     uint64_t size = HDR + npages * PG;
     *at = L->pos;
     L->sealed_fd = L->fd[L->wgen & 1];
+    L->sealed_dfd = L->dfd[L->wgen & 1];
     L->sealed_ahead = L->wgen != L->gen;
     L->pos += size;
     L->seq++;
@@ -206,15 +216,41 @@ static long failed(struct vd_log *L, long rc)
     return rc;
 }
 
+/* One write that is durable when it returns: O_DIRECT with RWF_DSYNC over
+ * bytes the file already holds (zeros at least: grow_file), so that no
+ * metadata changes and the device sees one write with FUA (or a write
+ * and a flush), not a copy into the page cache, its writeback and then a
+ * flush (about 100 us a record against 125-135 us on the test VM).  1
+ * when it was written so; 0 when this file cannot (no O_DIRECT file,
+ * EINVAL: a filesystem without O_DIRECT, such as tmpfs before Linux 6.6): the caller
+ * writes it the buffered way; -errno when it failed. */
+static long write_direct(struct vd_log *L, uint64_t at, uint64_t size)
+{
+    if (L->sealed_dfd < 0 || L->fail_next)
+        return 0;
+    struct iovec iov = {L->buf, (size_t)size};
+    ssize_t n = pwritev2(L->sealed_dfd, &iov, 1, (off_t)at, RWF_DSYNC);
+    if (n == (ssize_t)size)
+        return 1;
+    if (n < 0 && errno == EINVAL) {
+        L->dfd[0] = L->dfd[1] = L->sealed_dfd = -1; /* buffered from now on */
+        return 0;
+    }
+    return n < 0 ? -errno : -EIO;
+}
+
 static long write_record(struct vd_log *L, uint64_t at, uint64_t size)
 {
     /* a record sealed before a commit retired the log is obsolete, and
      * harmless where it lands: written all the same */
-    long rc = vd_pwrite_full(L->sealed_fd, L->buf, size, at);
-    if (rc == 0 && L->fail_next)
-        rc = -EIO;
-    else if (rc == 0 && fdatasync(L->sealed_fd) < 0)
-        rc = -errno;
+    long rc = write_direct(L, at, size);
+    if (rc == 0) {
+        rc = vd_pwrite_full(L->sealed_fd, L->buf, size, at);
+        if (rc == 0 && L->fail_next)
+            rc = -EIO;
+        else if (rc == 0 && fdatasync(L->sealed_fd) < 0)
+            rc = -errno;
+    }
     L->fail_next = 0;
     if (rc < 0)
         return failed(L, rc);

@@ -54,6 +54,9 @@ void vd_log_thaw(struct vd_log *L);
 void vd_log_retire(struct vd_log *L, uint64_t gen);
 void vd_log_set_max(struct vd_log *L, uint64_t max); /* tests make the log small */
 void vd_log_fail_next(struct vd_log *L, int fail);   /* tests: the next record fails before its fdatasync */
+/* The log files opened O_DIRECT too (-1: none), for records written with
+ * RWF_DSYNC (the engine's; not closed here; mutex held or no writer yet) */
+void vd_log_set_direct(struct vd_log *L, int dfd0, int dfd1);
 /* gen, pos, seq, end (of wgen's file), ok, inflight, flushes, bytes,
  * flushes_in_c, max, wgen, flushes_during_commit (records written while a
  * commit was in flight, in the generation it moved to) */

@@ -981,6 +981,50 @@ def test_c_moves_its_outgrown_table_a_chunk_at_a_time(tmp_path):
         assert pool.scrub() == []
 
 
+@pytest.mark.parametrize("where", ["tmp_path", "tmpfs"])
+def test_log_records_are_written_direct_where_the_filesystem_allows(tmp_path, where):
+    """The log's records are written with O_DIRECT and RWF_DSYNC (one
+    durable write, no page-cache copy and fdatasync) where the pool's
+    filesystem allows O_DIRECT, and written then fdatasync()ed where it
+    does not (tmpfs before Linux 6.6; the test probes which); a crash
+    replays C's and the Pool's records either way (fails when the log
+    never opens its files O_DIRECT)."""
+    import subprocess
+
+    d = tmp_path / "pool"
+    d.mkdir()
+    if where == "tmpfs":
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(d)], check=True)
+    try:
+        try:
+            os.close(os.open(str(d / "probe"), os.O_CREAT | os.O_WRONLY | os.O_DIRECT))
+            can = True
+        except OSError:
+            can = False
+        pool = Pool(str(d), fast=False)
+        assert (pool.intent._direct[0] >= 0) == can and (pool.intent._direct[1] >= 0) == can
+        vid = pool.create_volume(1 << 20)
+        fm = FastMap(pool.file.fd, reservoir=16)
+        pool.attach_fast(fm)
+        pool.write(vid, 0, b"a" * BLOCK_SIZE)
+        assert pool.log_flush(vid)  # the Pool's record
+        assert fm.write(vid, 4096, b"b" * 4096)
+        assert fm.fsync(vid)  # C's
+        assert pool.log_status()["flushes"] == 2
+        _crash(pool, fm)
+        again = Pool(str(d), fast=False)
+        try:
+            assert again.intent.stats["replayed"] == 2
+            assert again.read(vid, 0, BLOCK_SIZE) == b"a" * 4096 + b"b" * 4096 + b"a" * (BLOCK_SIZE - 8192)
+        finally:
+            again.close()
+    finally:
+        if where == "tmpfs":
+            subprocess.run(["umount", "-l", str(d)], check=False)
+
+
 def test_fsync_in_c_survives_a_crash(tmp_path):
     """A log flush written by C (the FUSE fast path's FSYNC) is replayed when
     the pool is opened again; a volume the Pool itself wrote to since its
