@@ -54,9 +54,8 @@ _Static_assert(sizeof(struct vd_log_head) + (VD_LOG_MAX_ENTRIES + 1) * sizeof(st
 struct vd_log {
     pthread_mutex_t mu;
     int fd[2];     /* the files of even and of odd generations */
-    int dfd[2];    /* the same files opened O_DIRECT (-1: none; see write_record) */
-    int sealed_fd; /* the file the record sealed last goes to */
-    int sealed_dfd;
+    int dfd[2];    /* the same files opened O_DIRECT (-1: none; see write_direct) */
+    int sealed;    /* the file (0 or 1) the record sealed last goes to */
     int sealed_ahead; /* ... and it is of the generation a commit in flight
                        * moved to (wgen != gen when it was sealed) */
     int ok;        /* 0 once a write failed: commits only from then on */
@@ -201,8 +200,7 @@ uint64_t vd_log_seal(struct vd_log *L, uint64_t vid, const uint64_t *blocks, con
     put_le(hdr + AT(crc), vd_crc32c(vd_crc32c(0, hdr, HDR), L->buf + HDR, npages * PG), 4);
     uint64_t size = HDR + npages * PG;
     *at = L->pos;
-    L->sealed_fd = L->fd[L->wgen & 1];
-    L->sealed_dfd = L->dfd[L->wgen & 1];
+    L->sealed = (int)(L->wgen & 1);
     L->sealed_ahead = L->wgen != L->gen;
     L->pos += size;
     L->seq++;
@@ -222,18 +220,19 @@ static long failed(struct vd_log *L, long rc)
  * and a flush), not a copy into the page cache, its writeback and then a
  * flush (about 100 us a record against 125-135 us on the test VM).  1
  * when it was written so; 0 when this file cannot (no O_DIRECT file,
- * EINVAL: a filesystem without O_DIRECT, such as tmpfs before Linux 6.6): the caller
- * writes it the buffered way; -errno when it failed. */
+ * EINVAL: a filesystem without O_DIRECT, such as tmpfs before Linux
+ * 6.6): the caller writes it the buffered way; -errno when it failed. */
 static long write_direct(struct vd_log *L, uint64_t at, uint64_t size)
 {
-    if (L->sealed_dfd < 0 || L->fail_next)
+    int dfd = L->dfd[L->sealed];
+    if (dfd < 0 || L->fail_next)
         return 0;
     struct iovec iov = {L->buf, (size_t)size};
-    ssize_t n = pwritev2(L->sealed_dfd, &iov, 1, (off_t)at, RWF_DSYNC);
+    ssize_t n = pwritev2(dfd, &iov, 1, (off_t)at, RWF_DSYNC);
     if (n == (ssize_t)size)
         return 1;
     if (n < 0 && errno == EINVAL) {
-        L->dfd[0] = L->dfd[1] = L->sealed_dfd = -1; /* buffered from now on */
+        L->dfd[0] = L->dfd[1] = -1; /* buffered from now on */
         return 0;
     }
     return n < 0 ? -errno : -EIO;
@@ -245,10 +244,10 @@ static long write_record(struct vd_log *L, uint64_t at, uint64_t size)
      * harmless where it lands: written all the same */
     long rc = write_direct(L, at, size);
     if (rc == 0) {
-        rc = vd_pwrite_full(L->sealed_fd, L->buf, size, at);
+        rc = vd_pwrite_full(L->fd[L->sealed], L->buf, size, at);
         if (rc == 0 && L->fail_next)
             rc = -EIO;
-        else if (rc == 0 && fdatasync(L->sealed_fd) < 0)
+        else if (rc == 0 && fdatasync(L->fd[L->sealed]) < 0)
             rc = -errno;
     }
     L->fail_next = 0;

@@ -49,13 +49,13 @@ def _usable(st: dict) -> bool:
 def _open_direct(files) -> tuple[int, int]:
     """The log files opened again with O_DIRECT, for C to write its
     records with RWF_DSYNC (csrc/intentlog.c, write_direct); (-1, -1)
-    where the filesystem has no O_DIRECT (tmpfs before Linux 6.6) or the file is not a
-    plain one: records are then written and fdatasync()ed as before."""
+    where the filesystem has no O_DIRECT (tmpfs before Linux 6.6):
+    records are then written and fdatasync()ed as before."""
     fds = []
     try:
         for f in files:
             fds.append(os.open(f.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC))
-    except (OSError, AttributeError):
+    except OSError:
         for fd in fds:
             os.close(fd)
         return -1, -1
