@@ -637,16 +637,23 @@ int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot
     return rc < 0 ? rc : 1;
 }
 
-/* The commit that just became durable wrote (vid, block) as a backed entry
- * of slot over its back slot back, the head's own: C may flip it from now
- * on, if its entry is still that one (a later write may have replaced it)
- * and no structural change is in flight. */
-void vd_fm_mark_backed(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint64_t back)
+/* The commit that just became durable wrote n blocks of vid as backed
+ * entries, the head's own: recs[3i..3i+2] is (block, slot, back slot).  C
+ * may flip each from now on, if its entry is still that one (a later write
+ * may have replaced it) and no structural change is in flight.  One call
+ * per volume, so that the engine's commit holds the lock for a loop in C,
+ * not one in Python over tens of thousands of blocks. */
+void vd_fm_mark_backed(struct vd_fastmap *fm, uint64_t vid, const uint64_t *recs, size_t n)
 {
-    struct ent *e = lookup(fm, vid, block);
-    if (e != NULL && !fm->hold && e->slot == slot && e->have != FULL && e->b.base == back &&
-        (uint16_t)(e->have | e->b.bhave) == FULL && e->epoch != fm->epoch)
-        e->back = back;
+    if (fm->hold)
+        return;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t slot = recs[3 * i + 1], back = recs[3 * i + 2];
+        struct ent *e = lookup(fm, vid, recs[3 * i]);
+        if (e != NULL && e->slot == slot && e->have != FULL && e->b.base == back &&
+            (uint16_t)(e->have | e->b.bhave) == FULL && e->epoch != fm->epoch)
+            e->back = back;
+    }
 }
 
 void vd_fm_commit_state(struct vd_fastmap *fm, int state)

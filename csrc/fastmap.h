@@ -54,9 +54,10 @@ int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot
 int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint16_t have, uint64_t base,
               int shared, uint16_t bhave, uint64_t base2, uint16_t bhave2, uint64_t base3, int unverified,
               uint64_t back);
-/* the commit that became durable made (vid, block) a backed entry of slot
- * over back, the head's own: flips may start (if C's entry is that one) */
-void vd_fm_mark_backed(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint64_t back);
+/* the commit that became durable made n blocks of volume vid backed entries,
+ * the head's own: recs holds (block, slot, back) for each; flips may start
+ * (for each block whose entry in C is that one) */
+void vd_fm_mark_backed(struct vd_fastmap *fm, uint64_t vid, const uint64_t *recs, size_t n);
 /* after a freeze: 1 a commit of the frozen epoch is in flight, 2 one that
  * changes structure (no flips at all meanwhile), 0 none (it finished or
  * failed); with the lock held */

@@ -555,6 +555,100 @@ def churn_bench(runtime: int, clients: int, cwd: str) -> dict:
         env.close()
 
 
+def trim_bench(runtime: int, cwd: str, rounds: int = 3, fill_gib: int = 2) -> dict:
+    """Four disks of an instance under fio 4 KiB random writes (qd4 each)
+    while a fifth one, holding `fill_gib` GiB written just before, is
+    discarded whole with blkdiscard (what mkfs does, and fstrim or an ext4
+    mounted with -o discard after files are deleted): the writers'
+    latency and how long the discard took, against the same on five plain
+    sparse files through loop devices, in the same run.  The engine serves
+    a discard in the daemon's thread; whatever it does while it holds the
+    write cache's lock in C, every disk's writers wait for.  Medians over
+    `rounds` rounds (vdisk on a new pool and daemon each round, then the
+    plain files), every round kept."""
+    def load(devs: list, trim_dev: str, env: VDiskEnv | None) -> dict:
+        sh("fio", "--name=fill", "--filename=" + trim_dev, "--ioengine=libaio", "--direct=1", *FILL,
+           "--size=%dG" % fill_gib, "--end_fsync=1", "--output-format=json", cwd=cwd)
+        cmd = ["fio", "--ioengine=libaio", "--direct=1", "--rw=randwrite", "--bs=4k", "--iodepth=4",
+               "--size=256M", "--time_based", "--runtime=%d" % runtime, "--group_reporting",
+               "--output-format=json", "--percentile_list=50:99:99.9", "--randrepeat=0"]
+        for i, dev in enumerate(devs):
+            cmd += ["--name=d%d" % i, "--filename=" + dev]
+        os.sync()
+        before = fast_path(env) if env else None
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+        time.sleep(min(5, runtime / 3))
+        t0 = time.monotonic()
+        sh("blkdiscard", trim_dev)
+        discard_ms = (time.monotonic() - t0) * 1000
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit("fio failed: %s" % err)
+        job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+        pct = job["clat_ns"]["percentile"]
+        res = {"iops": job["iops"], "lat_p50_ms": pct["50.000000"] / 1e6, "lat_p99_ms": pct["99.000000"] / 1e6,
+               "lat_max_ms": job["clat_ns"]["max"] / 1e6, "discard_ms": discard_ms}
+        if env:
+            after = fast_path(env)
+            res["lock_waits"] = after["LockWaits"] - before["LockWaits"]
+            res["lock_wait_max_ms"] = after["LockWaitMaxMs"]  # since the daemon started (the fill's commits too)
+            res["engine_lock_hold_max_ms"] = after["EngineLockHoldMaxMs"]
+        return res
+
+    def vdisk_round(r: int, runs: dict) -> None:
+        log("trim round %d: 4 disks under fio, a fifth with %d GiB discarded (vdisk) ..." % (r + 1, fill_gib))
+        env = VDiskEnv(prefix="vdisk-trim-", io_limits="unlimited")
+        try:
+            env.start()
+            iid = env.run("instance", "create", "--name", "trim", "--system-size", 1, "--system-pl", "PL0",
+                          *[a for _ in range(3) for a in ("--data-disk", "1:cloud_essd:PL0")],
+                          "--data-disk", "%d:cloud_essd:PL0" % (fill_gib * 4)).stdout.strip()
+            disks = sorted(env.j("disk", "list", "--instance", iid)["Disks"]["Disk"], key=lambda d: d["Device"])
+            env.run("instance", "start", iid)
+            devs = [env.attach(d["DiskId"]) for d in disks]
+            runs["vdisk"].append(load(devs[:4], devs[4], env))
+        finally:
+            env.close()
+
+    def plain_round(r: int, runs: dict) -> None:
+        log("trim round %d: the same on 5 plain files ..." % (r + 1))
+        devs = []
+        with tempfile.TemporaryDirectory(prefix="vdisk-trim-plain-") as d:
+            try:
+                for i in range(5):
+                    path = os.path.join(d, "plain%d.img" % i)
+                    with open(path, "wb") as f:
+                        f.truncate(GIB * (fill_gib * 4 if i == 4 else 1))
+                    devs.append(sh("losetup", "--find", "--show", "--direct-io=on", path).stdout.strip())
+                runs["plain"].append(load(devs[:4], devs[4], None))
+            finally:
+                for dev in devs:
+                    sh("losetup", "-d", dev, check=False)
+
+    runs: dict = {"vdisk": [], "plain": []}
+    for r in range(rounds):
+        for part in in_turn((vdisk_round, plain_round), r):
+            part(r, runs)
+    out = {"fill_gib": fill_gib, "runtime_s": runtime}
+    for name, mine in runs.items():
+        out[name] = {k: statistics.median(m[k] for m in mine) for k in mine[0]}
+        out[name]["rounds"] = mine
+    return out
+
+
+def print_trim(r: dict) -> None:
+    v, p = r["vdisk"], r["plain"]
+    print("4 disks under fio (4 KiB randwrite, qd4 each) while a fifth disk holding %d GiB is discarded whole"
+          " (blkdiscard); medians of %d rounds:" % (r["fill_gib"], len(v["rounds"])))
+    for name, x in (("vdisk", v), ("5 plain files", p)):
+        print("  %-14s writers p50 %6.2f ms  p99 %6.2f ms  max %7.2f ms  (%.0f IOPS)  blkdiscard %7.1f ms"
+              % (name, x["lat_p50_ms"], x["lat_p99_ms"], x["lat_max_ms"], x["iops"], x["discard_ms"]))
+    print("  writers' max %.1fx the plain files'; the engine held the write cache's lock at most %.1f ms"
+          % (v["lat_max_ms"] / p["lat_max_ms"], v["engine_lock_hold_max_ms"]))
+    print("  each round's maxima (vdisk / plain, ms): " + ", ".join(
+        "%.1f / %.1f" % (a["lat_max_ms"], b["lat_max_ms"]) for a, b in zip(v["rounds"], p["rounds"])))
+
+
 def snapshot_time_by_size(cwd: str) -> dict:
     """CreateSnapshot time for a 1 GiB and a 1 TiB (sparse) disk: the same."""
     from vdisk.config import Paths
@@ -989,6 +1083,9 @@ def main() -> int:
     ap.add_argument("--only-barrier", action="store_true",
                     help="only the barrier run: ten disks under fio with an instance snapshot a second, against "
                     "no snapshots and ten plain files")
+    ap.add_argument("--trim", action="store_true",
+                    help="only discards under load: four disks under fio while a fifth, holding 2 GiB, is discarded "
+                    "whole (blkdiscard), against five plain files")
     ap.add_argument("--levels", action="store_true",
                     help="only the I/O limits: disks of each ESSD level at the cloud's limits, fio against the caps; "
                     "two at once; ModifyDiskSpec under load")
@@ -1017,6 +1114,9 @@ def main() -> int:
     if a.only_churn:
         return only(a, "churn", lambda: churn_bench(a.barrier_runtime * 3, a.churn_clients, tempfile.gettempdir()),
                     print_churn)
+    if a.trim:
+        return only(a, "trim", lambda: trim_bench(a.barrier_runtime, tempfile.gettempdir(), a.barrier_rounds),
+                    print_trim)
     if a.only_barrier:
         return only(a, "barrier", lambda: barrier_bench(a.barrier_runtime, 1.0, tempfile.gettempdir(),
                                                         a.barrier_rounds), print_barrier)

@@ -18,6 +18,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, initial
 
 import pytest
 from powercut import PowerCutFile
+from vdisk.engine import writepath
 from vdisk.engine.errors import EngineError
 from vdisk.engine.pool import BLOCK_SIZE, Pool
 
@@ -51,12 +52,16 @@ class PoolModel(RuleBasedStateMachine):
         self.job = None  # a commit begun and not finished
         self.job_model: dict[int, bytes] = {}
         self.flushed_after_freeze: dict[int, bytes] = {}  # fsyncs that succeeded while it was in flight
+        # discards make their blocks zeros a few at a time, the map's lock
+        # let go in between (writepath.DISCARD_BATCH): batches of 2 here (of 3 blocks)
+        self._discard_batch, writepath.DISCARD_BATCH = writepath.DISCARD_BATCH, 2
 
     def _opened(self):
         """Called after the pool is (re)opened."""
         self.pool.intent.max = 320 << 10  # a few records, then a full log
 
     def teardown(self):
+        writepath.DISCARD_BATCH = self._discard_batch
         self.pool._abandon()
         shutil.rmtree(self.dir, ignore_errors=True)
 

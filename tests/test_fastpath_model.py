@@ -702,6 +702,123 @@ def test_io_threads_with_commits_between(tmp_path):
         pool.close()
 
 
+def test_discards_in_batches_while_io_threads_write(tmp_path, monkeypatch):
+    """A discard lets go of the map's lock between batches of blocks
+    (writepath.DISCARD_BATCH, 4 here), so C's I/O threads write meanwhile:
+    one into another volume, one into the very blocks being discarded,
+    while this thread discards its volume whole again and again, with the
+    committed map, the overlay and a commit in flight all holding blocks
+    of it.  Afterwards the other volume holds every write, each block of
+    the discarded one reads zeros or the last write to it (never older
+    data), the same after a reopen, and scrub is clean."""
+    import sys
+    import threading
+
+    from vdisk.engine import writepath
+
+    monkeypatch.setattr(writepath, "DISCARD_BATCH", 4)
+
+    def pattern_bytes(seed, n):
+        return (b"%d;" % seed * (n // 2 + 1))[:n]
+
+    nblocks = 48
+    pool = Pool(str(tmp_path), fast=False)
+    fm = FastMap(pool.file.fd, reservoir=256)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # interleave the writers' C calls with the batches
+    closed = False
+    try:
+        pool.attach_fast(fm)
+        vid, other = pool.create_volume(nblocks * BLOCK_SIZE), pool.create_volume(nblocks * BLOCK_SIZE)
+        pool.read(vid, 0, nblocks * BLOCK_SIZE)  # C learns every block (holes)
+        pool.read(other, 0, nblocks * BLOCK_SIZE)
+        last: dict = {}
+        errors: list = []
+        stop = threading.Event()
+
+        def writer(v):
+            try:
+                r = 0
+                while not stop.is_set():
+                    for b in range(nblocks):
+                        off = b * BLOCK_SIZE + (r % 16) * 4096
+                        data = (b"%d:%d:%d;" % (v, r, b) * 600)[:4096]
+                        while not fm.write(v, off, data):  # handed back: wait for a refill or a teach
+                            if stop.is_set():
+                                return
+                        last[v, off] = data
+                    r += 1
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer, args=(v,)) for v in (vid, other)]
+        for th in threads:
+            th.start()
+        for i in range(30):
+            if i % 3 == 0:
+                pool.commit()  # the committed map holds blocks of it
+            job = pool.begin_commit() if i % 3 == 1 else None  # and a commit in flight
+            pool.refill_fast()
+            pool.discard(vid, 0, nblocks * BLOCK_SIZE)
+            pool.read(vid, 0, nblocks * BLOCK_SIZE)  # C learns the blocks again
+            if job is not None:
+                job.run()
+                pool.finish_commit(job)
+        stop.set()
+        for th in threads:
+            th.join()
+        assert not errors, errors
+        zeros = bytes(4096)
+
+        def check(p):
+            for (v, off), data in last.items():
+                got = p.read(v, off, 4096)
+                if v == other:
+                    assert got == data, (v, off)
+                else:
+                    assert got in (data, zeros), (v, off, got[:12])
+            # pages never written since a discard read zeros or what was written last there
+            for b in range(nblocks):
+                for pg in range(16):
+                    off = b * BLOCK_SIZE + pg * 4096
+                    if (vid, off) not in last:
+                        assert p.read(vid, off, 4096) == zeros
+
+        check(pool)
+        # once more with the writers stopped, on a new volume whose blocks
+        # the committed map, a commit in flight and the overlay each hold
+        # (some in two of them): all of it reads zeros
+        fresh = pool.create_volume(nblocks * BLOCK_SIZE)
+        half = nblocks // 2 * BLOCK_SIZE
+        pool.write(fresh, 0, pattern_bytes(1, half))
+        pool.commit()
+        pool.write(fresh, half - BLOCK_SIZE, pattern_bytes(2, 2 * BLOCK_SIZE))
+        job = pool.begin_commit()
+        pool.write(fresh, half + BLOCK_SIZE, pattern_bytes(3, half - 2 * BLOCK_SIZE))
+        pool.discard(fresh, 0, nblocks * BLOCK_SIZE)
+        assert pool.read(fresh, 0, nblocks * BLOCK_SIZE) == bytes(nblocks * BLOCK_SIZE)
+        job.run()
+        pool.finish_commit(job)
+        assert pool.read(fresh, 0, nblocks * BLOCK_SIZE) == bytes(nblocks * BLOCK_SIZE)
+        pool.commit()
+        assert pool.scrub() == []
+        pool.detach_fast()
+        pool.close()
+        closed = True
+        pool = Pool(str(tmp_path))
+        check(pool)
+        assert pool.read(fresh, 0, nblocks * BLOCK_SIZE) == bytes(nblocks * BLOCK_SIZE)
+        assert pool.scrub() == []
+    finally:
+        sys.setswitchinterval(switch)
+        if not closed:
+            pool.detach_fast()
+            pool._abandon()  # a failure may have left a commit in flight
+        fm.close()
+        if closed:
+            pool.close()
+
+
 def test_io_threads_share_blocks_across_copy_on_writes(tmp_path):
     """Four threads write 4 KiB pages of the same blocks through C at once,
     each its own pages, in rounds with a snapshot or a commit between: so

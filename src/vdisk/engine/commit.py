@@ -21,6 +21,7 @@ import logging
 import threading
 
 import typing
+from array import array
 
 import lmdb
 
@@ -297,10 +298,10 @@ def _finish(pool, job: CommitJob):
         if job.tx.vols or job.tx.lins:
             fastbridge.sync_volumes(pool)
         vid_of = _served(pool)
-        for lid, block, slot, back in job.epoch.backed:
+        for lid, recs in job.epoch.backed.items():
             vid = vid_of.get(lid)
             if vid is not None:
-                pool._fm.mark_backed(vid, block, slot, back)
+                pool._fm.mark_backed(vid, recs)
         pool._fm.commit_state(COMMIT_NONE)
     return job.result
 
@@ -519,7 +520,10 @@ def _apply_dirty(pool, tx: Tx, ep: Epoch) -> None:
                 continue
             if back:  # of its pages the new entry does not hold
                 back_crc = ep.back_sums[(lid, block)] if d.back else layers.back_crc(pool, back, d.have)
-                ep.backed.append((lid, block, d.slot, back))
+                backed = ep.backed.get(lid)
+                if backed is None:
+                    backed = ep.backed[lid] = array("Q")
+                backed.extend((block, d.slot, back))
             txn.put(map_key(lid, block, gen), map_val(d.slot, INF, d.crc, d.have, back, back_crc), db=mdb)
             txn.put(born_key(lid, gen, block), b"", db=pool._db[DB_BORN])
 

@@ -101,10 +101,11 @@ class FastMap:
         return lib.vd_fm_add(self._fm, vid, block, slot, have, base, int(shared), bhave, base2, bhave2, base3,
                              self._expect(unverified), back) > 0
 
-    def mark_backed(self, vid: int, block: int, slot: int, back: int) -> None:
-        """The commit that just became durable made the block a backed entry
-        of slot over back, the head's own: C may flip it from now on."""
-        lib.vd_fm_mark_backed(self._fm, vid, block, slot, back)
+    def mark_backed(self, vid: int, recs) -> None:
+        """The commit that just became durable made blocks of the volume
+        backed entries, the head's own: recs, an array('Q') of (block, slot,
+        back slot) triples.  C may flip each from now on (one call for all)."""
+        lib.vd_fm_mark_backed(self._fm, vid, ffi.from_buffer("uint64_t[]", recs), len(recs) // 3)
 
     def commit_state(self, state: int) -> None:
         """After a freeze: COMMIT_PLAIN or COMMIT_STRUCTURAL is in flight;

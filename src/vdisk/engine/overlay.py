@@ -139,9 +139,10 @@ class Epoch:
         # (lid, block) of partial blocks whose pages are all zeros: zeros
         # altogether if what they read through to is
         self.blank: set[tuple[int, int]] = set()
-        # (lid, block, slot, back) of every entry the commit wrote backed:
-        # C may flip them once it is durable (FastMap.mark_backed)
-        self.backed: list[tuple[int, int, int, int]] = []
+        # lid -> (block, slot, back) of every entry the commit wrote backed,
+        # in an array('Q'): C may flip them once it is durable
+        # (FastMap.mark_backed, one call per volume)
+        self.backed: dict = {}
         # (lid, block) -> the checksum of a flipped block's back slot
         # (commit._finish_checksums)
         self.back_sums: dict[tuple[int, int], int] = {}
