@@ -1625,6 +1625,74 @@ def test_a_structural_commit_holds_fsyncs_until_it_is_durable(tmp_path):
 
 
 @pytest.mark.parametrize("durable", [False, True])
+@pytest.mark.parametrize("op", ["create", "resize", "delete", "rollback"])
+def test_a_commit_that_changes_a_volume_holds_its_fsyncs_only(tmp_path, op, durable):
+    """A commit that creates a volume, or grows, deletes or rolls back one
+    (structure.py marks each with the volumes it changes:
+    txn.changes_volumes) holds the fsyncs of those volumes until it is
+    durable, in C and in the Pool, while every other volume's go on in
+    the log's next generation.  A crash before the commit is durable finds
+    the other volume's fsynced writes and none of the change; one after
+    finds both, and the changed volume as the change left it."""
+    pool = Pool(str(tmp_path), fast=False)
+    vid, other = pool.create_volume(4 * BLOCK_SIZE), pool.create_volume(4 * BLOCK_SIZE)
+    fm = FastMap(pool.file.fd, reservoir=16)
+    pool.attach_fast(fm)
+    first = pattern(1, 2 * BLOCK_SIZE)
+    assert fm.write(vid, 0, first) and fm.write(other, 0, first)
+    (sid,) = pool.snapshot([vid])  # what the rollback goes back to
+    assert fm.write(vid, 0, b"v" * 4096) and (fm.fsync(vid) or pool.log_flush(vid))
+    changes = []
+    pool.commit = lambda change: changes.append(change) or [0]  # the change, run as the daemon does
+    try:
+        if op == "create":
+            pool.create_volume(BLOCK_SIZE)
+        elif op == "resize":
+            pool.resize_volume(vid, 8 * BLOCK_SIZE)
+        elif op == "delete":
+            pool.delete_volume(vid)
+        else:
+            pool.rollback(vid, sid)
+    finally:
+        del pool.commit
+    job = pool.begin_commit(changes[0])
+    assert pool.intent.usable
+    assert fm.write(other, BLOCK_SIZE, b"o" * 4096)
+    assert fm.fsync(other) or pool.log_flush(other)  # goes on
+    assert fm.write(vid, 4096, b"w" * 4096)
+    if op == "create":  # the new volume's is not served yet; vid's goes on
+        assert fm.fsync(vid) or pool.log_flush(vid)
+    else:
+        assert not fm.fsync(vid) and not pool.log_flush(vid), "a changed volume's fsync during its change"
+    if durable:
+        job.run()
+        result = pool.finish_commit(job)
+    _crash(pool, fm)
+    again = Pool(str(tmp_path), fast=False)
+    try:
+        want = bytearray(first)
+        want[BLOCK_SIZE : BLOCK_SIZE + 4096] = b"o" * 4096
+        assert again.read(other, 0, 2 * BLOCK_SIZE) == want
+        vols = again.volumes()
+        if not durable:
+            assert sorted(vols) == [vid, other] and vols[vid]["size"] == 4 * BLOCK_SIZE
+            assert again.read(vid, 0, 4096) == b"v" * 4096
+        elif op == "create":
+            (new,) = result
+            assert sorted(vols) == [vid, other, new]
+            assert again.read(vid, 0, 8192) == b"v" * 4096 + b"w" * 4096
+        elif op == "resize":
+            assert vols[vid]["size"] == 8 * BLOCK_SIZE and again.read(vid, 0, 4096) == b"v" * 4096
+        elif op == "delete":
+            assert sorted(vols) == [other]
+        else:
+            assert again.read(vid, 0, 2 * BLOCK_SIZE) == first
+        assert again.scrub() == []
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize("durable", [False, True])
 def test_fsyncs_go_on_during_a_snapshot_and_stay_out_of_it(tmp_path, durable):
     """A snapshot changes no volume, so fsyncs go on while its commit runs
     (structure.snapshot marks its change keeps_volumes).  What they made

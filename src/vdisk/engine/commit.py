@@ -29,7 +29,7 @@ from . import allocator, fastbridge, layers, readpath, structure
 from .fastmap import COMMIT_NONE, COMMIT_PLAIN, COMMIT_STRUCTURAL
 from .lineage import Lineage
 from .overlay import Dirty, Epoch, overlay_of
-from .txn import Tx, volumes_kept
+from .txn import Tx, held_volumes
 from .errors import (
     CommitInFlight,
     EngineError,
@@ -146,11 +146,14 @@ def begin(pool, change=None) -> CommitJob:
         with pool.catalogue.lock:
             ep = Epoch(pool._dirty, pool._epoch_alloc, pool._hwm, free_back, pool.catalogue.freeze())
             pool._dirty, pool._ndirty, pool._dirty_pages, pool._epoch_alloc = {}, 0, 0, set()
-        # fsyncs go on during a commit that changes no volume (their records
-        # in the log's next generation); a record of a volume must then
-        # carry the blocks written before the freeze that no record holds
-        # yet, which the commit makes durable only once it is
-        ep.log_gen = pool.intent.freeze(records=volumes_kept(change))
+        # fsyncs go on during a commit (their records in the log's next
+        # generation), but for those of the volumes it changes (ep.held),
+        # or of all when it does not say which; a record of a volume must
+        # then carry the blocks written before the freeze that no record
+        # holds yet, which the commit makes durable only once it is
+        held = held_volumes(change)
+        ep.held = held if held is not None else frozenset()  # (all: no records at all)
+        ep.log_gen = pool.intent.freeze(records=held is not None)
         pool._unlogged_frozen = pool._unlogged if pool.intent.usable else {}
         pool._unlogged = {}
         pool._inflight = ep
@@ -161,6 +164,9 @@ def begin(pool, change=None) -> CommitJob:
             for lid in pool._unlogged_frozen:  # C's records would lack those blocks
                 if lid in vid_of:
                     fastbridge.set_clean(pool, vid_of[lid], False)
+            for vid in ep.held:  # the Pool says no to these (logflush.flush)
+                if vid in pool._fm_heads:
+                    fastbridge.set_clean(pool, vid, False)
         try:
             grow_map_if_needed(pool)
         except BaseException:

@@ -39,16 +39,17 @@ def flush(pool, vid: int) -> bool:
     log: one record of the pages changed since the volume's last log
     flush, written at the log's end and fdatasync()ed (one device flush,
     where a commit needs three).  Returns False, having changed nothing
-    that matters, when a commit must do it instead: a structural commit
-    in flight, more than intentlog.FLUSH_MAX to write, a full log, a
-    filesystem too full to grow it (see allocator.spare_bytes), a log that
-    failed.
+    that matters, when a commit must do it instead: a commit in flight
+    that changes this volume (or does not say which volumes it changes:
+    txn.held_volumes), more than intentlog.FLUSH_MAX to write, a full
+    log, a filesystem too full to grow it (see allocator.spare_bytes), a
+    log that failed.
 
-    During a commit that changes no volume the record goes to the log's
-    next generation (IntentLog.freeze) and carries, whole, the volume's
-    blocks written before the freeze that no record holds yet: the commit
-    makes those durable only once it is, and a crash before then replays
-    this record over the map as it was.
+    During a commit that does not change this volume the record goes to
+    the log's next generation (IntentLog.freeze) and carries, whole, the
+    volume's blocks written before the freeze that no record holds yet:
+    the commit makes those durable only once it is, and a crash before
+    then replays this record over the map as it was.
 
     Runs in the owner's thread; blocks on the log file's fdatasync, and
     on a log flush C is writing (vdisk.engine.fastmap.FastMap.fsync).
@@ -56,7 +57,7 @@ def flush(pool, vid: int) -> bool:
     if pool._failed:
         raise PoolFailed(pool._failed)
     with pool.intent as il:  # the writer's lock: C's log flushes and ours take turns
-        if not il.usable:
+        if not il.usable or (pool._inflight is not None and vid in pool._inflight.held):
             return False
         return _flush(pool, vid)
 

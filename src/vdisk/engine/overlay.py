@@ -121,11 +121,14 @@ class Epoch:
     DB_FREE).  records: staged catalogue records.  zeroed: slots whose block
     turned out all zeros when the checksums were finished; they are freed by
     the commit.  backed: the entries it wrote backed.  log_gen: the intent
-    log's generation the commit records (IntentLog.freeze).
+    log's generation the commit records (IntentLog.freeze).  held: the
+    volumes whose fsyncs wait until the commit is durable
+    (txn.held_volumes; empty also when it holds every volume's, for then
+    the log takes no record at all).
     """
 
     __slots__ = ("dirty", "alloc", "hwm", "free_back", "records", "zeroed", "zeroed_at", "blank", "backed",
-                 "back_sums", "log_gen")
+                 "back_sums", "log_gen", "held")
 
     def __init__(self, dirty, alloc, hwm, free_back, records):
         self.dirty = dirty
@@ -134,6 +137,7 @@ class Epoch:
         self.free_back = free_back
         self.records = records
         self.log_gen = 0
+        self.held: frozenset = frozenset()
         self.zeroed: list[int] = []
         self.zeroed_at: list[tuple[int, int, int]] = []  # (lid, block, slot) of each
         # (lid, block) of partial blocks whose pages are all zeros: zeros

@@ -10,7 +10,7 @@ from .errors import EngineError, NotFound
 from .format import DB_BORN, DB_DEAD, DB_MAP, INF, birth_val_decode, born_key, dead_key, entry_slots, map_key, map_val_full, reads_through
 from .lineage import Lineage
 from .mapindex import exclusive, needed, scan_tri, seen_by_point
-from .txn import Tx, keeps_volumes
+from .txn import Tx, changes_volumes, keeps_volumes
 
 
 def create_volumes(pool, specs: list[tuple[int, int | None]], on_created=None) -> list[int]:
@@ -39,7 +39,7 @@ def create_volumes(pool, specs: list[tuple[int, int | None]], on_created=None) -
             on_created(vids)
         return vids
 
-    return pool.commit(change)
+    return pool.commit(changes_volumes(change, ()))  # none that exists yet
 
 
 def new_lineage(pool, tx: Tx, parent) -> int:
@@ -60,7 +60,7 @@ def resize_volume(pool, vid: int, size: int) -> None:
             raise EngineError("volumes only grow: %d < %d bytes" % (size, v["size"]))
         v["size"] = size
 
-    pool.commit(change)
+    pool.commit(changes_volumes(change, [vid]))
 
 
 def delete_volume(pool, vid: int) -> None:
@@ -71,7 +71,7 @@ def delete_volume(pool, vid: int) -> None:
         kill_head(pool, tx, v["lid"])
         tx.vols[vid] = None
 
-    pool.commit(change)
+    pool.commit(changes_volumes(change, [vid]))
 
 
 def kill_head(pool, tx: Tx, lid: int) -> None:
@@ -245,7 +245,7 @@ def rollback_many(pool, pairs: list[tuple[int, int]], change=None) -> None:
         if change is not None:
             change(tx)
 
-    pool.commit(_change)
+    pool.commit(changes_volumes(_change, [vid for vid, _ in pairs]))
 
 
 def check_size(size: int) -> None:

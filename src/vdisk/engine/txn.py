@@ -12,20 +12,33 @@ if TYPE_CHECKING:
     from .pool import Pool
 
 
-def keeps_volumes(change):
-    """Mark a change(tx) that changes no volume's existence, size or
-    contents (a snapshot's creation or deletion, say): fsyncs go on
-    through the intent log while its commit runs, as during a commit of
-    writes alone (commit.begin, docs/format.md "Generations and commits").
-    Returns change."""
-    change.keeps_volumes = True
+def changes_volumes(change, vids):
+    """Mark a change(tx) that changes the existence, size or contents of
+    the volumes vids and of no other that exists (their deletion, growth
+    or rollback; a new volume's creation changes none that exists yet):
+    the fsyncs of every other volume go on through the intent log while
+    its commit runs, as during a commit of writes alone; those of vids
+    wait until it is durable (commit.begin, logflush.flush,
+    docs/format.md "Generations and commits").  Returns change."""
+    change.held_volumes = frozenset(vids)
     return change
 
 
-def volumes_kept(change) -> bool:
-    """Whether a commit of change (None: writes alone) leaves every
-    volume as its writes make it."""
-    return change is None or getattr(change, "keeps_volumes", False)
+def keeps_volumes(change):
+    """Mark a change(tx) that changes no volume's existence, size or
+    contents (a snapshot's creation or deletion, say): changes_volumes
+    of none.  Returns change."""
+    return changes_volumes(change, ())
+
+
+def held_volumes(change) -> frozenset | None:
+    """The volumes whose fsyncs a commit of change holds until it is
+    durable: none for writes alone (change None), those it was marked
+    with (changes_volumes), or None, every volume, for a change that
+    does not say."""
+    if change is None:
+        return frozenset()
+    return getattr(change, "held_volumes", None)
 
 
 class Tx:
