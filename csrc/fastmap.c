@@ -137,6 +137,7 @@ _Static_assert(sizeof(struct ent) == 88, "an entry stays 88 bytes (crc_live take
 /* blocks a volume's log flush in C can hold: a record's entries
  * (logrecord.h); a volume with more goes to the engine */
 #define CHG_MAX VD_LOG_MAX_ENTRIES
+#define PRE_FREEZE (1ULL << 63) /* in chg: a block changed before the last freeze */
 
 struct vol {
     uint64_t vid, lid, size;
@@ -152,6 +153,12 @@ struct vol {
      * of its blocks) */
     int complete;
     uint32_t nchg; /* CHG_MAX + 1: overflowed */
+    /* how many blocks of chg (marked PRE_FREEZE) were changed before the
+     * last freeze and are in no record: the volume's next record carries
+     * them whole, as the head reads them then, so that a crash before that
+     * commit is durable loses none (vd_fm_new_epoch; the engine's
+     * _unlogged_frozen) */
+    uint32_t nfrozen;
     /* entries set before this epoch are shared with the volume's last
      * snapshot point, whatever their flag says (vd_fm_share) */
     uint32_t share_epoch;
@@ -554,6 +561,7 @@ void vd_fm_set_volume(struct vd_fastmap *fm, uint64_t vid, uint64_t lid, uint64_
         rebuild(fm, fm->cap, 1, vid); /* new contents: forget the old ones */
         v->clean = 0;
         v->nchg = 0;
+        v->nfrozen = 0;
         v->complete = 0;
     }
     if (v == NULL) {
@@ -572,6 +580,7 @@ void vd_fm_set_volume(struct vd_fastmap *fm, uint64_t vid, uint64_t lid, uint64_
         v->complete = 0; /* until the engine says the volume is new */
         v->share_epoch = 0;
         v->nchg = 0;
+        v->nfrozen = 0;
     }
     v->lid = lid;
     v->size = size;
@@ -786,9 +795,15 @@ static void new_log_epoch(struct vd_fastmap *fm, struct vol *v)
 {
     v->lepoch = next_lepoch(fm);
     v->nchg = 0;
+    v->nfrozen = 0;
 }
 
-/* the freeze: the engine's overlay starts empty, so every volume is clean */
+/* The freeze: a new epoch, and a new log epoch for every volume.  A volume
+ * whose every change since its last log flush came from here (clean, its
+ * blocks in chg) stays clean: its next record carries those blocks whole
+ * (nfrozen), which the commit makes durable only once it is.  Any other
+ * volume is clean if nothing of it is unlogged (the engine's record
+ * carries them otherwise, and tells us when it did). */
 void vd_fm_new_epoch(struct vd_fastmap *fm)
 {
     if (++fm->epoch == 0) {
@@ -796,8 +811,36 @@ void vd_fm_new_epoch(struct vd_fastmap *fm)
         fm->epoch = 1;
     }
     for (size_t i = 0; i < fm->nvols; i++) {
-        new_log_epoch(fm, &fm->vols[i]);
-        fm->vols[i].clean = 1;
+        struct vol *v = &fm->vols[i];
+        int carry = v->clean && v->nchg > 0 && v->nchg <= CHG_MAX;
+        int unlogged = v->nchg > 0 || !v->clean;
+        uint32_t n = v->nchg;
+        new_log_epoch(fm, v);
+        if (carry) {
+            for (uint32_t j = 0; j < n; j++)
+                v->chg[j] |= PRE_FREEZE;
+            v->nchg = v->nfrozen = n;
+        }
+        v->clean = carry || !unlogged;
+    }
+}
+
+/* The commit of the last freeze is durable: the blocks changed before it
+ * need no record any more (those changed again since stay in chg). */
+void vd_fm_frozen_durable(struct vd_fastmap *fm)
+{
+    for (size_t i = 0; i < fm->nvols; i++) {
+        struct vol *v = &fm->vols[i];
+        if (v->nfrozen == 0)
+            continue;
+        if (v->nchg <= CHG_MAX) { /* (overflowed, it stays so: a record is the engine's) */
+            uint32_t k = 0;
+            for (uint32_t j = 0; j < v->nchg; j++)
+                if (!(v->chg[j] & PRE_FREEZE))
+                    v->chg[k++] = v->chg[j];
+            v->nchg = k;
+        }
+        v->nfrozen = 0;
     }
 }
 
@@ -1771,9 +1814,10 @@ void vd_fm_log_clean(struct vd_fastmap *fm, uint64_t vid, int clean)
         v->clean = clean;
 }
 
-static int cmp_u64(const void *a, const void *b)
+/* chg's order: by block, PRE_FREEZE aside */
+static int cmp_chg(const void *a, const void *b)
 {
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    uint64_t x = *(const uint64_t *)a & ~PRE_FREEZE, y = *(const uint64_t *)b & ~PRE_FREEZE;
     return x < y ? -1 : x > y;
 }
 
@@ -1797,16 +1841,22 @@ static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t
         return -EAGAIN;
     if (v->nchg == 0)
         return 0; /* nothing written since the volume's last log flush or freeze */
-    qsort(v->chg, v->nchg, sizeof(uint64_t), cmp_u64);
+    qsort(v->chg, v->nchg, sizeof(uint64_t), cmp_chg);
     /* the table under the inner mutex (vd_fm_grow may replace it), the
      * pages without it */
     pthread_mutex_lock(&fm->io);
-    for (uint32_t i = 0; i < v->nchg; i++) {
-        if (i > 0 && v->chg[i] == v->chg[i - 1])
-            continue;
-        struct ent *e = lookup(fm, vid, v->chg[i]);
-        /* a block whose pages are no longer known here: the engine's job */
-        if (e == NULL || e->lepoch != v->lepoch || e->mask == 0 || e->slot == 0) {
+    for (uint32_t i = 0; i < v->nchg;) {
+        uint64_t block = v->chg[i] & ~PRE_FREEZE;
+        int pre = 0;
+        for (; i < v->nchg && (v->chg[i] & ~PRE_FREEZE) == block; i++)
+            pre |= !!(v->chg[i] & PRE_FREEZE);
+        struct ent *e = lookup(fm, vid, block);
+        /* a block whose pages are no longer known here: the engine's job.
+         * One changed before the freeze goes whole (its pages as the head
+         * reads them now): none of its view may be unverified */
+        int known = e != NULL && e->slot != 0 &&
+                    (pre ? !e->unverified : e->lepoch == v->lepoch && e->mask != 0);
+        if (!known) {
             pthread_mutex_unlock(&fm->io);
             return -EAGAIN;
         }
@@ -1814,8 +1864,8 @@ static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t
         haves[count] = e->have;
         bs[count] = e->b;
         blocks[count] = e->block;
-        masks[count++] = e->mask;
-        npages += (uint64_t)__builtin_popcount(e->mask);
+        masks[count] = pre ? FULL : e->mask;
+        npages += (uint64_t)__builtin_popcount(masks[count++]);
     }
     pthread_mutex_unlock(&fm->io);
     if (vd_log_room(L, npages) < 0)
@@ -1829,7 +1879,9 @@ static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t
                 uint64_t src = source(slots[c], haves[c], bs[c], q);
                 for (r = 1; q + r < pg + run && source(slots[c], haves[c], bs[c], q + r) == src; r++)
                     ;
-                if (vd_pread_full(fm->data_fd, p, (size_t)r * PG, slot_off(src) + (uint64_t)q * PG) < 0)
+                if (src == 0) /* zeros below (a block carried whole) */
+                    memset(p, 0, (size_t)r * PG);
+                else if (vd_pread_full(fm->data_fd, p, (size_t)r * PG, slot_off(src) + (uint64_t)q * PG) < 0)
                     return -EAGAIN;
                 p += (size_t)r * PG;
             }

@@ -73,7 +73,12 @@ void vd_fm_unshare(struct vd_fastmap *fm, uint64_t vid);
  * the table forgets one of its blocks) */
 void vd_fm_set_complete(struct vd_fastmap *fm, uint64_t vid);
 void vd_fm_forget_slot(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot);
+/* the freeze (with the lock held): a new epoch; a volume whose unlogged
+ * changes all came from here stays clean, and its next record carries the
+ * blocks changed before the freeze whole */
 void vd_fm_new_epoch(struct vd_fastmap *fm);
+/* that freeze's commit is durable: those blocks need no record any more */
+void vd_fm_frozen_durable(struct vd_fastmap *fm);
 void vd_fm_log_epoch(struct vd_fastmap *fm, uint64_t vid);
 uint32_t vd_fm_mask(struct vd_fastmap *fm, uint64_t vid, uint64_t block);
 void vd_fm_clear(struct vd_fastmap *fm, int keep_writable);

@@ -1502,9 +1502,9 @@ def test_fsyncs_go_on_during_a_commit_and_survive_a_crash(tmp_path, durable):
     """While a commit that changes no volume is in flight, fsyncs are log
     flushes (in the log's next generation, the other file) instead of
     waiting for it.  The first record of a volume after the freeze carries
-    its blocks written before the freeze that no record held (C declines
-    it: its table knows only the pages since the freeze); after that C
-    writes them.  A crash before the commit is durable replays both
+    its blocks written before the freeze that no record held, whole: C
+    writes it when C wrote those blocks (its table keeps them, marked,
+    until that record or the commit is durable).  A crash before the commit is durable replays both
     generations over the map as it was; one after it replays the new
     generation over the new map.  Either way every write before the last
     fsync is there."""
@@ -1537,12 +1537,14 @@ def test_fsyncs_go_on_during_a_commit_and_survive_a_crash(tmp_path, durable):
     assert pool.intent.usable and pool.intent.wgen == gen + 1
     assert fm.write(vid, 3 * BLOCK_SIZE, b"d" * 4096)  # after the freeze
     want[3 * BLOCK_SIZE : 3 * BLOCK_SIZE + 4096] = b"d" * 4096
-    assert not fm.fsync(vid), "C's record would lack the block written before the freeze"
-    assert pool.log_flush(vid)  # carries blocks 2 (whole) and 3
+    assert fm.write(vid, 2 * BLOCK_SIZE + 5 * 4096, b"C" * 4096)  # block 2 again: its page mask starts over
+    want[2 * BLOCK_SIZE + 5 * 4096 : 2 * BLOCK_SIZE + 6 * 4096] = b"C" * 4096
+    assert fm.fsync(vid)  # C's: carries blocks 2 (whole, as the head reads it) and 3
+    assert pool.log_flush(vid) and pool.log_status()["flushes_in_c"] == 2  # nothing left for the Pool
     assert fm.write(vid, 4 * BLOCK_SIZE + 8192, b"e" * 4096)
     want[4 * BLOCK_SIZE + 8192 : 4 * BLOCK_SIZE + 3 * 4096] = b"e" * 4096
     assert fm.fsync(vid)  # C's, in gen g + 1
-    assert pool.log_status()["flushes_in_c"] == 2
+    assert pool.log_status()["flushes_in_c"] == 3
     assert fm.write(vid, 5 * BLOCK_SIZE, b"f" * 4096)  # never synced
     if durable:
         job.run()

@@ -158,12 +158,10 @@ def begin(pool, change=None) -> CommitJob:
         pool._unlogged = {}
         pool._inflight = ep
         if pool._fm is not None:
-            pool._fm.new_epoch()  # the instant of the freeze, for C writes too (all clean)
+            pool._fm.new_epoch()  # the instant of the freeze, for C writes too
             pool._fm.commit_state(COMMIT_PLAIN if change is None else COMMIT_STRUCTURAL)
-            vid_of = _served(pool)
-            for lid in pool._unlogged_frozen:  # C's records would lack those blocks
-                if lid in vid_of:
-                    fastbridge.set_clean(pool, vid_of[lid], False)
+            # (a volume with unlogged blocks stays clean there only if C
+            # wrote them all: its next record then carries them whole)
             for vid in ep.held:  # the Pool says no to these (logflush.flush)
                 if vid in pool._fm_heads:
                     fastbridge.set_clean(pool, vid, False)
@@ -603,6 +601,8 @@ def _after_commit(pool, tx: Tx, ep: Epoch) -> None:
             pool._snaps[sid] = s
     pool._counters.update(tx.counters)
     pool.intent.retire(ep.log_gen)  # and no commit in flight
+    if pool._fm is not None:  # C's records need not carry the frozen blocks any more
+        pool._fm.frozen_durable()
     frozen, pool._unlogged_frozen = pool._unlogged_frozen, {}
     vid_of = _served(pool)
     for lid in frozen:  # durable now: C may log the volume again if nothing else is unlogged

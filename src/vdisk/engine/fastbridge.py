@@ -152,7 +152,10 @@ def drain(pool) -> None:
         if block == FLUSHED:  # C wrote a log flush of the volume
             v = pool._vols.get(vid)
             if v is not None:
-                pool._unlogged.pop(v["lid"], None)  # only C's blocks: the volume was clean
+                # only C's blocks: the volume was clean, and C's first record
+                # after a freeze carries those written before it, whole
+                pool._unlogged.pop(v["lid"], None)
+                pool._unlogged_frozen.pop(v["lid"], None)
             continue
         fresh = not back  # else C flipped a committed backed entry: no slot is new
         if fresh:

@@ -150,9 +150,18 @@ class FastMap:
         lib.vd_fm_forget_slot(self._fm, vid, block, slot)
 
     def new_epoch(self) -> None:
-        """The overlay was frozen: no slot known so far is written in place
-        (and every volume starts a new log epoch)."""
+        """The overlay was frozen: no slot known so far is written in place,
+        and every volume starts a new log epoch.  A volume whose unlogged
+        changes all came from C stays clean: C's next record of it carries
+        the blocks changed before the freeze whole (the engine's
+        _unlogged_frozen); any other volume with unlogged changes is not
+        clean (the engine's record carries them)."""
         lib.vd_fm_new_epoch(self._fm)
+
+    def frozen_durable(self) -> None:
+        """The commit of the last freeze is durable: the blocks changed
+        before it need no record any more."""
+        lib.vd_fm_frozen_durable(self._fm)
 
     def log_epoch(self, vid: int) -> None:
         """The volume's writes so far are in the intent log: the next write
