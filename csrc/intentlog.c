@@ -276,6 +276,16 @@ static long grow_file(struct vd_log *L, uint64_t grow)
     return 0;
 }
 
+long vd_log_grow(struct vd_log *L, uint64_t grow)
+{
+    if (!vd_log_usable(L) || L->end[L->wgen & 1] + grow > L->max)
+        return -EAGAIN;
+    long rc = grow_file(L, grow);
+    if (rc == 0 && fdatasync(L->fd[L->wgen & 1]) < 0)
+        rc = failed(L, -errno);
+    return rc;
+}
+
 long vd_log_append(struct vd_log *L, uint64_t vid, const uint64_t *blocks, const uint32_t *masks, uint32_t count,
                    const unsigned char *pages, uint64_t npages, uint64_t grow)
 {

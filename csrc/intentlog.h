@@ -52,6 +52,11 @@ void vd_log_thaw(struct vd_log *L);
 /* The commit that recorded gen is durable: the records before its freeze
  * are obsolete, and those after it are gen's. */
 void vd_log_retire(struct vd_log *L, uint64_t gen);
+/* Grow the file being written by grow zero bytes and fdatasync it, ahead of
+ * the records (C's write only into bytes the file holds): 0, -EAGAIN when
+ * the log is not usable or would pass its maximum, -errno when a write
+ * failed (the log is off from then on). */
+long vd_log_grow(struct vd_log *L, uint64_t grow);
 void vd_log_set_max(struct vd_log *L, uint64_t max); /* tests make the log small */
 void vd_log_fail_next(struct vd_log *L, int fail);   /* tests: the next record fails before its fdatasync */
 /* The log files opened O_DIRECT too (-1: none), for records written with

@@ -649,6 +649,97 @@ def print_trim(r: dict) -> None:
         "%.1f / %.1f" % (a["lat_max_ms"], b["lat_max_ms"]) for a, b in zip(v["rounds"], p["rounds"])))
 
 
+def structure_bench(runtime: int, rounds: int = 2) -> dict:
+    """One disk written 4 KiB at a time at random, each write fsynced (a
+    database's log), while another disk of the instance takes fio's 4 KiB
+    random writes at qd32 and a control client creates a disk, grows it and
+    deletes it, over and over (CreateDisk, ResizeDisk, DeleteDisk, each a
+    commit that changes volumes): the fsyncs' latency, and how many took
+    over 20 and over 100 ms.  Each round on a new pool and daemon."""
+    import mmap
+    import random
+    import threading
+
+    from vdisk.config import Paths
+    from vdisk.daemon import client
+
+    def one(r: int) -> dict:
+        log("structure round %d: fsyncs on one disk while disks are created, grown and deleted ..." % (r + 1))
+        env = VDiskEnv(prefix="vdisk-structure-", io_limits="unlimited")
+        try:
+            env.start()
+            iid, (a, b) = env.instance(ndata=2, size=2)
+            env.run("instance", "start", iid)
+            da, db = env.attach(a), env.attach(b)
+            paths = Paths.resolve(env.data, env.mnt)
+            stop = threading.Event()
+            actions: list[float] = []
+            errors: list[str] = []
+
+            def churn() -> None:
+                while not stop.is_set():
+                    t0 = time.monotonic()
+                    d = client.call(paths, {"Action": "CreateDisk", "Size": "20"}).get("DiskId")
+                    for req in ({"Action": "ResizeDisk", "DiskId": d, "NewSize": "40"},
+                                {"Action": "DeleteDisk", "DiskId": d}):
+                        got = client.call(paths, req)
+                        if "Code" in got:
+                            errors.append("%s: %s" % (req["Action"], got["Code"]))
+                    actions.append((time.monotonic() - t0) * 1000)
+
+            load = subprocess.Popen(["fio", "--ioengine=libaio", "--direct=1", "--time_based",
+                                     "--runtime=%d" % (runtime + 4), "--randrepeat=0", "--size=512M", "--name=load",
+                                     "--filename=" + db, "--rw=randwrite", "--bs=4k", "--iodepth=32"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(2)
+            th = threading.Thread(target=churn)
+            th.start()
+            lat = []
+            fd = os.open(da, os.O_RDWR | os.O_DIRECT)
+            try:
+                buf = mmap.mmap(-1, 4096)
+                buf.write(os.urandom(4096))
+                rnd = random.Random(r)
+                end = time.monotonic() + runtime
+                while time.monotonic() < end:
+                    os.pwrite(fd, buf, rnd.randrange(0, (2 * GIB) // 4096) * 4096)
+                    t0 = time.monotonic()
+                    os.fsync(fd)
+                    lat.append((time.monotonic() - t0) * 1000)
+            finally:
+                os.close(fd)
+                stop.set()
+                th.join()
+                load.wait()
+            lat.sort()
+            n = len(lat)
+            st = env.j("daemon", "status")
+            return {"log_flushes": st["IntentLog"]["Flushes"], "log_flushes_in_c": st["IntentLog"]["FlushesInC"],
+                    "passed_to_python": st["FastPath"]["PassedToPython"], "fsyncs": n, "p50_ms": lat[n // 2], "p99_ms": lat[int(n * 0.99)], "p999_ms": lat[int(n * 0.999)],
+                    "max_ms": lat[-1], "over_20_ms": sum(x > 20 for x in lat), "over_100_ms": sum(x > 100 for x in lat),
+                    "cycles": len(actions), "cycle_p50_ms": statistics.median(actions) if actions else None,
+                    "refused": errors[:5]}
+        finally:
+            env.close()
+
+    runs = [one(r) for r in range(rounds)]
+    return {"runtime_s": runtime, "rounds": runs,
+            **{k: statistics.median(x[k] for x in runs) for k in ("p50_ms", "p99_ms", "p999_ms", "max_ms")}}
+
+
+def print_structure(r: dict) -> None:
+    print("fsyncs of one disk (4 KiB random write + fsync, one at a time) while another takes 4 KiB random writes"
+          " at qd32 and a client creates, grows and deletes disks, %d s a round:" % r["runtime_s"])
+    for i, x in enumerate(r["rounds"]):
+        print("  round %d: %d fsyncs, p50 %.2f ms, p99 %.2f ms, p99.9 %.1f ms, max %.1f ms; over 20 ms %d, over 100 ms"
+              " %d; %d create/grow/delete cycles, p50 %.0f ms%s"
+              % (i + 1, x["fsyncs"], x["p50_ms"], x["p99_ms"], x["p999_ms"], x["max_ms"], x["over_20_ms"],
+                 x["over_100_ms"], x["cycles"], x["cycle_p50_ms"] or 0,
+                 ("; refused: " + ", ".join(x["refused"])) if x["refused"] else ""))
+        print("           the log's records: %d, %d of them written by C; %d requests passed to Python"
+              % (x["log_flushes"], x["log_flushes_in_c"], x["passed_to_python"]))
+
+
 def snapshot_time_by_size(cwd: str) -> dict:
     """CreateSnapshot time for a 1 GiB and a 1 TiB (sparse) disk: the same."""
     from vdisk.config import Paths
@@ -1083,6 +1174,9 @@ def main() -> int:
     ap.add_argument("--only-barrier", action="store_true",
                     help="only the barrier run: ten disks under fio with an instance snapshot a second, against "
                     "no snapshots and ten plain files")
+    ap.add_argument("--structure", action="store_true",
+                    help="only fsyncs under disk changes: one disk fsyncs each 4 KiB write while another takes load "
+                    "and a client creates, grows and deletes disks")
     ap.add_argument("--trim", action="store_true",
                     help="only discards under load: four disks under fio while a fifth, holding 2 GiB, is discarded "
                     "whole (blkdiscard), against five plain files")
@@ -1114,6 +1208,8 @@ def main() -> int:
     if a.only_churn:
         return only(a, "churn", lambda: churn_bench(a.barrier_runtime * 3, a.churn_clients, tempfile.gettempdir()),
                     print_churn)
+    if a.structure:
+        return only(a, "structure", lambda: structure_bench(a.barrier_runtime, a.barrier_rounds), print_structure)
     if a.trim:
         return only(a, "trim", lambda: trim_bench(a.barrier_runtime, tempfile.gettempdir(), a.barrier_rounds),
                     print_trim)

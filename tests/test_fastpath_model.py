@@ -1574,6 +1574,52 @@ def test_fsyncs_go_on_during_a_commit_and_survive_a_crash(tmp_path, durable):
         third.close()
 
 
+def test_the_log_grows_ahead_so_that_c_writes_every_record(tmp_path):
+    """C writes a record only into bytes the log file holds (zeros the
+    engine wrote), and hands an fsync that needs more to the engine, whose
+    thread a control action's commit may hold for a second.  The daemon
+    keeps room written ahead instead (Pool.log_grow_ahead, from the
+    Committer's after_write): then 400 fsyncs in a row, 3.2 MiB of records
+    from an empty file, half of them in the other file while a commit
+    runs, are all C's, and all survive a crash."""
+    from vdisk.engine.intentlog import AHEAD, GROW
+
+    pool = Pool(str(tmp_path), fast=False)
+    vid = pool.create_volume(64 * BLOCK_SIZE)
+    fm = FastMap(pool.file.fd, reservoir=64)
+    pool.attach_fast(fm)
+    st = pool.intent.state()
+    assert st["end"] - st["pos"] == 0  # a new pool's log holds nothing yet
+    assert fm.write(vid, 0, b"a" * 4096)
+    assert not fm.fsync(vid), "a record where the file holds no bytes"
+    assert sum(pool.log_grow_ahead() for _ in range(10)) == AHEAD == 2 * GROW
+    last = {}
+    job = None
+    for i in range(400):
+        off = (i * 7 % 64) * BLOCK_SIZE + (i % 16) * 4096
+        data = bytes([i % 250 + 1]) * 4096
+        pool.refill_fast()  # C's free slots, as the daemon keeps them
+        assert fm.write(vid, off, data)
+        assert fm.fsync(vid), "fsync %d went to the engine" % i
+        last[off] = data
+        if i == 150:  # records go on in the other file, empty, during the commit
+            job = pool.begin_commit()
+        if i == 300:
+            job.run()
+            pool.finish_commit(job)
+        pool.log_grow_ahead()  # what the daemon's feeder does every 100 ms
+    assert pool.log_status()["flushes_in_c"] == 400
+    _crash(pool, fm)
+    again = Pool(str(tmp_path), fast=False)
+    try:
+        for off, data in last.items():
+            assert again.read(vid, off, 4096) == data
+        assert again.read(vid, 0, 4096) in (b"a" * 4096, last.get(0))
+        assert again.scrub() == []
+    finally:
+        again.close()
+
+
 def test_a_structural_commit_holds_fsyncs_until_it_is_durable(tmp_path):
     """A commit that changes volumes (here: a new one) lets no record be
     written while it is in flight (replayed over the map as it was, a

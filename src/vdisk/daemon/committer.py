@@ -189,7 +189,9 @@ class Committer:
     async def after_write(self) -> None:
         """Called after each write: start a background commit when the
         write cache is full or the intent log half full; wait while the
-        cache holds twice its size."""
+        cache holds twice its size.  Keeps room written ahead in the intent
+        log's file, so that C writes every record of an fsync itself."""
+        self.pool.log_grow_ahead()
         if self.cache_full() or self.log_filling():
             self._wake.set()
             while self.cache_full(HARD_FACTOR) and self.pool.inflight():

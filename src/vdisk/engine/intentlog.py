@@ -36,6 +36,12 @@ log = logging.getLogger(__name__)
 FLUSH_MAX = 4 << 20
 MAX = 64 << 20
 GROW = 1 << 20  # the file grows in zero-filled steps of this size
+# The room the daemon keeps written (zeros) ahead of the records in the file
+# being written (grow_ahead): C writes its records only into bytes the file
+# holds, and hands a record that needs more to the engine, which answers it
+# from the daemon's thread, which a control action's commit may hold for a
+# second.
+AHEAD = 2 * GROW
 
 _STATE = ("gen", "pos", "seq", "end", "ok", "inflight", "flushes", "bytes", "flushes_in_c", "max", "wgen",
           "flushes_during_commit")
@@ -192,6 +198,23 @@ class IntentLog:
             log.warning("the intent log %s grows again: fsyncs go to it", self.file.path)
             self.low_space = False
         return grow
+
+    def grow_ahead(self, spare_bytes) -> int:
+        """Keep AHEAD bytes written ahead of the records in the file being
+        written: grow it by GROW (zeros, fdatasync()ed) when less is left
+        and the filesystem has room to spare (spare_bytes(), as growth).
+        Returns the bytes it grew.  The owner's thread, without the log's
+        lock (taken here: C's records wait for the few ms it takes)."""
+        st = self.state()
+        if not _usable(st) or st["end"] - st["pos"] >= AHEAD or st["end"] + GROW > st["max"]:
+            return 0
+        if spare_bytes() < GROW:
+            return 0
+        with self:
+            st = self.state()  # a record may have been written meanwhile
+            if not _usable(st) or st["end"] - st["pos"] >= AHEAD:
+                return 0
+            return GROW if lib.vd_log_grow(self._log, GROW) == 0 else 0
 
     def append(self, vid: int, entries, pages: list[bytes], grow: int) -> bool:
         """Write one record (entries: (block, page mask); pages: their

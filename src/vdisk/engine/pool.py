@@ -59,7 +59,7 @@ import threading
 
 import lmdb
 
-from . import commit, fastbridge, layers, logflush, readpath, reports, scrub, structure, trim, writepath
+from . import allocator, commit, fastbridge, layers, logflush, readpath, reports, scrub, structure, trim, writepath
 from .blockio import DataFile
 from .fastmap import FastMap
 from .catalogue import Catalogue
@@ -495,6 +495,13 @@ class Pool:
     def log_flush(self, vid: int) -> bool:
         """Make every write to volume vid durable through the intent log (logflush.flush)."""
         return logflush.flush(self, vid)
+
+    def log_grow_ahead(self) -> int:
+        """Keep room written ahead in the intent log's file, so that C's
+        records need not wait for this thread (IntentLog.grow_ahead)."""
+        if self._failed:
+            return 0
+        return self.intent.grow_ahead(lambda: allocator.spare_bytes(self))
 
     def log_status(self) -> dict:
         """The intent log's counters (IntentLog.status)."""
