@@ -12,6 +12,7 @@ vdisk itself; --levels measures disks at the cloud's I/O limits.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -369,6 +370,58 @@ def wa_across_commits(size_gib: int, cwd: str, cycles: int = 10) -> dict:
 
 # --------------------------------------------------------------- snapshot costs
 
+def start_writers(devs: list[str], runtime: int, cwd: str) -> subprocess.Popen:
+    """fio 4 KiB random writes at qd4 on each of devs (a job each,
+    reported as one group) for runtime seconds, started after a sync()
+    (no load pays for the writeback the one before left)."""
+    cmd = ["fio", "--ioengine=libaio", "--direct=1", "--rw=randwrite", "--bs=4k", "--iodepth=4",
+           "--size=256M", "--time_based", "--runtime=%d" % runtime, "--group_reporting",
+           "--output-format=json", "--percentile_list=50:99:99.9", "--randrepeat=0"]
+    for i, dev in enumerate(devs):
+        cmd += ["--name=d%d" % i, "--filename=" + dev]
+    os.sync()
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+
+
+def writers_result(proc: subprocess.Popen) -> dict:
+    """The writers' IOPS and latency (p50, p99, max) once they end."""
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit("fio failed: %s" % err)
+    job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
+    pct = job["clat_ns"]["percentile"]
+    return {"iops": job["iops"], "lat_p50_ms": pct["50.000000"] / 1e6, "lat_p99_ms": pct["99.000000"] / 1e6,
+            "lat_max_ms": job["clat_ns"]["max"] / 1e6}
+
+
+@contextlib.contextmanager
+def plain_devices(prefix: str, sizes: list[int]):
+    """Plain sparse files of these sizes through loop devices (direct
+    I/O): the machine's own floor.  Yields the devices; detaches them and
+    removes the files afterwards."""
+    devs = []
+    with tempfile.TemporaryDirectory(prefix=prefix) as d:
+        try:
+            for i, size in enumerate(sizes):
+                path = os.path.join(d, "plain%d.img" % i)
+                with open(path, "wb") as f:
+                    f.truncate(size)
+                devs.append(sh("losetup", "--find", "--show", "--direct-io=on", path).stdout.strip())
+            yield devs
+        finally:
+            for dev in devs:
+                sh("losetup", "-d", dev, check=False)
+
+
+def medians(runs: dict) -> dict:
+    """name -> each figure's median over the rounds, every round kept."""
+    out = {}
+    for name, mine in runs.items():
+        out[name] = {k: statistics.median(m[k] for m in mine) for k in mine[0]}
+        out[name]["rounds"] = mine
+    return out
+
+
 def barrier_bench(runtime: int, interval: float, cwd: str, rounds: int = 3) -> dict:
     """Ten disks under fio 4 KiB random writes; an instance snapshot of all
     ten every `interval` seconds.  Reports how long each snapshot took and
@@ -400,14 +453,8 @@ def barrier_bench(runtime: int, interval: float, cwd: str, rounds: int = 3) -> d
 
     def load(env: VDiskEnv, devs: list, vdisk: bool, iid: str | None = None) -> dict:
         """fio on devs; with iid, an instance snapshot of it every interval."""
-        cmd = ["fio", "--ioengine=libaio", "--direct=1", "--rw=randwrite", "--bs=4k", "--iodepth=4",
-               "--size=256M", "--time_based", "--runtime=%d" % runtime, "--group_reporting",
-               "--output-format=json", "--percentile_list=50:99:99.9", "--randrepeat=0"]
-        for i, dev in enumerate(devs):
-            cmd += ["--name=d%d" % i, "--filename=" + dev]
-        os.sync()
         before = fast_path(env) if vdisk else None
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+        proc = start_writers(devs, runtime, cwd)
         times = []
         time.sleep(1.5)
         while iid and proc.poll() is None:
@@ -417,11 +464,7 @@ def barrier_bench(runtime: int, interval: float, cwd: str, rounds: int = 3) -> d
                 raise SystemExit("snapshot group failed: %s" % r)
             times.append((time.monotonic() - t0) * 1000)
             time.sleep(interval)
-        out, err = proc.communicate()
-        job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
-        pct = job["clat_ns"]["percentile"]
-        res = {"iops": job["iops"], "lat_p50_ms": pct["50.000000"] / 1e6, "lat_p99_ms": pct["99.000000"] / 1e6,
-               "lat_max_ms": job["clat_ns"]["max"] / 1e6}
+        res = writers_result(proc)
         if vdisk:  # the requests C handed back to the Python engine, the
             # writes that waited for the engine to refill C's free slots,
             # and the requests that waited while the engine held the map
@@ -460,29 +503,15 @@ def barrier_bench(runtime: int, interval: float, cwd: str, rounds: int = 3) -> d
 
     def plain_load(r: int, runs: dict) -> None:
         log("barrier round %d: the same load on 10 plain files (the machine's floor) ..." % (r + 1))
-        devs = []
-        with tempfile.TemporaryDirectory(prefix="vdisk-barrier-plain-") as d:
-            try:
-                for i in range(10):
-                    path = os.path.join(d, "plain%d.img" % i)
-                    with open(path, "wb") as f:
-                        f.truncate(GIB)
-                    devs.append(sh("losetup", "--find", "--show", "--direct-io=on", path).stdout.strip())
-                runs["plain_floor"].append(load(None, devs, False))
-            finally:
-                for dev in devs:
-                    sh("losetup", "-d", dev, check=False)
+        with plain_devices("vdisk-barrier-plain-", [GIB] * 10) as devs:
+            runs["plain_floor"].append(load(None, devs, False))
 
     runs: dict = {"baseline": [], "second_pass": [], "with_snapshots": [], "plain_floor": []}
     for r in range(rounds):
         loads = (functools.partial(fresh_disks, False), functools.partial(fresh_disks, True), plain_load)
         for part in in_turn(loads, r):
             part(r, runs)
-    out = {}
-    for name, mine in runs.items():
-        out[name] = {k: statistics.median(m[k] for m in mine) for k in mine[0]}
-        out[name]["rounds"] = mine
-    return out
+    return medians(runs)
 
 
 def churn_bench(runtime: int, clients: int, cwd: str) -> dict:
@@ -569,25 +598,13 @@ def trim_bench(runtime: int, cwd: str, rounds: int = 3, fill_gib: int = 2) -> di
     def load(devs: list, trim_dev: str, env: VDiskEnv | None) -> dict:
         sh("fio", "--name=fill", "--filename=" + trim_dev, "--ioengine=libaio", "--direct=1", *FILL,
            "--size=%dG" % fill_gib, "--end_fsync=1", "--output-format=json", cwd=cwd)
-        cmd = ["fio", "--ioengine=libaio", "--direct=1", "--rw=randwrite", "--bs=4k", "--iodepth=4",
-               "--size=256M", "--time_based", "--runtime=%d" % runtime, "--group_reporting",
-               "--output-format=json", "--percentile_list=50:99:99.9", "--randrepeat=0"]
-        for i, dev in enumerate(devs):
-            cmd += ["--name=d%d" % i, "--filename=" + dev]
-        os.sync()
         before = fast_path(env) if env else None
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+        proc = start_writers(devs, runtime, cwd)
         time.sleep(min(5, runtime / 3))
         t0 = time.monotonic()
         sh("blkdiscard", trim_dev)
         discard_ms = (time.monotonic() - t0) * 1000
-        out, err = proc.communicate()
-        if proc.returncode != 0:
-            raise SystemExit("fio failed: %s" % err)
-        job = json.loads(out[out.index("{"):])["jobs"][0]["write"]
-        pct = job["clat_ns"]["percentile"]
-        res = {"iops": job["iops"], "lat_p50_ms": pct["50.000000"] / 1e6, "lat_p99_ms": pct["99.000000"] / 1e6,
-               "lat_max_ms": job["clat_ns"]["max"] / 1e6, "discard_ms": discard_ms}
+        res = {**writers_result(proc), "discard_ms": discard_ms}
         if env:
             after = fast_path(env)
             res["lock_waits"] = after["LockWaits"] - before["LockWaits"]
@@ -612,28 +629,14 @@ def trim_bench(runtime: int, cwd: str, rounds: int = 3, fill_gib: int = 2) -> di
 
     def plain_round(r: int, runs: dict) -> None:
         log("trim round %d: the same on 5 plain files ..." % (r + 1))
-        devs = []
-        with tempfile.TemporaryDirectory(prefix="vdisk-trim-plain-") as d:
-            try:
-                for i in range(5):
-                    path = os.path.join(d, "plain%d.img" % i)
-                    with open(path, "wb") as f:
-                        f.truncate(GIB * (fill_gib * 4 if i == 4 else 1))
-                    devs.append(sh("losetup", "--find", "--show", "--direct-io=on", path).stdout.strip())
-                runs["plain"].append(load(devs[:4], devs[4], None))
-            finally:
-                for dev in devs:
-                    sh("losetup", "-d", dev, check=False)
+        with plain_devices("vdisk-trim-plain-", [GIB] * 4 + [GIB * fill_gib * 4]) as devs:
+            runs["plain"].append(load(devs[:4], devs[4], None))
 
     runs: dict = {"vdisk": [], "plain": []}
     for r in range(rounds):
         for part in in_turn((vdisk_round, plain_round), r):
             part(r, runs)
-    out = {"fill_gib": fill_gib, "runtime_s": runtime}
-    for name, mine in runs.items():
-        out[name] = {k: statistics.median(m[k] for m in mine) for k in mine[0]}
-        out[name]["rounds"] = mine
-    return out
+    return {"fill_gib": fill_gib, "runtime_s": runtime, **medians(runs)}
 
 
 def print_trim(r: dict) -> None:

@@ -717,10 +717,6 @@ def test_discards_in_batches_while_io_threads_write(tmp_path, monkeypatch):
     from vdisk.engine import writepath
 
     monkeypatch.setattr(writepath, "DISCARD_BATCH", 4)
-
-    def pattern_bytes(seed, n):
-        return (b"%d;" % seed * (n // 2 + 1))[:n]
-
     nblocks = 48
     pool = Pool(str(tmp_path), fast=False)
     fm = FastMap(pool.file.fd, reservoir=256)
@@ -790,11 +786,11 @@ def test_discards_in_batches_while_io_threads_write(tmp_path, monkeypatch):
         # (some in two of them): all of it reads zeros
         fresh = pool.create_volume(nblocks * BLOCK_SIZE)
         half = nblocks // 2 * BLOCK_SIZE
-        pool.write(fresh, 0, pattern_bytes(1, half))
+        pool.write(fresh, 0, pattern(1, half))
         pool.commit()
-        pool.write(fresh, half - BLOCK_SIZE, pattern_bytes(2, 2 * BLOCK_SIZE))
+        pool.write(fresh, half - BLOCK_SIZE, pattern(2, 2 * BLOCK_SIZE))
         job = pool.begin_commit()
-        pool.write(fresh, half + BLOCK_SIZE, pattern_bytes(3, half - 2 * BLOCK_SIZE))
+        pool.write(fresh, half + BLOCK_SIZE, pattern(3, half - 2 * BLOCK_SIZE))
         pool.discard(fresh, 0, nblocks * BLOCK_SIZE)
         assert pool.read(fresh, 0, nblocks * BLOCK_SIZE) == bytes(nblocks * BLOCK_SIZE)
         job.run()
