@@ -677,26 +677,45 @@ def structure_bench(runtime: int, rounds: int = 2) -> dict:
             paths = Paths.resolve(env.data, env.mnt)
             stop = threading.Event()
             actions: list[float] = []
+            each: dict[str, list[float]] = {}  # action -> its times (ms)
             errors: list[str] = []
 
             def churn() -> None:
                 while not stop.is_set():
                     t0 = time.monotonic()
                     d = client.call(paths, {"Action": "CreateDisk", "Size": "20"}).get("DiskId")
+                    each.setdefault("CreateDisk", []).append((time.monotonic() - t0) * 1000)
                     for req in ({"Action": "ResizeDisk", "DiskId": d, "NewSize": "40"},
                                 {"Action": "DeleteDisk", "DiskId": d}):
+                        t1 = time.monotonic()
                         got = client.call(paths, req)
+                        each.setdefault(req["Action"], []).append((time.monotonic() - t1) * 1000)
                         if "Code" in got:
                             errors.append("%s: %s" % (req["Action"], got["Code"]))
                     actions.append((time.monotonic() - t0) * 1000)
 
+            def probe() -> None:
+                # an open and a close of a disk file, which pyfuse3 answers
+                # in the daemon's thread (as it does a loop device's attach,
+                # or what C hands back): how long that thread was held
+                while not stop.is_set():
+                    t0 = time.monotonic()
+                    os.close(os.open(probe_path, os.O_RDONLY))
+                    opens.append((time.monotonic() - t0) * 1000)
+                    time.sleep(0.05)
+
+            opens: list[float] = []
+            probe_path = env.run("disk", "path", a).stdout.strip()
             load = subprocess.Popen(["fio", "--ioengine=libaio", "--direct=1", "--time_based",
                                      "--runtime=%d" % (runtime + 4), "--randrepeat=0", "--size=512M", "--name=load",
-                                     "--filename=" + db, "--rw=randwrite", "--bs=4k", "--iodepth=32"],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     "--filename=" + db, "--rw=randwrite", "--bs=4k", "--iodepth=32",
+                                     "--output-format=json", "--percentile_list=50:99:99.9"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             time.sleep(2)
             th = threading.Thread(target=churn)
             th.start()
+            pr = threading.Thread(target=probe)
+            pr.start()
             lat = []
             fd = os.open(da, os.O_RDWR | os.O_DIRECT)
             try:
@@ -713,7 +732,8 @@ def structure_bench(runtime: int, rounds: int = 2) -> dict:
                 os.close(fd)
                 stop.set()
                 th.join()
-                load.wait()
+                pr.join()
+            b_load = writers_result(load)
             lat.sort()
             n = len(lat)
             st = env.j("daemon", "status")
@@ -721,7 +741,10 @@ def structure_bench(runtime: int, rounds: int = 2) -> dict:
                     "passed_to_python": st["FastPath"]["PassedToPython"], "fsyncs": n, "p50_ms": lat[n // 2], "p99_ms": lat[int(n * 0.99)], "p999_ms": lat[int(n * 0.999)],
                     "max_ms": lat[-1], "over_20_ms": sum(x > 20 for x in lat), "over_100_ms": sum(x > 100 for x in lat),
                     "cycles": len(actions), "cycle_p50_ms": statistics.median(actions) if actions else None,
-                    "refused": errors[:5]}
+                    "refused": errors[:5], "b_iops": b_load["iops"], "b_p99_ms": b_load["lat_p99_ms"],
+                    "b_max_ms": b_load["lat_max_ms"], "opens": len(opens), "open_max_ms": max(opens) if opens else None,
+                    "opens_over_100_ms": sum(x > 100 for x in opens),
+                    "action_p50_ms": {k: statistics.median(v) for k, v in each.items()}}
         finally:
             env.close()
 
@@ -741,6 +764,10 @@ def print_structure(r: dict) -> None:
                  ("; refused: " + ", ".join(x["refused"])) if x["refused"] else ""))
         print("           the log's records: %d, %d of them written by C; %d requests passed to Python"
               % (x["log_flushes"], x["log_flushes_in_c"], x["passed_to_python"]))
+        print("           the qd32 disk: %.0f IOPS, p99 %.1f ms, max %.1f ms; opens of a disk file: %d, max %.1f ms,"
+              " over 100 ms %d" % (x["b_iops"], x["b_p99_ms"], x["b_max_ms"], x["opens"], x["open_max_ms"] or 0,
+                                   x["opens_over_100_ms"]))
+        print("           each action's p50: %s" % ", ".join("%s %.0f ms" % kv for kv in x["action_p50_ms"].items()))
 
 
 def snapshot_time_by_size(cwd: str) -> dict:

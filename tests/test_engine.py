@@ -620,7 +620,9 @@ def test_version_5_pool_replays_its_log_from_the_one_file(tmp_path):
     lost), and is version 6 from then on."""
     path = str(tmp_path / "p")
     p = Pool(path, fast=False)
-    v = p.create_volume(4 * BLOCK_SIZE)  # a commit: generation 1
+    v = p.create_volume(4 * BLOCK_SIZE)  # records only: generation 0
+    p.write(v, 8192, b"z" * 4096)
+    p.commit()  # generation 1
     p.write(v, 0, b"a" * 4096)
     assert p.log_flush(v)
     assert p.intent.gen % 2 == 1
@@ -643,7 +645,7 @@ def test_version_5_pool_replays_its_log_from_the_one_file(tmp_path):
     p = Pool(path, fast=False)
     try:
         assert p.intent.stats["replayed"] == 1  # the new record only
-        assert p.read(v, 0, 8192) == b"a" * 4096 + b"b" * 4096
+        assert p.read(v, 0, 12288) == b"a" * 4096 + b"b" * 4096 + b"z" * 4096
     finally:
         p.close()
 

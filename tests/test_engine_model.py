@@ -82,7 +82,9 @@ class PoolModel(RuleBasedStateMachine):
     def create(self):
         vid = self.pool.create_volume(SIZE)
         self.model[vid] = bytearray(SIZE)
-        self._durable_now()
+        # a commit of the new volume alone (commit_meta): the writes so
+        # far are as durable as before it
+        self.durable[vid] = bytes(SIZE)
         return vid
 
     @rule(vid=vols, off=offsets, n=lengths, seed=st.integers(0, 5))
@@ -187,7 +189,7 @@ class PoolModel(RuleBasedStateMachine):
             return -1
         vid = self.pool.create_volume(SIZE, parent_snapshot=sid)
         self.model[vid] = bytearray(self.snapdata[sid])
-        self._durable_now()
+        self.durable[vid] = bytes(self.snapdata[sid])  # the clone alone (commit_meta)
         return vid
 
     @precondition(lambda self: self.job is None)

@@ -1677,7 +1677,9 @@ def test_a_commit_that_changes_a_volume_holds_its_fsyncs_only(tmp_path, op, dura
     durable, in C and in the Pool, while every other volume's go on in
     the log's next generation.  A crash before the commit is durable finds
     the other volume's fsynced writes and none of the change; one after
-    finds both, and the changed volume as the change left it."""
+    finds both, and the changed volume as the change left it.  (A creation
+    or growth asked for in the owner thread commits alone instead:
+    test_a_volume_created_or_grown_commits_alone.)"""
     pool = Pool(str(tmp_path), fast=False)
     vid, other = pool.create_volume(4 * BLOCK_SIZE), pool.create_volume(4 * BLOCK_SIZE)
     fm = FastMap(pool.file.fd, reservoir=16)
@@ -1687,7 +1689,8 @@ def test_a_commit_that_changes_a_volume_holds_its_fsyncs_only(tmp_path, op, dura
     (sid,) = pool.snapshot([vid])  # what the rollback goes back to
     assert fm.write(vid, 0, b"v" * 4096) and (fm.fsync(vid) or pool.log_flush(vid))
     changes = []
-    pool.commit = lambda change: changes.append(change) or [0]  # the change, run as the daemon does
+    # the change, run as the daemon runs one asked for in its control thread
+    pool.commit = pool.commit_meta = lambda change: changes.append(change) or [0]
     try:
         if op == "create":
             pool.create_volume(BLOCK_SIZE)
@@ -1698,7 +1701,7 @@ def test_a_commit_that_changes_a_volume_holds_its_fsyncs_only(tmp_path, op, dura
         else:
             pool.rollback(vid, sid)
     finally:
-        del pool.commit
+        del pool.commit, pool.commit_meta
     job = pool.begin_commit(changes[0])
     assert pool.intent.usable
     assert fm.write(other, BLOCK_SIZE, b"o" * 4096)
@@ -1731,6 +1734,54 @@ def test_a_commit_that_changes_a_volume_holds_its_fsyncs_only(tmp_path, op, dura
             assert sorted(vols) == [other]
         else:
             assert again.read(vid, 0, 2 * BLOCK_SIZE) == first
+        assert again.scrub() == []
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_volume_created_or_grown_commits_alone(tmp_path, fast):
+    """Creating or growing a volume touches no block: in the owner thread
+    it is one LMDB transaction of its own (Pool.commit_meta), with the
+    records staged so far, that neither syncs the writes so far nor
+    freezes the overlay nor moves the log to its next generation.  The
+    writes stay as durable as they were: after a crash the fsynced ones
+    are back (replayed over the new volumes), the others are gone; a
+    record written after the growth, of a block beyond the old end, is
+    replayed too."""
+    pool = Pool(str(tmp_path), fast=False)
+    vid, quiet = pool.create_volume(4 * BLOCK_SIZE), pool.create_volume(4 * BLOCK_SIZE)
+    pool.commit()
+    fm = None
+    if fast:
+        fm = FastMap(pool.file.fd, reservoir=16)
+        pool.attach_fast(fm)
+    gen = pool.intent.gen
+    pool.write(vid, 0, b"f" * 4096)
+    assert pool.log_flush(vid)
+    pool.write(quiet, 4096, b"u" * 4096)  # never flushed
+    pool.put_record("disk/d-1", {"Size": 4})
+    new = pool.create_volume(2 * BLOCK_SIZE)
+    pool.put_record("disk/d-1", {"Size": 8})
+    pool.resize_volume(vid, 8 * BLOCK_SIZE)
+    assert pool.intent.gen == gen, "the log moved to its next generation: a full commit"
+    assert pool.pending(), "the writes were committed with the volume"
+    pool.write(vid, 6 * BLOCK_SIZE, b"g" * 4096)  # beyond the old end
+    pool.write(new, 0, b"n" * 4096)
+    assert pool.log_flush(vid) and pool.log_flush(new)
+    if fm is not None:
+        _crash(pool, fm)
+    else:
+        pool._abandon()
+    again = Pool(str(tmp_path), fast=False)
+    try:
+        vols = again.volumes()
+        assert sorted(vols) == [vid, quiet, new] and vols[vid]["size"] == 8 * BLOCK_SIZE
+        assert again.get_record("disk/d-1") == {"Size": 8}
+        assert again.read(vid, 0, 4096) == b"f" * 4096
+        assert again.read(quiet, 4096, 4096) == bytes(4096)
+        assert again.read(vid, 6 * BLOCK_SIZE, 4096) == b"g" * 4096
+        assert again.read(new, 0, 4096) == b"n" * 4096
         assert again.scrub() == []
     finally:
         again.close()

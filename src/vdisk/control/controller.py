@@ -243,7 +243,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
         key, fingerprint = token
         self.pool.put_record(key, {"Fingerprint": fingerprint, "Result": result}, keep=True)
         try:
-            self.pool.commit()
+            self.pool.commit_meta()
         except EngineError as exc:
             log.warning("the ClientToken record %s is not durable yet: %s", key, exc)
 
@@ -488,7 +488,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
                 inst["InstanceId"], disk["DiskId"], disk["_volume"]
             )
         self._put("disk", disk)
-        self.pool.commit()
+        self.pool.commit_meta()
         return {}
 
     def do_DetachDisk(self, p: Params) -> dict:
@@ -524,10 +524,9 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
                 % (new, disk["Size"]),
             )
         categories.check_disk_spec(disk["Category"], disk.get("PerformanceLevel"), new)
-        self.pool.resize_volume(disk["_volume"], new * GIB)
+        # the record in the growth's own transaction: both or neither
+        self.pool.resize_volume(disk["_volume"], new * GIB, on_resized=lambda: self._put("disk", dict(disk, Size=new)))
         disk["Size"] = new
-        self._put("disk", disk)
-        self.pool.commit()
         self.apply_io_limits([disk])  # the speed grows with the size
         inst = self.pool.get_record("instance/" + disk["InstanceId"]) if disk["InstanceId"] else None
         if inst and inst["Status"] == "Running" and self.host is not None:
@@ -548,7 +547,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
             disk["BurstingEnabled"] = burst
             io = True
         self._put("disk", disk)
-        self.pool.commit()
+        self.pool.commit_meta()
         if io:
             self.apply_io_limits([disk])
         return {}
@@ -561,8 +560,8 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
                 "Disk %s is %s (instance %s); detach it before deleting it." % (disk["DiskId"], disk["Status"], disk["InstanceId"]),
                 403,
             )
-        self._delete("disk", disk["DiskId"])
-        self.pool.delete_volume(disk["_volume"])
+        # the record in the deletion's own transaction: both or neither
+        self.pool.delete_volume(disk["_volume"], on_deleted=lambda: self._delete("disk", disk["DiskId"]))
         return {}
 
     # ------------------------------------------------------------ instances
@@ -669,7 +668,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
                 self._start_machine(inst, disks)  # Running once its agent answers (machine_event)
             inst.update(Status="Starting" if self._is_vm(inst) else "Running", StartTime=self._now(), StoppedReason="")
             self._put("instance", inst)
-            self.pool.commit()
+            self.pool.commit_meta()
         except Exception:
             if self._is_vm(inst) and self.vms.machine(inst["InstanceId"]) is not None:
                 self.vms.stop(inst["InstanceId"], force=True)  # its exit withdraws the disks
@@ -713,14 +712,14 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
             return {}
         inst["Status"] = "Stopping"
         self._put("instance", inst)
-        self.pool.commit()
+        self.pool.commit_meta()
         return {}
 
     def do_ModifyInstanceAttribute(self, p: Params) -> dict:
         inst = self._instance(p)
         p.rename(inst, "InstanceName")
         self._put("instance", inst)
-        self.pool.commit()
+        self.pool.commit_meta()
         return {}
 
     def do_DeleteInstance(self, p: Params) -> dict:
@@ -901,7 +900,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
         snap = self._snapshot(p)
         p.rename(snap, "SnapshotName")
         self._put("snapshot", snap)
-        self.pool.commit()
+        self.pool.commit_meta()
         return {}
 
     def do_DeleteSnapshot(self, p: Params) -> dict:
@@ -985,7 +984,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
             self.pool.put_record("settings/lifecycle", rec)
         if region is not None:
             self.pool.put_record("settings/region", {"RegionId": region})
-        self.pool.commit()
+        self.pool.commit_meta()
         if region is not None:
             self.region = region
         if io:

@@ -91,7 +91,7 @@ class CopyActions:
             "CreationTime": iso(now),
         }
         self.pool.put_record("regioncopy/" + copy_id, rec)
-        self.pool.commit()
+        self.pool.commit_meta()
         self.region_copier(copy_id)
         return {"SnapshotId": copy_id}
 
@@ -106,4 +106,4 @@ class CopyActions:
             return
         rec = dict(rec, Status="accomplished" if ok else "failed", Message=why[-2000:])
         self.pool.put_record("regioncopy/" + copy_id, rec)
-        self.pool.commit()
+        self.pool.commit_meta()

@@ -80,7 +80,7 @@ class ImageActions:
             "_tags": tags,
         }
         self.pool.put_record("image/" + image["ImageId"], image)
-        self.pool.commit()
+        self.pool.commit_meta()
         return {"ImageId": image["ImageId"]}
 
     def do_DescribeImages(self, p: Params) -> dict:
@@ -114,7 +114,7 @@ class ImageActions:
         img = self._image(p)
         self._dry_run(p)
         self.pool.put_record("image/" + img["ImageId"], None)
-        self.pool.commit()
+        self.pool.commit_meta()
         return {}
 
     # ------------------------------------------------------------ usage

@@ -116,6 +116,6 @@ class IoLimitActions:
             disk.pop("ProvisionedIops", None)
             disk.pop("BurstingEnabled", None)
         self._put("disk", disk)
-        self.pool.commit()
+        self.pool.commit_meta()
         self.apply_io_limits([disk])
         return {}

@@ -70,7 +70,7 @@ class LifecycleActions:
             s.update(Status="progressing", Progress="0%", Available=bool(s.get("InstantAccess")),
                      _started=now, _done_at=now + size / rate, _upload_bytes=size)
             self._put("snapshot", s)
-        self.pool.commit()
+        self.pool.commit_meta()
 
     @staticmethod
     def _progress_view(s: dict, now: float) -> dict:
@@ -124,7 +124,7 @@ class LifecycleActions:
                 self.pool.put_record("snapshotgroup/" + g["SnapshotGroupId"], g)
                 changed = True
         if changed:
-            self.pool.commit()
+            self.pool.commit_meta()
 
     def _end_instant_access(self, now: float) -> None:
         changed = False
@@ -140,7 +140,7 @@ class LifecycleActions:
                     log.info("instant access of %s %s ended (InstantAccessRetentionDays %s)", kind, r[key],
                              r["InstantAccessRetentionDays"])
         if changed:
-            self.pool.commit()
+            self.pool.commit_meta()
 
     def _expire(self, now: float) -> None:
         """Delete what is past its RetentionDays, oldest first, in one
@@ -202,11 +202,11 @@ class LifecycleActions:
                             pol["AutoSnapshotPolicyId"], iso(due))
                 pol.update(LastSkippedTime=iso(due))
                 self.pool.put_record("autosnapshotpolicy/" + pol["AutoSnapshotPolicyId"], pol)
-                self.pool.commit()
+                self.pool.commit_meta()
                 continue
             pol.update(LastRunTime=iso(due))
             self.pool.put_record("autosnapshotpolicy/" + pol["AutoSnapshotPolicyId"], pol)
-            self.pool.commit()
+            self.pool.commit_meta()
             self._run_policy(pol, due)
 
     def _run_policy(self, pol: dict, due: float) -> None:

@@ -94,7 +94,7 @@ class PolicyActions:
                    EnableCrossRegionCopy=False, TargetCopyRegions="", CopiedSnapshotsRetentionDays=-1,
                    _t=now, _last=now, _tags=tags)
         self.pool.put_record("autosnapshotpolicy/" + rec["AutoSnapshotPolicyId"], rec)
-        self.pool.commit()
+        self.pool.commit_meta()
         return {"AutoSnapshotPolicyId": rec["AutoSnapshotPolicyId"]}
 
     def do_ModifyAutoSnapshotPolicyEx(self, p: Params) -> dict:
@@ -102,7 +102,7 @@ class PolicyActions:
         self._policy_spec(p, rec, creating=False)
         rec["_last"] = self.clock.now()  # new time points count from now, not from the last run
         self.pool.put_record("autosnapshotpolicy/" + rec["AutoSnapshotPolicyId"], rec)
-        self.pool.commit()
+        self.pool.commit_meta()
         return {}
 
     def _policy_targets(self, pid: str) -> tuple[list[dict], list[dict]]:
@@ -150,7 +150,7 @@ class PolicyActions:
             i["AutoSnapshotPolicyId"] = ""
             self._put("instance", i)
         self.pool.put_record("autosnapshotpolicy/" + pid, None)
-        self.pool.commit()
+        self.pool.commit_meta()
         return {}
 
     def _apply_targets(self, p: Params) -> tuple[list[dict], list[dict]]:
@@ -173,7 +173,7 @@ class PolicyActions:
         for i in instances:
             i["AutoSnapshotPolicyId"] = rec["AutoSnapshotPolicyId"]
             self._put("instance", i)
-        self.pool.commit()
+        self.pool.commit_meta()
         return {}
 
     def do_CancelAutoSnapshotPolicy(self, p: Params) -> dict:
@@ -187,5 +187,5 @@ class PolicyActions:
                 if r.get("AutoSnapshotPolicyId") and (only is None or r["AutoSnapshotPolicyId"] == only):
                     r["AutoSnapshotPolicyId"] = ""
                     self._put(kind, r)
-        self.pool.commit()
+        self.pool.commit_meta()
         return {}

@@ -166,7 +166,7 @@ class SnapshotGroupActions:
             # succeeds (on a full filesystem this one fails too)
             self.pool.put_record("snapshotgroup/" + group["SnapshotGroupId"], group, keep=True)
             try:
-                self.pool.commit()
+                self.pool.commit_meta()
             except EngineError:
                 pass
             raise CloudError(
@@ -178,7 +178,7 @@ class SnapshotGroupActions:
         if any(s["Status"] == "progressing" for s in snaps):
             group.update(Status="progressing", ProgressStatus="0%")
             self.pool.put_record("snapshotgroup/" + group["SnapshotGroupId"], group)
-            self.pool.commit()
+            self.pool.commit_meta()
         return group["SnapshotGroupId"]
 
     def _group_public(self, g: dict) -> dict:
@@ -237,7 +237,7 @@ class SnapshotGroupActions:
         g = self._group(p)
         p.rename(g, "Name")
         self.pool.put_record("snapshotgroup/" + g["SnapshotGroupId"], g)
-        self.pool.commit()
+        self.pool.commit_meta()
         return {}
 
     def do_DeleteSnapshotGroup(self, p: Params) -> dict:

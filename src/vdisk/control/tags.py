@@ -119,7 +119,7 @@ class TagActions:
             _set(rec, pairs)
         for key, rec in targets:
             self.pool.put_record(key, rec)
-        self.pool.commit()
+        self.pool.commit_meta()
         return {}
 
     def do_UntagResources(self, p: Params) -> dict:
@@ -138,7 +138,7 @@ class TagActions:
                 tags.pop(k, None)
             rec["_tags"] = tags
             self.pool.put_record(key, rec)
-        self.pool.commit()
+        self.pool.commit_meta()
         return {}
 
     def do_ListTagResources(self, p: Params) -> dict:

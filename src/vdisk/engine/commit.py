@@ -125,6 +125,68 @@ def commit(pool, change=None):
     return finish(pool, job)
 
 
+def commit_meta(pool, change=None):
+    """Make the staged catalogue records durable, and `change(tx)` if
+    given, in one small LMDB transaction of their own: the data file is
+    not synced, the overlay not frozen, the intent log stays in its
+    generation.  Returns change's result.
+
+    For what no block depends on: records, and changes that touch no
+    block (a volume's creation or growth, marked with txn.touches_no_block):
+    a crash after it replays the log's records over it, and each names
+    a volume that existed, at a block inside its size, when it was
+    written.  Writes so far stay in the overlay, durable as before
+    (their fsync's record, or the next commit).  Falls back to a full
+    commit (commit()) where it cannot run alone: outside the owner
+    thread (it goes through commit_via then), while a commit is in
+    flight (whose frozen records it could overwrite with older ones),
+    or for a change not marked so.
+    """
+    if change is not None and not getattr(change, "touches_no_block", False):
+        return commit(pool, change)
+    if threading.get_ident() != pool._owner or pool._inflight is not None:
+        return commit(pool, change)
+    if pool._failed:
+        raise PoolFailed(pool._failed)
+    if change is None and not pool.catalogue.pending():
+        return None
+    grow_map_if_needed(pool)
+    with pool.catalogue.lock:
+        staged = pool.catalogue.freeze()
+    try:
+        for _ in range(8):
+            try:
+                with pool.env.begin(write=True) as txn:
+                    tx = Tx(pool, txn)
+                    result = None
+                    if change is not None:
+                        pool._change_tx = tx
+                        try:
+                            result = change(tx)
+                        finally:
+                            pool._change_tx = None
+                    if tx.frees:
+                        raise EngineError("a change marked as touching no block freed slots")
+                    _write_meta(pool, tx, staged)
+                break
+            except lmdb.MapFullError:
+                grow_map(pool, force=True)  # no transaction is open: safe here
+            except lmdb.Error as exc:
+                _raise_no_space(exc)
+                raise
+        else:  # pragma: no cover
+            raise NoSpace("LMDB map cannot grow enough")
+    except BaseException:
+        pool.catalogue.unfreeze(staged)
+        raise
+    pool.catalogue.committed(staged)
+    _publish(pool, tx)
+    if pool._fm is not None and (tx.vols or tx.lins):
+        with pool._fast():
+            fastbridge.sync_volumes(pool)
+    return result
+
+
 def begin(pool, change=None) -> CommitJob:
     """Freeze the overlay into a job whose run() makes it durable.
 
@@ -203,10 +265,15 @@ def run_job(pool, job: CommitJob) -> None:
         job.map_full = True
         return
     except lmdb.Error as exc:
-        if "No space" in str(exc) or "ENOSPC" in str(exc):
-            raise NoSpace("the pool's filesystem is full: %s" % exc) from exc
+        _raise_no_space(exc)
         raise
     job.tx, job.result = tx, result
+
+
+def _raise_no_space(exc: lmdb.Error) -> None:
+    """Raise NoSpace for an LMDB error that says the filesystem is full."""
+    if "No space" in str(exc) or "ENOSPC" in str(exc):
+        raise NoSpace("the pool's filesystem is full: %s" % exc) from exc
 
 
 def sync_data(pool) -> None:
@@ -554,10 +621,18 @@ def _finish_tx(pool, tx: Tx, ep: Epoch) -> None:
         txn.put(u64(slot), b"", db=free)
     txn.put(b"hwm", u64(hwm), db=meta)
     txn.put(b"log_gen", u64(ep.log_gen), db=meta)  # the log's records before the freeze are in here now
+    _write_meta(pool, tx, ep.records)
+
+
+def _write_meta(pool, tx: Tx, staged: dict) -> None:
+    """Write what a change staged in tx (counters, lineages, volumes,
+    snapshots, catalogue records) and the catalogue records staged
+    before it (staged; the change's win) into tx's transaction."""
+    txn = tx.txn
     if tx.counters:
         c = dict(pool._counters)
         c.update(tx.counters)
-        txn.put(b"counters", jenc(c), db=meta)
+        txn.put(b"counters", jenc(c), db=pool._db[DB_META])
     for lid, lin in tx.lins.items():
         if lid in tx.dropped_lins:
             txn.delete(u64(lid), db=pool._db[DB_LINEAGE])
@@ -573,7 +648,7 @@ def _finish_tx(pool, tx: Tx, ep: Epoch) -> None:
             txn.delete(u64(sid), db=pool._db[DB_SNAP])
         else:
             txn.put(u64(sid), jenc(s), db=pool._db[DB_SNAP])
-    for k, v in list(ep.records.items()) + list(tx.records.items()):
+    for k, v in list(staged.items()) + list(tx.records.items()):
         if v is None:
             txn.delete(k.encode(), db=pool._db[DB_RECORD])
         else:
@@ -582,6 +657,27 @@ def _finish_tx(pool, tx: Tx, ep: Epoch) -> None:
 
 def _after_commit(pool, tx: Tx, ep: Epoch) -> None:
     """The transaction is durable: publish it and let its frees be reused."""
+    _publish(pool, tx)
+    pool.intent.retire(ep.log_gen)  # and no commit in flight
+    if pool._fm is not None:  # C's records need not carry the frozen blocks any more
+        pool._fm.frozen_durable()
+    frozen, pool._unlogged_frozen = pool._unlogged_frozen, {}
+    vid_of = _served(pool)
+    for lid in frozen:  # durable now: C may log the volume again if nothing else is unlogged
+        if lid in vid_of and not pool._unlogged.get(lid):
+            fastbridge.set_clean(pool, vid_of[lid], True)
+    pool._committed_hwm = max(pool._committed_hwm, ep.hwm)
+    if pool._reserved_beyond:  # recorded free by this commit, unless taken since
+        pool._reserved_beyond = {s for s in pool._reserved_beyond if s >= pool._committed_hwm}
+    # The free cache keeps what it holds (all of it is free, durable or
+    # beyond the hwm); once it runs dry, DB_FREE is scanned again from the
+    # start, where this commit's frees (ep.zeroed among them) now are.
+    pool._free_scan = b""
+
+
+def _publish(pool, tx: Tx) -> None:
+    """A durable transaction's lineages, volumes, snapshots and counters
+    become the pool's."""
     for lid, lin in tx.lins.items():
         if lid in tx.dropped_lins:
             pool._lins.pop(lid, None)
@@ -600,21 +696,6 @@ def _after_commit(pool, tx: Tx, ep: Epoch) -> None:
         else:
             pool._snaps[sid] = s
     pool._counters.update(tx.counters)
-    pool.intent.retire(ep.log_gen)  # and no commit in flight
-    if pool._fm is not None:  # C's records need not carry the frozen blocks any more
-        pool._fm.frozen_durable()
-    frozen, pool._unlogged_frozen = pool._unlogged_frozen, {}
-    vid_of = _served(pool)
-    for lid in frozen:  # durable now: C may log the volume again if nothing else is unlogged
-        if lid in vid_of and not pool._unlogged.get(lid):
-            fastbridge.set_clean(pool, vid_of[lid], True)
-    pool._committed_hwm = max(pool._committed_hwm, ep.hwm)
-    if pool._reserved_beyond:  # recorded free by this commit, unless taken since
-        pool._reserved_beyond = {s for s in pool._reserved_beyond if s >= pool._committed_hwm}
-    # The free cache keeps what it holds (all of it is free, durable or
-    # beyond the hwm); once it runs dry, DB_FREE is scanned again from the
-    # start, where this commit's frees (ep.zeroed among them) now are.
-    pool._free_scan = b""
 
 
 def grow_map_if_needed(pool) -> None:

@@ -466,6 +466,11 @@ class Pool:
         """Make every write so far durable, plus `change(tx)` if given (commit.commit)."""
         return commit.commit(self, change)
 
+    def commit_meta(self, change=None):
+        """Make the staged records durable, plus a change that touches no
+        block, without syncing the writes so far (commit.commit_meta)."""
+        return commit.commit_meta(self, change)
+
     def begin_commit(self, change=None) -> "commit.CommitJob":
         """Freeze the overlay into a job whose run() makes it durable (commit.begin)."""
         return commit.begin(self, change)
@@ -517,11 +522,11 @@ class Pool:
     def create_volumes(self, specs: list[tuple[int, int | None]], on_created=None) -> list[int]:
         return structure.create_volumes(self, specs, on_created)
 
-    def resize_volume(self, vid: int, size: int) -> None:
-        structure.resize_volume(self, vid, size)
+    def resize_volume(self, vid: int, size: int, on_resized=None) -> None:
+        structure.resize_volume(self, vid, size, on_resized)
 
-    def delete_volume(self, vid: int) -> None:
-        structure.delete_volume(self, vid)
+    def delete_volume(self, vid: int, on_deleted=None) -> None:
+        structure.delete_volume(self, vid, on_deleted)
 
     def snapshot(self, vids: list[int], change=None) -> list[int]:
         return structure.snapshot(self, vids, change)

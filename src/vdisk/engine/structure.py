@@ -10,7 +10,7 @@ from .errors import EngineError, NotFound
 from .format import DB_BORN, DB_DEAD, DB_MAP, INF, birth_val_decode, born_key, dead_key, entry_slots, map_key, map_val_full, reads_through
 from .lineage import Lineage
 from .mapindex import exclusive, needed, scan_tri, seen_by_point
-from .txn import Tx, changes_volumes, keeps_volumes
+from .txn import Tx, changes_volumes, keeps_volumes, touches_no_block
 
 
 def create_volumes(pool, specs: list[tuple[int, int | None]], on_created=None) -> list[int]:
@@ -39,7 +39,8 @@ def create_volumes(pool, specs: list[tuple[int, int | None]], on_created=None) -
             on_created(vids)
         return vids
 
-    return pool.commit(changes_volumes(change, ()))  # none that exists yet
+    # none that exists yet; no block either: the writes so far need not be synced with it
+    return pool.commit_meta(touches_no_block(changes_volumes(change, ())))
 
 
 def new_lineage(pool, tx: Tx, parent) -> int:
@@ -51,7 +52,9 @@ def new_lineage(pool, tx: Tx, parent) -> int:
     return lid
 
 
-def resize_volume(pool, vid: int, size: int) -> None:
+def resize_volume(pool, vid: int, size: int, on_resized=None) -> None:
+    """Grow a volume.  on_resized() runs inside the transaction (to stage
+    catalogue records with it)."""
     check_size(size)
 
     def change(tx: Tx):
@@ -59,17 +62,23 @@ def resize_volume(pool, vid: int, size: int) -> None:
         if size < v["size"]:
             raise EngineError("volumes only grow: %d < %d bytes" % (size, v["size"]))
         v["size"] = size
+        if on_resized is not None:
+            on_resized()
 
-    pool.commit(changes_volumes(change, [vid]))
+    pool.commit_meta(touches_no_block(changes_volumes(change, [vid])))
 
 
-def delete_volume(pool, vid: int) -> None:
-    """Delete a volume; its snapshots stay.  Frees what nothing else uses."""
+def delete_volume(pool, vid: int, on_deleted=None) -> None:
+    """Delete a volume; its snapshots stay.  Frees what nothing else uses.
+    on_deleted() runs inside the transaction (to stage catalogue records
+    with it)."""
 
     def change(tx: Tx):
         v = tx.vol(vid)
         kill_head(pool, tx, v["lid"])
         tx.vols[vid] = None
+        if on_deleted is not None:
+            on_deleted()
 
     pool.commit(changes_volumes(change, [vid]))
 

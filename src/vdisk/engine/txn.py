@@ -31,6 +31,15 @@ def keeps_volumes(change):
     return changes_volumes(change, ())
 
 
+def touches_no_block(change):
+    """Mark a change(tx) that changes no block map entry and frees
+    nothing (a volume's creation, its growth): its commit need not make
+    the writes so far durable with it (commit.commit_meta).  Returns
+    change."""
+    change.touches_no_block = True
+    return change
+
+
 def held_volumes(change) -> frozenset | None:
     """The volumes whose fsyncs a commit of change holds until it is
     durable: none for writes alone (change None), those it was marked
