@@ -169,6 +169,65 @@ def test_fsyncs_go_on_while_background_commits_run_and_survive_sigkill(monkeypat
         env.close()
 
 
+def test_disks_created_and_grown_under_writes_survive_sigkill():
+    """CreateDisk and ResizeDisk commit alone (Pool.commit_meta: no data
+    sync, the intent log stays in its generation) while a running disk
+    takes fsynced writes through its file.  After a SIGKILL the new disk
+    and the new size are there, and so is every fsynced write: those
+    before the actions, and one beyond the old end written after the
+    growth, whose record only the replay puts back."""
+    from vdiskenv import VDiskEnv
+
+    need_root_fuse_loop()
+    env = VDiskEnv()
+    try:
+        env.start()
+        iid, (disk,) = env.instance(ndata=1, size=20)
+        env.run("instance", "start", iid)
+        path = env.run("disk", "path", disk).stdout.strip()
+        buf = mmap.mmap(-1, 4096)
+        r = random.Random(3)
+        pages = {}  # offset -> what was written there, fsynced
+        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+        try:
+            for i in range(64):
+                pages[i * 3 * 65536 + 4096 * (i % 16)] = r.randbytes(4096)
+            for off, page in pages.items():
+                buf[:] = page
+                os.pwrite(fd, buf, off)
+            os.fsync(fd)
+            new = env.api("CreateDisk", ZoneId="vdisk-local-a", DiskCategory="cloud_essd", Size=20)["DiskId"]
+            assert "Code" not in env.api("ResizeDisk", DiskId=disk, NewSize=24)
+        finally:
+            os.close(fd)
+        assert os.path.getsize(path) == 24 << 30
+        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+        try:
+            beyond = (22 << 30) + 8192  # past the old end
+            pages[beyond] = r.randbytes(4096)
+            buf[:] = pages[beyond]
+            os.pwrite(fd, buf, beyond)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+        env.kill9()
+        env.start()
+        disks = {d["DiskId"]: d for d in env.j("disk", "list")["Disks"]["Disk"]}
+        assert disks[disk]["Size"] == 24 and disks[new]["Size"] == 20 and disks[new]["Status"] == "Available"
+        path = env.run("disk", "path", disk).stdout.strip()
+        assert os.path.getsize(path) == 24 << 30
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            lost = [off for off, page in pages.items() if os.pread(fd, 4096, off) != page]
+        finally:
+            os.close(fd)
+        assert not lost, "%d of %d fsynced pages lost, the first at %d" % (len(lost), len(pages), lost[0])
+        assert env.j("pool", "scrub")["Clean"]
+    finally:
+        env.close()
+
+
 @pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "pyfuse3-only"])
 def test_fio_verify_on_loop_device(fast, monkeypatch):
     """fio writes 64 MiB of 4 KiB random blocks and reads every one back,
