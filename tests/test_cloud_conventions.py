@@ -209,3 +209,39 @@ def test_snapshot_usage_says_what_was_made_from_it(ctl):
     ok(ctl, "CreateDisk", SnapshotId=snap, DiskCategory="cloud_essd", PerformanceLevel="PL0")
     ok(ctl, "CreateDisk", SnapshotId=sysnap, DiskCategory="cloud_essd", PerformanceLevel="PL0")
     assert (use(snap), use(sysnap)) == ("disk", "image_disk")
+
+
+def test_deleting_an_instance_deletes_its_records_and_volumes_at_once(tmp_path):
+    """DeleteInstance: the instance and its disks that go with it
+    (DeleteWithInstance) are gone, volumes and records, and a data disk
+    that stays is Available, its volume and data kept; all in one
+    transaction, so the same after a reopen.  Refused while the instance
+    is not Stopped, with nothing changed."""
+    path = str(tmp_path / "pool")
+    pool = Pool(path)
+    ctl = Controller(pool, host=None)
+    r = ok(ctl, "CreateInstance", **{"SystemDisk.Size": "20", "DataDisk.1.Size": "20",
+                                     "DataDisk.2.Size": "20", "DataDisk.2.DeleteWithInstance": "false"})
+    iid, sysd, (gone, kept) = r["InstanceId"], r["SystemDiskId"], r["DataDiskIds"]
+    vol = {d: pool.get_record("disk/" + d)["_volume"] for d in (sysd, gone, kept)}
+    pool.write(vol[kept], 0, b"k" * 4096)
+    ctl._put("instance", dict(pool.get_record("instance/" + iid), Status="Running"))
+    pool.commit_meta()
+    before = state(ctl)
+    assert ctl.handle({"Action": "DeleteInstance", "InstanceId": iid})["Code"] == "IncorrectInstanceStatus"
+    assert state(ctl) == before
+    ctl._put("instance", dict(pool.get_record("instance/" + iid), Status="Stopped"))
+    pool.commit_meta()
+    ok(ctl, "DeleteInstance", InstanceId=iid)
+    pool.close()
+    pool = Pool(path)
+    try:
+        assert pool.get_record("instance/" + iid) is None
+        assert pool.get_record("disk/" + sysd) is None and pool.get_record("disk/" + gone) is None
+        rec = pool.get_record("disk/" + kept)
+        assert (rec["Status"], rec["InstanceId"], rec["Device"]) == ("Available", "", "")
+        assert sorted(pool.volumes()) == [vol[kept]]
+        assert pool.read(vol[kept], 0, 4096) == b"k" * 4096
+        assert pool.scrub() == []
+    finally:
+        pool.close()

@@ -727,18 +727,18 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
         if inst["Status"] != "Stopped":
             raise _instance_status(inst, "delete it", "Stopped")
         self._dry_run(p)
-        doomed = []
-        for d in self._instance_disks(inst["InstanceId"]):
-            if d["DeleteWithInstance"]:
-                doomed.append(d)
-                self._delete("disk", d["DiskId"])
-            else:
-                d.update(Status="Available", InstanceId="", Device="", DetachedTime=self._now())
-                self._put("disk", d)
-        self._delete("instance", inst["InstanceId"])
-        self.pool.commit()
-        for d in doomed:
-            self.pool.delete_volume(d["_volume"])
+        disks = self._instance_disks(inst["InstanceId"])
+        now = self._now()
+
+        def records():  # in the deletion's own transaction: all or nothing
+            for d in disks:
+                if d["DeleteWithInstance"]:
+                    self._delete("disk", d["DiskId"])
+                else:
+                    self._put("disk", dict(d, Status="Available", InstanceId="", Device="", DetachedTime=now))
+            self._delete("instance", inst["InstanceId"])
+
+        self.pool.delete_volumes([d["_volume"] for d in disks if d["DeleteWithInstance"]], on_deleted=records)
         return {}
 
     # ------------------------------------------------------------ snapshots

@@ -55,14 +55,15 @@ MAX_REQUEST = 1 << 20
 # while I/O goes on.  They stage catalogue records only inside that commit's
 # change (Pool.put_record then writes to its transaction), never in the
 # overlay, which the trio thread freezes.
-THREADED_ACTIONS = {"CreateSnapshot", "CreateSnapshotGroup", "DeleteSnapshot", "DeleteSnapshotGroup", "DeleteDisk"}
+THREADED_ACTIONS = {"CreateSnapshot", "CreateSnapshotGroup", "DeleteSnapshot", "DeleteSnapshotGroup", "DeleteDisk",
+                    "DeleteInstance", "ResetDisk", "ResetDisks"}
 # Actions run in the trio thread whose commits sync the writes so far (a
-# rollback, a disk leaving its instance, a copy): the write cache is flushed
+# disk leaving its instance, a snapshot's copy): the write cache is flushed
 # in the background first (Daemon._flush_before), so that what they sync
 # while every request handed to pyfuse3 waits is the last moments' writes.
 # The others commit only records and changes that touch no block
 # (Pool.commit_meta: one small transaction, no data sync), in milliseconds.
-FLUSH_FIRST = {"DetachDisk", "StopInstance", "DeleteInstance", "ResetDisk", "ResetDisks", "CopySnapshot"}
+FLUSH_FIRST = {"DetachDisk", "StopInstance", "CopySnapshot"}
 # Free slots held ready for C's copy-on-write (1 GiB of the data file,
 # preallocated).  C asks for more once a quarter is used; the trio thread
 # that refills it shares the GIL with a commit's Python, and answered 100-300

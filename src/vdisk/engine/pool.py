@@ -526,7 +526,10 @@ class Pool:
         structure.resize_volume(self, vid, size, on_resized)
 
     def delete_volume(self, vid: int, on_deleted=None) -> None:
-        structure.delete_volume(self, vid, on_deleted)
+        self.delete_volumes([vid], on_deleted)
+
+    def delete_volumes(self, vids: list[int], on_deleted=None) -> None:
+        structure.delete_volumes(self, vids, on_deleted)
 
     def snapshot(self, vids: list[int], change=None) -> list[int]:
         return structure.snapshot(self, vids, change)

@@ -68,19 +68,20 @@ def resize_volume(pool, vid: int, size: int, on_resized=None) -> None:
     pool.commit_meta(touches_no_block(changes_volumes(change, [vid])))
 
 
-def delete_volume(pool, vid: int, on_deleted=None) -> None:
-    """Delete a volume; its snapshots stay.  Frees what nothing else uses.
-    on_deleted() runs inside the transaction (to stage catalogue records
-    with it)."""
+def delete_volumes(pool, vids: list[int], on_deleted=None) -> None:
+    """Delete volumes in one durable transaction; their snapshots stay.
+    Frees what nothing else uses.  on_deleted() runs inside the
+    transaction (to stage catalogue records with it)."""
 
     def change(tx: Tx):
-        v = tx.vol(vid)
-        kill_head(pool, tx, v["lid"])
-        tx.vols[vid] = None
+        for vid in vids:
+            v = tx.vol(vid)
+            kill_head(pool, tx, v["lid"])
+            tx.vols[vid] = None
         if on_deleted is not None:
             on_deleted()
 
-    pool.commit(changes_volumes(change, [vid]))
+    pool.commit(changes_volumes(change, vids))
 
 
 def kill_head(pool, tx: Tx, lid: int) -> None:
