@@ -228,6 +228,45 @@ def test_disks_created_and_grown_under_writes_survive_sigkill():
         env.close()
 
 
+@pytest.mark.parametrize("action", ["StopInstance", "DetachDisk"])
+def test_a_disk_leaving_its_instance_makes_its_writes_durable(action):
+    """Writes never flushed are durable once StopInstance or DetachDisk
+    answers, as after a clean power-off (the daemon waits for a
+    background commit; the action's own records commit alone).  A SIGKILL
+    right after the answer finds them."""
+    need_root_fuse_loop()
+    env = VDiskEnv()
+    try:
+        env.start()
+        iid, (disk,) = env.instance(ndata=1)
+        env.run("instance", "start", iid)
+        path = env.run("disk", "path", disk).stdout.strip()
+        data = random.Random(5).randbytes(1 << 20)
+        buf = mmap.mmap(-1, len(data))
+        buf[:] = data
+        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+        try:
+            os.pwrite(fd, buf, 8 << 20)  # no fsync
+        finally:
+            os.close(fd)
+        if action == "StopInstance":
+            env.run("instance", "stop", iid)
+        else:
+            assert "Code" not in env.api("DetachDisk", InstanceId=iid, DiskId=disk)
+        env.kill9()
+        env.start()
+        if action == "DetachDisk":
+            assert "Code" not in env.api("AttachDisk", InstanceId=iid, DiskId=disk)
+        else:
+            env.run("instance", "start", iid)
+        path = env.run("disk", "path", disk).stdout.strip()
+        with open(path, "rb") as f:
+            f.seek(8 << 20)
+            assert f.read(len(data)) == data, "writes lost though the disk left its instance"
+    finally:
+        env.close()
+
+
 @pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "pyfuse3-only"])
 def test_fio_verify_on_loop_device(fast, monkeypatch):
     """fio writes 64 MiB of 4 KiB random blocks and reads every one back,

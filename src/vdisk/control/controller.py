@@ -511,7 +511,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
                 raise self._busy(exc, "Disk %s cannot be detached" % disk["DiskId"]) from None
         disk.update(Status="Available", InstanceId="", Device="", DetachedTime=self._now())
         self._put("disk", disk)
-        self.pool.commit()
+        self.pool.commit_meta()  # the daemon answers once the writes are durable (DURABLE_AFTER)
         return {}
 
     def do_ResizeDisk(self, p: Params) -> dict:
@@ -695,7 +695,7 @@ class Controller(SnapshotGroupActions, ImageActions, MachineActions, DirectActio
             raise self._busy(exc, "Instance %s cannot stop" % inst["InstanceId"]) from None
         inst["Status"] = "Stopped"
         self._put("instance", inst)
-        self.pool.commit()
+        self.pool.commit_meta()  # the daemon answers once the writes are durable (DURABLE_AFTER)
         return {}
 
     def _stop_vm_instance(self, inst: dict, p: Params) -> dict:

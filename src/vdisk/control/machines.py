@@ -113,7 +113,7 @@ class MachineActions:
                 inst["Status"] = "Stopped"
             inst["StoppedReason"] = reason
         self._put("instance", inst)
-        self.pool.commit()
+        self.pool.commit_meta()  # the daemon then makes the writes durable (Daemon._vm_event)
 
     def _machine_view(self, inst: dict) -> dict | None:
         return self.vms.describe(inst["InstanceId"]) if self.vms is not None and self._is_vm(inst) else None

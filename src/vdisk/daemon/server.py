@@ -57,13 +57,17 @@ MAX_REQUEST = 1 << 20
 # overlay, which the trio thread freezes.
 THREADED_ACTIONS = {"CreateSnapshot", "CreateSnapshotGroup", "DeleteSnapshot", "DeleteSnapshotGroup", "DeleteDisk",
                     "DeleteInstance", "ResetDisk", "ResetDisks"}
-# Actions run in the trio thread whose commits sync the writes so far (a
-# disk leaving its instance, a snapshot's copy): the write cache is flushed
-# in the background first (Daemon._flush_before), so that what they sync
-# while every request handed to pyfuse3 waits is the last moments' writes.
-# The others commit only records and changes that touch no block
-# (Pool.commit_meta: one small transaction, no data sync), in milliseconds.
-FLUSH_FIRST = {"DetachDisk", "StopInstance", "CopySnapshot"}
+# Actions run in the trio thread whose commit syncs the writes so far (a
+# snapshot's copy): the write cache is flushed in the background first
+# (Daemon._flush_before), so that what they sync while every request handed
+# to pyfuse3 waits is the last moments' writes.  The others commit only
+# records and changes that touch no block (Pool.commit_meta: one small
+# transaction, no data sync), in milliseconds.
+FLUSH_FIRST = {"CopySnapshot"}
+# Actions through which disks leave their instance: every write is durable
+# when they answer, as after a clean power-off.  The answer waits for a
+# background commit (Committer.flush), while the trio thread goes on.
+DURABLE_AFTER = {"DetachDisk", "StopInstance"}
 # Free slots held ready for C's copy-on-write (1 GiB of the data file,
 # preallocated).  C asks for more once a quarter is used; the trio thread
 # that refills it shares the GIL with a commit's Python, and answered 100-300
@@ -436,6 +440,8 @@ class Daemon:
             await self.committer.idle()
             try:
                 self.ctl.machine_event(instance_id, state, reason)
+                if state == "gone":  # its disks' writes durable, as after a power-off
+                    await self.committer.flush()
             except Exception:  # noqa: BLE001 - the daemon must keep serving
                 log.exception("recording that the machine of %s is %s failed", instance_id, state)
 
@@ -625,6 +631,11 @@ class Daemon:
             await trio.sleep(0.05)
             await self.committer.idle()
             answer = self.ctl.handle(req)
+        if action in DURABLE_AFTER and "Code" not in answer:
+            try:
+                await self.committer.flush()
+            except EngineError as exc:  # done, but its disks' writes are not durable
+                return self.ctl.error_answer(exc, req, answer.get("RequestId"))
         return answer
 
     async def _flush_before(self, what: str) -> None:
