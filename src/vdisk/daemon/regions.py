@@ -71,6 +71,7 @@ class RegionCopies:
             if done.returncode:
                 log.error("the copy %s to region %s failed: %s", cid, rec["DestinationRegionId"], why)
             async with self.daemon._control:
+                await self.daemon.committer.idle()  # its record commits alone, with no commit in flight
                 self.daemon.ctl.region_copy_done(cid, done.returncode == 0, why)
         finally:
             self._running.discard(cid)

@@ -453,6 +453,7 @@ class Daemon:
             return
         log.info("powering off %d virtual machine(s) before stopping: %s", len(running), ", ".join(running))
         async with self._control:
+            await self.committer.idle()  # the records commit alone, with no commit in flight
             for iid in running:
                 try:
                     self.ctl.handle({"Action": "StopInstance", "InstanceId": iid})
