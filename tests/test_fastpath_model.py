@@ -1678,8 +1678,9 @@ def test_a_commit_that_changes_a_volume_holds_its_fsyncs_only(tmp_path, op, dura
     the log's next generation.  A crash before the commit is durable finds
     the other volume's fsynced writes and none of the change; one after
     finds both, and the changed volume as the change left it.  (A creation
-    or growth asked for in the owner thread commits alone instead:
-    test_a_volume_created_or_grown_commits_alone.)"""
+    or growth commits alone where it can, with no commit in flight:
+    test_a_volume_created_or_grown_commits_alone; this is the full commit
+    it falls back to.)"""
     pool = Pool(str(tmp_path), fast=False)
     vid, other = pool.create_volume(4 * BLOCK_SIZE), pool.create_volume(4 * BLOCK_SIZE)
     fm = FastMap(pool.file.fd, reservoir=16)
@@ -1689,7 +1690,7 @@ def test_a_commit_that_changes_a_volume_holds_its_fsyncs_only(tmp_path, op, dura
     (sid,) = pool.snapshot([vid])  # what the rollback goes back to
     assert fm.write(vid, 0, b"v" * 4096) and (fm.fsync(vid) or pool.log_flush(vid))
     changes = []
-    # the change, run as the daemon runs one asked for in its control thread
+    # the change, run as a full commit in flight
     pool.commit = pool.commit_meta = lambda change: changes.append(change) or [0]
     try:
         if op == "create":

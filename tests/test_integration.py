@@ -228,6 +228,31 @@ def test_disks_created_and_grown_under_writes_survive_sigkill():
         env.close()
 
 
+def test_records_of_the_control_thread_commit_alone():
+    """An action run in the control thread commits its records alone
+    through the trio thread (Committer.commit_meta): CreateSnapshot with a
+    ClientToken takes one full commit, the snapshot's, and its token
+    record none (it took a second one before).  The token is durable: after
+    a SIGKILL the same request answers the same snapshot."""
+    need_root_fuse_loop()
+    env = VDiskEnv()
+    try:
+        env.start()
+        iid, (disk,) = env.instance(ndata=1)
+        before = env.j("daemon", "status")["WriteCache"]["Commits"]
+        first = env.api("CreateSnapshot", DiskId=disk, ClientToken="token-1")
+        assert "Code" not in first, first
+        time.sleep(0.5)  # the snapshot lifecycle runs after each action
+        commits = env.j("daemon", "status")["WriteCache"]["Commits"] - before
+        assert commits == 1, "%d commits for a snapshot and its token record" % commits
+        env.kill9()
+        env.start()
+        again = env.api("CreateSnapshot", DiskId=disk, ClientToken="token-1")
+        assert again["SnapshotId"] == first["SnapshotId"]
+    finally:
+        env.close()
+
+
 @pytest.mark.parametrize("action", ["StopInstance", "DetachDisk"])
 def test_a_disk_leaving_its_instance_makes_its_writes_durable(action):
     """Writes never flushed are durable once StopInstance or DetachDisk

@@ -144,6 +144,24 @@ class Committer:
             self.pool.defer_map_growth = deferred
             self._priority -= 1
 
+    async def commit_meta(self, change=None):
+        """Records (and a change that touches no block) committed alone
+        (Pool.commit_meta) for another thread: once no commit is in
+        flight, one small transaction here, between two FUSE requests,
+        without the data sync of a full commit.  Returns change's
+        result."""
+        self._priority += 1
+        deferred = self.pool.defer_map_growth
+        try:
+            await self.idle()
+            # no await from here; the asking thread is blocked in this
+            # call and holds no LMDB transaction: the map may grow now
+            self.pool.defer_map_growth = False
+            return self.pool.commit_meta(change)
+        finally:
+            self.pool.defer_map_growth = deferred
+            self._priority -= 1
+
     async def idle(self) -> None:
         """Return once no commit is in flight."""
         while self.pool.inflight():

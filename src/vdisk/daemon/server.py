@@ -250,10 +250,11 @@ class Daemon:
                 self.fs.expose(inst["InstanceId"], {d["DiskId"]: d["_volume"] for d in disks})
                 log.info("instance %s is Running: its %d disk(s) are back", inst["InstanceId"], len(disks))
 
-    def _commit_from_thread(self, change):
+    def _commit_from_thread(self, change, meta: bool = False):
         """The pool's commit runner for the control thread: the commit is run
-        by the Committer in the trio thread (Pool(commit_via=...))."""
-        return trio.from_thread.run(self.committer.commit_change, change)
+        by the Committer in the trio thread (Pool(commit_via=...)); meta:
+        records alone (Pool.commit_meta)."""
+        return trio.from_thread.run(self.committer.commit_meta if meta else self.committer.commit_change, change)
 
     async def _main(self) -> None:
         with trio.CancelScope() as self.cancel:

@@ -136,15 +136,20 @@ def commit_meta(pool, change=None):
     a crash after it replays the log's records over it, and each names
     a volume that existed, at a block inside its size, when it was
     written.  Writes so far stay in the overlay, durable as before
-    (their fsync's record, or the next commit).  Falls back to a full
-    commit (commit()) where it cannot run alone: outside the owner
-    thread (it goes through commit_via then), while a commit is in
-    flight (whose frozen records it could overwrite with older ones),
-    or for a change not marked so.
+    (their fsync's record, or the next commit).  From another thread
+    than the owner's it goes through commit_via (meta=True), which runs
+    it in the owner's thread.  Falls back to a full commit (commit())
+    where it cannot run alone: outside the owner thread without
+    commit_via, while a commit is in flight (whose frozen records it
+    could overwrite with older ones), or for a change not marked so.
     """
     if change is not None and not getattr(change, "touches_no_block", False):
         return commit(pool, change)
-    if threading.get_ident() != pool._owner or pool._inflight is not None:
+    if threading.get_ident() != pool._owner:
+        if pool.commit_via is not None:
+            return pool.commit_via(change, meta=True)
+        return commit(pool, change)
+    if pool._inflight is not None:
         return commit(pool, change)
     if pool._failed:
         raise PoolFailed(pool._failed)

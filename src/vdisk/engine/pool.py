@@ -117,10 +117,11 @@ class Pool:
     def __init__(self, path: str, datafile_factory=DataFile, map_size: int | None = None, commit_via=None,
                  fast: bool = True, reservoir: int = 256):
         self.path = path
-        # commit_via(change) -> result: how a commit asked for from another
-        # thread than the owner's (the one that opened the pool) is run; the
-        # daemon passes one that marshals it back to the trio thread, which
-        # freezes the overlay and runs it like its own.  None: in the caller.
+        # commit_via(change, meta=False) -> result: how a commit asked for
+        # from another thread than the owner's (the one that opened the
+        # pool) is run; the daemon passes one that marshals it back to the
+        # trio thread, which freezes the overlay and runs it like its own
+        # (meta: records alone, commit.commit_meta).  None: in the caller.
         self.commit_via = commit_via
         os.makedirs(path, mode=0o700, exist_ok=True)
         self._failed: str | None = None
