@@ -10,15 +10,17 @@ PULL_INTERVAL seconds, when a repository is registered for this pool's own
 region, it runs `vdisk repository pull REPO`, which takes in the copies
 other regions sent here.
 
-Concurrency contract: a trio task of the daemon; records change in the
-trio thread under the daemon's control lock; the children are killed when
-the daemon stops.
+Concurrency contract: a trio task of the daemon; records change under the
+daemon's control lock (CopySnapshot's in the control thread, the outcome's
+in the trio thread); poke() may come from either; the children are killed
+when the daemon stops.
 """
 from __future__ import annotations
 
 import json
 import logging
 import sys
+import threading
 
 import trio
 
@@ -32,13 +34,18 @@ PULL_INTERVAL = 5.0
 class RegionCopies:
     def __init__(self, daemon):
         self.daemon = daemon
+        self._thread = threading.get_ident()  # the daemon's trio thread
         self._wake = trio.Event()
         self._running: set[str] = set()
         self._pulling = False
 
     def poke(self, _copy_id: str | None = None) -> None:
-        """A copy was asked for (Controller.region_copier)."""
-        self._wake.set()
+        """A copy was asked for (Controller.region_copier), in the trio
+        thread or in the control thread (CopySnapshot runs there)."""
+        if threading.get_ident() == self._thread:
+            self._wake.set()
+        else:
+            trio.from_thread.run_sync(self.poke)
 
     def _cli(self, *args) -> list[str]:
         p = self.daemon.paths

@@ -50,20 +50,17 @@ import pyfuse3  # noqa: E402 - after vdisk.fuse, which must load the discard shi
 
 log = logging.getLogger(__name__)
 MAX_REQUEST = 1 << 20
-# Actions run in the control thread: their structural commit goes through
-# the Committer (frozen between two FUSE requests, made durable in a worker)
-# while I/O goes on.  They stage catalogue records only inside that commit's
-# change (Pool.put_record then writes to its transaction), never in the
-# overlay, which the trio thread freezes.
-THREADED_ACTIONS = {"CreateSnapshot", "CreateSnapshotGroup", "DeleteSnapshot", "DeleteSnapshotGroup", "DeleteDisk",
-                    "DeleteInstance", "ResetDisk", "ResetDisks"}
-# Actions run in the trio thread whose commit syncs the writes so far (a
-# snapshot's copy): the write cache is flushed in the background first
-# (Daemon._flush_before), so that what they sync while every request handed
-# to pyfuse3 waits is the last moments' writes.  The others commit only
-# records and changes that touch no block (Pool.commit_meta: one small
-# transaction, no data sync), in milliseconds.
-FLUSH_FIRST = {"CopySnapshot"}
+# Actions run in the control thread: their structural commit (a snapshot, a
+# deletion, a rollback, a copy) goes through the Committer (frozen between two
+# FUSE requests, made durable in a worker) while I/O goes on.  What must be
+# atomic with it they stage inside that commit's change (Pool.put_record then
+# writes to its transaction): the trio thread may freeze what is staged
+# outside at any moment.  Their other records commit alone (Pool.commit_meta,
+# run in the trio thread).  The other actions run in the trio thread and
+# commit only records and changes that touch no block (Pool.commit_meta: one
+# small transaction, no data sync), in milliseconds.
+THREADED_ACTIONS = {"CreateSnapshot", "CreateSnapshotGroup", "DeleteSnapshot", "DeleteSnapshotGroup", "CopySnapshot",
+                    "DeleteDisk", "DeleteInstance", "ResetDisk", "ResetDisks"}
 # Actions through which disks leave their instance: every write is durable
 # when they answer, as after a clean power-off.  The answer waits for a
 # background commit (Committer.flush), while the trio thread goes on.
@@ -619,8 +616,6 @@ class Daemon:
             self._schedule_changed = True  # the lifecycle looks again (policies, retention ...)
         if action in THREADED_ACTIONS:
             return await self._in_control_thread(self.ctl.handle, req)
-        if action in FLUSH_FIRST:
-            await self._flush_before(action)
         await self.committer.idle()
         # no await from here: the action runs between two FUSE requests
         answer = self.ctl.handle(req)
@@ -639,18 +634,6 @@ class Daemon:
             except EngineError as exc:  # done, but its disks' writes are not durable
                 return self.ctl.error_answer(exc, req, answer.get("RequestId"))
         return answer
-
-    async def _flush_before(self, what: str) -> None:
-        """Flush in the background first, so that an action's own
-        synchronous commit (a rollback, a clone) has only the writes of the
-        last moments to sync while every disk waits."""
-        try:
-            for _ in range(3):  # writes go on meanwhile: repeat while many arrived
-                await self.committer.flush()
-                if self.fs.pool.dirty_blocks() < 64:
-                    break
-        except EngineError as exc:
-            log.error("flush before %s failed: %s", what, exc)  # the action's commit reports it
 
     async def _in_control_thread(self, fn, *args):
         """Run fn in the control thread: its commits go through the
