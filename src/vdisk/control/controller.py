@@ -5,9 +5,10 @@ same handlers can later serve the cloud's HTTP API.  Every handler validates
 all of its input first and changes nothing when it refuses; every change is
 durable (one synchronous LMDB transaction) when the handler returns.
 
-Concurrency contract: a Controller is used from one thread (the daemon's trio
-thread, or the CLI's process when no daemon runs).  Handlers may block on
-fsync through the pool.
+Concurrency contract: a Controller runs one action at a time, in the
+daemon's trio thread or its control thread (the actions whose commits are
+structural: daemon/server.py, THREADED_ACTIONS), or in the CLI's process when
+no daemon runs.  Handlers may block on fsync through the pool.
 """
 from __future__ import annotations
 
