@@ -47,9 +47,10 @@ Concurrency contract: a Pool is used from one thread, except
 only its frozen epoch, the data file's fdatasync and its own LMDB write
 transaction, never the live overlay or the allocator.  While a job is in
 flight, structural changes (`commit(change)` and everything that calls it)
-raise CommitInFlight: finish the job first.  Every method may block on disk
-I/O; `commit()` and everything that calls it block on fdatasync and an LMDB
-fsync.
+raise CommitInFlight: finish the job first (`commit_meta()` too, which then
+falls back to `commit()`).  Every method may block on disk I/O; `commit()`
+and everything that calls it block on fdatasync and an LMDB fsync,
+`commit_meta()` on an LMDB fsync.
 """
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """Structural changes: volumes, snapshots, snapshot copies, rollback.
 
-Each public function makes one durable transaction through Pool.commit(change):
-the change works on a Tx (txn.py) and frees map entries through the DB_DEAD
-and DB_BORN indexes (mapindex.py), in proportion to what changed.  See the
+Each public function makes one durable transaction through Pool.commit(change),
+or, for a volume's creation and growth, which touch no block, through
+Pool.commit_meta(change) (no data sync, no freeze): the change works on a Tx
+(txn.py) and frees map entries through the DB_DEAD and DB_BORN indexes
+(mapindex.py), in proportion to what changed.  See the
 model in pool.py's docstring and docs/format.md."""
 from __future__ import annotations
 
