@@ -145,6 +145,8 @@ def commit_meta(pool, change=None):
     """
     if change is not None and not getattr(change, "touches_no_block", False):
         return commit(pool, change)
+    if change is None and not pool.catalogue.pending():
+        return None  # nothing to make durable (and nothing to wait for in the owner's thread)
     if threading.get_ident() != pool._owner:
         if pool.commit_via is not None:
             return pool.commit_via(change, meta=True)
@@ -153,8 +155,6 @@ def commit_meta(pool, change=None):
         return commit(pool, change)
     if pool._failed:
         raise PoolFailed(pool._failed)
-    if change is None and not pool.catalogue.pending():
-        return None
     grow_map_if_needed(pool)
     with pool.catalogue.lock:
         staged = pool.catalogue.freeze()
