@@ -157,16 +157,36 @@ def test_fsyncs_go_on_while_background_commits_run_and_survive_sigkill(monkeypat
         env.kill9()
         env.start()
         db_path = env.run("disk", "path", db_disk).stdout.strip()
-        fd = os.open(db_path, os.O_RDONLY)
-        try:
-            lost = [i for i, page in records.items() if os.pread(fd, 4096, i * 4096) != page]
-        finally:
-            os.close(fd)
-        assert not lost, "%d of %d fsynced records lost, the first at page %d" % (len(lost), len(records), lost[0])
+        lost = lost_pages(db_path, {i * 4096: page for i, page in records.items()})
+        assert not lost, "%d of %d fsynced records lost, the first at %d" % (len(lost), len(records), lost[0])
         assert env.j("pool", "scrub")["Clean"]
     finally:
         stop.set()
         env.close()
+
+
+def write_fsynced(path: str, pages: dict[int, bytes]) -> None:
+    """Write each 4 KiB page (offset -> bytes) to a disk file with
+    O_DIRECT, then fsync it."""
+    buf = mmap.mmap(-1, 4096)  # O_DIRECT wants aligned buffers
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    try:
+        for off, page in pages.items():
+            buf[:] = page
+            os.pwrite(fd, buf, off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def lost_pages(path: str, pages: dict[int, bytes]) -> list[int]:
+    """The offsets of a disk file whose 4 KiB page does not read back as
+    written (pages: offset -> bytes)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return [off for off, page in pages.items() if os.pread(fd, 4096, off) != page]
+    finally:
+        os.close(fd)
 
 
 def test_disks_created_and_grown_under_writes_survive_sigkill():
@@ -176,8 +196,6 @@ def test_disks_created_and_grown_under_writes_survive_sigkill():
     and the new size are there, and so is every fsynced write: those
     before the actions, and one beyond the old end written after the
     growth, whose record only the replay puts back."""
-    from vdiskenv import VDiskEnv
-
     need_root_fuse_loop()
     env = VDiskEnv()
     try:
@@ -185,31 +203,16 @@ def test_disks_created_and_grown_under_writes_survive_sigkill():
         iid, (disk,) = env.instance(ndata=1, size=20)
         env.run("instance", "start", iid)
         path = env.run("disk", "path", disk).stdout.strip()
-        buf = mmap.mmap(-1, 4096)
         r = random.Random(3)
-        pages = {}  # offset -> what was written there, fsynced
-        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
-        try:
-            for i in range(64):
-                pages[i * 3 * 65536 + 4096 * (i % 16)] = r.randbytes(4096)
-            for off, page in pages.items():
-                buf[:] = page
-                os.pwrite(fd, buf, off)
-            os.fsync(fd)
-            new = env.api("CreateDisk", ZoneId="vdisk-local-a", DiskCategory="cloud_essd", Size=20)["DiskId"]
-            assert "Code" not in env.api("ResizeDisk", DiskId=disk, NewSize=24)
-        finally:
-            os.close(fd)
+        # offset -> what was written there, fsynced
+        pages = {i * 3 * 65536 + 4096 * (i % 16): r.randbytes(4096) for i in range(64)}
+        write_fsynced(path, pages)
+        new = env.api("CreateDisk", ZoneId="vdisk-local-a", DiskCategory="cloud_essd", Size=20)["DiskId"]
+        assert "Code" not in env.api("ResizeDisk", DiskId=disk, NewSize=24)
         assert os.path.getsize(path) == 24 << 30
-        fd = os.open(path, os.O_RDWR | os.O_DIRECT)
-        try:
-            beyond = (22 << 30) + 8192  # past the old end
-            pages[beyond] = r.randbytes(4096)
-            buf[:] = pages[beyond]
-            os.pwrite(fd, buf, beyond)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        beyond = {(22 << 30) + 8192: r.randbytes(4096)}  # past the old end
+        write_fsynced(path, beyond)
+        pages.update(beyond)
 
         env.kill9()
         env.start()
@@ -217,11 +220,7 @@ def test_disks_created_and_grown_under_writes_survive_sigkill():
         assert disks[disk]["Size"] == 24 and disks[new]["Size"] == 20 and disks[new]["Status"] == "Available"
         path = env.run("disk", "path", disk).stdout.strip()
         assert os.path.getsize(path) == 24 << 30
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            lost = [off for off, page in pages.items() if os.pread(fd, 4096, off) != page]
-        finally:
-            os.close(fd)
+        lost = lost_pages(path, pages)
         assert not lost, "%d of %d fsynced pages lost, the first at %d" % (len(lost), len(pages), lost[0])
         assert env.j("pool", "scrub")["Clean"]
     finally:
