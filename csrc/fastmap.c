@@ -340,6 +340,21 @@ void vd_fm_unlock(struct vd_fastmap *fm)
     pthread_rwlock_unlock(&fm->lock);
 }
 
+/* The engine's calls that take the lock themselves (locked: the engine
+ * holds it already, vd_fm_lock), so that none of its Python runs while it
+ * is held: see "the engine's holds" below. */
+static void take(struct vd_fastmap *fm, int locked)
+{
+    if (!locked)
+        vd_fm_lock(fm);
+}
+
+static void give(struct vd_fastmap *fm, int locked)
+{
+    if (!locked)
+        vd_fm_unlock(fm);
+}
+
 /* ------------------------------------------------------------ the table
  *
  * Open addressing with linear probing, at most half full.  It grows
@@ -554,7 +569,7 @@ static struct vol *find_vol(struct vd_fastmap *fm, uint64_t vid)
 
 /* ------------------------------------------------------------ engine side */
 
-void vd_fm_set_volume(struct vd_fastmap *fm, uint64_t vid, uint64_t lid, uint64_t size, int has_points)
+static void set_volume(struct vd_fastmap *fm, uint64_t vid, uint64_t lid, uint64_t size, int has_points)
 {
     struct vol *v = find_vol(fm, vid);
     if (v != NULL && v->lid != lid) {
@@ -587,7 +602,7 @@ void vd_fm_set_volume(struct vd_fastmap *fm, uint64_t vid, uint64_t lid, uint64_
     v->has_points = has_points;
 }
 
-void vd_fm_drop_volume(struct vd_fastmap *fm, uint64_t vid)
+static void drop_volume(struct vd_fastmap *fm, uint64_t vid)
 {
     struct vol *v = find_vol(fm, vid);
     if (v == NULL)
@@ -646,13 +661,35 @@ int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot
     return rc < 0 ? rc : 1;
 }
 
+int vd_fm_add_many(struct vd_fastmap *fm, int locked, uint64_t vid, const uint64_t *recs, size_t nwords)
+{
+    int added = 0;
+    take(fm, locked);
+    for (size_t i = 0; i + VD_FM_ADD_WORDS <= nwords;) {
+        const uint64_t *r = recs + i;
+        uint64_t nexp = r[10];
+        if (nexp > (nwords - i - VD_FM_ADD_WORDS) / 3)
+            break; /* malformed: the engine's bug; add nothing more */
+        for (uint64_t j = 0; j < nexp; j++) {
+            const uint64_t *x = r + VD_FM_ADD_WORDS + 3 * j;
+            vd_fm_expect(fm, x[0], (uint32_t)x[2], (uint16_t)x[1]);
+        }
+        if (vd_fm_add(fm, vid, r[0], r[1], (uint16_t)r[2], r[3], (int)r[4], (uint16_t)r[5], r[6], (uint16_t)r[7],
+                      r[8], nexp > 0, r[9]) > 0)
+            added++;
+        i += VD_FM_ADD_WORDS + 3 * nexp;
+    }
+    give(fm, locked);
+    return added;
+}
+
 /* The commit that just became durable wrote n blocks of vid as backed
  * entries, the head's own: recs[3i..3i+2] is (block, slot, back slot).  C
  * may flip each from now on, if its entry is still that one (a later write
  * may have replaced it) and no structural change is in flight.  One call
  * per volume, so that the engine's commit holds the lock for a loop in C,
  * not one in Python over tens of thousands of blocks. */
-void vd_fm_mark_backed(struct vd_fastmap *fm, uint64_t vid, const uint64_t *recs, size_t n)
+static void mark_backed(struct vd_fastmap *fm, uint64_t vid, const uint64_t *recs, size_t n)
 {
     if (fm->hold)
         return;
@@ -665,7 +702,7 @@ void vd_fm_mark_backed(struct vd_fastmap *fm, uint64_t vid, const uint64_t *recs
     }
 }
 
-void vd_fm_commit_state(struct vd_fastmap *fm, int state)
+static void commit_state(struct vd_fastmap *fm, int state)
 {
     fm->inflight = state ? fm->epoch - 1 : 0;
     fm->hold = state == 2;
@@ -713,7 +750,7 @@ void vd_fm_expect(struct vd_fastmap *fm, uint64_t slot, uint32_t crc, uint16_t m
 /* A snapshot of the volume was taken: every block it read so far (all but
  * the fresh ones, written since the freeze that took the snapshot, whose
  * entries were set in this epoch) is now the snapshot point's too. */
-void vd_fm_share(struct vd_fastmap *fm, uint64_t vid)
+static void share_volume(struct vd_fastmap *fm, uint64_t vid)
 {
     struct vol *v = find_vol(fm, vid);
     if (v != NULL)
@@ -724,7 +761,7 @@ void vd_fm_share(struct vd_fastmap *fm, uint64_t vid)
  * (it was deleted): no known block counts as shared any more (a
  * copy-on-write then copies the entry's own pages, which is right whatever
  * the older points see). */
-void vd_fm_unshare(struct vd_fastmap *fm, uint64_t vid)
+static void unshare_volume(struct vd_fastmap *fm, uint64_t vid)
 {
     struct vol *v = find_vol(fm, vid);
     if (v == NULL)
@@ -748,7 +785,7 @@ static inline int is_shared(const struct ent *e, const struct vol *v)
     return e->shared || e->sepoch < v->share_epoch;
 }
 
-void vd_fm_set_complete(struct vd_fastmap *fm, uint64_t vid)
+static void set_complete(struct vd_fastmap *fm, uint64_t vid)
 {
     struct vol *v = find_vol(fm, vid);
     if (v != NULL)
@@ -804,7 +841,7 @@ static void new_log_epoch(struct vd_fastmap *fm, struct vol *v)
  * (nfrozen), which the commit makes durable only once it is.  Any other
  * volume is clean if nothing of it is unlogged (the engine's record
  * carries them otherwise, and tells us when it did). */
-void vd_fm_new_epoch(struct vd_fastmap *fm)
+static void new_epoch(struct vd_fastmap *fm)
 {
     if (++fm->epoch == 0) {
         vd_fm_clear(fm, 0);
@@ -827,7 +864,7 @@ void vd_fm_new_epoch(struct vd_fastmap *fm)
 
 /* The commit of the last freeze is durable: the blocks changed before it
  * need no record any more (those changed again since stay in chg). */
-void vd_fm_frozen_durable(struct vd_fastmap *fm)
+static void frozen_durable(struct vd_fastmap *fm)
 {
     for (size_t i = 0; i < fm->nvols; i++) {
         struct vol *v = &fm->vols[i];
@@ -842,6 +879,90 @@ void vd_fm_frozen_durable(struct vd_fastmap *fm)
         }
         v->nfrozen = 0;
     }
+}
+
+/* ------------------------------------------------------------ the engine's holds
+ *
+ * The engine changes the table at three moments of every commit: the
+ * freeze, the end, and (for a commit that changed volumes) telling the
+ * volumes again.  Each is one call here, which takes the lock, does all of
+ * it in C and lets go: the engine's Python never runs while it holds the
+ * lock, so a hold is never made longer by its thread waiting for the GIL
+ * (every call into C lets the GIL go; a commit's worker thread, running
+ * Python, may keep it for the interpreter's switch interval, 5 ms). */
+
+/* ops: n records of VD_FM_VOL_WORDS words, gone: the volumes no longer
+ * served (see fastmap.h) */
+static void sync_volumes(struct vd_fastmap *fm, const uint64_t *ops, size_t n, const uint64_t *gone, size_t ngone)
+{
+    for (size_t i = 0; i < n; i++) {
+        const uint64_t *op = ops + i * VD_FM_VOL_WORDS;
+        uint64_t vid = op[0], how = op[3];
+        set_volume(fm, vid, op[1], op[2], !!(how & VD_FM_VOL_POINTS));
+        if (how & VD_FM_VOL_CLEAN)
+            vd_fm_log_clean(fm, vid, 1);
+        if (how & VD_FM_VOL_NEW)
+            set_complete(fm, vid);
+        if (how & VD_FM_VOL_SHARE)
+            share_volume(fm, vid);
+        if (how & VD_FM_VOL_UNSHARE)
+            unshare_volume(fm, vid);
+    }
+    for (size_t i = 0; i < ngone; i++)
+        drop_volume(fm, gone[i]);
+}
+
+void vd_fm_sync_volumes(struct vd_fastmap *fm, int locked, const uint64_t *ops, size_t n, const uint64_t *gone,
+                        size_t ngone)
+{
+    take(fm, locked);
+    sync_volumes(fm, ops, n, gone, ngone);
+    give(fm, locked);
+}
+
+size_t vd_fm_freeze(struct vd_fastmap *fm, int locked, struct vd_log *L, int records, int state,
+                    const uint64_t *unclean, size_t n, uint64_t *gen)
+{
+    take(fm, locked);
+    *gen = vd_log_freeze(L, records);
+    new_epoch(fm);
+    commit_state(fm, state);
+    for (size_t i = 0; i < n; i++)
+        vd_fm_log_clean(fm, unclean[i], 0);
+    pthread_mutex_lock(&fm->io);
+    size_t before = fm->nlog - fm->loghead; /* the drain's records of the frozen epoch */
+    pthread_mutex_unlock(&fm->io);
+    give(fm, locked);
+    return before;
+}
+
+void vd_fm_commit_done(struct vd_fastmap *fm, int locked, struct vd_log *L, uint64_t gen, const uint64_t *clean,
+                       size_t nclean, const uint64_t *ops, size_t nops, const uint64_t *gone, size_t ngone,
+                       const uint64_t *backed, size_t nbacked)
+{
+    take(fm, locked);
+    vd_log_retire(L, gen);
+    frozen_durable(fm);
+    for (size_t i = 0; i < nclean; i++)
+        vd_fm_log_clean(fm, clean[i], 1);
+    sync_volumes(fm, ops, nops, gone, ngone);
+    for (size_t i = 0; i + 2 <= nbacked;) {
+        uint64_t vid = backed[i], count = backed[i + 1];
+        if (count > (nbacked - i - 2) / 3)
+            break; /* malformed: the engine's bug; flip nothing more */
+        mark_backed(fm, vid, backed + i + 2, count);
+        i += 2 + 3 * count;
+    }
+    commit_state(fm, 0);
+    give(fm, locked);
+}
+
+void vd_fm_commit_failed(struct vd_fastmap *fm, int locked, struct vd_log *L)
+{
+    take(fm, locked);
+    vd_log_thaw(L);
+    commit_state(fm, 0);
+    give(fm, locked);
 }
 
 void vd_fm_log_epoch(struct vd_fastmap *fm, uint64_t vid)

@@ -7,6 +7,7 @@
 #include <stddef.h>
 
 struct vd_fastmap;
+struct vd_log; /* intentlog.h */
 
 /* A copy-on-write over a whole block the head owns writes only the pages
  * written, in a slot of their own over it, until that slot would hold more
@@ -28,8 +29,6 @@ void vd_fm_unlock(struct vd_fastmap *fm);
  * vd_fm_read/vd_fm_write (the I/O threads), vd_fm_set_failed, vd_fm_stats,
  * vd_fm_reservoir and vd_fm_drain/vd_fm_reservoir_add/vd_fm_reservoir_take
  * (which take the inner mutex themselves) */
-void vd_fm_set_volume(struct vd_fastmap *fm, uint64_t vid, uint64_t lid, uint64_t size, int has_points);
-void vd_fm_drop_volume(struct vd_fastmap *fm, uint64_t vid);
 /* have: the pages slot holds (0xFFFF: all), the others read from slot base
  * if in bhave, else from slot base2 if in bhave2, else from slot base3 (0:
  * zeros); shared: the head reads the block as its last snapshot point
@@ -54,31 +53,66 @@ int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot
 int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint16_t have, uint64_t base,
               int shared, uint16_t bhave, uint64_t base2, uint16_t bhave2, uint64_t base3, int unverified,
               uint64_t back);
-/* the commit that became durable made n blocks of volume vid backed entries,
- * the head's own: recs holds (block, slot, back) for each; flips may start
- * (for each block whose entry in C is that one) */
-void vd_fm_mark_backed(struct vd_fastmap *fm, uint64_t vid, const uint64_t *recs, size_t n);
-/* after a freeze: 1 a commit of the frozen epoch is in flight, 2 one that
- * changes structure (no flips at all meanwhile), 0 none (it finished or
- * failed); with the lock held */
-void vd_fm_commit_state(struct vd_fastmap *fm, int state);
+/* vd_fm_add for many blocks of vid in one hold of the lock, which it takes
+ * (unless locked: the caller holds it): records of VD_FM_ADD_WORDS words
+ * (block, slot, have, base, shared, bhave, base2, bhave2, base3, back,
+ * nexp), each followed by nexp triples (slot, mask, crc) for vd_fm_expect
+ * (the entry is unverified when nexp > 0); nwords in all.  Returns how many
+ * entries were added. */
+enum { VD_FM_ADD_WORDS = 11 };
+int vd_fm_add_many(struct vd_fastmap *fm, int locked, uint64_t vid, const uint64_t *recs, size_t nwords);
 /* which of n blocks from first the table does not know (bit i of out[i / 64]);
  * the engine's thread, without the lock */
 void vd_fm_unknown(struct vd_fastmap *fm, uint64_t vid, uint64_t first, uint32_t n, uint64_t *out);
 void vd_fm_forget(struct vd_fastmap *fm, uint64_t vid, uint64_t block);
-void vd_fm_share(struct vd_fastmap *fm, uint64_t vid);
-/* the volume's last snapshot point was deleted: nothing known is shared */
-void vd_fm_unshare(struct vd_fastmap *fm, uint64_t vid);
-/* the volume is new: every block it has is in the table (C clears this when
- * the table forgets one of its blocks) */
-void vd_fm_set_complete(struct vd_fastmap *fm, uint64_t vid);
 void vd_fm_forget_slot(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot);
-/* the freeze (with the lock held): a new epoch; a volume whose unlogged
- * changes all came from here stays clean, and its next record carries the
- * blocks changed before the freeze whole */
-void vd_fm_new_epoch(struct vd_fastmap *fm);
-/* that freeze's commit is durable: those blocks need no record any more */
-void vd_fm_frozen_durable(struct vd_fastmap *fm);
+/* The engine's holds of the lock at a commit: each call takes the lock
+ * (unless locked: the caller holds it already), does all of it and lets go,
+ * so that no Python runs while the engine holds it.
+ *
+ * vd_fm_sync_volumes: tell the table the volumes the engine serves, as n
+ * records of VD_FM_VOL_WORDS words, (vid, head lineage, size, how): how
+ * holds VD_FM_VOL_POINTS (the head has snapshot points), VD_FM_VOL_CLEAN
+ * (a new head the engine holds no change of: clean, vd_fm_log_clean),
+ * VD_FM_VOL_NEW (the head holds nothing at all: a block the table does not
+ * know reads as zeros, until it forgets one), VD_FM_VOL_SHARE (a snapshot
+ * was taken: the blocks known, but for those written since the freeze
+ * that took it, are its too), VD_FM_VOL_UNSHARE (its last snapshot point
+ * was deleted: nothing known is shared).  A volume whose lineage changed
+ * starts empty.  gone: the volumes no longer served.
+ *
+ * vd_fm_freeze: the overlay is frozen for a commit: the log L freezes
+ * (vd_log_freeze(L, records); the generation the commit records in *gen),
+ * a new epoch starts (no slot known so far is written in place, every
+ * volume starts a new log epoch; a volume whose unlogged changes all came
+ * from here stays clean, and its next record carries the blocks changed
+ * before the freeze whole), state says what is in flight (1 a plain
+ * commit, 2 one that changes structure: no flips at all meanwhile), and
+ * the volumes of unclean are not clean (the engine says no to their log
+ * flushes while it runs).  Returns how many of the drain's records were
+ * waiting at that instant: the frozen epoch's, which the engine's next
+ * drain takes first.
+ *
+ * vd_fm_commit_done: that commit is durable: the log retires to gen, the
+ * blocks changed before the freeze need no record any more, the volumes
+ * of clean are clean again, the volumes are told (ops, gone, as
+ * vd_fm_sync_volumes), and blocks the commit made backed entries, the
+ * head's own, may flip: backed holds, for each such volume, (vid, n) and
+ * n triples (block, slot, back slot), each flipped only if its entry in C
+ * is still that one; no commit is in flight any more.
+ *
+ * vd_fm_commit_failed: that commit failed: the log goes on in its
+ * generation, no commit is in flight. */
+enum { VD_FM_VOL_WORDS = 4 };
+enum { VD_FM_VOL_POINTS = 1, VD_FM_VOL_CLEAN = 2, VD_FM_VOL_NEW = 4, VD_FM_VOL_SHARE = 8, VD_FM_VOL_UNSHARE = 16 };
+void vd_fm_sync_volumes(struct vd_fastmap *fm, int locked, const uint64_t *ops, size_t n, const uint64_t *gone,
+                        size_t ngone);
+size_t vd_fm_freeze(struct vd_fastmap *fm, int locked, struct vd_log *L, int records, int state,
+                    const uint64_t *unclean, size_t n, uint64_t *gen);
+void vd_fm_commit_done(struct vd_fastmap *fm, int locked, struct vd_log *L, uint64_t gen, const uint64_t *clean,
+                       size_t nclean, const uint64_t *ops, size_t nops, const uint64_t *gone, size_t ngone,
+                       const uint64_t *backed, size_t nbacked);
+void vd_fm_commit_failed(struct vd_fastmap *fm, int locked, struct vd_log *L);
 void vd_fm_log_epoch(struct vd_fastmap *fm, uint64_t vid);
 uint32_t vd_fm_mask(struct vd_fastmap *fm, uint64_t vid, uint64_t block);
 void vd_fm_clear(struct vd_fastmap *fm, int keep_writable);
@@ -96,7 +130,6 @@ void vd_fm_set_failed(struct vd_fastmap *fm, int failed); /* 1: no writes, 2: no
 
 /* The intent log (intentlog.h) the fast path's fsync writes records to;
  * NULL: every fsync goes to the engine.  Set while no I/O thread runs. */
-struct vd_log;
 void vd_fm_set_log(struct vd_fastmap *fm, struct vd_log *L);
 /* clean: the engine holds no change of its own to the volume since its
  * last log flush, so vd_fm_fsync may write the next one (map lock held) */

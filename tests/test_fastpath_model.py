@@ -1740,6 +1740,56 @@ def test_a_commit_that_changes_a_volume_holds_its_fsyncs_only(tmp_path, op, dura
         again.close()
 
 
+@pytest.mark.parametrize("write", ["part of a page", "most of the block"])
+def test_c_writes_during_a_rollback_stay_with_the_head_they_were_written_to(tmp_path, write):
+    """A write C serves while a rollback's commit is in flight lands in
+    the head as it was then: its copy on write fills what it does not
+    write (the rest of a page written in part; the whole block once more
+    than VD_FM_COALESCE_PAGES pages are written) from that head.  The
+    rollback's end must take it in with that head (the engine drains C
+    under the lock before the volume gets its new head): taken for the
+    new head, the block would read the old head's bytes around the write
+    instead of the snapshot's.  The write is rolled back with the head
+    it was written to (or, were it ordered after the rollback, it would
+    read over the snapshot's bytes); the old head's bytes never show."""
+    pool = Pool(str(tmp_path), fast=False)
+    vid = pool.create_volume(4 * BLOCK_SIZE)
+    fm = FastMap(pool.file.fd, reservoir=16)
+    pool.attach_fast(fm)
+    snap = pattern(1, 4 * BLOCK_SIZE)
+    assert fm.write(vid, 0, snap)
+    (sid,) = pool.snapshot([vid])
+    assert fm.write(vid, 0, b"x" * BLOCK_SIZE)  # the head's own block 0, after the snapshot
+    pool.commit()
+    changes = []
+    pool.commit = lambda change: changes.append(change)  # the rollback, run as a commit in flight
+    try:
+        pool.rollback(vid, sid)
+    finally:
+        del pool.commit
+    job = pool.begin_commit(changes[0])
+    off, data = (4096 + 512, b"w" * 512) if write == "part of a page" else (0, b"w" * 10 * 4096)
+    assert fm.write(vid, off, data)
+    job.run()
+    pool.finish_commit(job)
+    after = bytearray(snap[:BLOCK_SIZE])
+    after[off : off + len(data)] = data
+    got = pool.read(vid, 0, BLOCK_SIZE)
+    assert got in (snap[:BLOCK_SIZE], bytes(after)), "old head's bytes: %d" % got.count(b"x")
+    assert fm.read(vid, 0, BLOCK_SIZE) in (None, got)
+    assert pool.read(vid, BLOCK_SIZE, 3 * BLOCK_SIZE) == snap[BLOCK_SIZE:]
+    pool.commit()
+    pool.detach_fast()
+    fm.close()
+    pool.close()
+    again = Pool(str(tmp_path), fast=False)  # the map's own answer, C's cache aside
+    try:
+        assert again.read(vid, 0, BLOCK_SIZE) == got, "old head's bytes: %d" % again.read(vid, 0, BLOCK_SIZE).count(b"x")
+        assert again.scrub() == []
+    finally:
+        again.close()
+
+
 @pytest.mark.parametrize("fast", [False, True])
 def test_a_volume_created_or_grown_commits_alone(tmp_path, fast):
     """Creating or growing a volume touches no block: in the owner thread

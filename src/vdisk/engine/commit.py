@@ -26,7 +26,7 @@ from array import array
 import lmdb
 
 from . import allocator, fastbridge, layers, readpath, structure
-from .fastmap import COMMIT_NONE, COMMIT_PLAIN, COMMIT_STRUCTURAL
+from .fastmap import COMMIT_PLAIN, COMMIT_STRUCTURAL
 from .lineage import Lineage
 from .overlay import Dirty, Epoch, overlay_of
 from .txn import Tx, held_volumes
@@ -187,8 +187,7 @@ def commit_meta(pool, change=None):
     pool.catalogue.committed(staged)
     _publish(pool, tx)
     if pool._fm is not None and (tx.vols or tx.lins):
-        with pool._fast():
-            fastbridge.sync_volumes(pool)
+        fastbridge.sync_volumes(pool)  # new volumes, new sizes: no head changes
     return result
 
 
@@ -204,39 +203,45 @@ def begin(pool, change=None) -> CommitJob:
         raise PoolFailed(pool._failed)
     if pool._inflight is not None:
         raise CommitInFlight("a commit is already in flight")
-    with pool._fast():
-        # free slots beyond the durable high-water mark must be recorded
-        # free; the reservoir's count as free for this commit
-        beyond = pool._committed_hwm
-        free_back = list(itertools.takewhile(lambda s: s >= beyond, pool._free_cache))
-        free_back += pool._reserved_beyond
-        with pool.catalogue.lock:
-            ep = Epoch(pool._dirty, pool._epoch_alloc, pool._hwm, free_back, pool.catalogue.freeze())
-            pool._dirty, pool._ndirty, pool._dirty_pages, pool._epoch_alloc = {}, 0, 0, set()
-        # fsyncs go on during a commit (their records in the log's next
-        # generation), but for those of the volumes it changes (ep.held),
-        # or of all when it does not say which; a record of a volume must
-        # then carry the blocks written before the freeze that no record
-        # holds yet, which the commit makes durable only once it is
-        held = held_volumes(change)
-        ep.held = held if held is not None else frozenset()  # (all: no records at all)
-        ep.log_gen = pool.intent.freeze(records=held is not None)
-        pool._unlogged_frozen = pool._unlogged if pool.intent.usable else {}
-        pool._unlogged = {}
-        pool._inflight = ep
-        if pool._fm is not None:
-            pool._fm.new_epoch()  # the instant of the freeze, for C writes too
-            pool._fm.commit_state(COMMIT_PLAIN if change is None else COMMIT_STRUCTURAL)
-            # (a volume with unlogged blocks stays clean there only if C
-            # wrote them all: its next record then carries them whole)
-            for vid in ep.held:  # the Pool says no to these (logflush.flush)
-                if vid in pool._fm_heads:
-                    fastbridge.set_clean(pool, vid, False)
-        try:
-            grow_map_if_needed(pool)
-        except BaseException:
+    # fsyncs go on during a commit (their records in the log's next
+    # generation), but for those of the volumes it changes (ep.held), or
+    # of all when it does not say which; a record of a volume must then
+    # carry the blocks written before the freeze that no record holds
+    # yet, which the commit makes durable only once it is
+    held = held_volumes(change)
+    state = COMMIT_PLAIN if change is None else COMMIT_STRUCTURAL
+    fm = pool._fm
+    if fm is not None:
+        # The instant of the freeze, for C's writes as for ours, in one
+        # hold of C's lock: the log's next generation, C's next epoch, the
+        # held volumes' fsyncs said no to.  Then, without the lock, the
+        # drain's records of the epoch it froze join the overlay before
+        # it is frozen here (C's writes since wait in the drain).
+        unclean = [vid for vid in held or () if vid in pool._fm_heads]
+        log_gen, before = fm.freeze(pool.intent.handle, held is not None, state, unclean,
+                                    locked=bool(pool._fm_depth))
+        fastbridge.drain(pool, before)
+    else:
+        log_gen = pool.intent.freeze(records=held is not None)
+    # free slots beyond the durable high-water mark must be recorded
+    # free; the reservoir's count as free for this commit
+    beyond = pool._committed_hwm
+    free_back = list(itertools.takewhile(lambda s: s >= beyond, pool._free_cache))
+    free_back += pool._reserved_beyond
+    with pool.catalogue.lock:
+        ep = Epoch(pool._dirty, pool._epoch_alloc, pool._hwm, free_back, pool.catalogue.freeze())
+        pool._dirty, pool._ndirty, pool._dirty_pages, pool._epoch_alloc = {}, 0, 0, set()
+    ep.held = held if held is not None else frozenset()  # (all: no records at all)
+    ep.log_gen = log_gen
+    pool._unlogged_frozen = pool._unlogged if pool.intent.usable else {}
+    pool._unlogged = {}
+    pool._inflight = ep
+    try:
+        grow_map_if_needed(pool)
+    except BaseException:
+        with pool._fast():
             _unfreeze(pool, ep)
-            raise
+        raise
     return CommitJob(pool, ep, change)
 
 
@@ -322,8 +327,7 @@ def finish(pool, job: CommitJob, punch: bool = True):
     job's transaction commits (_run_job)."""
     assert job.done and pool._inflight is job.epoch
     try:
-        with pool._fast():
-            result = _finish(pool, job)
+        result = _finish(pool, job)
     except BaseException:
         pool._punching.difference_update(job.to_punch)  # nothing was freed
         job.to_punch = []
@@ -364,31 +368,59 @@ def _finish(pool, job: CommitJob):
     else:  # pragma: no cover
         job.error = job.error or NoSpace("LMDB map cannot grow enough")
     if job.error is not None:
-        _unfreeze(pool, job.epoch)
+        with pool._fast():
+            _unfreeze(pool, job.epoch)
         raise job.error
+    if pool._fm is not None and (job.epoch.zeroed_at or _heads_change(pool, job.tx)):
+        # C's writes so far must be in the overlay (the lock's drain) and
+        # no more may come until C knows: for _absorb over a block found
+        # all zeros, and for a volume whose head changes or goes (the
+        # drain would take C's writes to the old head for the new one's)
+        with pool._fast():
+            return _publish_job(pool, job)
+    return _publish_job(pool, job)
+
+
+def _heads_change(pool, tx: Tx) -> bool:
+    """Whether a transaction deletes a volume or gives it another head."""
+    return any(v is None or vid not in pool._vols or v["lid"] != pool._vols[vid]["lid"] for vid, v in tx.vols.items())
+
+
+def _publish_job(pool, job: CommitJob):
+    """A job's commit is durable: the pool takes it on, then C (one hold
+    of its lock, FastMap.commit_done)."""
+    ep = job.epoch
+    _forget_zeroed(pool, ep)
     pool._inflight = None
-    pool.catalogue.committed(job.epoch.records)
-    _forget_zeroed(pool, job.epoch)  # before their slots can be reused
-    _after_commit(pool, job.tx, job.epoch)
-    if pool._fm is not None:
-        if job.tx.vols or job.tx.lins:
-            fastbridge.sync_volumes(pool)
-        vid_of = _served(pool)
-        for lid, recs in job.epoch.backed.items():
-            vid = vid_of.get(lid)
-            if vid is not None:
-                pool._fm.mark_backed(vid, recs)
-        pool._fm.commit_state(COMMIT_NONE)
+    pool.catalogue.committed(ep.records)
+    clean = _after_commit(pool, job.tx, ep)
+    if pool._fm is None:
+        pool.intent.retire(ep.log_gen)  # and no commit in flight
+        return job.result
+    # C's part in one hold of its lock (FastMap.commit_done): the log's
+    # records before the freeze are obsolete, the volumes told again if
+    # the commit changed them, the blocks it made backed entries may flip
+    ops, gone = fastbridge.volume_ops(pool) if job.tx.vols or job.tx.lins else ((), ())
+    vid_of = _served(pool)
+    backed = array("Q")
+    for lid, recs in ep.backed.items():
+        vid = vid_of.get(lid)
+        if vid is not None:
+            backed.extend((vid, len(recs) // 3))
+            backed.extend(recs)
+    pool._fm.commit_done(pool.intent.handle, ep.log_gen, clean, ops, gone, backed, locked=bool(pool._fm_depth))
     return job.result
 
 
 def _unfreeze(pool, ep: Epoch) -> None:
     """Put a frozen epoch that was not committed back under the overlay."""
     pool._inflight = None
-    pool.intent.thaw()
     pool._unlogged_frozen = {}  # its blocks are all unlogged again (below)
-    if pool._fm is not None:
-        pool._fm.commit_state(COMMIT_NONE)  # the blocks told below are told as not durable
+    if pool._fm is None:
+        pool.intent.thaw()
+    else:
+        # (the blocks told below are told as not durable)
+        pool._fm.commit_failed(pool.intent.handle, locked=True)
         for vid in pool._fm_heads:  # the merged-back blocks are ours
             fastbridge.set_clean(pool, vid, False)
     _forget_zeroed(pool, ep)
@@ -660,17 +692,15 @@ def _write_meta(pool, tx: Tx, staged: dict) -> None:
             txn.put(k.encode(), jenc(v), db=pool._db[DB_RECORD])
 
 
-def _after_commit(pool, tx: Tx, ep: Epoch) -> None:
-    """The transaction is durable: publish it and let its frees be reused."""
+def _after_commit(pool, tx: Tx, ep: Epoch) -> list[int]:
+    """The transaction is durable: publish it and let its frees be reused.
+    Returns the volumes C may log again (clean: nothing of theirs is
+    unlogged any more), for the caller to tell C with the log's retiring
+    (FastMap.commit_done)."""
     _publish(pool, tx)
-    pool.intent.retire(ep.log_gen)  # and no commit in flight
-    if pool._fm is not None:  # C's records need not carry the frozen blocks any more
-        pool._fm.frozen_durable()
     frozen, pool._unlogged_frozen = pool._unlogged_frozen, {}
     vid_of = _served(pool)
-    for lid in frozen:  # durable now: C may log the volume again if nothing else is unlogged
-        if lid in vid_of and not pool._unlogged.get(lid):
-            fastbridge.set_clean(pool, vid_of[lid], True)
+    clean = [vid_of[lid] for lid in frozen if lid in vid_of and not pool._unlogged.get(lid)]
     pool._committed_hwm = max(pool._committed_hwm, ep.hwm)
     if pool._reserved_beyond:  # recorded free by this commit, unless taken since
         pool._reserved_beyond = {s for s in pool._reserved_beyond if s >= pool._committed_hwm}
@@ -678,16 +708,17 @@ def _after_commit(pool, tx: Tx, ep: Epoch) -> None:
     # beyond the hwm); once it runs dry, DB_FREE is scanned again from the
     # start, where this commit's frees (ep.zeroed among them) now are.
     pool._free_scan = b""
+    return clean
 
 
 def _publish(pool, tx: Tx) -> None:
     """A durable transaction's lineages, volumes, snapshots and counters
     become the pool's."""
     for lid, lin in tx.lins.items():
+        if lid in tx.dropped_lins or lin.head_dead:
+            _drop_overlay(pool, lid)
         if lid in tx.dropped_lins:
             pool._lins.pop(lid, None)
-            pool._dirty.pop(lid, None)
-            pool._unlogged.pop(lid, None)
         else:
             pool._lins[lid] = lin
     for vid, v in tx.vols.items():
@@ -701,6 +732,24 @@ def _publish(pool, tx: Tx) -> None:
         else:
             pool._snaps[sid] = s
     pool._counters.update(tx.counters)
+
+
+def _drop_overlay(pool, lid: int) -> None:
+    """A lineage's head is gone (the volume was rolled back, reset or
+    deleted): the writes to it since the freeze go with it, and their
+    fresh slots are free again.  Left in the overlay, the next commit
+    would write them into the dead head, where nothing reads or frees
+    them.  (C was or is about to be told in the same hold of its lock
+    that the volume has another head or none: commit._heads_change.)"""
+    dirty = pool._dirty.pop(lid, None)
+    pool._unlogged.pop(lid, None)
+    if not dirty:
+        return
+    for d in dirty.values():
+        if d.fresh and d.slot != ZERO_SLOT:
+            allocator.release_fresh(pool, d.slot)
+    pool._ndirty -= len(dirty)
+    pool.recount_dirty()
 
 
 def grow_map_if_needed(pool) -> None:

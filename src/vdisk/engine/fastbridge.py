@@ -12,10 +12,23 @@ from __future__ import annotations
 import errno
 import logging
 import typing
+from array import array
 
 from . import allocator, layers, overlay
 from .overlay import Dirty, held, overlay_of
-from .fastmap import CRC_KNOWN, FLUSHED, MAX_SPAN, READ_ONLY, WRITABLE, WRITABLE_REPORT
+from .fastmap import (
+    CRC_KNOWN,
+    FLUSHED,
+    MAX_SPAN,
+    READ_ONLY,
+    VOL_CLEAN,
+    VOL_NEW,
+    VOL_POINTS,
+    VOL_SHARE,
+    VOL_UNSHARE,
+    WRITABLE,
+    WRITABLE_REPORT,
+)
 from .errors import (
     EngineError,
     NoSpace,
@@ -142,12 +155,13 @@ def drain_light(pool) -> None:
         drain(pool)
 
 
-def drain(pool) -> None:
+def drain(pool, limit: int | None = None) -> None:
     """Put the blocks C gave new slots into the overlay, as write() would
-    have.  Called with the map locked, or by _drain_light: the log is
-    taken under C's inner mutex, and nothing here touches C's table or
-    frees a slot C could still know."""
-    got = pool._fm.drain()
+    have (at most limit records: a freeze's, commit.begin).  Called with
+    the map locked, or by drain_light or a freeze: the log is taken under
+    C's inner mutex, and nothing here touches C's table or frees a slot C
+    could still know."""
+    got = pool._fm.drain(limit)
     for vid, block, slot, have, back, flip, crcw in got:
         if block == FLUSHED:  # C wrote a log flush of the volume
             v = pool._vols.get(vid)
@@ -189,30 +203,44 @@ def drain(pool) -> None:
 
 def sync_volumes(pool) -> None:
     """Tell the map every volume's head, size and whether a snapshot
-    shares its blocks; a volume whose head changed starts empty, and
-    clean when this engine holds no unlogged change to it (so that its
-    first fsync is served in C too).  A volume whose last snapshot point
-    was deleted shares nothing C knows any more."""
-    fm = pool._fm
+    shares its blocks (volume_ops), in one hold of the map's lock (the
+    caller's, if it holds it).  Without the lock only for changes that
+    give no served volume another head or take it away (C's writes to it
+    not drained yet would be taken for the new head's)."""
+    ops, gone = volume_ops(pool)
+    pool._fm.sync_volumes(ops, gone, locked=bool(pool._fm_depth))
+
+
+def volume_ops(pool) -> tuple[array, list[int]]:
+    """What C must be told of the volumes since it was told last, as
+    FastMap.sync_volumes takes it: (ops, gone).  A volume whose head
+    changed starts empty, and clean when this engine holds no unlogged
+    change to it (so that its first fsync is served in C too).  A volume
+    whose last snapshot point was deleted shares nothing C knows any more.
+    Notes what C will have been told (Pool._fm_heads): pass the result to
+    C before anything else is.  No lock needed: it reads the pool's state,
+    which only this thread changes, and the committed map."""
+    ops = array("Q")
     heads = {}  # vid -> (head lineage, its generation, its last snapshot point), as C was told last
     for vid, v in pool._vols.items():
         lid = v["lid"]
         lin = pool._lins[lid]
         heads[vid] = (lid, lin.gen, lin.last_point())
-        fm.set_volume(vid, lid, v["size"], bool(lin.points))
+        how = VOL_POINTS if lin.points else 0
         told = pool._fm_heads.get(vid)
         if told is None or told[0] != lid:
             if not pool._unlogged.get(lid):  # C starts it not clean
-                set_clean(pool, vid, True)
+                how |= VOL_CLEAN
             if _is_new(pool, lid):  # C may take unknown blocks as zeros
-                fm.set_complete(vid)
+                how |= VOL_NEW
         elif told[1] != lin.gen:  # a snapshot
-            fm.share(vid)
+            how |= VOL_SHARE
         elif told[2] != lin.last_point():  # its last snapshot was deleted
-            fm.unshare(vid)
-    for vid in pool._fm_heads.keys() - pool._vols.keys():
-        fm.drop_volume(vid)
+            how |= VOL_UNSHARE
+        ops.extend((vid, lid, v["size"], how))
+    gone = sorted(pool._fm_heads.keys() - pool._vols.keys())
     pool._fm_heads = heads
+    return ops, gone
 
 
 def _is_new(pool, lid: int) -> bool:
@@ -372,11 +400,9 @@ def teach(pool, vid: int, offset: int, length: int) -> bool:
                 plan.append((block, *view))
     if not plan:
         return False
-    added = False
-    with pool._fast():
-        for p in plan:
-            added |= fm.add(vid, *p)
-    return added
+    # one hold of C's lock, in C: only this thread changes what the plan
+    # was made from, and C keeps what it learnt meanwhile
+    return fm.add_many(vid, plan, locked=bool(pool._fm_depth)) > 0
 
 
 def write(pool, vid: int, offset: int, data) -> bool:

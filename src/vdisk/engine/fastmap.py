@@ -17,6 +17,7 @@ pread/pwrite, and on the lock while the Pool holds it.
 from __future__ import annotations
 
 import errno
+from array import array
 
 from .native import ffi, lib
 
@@ -31,12 +32,37 @@ FLUSHED = lib.VD_FM_FLUSHED
 CRC_KNOWN = lib.VD_FM_CRC_KNOWN
 FULL = 0xFFFF  # every page of a block (have)
 COALESCE_PAGES = lib.VD_FM_COALESCE_PAGES  # see csrc/fastmap.h
-# FastMap.commit_state: no commit in flight, a plain one, one with a structural change
+# FastMap.freeze's state: no commit in flight, a plain one, one with a structural change
 COMMIT_NONE, COMMIT_PLAIN, COMMIT_STRUCTURAL = 0, 1, 2
 MAX_SPAN = lib.VD_FM_MAX_SPAN  # the most blocks one request served in C spans
 # positions of the table C outgrew that one grow() moves (in chunks of 4096,
 # between which the I/O threads go on): the rest at the next refill
 GROW_BUDGET = 1 << 16
+
+
+VOL_WORDS = lib.VD_FM_VOL_WORDS  # one record of sync_volumes' ops
+VOL_POINTS, VOL_CLEAN, VOL_NEW = lib.VD_FM_VOL_POINTS, lib.VD_FM_VOL_CLEAN, lib.VD_FM_VOL_NEW
+VOL_SHARE, VOL_UNSHARE = lib.VD_FM_VOL_SHARE, lib.VD_FM_VOL_UNSHARE
+
+
+# add()'s defaults from have on (add_many)
+_ADD_DEFAULTS = (FULL, 0, False, FULL, 0, FULL, 0, (), 0)
+
+
+def _words(values) -> tuple:
+    """(a uint64_t array C reads, its length) of a sequence of integers
+    (an array('Q') is passed as it is, without a copy)."""
+    if not isinstance(values, array):
+        values = array("Q", values)
+    if not values:
+        return ffi.NULL, 0
+    return ffi.from_buffer("uint64_t[]", values), len(values)
+
+
+def _records(ops) -> tuple:
+    """_words of sync_volumes' ops, with their count of records."""
+    words, n = _words(ops)
+    return words, n // VOL_WORDS
 
 
 class FastMap:
@@ -61,13 +87,6 @@ class FastMap:
 
     def unlock(self) -> None:
         lib.vd_fm_unlock(self._fm)
-
-    def set_volume(self, vid: int, lid: int, size: int, has_points: bool) -> None:
-        """Serve volume vid (head lineage lid); a new lid forgets its blocks."""
-        lib.vd_fm_set_volume(self._fm, vid, lid, size, int(has_points))
-
-    def drop_volume(self, vid: int) -> None:
-        lib.vd_fm_drop_volume(self._fm, vid)
 
     def set(self, vid: int, block: int, slot: int, writable: int, have: int = FULL, base: int = 0,
             bhave: int = FULL, base2: int = 0, bhave2: int = FULL, base3: int = 0, unverified=(),
@@ -101,16 +120,20 @@ class FastMap:
         return lib.vd_fm_add(self._fm, vid, block, slot, have, base, int(shared), bhave, base2, bhave2, base3,
                              self._expect(unverified), back) > 0
 
-    def mark_backed(self, vid: int, recs) -> None:
-        """The commit that just became durable made blocks of the volume
-        backed entries, the head's own: recs, an array('Q') of (block, slot,
-        back slot) triples.  C may flip each from now on (one call for all)."""
-        lib.vd_fm_mark_backed(self._fm, vid, ffi.from_buffer("uint64_t[]", recs), len(recs) // 3)
-
-    def commit_state(self, state: int) -> None:
-        """After a freeze: COMMIT_PLAIN or COMMIT_STRUCTURAL is in flight;
-        COMMIT_NONE once it finished or failed (csrc/fastmap.h)."""
-        lib.vd_fm_commit_state(self._fm, state)
+    def add_many(self, vid: int, entries, locked: bool = False) -> int:
+        """add() for many blocks of a volume in one hold of the lock,
+        which it takes (unless locked): entries are add()'s arguments after
+        vid, as tuples (block, slot, have, base, shared, bhave, base2,
+        bhave2, base3, unverified, back; the trailing ones may be left
+        out).  Returns how many entries were added."""
+        recs = array("Q")
+        for e in entries:
+            block, slot, have, base, shared, bhave, base2, bhave2, base3, unverified, back = (
+                e + _ADD_DEFAULTS[len(e) - 2 :])
+            recs.extend((block, slot, have, base, int(shared), bhave, base2, bhave2, base3, back, len(unverified)))
+            for x in unverified:
+                recs.extend(x)
+        return lib.vd_fm_add_many(self._fm, int(locked), vid, *_words(recs))
 
     def _expect(self, layers) -> int:
         """Give C the checksums of the unverified layers ((slot, mask,
@@ -126,22 +149,6 @@ class FastMap:
         lib.vd_fm_unknown(self._fm, vid, first, n, words)
         return [first + i for i in range(n) if words[i // 64] >> (i % 64) & 1]
 
-    def share(self, vid: int) -> None:
-        """A snapshot of the volume was taken: the blocks known, but for
-        those written since the freeze that took it, are the snapshot's too."""
-        lib.vd_fm_share(self._fm, vid)
-
-    def unshare(self, vid: int) -> None:
-        """The volume's last snapshot point was deleted: no known block
-        is shared with a point any more (a copy-on-write copies the
-        entry's own pages)."""
-        lib.vd_fm_unshare(self._fm, vid)
-
-    def set_complete(self, vid: int) -> None:
-        """The volume is new: a block the table does not know reads as
-        zeros (until the table forgets one of its blocks)."""
-        lib.vd_fm_set_complete(self._fm, vid)
-
     def forget(self, vid: int, block: int) -> None:
         """Know nothing of the block: its requests go to the engine."""
         lib.vd_fm_forget(self._fm, vid, block)
@@ -149,19 +156,41 @@ class FastMap:
     def forget_slot(self, vid: int, block: int, slot: int) -> None:
         lib.vd_fm_forget_slot(self._fm, vid, block, slot)
 
-    def new_epoch(self) -> None:
-        """The overlay was frozen: no slot known so far is written in place,
-        and every volume starts a new log epoch.  A volume whose unlogged
-        changes all came from C stays clean: C's next record of it carries
-        the blocks changed before the freeze whole (the engine's
-        _unlogged_frozen); any other volume with unlogged changes is not
-        clean (the engine's record carries them)."""
-        lib.vd_fm_new_epoch(self._fm)
+    # The engine's holds of the lock at a commit, each one call into C that
+    # takes the lock, does all of it and lets go (csrc/fastmap.h): no
+    # Python runs while the engine holds it.  locked: this thread holds the
+    # lock already (lock()).
 
-    def frozen_durable(self) -> None:
-        """The commit of the last freeze is durable: the blocks changed
-        before it need no record any more."""
-        lib.vd_fm_frozen_durable(self._fm)
+    def sync_volumes(self, ops, gone=(), locked: bool = False) -> None:
+        """Tell C the volumes the engine serves: ops, an array('Q') of
+        (vid, head lineage, size, how) records, how of VOL_* bits; gone,
+        the volumes no longer served."""
+        lib.vd_fm_sync_volumes(self._fm, int(locked), *_records(ops), *_words(gone))
+
+    def freeze(self, log, records: bool, state: int, unclean=(), locked: bool = False) -> tuple[int, int]:
+        """The overlay is frozen for a commit (vd_fm_freeze): the intent
+        log (IntentLog.handle) freezes, a new epoch starts, state
+        (COMMIT_PLAIN or COMMIT_STRUCTURAL) is in flight, the volumes of
+        unclean are not clean.  Returns (the generation the commit records,
+        how many of the drain's records are the frozen epoch's: the next
+        drain's first)."""
+        gen = ffi.new("uint64_t *")
+        before = lib.vd_fm_freeze(self._fm, int(locked), log, int(records), state, *_words(unclean), gen)
+        return gen[0], before
+
+    def commit_done(self, log, gen: int, clean=(), ops=(), gone=(), backed=(), locked: bool = False) -> None:
+        """The commit of the last freeze is durable (vd_fm_commit_done):
+        the log retires to gen, the volumes of clean are clean, the volumes
+        are told (ops, gone: see sync_volumes), backed, an array('Q') of
+        (vid, n, then n (block, slot, back slot) triples) per volume, may
+        flip; no commit is in flight."""
+        lib.vd_fm_commit_done(self._fm, int(locked), log, gen, *_words(clean), *_records(ops), *_words(gone),
+                              *_words(backed))
+
+    def commit_failed(self, log, locked: bool = False) -> None:
+        """The commit of the last freeze failed: the log goes on in its
+        generation, no commit is in flight."""
+        lib.vd_fm_commit_failed(self._fm, int(locked), log)
 
     def log_epoch(self, vid: int) -> None:
         """The volume's writes so far are in the intent log: the next write
@@ -190,23 +219,26 @@ class FastMap:
         write goes to the Pool).  The Pool's thread, without the lock."""
         return lib.vd_fm_grow(self._fm, budget) == 1
 
-    def drain(self) -> list[tuple[int, int, int, int, int, int, int]]:
+    def drain(self, limit: int | None = None) -> list[tuple[int, int, int, int, int, int, int]]:
         """(vid, block, slot, have, back, flip, crc) of every block given a
         new slot in C, written for the first time since its volume's log
         flush, or whose slot now holds more pages (have), or flipped
         (back: its back slot, else 0), or written in place after a record
         that gave its checksum (crc: CRC_KNOWN | the checksum of a new
         partial slot, else 0), and (vid, FLUSHED, 0, ...) for a log flush
-        C wrote; oldest first."""
+        C wrote; oldest first.  limit: at most that many (the frozen
+        epoch's, after freeze)."""
         got = []
         out = self._out
-        while True:
-            n = lib.vd_fm_drain(self._fm, out, DRAIN_BATCH)
+        while limit is None or len(got) < limit:
+            want = DRAIN_BATCH if limit is None else min(DRAIN_BATCH, limit - len(got))
+            n = lib.vd_fm_drain(self._fm, out, want)
             w = DRAIN_WORDS
             words = ffi.unpack(out, n * w)  # one conversion for the batch
             got.extend(tuple(words[w * i : w * i + w]) for i in range(n))
-            if n < DRAIN_BATCH:
-                return got
+            if n < want:
+                break
+        return got
 
     def reservoir(self) -> int:
         return lib.vd_fm_reservoir(self._fm)
