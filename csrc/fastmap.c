@@ -50,11 +50,14 @@
  *
  * Concurrency contract: the engine takes the map's lock (vd_fm_lock, a
  * writer-preferring rwlock held for writing) around every operation that
- * reads or changes the overlay, and only then calls the vd_fm_* mutators;
+ * reads or changes the overlay, and only then calls the vd_fm_* mutators,
+ * or calls one that takes the lock itself for all it does (a commit's
+ * freeze and end, telling the volumes, teaching blocks: "the engine's
+ * holds" below);
  * vd_fm_read/vd_fm_write hold it for reading for the whole request, I/O
  * included.  So an engine operation and a fast request never overlap, a
  * slot is never reused while a fast request may still touch it, and a
- * freeze (vd_fm_new_epoch) falls between two fast requests.  Several I/O
+ * freeze (vd_fm_freeze) falls between two fast requests.  Several I/O
  * threads may call vd_fm_read/vd_fm_write at once: an inner mutex covers
  * the table, the reservoir, the log and the verification buffer, and every
  * request lets go of it for its data I/O.  Reads and writes only in place
@@ -156,7 +159,7 @@ struct vol {
     /* how many blocks of chg (marked PRE_FREEZE) were changed before the
      * last freeze and are in no record: the volume's next record carries
      * them whole, as the head reads them then, so that a crash before that
-     * commit is durable loses none (vd_fm_new_epoch; the engine's
+     * commit is durable loses none (new_epoch; the engine's
      * _unlogged_frozen) */
     uint32_t nfrozen;
     /* entries set before this epoch are shared with the volume's last
@@ -228,7 +231,7 @@ struct vd_fastmap {
     uint32_t epoch, lepoch; /* lepoch: the last log epoch handed out */
     /* the epoch a commit in flight makes durable (0: none), and whether
      * that commit changes structure (a snapshot, say): then nothing flips,
-     * since what the head owns may change with it (vd_fm_commit_state) */
+     * since what the head owns may change with it (commit_state) */
     uint32_t inflight;
     int hold;
     struct ent *tab;

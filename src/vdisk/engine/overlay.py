@@ -145,7 +145,7 @@ class Epoch:
         self.blank: set[tuple[int, int]] = set()
         # lid -> (block, slot, back) of every entry the commit wrote backed,
         # in an array('Q'): C may flip them once it is durable
-        # (FastMap.mark_backed, one call per volume)
+        # (FastMap.commit_done, one call for all)
         self.backed: dict = {}
         # (lid, block) -> the checksum of a flipped block's back slot
         # (commit._finish_checksums)
