@@ -686,6 +686,60 @@ int vd_fm_add_many(struct vd_fastmap *fm, int locked, uint64_t vid, const uint64
     return added;
 }
 
+/* Room in the drain for n more records without a realloc in log_block
+ * (with the inner mutex held): 0, or -ENOMEM. */
+static int log_room(struct vd_fastmap *fm, size_t n)
+{
+    if (fm->nlog + n <= fm->caplog)
+        return 0;
+    if (fm->loghead > 0) {
+        memmove(fm->log, fm->log + fm->loghead * LOG_REC, (fm->nlog - fm->loghead) * LOG_REC * sizeof(uint64_t));
+        fm->nlog -= fm->loghead;
+        fm->loghead = 0;
+    }
+    if (fm->nlog + n <= fm->caplog)
+        return 0;
+    size_t c = (fm->nlog + n) * 2;
+    uint64_t *l = realloc(fm->log, c * LOG_REC * sizeof(uint64_t));
+    if (l == NULL)
+        return -ENOMEM;
+    fm->log = l;
+    fm->caplog = c;
+    return 0;
+}
+
+static int log_block(struct vd_fastmap *fm, struct vol *v, uint64_t vid, uint64_t block, uint64_t slot,
+                     uint16_t have, uint64_t back, uint16_t flip, uint64_t crcw);
+
+int vd_fm_discard(struct vd_fastmap *fm, int locked, uint64_t vid, const uint64_t *blocks, size_t n)
+{
+    int rc = 0;
+    take(fm, locked);
+    struct vol *v = find_vol(fm, vid);
+    if (v == NULL) {
+        rc = -EAGAIN;
+        goto out;
+    }
+    /* room in the drain first, so that nothing changes unless all of it
+     * can (no request runs meanwhile: the lock is held for writing) */
+    pthread_mutex_lock(&fm->io);
+    rc = log_room(fm, n);
+    pthread_mutex_unlock(&fm->io);
+    if (rc < 0)
+        goto out;
+    for (size_t i = 0; i < n; i++)
+        vd_fm_set(fm, vid, blocks[i], 0, 0, FULL, 0, FULL, 0, FULL, 0, 0, 0, 0, 0);
+    pthread_mutex_lock(&fm->io);
+    for (size_t i = 0; i < n; i++)
+        log_block(fm, NULL, vid, blocks[i], 0, FULL, 0, 0, 0); /* cannot fail: room made above */
+    pthread_mutex_unlock(&fm->io);
+    if (n > 0)
+        v->clean = 0; /* the engine's log flush records the discard */
+out:
+    give(fm, locked);
+    return rc;
+}
+
 /* The commit that just became durable wrote n blocks of vid as backed
  * entries, the head's own: recs[3i..3i+2] is (block, slot, back slot).  C
  * may flip each from now on, if its entry is still that one (a later write

@@ -59,6 +59,14 @@ int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot
  * nexp), each followed by nexp triples (slot, mask, crc) for vd_fm_expect
  * (the entry is unverified when nexp > 0); nwords in all.  Returns how many
  * entries were added. */
+/* A discard of n whole blocks of vid (those the engine found may hold
+ * data), in one hold of the lock, which it takes (unless locked): each reads
+ * as zeros from now on (as vd_fm_set makes slot 0, read only) and goes into
+ * the drain as (vid, block, 0, 0xFFFF, 0, 0, 0), in order with the writes
+ * around it; the volume is not clean (the engine's log flush records the
+ * discard).  0; -EAGAIN (the volume is not served) or -ENOMEM, having
+ * changed nothing. */
+int vd_fm_discard(struct vd_fastmap *fm, int locked, uint64_t vid, const uint64_t *blocks, size_t n);
 enum { VD_FM_ADD_WORDS = 11 };
 int vd_fm_add_many(struct vd_fastmap *fm, int locked, uint64_t vid, const uint64_t *recs, size_t nwords);
 /* which of n blocks from first the table does not know (bit i of out[i / 64]);

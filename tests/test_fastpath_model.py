@@ -1790,6 +1790,41 @@ def test_c_writes_during_a_rollback_stay_with_the_head_they_were_written_to(tmp_
         again.close()
 
 
+def test_a_discard_in_c_and_a_write_over_it_survive_a_crash(tmp_path):
+    """A discard's whole blocks are made zeros by C (FastMap.discard, one
+    hold of its lock) and come to the overlay through the drain, in order
+    with C's writes; its ends get zeros written.  C leaves the volume's
+    next log flush to the Pool, which records each discarded block whole:
+    a write C serves over one afterwards must not bring back, after a
+    crash, the data the discard removed (a record of the written pages
+    only, replayed over the last commit, did).  C's writes before the
+    discard are gone with it, those after it stay."""
+    pool = Pool(str(tmp_path), fast=False)
+    vid = pool.create_volume(4 * BLOCK_SIZE)
+    fm = FastMap(pool.file.fd, reservoir=16)
+    pool.attach_fast(fm)
+    old = pattern(2, 4 * BLOCK_SIZE)
+    assert fm.write(vid, 0, old)
+    pool.commit()
+    assert fm.write(vid, 2 * BLOCK_SIZE, b"b" * 4096)  # before the discard, not committed
+    pool.discard(vid, 512, 3 * BLOCK_SIZE + 4096 - 512)  # a page's end, two whole blocks, a page of the last
+    want = bytearray(old)
+    want[512 : 3 * BLOCK_SIZE + 4096] = bytes(3 * BLOCK_SIZE + 4096 - 512)
+    assert fm.read(vid, 0, 4 * BLOCK_SIZE) in (None, want)
+    assert not fm.fsync(vid), "C logged a volume the discard left to the Pool"
+    assert fm.write(vid, BLOCK_SIZE + 512, b"w" * 512)  # over a discarded block
+    want[BLOCK_SIZE + 512 : BLOCK_SIZE + 1024] = b"w" * 512
+    assert pool.read(vid, 0, 4 * BLOCK_SIZE) == want
+    assert pool.log_flush(vid)
+    _crash(pool, fm)
+    again = Pool(str(tmp_path), fast=False)
+    try:
+        assert again.read(vid, 0, 4 * BLOCK_SIZE) == want
+        assert again.scrub() == []
+    finally:
+        again.close()
+
+
 @pytest.mark.parametrize("fast", [False, True])
 def test_a_volume_created_or_grown_commits_alone(tmp_path, fast):
     """Creating or growing a volume touches no block: in the owner thread

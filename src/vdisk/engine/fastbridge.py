@@ -171,6 +171,14 @@ def drain(pool, limit: int | None = None) -> None:
                 pool._unlogged.pop(v["lid"], None)
                 pool._unlogged_frozen.pop(v["lid"], None)
             continue
+        if slot == ZERO_SLOT:  # C made it zeros (a discard: FastMap.discard)
+            v = pool._vols.get(vid)
+            if v is not None:
+                # the next log flush (the Pool's: C made the volume not
+                # clean) records the whole block, whatever C writes over it
+                pool._unlogged.setdefault(v["lid"], set()).add(block)
+                make_zero(pool, overlay_of(pool._dirty, v["lid"]), block).pages = FULL_MASK
+            continue
         fresh = not back  # else C flipped a committed backed entry: no slot is new
         if fresh:
             pool._reserved.discard(slot)
@@ -199,6 +207,21 @@ def drain(pool, limit: int | None = None) -> None:
         pool._dirty_pages -= held(d)
         d.slot, d.crc, d.crc_ok, d.fresh, d.have, d.back, d.flip = slot, crc, crc_ok, fresh, have, back, flip
         pool._dirty_pages += held(d)
+
+
+def make_zero(pool, dirty: dict, block: int) -> Dirty:
+    """The overlay's entry for a block that reads as zeros now (a
+    discard): a fresh slot it had is free again (C knows it no more)."""
+    d = dirty.get(block)
+    if d is None:
+        pool._ndirty += 1
+        d = dirty[block] = Dirty(ZERO_SLOT, 0, True, False)
+        return d
+    pool._dirty_pages -= held(d)
+    if d.fresh:
+        allocator.release_fresh(pool, d.slot)
+    d.slot, d.crc, d.crc_ok, d.fresh, d.have, d.back, d.flip = ZERO_SLOT, 0, True, False, FULL_MASK, 0, 0
+    return d
 
 
 def sync_volumes(pool) -> None:

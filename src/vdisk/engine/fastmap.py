@@ -135,6 +135,14 @@ class FastMap:
                 recs.extend(x)
         return lib.vd_fm_add_many(self._fm, int(locked), vid, *_words(recs))
 
+    def discard(self, vid: int, blocks, locked: bool = False) -> bool:
+        """Make whole blocks of a volume read as zeros, in one hold of the
+        lock, which it takes (unless locked): each goes into the drain as
+        (vid, block, 0, FULL, ...), in order with C's writes around it,
+        and the volume is not clean.  False, having changed nothing, when
+        C cannot (the volume is not served, no memory)."""
+        return lib.vd_fm_discard(self._fm, int(locked), vid, *_words(blocks)) == 0
+
     def _expect(self, layers) -> int:
         """Give C the checksums of the unverified layers ((slot, mask,
         crc) each) so that it verifies them itself: 1 if there are any."""

@@ -90,12 +90,15 @@ def discard(pool, vid: int, offset: int, length: int) -> None:
 
     The committed map is looked up without the map's lock (the lock
     guards C's table and the overlay, not LMDB; only this thread changes
-    what the map says of the head), and the blocks are made zeros
-    DISCARD_BATCH at a time, each batch under the lock, so that C's I/O
-    threads, every disk's, go on between batches: a request holding
-    2 GiB held them all for the whole of it.  Writes racing the discard
-    to the same blocks land before or after it, block by block, as on a
-    real disk."""
+    what the map says of the head).  The whole blocks are made zeros by C
+    (FastMap.discard), DISCARD_BATCH at a time, each batch one hold of
+    its lock in C with no Python under it, so that C's I/O threads, every
+    disk's, go on between batches (a request holding 2 GiB held them all
+    for the whole of it, once); the overlay takes them in from the drain.
+    Without C, or when C cannot, the Pool makes them zeros itself, a
+    batch under the lock.  A block the range covers in part gets zeros
+    written, by C if it can.  Writes racing the discard to the same
+    blocks land before or after it, block by block, as on a real disk."""
     if pool._failed:
         raise PoolFailed(pool._failed)
     vol = pool._vols.get(vid)
@@ -109,36 +112,42 @@ def discard(pool, vid: int, offset: int, length: int) -> None:
     first, last = offset // BLOCK_SIZE, -(-end // BLOCK_SIZE)
     with pool.env.begin() as txn:
         found = mapped_blocks(pool, txn, lid, first, last)
-    with pool._fast():  # C's writes so far are in the overlay once it is held
-        dirty = overlay_of(pool._dirty, lid)
-        found.update(dirty.blocks_in(first, last))
-        frozen = pool._inflight_dirty(lid)
-        if frozen:
-            found.update(frozen.blocks_in(first, last))
-    blocks = sorted(found)
-    for i in range(0, len(blocks), DISCARD_BATCH):
-        with pool._fast():
-            for block in blocks[i : i + DISCARD_BATCH]:
-                start = max(offset, block * BLOCK_SIZE)
-                n = min(end, (block + 1) * BLOCK_SIZE) - start
-                if n == BLOCK_SIZE:
+    fastbridge.drain_light(pool)  # C's writes so far are in the overlay
+    dirty = overlay_of(pool._dirty, lid)
+    found.update(dirty.blocks_in(first, last))
+    frozen = pool._inflight_dirty(lid)
+    if frozen:
+        found.update(frozen.blocks_in(first, last))
+    # the range's ends may cover part of a block: zeros are written there
+    ends = {b for b in (first, last - 1) if b in found and (b * BLOCK_SIZE < offset or (b + 1) * BLOCK_SIZE > end)}
+    whole = sorted(found - ends)
+    fm = pool._fm
+    for i in range(0, len(whole), DISCARD_BATCH):
+        batch = whole[i : i + DISCARD_BATCH]
+        # in C, one hold of its lock: the overlay takes them in from the
+        # drain, in order with C's writes (fastbridge.drain); else here
+        if fm is None or not fm.discard(vid, batch, locked=bool(pool._fm_depth)):
+            with pool._fast():
+                dirty = overlay_of(pool._dirty, lid)
+                for block in batch:
                     set_zero(pool, vid, lid, dirty, block)
-                else:
-                    write_block(pool, vid, lid, dirty, block, start % BLOCK_SIZE, memoryview(ZERO_BLOCK)[:n])
+    for block in sorted(ends):
+        start = max(offset, block * BLOCK_SIZE)
+        _zero_part(pool, vid, start, min(end, (block + 1) * BLOCK_SIZE) - start)
+
+
+def _zero_part(pool, vid: int, start: int, n: int) -> None:
+    """Zeros written over part of a block (a discard's end), by C if it
+    can, else here."""
+    zeros = memoryview(ZERO_BLOCK)[:n]
+    if not fastbridge.write(pool, vid, start, zeros):
+        _write_here(pool, vid, start, zeros)
 
 
 def set_zero(pool, vid: int, lid: int, dirty: dict, block: int) -> None:
     if pool._fm is not None:  # before the slot can be reused
         pool._fm.set(vid, block, ZERO_SLOT, READ_ONLY)
-    d = dirty.get(block)
-    if d is None:
-        pool._ndirty += 1
-        d = dirty[block] = Dirty(ZERO_SLOT, 0, True, False)
-    else:
-        pool._dirty_pages -= held(d)
-        if d.fresh:
-            allocator.release_fresh(pool, d.slot)
-        d.slot, d.crc, d.crc_ok, d.fresh, d.have, d.back, d.flip = ZERO_SLOT, 0, True, False, FULL_MASK, 0, 0
+    d = fastbridge.make_zero(pool, dirty, block)
     fastbridge.changed(pool, vid, lid, d, block, FULL_MASK)
 
 
