@@ -727,14 +727,23 @@ int vd_fm_discard(struct vd_fastmap *fm, int locked, uint64_t vid, const uint64_
     pthread_mutex_unlock(&fm->io);
     if (rc < 0)
         goto out;
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
         vd_fm_set(fm, vid, blocks[i], 0, 0, FULL, 0, FULL, 0, FULL, 0, 0, 0, 0, 0);
+        struct ent *e = lookup(fm, vid, blocks[i]);
+        if (e != NULL) {
+            /* changed in this log epoch, all of it: the volume's next
+             * record here says the block reads as zeros (mask 0), or
+             * carries it whole once written again (gather) */
+            e->lepoch = v->lepoch;
+            e->mask = FULL;
+        }
+    }
+    /* in the volume's changed blocks for its next record here (a block
+     * the table could not keep sends that record to the engine) */
     pthread_mutex_lock(&fm->io);
     for (size_t i = 0; i < n; i++)
-        log_block(fm, NULL, vid, blocks[i], 0, FULL, 0, 0, 0); /* cannot fail: room made above */
+        log_block(fm, v, vid, blocks[i], 0, FULL, 0, 0, 0); /* cannot fail: room made above */
     pthread_mutex_unlock(&fm->io);
-    if (n > 0)
-        v->clean = 0; /* the engine's log flush records the discard */
 out:
     give(fm, locked);
     return rc;
@@ -2032,8 +2041,8 @@ static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t
         /* a block whose pages are no longer known here: the engine's job.
          * One changed before the freeze goes whole (its pages as the head
          * reads them now): none of its view may be unverified */
-        int known = e != NULL && e->slot != 0 &&
-                    (pre ? !e->unverified : e->lepoch == v->lepoch && e->mask != 0);
+        int known = e != NULL && (e->slot != 0 ? (pre ? !e->unverified : e->lepoch == v->lepoch && e->mask != 0)
+                                               : (pre || e->lepoch == v->lepoch)); /* zeros: a discard */
         if (!known) {
             pthread_mutex_unlock(&fm->io);
             return -EAGAIN;
@@ -2042,7 +2051,7 @@ static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t
         haves[count] = e->have;
         bs[count] = e->b;
         blocks[count] = e->block;
-        masks[count] = pre ? FULL : e->mask;
+        masks[count] = e->slot == 0 ? 0 : pre ? FULL : e->mask; /* 0: the block reads as zeros */
         npages += (uint64_t)__builtin_popcount(masks[count++]);
     }
     pthread_mutex_unlock(&fm->io);

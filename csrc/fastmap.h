@@ -63,9 +63,9 @@ int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot
  * data), in one hold of the lock, which it takes (unless locked): each reads
  * as zeros from now on (as vd_fm_set makes slot 0, read only) and goes into
  * the drain as (vid, block, 0, 0xFFFF, 0, 0, 0), in order with the writes
- * around it; the volume is not clean (the engine's log flush records the
- * discard).  0; -EAGAIN (the volume is not served) or -ENOMEM, having
- * changed nothing. */
+ * around it, and into the volume's next record written here (vd_fm_fsync:
+ * mask 0, the block reads as zeros; whole once written again).  0; -EAGAIN
+ * (the volume is not served) or -ENOMEM, having changed nothing. */
 int vd_fm_discard(struct vd_fastmap *fm, int locked, uint64_t vid, const uint64_t *blocks, size_t n);
 enum { VD_FM_ADD_WORDS = 11 };
 int vd_fm_add_many(struct vd_fastmap *fm, int locked, uint64_t vid, const uint64_t *recs, size_t nwords);

@@ -220,7 +220,11 @@ def begin(pool, change=None) -> CommitJob:
         unclean = [vid for vid in held or () if vid in pool._fm_heads]
         log_gen, before = fm.freeze(pool.intent.handle, held is not None, state, unclean,
                                     locked=bool(pool._fm_depth))
-        fastbridge.drain(pool, before)
+        try:
+            fastbridge.drain(pool, before)
+        except BaseException:  # no commit after all: C and the log go on as before
+            fm.commit_failed(pool.intent.handle, locked=bool(pool._fm_depth))
+            raise
     else:
         log_gen = pool.intent.freeze(records=held is not None)
     # free slots beyond the durable high-water mark must be recorded
@@ -390,9 +394,9 @@ def _publish_job(pool, job: CommitJob):
     """A job's commit is durable: the pool takes it on, then C (one hold
     of its lock, FastMap.commit_done)."""
     ep = job.epoch
-    _forget_zeroed(pool, ep)
     pool._inflight = None
     pool.catalogue.committed(ep.records)
+    _forget_zeroed(pool, ep)  # before their slots can be reused
     clean = _after_commit(pool, job.tx, ep)
     if pool._fm is None:
         pool.intent.retire(ep.log_gen)  # and no commit in flight

@@ -174,8 +174,8 @@ def drain(pool, limit: int | None = None) -> None:
         if slot == ZERO_SLOT:  # C made it zeros (a discard: FastMap.discard)
             v = pool._vols.get(vid)
             if v is not None:
-                # the next log flush (the Pool's: C made the volume not
-                # clean) records the whole block, whatever C writes over it
+                # a log flush of the Pool's records the whole block,
+                # whatever C writes over it (C's own records do too)
                 pool._unlogged.setdefault(v["lid"], set()).add(block)
                 make_zero(pool, overlay_of(pool._dirty, v["lid"]), block).pages = FULL_MASK
             continue

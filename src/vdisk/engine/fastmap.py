@@ -139,8 +139,9 @@ class FastMap:
         """Make whole blocks of a volume read as zeros, in one hold of the
         lock, which it takes (unless locked): each goes into the drain as
         (vid, block, 0, FULL, ...), in order with C's writes around it,
-        and the volume is not clean.  False, having changed nothing, when
-        C cannot (the volume is not served, no memory)."""
+        and into the volume's next log record written in C (as reading
+        zeros, or whole once written again).  False, having changed
+        nothing, when C cannot (the volume is not served, no memory)."""
         return lib.vd_fm_discard(self._fm, int(locked), vid, *_words(blocks)) == 0
 
     def _expect(self, layers) -> int:
