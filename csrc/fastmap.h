@@ -28,7 +28,10 @@ void vd_fm_unlock(struct vd_fastmap *fm);
 /* everything below must be called with the lock held, except
  * vd_fm_read/vd_fm_write (the I/O threads), vd_fm_set_failed, vd_fm_stats,
  * vd_fm_reservoir and vd_fm_drain/vd_fm_reservoir_add/vd_fm_reservoir_take
- * (which take the inner mutex themselves) */
+ * (which take the inner mutex themselves), and the engine's calls that take
+ * the lock themselves unless told it is held (locked): vd_fm_add_many,
+ * vd_fm_discard, vd_fm_sync_volumes, vd_fm_freeze, vd_fm_commit_done and
+ * vd_fm_commit_failed */
 /* have: the pages slot holds (0xFFFF: all), the others read from slot base
  * if in bhave, else from slot base2 if in bhave2, else from slot base3 (0:
  * zeros); shared: the head reads the block as its last snapshot point

@@ -8,8 +8,11 @@ layer only passes requests to `io_functions()` and falls back to the Pool
 when they return -EAGAIN.  See docs/architecture.md, "The fast path".
 
 Concurrency contract: the mutators (set, forget, ...) must be called with
-`lock()` held, by the thread that owns the Pool; drain, reservoir_add and
-reservoir_take take C's inner mutex themselves and may be called without it.  `read` and `write`
+`lock()` held, by the thread that owns the Pool; add_many, discard,
+sync_volumes, freeze, commit_done and commit_failed take the lock
+themselves (unless locked=True: the caller holds it), so that no Python
+runs while the engine holds it; drain, reservoir_add and reservoir_take take
+C's inner mutex themselves and may be called without it.  `read` and `write`
 (and the C functions behind `io_functions()`) take the lock for reading and
 may be called from any one thread at a time; they block on the data file's
 pread/pwrite, and on the lock while the Pool holds it.
