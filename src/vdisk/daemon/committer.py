@@ -17,6 +17,7 @@ synchronous structural changes (snapshots, rollbacks) before its next await.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -127,22 +128,29 @@ class Committer:
         if not self.pool.inflight() and not self._priority:  # a structural commit may have come first
             await self._commit()
 
+    @contextlib.asynccontextmanager
+    async def _turn(self):
+        """The turn of a commit asked for by another thread: background
+        commits stand aside (_priority) and none is in flight when the body
+        runs; the map may grow meanwhile, since the asking thread is
+        blocked in this call and holds no LMDB transaction."""
+        self._priority += 1
+        deferred = self.pool.defer_map_growth
+        try:
+            await self.idle()
+            self.pool.defer_map_growth = False
+            yield
+        finally:
+            self.pool.defer_map_growth = deferred
+            self._priority -= 1
+
     async def commit_change(self, change):
         """A structural commit (a snapshot, say) run like the others: the
         overlay is frozen now, between two FUSE requests - the instant the
         snapshot is taken - and the fdatasync and the transaction run in the
         worker thread while I/O goes on.  Returns the change's result."""
-        self._priority += 1
-        deferred = self.pool.defer_map_growth
-        try:
-            await self.idle()
-            # the asking thread is blocked in this call and holds no LMDB
-            # transaction: the map may grow now
-            self.pool.defer_map_growth = False
+        async with self._turn():
             return await self._commit(change)
-        finally:
-            self.pool.defer_map_growth = deferred
-            self._priority -= 1
 
     async def commit_meta(self, change=None):
         """Records (and a change that touches no block) committed alone
@@ -150,17 +158,8 @@ class Committer:
         flight, one small transaction here, between two FUSE requests,
         without the data sync of a full commit.  Returns change's
         result."""
-        self._priority += 1
-        deferred = self.pool.defer_map_growth
-        try:
-            await self.idle()
-            # no await from here; the asking thread is blocked in this
-            # call and holds no LMDB transaction: the map may grow now
-            self.pool.defer_map_growth = False
-            return self.pool.commit_meta(change)
-        finally:
-            self.pool.defer_map_growth = deferred
-            self._priority -= 1
+        async with self._turn():
+            return self.pool.commit_meta(change)  # no await: nothing comes in between
 
     async def idle(self) -> None:
         """Return once no commit is in flight."""
