@@ -686,20 +686,24 @@ int vd_fm_add_many(struct vd_fastmap *fm, int locked, uint64_t vid, const uint64
     return added;
 }
 
-/* Room in the drain for n more records without a realloc in log_block
- * (with the inner mutex held): 0, or -ENOMEM. */
+/* Room in the drain for n more records (with the inner mutex held): the
+ * records not drained yet moved down over those drained, else the buffer
+ * doubled.  0, or -ENOMEM with nothing changed but that move.  log_block
+ * asks for one; vd_fm_discard for a batch before it changes anything. */
 static int log_room(struct vd_fastmap *fm, size_t n)
 {
     if (fm->nlog + n <= fm->caplog)
         return 0;
-    if (fm->loghead > 0) {
+    if (fm->loghead > 0) { /* room below what is not drained yet */
         memmove(fm->log, fm->log + fm->loghead * LOG_REC, (fm->nlog - fm->loghead) * LOG_REC * sizeof(uint64_t));
         fm->nlog -= fm->loghead;
         fm->loghead = 0;
     }
     if (fm->nlog + n <= fm->caplog)
         return 0;
-    size_t c = (fm->nlog + n) * 2;
+    size_t c = fm->caplog ? fm->caplog * 2 : 1024;
+    while (c < fm->nlog + n)
+        c *= 2;
     uint64_t *l = realloc(fm->log, c * LOG_REC * sizeof(uint64_t));
     if (l == NULL)
         return -ENOMEM;
@@ -1483,19 +1487,8 @@ static int log_block(struct vd_fastmap *fm, struct vol *v, uint64_t vid, uint64_
             v->chg[v->nchg] = block;
         v->nchg++;
     }
-    if (fm->nlog == fm->caplog && fm->loghead > 0) { /* room below what is not drained yet */
-        memmove(fm->log, fm->log + fm->loghead * LOG_REC, (fm->nlog - fm->loghead) * LOG_REC * sizeof(uint64_t));
-        fm->nlog -= fm->loghead;
-        fm->loghead = 0;
-    }
-    if (fm->nlog == fm->caplog) {
-        size_t c = fm->caplog ? fm->caplog * 2 : 1024;
-        uint64_t *l = realloc(fm->log, c * LOG_REC * sizeof(uint64_t));
-        if (l == NULL)
-            return -ENOMEM;
-        fm->log = l;
-        fm->caplog = c;
-    }
+    if (log_room(fm, 1) < 0)
+        return -ENOMEM;
     uint64_t *r = fm->log + fm->nlog * LOG_REC;
     r[0] = vid;
     r[1] = block;

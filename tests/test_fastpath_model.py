@@ -1740,6 +1740,18 @@ def test_a_commit_that_changes_a_volume_holds_its_fsyncs_only(tmp_path, op, dura
         again.close()
 
 
+def _written_in_c(tmp_path, seed: int):
+    """(pool, vid, fm, data): a pool with a volume of four blocks and a
+    FastMap attached, data written whole through C, nothing committed."""
+    pool = Pool(str(tmp_path), fast=False)
+    vid = pool.create_volume(4 * BLOCK_SIZE)
+    fm = FastMap(pool.file.fd, reservoir=16)
+    pool.attach_fast(fm)
+    data = pattern(seed, 4 * BLOCK_SIZE)
+    assert fm.write(vid, 0, data)
+    return pool, vid, fm, data
+
+
 @pytest.mark.parametrize("write", ["part of a page", "most of the block"])
 def test_c_writes_during_a_rollback_stay_with_the_head_they_were_written_to(tmp_path, write):
     """A write C serves while a rollback's commit is in flight lands in
@@ -1752,12 +1764,7 @@ def test_c_writes_during_a_rollback_stay_with_the_head_they_were_written_to(tmp_
     instead of the snapshot's.  The write is rolled back with the head
     it was written to (or, were it ordered after the rollback, it would
     read over the snapshot's bytes); the old head's bytes never show."""
-    pool = Pool(str(tmp_path), fast=False)
-    vid = pool.create_volume(4 * BLOCK_SIZE)
-    fm = FastMap(pool.file.fd, reservoir=16)
-    pool.attach_fast(fm)
-    snap = pattern(1, 4 * BLOCK_SIZE)
-    assert fm.write(vid, 0, snap)
+    pool, vid, fm, snap = _written_in_c(tmp_path, 1)
     (sid,) = pool.snapshot([vid])
     assert fm.write(vid, 0, b"x" * BLOCK_SIZE)  # the head's own block 0, after the snapshot
     pool.commit()
@@ -1801,12 +1808,7 @@ def test_a_discard_in_c_and_a_write_over_it_survive_a_crash(tmp_path, flush):
     discard removed (a record of the written pages only, replayed over the
     last commit, did).  C's writes before the discard are gone with it,
     those after it stay."""
-    pool = Pool(str(tmp_path), fast=False)
-    vid = pool.create_volume(4 * BLOCK_SIZE)
-    fm = FastMap(pool.file.fd, reservoir=16)
-    pool.attach_fast(fm)
-    old = pattern(2, 4 * BLOCK_SIZE)
-    assert fm.write(vid, 0, old)
+    pool, vid, fm, old = _written_in_c(tmp_path, 2)
     pool.commit()
     assert fm.write(vid, 2 * BLOCK_SIZE, b"b" * 4096)  # before the discard, not committed
     pool.discard(vid, 512, 3 * BLOCK_SIZE + 4096 - 512)  # a page's end, two whole blocks, a page of the last

@@ -397,15 +397,17 @@ def _publish_job(pool, job: CommitJob):
     pool._inflight = None
     pool.catalogue.committed(ep.records)
     _forget_zeroed(pool, ep)  # before their slots can be reused
-    clean = _after_commit(pool, job.tx, ep)
+    logged = _after_commit(pool, job.tx, ep)
     if pool._fm is None:
         pool.intent.retire(ep.log_gen)  # and no commit in flight
         return job.result
     # C's part in one hold of its lock (FastMap.commit_done): the log's
-    # records before the freeze are obsolete, the volumes told again if
-    # the commit changed them, the blocks it made backed entries may flip
+    # records before the freeze are obsolete, the volumes C may log again
+    # are clean, the volumes told again if the commit changed them, the
+    # blocks it made backed entries may flip
     ops, gone = fastbridge.volume_ops(pool) if job.tx.vols or job.tx.lins else ((), ())
     vid_of = _served(pool)
+    clean = [vid_of[lid] for lid in logged if lid in vid_of]
     backed = array("Q")
     for lid, recs in ep.backed.items():
         vid = vid_of.get(lid)
@@ -698,13 +700,12 @@ def _write_meta(pool, tx: Tx, staged: dict) -> None:
 
 def _after_commit(pool, tx: Tx, ep: Epoch) -> list[int]:
     """The transaction is durable: publish it and let its frees be reused.
-    Returns the volumes C may log again (clean: nothing of theirs is
-    unlogged any more), for the caller to tell C with the log's retiring
-    (FastMap.commit_done)."""
+    Returns the lineages nothing of which is unlogged any more (their
+    volumes' log flushes may be C's again: the caller tells C with the
+    log's retiring, FastMap.commit_done)."""
     _publish(pool, tx)
     frozen, pool._unlogged_frozen = pool._unlogged_frozen, {}
-    vid_of = _served(pool)
-    clean = [vid_of[lid] for lid in frozen if lid in vid_of and not pool._unlogged.get(lid)]
+    logged = [lid for lid in frozen if not pool._unlogged.get(lid)]
     pool._committed_hwm = max(pool._committed_hwm, ep.hwm)
     if pool._reserved_beyond:  # recorded free by this commit, unless taken since
         pool._reserved_beyond = {s for s in pool._reserved_beyond if s >= pool._committed_hwm}
@@ -712,7 +713,7 @@ def _after_commit(pool, tx: Tx, ep: Epoch) -> list[int]:
     # beyond the hwm); once it runs dry, DB_FREE is scanned again from the
     # start, where this commit's frees (ep.zeroed among them) now are.
     pool._free_scan = b""
-    return clean
+    return logged
 
 
 def _publish(pool, tx: Tx) -> None:
