@@ -86,7 +86,8 @@
 
 #define BS (64 * 1024)
 #define MAX_SPAN VD_FM_MAX_SPAN
-#define MAX_ENTRIES (1u << 20) /* 1 Mi entries (88 bytes each; the table is at most half full) */
+#define MAX_CAP VD_FM_MAX_CAP /* the table's positions, at most (fastmap.h) */
+#define MAX_ENTRIES (MAX_CAP / 2) /* the table is at most half full */
 #define LOG_REC VD_FM_DRAIN_WORDS /* the drain's records (fastmap.h) */
 
 /* Where the pages an entry's slot does not hold read from: those of bhave
@@ -241,6 +242,9 @@ struct vd_fastmap {
      * positions to move (see "The table" below) */
     struct ent *otab;
     size_t ocap, opos;
+    /* while the table is trimmed (vd_fm_trim): the position below the
+     * last one looked at (0: no trim under way) */
+    size_t trim_pos;
     struct vol *vols;
     size_t nvols, capvols;
     uint64_t *res;
@@ -248,13 +252,15 @@ struct vd_fastmap {
     uint64_t *log;
     size_t loghead, nlog, caplog; /* in records of LOG_REC words: [loghead, nlog) not drained yet */
     volatile int failed;
-    uint64_t st_reads, st_writes, st_again, st_cow, st_verified, st_flips;
+    uint64_t st_reads, st_writes, st_again, st_cow, st_verified, st_flips, st_trims;
     /* writes that found the reservoir dry and waited for a refill: how
      * many, and their waits' total and longest (ns; under the inner mutex) */
     struct spans dry;
     /* the engine's holds of the map's lock (vd_fm_lock; written by the
      * holder), and when this one began */
     struct spans held;
+    /* the trims' holds of the inner mutex, a chunk each (vd_fm_trim) */
+    struct spans trim_hold;
     uint64_t held_since;
     /* requests that found the map's lock taken (by the engine, or by an
      * fsync in C gathering its record) and waited for it (under the inner
@@ -892,7 +898,7 @@ void vd_fm_forget_slot(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint
 static uint32_t next_lepoch(struct vd_fastmap *fm)
 {
     if (++fm->lepoch == 0) {
-        vd_fm_clear(fm, 0);
+        vd_fm_clear(fm);
         fm->lepoch = 1;
     }
     return fm->lepoch;
@@ -914,7 +920,7 @@ static void new_log_epoch(struct vd_fastmap *fm, struct vol *v)
 static void new_epoch(struct vd_fastmap *fm)
 {
     if (++fm->epoch == 0) {
-        vd_fm_clear(fm, 0);
+        vd_fm_clear(fm);
         fm->epoch = 1;
     }
     for (size_t i = 0; i < fm->nvols; i++) {
@@ -1049,22 +1055,74 @@ uint32_t vd_fm_mask(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
     return (v != NULL && e != NULL && e->lepoch == v->lepoch) ? e->mask : 0;
 }
 
-void vd_fm_clear(struct vd_fastmap *fm, int keep_writable)
+void vd_fm_clear(struct vd_fastmap *fm)
 {
     for (size_t i = 0; i < fm->nvols; i++) {
         fm->vols[i].complete = 0;
         fm->vols[i].share_epoch = 0; /* the epoch may start over */
     }
     finish_growth(fm);
-    if (keep_writable) { /* their page masks are needed by the next log flush */
-        for (size_t i = 0; i < fm->cap; i++)
-            if (fm->tab[i].epoch != fm->epoch)
-                fm->tab[i].used = 0;
-        rebuild(fm, fm->cap, 0, 0);
-        return;
-    }
     memset(fm->tab, 0, fm->cap * sizeof(struct ent));
     fm->n = 0;
+    fm->trim_pos = 0;
+}
+
+/* Positions of the table one hold of the inner mutex looks at while
+ * trimming (about 0.1 ms); the I/O threads take turns in between. */
+#define TRIM_CHUNK 4096
+
+static int overlaps_flight(struct vd_fastmap *fm, uint64_t vid, uint64_t first, size_t nb);
+
+/* Whether a trim may forget an entry (inner mutex held): any not set in
+ * this epoch (those hold the pages written since the freeze, which the
+ * volume's next log flush needs), unless a write in flight looks it up
+ * again when it lands (a flip: see book). */
+static int trimmable(struct vd_fastmap *fm, const struct ent *e)
+{
+    return e->epoch != fm->epoch && !overlaps_flight(fm, e->vid, e->block, 1);
+}
+
+int vd_fm_trim(struct vd_fastmap *fm, size_t at, size_t budget)
+{
+    pthread_mutex_lock(&fm->io);
+    if (fm->trim_pos == 0) {
+        if (fm->otab != NULL || fm->n <= at) { /* a growth moves its entries first */
+            pthread_mutex_unlock(&fm->io);
+            return 0;
+        }
+        /* an unknown block of a complete volume reads as zeros: none is
+         * complete once one of its blocks may be forgotten */
+        for (size_t i = 0; i < fm->nvols; i++)
+            fm->vols[i].complete = 0;
+        fm->trim_pos = fm->cap;
+    }
+    pthread_mutex_unlock(&fm->io);
+    /* From the table's end to its start, so that a deletion shifts back
+     * only entries looked at already (kept, mostly few): a run of
+     * positions costs its length, not its length squared.  An entry a
+     * deletion pulls back from the table's start (a run that wraps) is
+     * left as it is. */
+    for (size_t done = 0; done < budget; done += TRIM_CHUNK) {
+        pthread_mutex_lock(&fm->io);
+        uint64_t t0 = mono_ns();
+        size_t pos = fm->trim_pos < fm->cap ? fm->trim_pos : fm->cap; /* (put() may have doubled it) */
+        size_t n = budget - done < TRIM_CHUNK ? budget - done : TRIM_CHUNK;
+        size_t end = pos < n ? 0 : pos - n;
+        for (; pos > end; pos--) {
+            struct ent *e = &fm->tab[pos - 1];
+            if (e->used && trimmable(fm, e))
+                del(fm, e);
+        }
+        fm->trim_pos = pos;
+        if (pos == 0)
+            __atomic_add_fetch(&fm->st_trims, 1, __ATOMIC_RELAXED);
+        spans_add(&fm->trim_hold, mono_ns() - t0);
+        pthread_mutex_unlock(&fm->io);
+        if (pos == 0)
+            return 0;
+        sched_yield(); /* an I/O thread waiting for the mutex takes it now */
+    }
+    return 1;
 }
 
 size_t vd_fm_entries(struct vd_fastmap *fm) { return fm->n; }
@@ -1090,8 +1148,8 @@ int vd_fm_grow(struct vd_fastmap *fm, size_t budget)
     size_t cap = fm->cap, n = fm->n + fm->pending_new;
     pthread_mutex_unlock(&fm->io);
     if (!moving) {
-        if (n * 8 <= cap * 3)
-            return 0;
+        if (n * 8 <= cap * 3 || cap >= MAX_CAP || fm->trim_pos != 0)
+            return 0; /* (a full one is trimmed instead: vd_fm_trim) */
         size_t ncap = cap * 2;
         struct ent *tab = malloc(ncap * sizeof(struct ent));
         if (tab == NULL)
@@ -1186,6 +1244,12 @@ void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out)
     spans_get(&fm->blocked, out + 8);
     spans_get(&fm->held, out + 11);
     out[14] = __atomic_load_n(&fm->st_flips, __ATOMIC_RELAXED);
+    out[15] = __atomic_load_n(&fm->st_trims, __ATOMIC_RELAXED);
+    spans_get(&fm->trim_hold, out + 18);
+    pthread_mutex_lock(&fm->io);
+    out[16] = fm->n;
+    out[17] = (fm->cap + fm->ocap) * sizeof(struct ent);
+    pthread_mutex_unlock(&fm->io);
 }
 
 /* ------------------------------------------------------------ I/O side */

@@ -126,8 +126,26 @@ void vd_fm_commit_done(struct vd_fastmap *fm, int locked, struct vd_log *L, uint
 void vd_fm_commit_failed(struct vd_fastmap *fm, int locked, struct vd_log *L);
 void vd_fm_log_epoch(struct vd_fastmap *fm, uint64_t vid);
 uint32_t vd_fm_mask(struct vd_fastmap *fm, uint64_t vid, uint64_t block);
-void vd_fm_clear(struct vd_fastmap *fm, int keep_writable);
+/* Forget every cached mapping (with the lock held) */
+void vd_fm_clear(struct vd_fastmap *fm);
 size_t vd_fm_entries(struct vd_fastmap *fm);
+/* The table of cached blocks takes at most VD_FM_MAX_CAP positions of 88
+ * bytes (88 MiB), at most half of them used: a block it has no room for
+ * is served by the engine.  Once it holds more than VD_FM_TRIM_AT entries
+ * (three eighths of its positions, where it would otherwise grow) the
+ * engine trims it at its next refill: vd_fm_trim forgets every entry not
+ * set in this epoch (those written since the freeze stay: their pages are
+ * the volumes' next log records'), and the engine teaches C again what
+ * requests need. */
+enum { VD_FM_MAX_CAP = 1048576, VD_FM_TRIM_AT = 393216 };
+/* The engine's thread, without the lock: a trim starts once the table
+ * holds more than at entries (VD_FM_TRIM_AT; less in tests) and no growth
+ * is under way, and looks at budget positions per call, a chunk per hold
+ * of the inner mutex, so that the I/O threads go on (a clear under the
+ * lock held them all for 60 ms), and the refill that calls it does not
+ * keep the writers waiting for slots.  1 while a trim is under way (call
+ * again), 0 once it is done, or when there was nothing to do. */
+int vd_fm_trim(struct vd_fastmap *fm, size_t at, size_t budget);
 /* grow the table ahead of need and move at most budget of the old table's
  * positions (the engine's thread, without the lock; called at each
  * refill): 1 grown or moved, 0 nothing to do, -ENOMEM */
@@ -161,8 +179,11 @@ enum { VD_FM_DRAIN_WORDS = 7 };
  * (ns); requests that found the map's lock taken (by the engine, or by an
  * fsync gathering its log record) and waited, their total and longest wait
  * (ns); the engine's holds of the lock
- * (vd_fm_lock), their total and longest (ns); block writes that flipped */
-enum { VD_FM_STATS = 15 };
+ * (vd_fm_lock), their total and longest (ns); block writes that flipped;
+ * trims of the table (vd_fm_trim), the entries it holds, and the bytes
+ * its positions take (both tables while it grows); the trims' holds of the
+ * inner mutex (a chunk each), their total and longest (ns) */
+enum { VD_FM_STATS = 21 };
 void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out);
 /* the checksum of a committed slot an unverified entry reads from (the
  * CRC-32C of the pages of mask, as vd_checksum_slots computes it): C

@@ -861,13 +861,25 @@ def memory_10x1tib(cwd: str, total_gib: int) -> dict:
         if r.returncode != 0:
             raise SystemExit("fio failed: %s" % r.stderr)
         dt = time.monotonic() - t0
-        written = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]["write"]["io_bytes"]
+        w = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]["write"]
+        fp = fast_path(env)
         return {
-            "disks": len(devs), "disk_gib": 1024, "written_gib": written / GIB, "seconds": dt,
+            "disks": len(devs), "disk_gib": 1024, "written_gib": w["io_bytes"] / GIB, "seconds": dt,
             "rss_idle_mib": rss_idle / (1 << 20),
             "rss_mib": proc_status(pid, "VmRSS") / (1 << 20),
             "rss_peak_mib": proc_status(pid, "VmHWM") / (1 << 20),
+            # of the RSS: the daemon's own memory, and the pages of files it
+            # maps (LMDB's map, the libraries), which the kernel may drop
+            "rss_anon_mib": proc_status(pid, "RssAnon") / (1 << 20),
+            "rss_file_mib": proc_status(pid, "RssFile") / (1 << 20),
             "pool_used_gib": env.j("pool", "status")["Pool"]["UsedBytes"] / GIB,
+            # the writers' latency, and the fast path's cache of blocks
+            # (its size, how often it was trimmed) and lock (the engine's
+            # longest hold, the longest wait for it)
+            "lat_p99_ms": w["clat_ns"]["percentile"]["99.000000"] / 1e6,
+            "lat_max_ms": w["clat_ns"]["max"] / 1e6,
+            "fast_path": {k: fp.get(k) for k in ("CacheEntries", "CacheMiB", "CacheTrims", "CacheTrimHoldMaxMs", "EngineLockHoldMaxMs",
+                                                  "LockWaitMaxMs", "PassedToPython")},
         }
     finally:
         env.close()
@@ -1135,12 +1147,25 @@ def print_report(results: dict, a) -> None:
         for k, v in results["deletion_time"].items():
             print("  %-9s changed: delete %7.1f ms, %6.0f MiB freed" % (k, v["delete_ms"], v["freed_mib"]))
     if "memory" in results:
-        mm = results["memory"]
-        print("daemon memory, %d disks of %d GiB, %.1f GiB written in %.0f s: RSS %.0f MiB (peak %.0f, idle %.0f)"
-              "   target: < 300 MiB"
-              % (mm["disks"], mm["disk_gib"], mm["written_gib"], mm["seconds"], mm["rss_mib"], mm["rss_peak_mib"],
-                 mm["rss_idle_mib"]))
+        print_memory(results["memory"])
     print("\nwritten to %s" % os.path.join(a.out, "bench.json"))
+
+
+def print_memory(mm: dict) -> None:
+    print("daemon memory, %d disks of %d GiB, %.1f GiB written in %.0f s: RSS %.0f MiB (peak %.0f, idle %.0f)"
+          "   target: < 300 MiB"
+          % (mm["disks"], mm["disk_gib"], mm["written_gib"], mm["seconds"], mm["rss_mib"], mm["rss_peak_mib"],
+             mm["rss_idle_mib"]))
+    if "rss_anon_mib" in mm:
+        print("  of the RSS: %.0f MiB the daemon's own (anonymous), %.0f MiB pages of files it maps (LMDB)"
+              % (mm["rss_anon_mib"], mm["rss_file_mib"]))
+    fp = mm.get("fast_path")
+    if fp:
+        print("  writers' latency p99 %.2f ms, max %.1f ms; C's cache of blocks: %s entries, %s MiB, trimmed %s times"
+              " (longest hold %s ms); the engine's longest hold of its lock %s ms, the longest wait for it %s ms;"
+              " %s requests passed to Python"
+              % (mm["lat_p99_ms"], mm["lat_max_ms"], fp["CacheEntries"], fp["CacheMiB"], fp["CacheTrims"],
+                 fp.get("CacheTrimHoldMaxMs"), fp["EngineLockHoldMaxMs"], fp["LockWaitMaxMs"], fp["PassedToPython"]))
 
 
 def print_barrier(r: dict) -> None:
@@ -1201,6 +1226,8 @@ def main() -> int:
                     help="control clients creating and deleting snapshots in the churn run (default 8)")
     ap.add_argument("--only-churn", action="store_true",
                     help="only the churn run: fio with verification while clients create and delete snapshots")
+    ap.add_argument("--only-memory", action="store_true",
+                    help="only the daemon's memory: 10 disks of 1 TiB, --memory-gib written across them")
     ap.add_argument("--only-barrier", action="store_true",
                     help="only the barrier run: ten disks under fio with an instance snapshot a second, against "
                     "no snapshots and ten plain files")
@@ -1243,6 +1270,8 @@ def main() -> int:
     if a.trim:
         return only(a, "trim", lambda: trim_bench(a.barrier_runtime, tempfile.gettempdir(), a.barrier_rounds),
                     print_trim)
+    if a.only_memory:
+        return only(a, "memory", lambda: memory_10x1tib(tempfile.gettempdir(), a.memory_gib), print_memory)
     if a.only_barrier:
         return only(a, "barrier", lambda: barrier_bench(a.barrier_runtime, 1.0, tempfile.gettempdir(),
                                                         a.barrier_rounds), print_barrier)

@@ -1094,6 +1094,163 @@ def test_c_moves_its_outgrown_table_a_chunk_at_a_time(tmp_path):
         assert pool.scrub() == []
 
 
+def test_a_trim_forgets_what_c_need_not_keep_and_c_learns_it_again(tmp_path):
+    """C's table is a cache of bounded size: a trim (FastMap.trim, which
+    the Pool's refill calls once it holds more than TRIM_AT entries; every
+    entry here) forgets every block not written since the last freeze.
+    A block of a new volume that C forgot is handed back, not read as
+    zeros (the volume's unknown blocks are no longer zeros to C); those
+    written since the freeze stay, with the pages the volume's next log
+    record needs, which C writes itself and a crash replays.  A read
+    through the Pool teaches C again."""
+    pool = Pool(str(tmp_path), fast=False)
+    fm = FastMap(pool.file.fd, reservoir=64)
+    pool.attach_fast(fm)
+    nblocks = 40
+    vid = pool.create_volume(2 * nblocks * BLOCK_SIZE)  # new: C takes its unknown blocks as zeros
+    want = bytearray(2 * nblocks * BLOCK_SIZE)
+    for b in range(nblocks):
+        want[b * BLOCK_SIZE : (b + 1) * BLOCK_SIZE] = bytes([b + 1]) * BLOCK_SIZE
+        assert fm.write(vid, b * BLOCK_SIZE, want[b * BLOCK_SIZE : (b + 1) * BLOCK_SIZE])
+    pool.commit()
+    news = [0, nblocks, nblocks + 1, nblocks + 2]
+    for b in news:  # written since the freeze: a page of an old block, and new blocks
+        want[b * BLOCK_SIZE + 4096 : b * BLOCK_SIZE + 8192] = b"n" * 4096
+        assert fm.write(vid, b * BLOCK_SIZE + 4096, b"n" * 4096)
+    n = fm.entries()
+    assert n >= nblocks + 3
+    assert not fm.trim(at=n)  # not above at: nothing to do
+    steps = 0
+    while fm.trim(at=0, budget=4096):  # a step at a time, as the refills do
+        steps += 1
+    assert steps == 65536 // 4096 - 1  # the whole (first) table, a step per call
+    assert fm.entries() == len(news) and fm.stats()["trims"] == 1
+    for b in range(1, nblocks):  # forgotten: handed back, not zeros
+        assert fm.read(vid, b * BLOCK_SIZE, 4096) is None, b
+    for b in news:
+        assert fm.read(vid, b * BLOCK_SIZE, BLOCK_SIZE) == want[b * BLOCK_SIZE : (b + 1) * BLOCK_SIZE]
+    while pool.log_grow_ahead():  # room for C's record, as the daemon keeps it
+        pass
+    assert fm.fsync(vid)  # C writes the volume's record: it kept what the record needs
+    assert pool.log_status()["flushes_in_c"] == 1
+    assert pool.read(vid, 0, len(want)) == want  # the Pool teaches C again
+    handed = fm.stats()["handed_back"]
+    assert fm.read(vid, 0, nblocks * BLOCK_SIZE // 2) == want[: nblocks * BLOCK_SIZE // 2]
+    assert fm.stats()["handed_back"] == handed
+    _crash(pool, fm)  # the record holds the writes since the commit
+    again = Pool(str(tmp_path), fast=False)
+    try:
+        assert again.intent.stats["replayed"] == 1
+        assert again.read(vid, 0, len(want)) == want
+        assert again.scrub() == []
+    finally:
+        again.close()
+
+
+def test_trims_while_io_threads_write_and_flip(tmp_path):
+    """A trim runs without the map's lock, a chunk of C's table at a time,
+    while C's I/O threads write: here into committed backed blocks (flips,
+    whose write looks its entry up again when it lands: a trim must not
+    forget an entry a write in flight holds) and the blocks of another
+    volume, with commits and a commit in flight between the trims.  Every
+    page then reads what was written last, through C and the Pool, and
+    after a reopen; scrub is clean."""
+    import sys
+    import threading
+
+    nblocks = 48
+    pool = Pool(str(tmp_path), fast=False)
+    fm = FastMap(pool.file.fd, reservoir=256)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # interleave the writers' C calls with the trims
+    closed = False
+    try:
+        pool.attach_fast(fm)
+        vid, other = pool.create_volume(nblocks * BLOCK_SIZE), pool.create_volume(nblocks * BLOCK_SIZE)
+        last: dict = {}
+        for v in (vid, other):
+            for b in range(nblocks):
+                data = bytes([v, b]) * (BLOCK_SIZE // 2)
+                assert fm.write(v, b * BLOCK_SIZE, data)
+                for pg in range(16):
+                    last[v, b * BLOCK_SIZE + pg * 4096] = data[:4096]
+        pool.commit()
+        for b in range(nblocks):  # a page over the head's own whole block: backed entries at the commit
+            assert fm.write(vid, b * BLOCK_SIZE, b"b" * 4096)
+            last[vid, b * BLOCK_SIZE] = b"b" * 4096
+        pool.commit()
+        flips = fm.stats()["flips"]
+        errors: list = []
+        stop = threading.Event()
+
+        def writer(v):
+            try:
+                r = 0
+                while not stop.is_set():
+                    for b in range(nblocks):
+                        off = b * BLOCK_SIZE + (r % 16) * 4096
+                        data = (b"%d:%d:%d;" % (v, r, b) * 600)[:4096]
+                        while not fm.write(v, off, data):  # handed back: wait for a teach
+                            if stop.is_set():
+                                return
+                        last[v, off] = data
+                    r += 1
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer, args=(v,)) for v in (vid, other)]
+        for th in threads:
+            th.start()
+        trimmed = 0
+        for i in range(60):
+            for _ in range(4):  # in steps, or the whole at once
+                trimmed += fm.trim(at=0, budget=8192 if i % 2 else 1 << 20)
+            if i % 5 == 0:
+                pool.commit()
+            job = pool.begin_commit() if i % 5 == 2 else None
+            pool.refill_fast()
+            pool.read(vid, 0, nblocks * BLOCK_SIZE)  # C learns the blocks again
+            pool.read(other, 0, nblocks * BLOCK_SIZE)
+            if job is not None:
+                job.run()
+                pool.finish_commit(job)
+        stop.set()
+        for th in threads:
+            th.join()
+        assert not errors, errors
+        st_ = fm.stats()
+        assert trimmed > 0 and st_["trims"] > 0 and st_["flips"] > flips, st_
+
+        def check(p):
+            for (v, off), data in last.items():
+                assert p.read(v, off, 4096) == data, (v, off)
+
+        check(pool)
+        while fm.trim(at=0):
+            pass
+        for (v, off), data in last.items():
+            got = fm.read(v, off, 4096)
+            assert got is None or got == data, (v, off)
+        pool.commit()
+        assert pool.scrub() == []
+        pool.detach_fast()
+        fm.close()
+        pool.close()
+        closed = True
+        again = Pool(str(tmp_path))
+        try:
+            check(again)
+            assert again.scrub() == []
+        finally:
+            again.close()
+    finally:
+        sys.setswitchinterval(switch)
+        if not closed:
+            pool.detach_fast()
+            fm.close()
+            pool.close()
+
+
 @pytest.mark.parametrize("where", ["tmp_path", "tmpfs"])
 def test_log_records_are_written_direct_where_the_filesystem_allows(tmp_path, where):
     """The log's records are written with O_DIRECT and RWF_DSYNC (one

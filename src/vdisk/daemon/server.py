@@ -385,6 +385,14 @@ class Daemon:
             "LockWaits": e["lock_waits"],
             "LockWaitMs": round(e["lock_wait_ns"] / 1e6, 3),
             "LockWaitMaxMs": round(e["lock_wait_max_ns"] / 1e6, 3),
+            # the cache of blocks C serves from: entries, the memory its
+            # table takes, and how often the engine trimmed it (a cache of
+            # at most 88 MiB: fastmap.TRIM_AT)
+            "CacheEntries": e["entries"],
+            "CacheMiB": round(e["table_bytes"] / (1 << 20), 1),
+            "CacheTrims": e["trims"],
+            # a trim's longest hold of C's inner mutex (a chunk of the table)
+            "CacheTrimHoldMaxMs": round(e["trim_hold_max_ns"] / 1e6, 3),
         }
 
     def _log_status(self) -> dict:

@@ -46,10 +46,6 @@ if typing.TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The fast path's map is a cache: emptied when it holds more than this many
-# blocks (about 64 MiB of C memory).
-FAST_MAX_ENTRIES = 900_000
-
 
 class FastLock:
     """`with pool._fast():` (the pool's one FastLock) holds the fast path's
@@ -126,26 +122,30 @@ def refill(pool) -> int:
     slots were added (fewer when the pool's filesystem is full).
 
     Runs without the map's lock: it changes only the allocator (this
-    thread's) and the reservoir (under C's inner mutex), so the I/O
-    threads go on meanwhile, even while this thread waits for the GIL."""
+    thread's), and the reservoir and C's table (under C's inner mutex, a
+    chunk of the table at a time), so the I/O threads go on meanwhile,
+    even while this thread waits for the GIL."""
     fm = pool._fm
     if fm is None or pool._failed:
         return 0
     drain_light(pool)
-    if fm.entries() > FAST_MAX_ENTRIES:
-        with pool._fast():
-            fm.clear(keep_writable=True)  # a cache: it fills again as blocks are used
-    else:
-        fm.grow()  # ahead of need, so that no write waits while C's table grows
+    added = 0
     want = fm.reservoir_target - fm.reservoir()
-    if want <= 0:
-        return 0
-    # growing the data file for the reservoir must not take the room
-    # LMDB and the writes themselves need: only reused slots then
-    grow = max(0, allocator.spare_bytes(pool) // BLOCK_SIZE)
-    slots = allocator.reserve_many(pool, want, grow)
-    fm.reservoir_add(slots[::-1])  # C takes from the end: ascending slots
-    return len(slots)
+    if want > 0:
+        # growing the data file for the reservoir must not take the room
+        # LMDB and the writes themselves need: only reused slots then
+        grow = max(0, allocator.spare_bytes(pool) // BLOCK_SIZE)
+        slots = allocator.reserve_many(pool, want, grow)
+        fm.reservoir_add(slots[::-1])  # C takes from the end: ascending slots
+        added = len(slots)
+    # then C's table, with the writers supplied (a trim of the whole table
+    # before the reservoir kept them waiting 0.7 s for slots): a cache of
+    # bounded size, so once it is full enough C forgets what it may (and
+    # is taught again as requests need), a step at a time; else it grows
+    # ahead of need, so that no write waits while it grows
+    if not fm.trim():
+        fm.grow()
+    return added
 
 
 def drain_light(pool) -> None:

@@ -12,7 +12,8 @@ Concurrency contract: the mutators (set, forget, ...) must be called with
 sync_volumes, freeze, commit_done and commit_failed take the lock
 themselves (unless locked=True: the caller holds it), so that no Python
 runs while the engine holds it; drain, reservoir_add and reservoir_take take
-C's inner mutex themselves and may be called without it.  `read` and `write`
+C's inner mutex themselves and may be called without it, and so do grow and
+trim (the owner's thread only: they change the table, a chunk at a time).  `read` and `write`
 (and the C functions behind `io_functions()`) take the lock for reading and
 may be called from any one thread at a time; they block on the data file's
 pread/pwrite, and on the lock while the Pool holds it.
@@ -38,6 +39,9 @@ COALESCE_PAGES = lib.VD_FM_COALESCE_PAGES  # see csrc/fastmap.h
 # FastMap.freeze's state: no commit in flight, a plain one, one with a structural change
 COMMIT_NONE, COMMIT_PLAIN, COMMIT_STRUCTURAL = 0, 1, 2
 MAX_SPAN = lib.VD_FM_MAX_SPAN  # the most blocks one request served in C spans
+# the table of cached blocks: trimmed (trim) once it holds more than this
+# many entries, so that it never takes more than MAX_CAP positions (88 MiB)
+TRIM_AT, MAX_CAP = lib.VD_FM_TRIM_AT, lib.VD_FM_MAX_CAP
 # positions of the table C outgrew that one grow() moves (in chunks of 4096,
 # between which the I/O threads go on): the rest at the next refill
 GROW_BUDGET = 1 << 16
@@ -215,10 +219,20 @@ class FastMap:
         epoch (a bit per page)."""
         return lib.vd_fm_mask(self._fm, vid, block)
 
-    def clear(self, keep_writable: bool = False) -> None:
-        """Forget the cached mappings; keep_writable keeps the blocks written
-        since the freeze (whose page masks the next log flush needs)."""
-        lib.vd_fm_clear(self._fm, int(keep_writable))
+    def clear(self) -> None:
+        """Forget the cached mappings (with the lock held)."""
+        lib.vd_fm_clear(self._fm)
+
+    def trim(self, at: int = TRIM_AT, budget: int = GROW_BUDGET) -> bool:
+        """Once the table holds more than `at` entries, forget those not
+        set in this epoch (a cache: the engine teaches C again what
+        requests need), budget positions of the table per call (from the
+        last call's on), a chunk per hold of C's inner mutex, so that the
+        I/O threads go on: True while a trim is under way (call again),
+        False once it is done, or when there was nothing to do (or the
+        table is growing).  The Pool's thread, without the lock
+        (vd_fm_trim)."""
+        return lib.vd_fm_trim(self._fm, at, budget) == 1
 
     def entries(self) -> int:
         return lib.vd_fm_entries(self._fm)
@@ -298,7 +312,9 @@ class FastMap:
                 "verified": out[4], "reservoir_waits": out[5], "reservoir_wait_ns": out[6],
                 "reservoir_wait_max_ns": out[7], "lock_waits": out[8], "lock_wait_ns": out[9],
                 "lock_wait_max_ns": out[10], "lock_holds": out[11], "lock_hold_ns": out[12],
-                "lock_hold_max_ns": out[13], "flips": out[14]}
+                "lock_hold_max_ns": out[13], "flips": out[14], "trims": out[15], "entries": out[16],
+                "table_bytes": out[17], "trim_holds": out[18], "trim_hold_ns": out[19],
+                "trim_hold_max_ns": out[20]}
 
     # ------------------------------------------------------------ I/O side
 
