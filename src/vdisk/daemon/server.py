@@ -387,7 +387,7 @@ class Daemon:
             "LockWaitMaxMs": round(e["lock_wait_max_ns"] / 1e6, 3),
             # the cache of blocks C serves from: entries, the memory its
             # table takes, and how often the engine trimmed it (a cache of
-            # at most 88 MiB: fastmap.TRIM_AT)
+            # at most 88 MiB, trimmed past fastmap.TRIM_AT entries)
             "CacheEntries": e["entries"],
             "CacheMiB": round(e["table_bytes"] / (1 << 20), 1),
             "CacheTrims": e["trims"],
