@@ -702,6 +702,51 @@ def test_io_threads_with_commits_between(tmp_path):
         pool.close()
 
 
+@contextlib.contextmanager
+def _writers_in_c(fm, vids, nblocks, last):
+    """For the body: a thread per volume of vids writing through C as
+    the I/O threads do, round after round, page r % 16 of each of its
+    first nblocks blocks (again while C hands it back, until a refill or
+    a teach), each write noted in last[vid, offset].  The switch interval
+    is made short, so that their C calls interleave with the body's.  The
+    threads are stopped and joined when the body ends, even when it fails;
+    an error in one of them fails the test."""
+    import sys
+    import threading
+
+    errors: list = []
+    stop = threading.Event()
+
+    def writer(v):
+        try:
+            r = 0
+            while not stop.is_set():
+                for b in range(nblocks):
+                    off = b * BLOCK_SIZE + (r % 16) * 4096
+                    data = (b"%d:%d:%d;" % (v, r, b) * 600)[:4096]
+                    while not fm.write(v, off, data):  # handed back: wait for a refill or a teach
+                        if stop.is_set():
+                            return
+                    last[v, off] = data
+                r += 1
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    threads = [threading.Thread(target=writer, args=(v,)) for v in vids]
+    for th in threads:
+        th.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for th in threads:
+            th.join()
+        sys.setswitchinterval(switch)
+    assert not errors, errors
+
+
 def test_discards_in_batches_while_io_threads_write(tmp_path, monkeypatch):
     """A discard lets go of the map's lock between batches of blocks
     (writepath.DISCARD_BATCH, 4 here), so C's I/O threads write meanwhile:
@@ -711,17 +756,12 @@ def test_discards_in_batches_while_io_threads_write(tmp_path, monkeypatch):
     of it.  Afterwards the other volume holds every write, each block of
     the discarded one reads zeros or the last write to it (never older
     data), the same after a reopen, and scrub is clean."""
-    import sys
-    import threading
-
     from vdisk.engine import writepath
 
     monkeypatch.setattr(writepath, "DISCARD_BATCH", 4)
     nblocks = 48
     pool = Pool(str(tmp_path), fast=False)
     fm = FastMap(pool.file.fd, reservoir=256)
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)  # interleave the writers' C calls with the batches
     closed = False
     try:
         pool.attach_fast(fm)
@@ -729,41 +769,17 @@ def test_discards_in_batches_while_io_threads_write(tmp_path, monkeypatch):
         pool.read(vid, 0, nblocks * BLOCK_SIZE)  # C learns every block (holes)
         pool.read(other, 0, nblocks * BLOCK_SIZE)
         last: dict = {}
-        errors: list = []
-        stop = threading.Event()
-
-        def writer(v):
-            try:
-                r = 0
-                while not stop.is_set():
-                    for b in range(nblocks):
-                        off = b * BLOCK_SIZE + (r % 16) * 4096
-                        data = (b"%d:%d:%d;" % (v, r, b) * 600)[:4096]
-                        while not fm.write(v, off, data):  # handed back: wait for a refill or a teach
-                            if stop.is_set():
-                                return
-                        last[v, off] = data
-                    r += 1
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=writer, args=(v,)) for v in (vid, other)]
-        for th in threads:
-            th.start()
-        for i in range(30):
-            if i % 3 == 0:
-                pool.commit()  # the committed map holds blocks of it
-            job = pool.begin_commit() if i % 3 == 1 else None  # and a commit in flight
-            pool.refill_fast()
-            pool.discard(vid, 0, nblocks * BLOCK_SIZE)
-            pool.read(vid, 0, nblocks * BLOCK_SIZE)  # C learns the blocks again
-            if job is not None:
-                job.run()
-                pool.finish_commit(job)
-        stop.set()
-        for th in threads:
-            th.join()
-        assert not errors, errors
+        with _writers_in_c(fm, (vid, other), nblocks, last):  # interleaved with the batches
+            for i in range(30):
+                if i % 3 == 0:
+                    pool.commit()  # the committed map holds blocks of it
+                job = pool.begin_commit() if i % 3 == 1 else None  # and a commit in flight
+                pool.refill_fast()
+                pool.discard(vid, 0, nblocks * BLOCK_SIZE)
+                pool.read(vid, 0, nblocks * BLOCK_SIZE)  # C learns the blocks again
+                if job is not None:
+                    job.run()
+                    pool.finish_commit(job)
         zeros = bytes(4096)
 
         def check(p):
@@ -806,7 +822,6 @@ def test_discards_in_batches_while_io_threads_write(tmp_path, monkeypatch):
         assert pool.read(fresh, 0, nblocks * BLOCK_SIZE) == bytes(nblocks * BLOCK_SIZE)
         assert pool.scrub() == []
     finally:
-        sys.setswitchinterval(switch)
         if not closed:
             pool.detach_fast()
             pool._abandon()  # a failure may have left a commit in flight
@@ -1155,14 +1170,9 @@ def test_trims_while_io_threads_write_and_flip(tmp_path):
     volume, with commits and a commit in flight between the trims.  Every
     page then reads what was written last, through C and the Pool, and
     after a reopen; scrub is clean."""
-    import sys
-    import threading
-
     nblocks = 48
     pool = Pool(str(tmp_path), fast=False)
     fm = FastMap(pool.file.fd, reservoir=256)
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)  # interleave the writers' C calls with the trims
     closed = False
     try:
         pool.attach_fast(fm)
@@ -1180,44 +1190,20 @@ def test_trims_while_io_threads_write_and_flip(tmp_path):
             last[vid, b * BLOCK_SIZE] = b"b" * 4096
         pool.commit()
         flips = fm.stats()["flips"]
-        errors: list = []
-        stop = threading.Event()
-
-        def writer(v):
-            try:
-                r = 0
-                while not stop.is_set():
-                    for b in range(nblocks):
-                        off = b * BLOCK_SIZE + (r % 16) * 4096
-                        data = (b"%d:%d:%d;" % (v, r, b) * 600)[:4096]
-                        while not fm.write(v, off, data):  # handed back: wait for a teach
-                            if stop.is_set():
-                                return
-                        last[v, off] = data
-                    r += 1
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=writer, args=(v,)) for v in (vid, other)]
-        for th in threads:
-            th.start()
         trimmed = 0
-        for i in range(60):
-            for _ in range(4):  # in steps, or the whole at once
-                trimmed += fm.trim(at=0, budget=8192 if i % 2 else 1 << 20)
-            if i % 5 == 0:
-                pool.commit()
-            job = pool.begin_commit() if i % 5 == 2 else None
-            pool.refill_fast()
-            pool.read(vid, 0, nblocks * BLOCK_SIZE)  # C learns the blocks again
-            pool.read(other, 0, nblocks * BLOCK_SIZE)
-            if job is not None:
-                job.run()
-                pool.finish_commit(job)
-        stop.set()
-        for th in threads:
-            th.join()
-        assert not errors, errors
+        with _writers_in_c(fm, (vid, other), nblocks, last):  # interleaved with the trims
+            for i in range(60):
+                for _ in range(4):  # in steps, or the whole at once
+                    trimmed += fm.trim(at=0, budget=8192 if i % 2 else 1 << 20)
+                if i % 5 == 0:
+                    pool.commit()
+                job = pool.begin_commit() if i % 5 == 2 else None
+                pool.refill_fast()
+                pool.read(vid, 0, nblocks * BLOCK_SIZE)  # C learns the blocks again
+                pool.read(other, 0, nblocks * BLOCK_SIZE)
+                if job is not None:
+                    job.run()
+                    pool.finish_commit(job)
         st_ = fm.stats()
         assert trimmed > 0 and st_["trims"] > 0 and st_["flips"] > flips, st_
 
@@ -1244,11 +1230,10 @@ def test_trims_while_io_threads_write_and_flip(tmp_path):
         finally:
             again.close()
     finally:
-        sys.setswitchinterval(switch)
         if not closed:
             pool.detach_fast()
             fm.close()
-            pool.close()
+            pool._abandon()  # a failure may have left a commit in flight
 
 
 @pytest.mark.parametrize("where", ["tmp_path", "tmpfs"])
