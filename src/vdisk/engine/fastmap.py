@@ -40,8 +40,9 @@ COALESCE_PAGES = lib.VD_FM_COALESCE_PAGES  # see csrc/fastmap.h
 COMMIT_NONE, COMMIT_PLAIN, COMMIT_STRUCTURAL = 0, 1, 2
 MAX_SPAN = lib.VD_FM_MAX_SPAN  # the most blocks one request served in C spans
 # the table of cached blocks: trimmed (trim) once it holds more than this
-# many entries, so that it never takes more than MAX_CAP positions (88 MiB)
-TRIM_AT, MAX_CAP = lib.VD_FM_TRIM_AT, lib.VD_FM_MAX_CAP
+# many entries, so that it never needs more than VD_FM_MAX_CAP positions
+# (88 MiB, csrc/fastmap.h)
+TRIM_AT = lib.VD_FM_TRIM_AT
 # positions of the table C outgrew that one grow() moves (in chunks of 4096,
 # between which the I/O threads go on): the rest at the next refill
 GROW_BUDGET = 1 << 16
