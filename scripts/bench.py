@@ -862,16 +862,30 @@ def memory_10x1tib(cwd: str, total_gib: int) -> dict:
             raise SystemExit("fio failed: %s" % r.stderr)
         dt = time.monotonic() - t0
         w = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]["write"]
-        fp = fast_path(env)
+        st = env.j("daemon", "status")
+        fp = st["FastPath"]
+        rss_end = {k: proc_status(pid, k) / (1 << 20) for k in ("VmRSS", "RssAnon", "RssFile")}
+        # once the writes stop: within a commit interval or two (30 s), the
+        # heap the commits freed goes back to the kernel (daemon/memory.py)
+        trims, t_end = st["Memory"]["HeapTrims"], time.monotonic()
+        while True:
+            heap = env.j("daemon", "status")["Memory"]
+            if heap["HeapTrims"] > trims or time.monotonic() - t_end > 75:
+                break
+            time.sleep(1)
+        idle_after = {k: proc_status(pid, k) / (1 << 20) for k in ("VmRSS", "RssAnon")}
+        idle_after["seconds"] = time.monotonic() - t_end
         return {
             "disks": len(devs), "disk_gib": 1024, "written_gib": w["io_bytes"] / GIB, "seconds": dt,
             "rss_idle_mib": rss_idle / (1 << 20),
-            "rss_mib": proc_status(pid, "VmRSS") / (1 << 20),
+            "rss_mib": rss_end["VmRSS"],
             "rss_peak_mib": proc_status(pid, "VmHWM") / (1 << 20),
+            "rss_idle_after_mib": idle_after["VmRSS"], "rss_anon_idle_after_mib": idle_after["RssAnon"],
+            "idle_after_s": idle_after["seconds"],
             # of the RSS: the daemon's own memory, and the pages of files it
             # maps (LMDB's map, the libraries), which the kernel may drop
-            "rss_anon_mib": proc_status(pid, "RssAnon") / (1 << 20),
-            "rss_file_mib": proc_status(pid, "RssFile") / (1 << 20),
+            "rss_anon_mib": rss_end["RssAnon"],
+            "rss_file_mib": rss_end["RssFile"],
             "pool_used_gib": env.j("pool", "status")["Pool"]["UsedBytes"] / GIB,
             # the writers' latency, and the fast path's cache of blocks
             # (its size, how often it was trimmed) and lock (the engine's
@@ -880,6 +894,8 @@ def memory_10x1tib(cwd: str, total_gib: int) -> dict:
             "lat_max_ms": w["clat_ns"]["max"] / 1e6,
             "fast_path": {k: fp.get(k) for k in ("CacheEntries", "CacheMiB", "CacheTrims", "CacheTrimHoldMaxMs", "EngineLockHoldMaxMs",
                                                   "LockWaitMaxMs", "PassedToPython")},
+            # the freed heap given back to the kernel once commits paused (daemon/memory.py)
+            "heap": {k: heap[k] for k in ("HeapTrims", "HeapTrimMsMax", "HeapGivenBackMiB")},
         }
     finally:
         env.close()
@@ -1159,6 +1175,9 @@ def print_memory(mm: dict) -> None:
     if "rss_anon_mib" in mm:
         print("  of the RSS: %.0f MiB the daemon's own (anonymous), %.0f MiB pages of files it maps (LMDB)"
               % (mm["rss_anon_mib"], mm["rss_file_mib"]))
+    if "rss_idle_after_mib" in mm:
+        print("  %.0f s after the writes (the heap the commits freed given back): RSS %.0f MiB, %.0f MiB its own"
+              % (mm["idle_after_s"], mm["rss_idle_after_mib"], mm["rss_anon_idle_after_mib"]))
     fp = mm.get("fast_path")
     if fp:
         print("  writers' latency p99 %.2f ms, max %.1f ms; C's cache of blocks: %s entries, %s MiB, trimmed %s times"
@@ -1166,6 +1185,10 @@ def print_memory(mm: dict) -> None:
               " %s requests passed to Python"
               % (mm["lat_p99_ms"], mm["lat_max_ms"], fp["CacheEntries"], fp["CacheMiB"], fp["CacheTrims"],
                  fp.get("CacheTrimHoldMaxMs"), fp["EngineLockHoldMaxMs"], fp["LockWaitMaxMs"], fp["PassedToPython"]))
+    heap = mm.get("heap")
+    if heap:
+        print("  freed heap given back to the kernel once commits paused: %.0f MiB in %d trims (longest %.1f ms)"
+              % (heap["HeapGivenBackMiB"], heap["HeapTrims"], heap["HeapTrimMsMax"]))
 
 
 def print_barrier(r: dict) -> None:

@@ -91,7 +91,8 @@ def test_fsyncs_go_on_while_background_commits_run_and_survive_sigkill(monkeypat
     fsync (data each commit must sync) while this one writes 4 KiB records
     to the other and fsyncs each; a commit starts every second
     (VDISK_COMMIT_INTERVAL=1).  The daemon counts the fsyncs the intent log
-    made durable while a commit ran (FlushesDuringCommits), and after a
+    made durable while a commit ran (FlushesDuringCommits); once the writes
+    stop, the heap the commits freed goes back to the kernel; and after a
     SIGKILL every fsynced record reads back."""
     import threading
     from vdiskenv import VDiskEnv
@@ -153,6 +154,14 @@ def test_fsyncs_go_on_while_background_commits_run_and_survive_sigkill(monkeypat
         assert during >= 20, (
             "fsyncs waited for the commits: %d of %d fsyncs written while one of %d commits ran"
             % (during, written, commits))
+        # the writes stopped: within a commit interval, the heap the commits
+        # freed goes back to the kernel (daemon/memory.py)
+        for _ in range(100):
+            mem = env.j("daemon", "status")["Memory"]
+            if mem["HeapTrims"]:
+                break
+            time.sleep(0.1)
+        assert mem["HeapTrims"] >= 1 and 0 < mem["AnonymousMiB"] < mem["ResidentMiB"], mem
 
         env.kill9()
         env.start()

@@ -118,6 +118,9 @@ def test_metrics_stats_and_monitor_data_follow_the_load(monkeypatch):
         # reads take no slots: no write waited for C's reservoir
         assert after[("vdisk_fastpath_reservoir_wait_seconds_count", ())] == 0
         assert after[("vdisk_pool_volumes", ())] == 2
+        # the client library's process metrics, and the heap given back after commits
+        assert after[("process_resident_memory_bytes", ())] > 0 and after[("process_open_fds", ())] > 0
+        assert after[("vdisk_heap_given_back_bytes_total", ())] >= 0
 
         time.sleep(2)  # a sample after the load
         start = datetime.datetime.fromtimestamp(t0 // 60 * 60, datetime.UTC)

@@ -259,12 +259,14 @@ def cmd_daemon_status(app: App) -> int:
     )
     lg = res.get("IntentLog") or {}
     wc = res.get("WriteCache") or {}
+    mem = res.get("Memory") or {}
     app.out(
         res,
         "vdisk daemon running (pid %d)\ndata directory  %s\nmount point     %s%s\nECS API         %s\nfast path       %s\n"
         "intent log      %d flushes (%d in C, %d KiB), %d done by a commit instead%s; %d records replayed at start\n"
         "write cache     %d MiB in %d blocks written since the last commit (commits at %d MiB or %d blocks); "
-        "%d commits"
+        "%d commits\nmemory          %.0f MiB resident (%.0f MiB its own, %.0f MiB of mapped files); "
+        "%.0f MiB of freed heap given back to the kernel in %d trims"
         % (res["Pid"], res["DataDir"], res["MountPoint"],
            "" if res.get("Mounted", True) else " (unmounted lazily: open files are served until closed, then the daemon stops)",
            "http://%s/ (version 2014-05-26)" % res["Http"] if res.get("Http") else "off (vdisk daemon start --http HOST:PORT)",
@@ -275,7 +277,8 @@ def cmd_daemon_status(app: App) -> int:
            if lg.get("RefusedForSpace") else "",
            lg.get("RecordsReplayedAtStart", 0),
            wc.get("Bytes", 0) >> 20, wc.get("Blocks", 0), wc.get("SizeBytes", 0) >> 20, wc.get("SizeBlocks", 0),
-           wc.get("Commits", 0)),
+           wc.get("Commits", 0), mem.get("ResidentMiB", 0), mem.get("AnonymousMiB", 0), mem.get("FileMiB", 0),
+           mem.get("HeapGivenBackMiB", 0), mem.get("HeapTrims", 0)),
     )
     return EXIT_OK
 

@@ -28,6 +28,7 @@ import trio
 from ..engine.errors import EngineError
 from ..engine.pool import Pool
 from .background import Worker
+from .memory import Heap
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,9 @@ class Committer:
         self._commit_thread = Worker("vdisk-commit")
         self._write_out_thread = Worker("vdisk-write-out")
         self._punch_thread = Worker("vdisk-punch")
+        # the heap commits freed goes back to the kernel once they pause (memory.py)
+        self.heap = Heap()
+        self._given_back_at = 0  # commit_count at the last give_back
 
     async def _commit(self, change=None):
         """Begin a commit, run it in a worker thread, finish it; returns the
@@ -239,7 +243,7 @@ class Committer:
     async def _loop(self) -> None:
         self._last_commit = trio.current_time()
         while True:
-            with trio.move_on_after(COMMIT_INTERVAL):
+            with trio.move_on_after(COMMIT_INTERVAL) as tick:
                 await self._wake.wait()
             self._wake = trio.Event()
             if trio.current_time() - self._last_commit >= COMMIT_INTERVAL and not self.pool.inflight():
@@ -249,6 +253,12 @@ class Committer:
                     except EngineError as exc:
                         log.error("background commit failed: %s", exc)
                 self._last_commit = trio.current_time()
+            if tick.cancelled_caught and self.commit_count != self._given_back_at:
+                # a commit interval without a full cache, after commits: the
+                # heap they freed goes back (under load the next one would
+                # only take it again, page by page)
+                self._given_back_at = self.commit_count
+                await self._write_out_thread.run(self.heap.give_back)
             while self.cache_full() or self.log_filling():
                 if self.pool.inflight() or self._priority:
                     await self._idle.wait()

@@ -10,12 +10,14 @@ intent log and the fast path (the daemon's) - so nothing is counted twice
 and a scrape costs nothing between scrapes.  Names and labels follow
 Prometheus's conventions: `vdisk_` prefix, base units (seconds, bytes),
 `_total` for counters; labels disk_id, instance_id and op (read, write).
+The client's standard process_* metrics (resident memory, CPU seconds,
+open descriptors) come with them.
 
 Concurrency: render() runs in the trio thread, as every control action.
 """
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, SummaryMetricFamily
 
 from ..fuse import qos
@@ -88,6 +90,9 @@ class DaemonCollector:
                                   count_value=d.committer.commit_count, sum_value=d.committer.commit_seconds)
         yield GaugeMetricFamily("vdisk_write_cache_bytes", "Data written since the last commit", value=c["Bytes"])
         yield GaugeMetricFamily("vdisk_write_cache_blocks", "Blocks written since the last commit", value=c["Blocks"])
+        heap = d.committer.heap
+        yield CounterMetricFamily("vdisk_heap_given_back_bytes", "Freed heap memory given back to the kernel after "
+                                  "commits (malloc_trim)", value=heap.given_back)
         lg = d.fs.pool.log_status()
         yield CounterMetricFamily("vdisk_intent_log_flushes", "fsyncs made durable by the intent log",
                                   value=lg["flushes"])
@@ -116,6 +121,7 @@ class DaemonCollector:
 def registry(daemon) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
     reg.register(DaemonCollector(daemon))
+    ProcessCollector(registry=reg)
     return reg
 
 

@@ -584,6 +584,7 @@ class Daemon:
                 "FastPath": self._fast_status(),
                 "IntentLog": self._log_status(),
                 "WriteCache": self.committer.status(),
+                "Memory": self.committer.heap.status(),
                 "Metrics": "%s:%d" % tuple(self.metrics_address) if self.metrics_address else None,
             }
         if isinstance(req, dict) and req.get("Action") == "Shutdown":
