@@ -151,11 +151,15 @@ struct vol {
      * last log flush or freeze (every changed block is in chg, with its
      * pages in the table's mask), so a log flush may be done here */
     int clean;
-    /* complete: the table holds every block of the volume that does not
-     * read as zeros, so an unknown block is zeros, the same for the head
-     * and its snapshot points (a new volume, until the table forgets one
-     * of its blocks) */
-    int complete;
+    /* known: a bit per window of 1 << VD_FM_WINDOW_SHIFT blocks, set when
+     * the table holds every block of the window that the map has an entry
+     * for (in the volume's lineage or one it was made from, at any
+     * generation) or the engine's overlay holds: an unknown block of such a
+     * window reads as zeros, the same for the head and its snapshot points.
+     * Every window of a new volume, and those the engine taught whole
+     * (vd_fm_add_many); forgetting a block clears its window's bit.  nwin windows (0: no memory for the bits, none known). */
+    uint64_t *known;
+    uint64_t nwin;
     uint32_t nchg; /* CHG_MAX + 1: overflowed */
     /* how many blocks of chg (marked PRE_FREEZE) were changed before the
      * last freeze and are in no record: the volume's next record carries
@@ -318,6 +322,8 @@ void vd_fm_free(struct vd_fastmap *fm)
         return;
     free(fm->tab);
     free(fm->otab);
+    for (size_t i = 0; i < fm->nvols; i++)
+        free(fm->vols[i].known);
     free(fm->vols);
     free(fm->res);
     free(fm->log);
@@ -576,6 +582,56 @@ static struct vol *find_vol(struct vd_fastmap *fm, uint64_t vid)
     return NULL;
 }
 
+/* ------------------------------------------------------------ known windows */
+
+static inline int window_known(const struct vol *v, uint64_t block)
+{
+    uint64_t w = block >> VD_FM_WINDOW_SHIFT;
+    return w < v->nwin && (v->known[w >> 6] >> (w & 63) & 1);
+}
+
+/* windows [first, first + n) known (clipped to the volume's) */
+static void know_windows(struct vol *v, uint64_t first, uint64_t n)
+{
+    for (uint64_t w = first; w < first + n && w < v->nwin; w++)
+        v->known[w >> 6] |= 1ULL << (w & 63);
+}
+
+/* the table no longer knows a block of v: its window's unknown blocks are
+ * no longer zeros */
+static inline void unknow_window(struct vol *v, uint64_t block)
+{
+    uint64_t w = block >> VD_FM_WINDOW_SHIFT;
+    if (w < v->nwin)
+        v->known[w >> 6] &= ~(1ULL << (w & 63));
+}
+
+static void unknow_all(struct vol *v)
+{
+    if (v->nwin)
+        memset(v->known, 0, ((v->nwin + 63) >> 6) * sizeof(uint64_t));
+}
+
+/* The bits for a volume of size bytes; a growth's new windows are not
+ * known (a write of the engine's may have landed there before C was told
+ * of the new size, and the engine teaches them at the first request).
+ * No memory: none known. */
+static void size_windows(struct vol *v, uint64_t size)
+{
+    uint64_t nwin = ((size + BS - 1) / BS + (1ULL << VD_FM_WINDOW_SHIFT) - 1) >> VD_FM_WINDOW_SHIFT;
+    if (nwin <= v->nwin)
+        return;
+    size_t old_words = (v->nwin + 63) >> 6, words = (nwin + 63) >> 6;
+    uint64_t *k = realloc(v->known, words * sizeof(uint64_t));
+    if (k == NULL) {
+        unknow_all(v);
+        return;
+    }
+    memset(k + old_words, 0, (words - old_words) * sizeof(uint64_t));
+    v->known = k;
+    v->nwin = nwin;
+}
+
 /* ------------------------------------------------------------ engine side */
 
 static void set_volume(struct vd_fastmap *fm, uint64_t vid, uint64_t lid, uint64_t size, int has_points)
@@ -586,7 +642,7 @@ static void set_volume(struct vd_fastmap *fm, uint64_t vid, uint64_t lid, uint64
         v->clean = 0;
         v->nchg = 0;
         v->nfrozen = 0;
-        v->complete = 0;
+        unknow_all(v);
     }
     if (v == NULL) {
         if (fm->nvols == fm->capvols) {
@@ -601,7 +657,8 @@ static void set_volume(struct vd_fastmap *fm, uint64_t vid, uint64_t lid, uint64
         v->vid = vid;
         v->lepoch = fm->lepoch;
         v->clean = 0; /* until the engine says it holds nothing of its own */
-        v->complete = 0; /* until the engine says the volume is new */
+        v->known = NULL; /* none known until the engine says the volume is new */
+        v->nwin = 0;
         v->share_epoch = 0;
         v->nchg = 0;
         v->nfrozen = 0;
@@ -609,6 +666,7 @@ static void set_volume(struct vd_fastmap *fm, uint64_t vid, uint64_t lid, uint64
     v->lid = lid;
     v->size = size;
     v->has_points = has_points;
+    size_windows(v, size);
 }
 
 static void drop_volume(struct vd_fastmap *fm, uint64_t vid)
@@ -616,6 +674,7 @@ static void drop_volume(struct vd_fastmap *fm, uint64_t vid)
     struct vol *v = find_vol(fm, vid);
     if (v == NULL)
         return;
+    free(v->known);
     *v = fm->vols[--fm->nvols];
     rebuild(fm, fm->cap, 1, vid);
 }
@@ -670,24 +729,32 @@ int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot
     return rc < 0 ? rc : 1;
 }
 
-int vd_fm_add_many(struct vd_fastmap *fm, int locked, uint64_t vid, const uint64_t *recs, size_t nwords)
+int vd_fm_add_many(struct vd_fastmap *fm, int locked, uint64_t vid, const uint64_t *recs, size_t nwords,
+                   uint64_t wfirst, uint64_t nw)
 {
-    int added = 0;
+    int added = 0, failed = 0;
     take(fm, locked);
     for (size_t i = 0; i + VD_FM_ADD_WORDS <= nwords;) {
         const uint64_t *r = recs + i;
         uint64_t nexp = r[10];
-        if (nexp > (nwords - i - VD_FM_ADD_WORDS) / 3)
-            break; /* malformed: the engine's bug; add nothing more */
+        if (nexp > (nwords - i - VD_FM_ADD_WORDS) / 3) {
+            failed = 1; /* malformed: the engine's bug; add nothing more, know no window */
+            break;
+        }
         for (uint64_t j = 0; j < nexp; j++) {
             const uint64_t *x = r + VD_FM_ADD_WORDS + 3 * j;
             vd_fm_expect(fm, x[0], (uint32_t)x[2], (uint16_t)x[1]);
         }
-        if (vd_fm_add(fm, vid, r[0], r[1], (uint16_t)r[2], r[3], (int)r[4], (uint16_t)r[5], r[6], (uint16_t)r[7],
-                      r[8], nexp > 0, r[9]) > 0)
+        int rc = vd_fm_add(fm, vid, r[0], r[1], (uint16_t)r[2], r[3], (int)r[4], (uint16_t)r[5], r[6],
+                           (uint16_t)r[7], r[8], nexp > 0, r[9]);
+        if (rc > 0)
             added++;
+        failed |= rc < 0;
         i += VD_FM_ADD_WORDS + 3 * nexp;
     }
+    struct vol *v = find_vol(fm, vid);
+    if (v != NULL && nw > 0 && !failed) /* every block of them that is not zeros is known now */
+        know_windows(v, wfirst, nw);
     give(fm, locked);
     return added;
 }
@@ -861,25 +928,27 @@ static inline int is_shared(const struct ent *e, const struct vol *v)
     return e->shared || e->sepoch < v->share_epoch;
 }
 
+/* a new volume: nothing maps any of its blocks */
 static void set_complete(struct vd_fastmap *fm, uint64_t vid)
 {
     struct vol *v = find_vol(fm, vid);
     if (v != NULL)
-        v->complete = 1;
+        know_windows(v, 0, v->nwin);
 }
 
-/* the table no longer knows a block of vid: unknown no longer means zeros */
-static void incomplete(struct vd_fastmap *fm, uint64_t vid)
+/* the table no longer knows a block of vid: its window's unknown blocks
+ * are no longer zeros */
+static void incomplete(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
 {
     struct vol *v = find_vol(fm, vid);
     if (v != NULL)
-        v->complete = 0;
+        unknow_window(v, block);
 }
 
 void vd_fm_forget(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
 {
     struct ent *e = lookup(fm, vid, block);
-    incomplete(fm, vid);
+    incomplete(fm, vid, block);
     if (e != NULL)
         del(fm, e);
 }
@@ -888,7 +957,7 @@ void vd_fm_forget_slot(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint
 {
     struct ent *e = lookup(fm, vid, block);
     if (e != NULL && e->slot == slot) {
-        incomplete(fm, vid);
+        incomplete(fm, vid, block);
         del(fm, e);
     }
 }
@@ -1058,7 +1127,7 @@ uint32_t vd_fm_mask(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
 void vd_fm_clear(struct vd_fastmap *fm)
 {
     for (size_t i = 0; i < fm->nvols; i++) {
-        fm->vols[i].complete = 0;
+        unknow_all(&fm->vols[i]);
         fm->vols[i].share_epoch = 0; /* the epoch may start over */
     }
     finish_growth(fm);
@@ -1090,10 +1159,6 @@ int vd_fm_trim(struct vd_fastmap *fm, size_t at, size_t budget)
             pthread_mutex_unlock(&fm->io);
             return 0;
         }
-        /* an unknown block of a complete volume reads as zeros: none is
-         * complete once one of its blocks may be forgotten */
-        for (size_t i = 0; i < fm->nvols; i++)
-            fm->vols[i].complete = 0;
         fm->trim_pos = fm->cap;
     }
     pthread_mutex_unlock(&fm->io);
@@ -1110,8 +1175,12 @@ int vd_fm_trim(struct vd_fastmap *fm, size_t at, size_t budget)
         size_t end = pos < n ? 0 : pos - n;
         for (; pos > end; pos--) {
             struct ent *e = &fm->tab[pos - 1];
-            if (e->used && trimmable(fm, e))
+            if (e->used && trimmable(fm, e)) {
+                /* an unknown block of a known window reads as zeros: not
+                 * this one's window any more (in this same hold) */
+                incomplete(fm, e->vid, e->block);
                 del(fm, e);
+            }
         }
         fm->trim_pos = pos;
         if (pos == 0)
@@ -1417,7 +1486,7 @@ static long read_once(struct vd_fastmap *fm, uint64_t vid, uint64_t off, uint32_
         return end_io(fm, rc);
     for (size_t i = 0; i < nb; i++) {
         struct ent *e = lookup(fm, vid, first + i);
-        if (e == NULL && !v->complete)
+        if (e == NULL && !window_known(v, first + i))
             return end_io(fm, -EAGAIN);
         if (e != NULL && e->unverified) {
             /* only the pages a fresh slot holds were written here; the
@@ -1715,10 +1784,10 @@ static long plan_write(struct vd_fastmap *fm, struct vol *v, struct plan *p)
             if (((p->own[i] && e->slot) || p->edges[i]) && !verify_entry(fm, e))
                 return -EAGAIN; /* nothing unverified is copied */
             p->unv[i] = e->unverified; /* the new slot reads the rest from the same slots */
-        } else if (full && (!v->has_points || v->complete)) {
+        } else if (full && (!v->has_points || window_known(v, p->first + i))) {
             p->act[i] = NEW;
             p->need++;
-        } else if (v->complete) { /* zeros, for its snapshot points too: only the pages written */
+        } else if (window_known(v, p->first + i)) { /* zeros, for its snapshot points too: only the pages written */
             p->act[i] = COW;
             p->nb_[i] = ZEROS;
             p->own[i] = 0;

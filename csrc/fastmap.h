@@ -60,8 +60,11 @@ int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot
  * (unless locked: the caller holds it): records of VD_FM_ADD_WORDS words
  * (block, slot, have, base, shared, bhave, base2, bhave2, base3, back,
  * nexp), each followed by nexp triples (slot, mask, crc) for vd_fm_expect
- * (the entry is unverified when nexp > 0); nwords in all.  Returns how many
- * entries were added. */
+ * (the entry is unverified when nexp > 0); nwords in all.  Then, unless an
+ * entry found no room, the nw windows from wfirst are known: the engine
+ * taught every block of them the map or its overlay has (an unknown block
+ * there reads as zeros, for the head and its snapshot points).  Returns
+ * how many entries were added. */
 /* A discard of n whole blocks of vid (those the engine found may hold
  * data), in one hold of the lock, which it takes (unless locked): each reads
  * as zeros from now on (as vd_fm_set makes slot 0, read only) and goes into
@@ -71,7 +74,15 @@ int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot
  * (the volume is not served) or -ENOMEM, having changed nothing. */
 int vd_fm_discard(struct vd_fastmap *fm, int locked, uint64_t vid, const uint64_t *blocks, size_t n);
 enum { VD_FM_ADD_WORDS = 11 };
-int vd_fm_add_many(struct vd_fastmap *fm, int locked, uint64_t vid, const uint64_t *recs, size_t nwords);
+/* C knows a volume by windows of 1 << VD_FM_WINDOW_SHIFT blocks (16 MiB): in
+ * a known one, a block the table does not hold reads as zeros (for the head
+ * and its snapshot points), so reads and writes of it are served here.
+ * Every window of a new volume is known, and those the engine taught whole
+ * (vd_fm_add_many); forgetting a block (vd_fm_forget,
+ * vd_fm_trim, vd_fm_clear, a new head) makes its window unknown. */
+enum { VD_FM_WINDOW_SHIFT = 8 };
+int vd_fm_add_many(struct vd_fastmap *fm, int locked, uint64_t vid, const uint64_t *recs, size_t nwords,
+                   uint64_t wfirst, uint64_t nw);
 /* which of n blocks from first the table does not know (bit i of out[i / 64]);
  * the engine's thread, without the lock */
 void vd_fm_unknown(struct vd_fastmap *fm, uint64_t vid, uint64_t first, uint32_t n, uint64_t *out);

@@ -22,7 +22,7 @@ from hypothesis.stateful import invariant, precondition, rule
 from test_engine_model import SIZE, PoolModel, lengths, model_settings, offsets, pattern
 from vdisk.engine import structure
 from vdisk.engine.errors import ChecksumError, EngineError
-from vdisk.engine.fastmap import FastMap
+from vdisk.engine.fastmap import WINDOW, FastMap
 from vdisk.engine.format import DB_MAP
 from vdisk.engine.pool import BLOCK_SIZE, Pool
 
@@ -1114,7 +1114,8 @@ def test_a_trim_forgets_what_c_need_not_keep_and_c_learns_it_again(tmp_path):
     the Pool's refill calls once it holds more than TRIM_AT entries; every
     entry here) forgets every block not written since the last freeze.
     A block of a new volume that C forgot is handed back, not read as
-    zeros (the volume's unknown blocks are no longer zeros to C); those
+    zeros (its window's unknown blocks are no longer zeros to C; those of
+    a window where nothing was forgotten still are); those
     written since the freeze stay, with the pages the volume's next log
     record needs, which C writes itself and a crash replays.  A read
     through the Pool teaches C again."""
@@ -1122,8 +1123,8 @@ def test_a_trim_forgets_what_c_need_not_keep_and_c_learns_it_again(tmp_path):
     fm = FastMap(pool.file.fd, reservoir=64)
     pool.attach_fast(fm)
     nblocks = 40
-    vid = pool.create_volume(2 * nblocks * BLOCK_SIZE)  # new: C takes its unknown blocks as zeros
-    want = bytearray(2 * nblocks * BLOCK_SIZE)
+    vid = pool.create_volume(2 * WINDOW * BLOCK_SIZE)  # new: C takes its unknown blocks as zeros
+    want = bytearray(2 * WINDOW * BLOCK_SIZE)
     for b in range(nblocks):
         want[b * BLOCK_SIZE : (b + 1) * BLOCK_SIZE] = bytes([b + 1]) * BLOCK_SIZE
         assert fm.write(vid, b * BLOCK_SIZE, want[b * BLOCK_SIZE : (b + 1) * BLOCK_SIZE])
@@ -1144,6 +1145,10 @@ def test_a_trim_forgets_what_c_need_not_keep_and_c_learns_it_again(tmp_path):
         assert fm.read(vid, b * BLOCK_SIZE, 4096) is None, b
     for b in news:
         assert fm.read(vid, b * BLOCK_SIZE, BLOCK_SIZE) == want[b * BLOCK_SIZE : (b + 1) * BLOCK_SIZE]
+    far = WINDOW + 44  # in the volume's other window, where nothing was forgotten
+    assert fm.read(vid, far * BLOCK_SIZE, 4096) == bytes(4096)  # zeros to C still
+    assert fm.write(vid, far * BLOCK_SIZE + 4096, b"f" * 4096)  # never written: served in C
+    want[far * BLOCK_SIZE + 4096 : far * BLOCK_SIZE + 8192] = b"f" * 4096
     while pool.log_grow_ahead():  # room for C's record, as the daemon keeps it
         pass
     assert fm.fsync(vid)  # C writes the volume's record: it kept what the record needs
@@ -1418,7 +1423,9 @@ def test_a_write_c_hands_back_teaches_it_the_blocks_around(tmp_path):
 def test_a_read_c_hands_back_teaches_it_too(tmp_path):
     """Not a model: the same for reads: the first read C cannot serve
     teaches it the window, C serves it (verifying the slot it reads), and
-    the next reads there never reach the Pool."""
+    the next reads there never reach the Pool, those of blocks never
+    written too (the window is known: they read as zeros in C, without an
+    entry each)."""
     pool, vid, want = _cold_pool(tmp_path, 8)
     with fast_path(pool, 64) as fm:
         assert fm.read(vid, 3 * BLOCK_SIZE, 4096) is None  # C knows nothing yet
@@ -1426,8 +1433,80 @@ def test_a_read_c_hands_back_teaches_it_too(tmp_path):
         st_ = fm.stats()
         assert st_["reads"] == 1 and st_["verified"] == 1, st_  # served in C after all
         assert fm.read(vid, 0, 8 * BLOCK_SIZE) == want  # every block of the window
-        assert fm.read(vid, 8 * BLOCK_SIZE, 4096) is None  # zeros past what was written: not taught ahead
+        assert fm.read(vid, 8 * BLOCK_SIZE, 4096) == bytes(4096)  # zeros past what was written
+        assert fm.unknown(vid, 8, 24) == list(range(8, 32))  # not taught ahead: no entry each
         assert fm.stats()["verified"] == 8
+
+
+def test_a_window_taught_whole_serves_blocks_never_written_in_c(tmp_path):
+    """Not a model: once a window was taught whole, a write to a block of it
+    that was never written is served in C (no hand-back, no entry taught
+    for it first), and what it wrote is the block's after a commit and a
+    reopen; so is a read of one (zeros).  After a growth, the new windows
+    are taught at their first request (a write of the Pool's may have
+    landed there before C was told of the new size), then known."""
+    pool, vid, want = _cold_pool(tmp_path, 8)  # blocks 0-7 written, 32 in all
+    path = pool.path
+    with fast_path(pool, 64) as fm:
+        assert fm.read(vid, 0, 4096) is None  # C knows nothing yet
+        pool.read(vid, 0, 4096)  # teaches the window
+        assert fm.write(vid, 20 * BLOCK_SIZE + 8192, b"n" * 4096)  # never written: served in C
+        assert fm.unknown(vid, 20, 1) == []  # C holds it now, as its own write
+        assert fm.read(vid, 21 * BLOCK_SIZE, BLOCK_SIZE) == bytes(BLOCK_SIZE)
+        pool.resize_volume(vid, 2 * WINDOW * BLOCK_SIZE)
+        pool.commit()
+        far = WINDOW + 40  # beyond the old end, in a window the growth added
+        assert not fm.write(vid, far * BLOCK_SIZE, b"g" * BLOCK_SIZE)  # not known yet
+        pool.write(vid, far * BLOCK_SIZE, b"g" * BLOCK_SIZE)  # teaches its window, then served in C
+        assert fm.write(vid, (far + 1) * BLOCK_SIZE + 4096, b"h" * 4096)  # known now
+        pool.commit()
+    pool = Pool(path, fast=False)
+    try:
+        block20 = bytearray(BLOCK_SIZE)
+        block20[8192:12288] = b"n" * 4096
+        assert pool.read(vid, 20 * BLOCK_SIZE, BLOCK_SIZE) == block20
+        block = bytearray(2 * BLOCK_SIZE)
+        block[:BLOCK_SIZE] = b"g" * BLOCK_SIZE
+        block[BLOCK_SIZE + 4096 : BLOCK_SIZE + 8192] = b"h" * 4096
+        assert pool.read(vid, (WINDOW + 40) * BLOCK_SIZE, 2 * BLOCK_SIZE) == block
+        assert pool.read(vid, 0, 8 * BLOCK_SIZE) == want
+        assert pool.scrub() == []
+    finally:
+        pool.close()
+
+
+def test_a_window_with_a_block_only_a_snapshot_sees_is_not_known(tmp_path):
+    """Not a model: a block the head discarded after a snapshot reads as
+    zeros in the head but has an entry its snapshot point sees.  A window
+    holding one is not known to C after teaching (a partial write there,
+    served in C as over zeros, would become an entry reading its other
+    pages through to the snapshot's block): C hands the write back, and
+    the Pool's write leaves the other pages zeros, after a commit and a
+    reopen too."""
+    path = str(tmp_path / "p")
+    pool = Pool(path, fast=False)
+    vid = pool.create_volume(32 * BLOCK_SIZE)
+    old = bytes((i * 7 + 1) % 251 for i in range(8 * BLOCK_SIZE))
+    pool.write(vid, 0, old)
+    (sid,) = pool.snapshot([vid])
+    pool.discard(vid, 5 * BLOCK_SIZE, BLOCK_SIZE)
+    pool.close()
+    pool = Pool(path, fast=False)
+    with fast_path(pool, 64) as fm:
+        assert fm.read(vid, 0, 4096) is None
+        pool.read(vid, 0, 4096)  # teaches the window, not whole
+        assert fm.read(vid, 0, 4096) == old[:4096]
+        assert not fm.write(vid, 5 * BLOCK_SIZE + 8192, b"z" * 4096)  # C hands it back
+        pool.write(vid, 5 * BLOCK_SIZE + 8192, b"z" * 4096)
+        pool.commit()
+    block5 = bytearray(BLOCK_SIZE)
+    block5[8192:12288] = b"z" * 4096
+    pool = Pool(path, fast=False)
+    try:
+        assert pool.read(vid, 5 * BLOCK_SIZE, BLOCK_SIZE) == block5
+        assert pool.read_snapshot(sid, 5 * BLOCK_SIZE, BLOCK_SIZE) == old[5 * BLOCK_SIZE : 6 * BLOCK_SIZE]
+    finally:
+        pool.close()
 
 
 def test_c_never_reads_a_slot_that_fails_its_checksum(tmp_path):

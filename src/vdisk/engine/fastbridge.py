@@ -15,6 +15,7 @@ import typing
 from array import array
 
 from . import allocator, layers, overlay
+from .mapindex import mapped_blocks
 from .overlay import Dirty, held, overlay_of
 from .fastmap import (
     CRC_KNOWN,
@@ -26,6 +27,7 @@ from .fastmap import (
     VOL_POINTS,
     VOL_SHARE,
     VOL_UNSHARE,
+    WINDOW,
     WRITABLE,
     WRITABLE_REPORT,
 )
@@ -372,8 +374,9 @@ def tell_committed(pool, vid: int, lid: int, gen: int, block: int, chain, cur) -
 
 # A request C hands back for a block it does not know teaches C that block
 # and every block the map has in the aligned window of this many blocks
-# around it (16 MiB), so that the next requests there are served in C.
-TEACH_WINDOW = 256
+# around it (16 MiB, C's window: fastmap.WINDOW), so that the next requests
+# there are served in C, those to blocks that read as zeros too.
+TEACH_WINDOW = WINDOW
 
 
 def teach(pool, vid: int, offset: int, length: int) -> bool:
@@ -391,7 +394,18 @@ def teach(pool, vid: int, offset: int, length: int) -> bool:
     consulted first here, already says), and C cannot write a block it
     does not know.  Blocks C learnt meanwhile keep what C has
     (FastMap.add).  A slot not verified yet is taught with its checksum:
-    C verifies it before it reads from it (unverified)."""
+    C verifies it before it reads from it (unverified).
+
+    A window taught whole becomes *known* to C (FastMap.add_many's
+    windows): a block of it C does not hold reads as zeros there, for the
+    head and its snapshot points, so that writes to blocks never written
+    are served in C too.  Not a window with a block the map has (at any
+    generation, in the lineage or one it was made from: a point may see
+    it, or a partial entry read through to it) or the overlay holds that
+    C is not taught (its view takes more than four slots, or the live
+    overlay's); blocks that read as zeros for the head are not taught for
+    the window (a sparse disk's would fill C's table), so a window with
+    a block of zeros the map has an entry for is not known either."""
     fm = pool._fm
     vol = pool._vols.get(vid)
     if fm is None or vol is None or pool._failed or length <= 0 or offset + length > vol["size"]:
@@ -399,18 +413,21 @@ def teach(pool, vid: int, offset: int, length: int) -> bool:
     first, last = offset // BLOCK_SIZE, (offset + length - 1) // BLOCK_SIZE
     if last - first >= MAX_SPAN or not fm.unknown(vid, first, last - first + 1):
         return False  # C handed it back for another reason
+    nblocks = -(-vol["size"] // BLOCK_SIZE)
     lo = first - first % TEACH_WINDOW
-    hi = min(-(-vol["size"] // BLOCK_SIZE), max(last + 1, lo + TEACH_WINDOW))
+    hi = min(nblocks, max(last + 1, lo + TEACH_WINDOW))
     lid = vol["lid"]
     gen = pool._lins[lid].gen
     dirty = pool._dirty.get(lid) or {}
     frozen = pool._inflight_dirty(lid) or {}
-    plan = []
+    plan, taught, left = [], set(), set()  # left: not taught, may not read as zeros
     with pool.env.begin(db=pool._db[DB_MAP]) as txn:
         cur = txn.cursor()
-        for block in fm.unknown(vid, lo, hi - lo):
+        unknown = fm.unknown(vid, lo, hi - lo)
+        for block in unknown:
             if block in dirty:
-                continue  # the live overlay's: the Pool tells C of those itself (tell)
+                left.add(block)  # the live overlay's: the Pool tells C of those itself (tell)
+                continue
             f = frozen.get(block)
             if f is not None:
                 view = frozen_view(pool, cur, lid, block, f)
@@ -419,13 +436,33 @@ def teach(pool, vid: int, offset: int, length: int) -> bool:
                 if not chain and not first <= block <= last:
                     continue  # zeros: only the request's (a sparse disk's window would fill C's table)
                 view = committed_view(pool, cur, lid, gen, block, chain)
-            if view is not None:
+            if view is None:
+                left.add(block)
+            else:
                 plan.append((block, *view))
-    if not plan:
+                taught.add(block)
+        windows = _whole_windows(pool, txn, lid, lo, hi, nblocks, set(unknown) - taught, left)
+    if not plan and not windows[1]:
         return False
     # one hold of C's lock, in C: only this thread changes what the plan
     # was made from, and C keeps what it learnt meanwhile
-    return fm.add_many(vid, plan, locked=bool(pool._fm_depth)) > 0
+    return fm.add_many(vid, plan, locked=bool(pool._fm_depth), windows=windows) > 0 or windows[1] > 0
+
+
+def _whole_windows(pool, txn, lid: int, lo: int, hi: int, nblocks: int, untaught: set, left: set) -> tuple[int, int]:
+    """The windows of [lo, hi) (lo a window's start) that teach covers
+    whole and may make known, as (first, n): from the first, those in
+    which no block C will not hold (untaught: unknown and not taught) is
+    in left or has an entry in the map (mapindex.mapped_blocks)."""
+    end = hi if hi == nblocks else hi - hi % TEACH_WINDOW  # a window cut short by the volume's end is whole
+    n = 0
+    for w_lo in range(lo, end, TEACH_WINDOW):
+        w_hi = min(w_lo + TEACH_WINDOW, end)
+        mine = {b for b in untaught if w_lo <= b < w_hi}
+        if mine and (mine & left or mine & mapped_blocks(pool, txn, lid, min(mine), max(mine) + 1)):
+            break
+        n += 1
+    return lo // TEACH_WINDOW, n
 
 
 def write(pool, vid: int, offset: int, data) -> bool:

@@ -43,6 +43,9 @@ MAX_SPAN = lib.VD_FM_MAX_SPAN  # the most blocks one request served in C spans
 # many entries, so that it never needs more than VD_FM_MAX_CAP positions
 # (88 MiB, csrc/fastmap.h)
 TRIM_AT = lib.VD_FM_TRIM_AT
+# C knows a volume by windows of this many blocks (16 MiB): in a known one,
+# a block C does not hold reads as zeros (add_many's windows)
+WINDOW = 1 << lib.VD_FM_WINDOW_SHIFT
 # positions of the table C outgrew that one grow() moves (in chunks of 4096,
 # between which the I/O threads go on): the rest at the next refill
 GROW_BUDGET = 1 << 16
@@ -128,12 +131,17 @@ class FastMap:
         return lib.vd_fm_add(self._fm, vid, block, slot, have, base, int(shared), bhave, base2, bhave2, base3,
                              self._expect(unverified), back) > 0
 
-    def add_many(self, vid: int, entries, locked: bool = False) -> int:
+    def add_many(self, vid: int, entries, locked: bool = False, windows: tuple[int, int] = (0, 0)) -> int:
         """add() for many blocks of a volume in one hold of the lock,
         which it takes (unless locked): entries are add()'s arguments after
         vid, as tuples (block, slot, have, base, shared, bhave, base2,
         bhave2, base3, unverified, back; the trailing ones may be left
-        out).  Returns how many entries were added."""
+        out).  windows: (first, n) windows of WINDOW blocks that C knows
+        whole once the entries are in (every block of them the map, at any
+        generation of the lineage or those it was made from, or the
+        overlay has is known to C: the rest read as zeros for the head and
+        its points), unless an entry found no room.  Returns how many
+        entries were added."""
         recs = array("Q")
         for e in entries:
             block, slot, have, base, shared, bhave, base2, bhave2, base3, unverified, back = (
@@ -141,7 +149,7 @@ class FastMap:
             recs.extend((block, slot, have, base, int(shared), bhave, base2, bhave2, base3, back, len(unverified)))
             for x in unverified:
                 recs.extend(x)
-        return lib.vd_fm_add_many(self._fm, int(locked), vid, *_words(recs))
+        return lib.vd_fm_add_many(self._fm, int(locked), vid, *_words(recs), *windows)
 
     def discard(self, vid: int, blocks, locked: bool = False) -> bool:
         """Make whole blocks of a volume read as zeros, in one hold of the
