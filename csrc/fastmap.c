@@ -157,7 +157,8 @@ struct vol {
      * generation) or the engine's overlay holds: an unknown block of such a
      * window reads as zeros, the same for the head and its snapshot points.
      * Every window of a new volume, and those the engine taught whole
-     * (vd_fm_add_many); forgetting a block clears its window's bit.  nwin windows (0: no memory for the bits, none known). */
+     * (vd_fm_add_many); forgetting a block clears its window's bit.  nwin:
+     * how many windows the bits cover (0: no memory for them, none known). */
     uint64_t *known;
     uint64_t nwin;
     uint32_t nchg; /* CHG_MAX + 1: overflowed */

@@ -1475,14 +1475,14 @@ def test_a_window_taught_whole_serves_blocks_never_written_in_c(tmp_path):
         pool.close()
 
 
-def test_a_window_with_a_block_only_a_snapshot_sees_is_not_known(tmp_path):
+def test_a_block_only_a_snapshot_sees_is_taught_as_the_heads_zeros(tmp_path):
     """Not a model: a block the head discarded after a snapshot reads as
-    zeros in the head but has an entry its snapshot point sees.  A window
-    holding one is not known to C after teaching (a partial write there,
-    served in C as over zeros, would become an entry reading its other
-    pages through to the snapshot's block): C hands the write back, and
-    the Pool's write leaves the other pages zeros, after a commit and a
-    reopen too."""
+    zeros in the head but has an entry its snapshot point sees.  Teaching
+    its window teaches that block too, as the head's own zeros (a partial
+    write served in C as over unknown zeros would become an entry reading
+    its other pages through to the snapshot's block), and the window is
+    known: C serves the partial write, whose other pages stay zeros after
+    a commit and a reopen, the snapshot keeping its block."""
     path = str(tmp_path / "p")
     pool = Pool(path, fast=False)
     vid = pool.create_volume(32 * BLOCK_SIZE)
@@ -1494,17 +1494,20 @@ def test_a_window_with_a_block_only_a_snapshot_sees_is_not_known(tmp_path):
     pool = Pool(path, fast=False)
     with fast_path(pool, 64) as fm:
         assert fm.read(vid, 0, 4096) is None
-        pool.read(vid, 0, 4096)  # teaches the window, not whole
-        assert fm.read(vid, 0, 4096) == old[:4096]
-        assert not fm.write(vid, 5 * BLOCK_SIZE + 8192, b"z" * 4096)  # C hands it back
-        pool.write(vid, 5 * BLOCK_SIZE + 8192, b"z" * 4096)
+        pool.read(vid, 0, 4096)  # teaches the window
+        assert fm.unknown(vid, 0, 32) == list(range(8, 32))  # block 5 held (as zeros), not those never written
+        assert fm.read(vid, 5 * BLOCK_SIZE, BLOCK_SIZE) == bytes(BLOCK_SIZE)
+        assert fm.write(vid, 5 * BLOCK_SIZE + 8192, b"z" * 4096)  # served in C
+        assert fm.write(vid, 9 * BLOCK_SIZE, b"w" * 4096)  # never written: the window is known
         pool.commit()
     block5 = bytearray(BLOCK_SIZE)
     block5[8192:12288] = b"z" * 4096
     pool = Pool(path, fast=False)
     try:
         assert pool.read(vid, 5 * BLOCK_SIZE, BLOCK_SIZE) == block5
+        assert pool.read(vid, 9 * BLOCK_SIZE, 4096) == b"w" * 4096
         assert pool.read_snapshot(sid, 5 * BLOCK_SIZE, BLOCK_SIZE) == old[5 * BLOCK_SIZE : 6 * BLOCK_SIZE]
+        assert pool.scrub() == []
     finally:
         pool.close()
 

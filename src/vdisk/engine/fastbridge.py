@@ -396,16 +396,19 @@ def teach(pool, vid: int, offset: int, length: int) -> bool:
     (FastMap.add).  A slot not verified yet is taught with its checksum:
     C verifies it before it reads from it (unverified).
 
-    A window taught whole becomes *known* to C (FastMap.add_many's
-    windows): a block of it C does not hold reads as zeros there, for the
-    head and its snapshot points, so that writes to blocks never written
-    are served in C too.  Not a window with a block the map has (at any
-    generation, in the lineage or one it was made from: a point may see
-    it, or a partial entry read through to it) or the overlay holds that
-    C is not taught (its view takes more than four slots, or the live
-    overlay's); blocks that read as zeros for the head are not taught for
-    the window (a sparse disk's would fill C's table), so a window with
-    a block of zeros the map has an entry for is not known either."""
+    Blocks that read as zeros are taught only for the request itself (a
+    sparse disk's windows would fill C's table), unless the map has an
+    entry for them (at any generation, in the lineage or one it was made
+    from: mapindex.mapped_blocks), such as a block the head discarded
+    after a snapshot, which the point still sees: C must hold those as
+    the head's zeros (a partial write over zeros there would become an
+    entry reading its other pages through to the point's block).  Then
+    the window is taught whole and becomes *known* to C (FastMap.add_many's
+    windows): a block of it C does not hold reads as zeros, for the head
+    and its snapshot points, so that writes to blocks never written are
+    served in C too.  Not a window with a block the overlay holds that C
+    is not taught (the live overlay's, or one whose view takes more than
+    four slots)."""
     fm = pool._fm
     vol = pool._vols.get(vid)
     if fm is None or vol is None or pool._failed or length <= 0 or offset + length > vol["size"]:
@@ -420,11 +423,10 @@ def teach(pool, vid: int, offset: int, length: int) -> bool:
     gen = pool._lins[lid].gen
     dirty = pool._dirty.get(lid) or {}
     frozen = pool._inflight_dirty(lid) or {}
-    plan, taught, left = [], set(), set()  # left: not taught, may not read as zeros
+    plan, zeros, left = [], [], set()  # left: not taught, may not read as zeros
     with pool.env.begin(db=pool._db[DB_MAP]) as txn:
         cur = txn.cursor()
-        unknown = fm.unknown(vid, lo, hi - lo)
-        for block in unknown:
+        for block in fm.unknown(vid, lo, hi - lo):
             if block in dirty:
                 left.add(block)  # the live overlay's: the Pool tells C of those itself (tell)
                 continue
@@ -434,14 +436,17 @@ def teach(pool, vid: int, offset: int, length: int) -> bool:
             else:
                 chain = layers.layers(pool, cur, lid, gen, block)
                 if not chain and not first <= block <= last:
-                    continue  # zeros: only the request's (a sparse disk's window would fill C's table)
+                    zeros.append(block)  # taught below only if the map has an entry for it
+                    continue
                 view = committed_view(pool, cur, lid, gen, block, chain)
             if view is None:
                 left.add(block)
             else:
                 plan.append((block, *view))
-                taught.add(block)
-        windows = _whole_windows(pool, txn, lid, lo, hi, nblocks, set(unknown) - taught, left)
+        if zeros:
+            mapped = mapped_blocks(pool, txn, lid, min(zeros), max(zeros) + 1)
+            plan.extend((block, *committed_view(pool, cur, lid, gen, block, [])) for block in zeros if block in mapped)
+    windows = _whole_windows(lo, hi, nblocks, left)
     if not plan and not windows[1]:
         return False
     # one hold of C's lock, in C: only this thread changes what the plan
@@ -449,17 +454,14 @@ def teach(pool, vid: int, offset: int, length: int) -> bool:
     return fm.add_many(vid, plan, locked=bool(pool._fm_depth), windows=windows) > 0 or windows[1] > 0
 
 
-def _whole_windows(pool, txn, lid: int, lo: int, hi: int, nblocks: int, untaught: set, left: set) -> tuple[int, int]:
+def _whole_windows(lo: int, hi: int, nblocks: int, left: set) -> tuple[int, int]:
     """The windows of [lo, hi) (lo a window's start) that teach covers
-    whole and may make known, as (first, n): from the first, those in
-    which no block C will not hold (untaught: unknown and not taught) is
-    in left or has an entry in the map (mapindex.mapped_blocks)."""
+    whole and may make known, as (first, n): from the first, those with
+    no block in left (unknown to C and not taught, but not zeros)."""
     end = hi if hi == nblocks else hi - hi % TEACH_WINDOW  # a window cut short by the volume's end is whole
     n = 0
     for w_lo in range(lo, end, TEACH_WINDOW):
-        w_hi = min(w_lo + TEACH_WINDOW, end)
-        mine = {b for b in untaught if w_lo <= b < w_hi}
-        if mine and (mine & left or mine & mapped_blocks(pool, txn, lid, min(mine), max(mine) + 1)):
+        if any(w_lo <= b < w_lo + TEACH_WINDOW for b in left):
             break
         n += 1
     return lo // TEACH_WINDOW, n
