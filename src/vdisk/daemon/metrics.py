@@ -116,6 +116,17 @@ class DaemonCollector:
                                       "Writes that found C's reservoir of free slots empty and waited for the "
                                       "engine's refill, and how long",
                                       count_value=e["reservoir_waits"], sum_value=e["reservoir_wait_ns"] / 1e9)
+            yield SummaryMetricFamily("vdisk_fastpath_lock_wait_seconds",
+                                      "Requests that found the fast path's map locked (by the engine, or an fsync "
+                                      "gathering its log record) and waited, and how long",
+                                      count_value=e["lock_waits"], sum_value=e["lock_wait_ns"] / 1e9)
+            yield SummaryMetricFamily("vdisk_fastpath_engine_lock_hold_seconds",
+                                      "The engine's holds of the fast path's map lock, and how long",
+                                      count_value=e["lock_holds"], sum_value=e["lock_hold_ns"] / 1e9)
+            yield GaugeMetricFamily("vdisk_fastpath_cache_entries", "Blocks C's cache knows", value=e["entries"])
+            yield GaugeMetricFamily("vdisk_fastpath_cache_bytes", "Memory C's cache of blocks takes",
+                                    value=e["table_bytes"])
+            yield CounterMetricFamily("vdisk_fastpath_cache_trims", "Trims of C's cache of blocks", value=e["trims"])
 
 
 def registry(daemon) -> CollectorRegistry:
