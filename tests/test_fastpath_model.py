@@ -747,6 +747,28 @@ def _writers_in_c(fm, vids, nblocks, last):
     assert not errors, errors
 
 
+@contextlib.contextmanager
+def _two_volumes_in_c(tmp_path, nblocks):
+    """For the body: a pool with a FastMap attached (a reservoir of 256)
+    and two new volumes of nblocks blocks, as (pool, fm, vid, other).
+    Then the map is detached and the pool closed, or abandoned when the
+    body failed (it may have left a commit in flight), and the map freed."""
+    pool = Pool(str(tmp_path), fast=False)
+    fm = FastMap(pool.file.fd, reservoir=256)
+    ok = False
+    try:
+        pool.attach_fast(fm)
+        yield pool, fm, pool.create_volume(nblocks * BLOCK_SIZE), pool.create_volume(nblocks * BLOCK_SIZE)
+        ok = True
+    finally:
+        pool.detach_fast()
+        if ok:
+            pool.close()
+        else:
+            pool._abandon()
+        fm.close()
+
+
 def test_discards_in_batches_while_io_threads_write(tmp_path, monkeypatch):
     """A discard lets go of the map's lock between batches of blocks
     (writepath.DISCARD_BATCH, 4 here), so C's I/O threads write meanwhile:
@@ -760,12 +782,7 @@ def test_discards_in_batches_while_io_threads_write(tmp_path, monkeypatch):
 
     monkeypatch.setattr(writepath, "DISCARD_BATCH", 4)
     nblocks = 48
-    pool = Pool(str(tmp_path), fast=False)
-    fm = FastMap(pool.file.fd, reservoir=256)
-    closed = False
-    try:
-        pool.attach_fast(fm)
-        vid, other = pool.create_volume(nblocks * BLOCK_SIZE), pool.create_volume(nblocks * BLOCK_SIZE)
+    with _two_volumes_in_c(tmp_path, nblocks) as (pool, fm, vid, other):
         pool.read(vid, 0, nblocks * BLOCK_SIZE)  # C learns every block (holes)
         pool.read(other, 0, nblocks * BLOCK_SIZE)
         last: dict = {}
@@ -814,20 +831,13 @@ def test_discards_in_batches_while_io_threads_write(tmp_path, monkeypatch):
         assert pool.read(fresh, 0, nblocks * BLOCK_SIZE) == bytes(nblocks * BLOCK_SIZE)
         pool.commit()
         assert pool.scrub() == []
-        pool.detach_fast()
-        pool.close()
-        closed = True
-        pool = Pool(str(tmp_path))
+    pool = Pool(str(tmp_path))
+    try:
         check(pool)
         assert pool.read(fresh, 0, nblocks * BLOCK_SIZE) == bytes(nblocks * BLOCK_SIZE)
         assert pool.scrub() == []
     finally:
-        if not closed:
-            pool.detach_fast()
-            pool._abandon()  # a failure may have left a commit in flight
-        fm.close()
-        if closed:
-            pool.close()
+        pool.close()
 
 
 def test_io_threads_share_blocks_across_copy_on_writes(tmp_path):
@@ -1176,13 +1186,8 @@ def test_trims_while_io_threads_write_and_flip(tmp_path):
     page then reads what was written last, through C and the Pool, and
     after a reopen; scrub is clean."""
     nblocks = 48
-    pool = Pool(str(tmp_path), fast=False)
-    fm = FastMap(pool.file.fd, reservoir=256)
-    closed = False
-    try:
-        pool.attach_fast(fm)
-        vid, other = pool.create_volume(nblocks * BLOCK_SIZE), pool.create_volume(nblocks * BLOCK_SIZE)
-        last: dict = {}
+    last: dict = {}
+    with _two_volumes_in_c(tmp_path, nblocks) as (pool, fm, vid, other):
         for v in (vid, other):
             for b in range(nblocks):
                 data = bytes([v, b]) * (BLOCK_SIZE // 2)
@@ -1224,21 +1229,12 @@ def test_trims_while_io_threads_write_and_flip(tmp_path):
             assert got is None or got == data, (v, off)
         pool.commit()
         assert pool.scrub() == []
-        pool.detach_fast()
-        fm.close()
-        pool.close()
-        closed = True
-        again = Pool(str(tmp_path))
-        try:
-            check(again)
-            assert again.scrub() == []
-        finally:
-            again.close()
+    again = Pool(str(tmp_path))
+    try:
+        check(again)
+        assert again.scrub() == []
     finally:
-        if not closed:
-            pool.detach_fast()
-            fm.close()
-            pool._abandon()  # a failure may have left a commit in flight
+        again.close()
 
 
 @pytest.mark.parametrize("where", ["tmp_path", "tmpfs"])
