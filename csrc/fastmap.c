@@ -930,7 +930,7 @@ static inline int is_shared(const struct ent *e, const struct vol *v)
 }
 
 /* a new volume: nothing maps any of its blocks */
-static void set_complete(struct vd_fastmap *fm, uint64_t vid)
+static void know_volume(struct vd_fastmap *fm, uint64_t vid)
 {
     struct vol *v = find_vol(fm, vid);
     if (v != NULL)
@@ -939,7 +939,7 @@ static void set_complete(struct vd_fastmap *fm, uint64_t vid)
 
 /* the table no longer knows a block of vid: its window's unknown blocks
  * are no longer zeros */
-static void incomplete(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
+static void unknow_block(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
 {
     struct vol *v = find_vol(fm, vid);
     if (v != NULL)
@@ -949,7 +949,7 @@ static void incomplete(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
 void vd_fm_forget(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
 {
     struct ent *e = lookup(fm, vid, block);
-    incomplete(fm, vid, block);
+    unknow_block(fm, vid, block);
     if (e != NULL)
         del(fm, e);
 }
@@ -958,7 +958,7 @@ void vd_fm_forget_slot(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint
 {
     struct ent *e = lookup(fm, vid, block);
     if (e != NULL && e->slot == slot) {
-        incomplete(fm, vid, block);
+        unknow_block(fm, vid, block);
         del(fm, e);
     }
 }
@@ -1048,7 +1048,7 @@ static void sync_volumes(struct vd_fastmap *fm, const uint64_t *ops, size_t n, c
         if (how & VD_FM_VOL_CLEAN)
             vd_fm_log_clean(fm, vid, 1);
         if (how & VD_FM_VOL_NEW)
-            set_complete(fm, vid);
+            know_volume(fm, vid);
         if (how & VD_FM_VOL_SHARE)
             share_volume(fm, vid);
         if (how & VD_FM_VOL_UNSHARE)
@@ -1179,7 +1179,7 @@ int vd_fm_trim(struct vd_fastmap *fm, size_t at, size_t budget)
             if (e->used && trimmable(fm, e)) {
                 /* an unknown block of a known window reads as zeros: not
                  * this one's window any more (in this same hold) */
-                incomplete(fm, e->vid, e->block);
+                unknow_block(fm, e->vid, e->block);
                 del(fm, e);
             }
         }
