@@ -37,11 +37,10 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class Heap:
-    """Counts what give_back did: how often, how long, how much."""
+    """Counts what give_back did: how often, the longest, how much."""
 
     def __init__(self):
         self.trims = 0
-        self.seconds = 0.0
         self.max_seconds = 0.0
         self.given_back = 0  # bytes the resident set shrank by across trims
 
@@ -56,7 +55,6 @@ class Heap:
         dt = time.monotonic() - t0
         shrank = max(0, before - resident()["anon"])
         self.trims += 1
-        self.seconds += dt
         self.max_seconds = max(self.max_seconds, dt)
         self.given_back += shrank
         return shrank
