@@ -2221,6 +2221,7 @@ long vd_fm_fsync(void *arg, uint64_t vid)
     if (L == NULL)
         return -EAGAIN;
     vd_log_lock(L);
+    vd_log_keep_ahead(L); /* room for the record, without the map's lock */
     pthread_rwlock_wrlock(&fm->lock);
     long rc = gather(fm, vid, &size, &at);
     pthread_rwlock_unlock(&fm->lock);

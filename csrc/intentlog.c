@@ -46,6 +46,7 @@
 #define ZEROS (64 * 1024)
 
 const char vd_log_magic[9] = "vdlogv2\n";
+_Static_assert(VD_LOG_GROW % ZEROS == 0, "the log grows by whole runs of zeros");
 _Static_assert(sizeof(struct vd_log_head) + VD_LOG_MAX_ENTRIES * sizeof(struct vd_log_entry) <= VD_LOG_HEADER,
                "a record's entries fit in its header");
 _Static_assert(sizeof(struct vd_log_head) + (VD_LOG_MAX_ENTRIES + 1) * sizeof(struct vd_log_entry) > VD_LOG_HEADER,
@@ -67,8 +68,9 @@ struct vd_log {
     uint64_t wgen; /* the generation records are written in: gen, or gen + 1
                     * once a commit froze (its records follow its freeze) */
     uint64_t pos, seq, end[2], max, flush_max;
+    uint64_t allow; /* bytes vd_log_keep_ahead may still grow the files by */
     unsigned char *buf; /* a record: its header, then up to flush_max of pages */
-    uint64_t st_flushes, st_bytes, st_flushes_c, st_flushes_during;
+    uint64_t st_flushes, st_bytes, st_flushes_c, st_flushes_during, st_grows_c;
 };
 
 struct vd_log *vd_log_new(int fd0, int fd1, uint64_t gen, uint64_t end0, uint64_t end1, uint64_t max,
@@ -153,7 +155,8 @@ void vd_log_get(struct vd_log *L, uint64_t *out)
 {
     uint64_t v[VD_LOG_STATE_WORDS] = {L->gen,          L->pos,      L->seq,          L->end[L->wgen & 1],
                                       (uint64_t)L->ok, (uint64_t)L->inflight, L->st_flushes, L->st_bytes,
-                                      L->st_flushes_c, L->max,     L->wgen,         L->st_flushes_during};
+                                      L->st_flushes_c, L->max,     L->wgen,         L->st_flushes_during,
+                                      __atomic_load_n(&L->allow, __ATOMIC_RELAXED), L->st_grows_c};
     memcpy(out, v, sizeof(v));
 }
 
@@ -276,14 +279,55 @@ static long grow_file(struct vd_log *L, uint64_t grow)
     return 0;
 }
 
-long vd_log_grow(struct vd_log *L, uint64_t grow)
+void vd_log_allow(struct vd_log *L, uint64_t bytes) { __atomic_store_n(&L->allow, bytes, __ATOMIC_RELAXED); }
+
+/* One step of growth, if the room ahead of the records is less than
+ * ahead and the allowance and the log's maximum permit: 1 when the file
+ * grew, 0 when it did not (and need not, or may not now). */
+static int grow_step(struct vd_log *L, uint64_t ahead)
 {
-    if (!vd_log_usable(L) || L->end[L->wgen & 1] + grow > L->max)
-        return -EAGAIN;
-    long rc = grow_file(L, grow);
-    if (rc == 0 && fdatasync(L->fd[L->wgen & 1]) < 0)
-        rc = failed(L, -errno);
-    return rc;
+    static const unsigned char zeros[ZEROS];
+    int w = L->wgen & 1;
+    uint64_t end = L->end[w];
+    if (!vd_log_usable(L) || end - L->pos >= ahead || end + VD_LOG_GROW > L->max)
+        return 0;
+    /* take the step out of the allowance first: the engine may set it
+     * meanwhile, without the mutex (vd_log_allow) */
+    uint64_t a = __atomic_load_n(&L->allow, __ATOMIC_RELAXED);
+    do {
+        if (a < VD_LOG_GROW)
+            return 0;
+    } while (!__atomic_compare_exchange_n(&L->allow, &a, a - VD_LOG_GROW, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+    /* the file's end moves only once the zeros are durable: a step cut
+     * short by a full filesystem is written over by the next one */
+    for (uint64_t done = 0; done < VD_LOG_GROW; done += ZEROS) {
+        if (vd_pwrite_full(L->fd[w], zeros, ZEROS, end + done) < 0) {
+            vd_log_allow(L, 0); /* until the engine finds room to spare again */
+            return 0;
+        }
+    }
+    if (fdatasync(L->fd[w]) < 0) {
+        failed(L, -errno);
+        return 0;
+    }
+    L->end[w] = end + VD_LOG_GROW;
+    return 1;
+}
+
+void vd_log_keep_ahead(struct vd_log *L)
+{
+    if (grow_step(L, VD_LOG_GROW))
+        L->st_grows_c++;
+}
+
+uint64_t vd_log_grow_ahead(struct vd_log *L, uint64_t ahead)
+{
+    uint64_t grown = 0;
+    pthread_mutex_lock(&L->mu);
+    while (grow_step(L, ahead))
+        grown += VD_LOG_GROW;
+    pthread_mutex_unlock(&L->mu);
+    return grown;
 }
 
 long vd_log_append(struct vd_log *L, uint64_t vid, const uint64_t *blocks, const uint32_t *masks, uint32_t count,

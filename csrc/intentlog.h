@@ -25,10 +25,11 @@ void vd_log_free(struct vd_log *L);
 void vd_log_lock(struct vd_log *L);
 void vd_log_unlock(struct vd_log *L);
 
-/* Everything below with the mutex held, except vd_log_get (any time: a
- * snapshot of the counters) and vd_log_freeze/vd_log_thaw/vd_log_retire,
- * which the engine calls with the fast path's map lock held (a log writer
- * in C holds it while it reserves its record's place). */
+/* Everything below with the mutex held, except vd_log_get and
+ * vd_log_allow (any time: a snapshot of the counters; an atomic store) and
+ * vd_log_freeze/vd_log_thaw/vd_log_retire, which the engine calls with the
+ * fast path's map lock held (a log writer in C holds it while it reserves
+ * its record's place). */
 
 /* Append one record: count entries (blocks[i], masks[i]: the pages of
  * pages, in order, or 0 for a block that now reads as zeros), npages pages
@@ -52,11 +53,29 @@ void vd_log_thaw(struct vd_log *L);
 /* The commit that recorded gen is durable: the records before its freeze
  * are obsolete, and those after it are gen's. */
 void vd_log_retire(struct vd_log *L, uint64_t gen);
-/* Grow the file being written by grow zero bytes and fdatasync it, ahead of
- * the records (C's write only into bytes the file holds): 0, -EAGAIN when
- * the log is not usable or would pass its maximum, -errno when a write
- * failed (the log is off from then on). */
-long vd_log_grow(struct vd_log *L, uint64_t grow);
+/* The file being written grows in zero-filled steps of this size (C's own
+ * growth, and the engine's for its records). */
+enum { VD_LOG_GROW = 1 << 20 };
+/* How many bytes C may grow the files by itself from now on
+ * (vd_log_keep_ahead): the engine grants it when its filesystem has that
+ * much to spare, and grants it again as C uses it.  Without the mutex
+ * (an atomic store), so that the engine's thread never holds up a record. */
+void vd_log_allow(struct vd_log *L, uint64_t bytes);
+/* Grow the file being written, VD_LOG_GROW zero bytes at a time, each
+ * step fdatasync()ed, while less than ahead bytes are written ahead of
+ * the records, as far as the engine allows (vd_log_allow) and the log's
+ * maximum permits; returns the bytes grown.  Takes the mutex itself: the
+ * engine calls it from its thread, with the GIL let go, every 100 ms (the
+ * daemon's feeder), so that most fsyncs find the room there.  A
+ * filesystem too full for a step ends the allowance (the engine's flush
+ * then decides: a commit instead); a failed fdatasync turns the log off,
+ * as a failed record's write does. */
+uint64_t vd_log_grow_ahead(struct vd_log *L, uint64_t ahead);
+/* For the fast path, with the mutex held, before it gathers a record:
+ * one step of vd_log_grow_ahead's when less than VD_LOG_GROW is left (the
+ * engine's thread fell behind), counted (grows_in_c), so that an fsync
+ * never waits for the engine's thread to grow the file. */
+void vd_log_keep_ahead(struct vd_log *L);
 void vd_log_set_max(struct vd_log *L, uint64_t max); /* tests make the log small */
 void vd_log_fail_next(struct vd_log *L, int fail);   /* tests: the next record fails before its fdatasync */
 /* The log files opened O_DIRECT too (-1: none), for records written with
@@ -64,8 +83,10 @@ void vd_log_fail_next(struct vd_log *L, int fail);   /* tests: the next record f
 void vd_log_set_direct(struct vd_log *L, int dfd0, int dfd1);
 /* gen, pos, seq, end (of wgen's file), ok, inflight, flushes, bytes,
  * flushes_in_c, max, wgen, flushes_during_commit (records written while a
- * commit was in flight, in the generation it moved to) */
-enum { VD_LOG_STATE_WORDS = 12 };
+ * commit was in flight, in the generation it moved to), allow (what C may
+ * still grow the files by: vd_log_allow), grows_in_c (fsyncs that grew the
+ * file themselves: vd_log_keep_ahead) */
+enum { VD_LOG_STATE_WORDS = 14 };
 void vd_log_get(struct vd_log *L, uint64_t *out);
 
 /* For the fast path (fastmap.c), with the mutex held: whether it may write

@@ -1159,8 +1159,7 @@ def test_a_trim_forgets_what_c_need_not_keep_and_c_learns_it_again(tmp_path):
     assert fm.read(vid, far * BLOCK_SIZE, 4096) == bytes(4096)  # zeros to C still
     assert fm.write(vid, far * BLOCK_SIZE + 4096, b"f" * 4096)  # never written: served in C
     want[far * BLOCK_SIZE + 4096 : far * BLOCK_SIZE + 8192] = b"f" * 4096
-    while pool.log_grow_ahead():  # room for C's record, as the daemon keeps it
-        pass
+    pool.log_grow_ahead()  # room for C's record, as the daemon keeps it
     assert fm.fsync(vid)  # C writes the volume's record: it kept what the record needs
     assert pool.log_status()["flushes_in_c"] == 1
     assert pool.read(vid, 0, len(want)) == want  # the Pool teaches C again
@@ -1791,11 +1790,11 @@ def test_fsyncs_go_on_during_a_commit_and_survive_a_crash(tmp_path, durable):
 
 
 def test_the_log_grows_ahead_so_that_c_writes_every_record(tmp_path):
-    """C writes a record only into bytes the log file holds (zeros the
-    engine wrote), and hands an fsync that needs more to the engine, whose
-    thread a control action's commit may hold for a second.  The daemon
-    keeps room written ahead instead (Pool.log_grow_ahead, from the
-    Committer's after_write): then 400 fsyncs in a row, 3.2 MiB of records
+    """C writes a record only into bytes the log file holds (zeros), and
+    grows the file only by what the engine allows it.  The daemon lets it
+    and keeps room written ahead (Pool.log_grow_ahead, from the
+    Committer's after_write, which the daemon's feeder calls every 100 ms;
+    the growth itself in C): then 400 fsyncs in a row, 3.2 MiB of records
     from an empty file, half of them in the other file while a commit
     runs, are all C's, and all survive a crash."""
     from vdisk.engine.intentlog import AHEAD, GROW
@@ -1807,8 +1806,9 @@ def test_the_log_grows_ahead_so_that_c_writes_every_record(tmp_path):
     st = pool.intent.state()
     assert st["end"] - st["pos"] == 0  # a new pool's log holds nothing yet
     assert fm.write(vid, 0, b"a" * 4096)
-    assert not fm.fsync(vid), "a record where the file holds no bytes"
-    assert sum(pool.log_grow_ahead() for _ in range(10)) == AHEAD == 2 * GROW
+    assert not fm.fsync(vid), "a record where the file holds no bytes, or C grew it unasked"
+    assert pool.log_grow_ahead() == AHEAD == 4 * GROW
+    assert pool.log_grow_ahead() == 0  # as far ahead as it keeps
     last = {}
     job = None
     for i in range(400):
@@ -1825,6 +1825,7 @@ def test_the_log_grows_ahead_so_that_c_writes_every_record(tmp_path):
             pool.finish_commit(job)
         pool.log_grow_ahead()  # what the daemon's feeder does every 100 ms
     assert pool.log_status()["flushes_in_c"] == 400
+    assert all(os.fstat(f.fd).st_size > 0 for f in pool.intent.files)  # both generations' files grown
     _crash(pool, fm)
     again = Pool(str(tmp_path), fast=False)
     try:
@@ -1834,6 +1835,121 @@ def test_the_log_grows_ahead_so_that_c_writes_every_record(tmp_path):
         assert again.scrub() == []
     finally:
         again.close()
+
+
+def test_an_fsync_grows_the_log_itself_by_what_the_engine_allows(tmp_path):
+    """When the engine's thread falls behind (a control action's commit
+    holds it), an fsync in C grows the log's file itself, a step at a
+    time once less than a step is left, by at most what is left of the
+    allowance the engine granted (IntentLog.ALLOW): 1000 fsyncs in a row,
+    7.8 MiB of records, with one grow_ahead before them and none after,
+    are all C's, and all survive a crash.  Once the allowance is spent
+    (or withheld: a filesystem without room to spare) C hands the fsync
+    back, and the engine's flush decides (it grows the log here)."""
+    from vdisk.engine.intentlog import AHEAD, ALLOW, GROW
+
+    pool = Pool(str(tmp_path), fast=False)
+    vid = pool.create_volume(64 * BLOCK_SIZE)
+    fm = FastMap(pool.file.fd, reservoir=64)
+    pool.attach_fast(fm)
+    assert pool.log_grow_ahead() == AHEAD
+    assert pool.intent.state()["allow"] == ALLOW - AHEAD
+    last = {}
+    for i in range(1000):
+        off = (i * 7 % 64) * BLOCK_SIZE + (i % 16) * 4096
+        data = bytes([i % 250 + 1]) * 4096
+        pool.refill_fast()  # C's free slots (refill leaves the log alone)
+        assert fm.write(vid, off, data)
+        assert fm.fsync(vid), "fsync %d went to the engine" % i
+        last[off] = data
+    st = pool.log_status()
+    assert st["flushes_in_c"] == 1000
+    assert st["grows_in_c"] == (ALLOW - AHEAD) // GROW  # a step at a time: the allowance, spent
+    state = pool.intent.state()
+    assert state["allow"] == 0 and state["end"] == ALLOW
+    # C grows nothing more: once the room left is used, the engine's flush writes the record
+    while state["end"] - state["pos"] >= 8192:
+        assert fm.write(vid, 0, b"y" * 4096) and fm.fsync(vid)
+        state = pool.intent.state()
+    last[0] = b"z" * 4096
+    assert fm.write(vid, 0, last[0])
+    assert not fm.fsync(vid), "C grew the log past its allowance"
+    assert pool.log_flush(vid)
+    assert pool.log_status()["grows_in_c"] == (ALLOW - AHEAD) // GROW
+    _crash(pool, fm)
+    again = Pool(str(tmp_path), fast=False)
+    try:
+        for off, data in last.items():
+            assert again.read(vid, off, 4096) == data, off
+        assert again.scrub() == []
+    finally:
+        again.close()
+
+
+def test_a_filesystem_too_full_for_c_to_grow_the_log_leaves_the_log_working(tmp_path):
+    """The allowance was granted, then the pool's filesystem filled up
+    (another file took it): C's growth finds no room.  It ends the
+    allowance and hands the fsync back; the log stays usable (not turned
+    off for good, as a failed write turns it), the engine's flush commits
+    instead, and once room is freed the engine grants the allowance again
+    and C's fsyncs grow the log once more.  A tmpfs, filled (512 MiB: the
+    engine keeps 256 MiB of a filesystem to itself before it grows
+    anything, allocator.spare_bytes)."""
+    import subprocess
+
+    from vdisk.engine.intentlog import AHEAD, GROW
+    from vdisk.engine.native import lib
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    d = tmp_path / "pool"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", str(d)], check=True)
+    pool = fm = None
+    try:
+        pool = Pool(str(d), fast=False)
+        vid = pool.create_volume(16 * BLOCK_SIZE)
+        fm = FastMap(pool.file.fd, reservoir=16)
+        pool.attach_fast(fm)
+        assert fm.write(vid, 0, b"a" * 4096)
+        assert not fm.fsync(vid)  # a new log: no room, no allowance
+        pool.refill_fast()  # C's free slots, before the filesystem fills
+        filler = d / "filler"
+        with open(filler, "wb") as f:  # the filesystem, to its last page
+            try:
+                while True:
+                    f.write(b"\xff" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        lib.vd_log_allow(pool.intent.handle, 4 * GROW)  # granted before it filled
+        assert not fm.fsync(vid), "C wrote a record where the file holds no bytes"
+        state = pool.intent.state()
+        assert state["ok"] and state["allow"] == 0 and state["end"] == 0
+        assert not pool.log_flush(vid)  # the engine's flush: no room to grow either, a commit instead
+        assert pool.log_status()["low_space"] == 1
+        os.unlink(filler)  # (the commit needs room too)
+        pool.commit()
+        assert pool.log_grow_ahead() == AHEAD  # room again: the allowance, and room ahead
+        for i in range(600):  # 4.7 MiB of records: C grows the log past what the engine wrote
+            assert fm.write(vid, (i % 16) * BLOCK_SIZE, bytes([i % 250 + 1]) * 4096)
+            assert fm.fsync(vid), "fsync %d went to the engine" % i
+        assert pool.log_status()["grows_in_c"] >= 1 and pool.intent.state()["ok"]
+        _crash(pool, fm)
+        pool = None
+        again = Pool(str(d), fast=False)
+        try:
+            for i in range(584, 600):
+                assert again.read(vid, (i % 16) * BLOCK_SIZE, 4096) == bytes([i % 250 + 1]) * 4096
+        finally:
+            again.close()
+    finally:
+        try:
+            if pool is not None:
+                pool.detach_fast()
+                pool.close()
+        finally:
+            subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 def test_a_structural_commit_holds_fsyncs_until_it_is_durable(tmp_path):

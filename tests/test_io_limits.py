@@ -121,6 +121,7 @@ def test_metrics_stats_and_monitor_data_follow_the_load(monkeypatch):
         # the client library's process metrics, and the heap given back after commits
         assert after[("process_resident_memory_bytes", ())] > 0 and after[("process_open_fds", ())] > 0
         assert after[("vdisk_heap_given_back_bytes_total", ())] >= 0
+        assert after[("vdisk_intent_log_fsync_growths_total", ())] == venv.j("daemon", "status")["IntentLog"]["GrowthsInC"]
         # C's cache and lock, as daemon status shows them (a disk never
         # written: its reads need no entry, so the count may be 0)
         st = venv.j("daemon", "status")["FastPath"]

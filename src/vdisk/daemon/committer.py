@@ -211,7 +211,8 @@ class Committer:
         """Called after each write: start a background commit when the
         write cache is full or the intent log half full; wait while the
         cache holds twice its size.  Keeps room written ahead in the intent
-        log's file, so that C writes every record of an fsync itself."""
+        log's file, and lets C grow it as it needs, so that C writes every
+        record of an fsync itself."""
         self.pool.log_grow_ahead()
         if self.cache_full() or self.log_filling():
             self._wake.set()

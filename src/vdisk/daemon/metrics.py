@@ -103,6 +103,9 @@ class DaemonCollector:
                                   value=lg["bytes"])
         yield CounterMetricFamily("vdisk_intent_log_commits_instead", "fsyncs made durable by a commit instead",
                                   value=lg["commits_instead"])
+        yield CounterMetricFamily("vdisk_intent_log_fsync_growths", "fsyncs that grew the intent log's file "
+                                  "themselves (the daemon had not kept room ahead of the records)",
+                                  value=lg["grows_in_c"])
         if d.fs.fast is not None:
             f = d.fs.fast.stats()
             fp = CounterMetricFamily("vdisk_fastpath_requests", "FUSE requests the C fast path served, by kind "

@@ -403,6 +403,8 @@ class Daemon:
             "FlushesInC": st.get("flushes_in_c", 0),
             # fsyncs the log made durable while a commit ran, without waiting for it
             "FlushesDuringCommits": st.get("flushes_during_commit", 0),
+            # times an fsync in C grew the log's file itself (the engine had not kept enough room ahead)
+            "GrowthsInC": st.get("grows_in_c", 0),
             "Bytes": st["bytes"],
             "CommitsInstead": st["commits_instead"],
             # fsyncs that committed because the filesystem is too full for the log to grow

@@ -35,16 +35,21 @@ log = logging.getLogger(__name__)
 # at most MAX bytes before a commit empties it.
 FLUSH_MAX = 4 << 20
 MAX = 64 << 20
-GROW = 1 << 20  # the file grows in zero-filled steps of this size
-# The room the daemon keeps written (zeros) ahead of the records in the file
-# being written (grow_ahead): C writes its records only into bytes the file
-# holds, and hands a record that needs more to the engine, which answers it
-# from the daemon's thread, which a control action's commit may hold for a
-# second.
-AHEAD = 2 * GROW
+GROW = lib.VD_LOG_GROW  # the file grows in zero-filled steps of this size
+# C writes its records only into bytes the file holds (zeros at least), and
+# grows the file itself (csrc/intentlog.c), by at most what the engine
+# allows it: ALLOW, granted again by grow_ahead while the filesystem can
+# spare it.  grow_ahead (the daemon's feeder, every 100 ms) keeps AHEAD
+# written ahead of the records, in C with the GIL let go; an fsync that
+# finds less than a step left grows the file itself.  So an fsync neither
+# waits for the daemon's thread, which a control action's commit may hold
+# for a second, nor for the engine to let go of the log's mutex (held
+# across a wait for the GIL, that could take 5 ms).
+AHEAD = 4 * GROW
+ALLOW = 8 * GROW
 
 _STATE = ("gen", "pos", "seq", "end", "ok", "inflight", "flushes", "bytes", "flushes_in_c", "max", "wgen",
-          "flushes_during_commit")
+          "flushes_during_commit", "allow", "grows_in_c")
 assert len(_STATE) == lib.VD_LOG_STATE_WORDS
 
 
@@ -173,9 +178,11 @@ class IntentLog:
     def status(self) -> dict:
         """The counters, the writer's (flushes, bytes, flushes_in_c: those
         the fast path wrote, flushes_during_commit: those written while a
-        commit was in flight, which did not wait for it) and the engine's."""
+        commit was in flight, which did not wait for it, grows_in_c: fsyncs
+        that grew the file themselves) and the engine's."""
         st = self.state()
-        return dict(self.stats, **{k: st[k] for k in ("flushes", "bytes", "flushes_in_c", "flushes_during_commit")})
+        return dict(self.stats, **{k: st[k] for k in ("flushes", "bytes", "flushes_in_c", "flushes_during_commit",
+                                                      "grows_in_c")})
 
     def growth(self, npages: int, spare_bytes) -> int | None:
         """How many zero bytes a record of npages pages needs the file to
@@ -200,21 +207,21 @@ class IntentLog:
         return grow
 
     def grow_ahead(self, spare_bytes) -> int:
-        """Keep AHEAD bytes written ahead of the records in the file being
-        written: grow it by GROW (zeros, fdatasync()ed) when less is left
-        and the filesystem has room to spare (spare_bytes(), as growth).
-        Returns the bytes it grew.  The owner's thread, without the log's
-        lock (taken here: C's records wait for the few ms it takes)."""
+        """Let C grow the log's files by ALLOW bytes from now on
+        (vd_log_allow), once it used some of what it was allowed, if the
+        filesystem can spare that and a step more (spare_bytes(): what
+        growing may take), else by nothing until it can; and keep AHEAD
+        bytes written ahead of the records (vd_log_grow_ahead, in C, which
+        takes the log's mutex).  Returns the bytes grown.  The owner's
+        thread, without the log's mutex."""
         st = self.state()
-        if not _usable(st) or st["end"] - st["pos"] >= AHEAD or st["end"] + GROW > st["max"]:
+        if not _usable(st):
             return 0
-        if spare_bytes() < GROW:
+        if st["allow"] != ALLOW:
+            lib.vd_log_allow(self._log, ALLOW if spare_bytes() >= ALLOW + GROW else 0)
+        if st["end"] - st["pos"] >= AHEAD:
             return 0
-        with self:
-            st = self.state()  # a record may have been written meanwhile
-            if not _usable(st) or st["end"] - st["pos"] >= AHEAD:
-                return 0
-            return GROW if lib.vd_log_grow(self._log, GROW) == 0 else 0
+        return lib.vd_log_grow_ahead(self._log, AHEAD)
 
     def append(self, vid: int, entries, pages: list[bytes], grow: int) -> bool:
         """Write one record (entries: (block, page mask); pages: their

@@ -504,8 +504,9 @@ class Pool:
         return logflush.flush(self, vid)
 
     def log_grow_ahead(self) -> int:
-        """Keep room written ahead in the intent log's file, so that C's
-        records need not wait for this thread (IntentLog.grow_ahead)."""
+        """Keep room written ahead in the intent log's file, and let C grow
+        it as it needs, by as much as the filesystem can spare, so that its
+        records never wait for this thread (IntentLog.grow_ahead)."""
         if self._failed:
             return 0
         return self.intent.grow_ahead(lambda: allocator.spare_bytes(self))
