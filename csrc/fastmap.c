@@ -963,6 +963,14 @@ void vd_fm_forget_slot(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint
     }
 }
 
+void vd_fm_forget_slots(struct vd_fastmap *fm, int locked, const uint64_t *triples, size_t nwords)
+{
+    take(fm, locked);
+    for (size_t i = 0; i + 3 <= nwords; i += 3)
+        vd_fm_forget_slot(fm, triples[i], triples[i + 1], triples[i + 2]);
+    give(fm, locked);
+}
+
 /* A fresh log epoch; at the (unreachable in practice) wrap the table
  * starts over, so that no old entry can match again. */
 static uint32_t next_lepoch(struct vd_fastmap *fm)

@@ -181,6 +181,12 @@ class FastMap:
     def forget_slot(self, vid: int, block: int, slot: int) -> None:
         lib.vd_fm_forget_slot(self._fm, vid, block, slot)
 
+    def forget_slots(self, triples, locked: bool = False) -> None:
+        """forget_slot for each (vid, block, slot) of triples (an
+        array('Q') of them, flat), in one call: one hold of the lock, which
+        it takes unless locked."""
+        lib.vd_fm_forget_slots(self._fm, int(locked), *_words(triples))
+
     # The engine's holds of the lock at a commit, each one call into C that
     # takes the lock, does all of it and lets go (csrc/fastmap.h): no
     # Python runs while the engine holds it.  locked: this thread holds the
