@@ -106,6 +106,7 @@ static struct {
     struct node *nodes;
     size_t nnodes, capnodes;
     uint64_t st_reads, st_writes, st_fsyncs, st_forwarded, st_delayed;
+    uint64_t st_io_forwarded; /* of st_forwarded, the reads, writes and fsyncs of a disk */
     /* the delay queue: a binary heap by (due, seq) */
     pthread_mutex_t dlock;
     pthread_cond_t dcond;
@@ -257,10 +258,15 @@ static uint64_t admit(const unsigned char *buf, size_t n, uint64_t vid, uint64_t
     return vd_qos_admit(vid, h->opcode == FUSE_WRITE, size, *start);
 }
 
-/* Pass a request on to libfuse/pyfuse3; 0, or -1 when the session is gone. */
-static int forward(const unsigned char *buf, size_t n)
+/* Pass a request on to libfuse/pyfuse3; 0, or -1 when the session is gone.
+ * vid: request_vid's (not 0: a read, write or fsync of a disk, which the
+ * engine then serves in Python; counted apart from the rest, such as
+ * LOOKUP, OPEN or FALLOCATE, which pyfuse3 always serves). */
+static int forward(const unsigned char *buf, size_t n, uint64_t vid)
 {
     __atomic_add_fetch(&fp.st_forwarded, 1, __ATOMIC_RELAXED);
+    if (vid != 0)
+        __atomic_add_fetch(&fp.st_io_forwarded, 1, __ATOMIC_RELAXED);
     while (send(fp.sock, buf, n, MSG_NOSIGNAL) < 0) {
         if (errno == EINTR)
             continue;
@@ -380,7 +386,7 @@ static void *delay_loop(void *arg)
             pthread_cond_signal(&fp.dcond); /* the next may be due too: another thread */
         pthread_mutex_unlock(&fp.dlock);
         if (fp.stopping || out == NULL || !serve(d.buf, d.n, out, d.vid, d.start))
-            forward(d.buf, d.n);
+            forward(d.buf, d.n, d.vid);
         free(d.buf);
         pthread_mutex_lock(&fp.dlock);
     }
@@ -415,7 +421,7 @@ static void *request_loop(void *arg)
             continue;
         if (serve(buf, (size_t)n, out, vid, start))
             continue;
-        if (forward(buf, (size_t)n) < 0)
+        if (forward(buf, (size_t)n, vid) < 0)
             goto done;
     }
     /* the kernel ended the connection (unmounted): end pyfuse3's loop the
@@ -645,11 +651,12 @@ int vd_fp_stop(void)
     return rc2 ? rc2 : rc ? rc : rc3;
 }
 
-void vd_fp_stats(uint64_t *out5)
+void vd_fp_stats(uint64_t *out)
 {
-    out5[0] = __atomic_load_n(&fp.st_reads, __ATOMIC_RELAXED);
-    out5[1] = __atomic_load_n(&fp.st_writes, __ATOMIC_RELAXED);
-    out5[2] = __atomic_load_n(&fp.st_forwarded, __ATOMIC_RELAXED);
-    out5[3] = __atomic_load_n(&fp.st_fsyncs, __ATOMIC_RELAXED);
-    out5[4] = __atomic_load_n(&fp.st_delayed, __ATOMIC_RELAXED);
+    out[0] = __atomic_load_n(&fp.st_reads, __ATOMIC_RELAXED);
+    out[1] = __atomic_load_n(&fp.st_writes, __ATOMIC_RELAXED);
+    out[2] = __atomic_load_n(&fp.st_forwarded, __ATOMIC_RELAXED);
+    out[3] = __atomic_load_n(&fp.st_fsyncs, __ATOMIC_RELAXED);
+    out[4] = __atomic_load_n(&fp.st_delayed, __ATOMIC_RELAXED);
+    out[5] = __atomic_load_n(&fp.st_io_forwarded, __ATOMIC_RELAXED);
 }

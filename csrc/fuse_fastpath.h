@@ -10,5 +10,8 @@ void vd_fp_quiesce(void);
 int vd_fp_stop(void);
 int vd_fp_set_node(uint64_t nodeid, uint64_t vid);
 void vd_fp_drop_node(uint64_t nodeid);
-void vd_fp_stats(uint64_t *out5); /* reads, writes, passed on, fsyncs, delayed by an I/O limit */
+/* reads, writes, passed on (every request pyfuse3 answered), fsyncs,
+ * delayed by an I/O limit, and of those passed on the reads, writes and
+ * fsyncs of a disk (the engine served them in Python) */
+void vd_fp_stats(uint64_t *out);
 #endif

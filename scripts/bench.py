@@ -1136,8 +1136,11 @@ def print_report(results: dict, a) -> None:
     if d:
         fp = d["fast_path"]
         print("vdisk daemon: fast path %s; settings: %s" % (
-            "on (%d reads, %d writes, %d fsyncs served in C; %d requests passed to Python)"
-            % (fp["Reads"], fp["Writes"], fp.get("Fsyncs", 0), fp["PassedToPython"]) if fp.get("Enabled") else "off",
+            "on (%d reads, %d writes, %d fsyncs served in C; %d requests passed to Python, %d of them reads, "
+            "writes or fsyncs, %d reads and %d writes served by the engine itself)"
+            % (fp["Reads"], fp["Writes"], fp.get("Fsyncs", 0), fp["PassedToPython"], fp.get("IoPassedToPython", 0),
+               fp.get("ServedByEngine", {}).get("reads", 0), fp.get("ServedByEngine", {}).get("writes", 0))
+            if fp.get("Enabled") else "off",
             " ".join("%s=%s" % kv for kv in d["settings"].items()) or "defaults"))
         lg = d.get("intent_log")
         if lg:

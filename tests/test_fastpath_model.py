@@ -1561,6 +1561,7 @@ def test_the_pools_own_writes_are_served_by_the_write_cache_in_c(tmp_path):
         assert pool.read(vid, span // 2, len(data)) == data  # more than C serves: Python
         assert pool.read(vid, span, 4096) == data[span // 2 : span // 2 + 4096]
         assert fm.stats()["reads"] == reads + 1
+        assert pool.served_here == {"reads": 1, "writes": 0}  # what daemon status counts (ServedByEngine)
         pool.commit()
         assert pool.scrub() == []
     finally:

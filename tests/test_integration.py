@@ -69,6 +69,12 @@ def test_filesystem_survives_clean_restart_and_sigkill(venv, fstype, monkeypatch
     lg = venv.j("daemon", "status")["IntentLog"]
     assert lg["Flushes"] > 0  # the fsyncs went to the log
     assert lg["FlushesInC"] > 0  # most of them written by the fast path's C thread
+    # after the restart C's table started empty: the first reads and writes
+    # of blocks with data went to Python, which taught C and had C serve
+    # them; none was served by the engine itself under C's lock
+    fp = venv.j("daemon", "status")["FastPath"]
+    assert 0 < fp["IoPassedToPython"] < fp["PassedToPython"], fp  # the rest: LOOKUP, OPEN, ...
+    assert fp["ServedByEngine"] == {"reads": 0, "writes": 0}, fp
 
     # SIGKILL with the filesystem mounted: flushed data must survive
     venv.kill9()

@@ -129,6 +129,11 @@ def test_metrics_stats_and_monitor_data_follow_the_load(monkeypatch):
         assert after[("vdisk_fastpath_cache_entries", ())] >= 0 and after[("vdisk_fastpath_cache_trims_total", ())] == 0
         for name in ("vdisk_fastpath_lock_wait_seconds_count", "vdisk_fastpath_engine_lock_hold_seconds_count"):
             assert after[(name, ())] >= 0
+        # requests handed to Python: all, the disks' reads, writes and fsyncs among them, those the engine served
+        assert after[("vdisk_fastpath_requests_total", (("op", "io_passed_on"),))] <= \
+            after[("vdisk_fastpath_requests_total", (("op", "passed_on"),))]
+        for op in ("read", "write"):
+            assert after[("vdisk_engine_served_requests_total", (("op", op),))] == st["ServedByEngine"][op + "s"]
 
         time.sleep(2)  # a sample after the load
         start = datetime.datetime.fromtimestamp(t0 // 60 * 60, datetime.UTC)

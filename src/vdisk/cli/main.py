@@ -252,8 +252,9 @@ def cmd_daemon_status(app: App) -> int:
     res["Running"] = True
     fp = res.get("FastPath") or {}
     fast = (
-        "on (%d reads, %d writes and %d fsyncs served in C, %d requests passed to Python)"
-        % (fp["Reads"], fp["Writes"], fp.get("Fsyncs", 0), fp["PassedToPython"])
+        "on (%d reads, %d writes and %d fsyncs served in C, %d requests passed to Python, "
+        "%d of them reads, writes or fsyncs)"
+        % (fp["Reads"], fp["Writes"], fp.get("Fsyncs", 0), fp["PassedToPython"], fp.get("IoPassedToPython", 0))
         if fp.get("Enabled")
         else "off"
     )

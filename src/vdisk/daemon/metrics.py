@@ -109,11 +109,18 @@ class DaemonCollector:
         if d.fs.fast is not None:
             f = d.fs.fast.stats()
             fp = CounterMetricFamily("vdisk_fastpath_requests", "FUSE requests the C fast path served, by kind "
-                                     "(passed_on: handed to pyfuse3; delayed: waited for an I/O limit)",
+                                     "(passed_on: handed to pyfuse3, io_passed_on: of those, the reads, writes "
+                                     "and fsyncs of a disk; delayed: waited for an I/O limit)",
                                      labels=["op"])
-            for op in ("reads", "writes", "fsyncs", "passed_on", "delayed"):
-                fp.add_metric([op.removesuffix("s") if op != "passed_on" else op], f[op])
+            for op in ("reads", "writes", "fsyncs", "passed_on", "io_passed_on", "delayed"):
+                fp.add_metric([op.removesuffix("s") if not op.endswith("passed_on") else op], f[op])
             yield fp
+            eng = CounterMetricFamily("vdisk_engine_served_requests", "Reads and writes of a disk the engine "
+                                      "served itself in Python, with the fast path's map locked (C refused them "
+                                      "even once taught)", labels=["op"])
+            for op, n in d.fs.pool.served_here.items():
+                eng.add_metric([op.removesuffix("s")], n)
+            yield eng
             e = d.fs.pool.fast_map.stats()
             yield SummaryMetricFamily("vdisk_fastpath_reservoir_wait_seconds",
                                       "Writes that found C's reservoir of free slots empty and waited for the "

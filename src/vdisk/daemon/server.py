@@ -363,7 +363,13 @@ class Daemon:
             "Reads": f["reads"],
             "Writes": f["writes"],
             "Fsyncs": f["fsyncs"],
+            # every request pyfuse3 answered (LOOKUP, OPEN, FALLOCATE, ...);
+            # of them, the reads, writes and fsyncs of a disk C handed over
             "PassedToPython": f["passed_on"],
+            "IoPassedToPython": f["io_passed_on"],
+            # of those, the reads and writes the engine served itself, with
+            # the fast path's map locked (C refused them even once taught)
+            "ServedByEngine": dict(self.fs.pool.served_here),
             "CopyOnWrite": e["copy_on_write"],
             # writes into a committed backed block's own two slots, each
             # page where the durable map does not use it (no copy)

@@ -261,6 +261,10 @@ class Pool:
         self._fm_held = None  # the map fastbridge.FastLock locked
         self._fast_lock = fastbridge.FastLock(self)  # one for all: its state is _fm_depth
         self._fm_depth = 0
+        # the reads and writes the Pool served itself, with the map's lock
+        # held, while a FastMap was attached (C refused them even once
+        # taught: writepath._write_here, readpath.read)
+        self.served_here = {"reads": 0, "writes": 0}
         # vid -> (head lineage, generation, last snapshot point) as the map was told (fastbridge.sync_volumes)
         self._fm_heads: dict[int, tuple[int, int, int]] = {}
         self._reserved: set[int] = set()

@@ -60,6 +60,8 @@ def read(pool, vid: int, offset: int, length: int) -> bytearray:
     got = fastbridge.read(pool, vid, offset, length)  # C, taught what it did not know
     if got is not None:
         return got
+    if pool._fm is not None:
+        pool.served_here["reads"] += 1
     with pool._fast():
         vol = pool._vols.get(vid)
         if vol is None:

@@ -62,6 +62,8 @@ def write(pool, vid: int, offset: int, data) -> None:
 
 def _write_here(pool, vid: int, offset: int, mv: memoryview) -> None:
     """Write into the overlay in Python, with the map's lock held."""
+    if pool._fm is not None:
+        pool.served_here["writes"] += 1
     with pool._fast():
         lid = pool._vols[vid]["lid"]
         dirty = overlay_of(pool._dirty, lid)

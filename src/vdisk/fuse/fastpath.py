@@ -56,8 +56,11 @@ class FastPath:
             raise TimeoutError("the FUSE fast path's thread did not end: %s" % os.strerror(-rc))
 
     def stats(self) -> dict:
-        """Requests served in C, passed on to pyfuse3, and delayed by an
-        I/O limit (csrc/qos.c)."""
-        out = discard.shim_ffi().new("uint64_t[5]")
+        """Requests served in C, passed on to pyfuse3 (all of them, and
+        io_passed_on: the reads, writes and fsyncs of a disk among them,
+        which the engine then served in Python), and delayed by an I/O
+        limit (csrc/qos.c)."""
+        out = discard.shim_ffi().new("uint64_t[6]")
         self._lib.vd_fp_stats(out)
-        return {"reads": out[0], "writes": out[1], "passed_on": out[2], "fsyncs": out[3], "delayed": out[4]}
+        return {"reads": out[0], "writes": out[1], "passed_on": out[2], "fsyncs": out[3], "delayed": out[4],
+                "io_passed_on": out[5]}
