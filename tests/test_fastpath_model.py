@@ -443,6 +443,50 @@ def test_c_copies_only_the_pages_written_after_a_commit(tmp_path):
         pool.close()
 
 
+@pytest.mark.parametrize("where", ["slot", "back slot"])
+def test_a_block_flipped_all_zeros_keeps_its_checksum(tmp_path, where):
+    """Found by the model test (CFlushModel): a committed backed block
+    whose pages C flips until the block is all zeros keeps its two slots
+    (flips never make a zero block), so the commit must record the
+    checksum of those zeros; the commit's checksumming gives none (0) for
+    a whole block of zeros, which scrub, C's verification and every read
+    then found wrong.  All the pages in the slot (the block's last page
+    flipped into it), or all in the back slot (its only page in the slot
+    flipped out).  Fails without commit.ZERO_BLOCK_CRC (for the slot, and
+    for the back slot): a checksum mismatch at scrub, the block
+    unreadable."""
+    path = str(tmp_path / "p")
+    pool = Pool(path, fast=False)
+    with fast_path(pool, reservoir=16) as fm:
+        vid = pool.create_volume(BLOCK_SIZE)
+        first = b"\x01" * 4096 + bytes(BLOCK_SIZE - 4096)
+        if where == "slot":
+            first = b"\x01" * BLOCK_SIZE
+        assert fm.write(vid, 0, first)
+        pool.commit()
+        half = BLOCK_SIZE // 2
+        if where == "slot":  # pages 8-15 zeros over the whole block: a backed entry, pages 0-7 in the back slot
+            assert fm.write(vid, half, bytes(half))
+        else:  # page 0 over the whole block: a backed entry, pages 1-15 (zeros) in the back slot
+            assert fm.write(vid, 0, b"\x02" * 4096)
+        pool.commit()
+        flips = fm.stats()["flips"]
+        # flipped: pages 0-7 into the slot, or page 0 into the back slot; the block is all zeros
+        assert fm.write(vid, 0, bytes(half if where == "slot" else 4096))
+        assert fm.stats()["flips"] == flips + 1
+        pool.commit()
+        assert pool.scrub() == []
+        assert pool.read(vid, 0, BLOCK_SIZE) == bytes(BLOCK_SIZE)
+        assert fm.read(vid, 0, BLOCK_SIZE) in (None, bytes(BLOCK_SIZE))
+    pool.close()
+    again = Pool(path, fast=False)  # nothing verified yet: every read checks the map's checksums
+    try:
+        assert again.read(vid, 0, BLOCK_SIZE) == bytes(BLOCK_SIZE)
+        assert again.scrub() == []
+    finally:
+        again.close()
+
+
 def test_c_flips_a_committed_backed_block_instead_of_copying(tmp_path):
     """Not a model: once a block is a committed backed entry the head owns
     (a slot of the pages written over its own whole block), C writes each

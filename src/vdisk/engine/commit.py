@@ -25,7 +25,7 @@ from array import array
 
 import lmdb
 
-from . import allocator, fastbridge, layers, readpath, structure
+from . import allocator, fastbridge, layers, native, readpath, structure
 from .fastmap import COMMIT_PLAIN, COMMIT_STRUCTURAL
 from .lineage import Lineage
 from .overlay import Dirty, Epoch, held, overlay_of
@@ -554,6 +554,12 @@ def _absorb(pool, vid: int | None, lid: int, block: int, d: Dirty, below) -> Non
         fastbridge.tell(pool, vid, lid, block, d)
 
 
+# The checksum of a whole block of zeros: what a flipped block written all
+# zeros records (its slots stay the committed entry's, so it does not
+# become a zero block).
+ZERO_BLOCK_CRC = native.crc32c(bytes(BLOCK_SIZE))
+
+
 def _finish_checksums(pool, ep: Epoch) -> None:
     """Checksum the blocks written in place since their allocation.  Runs
     in the job's thread: the frozen slots are no longer written.  A
@@ -564,7 +570,8 @@ def _finish_checksums(pool, ep: Epoch) -> None:
                                     [d.have for _, _, d in todo])
     for (lid, block, d), (crc, zero) in zip(todo, sums):
         if d.back:  # flipped: its slots stay the committed entry's, zeros or not
-            pass
+            if zero and d.have == FULL_MASK:
+                crc = ZERO_BLOCK_CRC  # checksum_slots gives 0, not a checksum, for a whole block of zeros
         elif zero and d.have != FULL_MASK:  # zeros altogether if what it reads through to is
             ep.blank.add((lid, block))
         elif zero:  # ep.alloc keeps it: the other thread's allocator must not see it free yet
@@ -576,7 +583,8 @@ def _finish_checksums(pool, ep: Epoch) -> None:
     flipped = [(lid, block, d) for lid, dirty in ep.dirty.items() for block, d in dirty.items() if d.back]
     sums = pool.file.checksum_slots([slot_offset(d.back) for _, _, d in flipped], BLOCK_SIZE,
                                     [FULL_MASK & ~d.have for _, _, d in flipped])
-    ep.back_sums = {(lid, block): crc for (lid, block, _), (crc, _zero) in zip(flipped, sums)}
+    ep.back_sums = {(lid, block): ZERO_BLOCK_CRC if zero and d.have == 0 else crc
+                    for (lid, block, d), (crc, zero) in zip(flipped, sums)}
 
 
 def _apply_dirty(pool, tx: Tx, ep: Epoch) -> None:
