@@ -787,10 +787,10 @@ def _drop_overlay(pool, lid: int) -> None:
     if not dirty:
         return
     for d in dirty.values():
+        pool._dirty_pages -= held(d)  # not a count of every volume's entries: the map may be locked
         if d.fresh and d.slot != ZERO_SLOT:
             allocator.release_fresh(pool, d.slot)
     pool._ndirty -= len(dirty)
-    pool.recount_dirty()
 
 
 def grow_map_if_needed(pool) -> None:
