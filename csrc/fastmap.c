@@ -954,7 +954,7 @@ void vd_fm_forget(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
         del(fm, e);
 }
 
-void vd_fm_forget_slot(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot)
+static void forget_slot(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot)
 {
     struct ent *e = lookup(fm, vid, block);
     if (e != NULL && e->slot == slot) {
@@ -967,7 +967,7 @@ void vd_fm_forget_slots(struct vd_fastmap *fm, int locked, const uint64_t *tripl
 {
     take(fm, locked);
     for (size_t i = 0; i + 3 <= nwords; i += 3)
-        vd_fm_forget_slot(fm, triples[i], triples[i + 1], triples[i + 2]);
+        forget_slot(fm, triples[i], triples[i + 1], triples[i + 2]);
     give(fm, locked);
 }
 

@@ -87,10 +87,9 @@ int vd_fm_add_many(struct vd_fastmap *fm, int locked, uint64_t vid, const uint64
  * the engine's thread, without the lock */
 void vd_fm_unknown(struct vd_fastmap *fm, uint64_t vid, uint64_t first, uint32_t n, uint64_t *out);
 void vd_fm_forget(struct vd_fastmap *fm, uint64_t vid, uint64_t block);
-void vd_fm_forget_slot(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot);
-/* vd_fm_forget_slot for each (vid, block, slot) of triples (nwords words),
- * in one hold of the lock, which it takes unless locked: the blocks a
- * commit found all zeros, whose slots it frees. */
+/* Know nothing of each block of (vid, block, slot) triples (nwords words)
+ * whose entry has that slot, in one hold of the lock, which it takes unless
+ * locked: the blocks a commit found all zeros, whose slots it frees. */
 void vd_fm_forget_slots(struct vd_fastmap *fm, int locked, const uint64_t *triples, size_t nwords);
 /* The engine's holds of the lock at a commit: each call takes the lock
  * (unless locked: the caller holds it already), does all of it and lets go,

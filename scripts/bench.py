@@ -1135,11 +1135,12 @@ def print_report(results: dict, a) -> None:
     d = results.get("vdisk_daemon")
     if d:
         fp = d["fast_path"]
+        eng = fp.get("ServedByEngine", {})
         print("vdisk daemon: fast path %s; settings: %s" % (
             "on (%d reads, %d writes, %d fsyncs served in C; %d requests passed to Python, %d of them reads, "
             "writes or fsyncs, %d reads and %d writes served by the engine itself)"
             % (fp["Reads"], fp["Writes"], fp.get("Fsyncs", 0), fp["PassedToPython"], fp.get("IoPassedToPython", 0),
-               fp.get("ServedByEngine", {}).get("reads", 0), fp.get("ServedByEngine", {}).get("writes", 0))
+               eng.get("reads", 0), eng.get("writes", 0))
             if fp.get("Enabled") else "off",
             " ".join("%s=%s" % kv for kv in d["settings"].items()) or "defaults"))
         lg = d.get("intent_log")

@@ -121,10 +121,11 @@ def test_metrics_stats_and_monitor_data_follow_the_load(monkeypatch):
         # the client library's process metrics, and the heap given back after commits
         assert after[("process_resident_memory_bytes", ())] > 0 and after[("process_open_fds", ())] > 0
         assert after[("vdisk_heap_given_back_bytes_total", ())] >= 0
-        assert after[("vdisk_intent_log_fsync_growths_total", ())] == venv.j("daemon", "status")["IntentLog"]["GrowthsInC"]
+        status = venv.j("daemon", "status")
+        assert after[("vdisk_intent_log_fsync_growths_total", ())] == status["IntentLog"]["GrowthsInC"]
         # C's cache and lock, as daemon status shows them (a disk never
         # written: its reads need no entry, so the count may be 0)
-        st = venv.j("daemon", "status")["FastPath"]
+        st = status["FastPath"]
         assert after[("vdisk_fastpath_cache_bytes", ())] == st["CacheMiB"] * (1 << 20) > 0
         assert after[("vdisk_fastpath_cache_entries", ())] >= 0 and after[("vdisk_fastpath_cache_trims_total", ())] == 0
         for name in ("vdisk_fastpath_lock_wait_seconds_count", "vdisk_fastpath_engine_lock_hold_seconds_count"):

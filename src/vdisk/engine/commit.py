@@ -485,10 +485,11 @@ def _unfreeze(pool, ep: Epoch) -> None:
     pool.recount_dirty()
 
 
-def _zeroed_plan(pool, ep: Epoch) -> tuple[array, dict[int, set[int]]] | None:
+def _zeroed_plan(pool, ep: Epoch) -> tuple[array, dict[int, set[int]], dict[int, int]] | None:
     """What _forget_zeroed does, worked out beforehand (without the map's
     lock: ep.zeroed_at is final once the job ran): (the (vid, block, slot)
-    triples C forgets, lid -> the blocks found zeros); None if none was."""
+    triples C forgets, lid -> the blocks found zeros, _served's lid -> vid);
+    None if none was."""
     if not ep.zeroed_at:
         return None
     vid_of = _served(pool)
@@ -499,7 +500,7 @@ def _zeroed_plan(pool, ep: Epoch) -> tuple[array, dict[int, set[int]]] | None:
         if vid is not None:
             triples.extend((vid, block, slot))
         blocks.setdefault(lid, set()).add(block)
-    return triples, blocks
+    return triples, blocks, vid_of
 
 
 def _forget_zeroed(pool, ep: Epoch, plan) -> None:
@@ -513,10 +514,9 @@ def _forget_zeroed(pool, ep: Epoch, plan) -> None:
     16384 blocks of zeros held it 12 ms, one call into C per block)."""
     if plan is None:
         return
-    triples, zeroed = plan
+    triples, zeroed, vid_of = plan
     if pool._fm is not None:
         pool._fm.forget_slots(triples, locked=bool(pool._fm_depth))
-    vid_of = None
     for lid, blocks in zeroed.items():
         live = pool._dirty.get(lid)
         if not live:
@@ -524,7 +524,6 @@ def _forget_zeroed(pool, ep: Epoch, plan) -> None:
         for block in live.keys() & blocks:
             d = live[block]
             if d.have != FULL_MASK:
-                vid_of = vid_of if vid_of is not None else _served(pool)
                 pool._dirty_pages -= held(d)
                 _absorb(pool, vid_of.get(lid), lid, block, d, ZERO_SLOT)
                 pool._dirty_pages += held(d)

@@ -178,13 +178,10 @@ class FastMap:
         """Know nothing of the block: its requests go to the engine."""
         lib.vd_fm_forget(self._fm, vid, block)
 
-    def forget_slot(self, vid: int, block: int, slot: int) -> None:
-        lib.vd_fm_forget_slot(self._fm, vid, block, slot)
-
     def forget_slots(self, triples, locked: bool = False) -> None:
-        """forget_slot for each (vid, block, slot) of triples (an
-        array('Q') of them, flat), in one call: one hold of the lock, which
-        it takes unless locked."""
+        """Know nothing of each block of (vid, block, slot) triples (an
+        array('Q') of them, flat) whose entry has that slot, in one call:
+        one hold of the lock, which it takes unless locked."""
         lib.vd_fm_forget_slots(self._fm, int(locked), *_words(triples))
 
     # The engine's holds of the lock at a commit, each one call into C that
