@@ -145,6 +145,12 @@ _Static_assert(sizeof(struct ent) == 88, "an entry stays 88 bytes (crc_live take
 
 struct vol {
     uint64_t vid, lid, size;
+    /* what the table's entries of this head carry as their volume (ent.vid):
+     * the vid for the volume's first head, then the vid with a new
+     * incarnation above KEY_SHIFT for each new head, so that a head's change
+     * or the volume's end leaves its entries behind unreachable (stale)
+     * without a pass over the table; trims remove them */
+    uint64_t key;
     int has_points;
     uint32_t lepoch; /* bumped at each log flush of the volume, and at a freeze */
     /* clean: the engine holds no change of its own to this volume since its
@@ -258,6 +264,10 @@ struct vd_fastmap {
     size_t loghead, nlog, caplog; /* in records of LOG_REC words: [loghead, nlog) not drained yet */
     volatile int failed;
     uint64_t st_reads, st_writes, st_again, st_cow, st_verified, st_flips, st_trims;
+    /* passes over the whole table with the map's lock held (a growth with
+     * nobody growing it ahead, a last snapshot point's deletion, a clear) */
+    uint64_t st_scans;
+    uint64_t incarnations; /* the last head incarnation handed out (struct vol.key) */
     /* writes that found the reservoir dry and waited for a refill: how
      * many, and their waits' total and longest (ns; under the inner mutex) */
     struct spans dry;
@@ -382,11 +392,35 @@ static void give(struct vd_fastmap *fm, int locked)
  * so that every other function knows only tab.  A moved entry leaves a
  * MOVED mark in otab, which keeps the probe chains of those after it
  * whole (nothing is inserted into or deleted from otab; find_old skips
- * the run of marks the chunks leave).  Scans of the
- * whole table (rebuilds, clear, unshare: structural changes, under the
+ * the run of marks the chunks leave).  Passes over the whole table (a
+ * rebuild for a growth nobody did ahead, a clear, an unshare: under the
  * map's lock) first finish the move. */
 
 #define GROW_CHUNK 4096     /* old positions moved per hold of the inner mutex */
+
+/* A volume's key (struct vol.key): its vid below KEY_SHIFT bits, the head's
+ * incarnation above; a volume whose vid does not fit is not served here. */
+#define KEY_SHIFT 40
+#define VID_MASK ((1ULL << KEY_SHIFT) - 1)
+
+static struct vol *find_vol(struct vd_fastmap *fm, uint64_t vid);
+
+/* the key the table knows vid's current head by: the vid itself for its
+ * first head (and an unserved vid), the vid with an incarnation above
+ * KEY_SHIFT after a head change */
+static inline uint64_t key_of(struct vd_fastmap *fm, uint64_t vid)
+{
+    struct vol *v = find_vol(fm, vid);
+    return v != NULL ? v->key : vid;
+}
+
+/* the volume whose current head an entry's key is, or NULL: a stale entry,
+ * of a head changed or a volume gone */
+static inline struct vol *vol_of_key(struct vd_fastmap *fm, uint64_t key)
+{
+    struct vol *v = find_vol(fm, key & VID_MASK);
+    return v != NULL && v->key == key ? v : NULL;
+}
 
 static struct ent *find(struct ent *tab, size_t cap, uint64_t vid, uint64_t block)
 {
@@ -459,12 +493,12 @@ static struct ent *find_old(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
     return NULL;
 }
 
-static struct ent *lookup(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
+static struct ent *lookup_key(struct vd_fastmap *fm, uint64_t key, uint64_t block)
 {
-    struct ent *e = find(fm->tab, fm->cap, vid, block);
+    struct ent *e = find(fm->tab, fm->cap, key, block);
     if (e != NULL || fm->otab == NULL)
         return e;
-    struct ent *o = find_old(fm, vid, block);
+    struct ent *o = find_old(fm, key, block);
     if (o == NULL)
         return NULL;
     e = place(fm->tab, fm->cap, o); /* its turn, now */
@@ -472,17 +506,24 @@ static struct ent *lookup(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
     return e;
 }
 
-/* rebuild into a table of cap entries, leaving out vid (if skip) */
-static int rebuild(struct vd_fastmap *fm, size_t cap, int skip, uint64_t vid)
+/* the entry of (vid, block) of vid's current head, or NULL */
+static inline struct ent *lookup(struct vd_fastmap *fm, uint64_t vid, uint64_t block)
+{
+    return lookup_key(fm, key_of(fm, vid), block);
+}
+
+/* rebuild into a table of cap entries (a growth nobody did ahead) */
+static int rebuild(struct vd_fastmap *fm, size_t cap)
 {
     finish_growth(fm);
     struct ent *tab = calloc(cap, sizeof(struct ent));
     if (tab == NULL)
         return -ENOMEM;
+    __atomic_add_fetch(&fm->st_scans, 1, __ATOMIC_RELAXED);
     size_t n = 0;
     for (size_t i = 0; i < fm->cap; i++) {
         struct ent *e = &fm->tab[i];
-        if (e->used && !(skip && e->vid == vid)) {
+        if (e->used) {
             place(tab, cap, e);
             n++;
         }
@@ -524,7 +565,8 @@ static int put(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slo
     if (have == FULL && epoch == fm->epoch)
         unverified = 0; /* a fresh whole slot: written here, nothing below it */
     b = view_below(have, b);
-    struct ent *e = lookup(fm, vid, block);
+    uint64_t key = key_of(fm, vid);
+    struct ent *e = lookup_key(fm, key, block);
     if (e != NULL) {
         if (e->lepoch != lepoch)
             e->mask = 0;
@@ -545,9 +587,9 @@ static int put(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slo
     }
     if (fm->n >= MAX_ENTRIES)
         return -ENOSPC;
-    if ((fm->n + 1) * 2 > fm->cap && rebuild(fm, fm->cap * 2, 0, 0) < 0)
+    if ((fm->n + 1) * 2 > fm->cap && rebuild(fm, fm->cap * 2) < 0)
         return -ENOMEM;
-    struct ent ne = {.vid = vid, .block = block, .slot = slot, .b = b, .epoch = epoch,
+    struct ent ne = {.vid = key, .block = block, .slot = slot, .b = b, .epoch = epoch,
                      .lepoch = lepoch, .mask = bits, .sepoch = fm->epoch, .have = have, .shared = (uint8_t)shared,
                      .unverified = (uint8_t)unverified, .used = 1, .back = back, .flip = flip,
                      .pflip = pflip};
@@ -635,11 +677,29 @@ static void size_windows(struct vol *v, uint64_t size)
 
 /* ------------------------------------------------------------ engine side */
 
+/* A key for vid's new head.  At the (unreachable in practice) wrap the
+ * table starts over and every volume takes a new key, so that no key
+ * handed out before can match again. */
+static uint64_t new_key(struct vd_fastmap *fm, uint64_t vid)
+{
+    if (++fm->incarnations >> (64 - KEY_SHIFT)) {
+        vd_fm_clear(fm);
+        fm->incarnations = 0;
+        for (size_t i = 0; i < fm->nvols; i++)
+            fm->vols[i].key = fm->vols[i].vid | ++fm->incarnations << KEY_SHIFT;
+        ++fm->incarnations;
+    }
+    return vid | fm->incarnations << KEY_SHIFT;
+}
+
 static void set_volume(struct vd_fastmap *fm, uint64_t vid, uint64_t lid, uint64_t size, int has_points)
 {
+    if (vid > VID_MASK)
+        return; /* not served here */
     struct vol *v = find_vol(fm, vid);
     if (v != NULL && v->lid != lid) {
-        rebuild(fm, fm->cap, 1, vid); /* new contents: forget the old ones */
+        /* new contents: the old ones are left behind, unreachable */
+        v->key = new_key(fm, vid);
         v->clean = 0;
         v->nchg = 0;
         v->nfrozen = 0;
@@ -656,6 +716,9 @@ static void set_volume(struct vd_fastmap *fm, uint64_t vid, uint64_t lid, uint64
         }
         v = &fm->vols[fm->nvols++];
         v->vid = vid;
+        /* its first head: the vid itself, the key anything the engine told
+         * of the vid before had (no head change since) */
+        v->key = vid;
         v->lepoch = fm->lepoch;
         v->clean = 0; /* until the engine says it holds nothing of its own */
         v->known = NULL; /* none known until the engine says the volume is new */
@@ -676,8 +739,7 @@ static void drop_volume(struct vd_fastmap *fm, uint64_t vid)
     if (v == NULL)
         return;
     free(v->known);
-    *v = fm->vols[--fm->nvols];
-    rebuild(fm, fm->cap, 1, vid);
+    *v = fm->vols[--fm->nvols]; /* its entries are stale from now on */
 }
 
 /* The overlay now maps (vid, block) to slot (0: zeros).  writable: 0 read
@@ -860,8 +922,9 @@ void vd_fm_unknown(struct vd_fastmap *fm, uint64_t vid, uint64_t first, uint32_t
 {
     memset(out, 0, ((n + 63) / 64) * sizeof(uint64_t));
     pthread_mutex_lock(&fm->io);
+    uint64_t key = key_of(fm, vid);
     for (uint32_t i = 0; i < n; i++)
-        if (lookup(fm, vid, first + i) == NULL)
+        if (lookup_key(fm, key, first + i) == NULL)
             out[i / 64] |= 1ull << (i % 64);
     pthread_mutex_unlock(&fm->io);
 }
@@ -912,8 +975,9 @@ static void unshare_volume(struct vd_fastmap *fm, uint64_t vid)
         return;
     v->share_epoch = 0;
     finish_growth(fm);
+    __atomic_add_fetch(&fm->st_scans, 1, __ATOMIC_RELAXED);
     for (size_t i = 0; i < fm->cap; i++)
-        if (fm->tab[i].used && fm->tab[i].vid == vid) {
+        if (fm->tab[i].used && fm->tab[i].vid == v->key) {
             struct ent *e = &fm->tab[i];
             e->shared = 0;
             /* an older point may see a committed block marked the head's
@@ -1140,6 +1204,7 @@ void vd_fm_clear(struct vd_fastmap *fm)
         fm->vols[i].share_epoch = 0; /* the epoch may start over */
     }
     finish_growth(fm);
+    __atomic_add_fetch(&fm->st_scans, 1, __ATOMIC_RELAXED);
     memset(fm->tab, 0, fm->cap * sizeof(struct ent));
     fm->n = 0;
     fm->trim_pos = 0;
@@ -1151,13 +1216,14 @@ void vd_fm_clear(struct vd_fastmap *fm)
 
 static int overlaps_flight(struct vd_fastmap *fm, uint64_t vid, uint64_t first, size_t nb);
 
-/* Whether a trim may forget an entry (inner mutex held): any not set in
- * this epoch (those hold the pages written since the freeze, which the
- * volume's next log flush needs), unless a write in flight looks it up
- * again when it lands (a flip: see book). */
-static int trimmable(struct vd_fastmap *fm, const struct ent *e)
+/* Whether a trim may forget an entry of v's current head (inner mutex
+ * held): any not set in this epoch (those hold the pages written since the
+ * freeze, which the volume's next log flush needs), unless a write in
+ * flight looks it up again when it lands (a flip: see book).  A stale
+ * entry (v NULL) goes in any case: nothing looks it up. */
+static int trimmable(struct vd_fastmap *fm, const struct vol *v, const struct ent *e)
 {
-    return e->epoch != fm->epoch && !overlaps_flight(fm, e->vid, e->block, 1);
+    return v == NULL || (e->epoch != fm->epoch && !overlaps_flight(fm, v->vid, e->block, 1));
 }
 
 int vd_fm_trim(struct vd_fastmap *fm, size_t at, size_t budget)
@@ -1184,10 +1250,14 @@ int vd_fm_trim(struct vd_fastmap *fm, size_t at, size_t budget)
         size_t end = pos < n ? 0 : pos - n;
         for (; pos > end; pos--) {
             struct ent *e = &fm->tab[pos - 1];
-            if (e->used && trimmable(fm, e)) {
+            if (!e->used)
+                continue;
+            struct vol *v = vol_of_key(fm, e->vid);
+            if (trimmable(fm, v, e)) {
                 /* an unknown block of a known window reads as zeros: not
                  * this one's window any more (in this same hold) */
-                unknow_block(fm, e->vid, e->block);
+                if (v != NULL)
+                    unknow_window(v, e->block);
                 del(fm, e);
             }
         }
@@ -1323,6 +1393,7 @@ void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out)
     spans_get(&fm->held, out + 11);
     out[14] = __atomic_load_n(&fm->st_flips, __ATOMIC_RELAXED);
     out[15] = __atomic_load_n(&fm->st_trims, __ATOMIC_RELAXED);
+    out[21] = __atomic_load_n(&fm->st_scans, __ATOMIC_RELAXED);
     spans_get(&fm->trim_hold, out + 18);
     pthread_mutex_lock(&fm->io);
     out[16] = fm->n;
@@ -1494,7 +1565,7 @@ static long read_once(struct vd_fastmap *fm, uint64_t vid, uint64_t off, uint32_
     if (rc < 0)
         return end_io(fm, rc);
     for (size_t i = 0; i < nb; i++) {
-        struct ent *e = lookup(fm, vid, first + i);
+        struct ent *e = lookup_key(fm, v->key, first + i);
         if (e == NULL && !window_known(v, first + i))
             return end_io(fm, -EAGAIN);
         if (e != NULL && e->unverified) {
@@ -1694,7 +1765,7 @@ static long plan_write(struct vd_fastmap *fm, struct vol *v, struct plan *p)
         uint64_t n = hi - intra;
         int full = n == BS;
         uint16_t pgs = pages(intra, n);
-        struct ent *e = lookup(fm, p->vid, p->first + i);
+        struct ent *e = lookup_key(fm, v->key, p->first + i);
         p->merge[i] = p->missing[i] = 0;
         p->unv[i] = p->same[i] = 0;
         p->base[i] = p->osrc[i] = e ? e->slot : 0;
@@ -1945,7 +2016,7 @@ static long book(struct vd_fastmap *fm, struct vol *v, struct plan *p)
         block_range(p, i, &intra, &hi);
         uint16_t bits = pages(intra, hi - intra);
         if (p->act[i] == INPLACE) {
-            struct ent *e = lookup(fm, p->vid, block);
+            struct ent *e = lookup_key(fm, v->key, block);
             if (e->lepoch != v->lepoch || p->missing[i] || e->crc_live) {
                 /* first write since the volume's log flush, or pages the
                  * slot did not hold, or a slot whose checksum the engine
@@ -1963,7 +2034,7 @@ static long book(struct vd_fastmap *fm, struct vol *v, struct plan *p)
             continue;
         }
         if (p->act[i] == FLIP) {
-            struct ent *e = lookup(fm, p->vid, block);
+            struct ent *e = lookup_key(fm, v->key, block);
             uint16_t moved = bits & (uint16_t)~p->own[i];
             int news = e->lepoch != v->lepoch;
             if (e->epoch != fm->epoch) /* its first flip in this epoch */
@@ -2001,7 +2072,7 @@ static long book(struct vd_fastmap *fm, struct vol *v, struct plan *p)
          * none else */
         put(fm, p->vid, block, p->ns[i], fm->epoch, v->lepoch, bits, have, hb, 0, p->unv[i], 0, 0, 0);
         if (p->crcw[i])
-            lookup(fm, p->vid, block)->crc_live = 1;
+            lookup_key(fm, v->key, block)->crc_live = 1;
         p->ns[i] = 0; /* entered */
     }
     return 0;
@@ -2172,7 +2243,7 @@ static long gather(struct vd_fastmap *fm, uint64_t vid, uint64_t *size, uint64_t
         int pre = 0;
         for (; i < v->nchg && (v->chg[i] & ~PRE_FREEZE) == block; i++)
             pre |= !!(v->chg[i] & PRE_FREEZE);
-        struct ent *e = lookup(fm, vid, block);
+        struct ent *e = lookup_key(fm, v->key, block);
         /* a block whose pages are no longer known here: the engine's job.
          * One changed before the freeze goes whole (its pages as the head
          * reads them now): none of its view may be unverified */

@@ -104,7 +104,9 @@ void vd_fm_forget_slots(struct vd_fastmap *fm, int locked, const uint64_t *tripl
  * was taken: the blocks known, but for those written since the freeze
  * that took it, are its too), VD_FM_VOL_UNSHARE (its last snapshot point
  * was deleted: nothing known is shared).  A volume whose lineage changed
- * starts empty.  gone: the volumes no longer served.
+ * starts empty (its old entries stay behind, unreachable, until a trim:
+ * no pass over the table).  gone: the volumes no longer served (their
+ * entries likewise).
  *
  * vd_fm_freeze: the overlay is frozen for a commit: the log L freezes
  * (vd_log_freeze(L, records); the generation the commit records in *gen),
@@ -149,8 +151,8 @@ size_t vd_fm_entries(struct vd_fastmap *fm);
  * (three eighths of its positions, where it would otherwise grow) the
  * engine trims it at its next refill: vd_fm_trim forgets every entry not
  * set in this epoch (those written since the freeze stay: their pages are
- * the volumes' next log records'), and the engine teaches C again what
- * requests need. */
+ * the volumes' next log records'), and every entry of a head changed or
+ * gone, and the engine teaches C again what requests need. */
 enum { VD_FM_MAX_CAP = 1048576, VD_FM_TRIM_AT = 393216 };
 /* The engine's thread, without the lock: a trim starts once the table
  * holds more than at entries (VD_FM_TRIM_AT; less in tests) and no growth
@@ -196,8 +198,9 @@ enum { VD_FM_DRAIN_WORDS = 7 };
  * (vd_fm_lock), their total and longest (ns); block writes that flipped;
  * trims of the table (vd_fm_trim), the entries it holds, and the bytes
  * its positions take (both tables while it grows); the trims' holds of the
- * inner mutex (a chunk each), their total and longest (ns) */
-enum { VD_FM_STATS = 21 };
+ * inner mutex (a chunk each), their total and longest (ns); passes over the
+ * whole table with the map's lock held */
+enum { VD_FM_STATS = 22 };
 void vd_fm_stats(struct vd_fastmap *fm, uint64_t *out);
 /* the checksum of a committed slot an unverified entry reads from (the
  * CRC-32C of the pages of mask, as vd_checksum_slots computes it): C

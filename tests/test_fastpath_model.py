@@ -1220,6 +1220,66 @@ def test_a_trim_forgets_what_c_need_not_keep_and_c_learns_it_again(tmp_path):
         again.close()
 
 
+def test_a_head_changed_or_gone_leaves_its_entries_behind_without_a_pass(tmp_path):
+    """A rollback gives a volume a new head and a deletion takes it away:
+    C's entries of the old head become unreachable at once, since every
+    entry carries its head's incarnation (csrc/fastmap.c, struct vol.key),
+    where C used to rehash the whole table without them, every disk's I/O
+    held meanwhile (60-107 ms for a table of 44-88 MiB:
+    docs/perf/2026-12-05-heads-dropped-without-a-pass.md).  They serve
+    nothing, the other volumes' entries stay, and a trim removes them
+    later, those written since the freeze too.  Fails if a head change
+    passes over the table (stats()["scans"]), if a stale entry is served,
+    or if a trim keeps stale entries of this epoch."""
+    path = str(tmp_path / "p")
+    pool = Pool(path, fast=False)
+    with fast_path(pool, reservoir=64) as fm:
+        a, b, c = (pool.create_volume(WINDOW * BLOCK_SIZE) for _ in range(3))
+        old = {v: bytes([v]) * (4 * BLOCK_SIZE) for v in (a, b, c)}
+        for v in (a, b, c):
+            assert fm.write(v, 0, old[v])
+        pool.commit()
+        sid = pool.snapshot([a])[0]
+        for v in (a, b):  # copies on write since the snapshot, committed
+            assert fm.write(v, 0, b"x" * (2 * BLOCK_SIZE))
+        pool.commit()
+        for v in (a, b):  # and a block in place, in this epoch
+            assert fm.write(v, 2 * BLOCK_SIZE, b"y" * BLOCK_SIZE)
+        entries, scans = fm.entries(), fm.stats()["scans"]
+        pool.rollback(a, sid)
+        late = []  # a write C takes while the deletion's commit runs: stale in this epoch
+        pool.delete_volume(b, on_deleted=lambda: late.append(fm.write(b, 3 * BLOCK_SIZE, b"l" * 4096)))
+        assert late == [True]
+        assert fm.stats()["scans"] == scans  # no pass over the table
+        assert fm.entries() == entries  # the old heads' entries are still there ...
+        assert fm.read(b, 0, 4096) is None  # ... and serve nothing
+        for off in (0, 2 * BLOCK_SIZE):
+            assert fm.read(a, off, 4096) in (None, old[a][off : off + 4096])
+        assert pool.read(a, 0, 4 * BLOCK_SIZE) == old[a]  # the snapshot's blocks, taught to C
+        assert fm.read(a, 0, 4 * BLOCK_SIZE) == old[a]
+        assert fm.read(c, 0, 4 * BLOCK_SIZE) == old[c]  # another disk's, as they were
+        while fm.trim(at=0):
+            pass
+        assert fm.entries() == 0  # the stale ones gone, those of this epoch too
+        assert fm.read(c, 0, 4096) is None  # (forgotten: a cache)
+        assert pool.read(c, 0, 4 * BLOCK_SIZE) == old[c]
+        new = b"z" * BLOCK_SIZE
+        if not fm.write(a, 2 * BLOCK_SIZE, new):
+            pool.write(a, 2 * BLOCK_SIZE, new)
+        want = old[a][: 2 * BLOCK_SIZE] + new + old[a][3 * BLOCK_SIZE :]
+        assert fm.read(a, 0, 4 * BLOCK_SIZE) in (None, want)
+        pool.commit()
+        assert pool.scrub() == []
+    again = Pool(path, fast=False)
+    try:
+        assert again.read(a, 0, 4 * BLOCK_SIZE) == want
+        assert again.read(c, 0, 4 * BLOCK_SIZE) == old[c]
+        assert b not in again.volumes()
+        assert again.scrub() == []
+    finally:
+        again.close()
+
+
 def test_trims_while_io_threads_write_and_flip(tmp_path):
     """A trim runs without the map's lock, a chunk of C's table at a time,
     while C's I/O threads write: here into committed backed blocks (flips,

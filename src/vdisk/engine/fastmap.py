@@ -326,7 +326,7 @@ class FastMap:
                 "lock_wait_max_ns": out[10], "lock_holds": out[11], "lock_hold_ns": out[12],
                 "lock_hold_max_ns": out[13], "flips": out[14], "trims": out[15], "entries": out[16],
                 "table_bytes": out[17], "trim_holds": out[18], "trim_hold_ns": out[19],
-                "trim_hold_max_ns": out[20]}
+                "trim_hold_max_ns": out[20], "scans": out[21]}
 
     # ------------------------------------------------------------ I/O side
 
