@@ -405,14 +405,13 @@ static void give(struct vd_fastmap *fm, int locked)
 
 static struct vol *find_vol(struct vd_fastmap *fm, uint64_t vid);
 
-/* the key the table knows vid's current head by: the vid itself for its
- * first head (and an unserved vid), the vid with an incarnation above
- * KEY_SHIFT after a head change */
-static inline uint64_t key_of(struct vd_fastmap *fm, uint64_t vid)
-{
-    struct vol *v = find_vol(fm, vid);
-    return v != NULL ? v->key : vid;
-}
+/* the key the table knows vid's current head by (v: vid's volume, NULL
+ * when it is not served): the vid itself for its first head (and an
+ * unserved vid), the vid with an incarnation above KEY_SHIFT after a head
+ * change */
+static inline uint64_t vol_key(const struct vol *v, uint64_t vid) { return v != NULL ? v->key : vid; }
+
+static inline uint64_t key_of(struct vd_fastmap *fm, uint64_t vid) { return vol_key(find_vol(fm, vid), vid); }
 
 /* the volume whose current head an entry's key is, or NULL: a stale entry,
  * of a head changed or a volume gone */
@@ -558,14 +557,13 @@ static inline int same_below(struct below a, struct below b)
 
 /* Insert or update; 0 on success, -ENOSPC when the table is at its limit.
  * bits: pages just written (the mask starts over in a new log epoch). */
-static int put(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot, uint32_t epoch,
+static int put(struct vd_fastmap *fm, uint64_t key, uint64_t block, uint64_t slot, uint32_t epoch,
                uint32_t lepoch, uint16_t bits, uint16_t have, struct below b, int shared, int unverified,
                uint64_t back, uint16_t flip, uint16_t pflip)
 {
     if (have == FULL && epoch == fm->epoch)
         unverified = 0; /* a fresh whole slot: written here, nothing below it */
     b = view_below(have, b);
-    uint64_t key = key_of(fm, vid);
     struct ent *e = lookup_key(fm, key, block);
     if (e != NULL) {
         if (e->lepoch != lepoch)
@@ -763,7 +761,7 @@ int vd_fm_set(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot
      * in place as a fresh slot is */
     int w = (writable || flip) && slot && v != NULL;
     struct below b = back ? (struct below){back, 0, 0, FULL, FULL} : (struct below){base, base2, base3, bhave, bhave2};
-    int rc = put(fm, vid, block, slot, w ? fm->epoch : 0, (w && writable == 1) ? v->lepoch : 0, 0,
+    int rc = put(fm, vol_key(v, vid), block, slot, w ? fm->epoch : 0, (w && writable == 1) ? v->lepoch : 0, 0,
                  slot ? have : FULL, b, 0, slot && unverified, back, flip, back ? pflip : 0);
     if (rc < 0)
         vd_fm_forget(fm, vid, block);
@@ -778,7 +776,8 @@ int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot
               int shared, uint16_t bhave, uint64_t base2, uint16_t bhave2, uint64_t base3, int unverified,
               uint64_t back)
 {
-    struct ent *e = lookup(fm, vid, block);
+    uint64_t key = key_of(fm, vid);
+    struct ent *e = lookup_key(fm, key, block);
     uint16_t h = slot ? have : FULL;
     struct below b = view_below(h, (struct below){base, base2, base3, bhave, bhave2});
     if (e != NULL) {
@@ -788,7 +787,7 @@ int vd_fm_add(struct vd_fastmap *fm, uint64_t vid, uint64_t block, uint64_t slot
     }
     if (shared || fm->hold || !slot || h == FULL || b.base != back || (uint16_t)(h | b.bhave) != FULL)
         back = 0;
-    int rc = put(fm, vid, block, slot, 0, 0, 0, h, b, shared, slot && unverified, back, 0, 0);
+    int rc = put(fm, key, block, slot, 0, 0, 0, h, b, shared, slot && unverified, back, 0, 0);
     return rc < 0 ? rc : 1;
 }
 
@@ -869,7 +868,7 @@ int vd_fm_discard(struct vd_fastmap *fm, int locked, uint64_t vid, const uint64_
         goto out;
     for (size_t i = 0; i < n; i++) {
         vd_fm_set(fm, vid, blocks[i], 0, 0, FULL, 0, FULL, 0, FULL, 0, 0, 0, 0, 0);
-        struct ent *e = lookup(fm, vid, blocks[i]);
+        struct ent *e = lookup_key(fm, v->key, blocks[i]);
         if (e != NULL) {
             /* changed in this log epoch, all of it: the volume's next
              * record here says the block reads as zeros (mask 0), or
@@ -899,9 +898,10 @@ static void mark_backed(struct vd_fastmap *fm, uint64_t vid, const uint64_t *rec
 {
     if (fm->hold)
         return;
+    uint64_t key = key_of(fm, vid);
     for (size_t i = 0; i < n; i++) {
         uint64_t slot = recs[3 * i + 1], back = recs[3 * i + 2];
-        struct ent *e = lookup(fm, vid, recs[3 * i]);
+        struct ent *e = lookup_key(fm, key, recs[3 * i]);
         if (e != NULL && e->slot == slot && e->have != FULL && e->b.base == back &&
             (uint16_t)(e->have | e->b.bhave) == FULL && e->epoch != fm->epoch)
             e->back = back;
@@ -2070,7 +2070,7 @@ static long book(struct vd_fastmap *fm, struct vol *v, struct plan *p)
         /* room was checked at the plan; a new slot differs from the log
          * flush's state in the pages written and, for copy-on-write, in
          * none else */
-        put(fm, p->vid, block, p->ns[i], fm->epoch, v->lepoch, bits, have, hb, 0, p->unv[i], 0, 0, 0);
+        put(fm, v->key, block, p->ns[i], fm->epoch, v->lepoch, bits, have, hb, 0, p->unv[i], 0, 0, 0);
         if (p->crcw[i])
             lookup_key(fm, v->key, block)->crc_live = 1;
         p->ns[i] = 0; /* entered */
